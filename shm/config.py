@@ -1,0 +1,80 @@
+"""ShmConfig: where weight packs live, who may read them, and which pages back them.
+
+A pack named NAME is the POSIX shared-memory segment `/{prefix}NAME` (Linux: /dev/shm/{prefix}NAME),
+or the file `{hugetlbfs_dir}/{prefix}NAME` when a hugetlbfs mount is configured. Its loader lock is
+`{lock_dir}/.{prefix}NAME.lock`: a dot-file, so it never looks like a pack.
+"""
+
+from __future__ import annotations
+
+import grp
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hmoe.shm.errors import ShmError
+
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
+NAME_MAX_LEN = 64
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+MODES = (0o600, 0o640)
+HUGEPAGES = ("auto", "off")
+
+
+def check_name(name: object) -> str:
+    """A pack name: letters, digits, `_.-`, at most 64 characters, no path separators."""
+    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX_LEN or not NAME_RE.fullmatch(name):
+        raise ShmError(
+            "pack_name_invalid",
+            f"pack name {name!r} is invalid: use 1-{NAME_MAX_LEN} letters, digits, '_', '.', '-', starting with a letter or digit",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ShmConfig:
+    mode: int = 0o600  # 0o640 lets `group` attach (read-only) as well
+    group: str | None = None  # the service group that may attach; needs mode 0o640
+    hugepages: str = "auto"  # "auto": MADV_HUGEPAGE on every mapping where the kernel offers it; "off"
+    hugetlbfs_dir: str | None = None  # a hugetlbfs mount: packs become files there, on 2 MiB pages
+    lock_dir: str = SHM_DIR
+    prefix: str = "hmoe."  # tests use their own, so ls/gc never see anyone else's packs
+
+    def __post_init__(self):
+        assert self.mode in MODES, f"mode {oct(self.mode)} not in {[oct(m) for m in MODES]}"
+        assert self.group is None or self.mode == 0o640, "a group needs mode 0o640"
+        assert self.hugepages in HUGEPAGES, self.hugepages
+        assert PREFIX_RE.fullmatch(self.prefix), self.prefix
+
+    def group_id(self) -> int | None:
+        """The configured group's id (None when packs are private to their owner)."""
+        if self.group is None:
+            return None
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise ShmError("shm_group_unknown", f"group {self.group!r} does not exist: create it or fix the shm group setting") from None
+
+    @property
+    def pack_dir(self) -> Path:
+        return Path(self.hugetlbfs_dir or SHM_DIR)
+
+    def segment_name(self, name: str) -> str:
+        """The posix_ipc name (leading slash) of pack `name`."""
+        return "/" + self.prefix + check_name(name)
+
+    def segment_path(self, name: str) -> Path:
+        return self.pack_dir / (self.prefix + check_name(name))
+
+    def lock_path(self, name: str) -> Path:
+        return Path(self.lock_dir) / f".{self.prefix}{check_name(name)}.lock"
+
+    def pack_names(self) -> list[str]:
+        """Names of every segment under this prefix, sorted (ready or not)."""
+        try:
+            entries = sorted(p.name for p in self.pack_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        names = [e[len(self.prefix) :] for e in entries if e.startswith(self.prefix)]
+        return [n for n in names if len(n) <= NAME_MAX_LEN and NAME_RE.fullmatch(n)]

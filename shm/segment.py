@@ -1,0 +1,185 @@
+"""Segment: one pack's shared-memory segment, mapped writable by its loader and read-only by everyone else.
+
+The segment is a POSIX shared-memory object (posix_ipc), or a file on a hugetlbfs mount when one is
+configured; either way an fd that is sized, space-reserved (fallocate, so a full /dev/shm is an
+error now rather than a SIGBUS later) and mapped MAP_SHARED. Mapping does not touch the data.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import posix_ipc
+
+from hmoe.shm.config import ShmConfig
+from hmoe.shm.errors import ShmError
+from hmoe.shm.layout import HUGE_PAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+
+def _open_fd(name: str, config: ShmConfig, *, create: bool = False, writable: bool = False) -> int:
+    """An fd this caller owns (close it with os.close)."""
+    path = config.segment_path(name)
+    try:
+        if config.hugetlbfs_dir:
+            flags = (os.O_RDWR | os.O_CREAT | os.O_EXCL) if create else (os.O_RDWR if writable else os.O_RDONLY)
+            return os.open(path, flags | os.O_CLOEXEC, config.mode)
+        shm = posix_ipc.SharedMemory(
+            config.segment_name(name), posix_ipc.O_CREX if create else 0, mode=config.mode, read_only=not (create or writable)
+        )
+        return shm.fd
+    except (posix_ipc.ExistentialError, FileExistsError, FileNotFoundError):
+        if create:
+            raise ShmError("pack_exists", f"pack {name!r} already exists ({path}): attach it, or remove it first") from None
+        raise ShmError("pack_not_found", f"no pack named {name!r} ({path}): load it with `hmoe shm load MODEL_DIR --name {name}`") from None
+    except (posix_ipc.PermissionsError, PermissionError):
+        raise ShmError("shm_permission", f"{path}: permission denied; run as the pack's owner or a member of its group") from None
+
+
+def segment_bytes(name: str, config: ShmConfig) -> int:
+    fd = _open_fd(name, config)
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def read_segment(name: str, config: ShmConfig, offset: int, nbytes: int) -> bytes:
+    """Read bytes without mapping the segment (so the reader never shows up as attached)."""
+    fd = _open_fd(name, config)
+    try:
+        return os.pread(fd, nbytes, offset)
+    finally:
+        os.close(fd)
+
+
+def unlink_segment(name: str, config: ShmConfig) -> None:
+    """Remove the name; processes that mapped it keep their pages until they unmap."""
+    try:
+        if config.hugetlbfs_dir:
+            os.unlink(config.segment_path(name))
+        else:
+            posix_ipc.unlink_shared_memory(config.segment_name(name))
+    except (posix_ipc.ExistentialError, FileNotFoundError):
+        pass
+    except (posix_ipc.PermissionsError, PermissionError):
+        raise ShmError("shm_permission", f"{config.segment_path(name)}: not allowed to remove it; run as its owner") from None
+
+
+def huge_page_policy(config: ShmConfig) -> str:
+    """Which pages back packs here, in words, from the configuration and the mount's options."""
+    if config.hugetlbfs_dir:
+        return f"hugetlbfs pages ({config.hugetlbfs_dir})"
+    if config.hugepages == "off":
+        return "4 KiB pages (hugepages=off)"
+    huge = "never"
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 3 and fields[1] == str(config.pack_dir):
+                opts = dict(o.partition("=")[::2] for o in fields[3].split(","))
+                huge = opts.get("huge", "never")
+    except OSError:
+        pass
+    if huge in ("always", "within_size", "advise"):
+        return f"transparent huge pages (MADV_HUGEPAGE, {config.pack_dir} mounted huge={huge})"
+    return f"4 KiB pages ({config.pack_dir} is mounted huge={huge}; remount it with huge=advise for 2 MiB pages)"
+
+
+class Segment:
+    """A mapping of one pack's segment; close() unmaps (deferred while views of it are alive)."""
+
+    def __init__(self, name: str, mapping: mmap.mmap, writable: bool):
+        self.name = name
+        self.nbytes = len(mapping)
+        self.writable = writable
+        self._mmap = mapping
+
+    @classmethod
+    def create(cls, name: str, nbytes: int, config: ShmConfig) -> Segment:
+        """Create, size, reserve and map a new segment writable, with the configured mode and group."""
+        assert nbytes > 0 and (not config.hugetlbfs_dir or nbytes % HUGE_PAGE_BYTES == 0), nbytes
+        gid = config.group_id()
+        space = os.statvfs(config.pack_dir)
+        free_bytes = space.f_bavail * space.f_frsize
+        if nbytes > free_bytes:
+            raise ShmError(
+                "shm_no_space",
+                f"pack {name!r} needs {nbytes / 2**30:.2f} GiB, {config.pack_dir} has {free_bytes / 2**30:.2f} GiB free: "
+                "remove packs (hmoe shm gc), or enlarge it (mount -o remount,size=... /dev/shm)",
+            )
+        fd = _open_fd(name, config, create=True)
+        try:
+            os.fchmod(fd, config.mode)  # shm_open applied the umask
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+            os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
+            mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            unlink_segment(name, config)
+            if exc.errno == errno.ENOSPC:
+                raise ShmError("shm_no_space", f"{config.pack_dir} ran out of space reserving {nbytes} bytes for {name!r}") from None
+            if exc.errno == errno.EPERM:
+                raise ShmError("shm_permission", f"cannot give {name!r} to group {config.group!r}: not a member") from None
+            raise
+        os.close(fd)
+        return cls._advised(name, mapping, config, writable=True)
+
+    @classmethod
+    def attach(cls, name: str, config: ShmConfig) -> Segment:
+        """Map an existing segment read-only (PROT_READ): writes through any view fail."""
+        fd = _open_fd(name, config)
+        try:
+            nbytes = os.fstat(fd).st_size
+            if nbytes == 0:
+                raise ShmError("pack_not_ready", f"pack {name!r} is empty: its loader is starting or died; retry or gc")
+            mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return cls._advised(name, mapping, config, writable=False)
+
+    @classmethod
+    def _advised(cls, name: str, mapping: mmap.mmap, config: ShmConfig, writable: bool) -> Segment:
+        if config.hugepages == "auto" and not config.hugetlbfs_dir and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+            except OSError as exc:  # EINVAL where THP is compiled out: fall back to 4 KiB pages
+                log.debug("MADV_HUGEPAGE on %s failed: %s", name, exc)
+        return cls(name, mapping, writable)
+
+    def buffer(self, offset: int = 0, nbytes: int | None = None) -> memoryview:
+        """A view of the mapping (read-only unless this is the loader's mapping)."""
+        assert self._mmap is not None, "segment is closed"
+        end = self.nbytes if nbytes is None else offset + nbytes
+        assert 0 <= offset <= end <= self.nbytes, (offset, end, self.nbytes)
+        return memoryview(self._mmap)[offset:end]
+
+    @property
+    def address(self) -> int:
+        """Virtual address of the mapping's first byte (for cudaHostRegister)."""
+        return np.frombuffer(self._mmap, np.uint8, count=1).ctypes.data
+
+    def close(self) -> None:
+        """Unmap now, or, while numpy/torch views still export the buffer, when the last of them dies."""
+        if self._mmap is None:
+            return
+        try:
+            self._mmap.close()
+        except BufferError:
+            log.debug("segment %s: views still alive, unmapping when they are collected", self.name)
+        self._mmap = None
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
