@@ -1,0 +1,61 @@
+"""`hmoe` commands run as a user runs them: a real subprocess, its output and exit status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from hmoe.runtime.sampling_params import SamplingParams
+from hmoe.workers.checkpoint import Checkpoint
+from hmoe.workers.generate import generate
+from hmoe.workers.kv_cache import KVPool
+from hmoe.workers.model import load_model
+
+HMOE = [sys.executable, "-m", "hmoe.workers.cli"]
+
+
+def _hmoe(*args):
+    return subprocess.run([*HMOE, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_run_json_matches_in_process_generation(tiny_models):
+    path = tiny_models("qwen3_moe", "fp32")
+    proc = _hmoe("run", str(path), "--token-ids", "5,9,2,44", "--max-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    model = load_model(Checkpoint.open(path), "cpu", "fp32")
+    kv = KVPool(model.config, 4, 16, torch.float32, torch.device("cpu"))
+    expected = generate(model, kv, [5, 9, 2, 44], SamplingParams(max_tokens=12)).token_ids
+    assert out["token_ids"] == list(expected) and out["finish_reason"] in ("length", "stop")
+    assert isinstance(out["text"], str)
+
+
+def test_run_streams_text_and_samples_reproducibly(tiny_models):
+    path = str(tiny_models("deepseek_v3", "fp32"))
+    runs = [_hmoe("run", path, "--prompt", "Hello world", "--max-tokens", "8", "--temperature", "0.9",
+                  "--seed", "5", "--json") for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert json.loads(runs[0].stdout)["token_ids"] == json.loads(runs[1].stdout)["token_ids"]
+    streamed = _hmoe("run", path, "--prompt", "Hello world", "--max-tokens", "8")
+    assert streamed.returncode == 0 and "8 tokens" in streamed.stderr
+
+
+def test_without_a_model_it_says_how_to_make_one():
+    proc = _hmoe("run")
+    assert proc.returncode == 2 and "hmoe make-model" in proc.stderr
+
+
+def test_bad_model_is_one_clear_line(tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models("deepseek_v3", "fp32"), broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00")
+    proc = _hmoe("run", str(broken), "--token-ids", "1,2")
+    assert proc.returncode == 1
+    assert "checkpoint_corrupt" in proc.stderr and "model.safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    out_of_vocab = _hmoe("run", str(tiny_models("deepseek_v3", "fp32")), "--token-ids", "1,999999")
+    assert out_of_vocab.returncode == 2 and "999999" in out_of_vocab.stderr

@@ -1,0 +1,139 @@
+"""`hmoe`: the command line. Heavy imports (torch, numba) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from hmoe.runtime.errors import HmoeError
+
+
+class HmoeGroup(click.Group):
+    """Turns an HmoeError from any command into one line with its code, exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HmoeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=HmoeGroup)
+def main() -> None:
+    """hmoe: serve Mixture-of-Experts models on one machine (CPU experts, GPU for the rest)."""
+
+
+@main.command("make-model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--arch", type=click.Choice(["deepseek_v3", "qwen3_moe"]), default="deepseek_v3", show_default=True)
+@click.option("--preset", default="tiny", show_default=True, help="tiny | small | v3 (deepseek_v3) | 30b-a3b (qwen3_moe)")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp8"]), default="bf16", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", type=int, default=None, help="Override the preset's number of layers.")
+@click.option("--shard-mb", type=int, default=4096, show_default=True, help="Split safetensors past this size.")
+def make_model_cmd(out, arch, preset, dtype, seed, layers, shard_mb) -> None:
+    """Write a random-weight checkpoint in the Hugging Face layout to OUT."""
+    from hmoe.workers.make_model import PRESETS, make_model
+
+    if preset not in PRESETS[arch]:
+        raise click.BadParameter(f"{preset!r}; {arch} presets: {', '.join(PRESETS[arch])}", param_hint="--preset")
+    start = time.monotonic()
+
+    def progress(done: int) -> None:
+        if sys.stderr.isatty():
+            rate = done / max(time.monotonic() - start, 1e-9) / 1e9
+            click.echo(f"\r  wrote {done / 1e9:.2f} GB ({rate:.2f} GB/s)", err=True, nl=False)
+
+    path = make_model(out, arch, preset, dtype, seed, layers, shard_mb, progress)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    click.echo(f"wrote {arch} {preset} ({dtype}) to {path} in {time.monotonic() - start:.1f} s")
+
+
+@main.command("run")
+@click.argument("model_dir", required=False, type=click.Path())
+@click.option("--prompt", help="Text to continue (tokenized with the model's tokenizer.json).")
+@click.option("--token-ids", help="Comma-separated prompt token ids instead of text, e.g. 1,2,3.")
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps every token.")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
+@click.option("--dtype", default="auto", show_default=True, help="auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16")
+@click.option("--kv-cache-gib", type=float, default=1.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (token_ids, text, finish_reason, timings).")
+def run_cmd(model_dir, prompt, token_ids, max_tokens, temperature, top_p, top_k, seed, device, dtype,
+            kv_cache_gib, as_json) -> None:
+    """Generate offline, in this process, from MODEL_DIR (a Hugging Face model folder)."""
+    if model_dir is None:
+        raise click.UsageError(
+            "no model given. Make a demo model first:\n"
+            "  hmoe make-model --arch deepseek_v3 --preset tiny demo-model\n"
+            "  hmoe run demo-model --prompt 'Hello'"
+        )
+    if (prompt is None) == (token_ids is None):
+        raise click.UsageError("give exactly one of --prompt or --token-ids")
+    from hmoe.runtime.sampling_params import SamplingParams
+    from hmoe.runtime.tokenizer import load_tokenizer
+    from hmoe.workers.checkpoint import Checkpoint
+    from hmoe.workers.generate import generate
+    from hmoe.workers.kv_cache import KVPool
+    from hmoe.workers.model import load_model
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    checkpoint = Checkpoint.open(model_dir)
+    tokenizer = load_tokenizer(model_dir) if (prompt is not None or (checkpoint.path / "tokenizer.json").is_file()) else None
+    if token_ids is not None:
+        try:
+            ids = [int(t) for t in token_ids.split(",") if t.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{token_ids!r} is not a comma-separated list of integers", param_hint="--token-ids")
+        bad = [t for t in ids if not 0 <= t < checkpoint.config.vocab_size]
+        if not ids or bad:
+            raise click.BadParameter(f"token ids must be in [0, {checkpoint.config.vocab_size}); got {bad or 'none'}",
+                                     param_hint="--token-ids")
+    else:
+        ids = tokenizer.encode(prompt).ids
+
+    start = time.monotonic()
+    model = load_model(checkpoint, device, dtype)
+    kv = KVPool.from_budget(model.config, int(kv_cache_gib * (1 << 30)), 16, model.dtype, model.device)
+    load_s = time.monotonic() - start
+
+    stream = not as_json and tokenizer is not None
+    shown = ""
+    emitted: list[int] = []
+
+    def on_token(token: int) -> None:
+        nonlocal shown
+        emitted.append(token)
+        if stream:
+            text = tokenizer.decode(emitted)
+            if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+                click.echo(text[len(shown):], nl=False)
+                shown = text
+
+    start = time.monotonic()
+    result = generate(model, kv, ids, params, on_token)
+    gen_s = time.monotonic() - start
+    text = tokenizer.decode(list(result.token_ids)) if tokenizer else None
+    if as_json:
+        click.echo(json.dumps({
+            "prompt_token_ids": ids, "token_ids": list(result.token_ids), "text": text,
+            "finish_reason": result.finish_reason, "load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+        }))
+    else:
+        if not stream:
+            click.echo(",".join(map(str, result.token_ids)), nl=False)
+        click.echo("")
+        click.echo(f"[{len(result.token_ids)} tokens, {result.finish_reason}, "
+                   f"{len(result.token_ids) / max(gen_s, 1e-9):.1f} tok/s, load {load_s:.1f} s]", err=True)
+
+if __name__ == "__main__":
+    main()
