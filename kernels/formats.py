@@ -1,0 +1,300 @@
+"""Routed-expert formats and the per-layer layout shared by the weight pack and the kernels.
+
+Shapes: E experts, H hidden, I expert intermediate; Hp, Ip are H, I rounded up to 128 (PAD).
+Checkpoint layout is [out, in]: gate and up are [I, H], down is [H, I].
+
+One layer's routed experts occupy the named arrays of `layer_arrays()`; the pack allocates exactly
+these (aligned) and hands them back as numpy views, `encode_expert()` fills one expert's projection.
+
+    kind  array          dtype    shape              contents
+    bf16  gate, up       uint16   [E, Ip, Hp]        bf16 bit patterns
+          down           uint16   [E, Hp, Ip]
+    fp8   gate, up       uint8    [E, Ip, Hp]        E4M3 (DeepSeek's float8_e4m3fn), unchanged bytes
+          gate_scale, …  float32  [E, Ip/128, Hp/128] weight_scale_inv: w = e4m3 * scale, per 128x128
+          down           uint8    [E, Hp, Ip]
+          down_scale     float32  [E, Hp/128, Ip/128]
+    int4  gate, up       uint8    [E, Ip, Hp/2]      two 4-bit codes per byte, see below
+          gate_scale, …  float16  [E, Ip, Hp/G]      one scale per G inputs (G = 32 or 128)
+          down           uint8    [E, Hp, Ip/2]
+          down_scale     float16  [E, Hp, Ip/G]
+
+INT4 is symmetric: w = (code - 8) * scale, code in 0..15, scale = absmax / 7 of the group. Inside a
+row, each 128 inputs take 64 bytes: byte j holds input j in its low nibble and input 64 + j in its
+high nibble. So a 64-byte load splits with one mask and one shift into two runs of 64 consecutive
+inputs, which meet int8 activations in natural order (VNNI, no shuffles).
+
+Rows and columns are zero-padded to multiples of 128 so that every kernel loop runs whole
+128-wide blocks (real models need no padding: 2048, 768, 7168, 4096, 1536 are all multiples).
+Rows of one expert and one projection are contiguous, so a thread that owns a range of rows reads
+two (gate, up) or one (down) sequential streams per expert.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+PAD = 128  # rows and columns are padded to this; also the FP8 scale block
+FP8_BLOCK = 128
+PROJS = ("gate", "up", "down")
+KINDS = ("bf16", "fp8", "int4")
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How routed-expert weights are stored: "bf16", "fp8" (E4M3, 128x128 scales) or "int4"."""
+
+    kind: str
+    group_size: int = 128  # int4 only: inputs per scale, 32 or 128
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"expert format {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if self.kind == "int4" and self.group_size not in (32, 128):
+            raise ValueError(f"int4 group size {self.group_size}: choose 32 or 128")
+
+    @property
+    def name(self) -> str:
+        return f"int4-g{self.group_size}" if self.kind == "int4" else self.kind
+
+    @classmethod
+    def parse(cls, name: str) -> ExpertFormat:
+        """'bf16' | 'fp8' | 'int4' (group 128) | 'int4-g32' | 'int4-g128'."""
+        if name.startswith("int4-g"):
+            return cls("int4", int(name.removeprefix("int4-g")))
+        return cls(name)
+
+
+def padded(n: int) -> int:
+    return -(-n // PAD) * PAD
+
+
+def proj_shape(proj: str, hidden: int, inter: int) -> tuple[int, int]:
+    """Checkpoint [out, in] of one projection."""
+    return (hidden, inter) if proj == "down" else (inter, hidden)
+
+
+def layer_arrays(fmt: ExpertFormat, num_experts: int, hidden: int, inter: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every array one layer's routed experts occupy."""
+    arrays = {}
+    for proj in PROJS:
+        rows, cols = (padded(n) for n in proj_shape(proj, hidden, inter))
+        if fmt.kind == "bf16":
+            arrays[proj] = (np.dtype(np.uint16), (num_experts, rows, cols))
+        elif fmt.kind == "fp8":
+            arrays[proj] = (np.dtype(np.uint8), (num_experts, rows, cols))
+            arrays[f"{proj}_scale"] = (np.dtype(np.float32), (num_experts, rows // FP8_BLOCK, cols // FP8_BLOCK))
+        else:
+            arrays[proj] = (np.dtype(np.uint8), (num_experts, rows, cols // 2))
+            arrays[f"{proj}_scale"] = (np.dtype(np.float16), (num_experts, rows, cols // fmt.group_size))
+    return arrays
+
+
+def layer_nbytes(fmt: ExpertFormat, num_experts: int, hidden: int, inter: int) -> int:
+    return sum(dt.itemsize * int(np.prod(shape)) for dt, shape in layer_arrays(fmt, num_experts, hidden, inter).values())
+
+
+def expert_nbytes(fmt: ExpertFormat, hidden: int, inter: int) -> int:
+    """Bytes one expert's three projections occupy (what one token reads per picked expert)."""
+    return layer_nbytes(fmt, 1, hidden, inter)
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """One layer's routed experts: the format, the sizes and the arrays of `layer_arrays()`."""
+
+    fmt: ExpertFormat
+    num_experts: int
+    hidden: int
+    inter: int
+    arrays: dict[str, np.ndarray]
+
+    def __post_init__(self):
+        want = layer_arrays(self.fmt, self.num_experts, self.hidden, self.inter)
+        if set(want) != set(self.arrays):
+            raise ValueError(f"layer arrays {sorted(self.arrays)} do not match format {self.fmt.name}: want {sorted(want)}")
+        for name, (dtype, shape) in want.items():
+            a = self.arrays[name]
+            if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+                raise ValueError(f"array {name}: {a.dtype}{list(a.shape)} (contiguous={a.flags.c_contiguous}), want {dtype}{list(shape)} contiguous")
+
+    @classmethod
+    def allocate(cls, fmt: ExpertFormat, num_experts: int, hidden: int, inter: int) -> LayerExperts:
+        """Zeroed arrays in ordinary memory (tests, and runs without a weight pack)."""
+        arrays = {name: np.zeros(shape, dtype) for name, (dtype, shape) in layer_arrays(fmt, num_experts, hidden, inter).items()}
+        return cls(fmt, num_experts, hidden, inter, arrays)
+
+    @property
+    def nbytes_per_expert(self) -> int:
+        return expert_nbytes(self.fmt, self.hidden, self.inter)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_expert(fmt: ExpertFormat, arrays: dict[str, np.ndarray], expert: int, proj: str,
+                  weight: np.ndarray, scale_inv: np.ndarray | None = None) -> None:
+    """Write one expert's projection, in checkpoint form [out, in], into `arrays` (views; in place).
+
+    `weight`: uint16 bf16 bit patterns, float32, or uint8 E4M3 codes with float32 `scale_inv`
+    [ceil(out/128), ceil(in/128)]. Every source converts to every format: fp8->fp8 and bf16->bf16
+    copy, anything->int4 quantizes, float->fp8 quantizes per 128x128 block, fp8->bf16 dequantizes.
+    Temporaries stay within one expert. E4M3 NaN codes (0x7F, 0xFF) are rejected: no checkpoint
+    holds them, and the kernels decode only finite codes.
+    """
+    if proj not in PROJS:
+        raise ValueError(f"projection {proj!r}: choose one of {PROJS}")
+    out_dim, in_dim = weight.shape
+    dst = arrays[proj][expert]
+    if dst.shape[0] != padded(out_dim) or arrays[proj].shape[2] * (2 if fmt.kind == "int4" else 1) != padded(in_dim):
+        raise ValueError(f"expert {expert} {proj}: weight [{out_dim}, {in_dim}] does not fit layer array {list(dst.shape)}")
+    if weight.dtype == np.uint8:
+        if scale_inv is None or scale_inv.shape != (-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK)):
+            raise ValueError(f"fp8 weight [{out_dim}, {in_dim}] needs scale_inv [{-(-out_dim // 128)}, {-(-in_dim // 128)}]")
+        if fmt.kind == "fp8":
+            if _copy_count_nan(np.ascontiguousarray(weight), dst):
+                raise ValueError(f"expert {expert} {proj}: fp8 weight holds NaN codes (0x7F/0xFF): the checkpoint is damaged")
+            scale_dst = arrays[f"{proj}_scale"][expert]
+            scale_dst[...] = 0.0
+            scale_dst[: scale_inv.shape[0], : scale_inv.shape[1]] = scale_inv
+            return
+        weight = fp8_to_float32(weight, scale_inv)
+    elif weight.dtype == np.uint16:
+        if fmt.kind == "bf16":
+            dst[...] = 0
+            dst[:out_dim, :in_dim] = weight
+            return
+        weight = bf16_to_float32(weight)
+    elif weight.dtype != np.float32:
+        raise ValueError(f"weight dtype {weight.dtype}: give uint16 (bf16 bits), float32 or uint8 (E4M3) + scale_inv")
+    if not np.isfinite(weight).all():
+        raise ValueError(f"expert {expert} {proj}: weight holds NaN or inf: the checkpoint is damaged")
+    rows, cols = dst.shape[0], padded(in_dim)
+    full = np.zeros((rows, cols), np.float32)  # padded to whole 128 blocks: one expert's temporary
+    full[:out_dim, :in_dim] = weight
+    if fmt.kind == "bf16":
+        dst[...] = float32_to_bf16(full)
+    elif fmt.kind == "fp8":
+        scale = fp8_block_scales(full)
+        arrays[f"{proj}_scale"][expert] = scale
+        _fp8_codes(full, scale, dst)
+    else:
+        scale = int4_group_scales(full, fmt.group_size)
+        arrays[f"{proj}_scale"][expert] = scale
+        _int4_codes(full, scale.astype(np.float32), fmt.group_size, dst)
+
+
+def decode_expert(fmt: ExpertFormat, arrays: dict[str, np.ndarray], expert: int, proj: str,
+                  hidden: int, inter: int) -> np.ndarray:
+    """One expert's projection back in checkpoint form [out, in] as float64 (the readable spec)."""
+    from . import reference
+
+    out_dim, in_dim = proj_shape(proj, hidden, inter)
+    w = arrays[proj][expert]
+    if fmt.kind == "bf16":
+        full = reference.dequantize_bf16(w)
+    elif fmt.kind == "fp8":
+        full = reference.dequantize_fp8(w, arrays[f"{proj}_scale"][expert])
+    else:
+        full = reference.dequantize_int4(w, arrays[f"{proj}_scale"][expert], fmt.group_size)
+    return full[:out_dim, :in_dim]
+
+
+# ---------------------------------------------------------------- element conversions
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def fp8_to_float32(codes: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
+    """E4M3 codes [out, in] times their 128x128 block scales → float32 (exact in float32)."""
+    from .reference import FP8_VALUES
+
+    values = FP8_VALUES.astype(np.float32)[codes]
+    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), FP8_BLOCK, 0), FP8_BLOCK, 1)
+    return values * scale[: codes.shape[0], : codes.shape[1]]
+
+
+@njit(nogil=True, cache=True)
+def _copy_count_nan(src, dst):
+    """dst[:out, :in] = src, zero padding elsewhere; returns how many E4M3 NaN codes src holds."""
+    rows, cols = src.shape
+    nan_count = 0
+    for r in range(dst.shape[0]):
+        d = dst[r]
+        if r >= rows:
+            d[:] = 0
+            continue
+        s = src[r]
+        for c in range(cols):
+            b = s[c]
+            d[c] = b
+            nan_count += (b & 0x7F) == 0x7F
+        d[cols:] = 0
+    return nan_count
+
+
+def fp8_block_scales(w: np.ndarray) -> np.ndarray:
+    """DeepSeek's weight_scale_inv of a padded float32 [rows, cols]: absmax / 448 per 128x128 block."""
+    rows, cols = w.shape
+    blocks = np.abs(w).reshape(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+    return (blocks.max(axis=(1, 3)) / np.float32(448.0)).astype(np.float32)
+
+
+def int4_group_scales(w: np.ndarray, group: int) -> np.ndarray:
+    """float16(absmax / 7) per group of `group` inputs of a padded float32 [rows, cols]."""
+    rows, cols = w.shape
+    amax = np.abs(w).reshape(rows, cols // group, group).max(axis=2)
+    return np.minimum(amax / np.float32(7.0), np.float32(65504.0)).astype(np.float16)
+
+
+@njit(nogil=True, cache=True)
+def e4m3_code(v):
+    """Nearest E4M3 code (ties to even) of a float v; saturates at ±448 (NaN is the caller's to reject)."""
+    sign = 0x80 if math.copysign(1.0, v) < 0 else 0
+    a = min(abs(float(v)), 448.0)
+    if a < 2.0**-6:  # subnormals: steps of 2**-9; m == 8 becomes the smallest normal code, rightly
+        return sign | int(np.rint(a * 512.0))
+    frac, e = math.frexp(a)  # a = frac * 2**e, frac in [0.5, 1)
+    m = int(np.rint((frac * 2.0 - 1.0) * 8.0))
+    exp = e - 1 + 7
+    if m == 8:
+        m, exp = 0, exp + 1
+    return sign | (exp << 3) | m
+
+
+@njit(nogil=True, cache=True)
+def _fp8_codes(w, scale, dst):
+    """dst = nearest E4M3 of w / scale (float32 division, as the reference does)."""
+    for r in range(w.shape[0]):
+        for c in range(w.shape[1]):
+            s = scale[r // 128, c // 128]
+            dst[r, c] = e4m3_code(w[r, c] / s) if s > 0 else 0
+
+
+@njit(nogil=True, cache=True)
+def _int4_codes(w, scale, group, dst):
+    """Codes clip(rint(w / scale), -8, 7) + 8, packed per 128 inputs as the module doc says."""
+    for r in range(w.shape[0]):
+        for c0 in range(0, w.shape[1], 128):
+            for j in range(64):
+                lo = _int4_code(w[r, c0 + j], scale[r, (c0 + j) // group])
+                hi = _int4_code(w[r, c0 + 64 + j], scale[r, (c0 + 64 + j) // group])
+                dst[r, c0 // 2 + j] = lo | (hi << 4)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _int4_code(v, s):
+    code = min(max(np.rint(v / s), -8.0), 7.0) if s > 0 else 0.0
+    return np.uint8(int(code) + 8)

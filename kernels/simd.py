@@ -1,0 +1,291 @@
+"""Explicit 512-bit vectors for Numba kernels: three value types and the few operations they need.
+
+LLVM's auto-vectorizer decides widths, unrolling and gathers on its own; for the decode loops it
+chose ymm, gathers or per-block reductions (see ../shared/notes/cpu-kernels.md). These intrinsics
+pin the instruction shapes instead, and the loops around them stay plain Numba:
+
+    f32x16   <16 x float>   accumulators, activations
+    i32x16   <16 x i32>     integer dot-product accumulators (VNNI)
+    u8x64    <64 x i8>      raw weight / activation bytes
+
+Every load reads at `arr.ctypes.data + i * itemsize` with no bounds check: the callers check
+shapes once, in their Python wrappers. Loads are unaligned (vmovups costs the same on aligned data).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+from .jit import has_cpu_feature
+
+F32 = ir.FloatType()
+HALF = ir.HalfType()
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+V16F = ir.VectorType(F32, 16)
+V16I = ir.VectorType(I32, 16)
+V64B = ir.VectorType(I8, 64)
+
+
+class _VectorType(types.Type):
+    def __init__(self, name: str):
+        super().__init__(name=name)
+
+
+f32x16 = _VectorType("f32x16")
+i32x16 = _VectorType("i32x16")
+u8x64 = _VectorType("u8x64")
+_LLVM_OF = {"f32x16": V16F, "i32x16": V16I, "u8x64": V64B}
+
+
+@register_model(_VectorType)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _LLVM_OF[fe_type.name])
+
+
+def _ptr(context, builder, arrty, arr, idx, idxty, elem: ir.Type):
+    """Address of arr[idx] (flat, C order) as a pointer to `elem`."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    i = context.cast(builder, idx, idxty, types.intp)
+    return builder.bitcast(builder.gep(data, [i]), elem.as_pointer())
+
+
+def _consts(ty: ir.Type, values) -> ir.Constant:
+    return ir.Constant(ir.VectorType(ty, len(values)), [ir.Constant(ty, v) for v in values])
+
+
+def _llvm_fn(builder, name: str, ret: ir.Type, args: list[ir.Type]):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+# ---------------------------------------------------------------- float vectors
+
+
+@intrinsic
+def vzero(typingctx):
+    """16 zeros."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(V16F, None)
+
+    return f32x16(), codegen
+
+
+@intrinsic
+def vsplat(typingctx, value):
+    """16 copies of a float32 scalar."""
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        lane = builder.insert_element(ir.Constant(V16F, ir.Undefined), v, ir.Constant(I32, 0))
+        return builder.shuffle_vector(lane, lane, ir.Constant(V16I, None))
+
+    return f32x16(value), codegen
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """arr[idx : idx+16] of a float32 array."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], V16F), align=4)
+
+    return f32x16(arr, idx), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, vec):
+    """arr[idx : idx+16] = vec for a float32 array."""
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], V16F), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, vec), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c, one rounding."""
+
+    def codegen(context, builder, sig, args):
+        return builder.call(_llvm_fn(builder, "llvm.fma.v16f32", V16F, [V16F] * 3), list(args))
+
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fadd(*args)
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fmul(*args)
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def vsum(typingctx, vec):
+    """Sum of the 16 lanes as float32 (a shuffle tree: 4 halvings)."""
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        width = 16
+        while width > 1:
+            width //= 2
+            lo = builder.shuffle_vector(v, v, _consts(I32, range(width)))
+            hi = builder.shuffle_vector(v, v, _consts(I32, range(width, 2 * width)))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(I32, 0))
+
+    return types.float32(vec), codegen
+
+
+# ---------------------------------------------------------------- weight decoders
+
+
+@intrinsic
+def load_fp8x32(typingctx, arr, idx):
+    """Decode 32 E4M3 bytes arr[idx : idx+32] → two f32x16 holding value * 2**-8, exactly.
+
+    The byte s.eeee.mmm moves into the half-precision layout s.0eeee.mmm0000000 (a shift left by 8,
+    an arithmetic shift right by 1 that copies the sign, a mask that clears the copy), which equals
+    value * 2**-8 for every finite code, subnormals included (they land on half subnormals); then
+    vcvtph2ps widens it. No float32 denormal ever appears (a microcode assist each, see the note).
+    NaN codes 0x7F/0xFF become half 0x3F80/0xBF80 = ±1.875 * 2**-8... of a NaN-free range: callers
+    never see NaN codes in valid checkpoints; the reference maps them to NaN, the kernel to ±480.
+    """
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(I8, 32))
+        b = builder.zext(builder.load(ptr, align=1), ir.VectorType(I16, 32))
+        h = builder.ashr(builder.shl(b, _consts(I16, [8] * 32)), _consts(I16, [1] * 32))
+        h = builder.and_(h, _consts(I16, [0xBFFF] * 32))
+        h = builder.bitcast(h, ir.VectorType(HALF, 32))
+        out = []
+        for half in (range(16), range(16, 32)):
+            part = builder.shuffle_vector(h, h, _consts(I32, half))
+            out.append(builder.fpext(part, V16F))
+        return context.make_tuple(builder, sig.return_type, out)
+
+    return types.UniTuple(f32x16, 2)(arr, idx), codegen
+
+
+@intrinsic
+def load_bf16x16(typingctx, arr, idx):
+    """Decode 16 bf16 values (uint16 bit patterns) arr[idx : idx+16] → f32x16, exactly."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(I16, 16))
+        w = builder.zext(builder.load(ptr, align=2), V16I)
+        return builder.bitcast(builder.shl(w, _consts(I32, [16] * 16)), V16F)
+
+    return f32x16(arr, idx), codegen
+
+
+@intrinsic
+def load_f16_pair(typingctx, arr, idx):
+    """Two float16 scales (uint16 bit patterns) arr[idx], arr[idx+1] → lanes 0-7 and 8-15."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(I16, 2))
+        pair = builder.bitcast(builder.load(ptr, align=2), ir.VectorType(HALF, 2))
+        wide = builder.fpext(pair, ir.VectorType(F32, 2))
+        return builder.shuffle_vector(wide, wide, _consts(I32, [0] * 8 + [1] * 8))
+
+    return f32x16(arr, idx), codegen
+
+
+@intrinsic
+def load_f16(typingctx, arr, idx):
+    """One float16 (uint16 bit pattern) arr[idx] → float32."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I16)
+        return builder.fpext(builder.bitcast(builder.load(ptr, align=2), HALF), F32)
+
+    return types.float32(arr, idx), codegen
+
+
+# ---------------------------------------------------------------- bytes and VNNI
+
+
+@intrinsic
+def load_u8x64(typingctx, arr, idx):
+    """64 raw bytes arr[idx : idx+64] (any 1-byte dtype)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], V64B), align=1)
+
+    return u8x64(arr, idx), codegen
+
+
+@intrinsic
+def nibbles_lo(typingctx, vec):
+    """The low nibble of each byte (0..15)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.and_(args[0], _consts(I8, [15] * 64))
+
+    return u8x64(vec), codegen
+
+
+@intrinsic
+def nibbles_hi(typingctx, vec):
+    """The high nibble of each byte (0..15)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.lshr(args[0], _consts(I8, [4] * 64))
+
+    return u8x64(vec), codegen
+
+
+@intrinsic
+def load_i32x16(typingctx, arr, idx):
+    """arr[idx : idx+16] of an int32 array."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], V16I), align=4)
+
+    return i32x16(arr, idx), codegen
+
+
+@intrinsic
+def dpbusd(typingctx, acc, unsigned_bytes, signed_bytes):
+    """acc[l] + sum_{j<4} u8(unsigned_bytes[4l+j]) * s8(signed_bytes[4l+j]) for the 16 lanes l.
+
+    One vpdpbusd on AVX512-VNNI; vpmaddubsw + vpmaddwd + vpaddd otherwise (exact for our operands:
+    nibbles ≤ 15 times int8 never saturate the int16 pair sums).
+    """
+
+    def codegen(context, builder, sig, args):
+        acc_v, u, s = args
+        if has_cpu_feature("avx512vnni"):
+            fn = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.512", V16I, [V16I, V64B, V64B])
+            return builder.call(fn, [acc_v, u, s])
+        v32h = ir.VectorType(I16, 32)
+        maddubs = _llvm_fn(builder, "llvm.x86.avx512.pmaddubs.w.512", v32h, [V64B, V64B])
+        maddwd = _llvm_fn(builder, "llvm.x86.avx512.pmaddw.d.512", V16I, [v32h, v32h])
+        pairs = builder.call(maddubs, [u, s])
+        quads = builder.call(maddwd, [pairs, _consts(I16, [1] * 32)])
+        return builder.add(acc_v, quads)
+
+    return i32x16(acc, unsigned_bytes, signed_bytes), codegen
+
+
+@intrinsic
+def vcvt(typingctx, vec):
+    """int32 lanes → float32 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], V16F)
+
+    return f32x16(vec), codegen
