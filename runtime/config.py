@@ -1,0 +1,177 @@
+"""Configuration: TOML file, then HMOE_* environment, then flags, resolved into frozen dataclasses.
+
+Each option is spelled once, as a field below; its TOML key is `[section] field`, its environment
+variable HMOE_SECTION_FIELD, its flag --field (on the commands of that section; see
+`config_options`). Values are checked against their ranges here, at the edge, so a process never
+starts with a setting it cannot honour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from hmoe.runtime.errors import HmoeError
+
+
+def default_runtime_dir() -> str:
+    """Where ipc sockets live: systemd's RuntimeDirectory, else $XDG_RUNTIME_DIR/hmoe, else /tmp/hmoe-UID."""
+    return os.environ.get("RUNTIME_DIRECTORY") or (
+        f"{os.environ['XDG_RUNTIME_DIR']}/hmoe" if os.environ.get("XDG_RUNTIME_DIR") else f"/tmp/hmoe-{os.getuid()}"
+    )
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    frontend: str = "tcp://127.0.0.1:5555"  # where clients connect (tcp:// or ipc://)
+    backend: str = ""  # where workers connect; "" = ipc://<runtime_dir>/backend.sock
+    runtime_dir: str = ""  # "" = default_runtime_dir()
+    model_dir: str = ""  # tokenizer.json comes from here ("" = from the weight pack named in [worker] pack)
+    max_prompt_tokens: int = 32768
+    max_queued: int = 256  # requests waiting for prefill before new ones are refused ("queue_full")
+    heartbeat_interval_s: float = 0.5  # sane: 0.1-2; a peer silent for interval * liveness is dead
+    heartbeat_liveness: int = 4  # sane: 2-10; 0.5 s * 4 = 2 s < the 3 s promise
+    client_timeout_s: float = 10.0  # a streaming client silent this long is gone; its requests are cancelled
+    request_timeout_s: float = 0.0  # default per-request deadline; 0 = none
+    drain_grace_s: float = 30.0  # on SIGTERM: finish running requests for this long, then cancel
+    curve_secret_key: str = ""  # path of a CURVE secret key file: encrypts the frontend (non-localhost use)
+    log_level: str = "info"
+
+    _ranges = {"max_prompt_tokens": (1, 1 << 22), "max_queued": (1, 1 << 20), "heartbeat_interval_s": (0.05, 5.0),
+               "heartbeat_liveness": (2, 20), "client_timeout_s": (1.0, 3600.0), "request_timeout_s": (0.0, 86400.0),
+               "drain_grace_s": (0.0, 3600.0)}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    pack: str = ""  # weight pack name in shared memory ("" = the one `hmoe serve` made)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16
+    kv_cache_gib: float = 2.0
+    kv_block_size: int = 16
+    max_batch: int = 32  # decode requests running at once
+    prefill_chunk_tokens: int = 2048  # prompts longer than this are prefilled in chunks
+    handoff_slots: int = 4  # KV hand-off slots between prefill and decode
+    handoff_slot_tokens: int = 0  # tokens per slot; 0 = router.max_prompt_tokens
+    handoff_timeout_s: float = 60.0  # a filled slot nobody adopted is reclaimed after this
+    cpu_threads: int = 0  # expert kernel threads; 0 = physical cores
+    experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
+    drain_grace_s: float = 30.0
+
+    _ranges = {"kv_cache_gib": (0.001, 4096.0), "kv_block_size": (1, 1024), "max_batch": (1, 4096),
+               "prefill_chunk_tokens": (16, 1 << 20), "handoff_slots": (1, 256), "handoff_slot_tokens": (0, 1 << 22),
+               "handoff_timeout_s": (1.0, 3600.0), "cpu_threads": (0, 4096), "drain_grace_s": (0.0, 3600.0)}
+    _choices = {"experts": ("cpu", "torch"), "dtype": ("auto", "fp32", "bf16")}
+
+
+@dataclass(frozen=True)
+class ShmConfig:
+    group: str = ""  # segments are 0600, or 0640 with this group (the service user's)
+    hugetlbfs: str = ""  # a hugetlbfs mount for the pack; "" = transparent huge pages where offered
+
+
+@dataclass(frozen=True)
+class Config:
+    router: RouterConfig = RouterConfig()
+    worker: WorkerConfig = WorkerConfig()
+    shm: ShmConfig = ShmConfig()
+
+    @property
+    def runtime_dir(self) -> str:
+        return self.router.runtime_dir or default_runtime_dir()
+
+    @property
+    def backend(self) -> str:
+        return self.router.backend or f"ipc://{self.runtime_dir}/backend.sock"
+
+
+SECTIONS = {"router": RouterConfig, "worker": WorkerConfig, "shm": ShmConfig}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _convert(section: str, name: str, raw, hint):
+    """A raw value (TOML value or environment string) -> the field's type, or a config_invalid error."""
+    target = {"str": str, "int": int, "float": float, "bool": bool}[hint if isinstance(hint, str) else hint.__name__]
+    where = f"[{section}] {name}"
+    if isinstance(raw, str) and target is not str:
+        text = raw.strip().lower()
+        try:
+            raw = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text] if target is bool else target(text)
+        except (KeyError, ValueError):
+            raise HmoeError("config_invalid", f"{where}: {raw!r} is not a {target.__name__}") from None
+    if target is float and isinstance(raw, int) and not isinstance(raw, bool):
+        raw = float(raw)
+    if not isinstance(raw, target) or (target is int and isinstance(raw, bool)):
+        raise HmoeError("config_invalid", f"{where}: {raw!r} is not a {target.__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, env: typing.Mapping[str, str] | None = None,
+                overrides: dict[str, dict] | None = None) -> Config:
+    """File < environment < overrides (flags); unknown keys and out-of-range values are errors."""
+    env = os.environ if env is None else env
+    layers: dict[str, dict] = {name: {} for name in SECTIONS}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise HmoeError("config_missing", f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise HmoeError("config_invalid", f"{path}: {exc}") from None
+        for section, values in data.items():
+            if section not in SECTIONS or not isinstance(values, dict):
+                raise HmoeError("config_invalid", f"{path}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+            layers[section].update(values)
+    for section, cls in SECTIONS.items():
+        prefix = f"HMOE_{section.upper()}_"
+        for key, value in env.items():
+            if key.startswith(prefix):
+                layers[section][key[len(prefix):].lower()] = value
+        for key, value in ((overrides or {}).get(section) or {}).items():
+            if value is not None:
+                layers[section][key] = value
+    built = {}
+    for section, cls in SECTIONS.items():
+        fields = {n: f for n, f in _fields(cls).items() if not n.startswith("_")}
+        unknown = set(layers[section]) - set(fields)
+        if unknown:
+            raise HmoeError("config_invalid", f"[{section}]: unknown options {sorted(unknown)} (known: {', '.join(fields)})")
+        values = {n: _convert(section, n, v, fields[n].type) for n, v in layers[section].items()}
+        built[section] = cls(**values)
+        _check_ranges(section, built[section])
+    return Config(**built)
+
+
+def _check_ranges(section: str, obj) -> None:
+    for name, (low, high) in getattr(type(obj), "_ranges", {}).items():
+        value = getattr(obj, name)
+        if not low <= value <= high:
+            raise HmoeError("config_invalid", f"[{section}] {name} = {value} is outside its sane range [{low}, {high}]")
+    for name, choices in getattr(type(obj), "_choices", {}).items():
+        if getattr(obj, name) not in choices:
+            raise HmoeError("config_invalid", f"[{section}] {name} = {getattr(obj, name)!r}; choose one of {', '.join(choices)}")
+
+
+def config_options(section: str, names: list[str] | None = None):
+    """Click decorator: one --flag per field of `section` (or the given subset), help from the field."""
+    import click
+
+    cls = SECTIONS[section]
+
+    def decorate(fn):
+        for name, f in reversed(list(_fields(cls).items())):
+            if name.startswith("_") or (names is not None and name not in names):
+                continue
+            kind = {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+            flag = "--" + name.replace("_", "-")
+            fn = click.option(flag, name, type=kind, default=None, help=f"[{section}] {name} (default {f.default!r})")(fn)
+        return fn
+
+    return decorate
