@@ -1,7 +1,7 @@
 """ShmConfig: where weight packs live, who may read them, and which pages back them.
 
 A pack named NAME is the POSIX shared-memory segment `/{prefix}NAME` (Linux: /dev/shm/{prefix}NAME),
-or the file `{hugetlbfs_dir}/{prefix}NAME` when a hugetlbfs mount is configured. Its loader lock is
+or the file `{hugetlbfs}/{prefix}NAME` when a hugetlbfs mount is configured. Its loader lock is
 `{lock_dir}/.{prefix}NAME.lock`: a dot-file, so it never looks like a pack.
 """
 
@@ -18,7 +18,6 @@ SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
 NAME_MAX_LEN = 64
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
-MODES = (0o600, 0o640)
 HUGEPAGES = ("auto", "off")
 
 
@@ -34,22 +33,26 @@ def check_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class ShmConfig:
-    mode: int = 0o600  # 0o640 lets `group` attach (read-only) as well
-    group: str | None = None  # the service group that may attach; needs mode 0o640
-    hugepages: str = "auto"  # "auto": MADV_HUGEPAGE on every mapping where the kernel offers it; "off"
-    hugetlbfs_dir: str | None = None  # a hugetlbfs mount: packs become files there, on 2 MiB pages
-    lock_dir: str = SHM_DIR
-    prefix: str = "hmoe."  # tests use their own, so ls/gc never see anyone else's packs
+    """The [shm] settings; plain str fields so the runtime's TOML/env/flag loader can build it as is."""
+
+    group: str = ""  # segments are 0600, or 0640 with this group (the service user's) so it may attach
+    hugetlbfs: str = ""  # a hugetlbfs mount for packs; "" = /dev/shm, with transparent huge pages where offered
+    hugepages: str = "auto"  # auto: MADV_HUGEPAGE on every mapping where the mount allows it | off
+    lock_dir: str = SHM_DIR  # where loader lock files live (shared by every process that loads packs)
+    prefix: str = "hmoe."  # segment names start with it; tests use their own so ls/gc see only theirs
+
+    _choices = {"hugepages": HUGEPAGES}  # checked by the runtime's config loader, like its own sections
 
     def __post_init__(self):
-        assert self.mode in MODES, f"mode {oct(self.mode)} not in {[oct(m) for m in MODES]}"
-        assert self.group is None or self.mode == 0o640, "a group needs mode 0o640"
-        assert self.hugepages in HUGEPAGES, self.hugepages
         assert PREFIX_RE.fullmatch(self.prefix), self.prefix
+
+    @property
+    def mode(self) -> int:
+        return 0o640 if self.group else 0o600
 
     def group_id(self) -> int | None:
         """The configured group's id (None when packs are private to their owner)."""
-        if self.group is None:
+        if not self.group:
             return None
         try:
             return grp.getgrnam(self.group).gr_gid
@@ -58,7 +61,7 @@ class ShmConfig:
 
     @property
     def pack_dir(self) -> Path:
-        return Path(self.hugetlbfs_dir or SHM_DIR)
+        return Path(self.hugetlbfs or SHM_DIR)
 
     def segment_name(self, name: str) -> str:
         """The posix_ipc name (leading slash) of pack `name`."""

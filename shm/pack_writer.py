@@ -42,7 +42,7 @@ class PackWriter:
         """A new segment holding header (LOADING) and manifest; the caller holds the pack's lock."""
         encoded = manifest.encode()
         assert len(encoded) <= MAX_MANIFEST_BYTES, f"manifest of {len(encoded)} bytes"
-        page = HUGE_PAGE_BYTES if config.hugetlbfs_dir else PAGE_BYTES
+        page = HUGE_PAGE_BYTES if config.hugetlbfs else PAGE_BYTES
         nbytes = segment_bytes(manifest, len(encoded), page)
         segment = Segment.create(manifest.name, nbytes, config)
         header = Header(

@@ -31,7 +31,7 @@ class PackInfo:
     nbytes: int
     attached_pids: tuple[int, ...] = ()
     model: str = ""  # the checkpoint's architecture
-    experts: str = ""  # the routed experts' format, e.g. "fp8", "int4/g128"
+    experts: str = ""  # the routed experts' format, e.g. "fp8", "int4-g128"
     source: str = ""  # the checkpoint folder it was built from
     loader_pid: int = 0
     created_ns: int = 0
@@ -91,7 +91,7 @@ def inspect_pack(name: str, config: ShmConfig, pids: tuple[int, ...] = ()) -> Pa
     return PackInfo(
         name, "ready", nbytes, pids,
         model=str(manifest.model.get("architecture", "")),
-        experts="/".join(str(experts[k]) for k in ("kind", "group") if experts.get(k)),
+        experts=str(experts.get("name") or experts.get("kind", "")),
         source=str(manifest.source.get("path", "")),
         loader_pid=header.loader_pid, created_ns=header.created_ns,
     )  # fmt: skip

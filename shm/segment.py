@@ -27,7 +27,7 @@ def _open_fd(name: str, config: ShmConfig, *, create: bool = False, writable: bo
     """An fd this caller owns (close it with os.close)."""
     path = config.segment_path(name)
     try:
-        if config.hugetlbfs_dir:
+        if config.hugetlbfs:
             flags = (os.O_RDWR | os.O_CREAT | os.O_EXCL) if create else (os.O_RDWR if writable else os.O_RDONLY)
             return os.open(path, flags | os.O_CLOEXEC, config.mode)
         shm = posix_ipc.SharedMemory(
@@ -62,7 +62,7 @@ def read_segment(name: str, config: ShmConfig, offset: int, nbytes: int) -> byte
 def unlink_segment(name: str, config: ShmConfig) -> None:
     """Remove the name; processes that mapped it keep their pages until they unmap."""
     try:
-        if config.hugetlbfs_dir:
+        if config.hugetlbfs:
             os.unlink(config.segment_path(name))
         else:
             posix_ipc.unlink_shared_memory(config.segment_name(name))
@@ -72,22 +72,34 @@ def unlink_segment(name: str, config: ShmConfig) -> None:
         raise ShmError("shm_permission", f"{config.segment_path(name)}: not allowed to remove it; run as its owner") from None
 
 
-def huge_page_policy(config: ShmConfig) -> str:
-    """Which pages back packs here, in words, from the configuration and the mount's options."""
-    if config.hugetlbfs_dir:
-        return f"hugetlbfs pages ({config.hugetlbfs_dir})"
-    if config.hugepages == "off":
-        return "4 KiB pages (hugepages=off)"
+def _tmpfs_huge_option(directory: Path) -> str:
+    """The `huge=` option of the tmpfs mounted at `directory` ("never" when absent)."""
     huge = "never"
     try:
         for line in Path("/proc/self/mounts").read_text().splitlines():
             fields = line.split()
-            if len(fields) > 3 and fields[1] == str(config.pack_dir):
-                opts = dict(o.partition("=")[::2] for o in fields[3].split(","))
-                huge = opts.get("huge", "never")
+            if len(fields) > 3 and fields[1] == str(directory):
+                huge = dict(o.partition("=")[::2] for o in fields[3].split(",")).get("huge", "never")
     except OSError:
         pass
-    if huge in ("always", "within_size", "advise"):
+    return huge
+
+
+def uses_huge_pages(config: ShmConfig) -> bool:
+    """Whether packs here get 2 MiB pages (hugetlbfs, or transparent huge pages through MADV_HUGEPAGE)."""
+    if config.hugetlbfs:
+        return True
+    return config.hugepages == "auto" and _tmpfs_huge_option(config.pack_dir) in ("always", "within_size", "advise")
+
+
+def huge_page_policy(config: ShmConfig) -> str:
+    """Which pages back packs here, in words (for the one log line at create and attach)."""
+    if config.hugetlbfs:
+        return f"hugetlbfs pages ({config.hugetlbfs})"
+    if config.hugepages == "off":
+        return "4 KiB pages (hugepages=off)"
+    huge = _tmpfs_huge_option(config.pack_dir)
+    if uses_huge_pages(config):
         return f"transparent huge pages (MADV_HUGEPAGE, {config.pack_dir} mounted huge={huge})"
     return f"4 KiB pages ({config.pack_dir} is mounted huge={huge}; remount it with huge=advise for 2 MiB pages)"
 
@@ -104,7 +116,7 @@ class Segment:
     @classmethod
     def create(cls, name: str, nbytes: int, config: ShmConfig) -> Segment:
         """Create, size, reserve and map a new segment writable, with the configured mode and group."""
-        assert nbytes > 0 and (not config.hugetlbfs_dir or nbytes % HUGE_PAGE_BYTES == 0), nbytes
+        assert nbytes > 0 and (not config.hugetlbfs or nbytes % HUGE_PAGE_BYTES == 0), nbytes
         gid = config.group_id()
         space = os.statvfs(config.pack_dir)
         free_bytes = space.f_bavail * space.f_frsize
@@ -148,7 +160,7 @@ class Segment:
 
     @classmethod
     def _advised(cls, name: str, mapping: mmap.mmap, config: ShmConfig, writable: bool) -> Segment:
-        if config.hugepages == "auto" and not config.hugetlbfs_dir and hasattr(mmap, "MADV_HUGEPAGE"):
+        if config.hugepages == "auto" and not config.hugetlbfs and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 mapping.madvise(mmap.MADV_HUGEPAGE)
             except OSError as exc:  # EINVAL where THP is compiled out: fall back to 4 KiB pages
