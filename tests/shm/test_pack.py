@@ -118,7 +118,7 @@ def test_segment_is_private_by_default(ready_pack, shm_config):
 
 def test_group_mode_gives_the_group_read_access(tmp_path):
     group = grp.getgrgid(os.getgid()).gr_name
-    config = ShmConfig(mode=0o640, group=group, prefix="hmoe.test-grp.", lock_dir=str(tmp_path))
+    config = ShmConfig(group=group, prefix="hmoe.test-grp.", lock_dir=str(tmp_path))
     pack, _ = build_pack(small_manifest(), fill_pattern, config)
     try:
         st = os.stat(config.segment_path("p"))
@@ -129,7 +129,7 @@ def test_group_mode_gives_the_group_read_access(tmp_path):
 
 
 def test_unknown_group_is_a_clear_error(tmp_path):
-    config = ShmConfig(mode=0o640, group="no-such-group-hmoe", prefix="hmoe.test-nogrp.", lock_dir=str(tmp_path))
+    config = ShmConfig(group="no-such-group-hmoe", prefix="hmoe.test-nogrp.", lock_dir=str(tmp_path))
     with pytest.raises(ShmError) as err:
         build_pack(small_manifest(), fill_pattern, config)
     assert err.value.code == "shm_group_unknown"
@@ -193,9 +193,9 @@ def test_close_with_live_views_keeps_them_valid(shm_config):
     np.testing.assert_array_equal(view, expected(pack.entry("experts.1.w")))
 
 
-def test_hugetlbfs_dir_holds_packs_as_files_sized_in_huge_pages(tmp_path):
+def test_hugetlbfs_holds_packs_as_files_sized_in_huge_pages(tmp_path):
     # A plain directory stands in for the hugetlbfs mount: same code path, 2 MiB rounding.
-    config = ShmConfig(hugetlbfs_dir=str(tmp_path / "huge"), prefix="hmoe.test-huge.", lock_dir=str(tmp_path))
+    config = ShmConfig(hugetlbfs=str(tmp_path / "huge"), prefix="hmoe.test-huge.", lock_dir=str(tmp_path))
     (tmp_path / "huge").mkdir()
     pack, built = build_pack(small_manifest(), fill_pattern, config)
     with pack:
