@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmoe.runtime.errors import HmoeError
+from hmoe.shm import ShmConfig  # the [shm] section is the weight pack's own config
 
 
 def default_runtime_dir() -> str:
@@ -66,12 +67,6 @@ class WorkerConfig:
                "prefill_chunk_tokens": (16, 1 << 20), "handoff_slots": (1, 256), "handoff_slot_tokens": (0, 1 << 22),
                "handoff_timeout_s": (1.0, 3600.0), "cpu_threads": (0, 4096), "drain_grace_s": (0.0, 3600.0)}
     _choices = {"experts": ("cpu", "torch"), "dtype": ("auto", "fp32", "bf16")}
-
-
-@dataclass(frozen=True)
-class ShmConfig:
-    group: str = ""  # segments are 0600, or 0640 with this group (the service user's)
-    hugetlbfs: str = ""  # a hugetlbfs mount for the pack; "" = transparent huge pages where offered
 
 
 @dataclass(frozen=True)
@@ -144,19 +139,18 @@ def load_config(path: str | os.PathLike | None = None, env: typing.Mapping[str, 
         if unknown:
             raise HmoeError("config_invalid", f"[{section}]: unknown options {sorted(unknown)} (known: {', '.join(fields)})")
         values = {n: _convert(section, n, v, fields[n].type) for n, v in layers[section].items()}
+        _check_ranges(section, cls, {**{n: f.default for n, f in fields.items()}, **values})
         built[section] = cls(**values)
-        _check_ranges(section, built[section])
     return Config(**built)
 
 
-def _check_ranges(section: str, obj) -> None:
-    for name, (low, high) in getattr(type(obj), "_ranges", {}).items():
-        value = getattr(obj, name)
-        if not low <= value <= high:
-            raise HmoeError("config_invalid", f"[{section}] {name} = {value} is outside its sane range [{low}, {high}]")
-    for name, choices in getattr(type(obj), "_choices", {}).items():
-        if getattr(obj, name) not in choices:
-            raise HmoeError("config_invalid", f"[{section}] {name} = {getattr(obj, name)!r}; choose one of {', '.join(choices)}")
+def _check_ranges(section: str, cls, values: dict) -> None:
+    for name, (low, high) in getattr(cls, "_ranges", {}).items():
+        if not low <= values[name] <= high:
+            raise HmoeError("config_invalid", f"[{section}] {name} = {values[name]} is outside its sane range [{low}, {high}]")
+    for name, choices in getattr(cls, "_choices", {}).items():
+        if values[name] not in choices:
+            raise HmoeError("config_invalid", f"[{section}] {name} = {values[name]!r}; choose one of {', '.join(choices)}")
 
 
 def config_options(section: str, names: list[str] | None = None):

@@ -9,7 +9,7 @@ from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.workers.batch import ForwardBatch
 from hmoe.workers.kv_cache import KVPool
 from hmoe.workers.model import CausalLM
-from hmoe.workers.sampler import make_generator, sample
+from hmoe.workers.sampler import sample, with_seed
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,12 @@ def generate(
     if not prompt_ids:
         raise ValueError("prompt is empty")
     kv.reserve(seq_id, len(prompt_ids) + params.max_tokens)
-    generator = make_generator(params, model.device)
+    params = with_seed(params)
     out: list[int] = []
     try:
         batch = ForwardBatch.build(kv, [(seq_id, list(prompt_ids), 0)])
         while True:
-            token = sample(model.forward(batch, kv), [params], [generator])[0]
+            token = sample(model.forward(batch, kv), [params], [len(out)])[0]
             out.append(token)
             if on_token is not None:
                 on_token(token)

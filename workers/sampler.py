@@ -1,32 +1,36 @@
-"""Token sampling: greedy, or temperature with top-k and top-p, seeded per request.
+"""Token sampling: greedy, or temperature with top-k and top-p.
 
-Shapes: B sequences, V vocab. Each request owns its torch.Generator, so a request samples the same
-tokens alone or batched with others.
+Shapes: B sequences, V vocab. The random draw for a request's n-th token is seeded by
+(seed, n) alone, so a request samples the same tokens alone or batched, in one process or split
+between the prefill and the decode worker; no generator state travels between them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 
 import torch
 
 from hmoe.runtime.sampling_params import SamplingParams
 
-
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.temperature == 0:
-        return None
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    return torch.Generator(device=device).manual_seed(seed)
+_MIX_A, _MIX_B, _MASK = 6364136223846793005, 1442695040888963407, (1 << 63) - 1
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] float32 -> one token id per row (one host sync for the whole batch)."""
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """Fix a fresh random seed where none was given (once, where the request enters)."""
+    return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    """logits [B, V] float32 -> one token id per row; steps[i] is how many tokens row i already made."""
     tokens = logits.argmax(dim=-1)  # [B]
-    for row, (p, gen) in enumerate(zip(params, generators)):
+    for row, (p, step) in enumerate(zip(params, steps)):
         if p.temperature > 0:
+            assert p.seed is not None, "sampled requests carry a seed (with_seed)"
+            gen = torch.Generator(device=logits.device).manual_seed((p.seed * _MIX_A + step * _MIX_B + 1) & _MASK)
             tokens[row] = _sample_row(logits[row], p, gen)
-    return tokens.tolist()
+    return tokens.tolist()  # the step's one host sync
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:

@@ -7,18 +7,17 @@ import torch
 
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.sampling_params import SamplingParams
-from hmoe.workers.sampler import make_generator, sample
+from hmoe.workers.sampler import sample, with_seed
 
 
 def _draws(logits, params, n=2000):
-    gen = make_generator(params, torch.device("cpu"))
-    return torch.tensor([sample(logits[None], [params], [gen])[0] for _ in range(n)])
+    return torch.tensor([sample(logits[None], [params], [step])[0] for step in range(n)])
 
 
 def test_greedy_is_argmax_per_row():
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
     greedy = SamplingParams()
-    assert sample(logits, [greedy] * 5, [None] * 5) == logits.argmax(-1).tolist()
+    assert sample(logits, [greedy] * 5, [0, 3, 1, 0, 9]) == logits.argmax(-1).tolist()
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -40,16 +39,22 @@ def test_temperature_sharpens_and_flattens():
 
 
 def test_seeded_request_samples_the_same_alone_or_batched():
+    """The n-th token depends on (seed, n) only: batching and process boundaries do not matter."""
     logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(5))
     params = [SamplingParams(temperature=1.0, seed=11), SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9, seed=4)]
-    alone = [[sample(logits[i:i + 1], [params[i]], [g])[0] for _ in range(20)]
-             for i, g in ((0, make_generator(params[0], torch.device("cpu"))),
-                          (2, make_generator(params[2], torch.device("cpu"))))]
-    gens = [make_generator(p, torch.device("cpu")) for p in params]
-    batched = [sample(logits, params, gens) for _ in range(20)]
+    alone = [[sample(logits[i:i + 1], [params[i]], [step])[0] for step in range(20)] for i in (0, 2)]
+    batched = [sample(logits, params, [step, 0, step]) for step in range(20)]
     assert [row[0] for row in batched] == alone[0]
     assert [row[2] for row in batched] == alone[1]
     assert len(set(alone[0])) > 3
+    other_seed = [sample(logits[:1], [SamplingParams(temperature=1.0, seed=12)], [s])[0] for s in range(20)]
+    assert other_seed != alone[0]
+
+
+def test_with_seed_fixes_a_seed_once():
+    assert with_seed(SamplingParams(seed=5)).seed == 5
+    seeded = with_seed(SamplingParams(temperature=1.0))
+    assert seeded.seed is not None and with_seed(seeded) == seeded
 
 
 @pytest.mark.parametrize("kwargs", [
