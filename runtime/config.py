@@ -169,3 +169,31 @@ def config_options(section: str, names: list[str] | None = None):
         return fn
 
     return decorate
+
+
+def skeleton() -> str:
+    """The TOML config with every option commented out at its default, its note, range and variable."""
+    import inspect
+    import io
+    import json
+    import re
+    import tokenize
+
+    lines = ["# hmoe configuration: every option, commented out at its default.",
+             "# Precedence: this file < HMOE_<SECTION>_<OPTION> environment < command-line flags."]
+    for section, cls in SECTIONS.items():
+        notes = {}
+        for source_line in inspect.getsource(cls).splitlines():
+            if match := re.match(r"\s+(\w+):", source_line):
+                tokens = tokenize.generate_tokens(io.StringIO(source_line.strip() + "\n").readline)
+                notes[match[1]] = " ".join(t.string.lstrip("# ") for t in tokens if t.type == tokenize.COMMENT)
+        lines += ["", f"[{section}]"]
+        for name, f in _fields(cls).items():
+            if name.startswith("_"):
+                continue
+            limits = getattr(cls, "_ranges", {}).get(name) or getattr(cls, "_choices", {}).get(name)
+            limits = (f"one of {', '.join(limits)}" if isinstance(limits[0], str) else f"range {limits[0]}..{limits[1]}") if limits else ""
+            about = "; ".join(part for part in (notes.get(name), limits, f"env HMOE_{section.upper()}_{name.upper()}") if part)
+            value = json.dumps(f.default) if isinstance(f.default, (str, bool)) else repr(f.default)
+            lines += [f"# {about}", f"# {name} = {value}"]
+    return "\n".join(lines) + "\n"
