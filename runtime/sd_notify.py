@@ -9,7 +9,8 @@ Contract for the services (deploy/systemd):
   compiled, registered with the router. Never earlier: systemd orders the next unit on it.
 - `tick()` from the main loop (every iteration is fine: it sends at most every half watchdog
   interval). A loop that hangs stops pinging and systemd restarts the service (WatchdogSec).
-- `stopping()` when a drain begins (first SIGTERM or a Drain message).
+- `stopping()` when a drain begins (first SIGTERM or a Drain message), with
+  `extend_timeout(drain_grace_s + margin)` so a grace longer than TimeoutStopSec is still honoured.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class SdNotify:
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={text}")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """Ask for `seconds` more before systemd gives up on the current start or stop (long loads, drains)."""
+        return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
 
     def watchdog(self) -> bool:
         self._last_ping_s = time.monotonic()

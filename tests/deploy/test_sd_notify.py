@@ -39,6 +39,8 @@ def test_ready_status_stopping_arrive_as_datagrams(notify_socket):
     assert _recv(sock) == ["STATUS=2 workers"]
     assert notify.stopping("draining")
     assert _recv(sock) == ["STOPPING=1", "STATUS=draining"]
+    assert notify.extend_timeout(40.5)
+    assert _recv(sock) == ["EXTEND_TIMEOUT_USEC=40500000"]
 
 
 def test_tick_pings_at_most_every_half_interval(notify_socket):
