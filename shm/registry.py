@@ -116,7 +116,12 @@ def remove_pack(name: str, config: ShmConfig = ShmConfig(), force: bool = False)
     if not lock.acquire(timeout_s=0):
         raise ShmError("pack_busy", f"pack {name!r} is being loaded right now; wait for the loader or stop it first")
     try:
-        info = inspect_pack(name, config, attached_pids(config).get(name, ()))
+        try:
+            info = inspect_pack(name, config, attached_pids(config).get(name, ()))
+        except ShmError as exc:
+            if exc.code == "pack_not_found":
+                lock.remove_file()  # we just created it
+            raise
         if info.attached_pids and not force:
             raise ShmError(
                 "pack_busy",
