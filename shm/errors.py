@@ -22,6 +22,8 @@ CODES = frozenset(
         "shm_permission",  # the segment or lock file is not ours to open
         "shm_group_unknown",  # the configured group does not exist
         "shm_lock_timeout",  # waited too long for another loader
+        "cuda_unavailable",  # pinning asked for on a machine without CUDA
+        "cuda_register_failed",  # cudaHostRegister refused the mapping
     }
 )
 

@@ -13,7 +13,6 @@ an in-place op on it kills the process with SIGSEGV. Convert (`.to(...)`) before
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 
@@ -21,46 +20,18 @@ import numpy as np
 import torch
 
 from hmoe.kernels.formats import ExpertFormat, LayerExperts, decode_expert
-from hmoe.runtime.errors import HmoeError
 from hmoe.shm import Pack, ShmConfig, ShmError
+from hmoe.shm.pinned import HostRegistration
 from hmoe.workers.checkpoint import FLOAT_DTYPES, FP8_DTYPE, Checkpoint, dequantize_fp8_blocks
 from hmoe.workers.errors import CheckpointError
 from hmoe.workers.model_config import ModelConfig, parse_model_config
 from hmoe.workers.pack_loader import EXPERT_RE
-
-log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "U16": torch.uint16, "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16, "U32": torch.uint32,
     "I32": torch.int32, "F32": torch.float32, "U64": torch.uint64, "I64": torch.int64, "F64": torch.float64,
 }  # fmt: skip
-CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: a PROT_READ mapping registers only with it (flags 0 fail)
-
-
-class HostRegistration:
-    """A host memory range registered with CUDA as pinned, so copies DMA from it (register ↔ unregister)."""
-
-    def __init__(self, address: int, nbytes: int):
-        self.address = address
-        self.nbytes = nbytes
-
-    @classmethod
-    def register(cls, address: int, nbytes: int, read_only: bool = True) -> HostRegistration:
-        cudart = torch.cuda.cudart()
-        err = int(cudart.cudaHostRegister(address, nbytes, CUDA_HOST_REGISTER_READ_ONLY if read_only else 0))
-        if err:
-            raise HmoeError(
-                "cuda_host_register_failed",
-                f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed with cudaError {err}: check `ulimit -l` (locked "
-                "memory) and that the driver supports cudaHostRegisterReadOnly; or run without pinning (slower H2D)",
-            )
-        log.info("registered %.2f GiB at %#x with CUDA as pinned memory", nbytes / 2**30, address)
-        return cls(address, nbytes)
-
-    def unregister(self) -> None:
-        err = int(torch.cuda.cudart().cudaHostUnregister(self.address))
-        assert err == 0, f"cudaHostUnregister failed with cudaError {err}"
 
 
 class PackSource:
