@@ -11,3 +11,14 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null && ! command -v nvidia-smi >
   constraints=(-c deploy/constraints-cpu.txt)
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "${constraints[@]}" -e ".${extras:+[$extras]}"
+# The deploy tests need shellcheck and systemd-analyze: install Debian's packages when missing
+# and this is root with apt-get (CI); elsewhere those tests say what to install and skip.
+if [[ ",$extras," == *,test,* ]] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  command -v shellcheck >/dev/null || missing+=(shellcheck)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log=$(apt-get update -qq 2>&1 && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends "${missing[@]}" 2>&1) || { echo "$log" >&2; exit 1; }
+  fi
+fi
