@@ -38,13 +38,14 @@ class RouterConfig:
     heartbeat_liveness: int = 4  # sane: 2-10; 0.5 s * 4 = 2 s < the 3 s promise
     client_timeout_s: float = 10.0  # a streaming client silent this long is gone; its requests are cancelled
     request_timeout_s: float = 0.0  # default per-request deadline; 0 = none
+    worker_wait_s: float = 30.0  # queued requests end with "no_worker" once a role has had no worker this long
     drain_grace_s: float = 30.0  # on SIGTERM: finish running requests for this long, then cancel
     curve_secret_key: str = ""  # path of a CURVE secret key file: encrypts the frontend (non-localhost use)
     log_level: str = "info"
 
     _ranges = {"max_prompt_tokens": (1, 1 << 22), "max_queued": (1, 1 << 20), "heartbeat_interval_s": (0.05, 5.0),
                "heartbeat_liveness": (2, 20), "client_timeout_s": (1.0, 3600.0), "request_timeout_s": (0.0, 86400.0),
-               "drain_grace_s": (0.0, 3600.0)}
+               "worker_wait_s": (1.0, 3600.0), "drain_grace_s": (0.0, 3600.0)}
 
 
 @dataclass(frozen=True)
