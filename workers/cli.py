@@ -135,5 +135,10 @@ def run_cmd(model_dir, prompt, token_ids, max_tokens, temperature, top_p, top_k,
         click.echo(f"[{len(result.token_ids)} tokens, {result.finish_reason}, "
                    f"{len(result.token_ids) / max(gen_s, 1e-9):.1f} tok/s, load {load_s:.1f} s]", err=True)
 
+from hmoe.runtime.ops import COMMANDS as OPS_COMMANDS  # noqa: E402  (health, drain, config-skeleton)
+
+for _command in OPS_COMMANDS:
+    main.add_command(_command)
+
 if __name__ == "__main__":
     main()
