@@ -1,0 +1,100 @@
+"""Request: one generation as the router tracks it, from admission to its one Finished message.
+
+Phases: QUEUED (waiting for a prefill worker) -> PREFILL (at a prefill worker) -> HANDOFF (first
+token made, KV in a hand-off slot, waiting for a decode worker) -> DECODE (at a decode worker).
+Output text goes token ids -> Detokenizer -> StopStrings -> the client, so what a client is shown
+is always complete characters and never part of a stop string.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from hmoe.runtime.detokenizer import Decoder, Detokenizer
+from hmoe.runtime.protocol import Prefilled
+from hmoe.runtime.sampling_params import SamplingParams
+from hmoe.runtime.stop_strings import StopStrings
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"
+    PREFILL = "prefill"
+    HANDOFF = "handoff"
+    DECODE = "decode"
+
+
+class _NoText:
+    """The decoder when no tokenizer is known: token ids only, empty text."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    request_id: str
+    client: bytes  # the client's ZeroMQ routing id
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    arrival_s: float
+    deadline_s: float = math.inf
+    decoder: Decoder | None = None
+    phase: Phase = Phase.QUEUED
+    prefill_worker: bytes | None = None  # routing id of the prefill worker that has (had) it
+    decode_worker: bytes | None = None  # routing id of the decode worker it is (or will be) at
+    handoff: Prefilled | None = None  # where its KV waits while in HANDOFF
+    retried: bool = False  # sent to prefill again after its prefill worker died
+    output_ids: list[int] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
+    first_token_s: float = 0.0
+    last_token_s: float = 0.0
+    detokenizer: Detokenizer = field(init=False)
+    stop_strings: StopStrings = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.detokenizer = Detokenizer(self.decoder or _NoText())
+        self.stop_strings = StopStrings(self.params.stop)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV the decode worker reserves for it: the prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self.stop_strings.stopped
+
+    def add_tokens(self, token_ids: list[int], now: float) -> str:
+        """Record generated tokens; the text they make visible (stops at a stop string)."""
+        if not self.output_ids:
+            self.first_token_s = now
+        self.last_token_s = now
+        self.output_ids.extend(token_ids)
+        text = self.stop_strings.push(self.detokenizer.push(token_ids))
+        self.text_parts.append(text)
+        return text
+
+    def flush_text(self) -> str:
+        """At the end: text held back for an incomplete character or a possible stop string."""
+        if self.stop_strings.stopped:
+            return ""
+        text = self.stop_strings.push(self.detokenizer.flush())
+        text += self.stop_strings.flush() if not self.stop_strings.stopped else ""
+        self.text_parts.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def usage(self) -> dict:
+        n = len(self.output_ids)
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "output_tokens": n,
+            "ttft_s": round(self.first_token_s - self.arrival_s, 6) if n else None,
+            "tpot_s": round((self.last_token_s - self.first_token_s) / (n - 1), 6) if n > 1 else None,
+        }

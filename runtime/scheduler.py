@@ -1,0 +1,374 @@
+"""Scheduler: the router's policy and bookkeeping, pure — messages and a clock in, messages out.
+
+No sockets, no clock reads, no threads: the router feeds it decoded messages with the time
+(`on_client`, `on_worker`, `tick`) and sends what it leaves in `outbox` as (peer, routing id,
+message), peer being "client" or "worker". So every rule below is unit-tested in milliseconds.
+
+Policy:
+- Admission refuses at once, with a stable code, what can never run (prompt_too_long,
+  context_too_long, kv_capacity, invalid_*), and what cannot run now (queue_full, no_worker, draining).
+- One FIFO queue. The head goes to an idle prefill worker (one request at a time each) only when a
+  decode worker has room for it (a batch place and prompt + max_tokens of KV, counted here), so
+  prefilled KV never waits in a hand-off slot for long; the decode worker is chosen at that moment.
+- Every admitted request gets exactly one Finished: `_finish` removes it, so later messages about it
+  find nothing. Whoever still holds it (a worker) gets a Cancel, unless that worker ended it.
+- A worker silent for heartbeat_interval_s * heartbeat_liveness is lost: requests it was decoding end
+  with "worker_lost"; requests it was prefilling that showed the client nothing yet go back to the
+  head of the queue once (retried when a prefill worker is there again).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from typing import Protocol
+
+import structlog
+
+from hmoe.runtime.config import RouterConfig
+from hmoe.runtime.detokenizer import Decoder
+from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.protocol import (
+    Adopt, Cancel, Delta, Drain, Error, Finished, Generate, Ping, Pong, Prefill, Prefilled, Register, RequestError,
+    Status, StatusRequest, Tokens, WorkerPing, WorkerPong, params_dict, sampling_params,
+)  # fmt: skip
+from hmoe.runtime.request import Phase, Request
+from hmoe.runtime.worker_pool import ROLES, Worker, WorkerPool
+
+log = structlog.get_logger("hmoe.router")
+
+CLIENT, WORKER = "client", "worker"
+THROUGHPUT_WINDOW_S = 60.0
+CHARS_PER_TOKEN_MAX = 64  # a text prompt this many times max_prompt_tokens is refused before tokenizing
+
+
+class Tokenizer(Decoder, Protocol):
+    def encode(self, text: str): ...  # -> an object with .ids (tokenizers.Encoding)
+
+
+class Scheduler:
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer | None = None):
+        self.config = config
+        self.tokenizer = tokenizer  # None: prompts must be token ids; text is empty
+        self.requests: dict[str, Request] = {}  # every admitted, unfinished request
+        self.queue: deque[str] = deque()  # QUEUED request ids, head first
+        self.handoff: list[str] = []  # HANDOFF request ids waiting for a decode worker
+        self.workers = WorkerPool(config.heartbeat_interval_s * config.heartbeat_liveness)
+        self.clients: dict[bytes, float] = {}  # clients with requests -> when last heard
+        self.model: dict = {}  # from Register: name, vocab_size, eos_token_ids, max_position_embeddings
+        self.outbox: list[tuple[str, bytes, object]] = []
+        self.draining_until: float | None = None
+        self.stopped = False  # drained: nothing left to do, the router may exit
+        self.token_times: deque[tuple[float, int]] = deque()  # (when, tokens) in the throughput window
+        self.finished = Counter()  # finish_reason -> requests
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    def on_client(self, client: bytes, msg, now: float) -> None:
+        if client in self.clients:
+            self.clients[client] = now
+        match msg:
+            case Generate():
+                self._generate(client, msg, now)
+            case Cancel(request_id=request_id):
+                request = self.requests.get(request_id)
+                if request is not None and request.client == client:
+                    self._finish(request, "cancelled", now)
+            case Ping(sent_s=sent_s):
+                self._send(CLIENT, client, Pong(sent_s))
+            case StatusRequest():
+                self._send(CLIENT, client, self.status(now))
+            case Drain(grace_s=grace_s):
+                self.drain(grace_s, now)
+                self._send(CLIENT, client, self.status(now))
+            case _:
+                self._send(CLIENT, client, Error("unknown_message", f"{type(msg).__name__} is not a client message"))
+
+    def _generate(self, client: bytes, msg: Generate, now: float) -> None:
+        try:
+            request = self._admit(client, msg, now)
+        except HmoeError as exc:
+            log.info("refused", request_id=msg.request_id, code=exc.code, reason=exc.message)
+            self._send(CLIENT, client, Error(exc.code, exc.message, msg.request_id))
+            return
+        self.requests[request.request_id] = request
+        self.queue.append(request.request_id)
+        self.clients[client] = now
+        log.debug("admitted", request_id=request.request_id, prompt_tokens=len(request.prompt_ids))
+
+    def _admit(self, client: bytes, msg: Generate, now: float) -> Request:
+        """A Request, or the HmoeError that refuses it (checked cheapest first)."""
+        c = self.config
+        if self.draining_until is not None:
+            raise HmoeError("draining", "the router is shutting down and admits no new requests; retry on another instance")
+        if msg.request_id in self.requests:
+            raise HmoeError("duplicate_request", f"request id {msg.request_id!r} is already running; make ids unique")
+        params = sampling_params(msg.params)
+        timeout_s = msg.timeout_s if msg.timeout_s is not None else c.request_timeout_s or math.inf
+        if not timeout_s > 0:
+            raise HmoeError("invalid_request", f"timeout_s must be > 0, got {msg.timeout_s!r}")
+        prompt_ids = self._prompt_ids(msg)
+        if len(prompt_ids) > c.max_prompt_tokens:
+            raise HmoeError("prompt_too_long", f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens = {c.max_prompt_tokens}")
+        if not self.workers.of_role("prefill") or not self.workers.of_role("decode"):
+            missing = [r for r in ROLES if not self.workers.of_role(r)]
+            raise HmoeError("no_worker", f"no {' or '.join(missing)} worker is registered; start one (hmoe serve) or retry")
+        self._check_fits(prompt_ids, params.max_tokens)
+        if len(self.queue) >= c.max_queued:
+            raise HmoeError("queue_full", f"{len(self.queue)} requests are already queued (max_queued); retry later")
+        return Request(msg.request_id, client, prompt_ids, params, msg.stream, now, now + timeout_s, self.tokenizer)
+
+    def _prompt_ids(self, msg: Generate) -> list[int]:
+        if (msg.prompt is None) == (msg.token_ids is None):
+            raise HmoeError("invalid_prompt", "give exactly one of prompt (text) or token_ids")
+        if msg.token_ids is not None:
+            ids = msg.token_ids
+        elif self.tokenizer is None:
+            raise HmoeError("tokenizer_missing", "the router has no tokenizer.json for this model; send token_ids instead of text")
+        elif len(msg.prompt) > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
+            raise HmoeError("prompt_too_long", f"prompt of {len(msg.prompt)} characters is far beyond max_prompt_tokens = "
+                            f"{self.config.max_prompt_tokens}")  # fmt: skip
+        else:
+            ids = self.tokenizer.encode(msg.prompt).ids
+        if not ids:
+            raise HmoeError("invalid_prompt", "the prompt is empty")
+        return ids
+
+    def _check_fits(self, prompt_ids: list[int], max_tokens: int) -> None:
+        vocab = self.model.get("vocab_size", 0)
+        if vocab and any(not 0 <= t < vocab for t in prompt_ids):
+            raise HmoeError("invalid_prompt", f"token ids must be in [0, {vocab}) for this model")
+        need = len(prompt_ids) + max_tokens
+        context = self.model.get("max_position_embeddings", 0)
+        if context and need > context:
+            raise HmoeError("context_too_long", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                            f"model's context of {context} tokens; shorten the prompt or lower max_tokens")  # fmt: skip
+        decode_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("decode"))
+        prefill_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("prefill"))
+        if need > decode_kv or len(prompt_ids) > prefill_kv:
+            raise HmoeError("kv_capacity", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) needs {need} tokens of "
+                            f"KV cache; the decode worker holds {decode_kv} (prefill {prefill_kv}): raise kv_cache_gib, "
+                            "shorten the prompt or lower max_tokens")  # fmt: skip
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def on_worker(self, identity: bytes, msg, now: float) -> None:
+        if isinstance(msg, Register):
+            self._register(identity, msg, now)
+            return
+        worker = self.workers.seen(identity, now)
+        if worker is None:  # e.g. it registered with a router that has since restarted
+            self._send(WORKER, identity, Error("not_registered", "this router does not know you: register again"))
+            return
+        match msg:
+            case WorkerPing():
+                worker.ping = msg
+                self._send(WORKER, identity, WorkerPong())
+            case Prefilled():
+                self._prefilled(worker, msg, now)
+            case Tokens(items=items):
+                self._tokens(worker, items, now)
+            case RequestError(request_id=request_id):
+                if worker.busy == request_id:
+                    worker.busy = None
+                request = self.requests.get(request_id)
+                if request is not None and identity in (request.prefill_worker if request.phase is Phase.PREFILL else None,
+                                                        request.decode_worker if request.phase is Phase.DECODE else None):
+                    self._finish(request, "error", now, {"code": msg.code, "message": msg.message}, notify=False)
+            case Error():
+                log.warning("worker_error", worker_id=worker.info.worker_id, code=msg.code, message=msg.message)
+            case _:
+                self._send(WORKER, identity, Error("unknown_message", f"{type(msg).__name__} is not a worker message"))
+
+    def _register(self, identity: bytes, msg: Register, now: float) -> None:
+        others = [w for w in self.workers.by_identity.values() if w.identity != identity]
+        mismatch = next((w for w in others if w.info.model.get("name") != msg.model.get("name")), None)
+        if msg.role not in ROLES or mismatch is not None:
+            why = f"role {msg.role!r} is not one of {ROLES}" if msg.role not in ROLES else (
+                f"it serves {msg.model.get('name')!r} but worker {mismatch.info.worker_id} serves {mismatch.info.model.get('name')!r}")
+            log.error("worker_rejected", worker_id=msg.worker_id, reason=why)
+            self._send(WORKER, identity, Error("worker_rejected", f"registration refused: {why}"))
+            return
+        if self.workers.get(identity) is not None:  # the same socket registering again: it restarted its state
+            self._lose_worker(self.workers.get(identity), now, "registered again")
+        if not others:
+            self.model = dict(msg.model)
+        self.workers.add(identity, msg, now)
+        log.info("worker_registered", worker_id=msg.worker_id, role=msg.role, pid=msg.pid, device=msg.device,
+                 kv_capacity_tokens=msg.kv_capacity_tokens, max_batch=msg.max_batch)
+        self._send(WORKER, identity, WorkerPong())
+
+    def _prefilled(self, worker: Worker, msg: Prefilled, now: float) -> None:
+        if worker.busy == msg.request_id:
+            worker.busy = None
+        request = self.requests.get(msg.request_id)
+        if request is None or request.phase is not Phase.PREFILL or request.prefill_worker != worker.identity:
+            if msg.slot >= 0:  # it ended meanwhile (cancel, deadline): let the prefill worker free the slot
+                self._send(WORKER, worker.identity, Cancel(msg.request_id))
+            return
+        request.phase, request.handoff = Phase.HANDOFF, msg
+        self._delta(request, [msg.first_token], request.add_tokens([msg.first_token], now))
+        if msg.slot < 0:  # the first token ended it; the worker freed the slot
+            self._finish(request, self._first_token_reason(request, msg.first_token), now, notify=False)
+        elif request.stop_strings.stopped:
+            self._finish(request, "stop", now)
+        elif not self._adopt(request):
+            self.handoff.append(request.request_id)
+
+    def _first_token_reason(self, request: Request, token: int) -> str:
+        stops = request.params.stop_token_ids + (() if request.params.ignore_eos else tuple(self.model.get("eos_token_ids", ())))
+        return "length" if request.params.max_tokens == 1 and token not in stops else "stop"
+
+    def _adopt(self, request: Request) -> bool:
+        """Send a HANDOFF request to a decode worker; False while none has room."""
+        decode = self.workers.get(request.decode_worker) if request.decode_worker else None
+        if decode is None:
+            decode = self.workers.decode_with_room(request.kv_tokens)
+            if decode is None:
+                return False
+            decode.reserve(request.request_id, request.kv_tokens)
+        h = request.handoff
+        request.phase, request.decode_worker = Phase.DECODE, decode.identity
+        self._send(WORKER, decode.identity, Adopt(request.request_id, request.prompt_ids, h.first_token, h.slot, h.segment,
+                                                  params_dict(request.params)))  # fmt: skip
+        return True
+
+    def _tokens(self, worker: Worker, items: list[list], now: float) -> None:
+        count = 0
+        for item in items:
+            if not (len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], int) and item[2] in (None, "stop", "length")):
+                log.error("bad_tokens_item", worker_id=worker.info.worker_id, item=repr(item)[:200])
+                continue
+            request_id, token, reason = item
+            request = self.requests.get(request_id)
+            if request is None or request.phase is not Phase.DECODE or request.decode_worker != worker.identity:
+                continue  # ended here already (cancel, stop string, deadline); the worker drops it
+            count += 1
+            self._delta(request, [token], request.add_tokens([token], now))
+            if reason is not None:
+                self._finish(request, reason, now, notify=False)
+            elif request.stop_strings.stopped:
+                self._finish(request, "stop", now)
+        self.token_times.append((now, count))
+
+    def _lose_worker(self, worker: Worker, now: float, why: str) -> None:
+        self.workers.remove(worker.identity, now)
+        log.warning("worker_lost", worker_id=worker.info.worker_id, role=worker.role, pid=worker.info.pid, why=why)
+        lost = {"code": "worker_lost", "message": f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry"}
+        for request in list(self.requests.values()):
+            if request.prefill_worker == worker.identity and request.phase in (Phase.PREFILL, Phase.HANDOFF):
+                if request.output_ids or request.retried:
+                    self._finish(request, "error", now, lost)
+                else:  # nothing shown yet: prefill it again, first in line
+                    request.phase, request.prefill_worker, request.retried = Phase.QUEUED, None, True
+                    self.queue.appendleft(request.request_id)
+            elif request.decode_worker == worker.identity:
+                if request.phase is Phase.DECODE:
+                    self._finish(request, "error", now, lost)
+                else:
+                    request.decode_worker = None  # its reservation went with the worker; another is found later
+
+    # -- time ------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Liveness, deadlines, drain; then move queued work to workers that can take it."""
+        for worker in self.workers.expired(now):
+            self._lose_worker(worker, now, f"silent for {now - worker.last_seen_s:.1f} s")
+        for client, seen in list(self.clients.items()):
+            if now - seen > self.config.client_timeout_s:
+                log.warning("client_gone", client=client.hex(), silent_s=round(now - seen, 1))
+                for request in [r for r in self.requests.values() if r.client == client]:
+                    self._finish(request, "cancelled", now)
+        for request in [r for r in self.requests.values() if now >= r.deadline_s]:
+            self._finish(request, "timeout", now)
+        waiting = [self.requests[i] for i in (*self.queue, *self.handoff) if i in self.requests]
+        missing = [r for r in ROLES if (self.workers.missing_since(r, now) or 0) > self.config.worker_wait_s]
+        for request in waiting if missing else ():
+            self._finish(request, "error", now, {"code": "no_worker", "message": f"no {missing[0]} worker came back within "
+                                                 f"worker_wait_s = {self.config.worker_wait_s} s"})  # fmt: skip
+        if self.draining_until is not None and (not self.requests or now >= self.draining_until):
+            shutdown = {"code": "server_shutdown", "message": "the router shut down before this request finished; retry it"}
+            for request in list(self.requests.values()):
+                self._finish(request, "error", now, shutdown)
+            self.stopped = True
+        self._schedule()
+
+    def _schedule(self) -> None:
+        self.handoff = [i for i in self.handoff if i in self.requests and not self._adopt(self.requests[i])]
+        while self.queue and (prefill := self.workers.idle_prefill()) is not None:
+            request = self.requests[self.queue[0]]
+            decode = self.workers.get(request.decode_worker) if request.decode_worker else None
+            if decode is None:
+                decode = self.workers.decode_with_room(request.kv_tokens)
+                if decode is None:
+                    return  # FIFO: the head waits for decode room
+                decode.reserve(request.request_id, request.kv_tokens)
+            self.queue.popleft()
+            request.phase, request.prefill_worker, request.decode_worker = Phase.PREFILL, prefill.identity, decode.identity
+            prefill.busy = request.request_id
+            self._send(WORKER, prefill.identity, Prefill(request.request_id, request.prompt_ids, params_dict(request.params),
+                                                         handoff=request.params.max_tokens > 1))  # fmt: skip
+
+    def drain(self, grace_s: float, now: float) -> None:
+        """Stop admitting; requests still running after grace_s end with "server_shutdown"."""
+        until = now + max(grace_s, 0.0)
+        if self.draining_until is None or until < self.draining_until:
+            self.draining_until = until
+        log.info("draining", grace_s=grace_s, requests=len(self.requests))
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    def _finish(self, request: Request, reason: str, now: float, error: dict | None = None, notify: bool = True) -> None:
+        """The one way a request ends: its holders let go, the client gets the rest of the text and Finished."""
+        del self.requests[request.request_id]
+        holder = {Phase.QUEUED: None, Phase.PREFILL: request.prefill_worker, Phase.HANDOFF: request.prefill_worker,
+                  Phase.DECODE: request.decode_worker}[request.phase]  # fmt: skip
+        if request.phase is Phase.QUEUED:
+            self.queue.remove(request.request_id)
+        prefill = self.workers.get(request.prefill_worker) if request.prefill_worker else None
+        if prefill is not None and prefill.busy == request.request_id:
+            prefill.busy = None  # it handles the Cancel before any next Prefill
+        decode = self.workers.get(request.decode_worker) if request.decode_worker else None
+        if decode is not None:
+            decode.release(request.request_id, request.kv_tokens)
+        handoff_slot = request.phase is not Phase.HANDOFF or request.handoff.slot >= 0
+        if notify and holder is not None and self.workers.get(holder) is not None and handoff_slot:
+            self._send(WORKER, holder, Cancel(request.request_id))
+        self._delta(request, [], request.flush_text())
+        self._send(CLIENT, request.client, Finished(request.request_id, reason, request.output_ids, request.text,
+                                                    request.usage(), error))  # fmt: skip
+        if not any(r.client == request.client for r in self.requests.values()):
+            self.clients.pop(request.client, None)
+        self.finished[reason] += 1
+        log.info("finished", request_id=request.request_id, reason=reason, **request.usage(),
+                 **({"error": error["code"]} if error else {}))
+
+    def _delta(self, request: Request, token_ids: list[int], text: str) -> None:
+        if request.stream and (token_ids or text):
+            self._send(CLIENT, request.client, Delta(request.request_id, token_ids, text))
+
+    def _send(self, peer: str, identity: bytes, msg) -> None:
+        self.outbox.append((peer, identity, msg))
+
+    def take_outbox(self) -> list[tuple[str, bytes, object]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def status(self, now: float) -> Status:
+        while self.token_times and now - self.token_times[0][0] > THROUGHPUT_WINDOW_S:
+            self.token_times.popleft()
+        window_s = min(THROUGHPUT_WINDOW_S, max(now - self.token_times[0][0], 1.0)) if self.token_times else THROUGHPUT_WINDOW_S
+        decode = self.workers.of_role("decode")
+        return Status(
+            workers=[w.describe(now) for w in self.workers.by_identity.values()],
+            queued=len(self.queue),
+            running=len(self.requests) - len(self.queue),
+            kv={"capacity_tokens": sum(w.info.kv_capacity_tokens for w in decode),
+                "used_tokens": sum(w.kv_reserved_tokens for w in decode),
+                "free_tokens_reported": sum(w.ping.kv_free_tokens if w.ping else w.info.kv_capacity_tokens for w in decode)},
+            throughput={"tokens_per_s": round(sum(n for _, n in self.token_times) / window_s, 2), "window_s": THROUGHPUT_WINDOW_S,
+                        "finished": dict(self.finished)},
+            draining=self.draining_until is not None,
+        )  # fmt: skip

@@ -1,0 +1,109 @@
+"""WorkerPool: the workers registered with the router, their liveness and the load the router put on them.
+
+Liveness is the zguide's Paranoid Pirate: every message from a worker (a WorkerPing at least every
+heartbeat interval) renews it; a worker silent for interval * liveness is dead. The router counts
+KV itself (a decode worker reserves prompt + max_tokens per request), so admission never waits for
+a stale heartbeat; the worker's own figures are shown in status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from hmoe.runtime.protocol import Register, WorkerPing
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    identity: bytes  # ZeroMQ routing id on the backend socket
+    info: Register
+    last_seen_s: float
+    registered_s: float
+    busy: str | None = None  # prefill: the one request it is running
+    request_ids: set[str] = field(default_factory=set)  # decode: requests adopted or reserved here
+    kv_reserved_tokens: int = 0  # decode: sum of kv_tokens of request_ids
+    ping: WorkerPing | None = None
+
+    @property
+    def role(self) -> str:
+        return self.info.role
+
+    def has_room(self, kv_tokens: int) -> bool:
+        """Decode: can it take one more request of this size now?"""
+        return (len(self.request_ids) < self.info.max_batch
+                and self.kv_reserved_tokens + kv_tokens <= self.info.kv_capacity_tokens)
+
+    def reserve(self, request_id: str, kv_tokens: int) -> None:
+        assert request_id not in self.request_ids, request_id
+        self.request_ids.add(request_id)
+        self.kv_reserved_tokens += kv_tokens
+
+    def release(self, request_id: str, kv_tokens: int) -> None:
+        if request_id in self.request_ids:
+            self.request_ids.remove(request_id)
+            self.kv_reserved_tokens -= kv_tokens
+            assert self.kv_reserved_tokens >= 0
+
+    def describe(self, now: float) -> dict:
+        ping = self.ping
+        return {
+            "worker_id": self.info.worker_id, "role": self.role, "pid": self.info.pid, "device": self.info.device,
+            "model": self.info.model.get("name", ""), "max_batch": self.info.max_batch,
+            "kv_capacity_tokens": self.info.kv_capacity_tokens, "kv_reserved_tokens": self.kv_reserved_tokens,
+            "kv_free_tokens": ping.kv_free_tokens if ping else self.info.kv_capacity_tokens,
+            "running": ping.running if ping else 0, "waiting": ping.waiting if ping else 0,
+            "requests": len(self.request_ids) + (self.busy is not None), "busy": self.busy,
+            "last_seen_s": round(now - self.last_seen_s, 3), "uptime_s": round(now - self.registered_s, 1),
+        }  # fmt: skip
+
+
+class WorkerPool:
+    def __init__(self, silence_limit_s: float):
+        self.silence_limit_s = silence_limit_s  # heartbeat interval * liveness
+        self.by_identity: dict[bytes, Worker] = {}
+        self.last_lost_s: dict[str, float] = {}  # role -> when its last worker was lost (for worker_wait_s)
+
+    def add(self, identity: bytes, info: Register, now: float) -> Worker:
+        assert info.role in ROLES, info.role
+        worker = Worker(identity, info, now, now)
+        self.by_identity[identity] = worker
+        return worker
+
+    def remove(self, identity: bytes, now: float) -> Worker:
+        worker = self.by_identity.pop(identity)
+        if not self.of_role(worker.role):
+            self.last_lost_s[worker.role] = now
+        return worker
+
+    def get(self, identity: bytes) -> Worker | None:
+        return self.by_identity.get(identity)
+
+    def seen(self, identity: bytes, now: float) -> Worker | None:
+        worker = self.by_identity.get(identity)
+        if worker is not None:
+            worker.last_seen_s = now
+        return worker
+
+    def of_role(self, role: str) -> list[Worker]:
+        return [w for w in self.by_identity.values() if w.role == role]
+
+    def expired(self, now: float) -> Iterator[Worker]:
+        """Workers silent past the limit (the caller removes them)."""
+        return iter([w for w in self.by_identity.values() if now - w.last_seen_s > self.silence_limit_s])
+
+    def idle_prefill(self) -> Worker | None:
+        return next((w for w in self.of_role("prefill") if w.busy is None), None)
+
+    def decode_with_room(self, kv_tokens: int) -> Worker | None:
+        """The least loaded decode worker that can take the request, or None."""
+        fits = [w for w in self.of_role("decode") if w.has_room(kv_tokens)]
+        return min(fits, key=lambda w: (len(w.request_ids), w.kv_reserved_tokens), default=None)
+
+    def missing_since(self, role: str, now: float) -> float | None:
+        """How long no worker of `role` has been registered since its last one was lost (None while one is)."""
+        if self.of_role(role) or role not in self.last_lost_s:
+            return None
+        return now - self.last_lost_s[role]

@@ -1,0 +1,390 @@
+"""Scheduler policy with hand-computed answers: messages and a clock in, messages out, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hmoe.runtime.config import RouterConfig
+from hmoe.runtime.protocol import (
+    Adopt, Cancel, Delta, Drain, Error, Finished, Generate, Ping, Pong, Prefill, Prefilled, Register, RequestError,
+    Status, StatusRequest, Tokens, WorkerPing, WorkerPong,
+)  # fmt: skip
+from hmoe.runtime.scheduler import Scheduler
+
+from runtime_helpers import EOS, ByteTokenizer
+
+C1, C2 = b"client-1", b"client-2"
+P, D = b"prefill", b"decode"
+MODEL = {"name": "tiny", "vocab_size": 257, "eos_token_ids": [EOS], "max_position_embeddings": 4096}
+
+
+def register(s: Scheduler, identity: bytes, role: str, now: float = 0.0, kv: int = 1000, max_batch: int = 4, name: str = "") -> None:
+    s.on_worker(identity, Register(name or role, role, 1, "cpu", MODEL, kv, max_batch), now)
+
+
+def make(config: RouterConfig | None = None, **kw) -> Scheduler:
+    s = Scheduler(config or RouterConfig(), ByteTokenizer())
+    register(s, P, "prefill", **kw)
+    register(s, D, "decode", **kw)
+    s.take_outbox()
+    return s
+
+
+def alive(s: Scheduler, now: float) -> None:
+    """Both workers' heartbeats at `now` (their pongs are dropped)."""
+    s.on_worker(P, WorkerPing("prefill", 1000, 0), now)
+    s.on_worker(D, WorkerPing("decode", 1000, 0), now)
+    s.take_outbox()
+
+
+def gen(s: Scheduler, rid: str, prompt: str = "hi", client: bytes = C1, now: float = 0.0, **params) -> list:
+    s.on_client(client, Generate(rid, prompt=prompt, params={"max_tokens": 8, **params}), now)
+    s.tick(now)
+    return s.take_outbox()
+
+
+def to(out: list, identity: bytes, kind: type) -> list:
+    return [m for _, i, m in out if i == identity and isinstance(m, kind)]
+
+
+def run_to_decode(s: Scheduler, rid: str, first: int = ord("a"), now: float = 0.0) -> list:
+    s.on_worker(P, Prefilled(rid, first, 0, "slots", 2), now)
+    s.tick(now)
+    return s.take_outbox()
+
+
+def test_request_goes_prefill_then_decode_and_finishes_once_with_usage():
+    s = make()
+    out = gen(s, "r1", "hi", now=1.0)
+    (prefill,) = to(out, P, Prefill)
+    assert prefill.token_ids == [104, 105] and prefill.params["max_tokens"] == 8 and prefill.handoff
+    out = run_to_decode(s, "r1", ord("O"), now=1.5)
+    assert to(out, C1, Delta) == [Delta("r1", [ord("O")], "O")]
+    (adopt,) = to(out, D, Adopt)
+    assert (adopt.first_token, adopt.slot, adopt.segment, adopt.token_ids) == (ord("O"), 0, "slots", [104, 105])
+    s.on_worker(D, Tokens([["r1", ord("k"), None]]), 2.0)
+    s.on_worker(D, Tokens([["r1", ord("!"), "length"]]), 2.5)
+    out = s.take_outbox()
+    (fin,) = to(out, C1, Finished)
+    assert (fin.finish_reason, fin.token_ids, fin.text, fin.error) == ("length", [79, 107, 33], "Ok!", None)
+    assert fin.usage == {"prompt_tokens": 2, "output_tokens": 3, "ttft_s": 0.5, "tpot_s": 0.5}
+    assert not to(out, D, Cancel)  # the worker ended it itself
+    assert s.requests == {} and s.workers.get(D).kv_reserved_tokens == 0
+    s.on_worker(D, Tokens([["r1", 1, None]]), 3.0)  # late tokens of an ended request are ignored
+    assert s.take_outbox() == []
+
+
+@pytest.mark.parametrize("generate, params, code", [
+    (Generate("x", prompt="a" * 5000), {}, "prompt_too_long"),
+    (Generate("x", prompt="hi"), {"max_tokens": 5000}, "context_too_long"),
+    (Generate("x", prompt="hi"), {"max_tokens": 999}, "kv_capacity"),
+    (Generate("x", prompt="hi"), {"temperature": -1}, "invalid_sampling"),
+    (Generate("x", prompt="hi"), {"best_of": 2}, "invalid_sampling"),
+    (Generate("x"), {}, "invalid_prompt"),
+    (Generate("x", prompt="hi", token_ids=[1]), {}, "invalid_prompt"),
+    (Generate("x", token_ids=[]), {}, "invalid_prompt"),
+    (Generate("x", token_ids=[1, 300]), {}, "invalid_prompt"),
+    (Generate("x", prompt="hi", timeout_s=0.0), {}, "invalid_request"),
+])  # fmt: skip
+def test_admission_refuses_at_once_with_a_code(generate, params, code):
+    s = make(RouterConfig(max_prompt_tokens=4096))
+    generate = Generate(generate.request_id, generate.prompt, generate.token_ids, params, timeout_s=generate.timeout_s)
+    s.on_client(C1, generate, 0.0)
+    ((peer, who, error),) = s.take_outbox()
+    assert (who, type(error), error.code, error.request_id) == (C1, Error, code, "x") and error.message
+    assert s.requests == {}
+
+
+def test_refusals_that_depend_on_the_moment():
+    s = Scheduler(RouterConfig(max_queued=1), ByteTokenizer())
+    s.on_client(C1, Generate("a", prompt="hi"), 0.0)
+    assert s.take_outbox()[0][2].code == "no_worker"
+    register(s, D, "decode")
+    s.take_outbox()
+    s.on_client(C1, Generate("a", prompt="hi"), 0.0)
+    assert s.take_outbox()[0][2].code == "no_worker"  # still no prefill worker
+    register(s, P, "prefill")
+    s.take_outbox()
+    gen(s, "a")
+    s.on_client(C1, Generate("a", prompt="hi"), 0.0)
+    assert s.take_outbox()[0][2].code == "duplicate_request"
+    gen(s, "b")  # queued behind "a", which is at the prefill worker
+    s.on_client(C1, Generate("c", prompt="hi"), 0.0)
+    assert s.take_outbox()[0][2].code == "queue_full"
+    s2 = Scheduler(RouterConfig(), tokenizer=None)
+    register(s2, P, "prefill"), register(s2, D, "decode"), s2.take_outbox()
+    s2.on_client(C1, Generate("t", prompt="hi"), 0.0)
+    assert s2.take_outbox()[0][2].code == "tokenizer_missing"
+    s2.on_client(C1, Generate("t", token_ids=[1, 2]), 0.0)
+    assert s2.take_outbox() == []  # token ids need no tokenizer
+
+
+def test_fifo_one_prefill_at_a_time_and_decode_room_gates_prefill():
+    s = make(max_batch=1)
+    assert len(to(gen(s, "a"), P, Prefill)) == 1
+    assert to(gen(s, "b"), P, Prefill) == []  # the prefill worker is busy
+    out = run_to_decode(s, "a")
+    assert to(out, D, Adopt) and not to(out, P, Prefill)  # free prefill, but decode holds max_batch = 1
+    s.on_worker(D, Tokens([["a", 5, "stop"]]), 0.1)
+    s.tick(0.1)
+    (prefill,) = to(s.take_outbox(), P, Prefill)
+    assert prefill.request_id == "b"
+
+
+def test_kv_accounting_holds_back_what_does_not_fit_yet():
+    s = make(kv=30, max_batch=8)
+    gen(s, "a", "hi", max_tokens=20)  # 22 tokens of KV
+    run_to_decode(s, "a")
+    assert to(gen(s, "b", "hi", max_tokens=20), P, Prefill) == []  # 22 + 22 > 30
+    assert to(gen(s, "c", "hi", max_tokens=1), P, Prefill) == []  # FIFO: c waits behind b
+    s.on_worker(D, Tokens([["a", 5, "length"]]), 0.1)
+    s.tick(0.1)
+    assert [m.request_id for m in to(s.take_outbox(), P, Prefill)] == ["b"]
+
+
+def test_cancel_in_each_phase_tells_the_holder_and_finishes_at_once():
+    s = make()
+    gen(s, "q1"), gen(s, "q2")  # q1 at prefill, q2 queued
+    s.on_client(C1, Cancel("q2"), 0.0)
+    out = s.take_outbox()
+    assert [m.finish_reason for m in to(out, C1, Finished)] == ["cancelled"] and not to(out, P, Cancel)
+    s.on_client(C1, Cancel("q1"), 0.0)
+    s.tick(0.0)
+    out = s.take_outbox()
+    assert to(out, P, Cancel) == [Cancel("q1")] and to(out, C1, Finished)[0].finish_reason == "cancelled"
+    assert s.workers.get(P).busy is None and s.workers.get(D).kv_reserved_tokens == 0
+    s.on_worker(P, Prefilled("q1", 7, 3, "slots", 2), 0.1)  # crossed the cancel: free its slot
+    assert s.take_outbox() == [("worker", P, Cancel("q1"))]
+    gen(s, "d1")
+    run_to_decode(s, "d1")
+    s.on_client(C2, Cancel("d1"), 0.2)  # another client cannot cancel it
+    assert s.take_outbox() == []
+    s.on_client(C1, Cancel("d1"), 0.2)
+    out = s.take_outbox()
+    assert to(out, D, Cancel) == [Cancel("d1")] and to(out, C1, Finished)[0].token_ids == [ord("a")]
+
+
+def test_stop_string_trims_text_and_cancels_at_the_worker():
+    s = make()
+    gen(s, "r", stop=["o w"])
+    run_to_decode(s, "r", ord("h"))
+    deltas = []
+    for ch in "ello world":
+        s.on_worker(D, Tokens([["r", ord(ch), None]]), 0.1)
+        deltas += [m.text for m in to(s.take_outbox(), C1, Delta)]
+        if s.requests == {}:
+            break
+    assert "".join(deltas) == "hell"  # "o" was held back: it could have begun "o w"
+    s.on_worker(D, Tokens([["r", ord("x"), None]]), 0.2)
+    assert s.take_outbox() == []
+
+
+def test_stop_string_end_of_stream_and_utf8_split_over_tokens():
+    s = make()
+    gen(s, "r", stop=["zz"])
+    run_to_decode(s, "r", 0xC3)  # first half of "é"
+    out = []
+    for token, reason in ((0xA9, None), (ord("z"), None), (ord("!"), None), (ord("z"), "length")):
+        s.on_worker(D, Tokens([["r", token, reason]]), 0.1)
+        out += s.take_outbox()
+    texts = [m.text for m in to(out, C1, Delta)]  # one character is held back: it may begin "zz"
+    assert texts == ["", "é", "z", "!", "z"] and to(out, C1, Finished)[0].text == "éz!z"
+
+
+def test_first_token_that_ends_the_request():
+    s = make()
+    gen(s, "one", max_tokens=1)
+    s.on_worker(P, Prefilled("one", ord("A"), -1, "", 2), 0.1)
+    (fin,) = to(s.take_outbox(), C1, Finished)
+    assert (fin.finish_reason, fin.text, fin.usage["tpot_s"]) == ("length", "A", None)
+    gen(s, "eos")
+    s.on_worker(P, Prefilled("eos", EOS, -1, "", 2), 0.1)
+    out = s.take_outbox()
+    assert to(out, C1, Finished)[0].finish_reason == "stop" and not to(out, D, Adopt) and not to(out, P, Cancel)
+
+
+def test_deadline_and_vanished_client():
+    s = make(RouterConfig(request_timeout_s=5.0, client_timeout_s=3.0))
+    gen(s, "late", now=0.0)
+    run_to_decode(s, "late")
+    s.on_client(C2, Generate("own", prompt="x", timeout_s=1.0), 0.0)
+    s.on_client(C1, Ping(), 2.9)
+    s.tick(2.0)
+    assert [m.finish_reason for m in to(s.take_outbox(), C2, Finished)] == ["timeout"]
+    alive(s, 5.0)
+    s.tick(5.0)
+    out = s.take_outbox()
+    assert to(out, C1, Finished)[0].finish_reason == "timeout" and to(out, D, Cancel) == [Cancel("late")]
+    alive(s, 10.0)
+    gen(s, "gone", client=C2, now=10.0)
+    run_to_decode(s, "gone", now=10.0)
+    alive(s, 11.5)
+    s.tick(12.9)
+    assert s.take_outbox() == []
+    alive(s, 13.0)
+    s.tick(13.1)  # silent for > client_timeout_s
+    out = s.take_outbox()
+    assert to(out, C2, Finished)[0].finish_reason == "cancelled" and to(out, D, Cancel) == [Cancel("gone")]
+    assert s.clients == {}
+
+
+def test_heartbeats_and_lost_decode_worker_ends_its_requests_with_worker_lost():
+    s = make()
+    s.on_worker(D, WorkerPing("decode", 900, 1, 0), 1.0)
+    assert s.take_outbox() == [("worker", D, WorkerPong())]
+    s.on_client(C1, Ping(3.5), 1.0)
+    assert s.take_outbox() == [("client", C1, Pong(3.5))]
+    gen(s, "a", now=1.0)
+    run_to_decode(s, "a", now=1.0)
+    gen(s, "b", now=1.0)
+    s.on_worker(P, WorkerPing("prefill", 1000, 1), 3.0)
+    s.tick(3.0)  # decode silent 2.0 s = 0.5 s * 4: not yet
+    assert s.take_outbox() == [("worker", P, WorkerPong())]
+    s.tick(3.01)
+    out = s.take_outbox()
+    (fin,) = to(out, C1, Finished)
+    assert (fin.request_id, fin.finish_reason, fin.error["code"]) == ("a", "error", "worker_lost")
+    assert "b" in s.requests  # at prefill: it needs a decode worker only after its first token
+    s.on_worker(P, Prefilled("b", 7, 1, "slots", 2), 3.1)
+    s.tick(3.1)
+    assert not to(s.take_outbox(), D, Adopt) and s.handoff == ["b"]
+    register(s, b"decode-2", "decode", now=3.5)
+    s.tick(3.5)
+    (adopt,) = to(s.take_outbox(), b"decode-2", Adopt)
+    assert adopt.request_id == "b" and adopt.slot == 1
+
+
+def test_lost_prefill_worker_retries_once_then_worker_lost():
+    s = make(RouterConfig(client_timeout_s=3600.0))
+    gen(s, "a")
+    gen(s, "b")
+    s.on_worker(D, WorkerPing("decode", 1, 0), 2.5)
+    s.tick(2.5)  # the prefill worker is lost with "a" in prefill
+    out = s.take_outbox()
+    assert not to(out, C1, Finished) and list(s.queue) == ["a", "b"]
+    register(s, b"prefill-2", "prefill", now=2.6)
+    s.tick(2.6)
+    assert [m.request_id for m in to(s.take_outbox(), b"prefill-2", Prefill)] == ["a"]
+    s.on_worker(D, WorkerPing("decode", 1, 0), 4.6)
+    s.tick(4.7)  # lost again: no second retry
+    (fin,) = to(s.take_outbox(), C1, Finished)
+    assert fin.request_id == "a" and fin.error["code"] == "worker_lost"
+    s.tick(4.7 + 29.0)
+    assert not to(s.take_outbox(), C1, Finished)
+    s.tick(4.7 + 31.0)  # no prefill worker within worker_wait_s: "b" gives up
+    (fin,) = to(s.take_outbox(), C1, Finished)
+    assert fin.request_id == "b" and fin.error["code"] == "no_worker"
+
+
+def test_unknown_worker_is_told_to_register_and_bad_registrations_are_refused():
+    s = make()
+    s.on_worker(b"stranger", WorkerPing("w9", 1, 0), 0.0)
+    assert s.take_outbox()[0][2].code == "not_registered"
+    s.on_worker(b"other", Register("w", "decode", 1, "cpu", {**MODEL, "name": "other"}, 100, 1), 0.0)
+    assert s.take_outbox()[0][2].code == "worker_rejected" and s.workers.get(b"other") is None
+    s.on_worker(b"odd", Register("w", "embed", 1, "cpu", MODEL, 100, 1), 0.0)
+    assert s.take_outbox()[0][2].code == "worker_rejected"
+
+
+def test_request_error_from_a_worker_ends_only_that_request():
+    s = make()
+    gen(s, "a")
+    s.on_worker(P, RequestError("a", "kv_capacity", "needs 4 GiB, has 3"), 0.1)
+    s.tick(0.1)
+    out = s.take_outbox()
+    (fin,) = to(out, C1, Finished)
+    assert fin.finish_reason == "error" and fin.error == {"code": "kv_capacity", "message": "needs 4 GiB, has 3"}
+    assert s.workers.get(P).busy is None
+
+
+def test_drain_refuses_new_work_finishes_the_rest_then_stops():
+    s = make()
+    gen(s, "a")
+    run_to_decode(s, "a")
+    s.on_client(C2, Drain(10.0), 1.0)
+    (status,) = to(s.take_outbox(), C2, Status)
+    assert status.draining and status.running == 1
+    s.on_client(C1, Generate("b", prompt="x"), 1.0)
+    assert s.take_outbox()[0][2].code == "draining"
+    s.on_worker(D, Tokens([["a", 5, "stop"]]), 2.0)
+    s.tick(2.0)
+    assert s.stopped and to(s.take_outbox(), C1, Finished)[0].finish_reason == "stop"
+    s = make()
+    gen(s, "c")
+    s.drain(1.0, 0.0)
+    s.tick(0.5)
+    assert not s.stopped
+    s.tick(1.0)
+    out = s.take_outbox()
+    assert s.stopped and to(out, C1, Finished)[0].error["code"] == "server_shutdown" and to(out, P, Cancel)
+
+
+def test_status_reports_workers_queue_kv_and_throughput():
+    s = make()
+    gen(s, "a")
+    run_to_decode(s, "a")
+    gen(s, "b")
+    s.on_worker(D, Tokens([["a", 5, None]]), 10.0)
+    s.on_client(C2, StatusRequest(), 10.0)
+    (st_,) = to(s.take_outbox(), C2, Status)
+    assert (st_.queued, st_.running, st_.draining) == (0, 2, False)
+    assert {w["role"] for w in st_.workers} == {"prefill", "decode"}
+    assert st_.kv["capacity_tokens"] == 1000 and st_.kv["used_tokens"] == 20  # two requests of 2 + 8
+    assert st_.throughput["tokens_per_s"] > 0
+
+
+# -- every admitted request ends exactly once, whatever happens ------------------------------------
+
+EVENTS = st.lists(st.tuples(st.sampled_from(["gen", "cancel", "prefilled", "prefilled_end", "token", "token_end",
+                                              "request_error", "ping_p", "ping_d", "tick", "register_p", "register_d",
+                                              "drain"]),
+                            st.integers(0, 5), st.floats(0.0, 1.5)), max_size=60)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS)
+def test_exactly_one_finished_per_admitted_request(events):
+    s = make(RouterConfig(max_queued=3, request_timeout_s=4.0), max_batch=2, kv=40)
+    now, admitted, seq = 0.0, set(), 0
+    identities = {"prefill": P, "decode": D}
+    for kind, n, dt in events:
+        now += dt
+        rid = f"r{n}"
+        if kind == "gen":
+            s.on_client(C1 if n % 2 else C2, Generate(rid, token_ids=[1, 2, 3], params={"max_tokens": 1 + n % 3, "stop": ["\x05"]}), now)
+        elif kind == "cancel":
+            s.on_client(C1 if n % 2 else C2, Cancel(rid), now)
+        elif kind.startswith("prefilled"):
+            s.on_worker(identities["prefill"], Prefilled(rid, n, -1 if kind.endswith("end") else n, "slots", 3), now)
+        elif kind.startswith("token"):
+            s.on_worker(identities["decode"], Tokens([[rid, n, "length" if kind.endswith("end") else None]]), now)
+        elif kind == "request_error":
+            s.on_worker(identities["prefill" if n % 2 else "decode"], RequestError(rid, "oops", "failed"), now)
+        elif kind.startswith("ping"):
+            role = "prefill" if kind.endswith("p") else "decode"
+            s.on_worker(identities[role], WorkerPing(role, 10, 0), now)
+        elif kind.startswith("register"):
+            role = "prefill" if kind.endswith("p") else "decode"
+            seq += 1
+            identities[role] = f"{role}-{seq}".encode()
+            register(s, identities[role], role, now, kv=40, max_batch=2)
+        elif kind == "drain":
+            s.drain(3.0, now)
+        else:
+            s.tick(now)
+        for peer, who, msg in s.take_outbox():
+            if isinstance(msg, Finished):
+                assert msg.request_id in admitted, "Finished for a request never admitted"
+                admitted.discard(msg.request_id)
+            elif isinstance(msg, Delta):
+                assert msg.request_id in admitted, "Delta after Finished"
+        admitted |= set(s.requests)
+    s.drain(0.0, now)
+    s.tick(now + 1)
+    for peer, who, msg in s.take_outbox():
+        if isinstance(msg, Finished):
+            admitted.discard(msg.request_id)
+    assert not admitted and s.requests == {} and not s.queue
+    assert all(w.kv_reserved_tokens == 0 and not w.request_ids and w.busy is None for w in s.workers.by_identity.values())
