@@ -1,0 +1,247 @@
+"""`hmoe-worker`: one prefill or decode process, from start-up to drain.
+
+start:  attach the weight pack (no copy of the experts) -> model on the device -> KV pool ->
+        hand-off pool -> warm-up forward (kernels compiled) -> connect, Register, READY=1
+loop:   receive (block only when idle) -> apply messages -> one engine step -> send its output
+stop:   SIGTERM or Drain: refuse new work, finish running requests within drain_grace_s, cancel
+        the rest, detach, exit 0. A second signal exits at once (1). Start-up failure exits 3.
+
+Heartbeats (zguide's Paranoid Pirate) run on their own thread, so a long prefill chunk never looks
+like a dead worker; they share the socket under a lock. When the router's pongs stop for
+interval x liveness, the worker drops its requests (the router has failed them) and registers
+again under a new worker id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import click
+import torch
+import zmq
+
+from hmoe.runtime import protocol
+from hmoe.runtime.config import Config, config_options, load_config
+from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.sd_notify import SdNotify
+from hmoe.workers.decode import DecodeEngine
+from hmoe.workers.handoff import HandoffPool, slot_bytes_for
+from hmoe.workers.kv_cache import KVPool
+from hmoe.workers.model import CausalLM, load_model
+from hmoe.workers.pack_source import PackSource
+from hmoe.workers.prefill import PrefillEngine
+
+log = logging.getLogger("hmoe.worker")
+
+EXIT_STARTUP_FAILURE = 3
+ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
+
+
+class Worker:
+    def __init__(self, role: str, config: Config, router: str):
+        assert role in ("prefill", "decode"), role
+        self.role, self.config, self.router = role, config, router
+        self.notify = SdNotify.from_env()
+        self.context = zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self.lock = threading.Lock()  # the socket is shared with the heartbeat thread
+        self.generation = 0
+        self.last_pong = time.monotonic()
+        self.draining_since: float | None = None
+        self.signals = 0
+        self.stopped = threading.Event()
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        w = self.config.worker
+        self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
+        device = torch.device(w.device)
+        self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self._experts(device))
+        self.kv = KVPool.from_budget(self.model.config, int(w.kv_cache_gib * (1 << 30)), w.kv_block_size,
+                                     self.model.dtype, device)
+        if self.role == "prefill":
+            slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
+            slot_tokens = min(slot_tokens, self.kv.capacity_tokens)
+            self.handoff = HandoffPool.create(f"{self.role}-{os.getpid()}", w.handoff_slots,
+                                              slot_bytes_for(self.kv, slot_tokens))
+            self.engine = PrefillEngine(self.model, self.kv, self.handoff, w.prefill_chunk_tokens, w.handoff_timeout_s)
+        else:
+            self.handoff = None
+            self.engine = DecodeEngine(self.model, self.kv, w.max_batch)
+        self._warm_up()
+        self._connect()
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        self.notify.ready(f"{self.role} worker serving {w.pack} on {w.device}")
+        log.info("%s worker ready: pack %s, %s %s, KV %d tokens", self.role, w.pack, device, self.model.dtype,
+                 self.kv.capacity_tokens)
+
+    def _experts(self, device: torch.device):
+        if self.config.worker.experts == "torch":
+            return None  # load_model's default: the torch reference backend on the device
+        from hmoe.workers.cpu_experts import CpuExperts
+
+        return CpuExperts.from_source(self.source, device, self.config.worker.cpu_threads)
+
+    def _warm_up(self) -> None:
+        """One tiny forward so the first request pays for no compilation or first-touch."""
+        from hmoe.workers.batch import ForwardBatch
+
+        self.kv.reserve("warm-up", 2)
+        self.model.forward(ForwardBatch.build(self.kv, [("warm-up", [0, 1], 0)]), self.kv)
+        self.kv.free("warm-up")
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.generation += 1
+        self.worker_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}-{self.generation}"
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.router)
+        c = self.model.config
+        self._send(protocol.Register(
+            self.worker_id, self.role, os.getpid(), str(self.model.device),
+            {"name": self.config.worker.pack, "vocab_size": c.vocab_size, "eos_token_ids": list(c.eos_token_ids),
+             "max_position_embeddings": c.max_position_embeddings},
+            self.kv.capacity_tokens, self.config.worker.max_batch))
+        self.last_pong = time.monotonic()
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        r = self.config.router
+        dead_after_s = r.heartbeat_interval_s * r.heartbeat_liveness
+        while not self.stopped.is_set():
+            self._receive(wait=not self.engine.busy)
+            if time.monotonic() - self.last_pong > dead_after_s:
+                log.warning("router silent for %.1f s: dropping requests and registering again", dead_after_s)
+                self.engine.drop_all()
+                with self.lock:
+                    self._connect()
+            if self.draining_since is not None:
+                if not self.engine.busy:
+                    break
+                if time.monotonic() - self.draining_since > self.config.worker.drain_grace_s:
+                    self._cancel_all("shutting_down", "the worker is shutting down")
+                    break
+            for msg in self.engine.step():
+                self._send(msg)
+            self.notify.tick()
+        return 0
+
+    def _receive(self, wait: bool) -> None:
+        """Apply every waiting message; when idle, wait up to 50 ms for one."""
+        timeout_ms = 50 if wait else 0
+        while True:
+            with self.lock:
+                if not self.sock.poll(timeout_ms):
+                    return
+                frame = self.sock.recv()
+            timeout_ms = 0
+            try:
+                self._apply(protocol.decode(frame, ACCEPTED))
+            except HmoeError as exc:
+                log.warning("bad message from the router: %s", exc)
+                self._send(protocol.Error(exc.code, exc.message))
+
+    def _apply(self, msg) -> None:
+        self.last_pong = time.monotonic()  # any message proves the router alive
+        match msg:
+            case protocol.Prefill() | protocol.Adopt() if self.draining_since is not None:
+                self._send(protocol.RequestError(msg.request_id, "draining", "the worker is shutting down"))
+            case protocol.Prefill() if self.role == "prefill":
+                self.engine.add(msg)
+            case protocol.Adopt() if self.role == "decode":
+                for out in self.engine.add(msg):
+                    self._send(out)
+            case protocol.Prefill() | protocol.Adopt():
+                self._send(protocol.RequestError(msg.request_id, "wrong_role", f"this is a {self.role} worker"))
+            case protocol.Cancel():
+                self.engine.cancel(msg.request_id)
+            case protocol.Drain():
+                self.drain()
+            case protocol.WorkerPong():
+                pass
+
+    def _send(self, msg) -> None:
+        with self.lock:
+            self.sock.send(protocol.encode(msg))
+
+    def _heartbeats(self) -> None:
+        interval = self.config.router.heartbeat_interval_s
+        while not self.stopped.wait(interval):
+            running, waiting = self.engine.load()
+            self._send(protocol.WorkerPing(self.worker_id, self.kv.free_blocks * self.kv.block_size, running, waiting))
+
+    def _cancel_all(self, code: str, message: str) -> None:
+        ids = self.engine.request_ids()
+        self.engine.drop_all()
+        for request_id in ids:
+            self._send(protocol.RequestError(request_id, code, message))
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        if self.draining_since is None:
+            log.info("draining: finishing running requests within %.0f s", self.config.worker.drain_grace_s)
+            self.draining_since = time.monotonic()
+            self.notify.stopping("draining")
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            log.warning("second signal: exiting now")
+            self.close()
+            os._exit(1)
+        self.drain()
+
+    def close(self) -> None:
+        self.stopped.set()
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        if getattr(self, "handoff", None) is not None:
+            self.handoff.close()
+        if self.role == "decode" and getattr(self, "engine", None) is not None:
+            self.engine.close()
+        if getattr(self, "source", None) is not None:
+            self.source.close()
+
+
+@click.command()
+@click.option("--role", type=click.Choice(["prefill", "decode"]), required=True)
+@click.option("--router", "router_endpoint", default=None, help="The router's backend endpoint (default from config).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="TOML config file.")
+@config_options("worker", ["pack", "device", "dtype", "kv_cache_gib", "max_batch", "experts", "cpu_threads"])
+def main(role, router_endpoint, config_path, **worker_flags) -> None:
+    """Run one hmoe worker process (prefill or decode) until drained."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    try:
+        config = load_config(config_path, overrides={"worker": worker_flags})
+        if not config.worker.pack:
+            raise HmoeError("config_invalid", "no weight pack: pass --pack NAME or set [worker] pack")
+        worker = Worker(role, config, router_endpoint or config.backend)
+        signal.signal(signal.SIGTERM, worker.on_signal)
+        signal.signal(signal.SIGINT, worker.on_signal)
+        worker.start()
+    except HmoeError as exc:
+        log.error("start-up failed: %s", exc)
+        if "worker" in locals():
+            worker.close()
+        sys.exit(EXIT_STARTUP_FAILURE)
+    try:
+        code = worker.run()
+    finally:
+        worker.close()
+    log.info("%s worker stopped", role)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
