@@ -32,6 +32,8 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}\Z")
 class ProtocolError(HmoeError):
     """A frame that is not a valid message: the receiver replies with this code and keeps serving."""
 
+    request_id: str | None = None  # the frame's request_id when it had a valid one (for the error reply)
+
 
 _TYPES: dict[str, type] = {}
 
@@ -230,6 +232,15 @@ def decode(frame: bytes, allowed: tuple[type, ...] | None = None):
         raise ProtocolError("bad_message", f"frame is not msgpack: {type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise ProtocolError("bad_message", "message must be a msgpack map")
+    try:
+        return _build(body, allowed)
+    except ProtocolError as exc:  # route the refusal to the request that caused it, when it names one
+        rid = body.get("request_id")
+        exc.request_id = rid if isinstance(rid, str) and REQUEST_ID.match(rid) else None
+        raise
+
+
+def _build(body: dict, allowed: tuple[type, ...] | None):
     if body.get("v") != VERSION:
         raise ProtocolError("version_mismatch", f"protocol version {body.get('v')!r}, this side speaks {VERSION}")
     cls = _TYPES.get(body.get("t")) if isinstance(body.get("t"), str) else None
