@@ -130,7 +130,7 @@ class Pack:
                 raise ShmError(
                     "pack_mismatch",
                     f"pack {self.name!r} was built from another {what} (differs in {', '.join(diff)}: "
-                    f"pack has {[have.get(k) for k in diff]}, wanted {[want.get(k) for k in diff]}); "
+                    f"pack has {_brief([have.get(k) for k in diff])}, wanted {_brief([want.get(k) for k in diff])}); "
                     f"remove it (hmoe shm rm {self.name}) or load under another --name",
                 )
 
@@ -142,6 +142,11 @@ class Pack:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _brief(value, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _plain(value):

@@ -54,6 +54,9 @@ class PackWriter:
         log.info("creating pack %s: %.2f GiB on %s", manifest.name, nbytes / 2**30, huge_page_policy(config))
         return cls(segment, manifest, config)
 
+    def manifest_entry(self, name: str) -> TensorEntry:
+        return self._tensors[name]
+
     def buffer(self, entry: TensorEntry) -> memoryview:
         return self.segment.buffer(entry.offset, entry.nbytes)
 

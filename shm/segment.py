@@ -11,6 +11,7 @@ import errno
 import logging
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +108,15 @@ def huge_page_policy(config: ShmConfig) -> str:
 class Segment:
     """A mapping of one pack's segment; close() unmaps (deferred while views of it are alive)."""
 
-    def __init__(self, name: str, mapping: mmap.mmap, writable: bool):
+    def __init__(self, name: str, mapping: mmap.mmap, writable: bool, config: ShmConfig):
         self.name = name
         self.nbytes = len(mapping)
         self.writable = writable
         self._mmap = mapping
+        self._config = config
+        self._local = threading.local()  # one write fd per loader thread: sendfile writes at its own position
+        self._write_fds: list[int] = []
+        self._fds_lock = threading.Lock()
 
     @classmethod
     def create(cls, name: str, nbytes: int, config: ShmConfig) -> Segment:
@@ -165,7 +170,7 @@ class Segment:
                 mapping.madvise(mmap.MADV_HUGEPAGE)
             except OSError as exc:  # EINVAL where THP is compiled out: fall back to 4 KiB pages
                 log.debug("MADV_HUGEPAGE on %s failed: %s", name, exc)
-        return cls(name, mapping, writable)
+        return cls(name, mapping, writable, config)
 
     def buffer(self, offset: int = 0, nbytes: int | None = None) -> memoryview:
         """A view of the mapping (read-only unless this is the loader's mapping)."""
@@ -179,8 +184,36 @@ class Segment:
         """Virtual address of the mapping's first byte (for cudaHostRegister)."""
         return np.frombuffer(self._mmap, np.uint8, count=1).ctypes.data
 
+    def copy_from_file(self, offset: int, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Copy file bytes into the segment inside the kernel (sendfile: no copy through user space and
+        no page faults in this process); through the mapping where the segment takes no write() (hugetlbfs)."""
+        assert self._mmap is not None and self.writable and 0 <= offset and offset + nbytes <= self.nbytes, (offset, nbytes)
+        if not self._config.hugetlbfs:
+            fd = getattr(self._local, "fd", None)
+            if fd is None:
+                fd = self._local.fd = _open_fd(self.name, self._config, writable=True)
+                with self._fds_lock:
+                    self._write_fds.append(fd)
+            os.lseek(fd, offset, os.SEEK_SET)
+            while nbytes:
+                sent = os.sendfile(fd, src_fd, src_offset, nbytes)
+                if sent == 0:
+                    raise EOFError(f"source file ended {nbytes} bytes early")
+                src_offset, nbytes = src_offset + sent, nbytes - sent
+            return
+        view = self.buffer(offset, nbytes)
+        while view:
+            got = os.preadv(src_fd, [view[: 1 << 30]], src_offset)
+            if got == 0:
+                raise EOFError(f"source file ended {len(view)} bytes early")
+            view, src_offset = view[got:], src_offset + got
+
     def close(self) -> None:
         """Unmap now, or, while numpy/torch views still export the buffer, when the last of them dies."""
+        with self._fds_lock:
+            for fd in self._write_fds:
+                os.close(fd)
+            self._write_fds.clear()
         if self._mmap is None:
             return
         try:

@@ -45,6 +45,8 @@ MAX_SAFETENSORS_HEADER = 100 << 20
 CHUNK_BYTES = 64 << 20  # large non-expert tensors (embeddings) are copied in pieces spread over threads
 READ_BYTES = 1 << 30  # one pread at most (Linux caps a read near 2 GiB)
 EXPERTS = ("native", "bf16", "fp8", "int4")
+# (format, stored dtype) whose layer layout is the checkpoint's bytes, unpadded: copied, not encoded.
+IDENTITY = {("bf16", "BF16"), ("fp8", "F8_E4M3")}
 # Source dtypes of routed experts, as numpy hands them to encode_expert.
 EXPERT_SOURCE = {"BF16": np.uint16, "F32": np.float32, "F16": np.float16, "F8_E4M3": np.uint8}
 
@@ -174,7 +176,7 @@ class _Filler:
                     tasks.append((self._copy, writer, entry, offset))
         layers = {L: {a: writer.array(expert_array_name(L, a)) for a in layer_arrays(self.fmt, c.num_experts, c.hidden_size, c.moe_intermediate_size)}
                   for L in c.moe_layer_ids}  # fmt: skip
-        tasks += [(self._expert, layers[L], L, e) for L in c.moe_layer_ids for e in range(c.num_experts)]
+        tasks += [(self._expert, writer, layers[L], L, e) for L in c.moe_layer_ids for e in range(c.num_experts)]
         total = sum(t.nbytes for t in self.stored.values())
         self.progress = Progress(f"loading {writer.manifest.name}", total, self.stream)
         self._fds = {f: os.open(self.path / f, os.O_RDONLY | os.O_CLOEXEC) for f in {t.file for t in self.stored.values()}}
@@ -203,7 +205,14 @@ class _Filler:
 
     def _copy(self, writer: PackWriter, entry, offset: int) -> None:
         nbytes = min(CHUNK_BYTES, entry.nbytes - offset)
-        self._read_into(self.stored[entry.name], writer.buffer(entry)[offset : offset + nbytes], offset)
+        self._copy_bytes(writer, entry.offset + offset, self.stored[entry.name], offset, nbytes)
+
+    def _copy_bytes(self, writer: PackWriter, pack_offset: int, tensor: StoredTensor, offset: int, nbytes: int) -> None:
+        """Stored bytes, unchanged, into the pack (inside the kernel where it can)."""
+        try:
+            writer.segment.copy_from_file(pack_offset, self._fds[tensor.file], tensor.start + offset, nbytes)
+        except EOFError:
+            raise CheckpointError("checkpoint_corrupt", f"{self.path / tensor.file}: truncated while reading; re-download it") from None
         self.progress.advance(nbytes)
 
     def _source(self, name: str) -> np.ndarray:
@@ -221,15 +230,34 @@ class _Filler:
         array = view.view(EXPERT_SOURCE[tensor.dtype]).reshape(tensor.shape)
         return array.astype(np.float32) if tensor.dtype == "F16" else array
 
-    def _expert(self, arrays: dict[str, np.ndarray], layer_id: int, expert: int) -> None:
+    def _expert(self, writer: PackWriter, arrays: dict[str, np.ndarray], layer_id: int, expert: int) -> None:
         for proj in PROJS:
             name = f"model.layers.{layer_id}.mlp.experts.{expert}.{proj}_proj.weight"
+            tensor = self.stored[name]
+            if (self.fmt.kind, tensor.dtype) in IDENTITY and arrays[proj].shape[1:] == tensor.shape:
+                self._expert_as_stored(writer, arrays, layer_id, expert, proj, name)
+                continue
             weight = self._source(name)
-            scale_inv = self._source(name + "_scale_inv") if self.stored[name].dtype == "F8_E4M3" else None
+            scale_inv = self._source(name + "_scale_inv") if tensor.dtype == "F8_E4M3" else None
             try:
                 encode_expert(self.fmt, arrays, expert, proj, weight, scale_inv)
             except ValueError as exc:
                 raise CheckpointError("checkpoint_corrupt", f"{self.path}: {name}: {exc}") from None
+
+    def _expert_as_stored(self, writer: PackWriter, arrays: dict[str, np.ndarray], layer_id: int, expert: int, proj: str, name: str) -> None:
+        """The layout is the checkpoint's own (bf16 or fp8 kept, no padding): copy the bytes in the
+        kernel, then check for E4M3 NaN codes as encode_expert does, reading the copy once."""
+        entry = writer.manifest_entry(expert_array_name(layer_id, proj))
+        tensor = self.stored[name]
+        self._copy_bytes(writer, entry.offset + expert * tensor.nbytes, tensor, 0, tensor.nbytes)
+        if self.fmt.kind == "fp8":
+            codes = arrays[proj][expert]
+            if codes.max() == 0xFF or codes.view(np.int8).max() == 0x7F:  # the E4M3 NaNs; two max() scans are SIMD-fast
+                raise CheckpointError("checkpoint_corrupt", f"{self.path}: {name}: fp8 weight holds NaN codes (0x7F/0xFF): the checkpoint is damaged")
+            scale_inv = self._source(name + "_scale_inv")
+            scale = arrays[f"{proj}_scale"][expert]
+            scale[...] = 0.0
+            scale[: scale_inv.shape[0], : scale_inv.shape[1]] = scale_inv
 
 
 def _pack_dtype(fmt: ExpertFormat, array: str, dtype: np.dtype) -> str:

@@ -193,6 +193,27 @@ def test_close_with_live_views_keeps_them_valid(shm_config):
     np.testing.assert_array_equal(view, expected(pack.entry("experts.1.w")))
 
 
+@pytest.mark.parametrize("hugetlbfs", [False, True])
+def test_copy_from_file_lands_bytes_at_the_offset(tmp_path, hugetlbfs):
+    source = tmp_path / "src.bin"
+    payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+    source.write_bytes(b"xx" + payload.tobytes())
+    (tmp_path / "huge").mkdir()
+    config = ShmConfig(hugetlbfs=str(tmp_path / "huge") if hugetlbfs else "", prefix="hmoe.test-copy.", lock_dir=str(tmp_path))
+    writer = PackWriter.create(small_manifest(expert_bytes=4 << 20), config)
+    try:
+        entry = writer.manifest_entry("experts.1.w")
+        fd = os.open(source, os.O_RDONLY)
+        writer.segment.copy_from_file(entry.offset + 100, fd, 2, payload.nbytes)
+        np.testing.assert_array_equal(writer.array("experts.1.w").reshape(-1)[100 : 100 + payload.nbytes], payload)
+        with pytest.raises(EOFError):
+            writer.segment.copy_from_file(entry.offset, fd, 2, payload.nbytes + 1)
+        os.close(fd)
+    finally:
+        writer.abort()
+    assert config.pack_names() == []
+
+
 def test_hugetlbfs_holds_packs_as_files_sized_in_huge_pages(tmp_path):
     # A plain directory stands in for the hugetlbfs mount: same code path, 2 MiB rounding.
     config = ShmConfig(hugetlbfs=str(tmp_path / "huge"), prefix="hmoe.test-huge.", lock_dir=str(tmp_path))

@@ -87,6 +87,21 @@ def test_checkpoint_without_an_expert_is_refused_before_any_segment(tiny_models,
     assert shm_config.pack_names() == []
 
 
+def test_fp8_nan_codes_in_an_expert_are_refused(tiny_models, shm_config, tmp_path):
+    broken = tmp_path / "nan"
+    shutil.copytree(tiny_models("deepseek_v3", "fp8"), broken)
+    tensors = load_file(broken / "model.safetensors")
+    name = "model.layers.2.mlp.experts.7.gate_proj.weight"
+    codes = tensors[name].view(torch.uint8).clone()
+    codes[3, 5] = 0x7F
+    tensors[name] = codes.view(torch.float8_e4m3fn)
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_pack(broken, name="n", config=shm_config)
+    assert err.value.code == "checkpoint_corrupt" and "NaN" in str(err.value) and name in str(err.value)
+    assert shm_config.pack_names() == []  # the half-built pack was removed
+
+
 def test_truncated_safetensors_is_a_clear_error(tiny_models, tmp_path):
     file = tmp_path / "model.safetensors"
     data = (tiny_models("deepseek_v3", "bf16") / "model.safetensors").read_bytes()
