@@ -1,0 +1,43 @@
+"""Logging set-up: one JSON object per line on stderr (journald keeps it), structlog and stdlib alike.
+
+Events carry their context as fields (request_id, worker_id, code ...), never inside the message.
+`configure_logging` is called once, by a process's entry point; libraries only get loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str = "info", json_lines: bool = True, process: str = "") -> None:
+    """Route structlog and stdlib logging (the shm modules use it) to stderr as JSON lines."""
+    if level not in LEVELS:
+        raise ValueError(f"log level {level!r}: choose one of {', '.join(LEVELS)}")
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if process:
+        shared.append(lambda _logger, _name, event: {**event, "process": process})
+    renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
+    ))  # fmt: skip
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))

@@ -1,0 +1,271 @@
+"""hmoe-router: the process that owns requests. Sockets, signals and the clock; the policy is Scheduler's.
+
+Shape (uvicorn's): startup (bind the client frontend and the worker backend, say READY) → main
+loop (receive → apply → tick → send) → shutdown (flush replies, close). The first SIGTERM/SIGINT
+or a Drain message drains: no new requests, running ones finish within drain_grace_s, then exit 0.
+A second signal ends the rest at once. Exit status: 0 drained, 1 crashed, 2 usage, 3 could not
+start (bad config, endpoint in use, unreadable tokenizer or key) — restarting cannot fix a 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import click
+import structlog
+import uvloop
+import zmq
+import zmq.asyncio
+
+from hmoe.runtime.config import Config, config_options, load_config
+from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.log import configure_logging
+from hmoe.runtime.protocol import (
+    MAX_MESSAGE_BYTES, Cancel, Drain, Error, Generate, Ping, Prefilled, ProtocolError, Register, RequestError,
+    StatusRequest, Tokens, WorkerPing, decode, encode,
+)  # fmt: skip
+from hmoe.runtime.scheduler import CLIENT, Scheduler
+from hmoe.runtime.sd_notify import SdNotify
+from hmoe.runtime.tokenizer import load_tokenizer
+
+log = structlog.get_logger("hmoe.router")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
+CLIENT_TYPES = (Generate, Cancel, Ping, StatusRequest, Drain)
+WORKER_TYPES = (Register, WorkerPing, Prefilled, Tokens, RequestError, Error)
+MAX_FRAME_BYTES = 4 * MAX_MESSAGE_BYTES  # up to this a too-large message gets an error reply; past it zmq drops the peer
+RECV_BATCH = 256  # messages taken from one socket per turn, so neither socket starves the other
+SEND_HWM = 100_000  # queued outgoing messages per peer before sends to it are dropped (a stalled client)
+
+
+class Router:
+    """Binds on `startup`, serves in `main_loop`, lets go in `shutdown`; `serve` runs all three."""
+
+    def __init__(self, config: Config, tokenizer=None, notify: SdNotify | None = None):
+        self.config = config
+        self.scheduler = Scheduler(config.router, tokenizer)
+        self.notify = notify or SdNotify()
+        self.tick_s = config.router.heartbeat_interval_s / 4  # liveness is checked at least this often
+        self.signals = 0
+        self.context: zmq.asyncio.Context | None = None
+        self.frontend: zmq.asyncio.Socket | None = None
+        self.backend: zmq.asyncio.Socket | None = None
+
+    async def serve(self) -> int:
+        try:
+            self.startup()
+        except HmoeError as exc:
+            log.error("startup_failed", code=exc.code, reason=exc.message)
+            self.shutdown()
+            return EXIT_STARTUP
+        try:
+            await self.main_loop()
+        finally:
+            self.shutdown()
+        return EXIT_OK if self.signals < 2 else 128 + signal.SIGINT
+
+    def startup(self) -> None:
+        """Bind both sockets (HmoeError "startup_failed" if either cannot be), install signals, READY=1."""
+        r = self.config.router
+        self.context = zmq.asyncio.Context()
+        self.frontend = self._socket(r.frontend, curve_secret_key=r.curve_secret_key)
+        Path(self.config.runtime_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.backend = self._socket(self.config.backend)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        log.info("listening", frontend=r.frontend, backend=self.config.backend, tokenizer=self.scheduler.tokenizer is not None)
+        self.notify.ready(f"listening on {r.frontend}; waiting for workers")
+
+    async def main_loop(self) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        while not self.scheduler.stopped:
+            ready = dict(await poller.poll(int(self.tick_s * 1000)))  # receive: block only when idle
+            if self.backend in ready:
+                self._receive(self.backend, self._on_worker_frames)
+            if self.frontend in ready:
+                self._receive(self.frontend, self._on_client_frames)
+            self.scheduler.tick(time.monotonic())  # liveness, deadlines, drain, then schedule
+            self._send(self.scheduler.take_outbox())
+            self.notify.tick()
+
+    def shutdown(self) -> None:
+        if self.frontend is not None and self.backend is not None:
+            self._send(self.scheduler.take_outbox())
+        for sock in (self.frontend, self.backend):
+            if sock is not None:
+                sock.close(linger=1000)  # let the last Finished messages go out
+        if self.context is not None:
+            self.context.term()
+        log.info("stopped", finished=dict(self.scheduler.finished))
+
+    # -- sockets ---------------------------------------------------------------------------------
+
+    def _socket(self, endpoint: str, curve_secret_key: str = "") -> zmq.asyncio.Socket:
+        if endpoint.startswith("ipc://") and _ipc_in_use(endpoint[len("ipc://") :]):
+            raise HmoeError("startup_failed", f"{endpoint} is in use by a running router: stop it or set another endpoint")
+        keys = _load_curve_keys(curve_secret_key) if curve_secret_key else None
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its old identity takes it over
+        if keys is not None:
+            sock.curve_publickey, sock.curve_secretkey = keys
+            sock.curve_server = True
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise HmoeError("startup_failed", f"cannot bind {endpoint}: {exc.strerror}; is another router running there?") from None
+        return sock
+
+    def _receive(self, sock: zmq.asyncio.Socket, handle) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK).result()  # done at once under NOBLOCK
+            except zmq.Again:
+                return
+            handle(frames, time.monotonic())
+
+    def _on_client_frames(self, frames: list[bytes], now: float) -> None:
+        msg = self._decode(frames, CLIENT_TYPES, self.frontend)
+        if msg is not None:
+            self.scheduler.on_client(frames[0], msg, now)
+            if isinstance(msg, Drain):
+                self._begin_drain(msg.grace_s)
+
+    def _on_worker_frames(self, frames: list[bytes], now: float) -> None:
+        msg = self._decode(frames, WORKER_TYPES, self.backend)
+        if msg is not None:
+            self.scheduler.on_worker(frames[0], msg, now)
+            if isinstance(msg, Register) and self.scheduler.tokenizer is None:
+                self._late_tokenizer(msg)
+
+    def _decode(self, frames: list[bytes], allowed: tuple[type, ...], sock: zmq.asyncio.Socket):
+        """The message, or None after replying with an error (the peer is never dropped for it)."""
+        try:
+            if len(frames) != 2:
+                raise ProtocolError("bad_message", f"expected one message frame, got {len(frames) - 1}")
+            return decode(frames[1], allowed)
+        except ProtocolError as exc:
+            log.info("bad_frame", code=exc.code, reason=exc.message, peer=frames[0].hex())
+            self._send_one(sock, frames[0], Error(exc.code, exc.message, exc.request_id))
+            return None
+
+    def _send(self, outbox: list) -> None:
+        for peer, identity, msg in outbox:
+            self._send_one(self.frontend if peer == CLIENT else self.backend, identity, msg)
+
+    def _send_one(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
+        try:
+            sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK).result()
+        except zmq.Again:  # the peer stopped reading; its heartbeat will say whether it is gone
+            log.warning("send_dropped", peer=identity.hex(), message=type(msg).__name__)
+
+    # -- drain and signals -----------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            log.info("signal", signal=signal.Signals(signum).name, action="drain")
+            self._begin_drain(self.config.router.drain_grace_s)
+        else:
+            log.warning("signal", signal=signal.Signals(signum).name, action="exit now")
+            self.scheduler.drain(0.0, time.monotonic())
+
+    def _begin_drain(self, grace_s: float) -> None:
+        self.scheduler.drain(grace_s, time.monotonic())
+        self.notify.stopping(f"draining: {len(self.scheduler.requests)} requests, up to {grace_s:.0f} s")
+        self.notify.extend_timeout(grace_s + 10.0)
+
+    def _late_tokenizer(self, msg: Register) -> None:
+        """No tokenizer at start (its pack was not there yet): take it from the pack a worker attached."""
+        name = self.config.worker.pack or msg.model.get("pack", "")
+        if name:
+            try:
+                self.scheduler.tokenizer = tokenizer_from_pack(name, self.config)
+                log.info("tokenizer_loaded", pack=name)
+            except HmoeError as exc:
+                log.warning("tokenizer_unavailable", pack=name, code=exc.code, reason=exc.message)
+
+
+def tokenizer_from_pack(name: str, config: Config):
+    """tokenizer.json as kept in a weight pack (only the manifest and that blob are read)."""
+    from hmoe.shm import Pack  # noqa: PLC0415  (the router reads the pack only to find its tokenizer)
+
+    with Pack.attach(name, config.shm) as pack:
+        blob = pack.blob("tokenizer.json")
+    if blob is None:
+        raise HmoeError("tokenizer_missing", f"pack {name!r} holds no tokenizer.json; set [router] model_dir or send token ids")
+    return load_tokenizer(blob)
+
+
+def startup_tokenizer(config: Config):
+    """From [router] model_dir (must work), else from [worker] pack (may come later), else None."""
+    if config.router.model_dir:
+        return load_tokenizer(config.router.model_dir)
+    if config.worker.pack:
+        try:
+            return tokenizer_from_pack(config.worker.pack, config)
+        except HmoeError as exc:
+            log.warning("tokenizer_unavailable", pack=config.worker.pack, code=exc.code, reason=exc.message,
+                        hint="text prompts are refused until a worker registers with the pack loaded")
+    return None
+
+
+def _ipc_in_use(path: str) -> bool:
+    """True when something accepts connections on this unix socket (binding would steal it from a live router)."""
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _load_curve_keys(path: str) -> tuple[bytes, bytes]:
+    import zmq.auth  # noqa: PLC0415  (only when CURVE is configured)
+
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise HmoeError("startup_failed", f"cannot read the CURVE secret key {path}: {exc}") from None
+    if secret is None:
+        raise HmoeError("startup_failed", f"{path} holds a public key only; [router] curve_secret_key needs the .key_secret file")
+    return public, secret
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--pack", help="[worker] pack: the weight pack whose tokenizer.json the router uses.")
+@config_options("router")
+def main(config_path: str | None, pack: str | None, **router_flags) -> None:
+    """Route requests between clients and the prefill and decode workers."""
+    try:
+        config = load_config(config_path, overrides={"router": router_flags, "worker": {"pack": pack}})
+        configure_logging(config.router.log_level, process="router")
+        router = Router(config, startup_tokenizer(config), SdNotify.from_env())
+    except HmoeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_STARTUP)
+    try:
+        code = uvloop.run(router.serve())
+    except Exception:
+        log.exception("crashed")
+        sys.exit(EXIT_FAILURE)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
