@@ -56,6 +56,7 @@ class WorkerConfig:
     kv_cache_gib: float = 2.0
     kv_block_size: int = 16
     max_batch: int = 32  # decode requests running at once
+    micro_batches: int = 2  # decode splits its batch so one half's attention overlaps the other's experts
     prefill_chunk_tokens: int = 2048  # prompts longer than this are prefilled in chunks
     handoff_slots: int = 4  # KV hand-off slots between prefill and decode
     handoff_slot_tokens: int = 0  # tokens per slot; 0 = router.max_prompt_tokens
@@ -64,7 +65,7 @@ class WorkerConfig:
     experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
     drain_grace_s: float = 30.0
 
-    _ranges = {"kv_cache_gib": (0.001, 4096.0), "kv_block_size": (1, 1024), "max_batch": (1, 4096),
+    _ranges = {"kv_cache_gib": (0.001, 4096.0), "kv_block_size": (1, 1024), "max_batch": (1, 4096), "micro_batches": (1, 2),
                "prefill_chunk_tokens": (16, 1 << 20), "handoff_slots": (1, 256), "handoff_slot_tokens": (0, 1 << 22),
                "handoff_timeout_s": (1.0, 3600.0), "cpu_threads": (0, 4096), "drain_grace_s": (0.0, 3600.0)}
     _choices = {"experts": ("cpu", "torch"), "dtype": ("auto", "fp32", "bf16")}

@@ -13,6 +13,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.sampling_params import SamplingParams
@@ -42,8 +44,8 @@ class DecodeRequest:
 
 
 class DecodeEngine:
-    def __init__(self, model: CausalLM, kv: KVPool, max_batch: int):
-        self.model, self.kv, self.max_batch = model, kv, max_batch
+    def __init__(self, model: CausalLM, kv: KVPool, max_batch: int, micro_batches: int = 2):
+        self.model, self.kv, self.max_batch, self.micro_batches = model, kv, max_batch, micro_batches
         self.waiting: deque[DecodeRequest] = deque()
         self.running: dict[str, DecodeRequest] = {}
         self._pools: dict[str, HandoffPool] = {}
@@ -101,8 +103,12 @@ class DecodeEngine:
         if not self.running:
             return out
         reqs = list(self.running.values())
-        batch = ForwardBatch.build(self.kv, [(r.request_id, [r.output[-1]], r.ctx_len) for r in reqs])
-        logits = self.model.forward(batch, self.kv)
+        # Two micro-batches: one's attention runs on the device while the other's experts run on the CPU.
+        parts = min(self.micro_batches, len(reqs))
+        bounds = [len(reqs) * i // parts for i in range(parts + 1)]
+        batches = [ForwardBatch.build(self.kv, [(r.request_id, [r.output[-1]], r.ctx_len) for r in reqs[lo:hi]])
+                   for lo, hi in zip(bounds, bounds[1:])]
+        logits = torch.cat(self.model.forward_overlapped(batches, self.kv))
         tokens = sample(logits, [r.params for r in reqs], [len(r.output) for r in reqs])
         items = []
         for req, token in zip(reqs, tokens):

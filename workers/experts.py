@@ -16,12 +16,22 @@ import torch.nn.functional as F
 
 
 class ExpertBackend(Protocol):
-    """y[t] = sum_k w[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])) with e = ids[t, k]."""
+    """y[t] = sum_k w[t, k] * down_e(silu(gate_e(x[t])) * up_e(x[t])) with e = ids[t, k].
 
-    def __call__(
-        self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """hidden [T, H], topk_ids [T, K] int64, topk_weights [T, K] float32 -> [T, H] in hidden's dtype."""
+    Two halves, so the caller can do other work while the experts run (the decode step overlaps
+    one micro-batch's attention with the other's experts): submit() starts the layer's experts and
+    returns a handle at once, wait(handle) returns the output. Calling the backend does both.
+    """
+
+    def submit(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """hidden [T, H], topk_ids [T, K] int64, topk_weights [T, K] float32 -> a handle for wait()."""
+        ...
+
+    def wait(self, handle) -> torch.Tensor:
+        """-> [T, H] in hidden's dtype, on hidden's device."""
+        ...
+
+    def __call__(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         ...
 
 
@@ -30,6 +40,12 @@ class TorchExperts:
 
     def __init__(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         self.layers = layers
+
+    def submit(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        return self(layer_id, hidden, topk_ids, topk_weights)  # on the device's own queue already
+
+    def wait(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
 
     def __call__(
         self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor

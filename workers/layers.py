@@ -134,9 +134,16 @@ class MoE:
         self.experts = experts
         self.shared = shared
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def submit(self, x: torch.Tensor):
+        """Route on the device, start the routed experts, run the shared experts meanwhile."""
         topk_ids, topk_weights = self.router(x)
-        out = self.experts(self.layer_id, x, topk_ids, topk_weights.to(torch.float32))
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return out
+        handle = self.experts.submit(self.layer_id, x, topk_ids, topk_weights.to(torch.float32))
+        return handle, (self.shared(x) if self.shared is not None else None)
+
+    def finish(self, pending) -> torch.Tensor:
+        handle, shared = pending
+        out = self.experts.wait(handle)
+        return out if shared is None else out + shared
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.submit(x))

@@ -32,8 +32,17 @@ class DecoderLayer:
         self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
 
     def __call__(self, x, batch, kv, rotary, cos, sin) -> torch.Tensor:
+        h, pending = self.start(x, batch, kv, rotary, cos, sin)
+        return self.finish(h, pending)
+
+    def start(self, x, batch, kv, rotary, cos, sin):
+        """Attention and residual on the device, then start the MLP (a MoE's experts run on)."""
         h = x + self.attn(self.input_norm(x), batch, kv, rotary, cos, sin)
-        return h + self.mlp(self.post_attention_norm(h))
+        normed = self.post_attention_norm(h)
+        return h, (self.mlp.submit(normed) if isinstance(self.mlp, MoE) else self.mlp(normed))
+
+    def finish(self, h, pending) -> torch.Tensor:
+        return h + (self.mlp.finish(pending) if isinstance(self.mlp, MoE) else pending)
 
 
 class CausalLM:
@@ -41,17 +50,33 @@ class CausalLM:
         self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
         self.rotary, self.device, self.dtype = rotary, device, dtype
 
-    @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVPool, all_logits: bool = False) -> torch.Tensor:
         """Run the batch, write its KV, return float32 logits [B, V] of each sequence's last token
         (or [N, V] of every token with all_logits)."""
-        x = F.embedding(batch.input_ids, self.embed)  # [N, H]
-        cos, sin = self.rotary.cos_sin(batch.positions, self.dtype)
-        for layer in self.layers:
-            x = layer(x, batch, kv, self.rotary, cos, sin)
-        if not all_logits:
-            x = x[batch.last_rows]  # [B, H]
-        return F.linear(self.norm(x), self.lm_head).to(torch.float32)
+        return self.forward_overlapped([batch], kv, all_logits)[0]
+
+    @torch.inference_mode()
+    def forward_overlapped(self, batches: list[ForwardBatch], kv: KVPool, all_logits: bool = False) -> list[torch.Tensor]:
+        """Micro-batches through the stack, software-pipelined: while one micro-batch's routed experts
+        run (on the CPU kernels), the device computes the other's attention.
+
+        Per layer and micro-batch i: finish i's previous layer -> attention -> start i's MLP.
+        """
+        xs = [F.embedding(b.input_ids, self.embed) for b in batches]  # [N_i, H]
+        rope = [self.rotary.cos_sin(b.positions, self.dtype) for b in batches]
+        pending: list = [None] * len(batches)
+        for layer_id, layer in enumerate(self.layers):
+            for i, batch in enumerate(batches):
+                if layer_id:
+                    xs[i] = self.layers[layer_id - 1].finish(*pending[i])
+                pending[i] = layer.start(xs[i], batch, kv, self.rotary, *rope[i])
+        logits = []
+        for i, batch in enumerate(batches):
+            x = self.layers[-1].finish(*pending[i])
+            if not all_logits:
+                x = x[batch.last_rows]  # [B, H]
+            logits.append(F.linear(self.norm(x), self.lm_head).to(torch.float32))
+        return logits
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -74,7 +74,7 @@ class Worker:
             self.engine = PrefillEngine(self.model, self.kv, self.handoff, w.prefill_chunk_tokens, w.handoff_timeout_s)
         else:
             self.handoff = None
-            self.engine = DecodeEngine(self.model, self.kv, w.max_batch)
+            self.engine = DecodeEngine(self.model, self.kv, w.max_batch, w.micro_batches)
         self._warm_up()
         self._connect()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()

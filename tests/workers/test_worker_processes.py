@@ -134,7 +134,7 @@ def served(tiny_models, tmp_path_factory):
     endpoint = f"ipc://{tmp_path_factory.mktemp('ipc')}/backend.sock"
     harness = Harness(endpoint)
     env = dict(os.environ, HMOE_SHM_PREFIX=prefix, HMOE_WORKER_EXPERTS="torch", HMOE_WORKER_KV_CACHE_GIB="0.01",
-               HMOE_ROUTER_HEARTBEAT_INTERVAL_S="0.2", HMOE_WORKER_PREFILL_CHUNK_TOKENS="16",
+               HMOE_ROUTER_HEARTBEAT_INTERVAL_S="0.5", HMOE_WORKER_PREFILL_CHUNK_TOKENS="16",
                HMOE_WORKER_HANDOFF_SLOTS="3", HMOE_WORKER_HANDOFF_SLOT_TOKENS="256")
     procs = {}
 
