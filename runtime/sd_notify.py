@@ -39,11 +39,19 @@ class SdNotify:
         return bool(self.address)
 
     def send(self, *lines: str) -> bool:
-        """Send `KEY=VALUE` lines as one datagram; False when not under systemd."""
+        """Send `KEY=VALUE` lines as one datagram; False when not under systemd or it was not taken.
+
+        NOTE: never blocks and never raises. A full receive queue (a unix datagram socket holds only
+        net.unix.max_dgram_qlen messages) would otherwise stall the caller's loop in sendto, and a
+        serving process must not die because its supervisor's socket hiccuped; a lost ping is
+        followed by the next one."""
         if not self.address:
             return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto("\n".join(lines).encode(), self.address)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self.address)
+        except OSError:
+            return False
         return True
 
     def ready(self, status: str = "") -> bool:

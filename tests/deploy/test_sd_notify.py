@@ -70,3 +70,15 @@ def test_without_systemd_every_call_is_a_no_op():
 ])
 def test_watchdog_interval(env, expected):
     assert watchdog_interval_s(env) == expected
+
+
+def test_never_blocks_or_raises_when_the_socket_is_full_or_gone(tmp_path):
+    """A supervisor that does not read (or went away) must not stall or kill a serving loop."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    notify = SdNotify.from_env({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    start = time.monotonic()
+    sent = [notify.watchdog() for _ in range(2000)]  # far past the socket's queue of datagrams
+    assert time.monotonic() - start < 5.0 and sent[0] and not sent[-1]
+    sock.close()
+    assert not notify.ready()  # nobody listens now: False, no exception
