@@ -318,6 +318,27 @@ def _fields(msg) -> dict:
     return {name: getattr(msg, name) for name in msg.__slots__}
 
 
+def status_once(endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, server_public_key: str | bytes | None = None) -> dict:
+    """One Status from the router, blocking, with no thread and no event loop (health checks, readiness)."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if server_public_key is not None:
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.curve_serverkey = _curve_key(server_public_key)
+    try:
+        sock.connect(endpoint)
+        sock.send(encode(StatusRequest()))
+        deadline = time.monotonic() + timeout_s
+        while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0 and sock.poll(left_ms):
+            msg = decode(sock.recv(), REPLY_TYPES)
+            if isinstance(msg, Status):
+                return _fields(msg)
+        raise RouterUnreachable("router_unreachable", f"no answer from {endpoint} in {timeout_s} s: is the router running?")
+    finally:
+        sock.close()
+
+
 class Stream:
     """The blocking form of AsyncStream: iterate Chunks; `result` at the end; close() cancels."""
 

@@ -157,8 +157,8 @@ class Scheduler:
             self._register(identity, msg, now)
             return
         worker = self.workers.seen(identity, now)
-        if worker is None:  # e.g. it registered with a router that has since restarted
-            self._send(WORKER, identity, Error("not_registered", "this router does not know you: register again"))
+        if worker is None:  # registered with a router that has since restarted: no pongs, so it registers again
+            log.debug("unregistered_worker", message=type(msg).__name__, peer=identity.hex())
             return
         match msg:
             case WorkerPing():

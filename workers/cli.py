@@ -140,5 +140,11 @@ from hmoe.runtime.ops import COMMANDS as OPS_COMMANDS  # noqa: E402  (health, dr
 for _command in OPS_COMMANDS:
     main.add_command(_command)
 
+from hmoe.workers.serve_cli import generate_cmd, serve_cmd, status_cmd  # noqa: E402  (serve + generate, status)
+
+main.add_command(serve_cmd)
+main.add_command(generate_cmd)
+main.add_command(status_cmd)
+
 if __name__ == "__main__":
     main()

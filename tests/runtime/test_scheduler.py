@@ -278,10 +278,11 @@ def test_lost_prefill_worker_retries_once_then_worker_lost():
     assert fin.request_id == "b" and fin.error["code"] == "no_worker"
 
 
-def test_unknown_worker_is_told_to_register_and_bad_registrations_are_refused():
+def test_unknown_worker_gets_no_pong_and_bad_registrations_are_refused():
     s = make()
-    s.on_worker(b"stranger", WorkerPing("w9", 1, 0), 0.0)
-    assert s.take_outbox()[0][2].code == "not_registered"
+    s.on_worker(b"stranger", WorkerPing("w9", 1, 0), 0.0)  # its pongs stop, so it registers again
+    s.on_worker(b"stranger", Error("unknown_message", "?"), 0.0)
+    assert s.take_outbox() == []
     s.on_worker(b"other", Register("w", "decode", 1, "cpu", {**MODEL, "name": "other"}, 100, 1), 0.0)
     assert s.take_outbox()[0][2].code == "worker_rejected" and s.workers.get(b"other") is None
     s.on_worker(b"odd", Register("w", "embed", 1, "cpu", MODEL, 100, 1), 0.0)

@@ -1,0 +1,126 @@
+"""Supervisor: the child processes of `hmoe serve` — started in order, restarted when one dies, stopped in order.
+
+Children run in their own process group, so a Ctrl-C reaches only the supervisor, which stops them
+in order: the router first (it drains, while the workers still run), then the workers. They get
+SIGTERM if the supervisor itself dies (Linux PR_SET_PDEATHSIG), so none is left behind.
+A child that exits is restarted, at most max_restarts times within window_s; one that failed to
+start (exit 2 or 3: restarting cannot fix it) or restarts too often stops everything, exit 1.
+A second signal kills every child at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+NO_RESTART_CODES = (2, 3)  # usage error, start-up failure
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    name: str
+    argv: tuple[str, ...]
+    stop_grace_s: float  # how long it may drain after SIGTERM before it is killed
+
+
+class RestartPolicy:
+    """Pure: may `name` restart now? At most max_restarts within any window_s."""
+
+    def __init__(self, max_restarts: int = 3, window_s: float = 60.0):
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self.restarts: dict[str, deque[float]] = {}
+
+    def allow(self, name: str, exit_code: int, now: float) -> bool:
+        if exit_code in NO_RESTART_CODES:
+            return False
+        recent = self.restarts.setdefault(name, deque())
+        while recent and now - recent[0] > self.window_s:
+            recent.popleft()
+        if len(recent) >= self.max_restarts:
+            return False
+        recent.append(now)
+        return True
+
+
+def _prctl():
+    """libc's prctl, resolved in the parent: the child, between fork and exec, only calls it."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: children may outlive a killed supervisor
+
+
+class Supervisor:
+    def __init__(self, specs: list[ChildSpec], output: IO, policy: RestartPolicy | None = None,
+                 say: Callable[[str], None] = print):  # fmt: skip
+        self.specs = specs
+        self.output = output  # where the children's stdout and stderr go
+        self.policy = policy or RestartPolicy()
+        self.say = say
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.signals = 0
+        prctl = _prctl()
+        self._preexec = (lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)) if prctl is not None else None
+
+    def start(self) -> None:
+        for spec in self.specs:
+            self._spawn(spec)
+
+    def _spawn(self, spec: ChildSpec) -> None:
+        self.procs[spec.name] = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output,
+                                                 process_group=0, preexec_fn=self._preexec)  # fmt: skip
+
+    def run(self, on_tick: Callable[[], None] | None = None, tick_s: float = 0.2) -> int:
+        """Watch the children until a signal (stop them: 0) or one that cannot be restarted (stop: 1)."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        while not self.signals:
+            for spec in self.specs:
+                code = self.procs[spec.name].poll()
+                if code is None:
+                    continue
+                if not self.policy.allow(spec.name, code, time.monotonic()):
+                    self.say(f"{spec.name} exited with status {code}; not restarting it: stopping everything")
+                    self.stop()
+                    return 1
+                self.say(f"{spec.name} exited with status {code}; restarting it")
+                self._spawn(spec)
+            if on_tick is not None:
+                on_tick()
+            time.sleep(tick_s)
+        return self.stop()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            self.kill()
+
+    def stop(self) -> int:
+        """SIGTERM each child in start order and wait for it to drain; 0 when all exited cleanly."""
+        codes = []
+        for spec in self.specs:
+            proc = self.procs[spec.name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + spec.stop_grace_s
+            while proc.poll() is None and time.monotonic() < deadline and self.signals < 2:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+            codes.append(proc.wait())
+        return 0 if all(c == 0 for c in codes) else 1
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.procs.items()}
