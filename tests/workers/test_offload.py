@@ -1,0 +1,48 @@
+"""OffloadedExperts: the kernel thread, staging slots and submit/wait give the host backend's answer."""
+
+from __future__ import annotations
+
+import torch
+
+from hmoe.workers.experts import TorchExperts
+from hmoe.workers.offload import OffloadedExperts
+
+
+def _backend(num_experts=6, hidden=32, inter=16, seed=0) -> TorchExperts:
+    g = torch.Generator().manual_seed(seed)
+    layers = {3: (torch.randn(num_experts, inter, hidden, generator=g), torch.randn(num_experts, inter, hidden, generator=g),
+                  torch.randn(num_experts, hidden, inter, generator=g))}
+    return TorchExperts(layers)
+
+
+def test_two_micro_batches_in_flight_match_the_host_backend():
+    host = _backend()
+    offload = OffloadedExperts(host, torch.device("cpu"), hidden=32, top_k=2, max_tokens=8, slots=2)
+    g = torch.Generator().manual_seed(1)
+    try:
+        for _ in range(5):
+            xs = [torch.randn(t, 32, generator=g) for t in (3, 8)]
+            ids = [torch.randint(0, 6, (t, 2), generator=g) for t in (3, 8)]
+            ws = [torch.rand(t, 2, generator=g) for t in (3, 8)]
+            handles = [offload.submit(3, x, i, w) for x, i, w in zip(xs, ids, ws)]  # both in flight
+            for x, i, w, h in zip(xs, ids, ws, handles):
+                torch.testing.assert_close(offload.wait(h), host(3, x, i, w))
+    finally:
+        offload.close()
+
+
+def test_a_kernel_error_reaches_the_caller():
+    offload = OffloadedExperts(_backend(), torch.device("cpu"), hidden=32, top_k=2, max_tokens=4)
+    try:
+        handle = offload.submit(99, torch.randn(2, 32), torch.zeros(2, 2, dtype=torch.int64), torch.ones(2, 2))
+        try:
+            offload.wait(handle)
+        except KeyError:
+            pass
+        else:
+            raise AssertionError("the error of an unknown layer was swallowed")
+        # ... and the thread keeps serving.
+        x, ids, w = torch.randn(1, 32), torch.tensor([[1, 4]]), torch.tensor([[0.3, 0.7]])
+        torch.testing.assert_close(offload(3, x, ids, w), _backend()(3, x, ids, w))
+    finally:
+        offload.close()
