@@ -104,8 +104,13 @@ def list_packs(config: ShmConfig = ShmConfig()) -> list[PackInfo]:
         try:
             infos.append(inspect_pack(name, config, pids.get(name, ())))
         except ShmError as exc:
-            if exc.code != "pack_not_found":  # removed while we looked
-                raise
+            if exc.code == "pack_not_found":  # removed while we looked
+                continue
+            try:  # not ours to read (another user's, mode 0600): list it, say why
+                nbytes = config.segment_path(name).stat().st_size
+            except OSError:
+                nbytes = 0
+            infos.append(PackInfo(name, "invalid", nbytes, pids.get(name, ()), problem=str(exc)))
     return infos
 
 
@@ -150,7 +155,7 @@ def collect_garbage(config: ShmConfig = ShmConfig(), dry_run: bool = False) -> l
             try:
                 remove_pack(action.name, config)
             except ShmError as exc:  # a loader or an attacher came in meanwhile: leave it
-                if exc.code not in ("pack_busy", "pack_not_found"):
+                if exc.code not in ("pack_busy", "pack_not_found", "shm_permission"):
                     raise
                 log.info("gc: kept %s (%s)", action.name, exc)
                 continue

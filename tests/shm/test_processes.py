@@ -166,3 +166,14 @@ def test_gc_removes_incomplete_and_unattached_packs_only(shm_config):
         user.kill()
     assert shm_config.pack_names() == []
     assert collect_garbage(shm_config) == []  # lock files went with their packs
+
+
+def test_a_pack_we_may_not_read_is_listed_not_fatal(ready_pack, shm_config, monkeypatch):
+    import hmoe.shm.registry as registry
+
+    def denied(name, config, pids=()):
+        raise ShmError("shm_permission", f"{name}: permission denied")
+
+    monkeypatch.setattr(registry, "inspect_pack", denied)
+    [info] = list_packs(shm_config)
+    assert info.state == "invalid" and "permission denied" in info.problem and info.nbytes == ready_pack.segment.nbytes
