@@ -118,3 +118,21 @@ def test_greedy_generation_matches_transformers_generate(hf_pair):
     assert list(result.token_ids) == ref.tolist()
     assert result.finish_reason == "length"
     assert len(set(result.token_ids)) > 1  # a real continuation, not one repeated token
+
+
+@pytest.mark.gpu
+def test_cuda_matches_transformers(hf_pair):
+    """The same model on a GPU: fp32 logits match transformers, greedy tokens match the CPU run."""
+    hf, checkpoint, _ = hf_pair
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    model = load_model(checkpoint, "cuda", "fp32")
+    kv = KVPool(model.config, num_blocks=64, block_size=4, dtype=torch.float32, device=torch.device("cuda"))
+    kv.reserve("s", len(ids))
+    ours = model.forward(ForwardBatch.build(kv, [("s", ids, 0)]), kv, all_logits=True).cpu()
+    assert (ours - ref).abs().max() <= 1e-3 * ref.abs().max()
+    kv.free("s")
+    cpu_model = load_model(checkpoint, "cpu", "fp32")
+    params = SamplingParams(max_tokens=32)
+    assert generate(model, kv, ids[:7], params).token_ids == generate(cpu_model, _pool(cpu_model), ids[:7], params).token_ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hmoe.workers.experts import TorchExperts
@@ -44,5 +45,22 @@ def test_a_kernel_error_reaches_the_caller():
         # ... and the thread keeps serving.
         x, ids, w = torch.randn(1, 32), torch.tensor([[1, 4]]), torch.tensor([[0.3, 0.7]])
         torch.testing.assert_close(offload(3, x, ids, w), _backend()(3, x, ids, w))
+    finally:
+        offload.close()
+
+
+@pytest.mark.gpu
+def test_cuda_staging_round_trip():
+    """On a GPU: pinned staging, the CUDA event and the copy back give the host backend's answer."""
+    host = _backend()
+    offload = OffloadedExperts(host, torch.device("cuda"), hidden=32, top_k=2, max_tokens=8)
+    try:
+        assert offload.x.is_pinned()
+        x, ids, w = torch.randn(5, 32), torch.randint(0, 6, (5, 2)), torch.rand(5, 2)
+        handles = [offload.submit(3, x.cuda().to(torch.bfloat16), ids.cuda(), w.cuda()) for _ in range(2)]
+        for h in handles:
+            y = offload.wait(h)
+            assert y.device.type == "cuda" and y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float().cpu(), host(3, x.to(torch.bfloat16).float(), ids, w), rtol=2e-2, atol=2e-2)
     finally:
         offload.close()

@@ -124,9 +124,10 @@ class Harness:
         self.sock.close(linger=0)
 
 
-@pytest.fixture(scope="module")
-def served(tiny_models, tmp_path_factory):
-    """A pack of the tiny DeepSeek model, a harness router, and one prefill + one decode worker."""
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def served(request, tiny_models, tmp_path_factory):
+    """A pack of the tiny DeepSeek model, a harness router, and one prefill + one decode worker
+    (on the CPU, and on a GPU where there is one: the same tokens either way, fp32)."""
     model_dir = tiny_models("deepseek_v3", "fp32")
     prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
     shm = ShmConfig(prefix=prefix)
@@ -135,7 +136,8 @@ def served(tiny_models, tmp_path_factory):
     harness = Harness(endpoint)
     env = dict(os.environ, HMOE_SHM_PREFIX=prefix, HMOE_WORKER_EXPERTS="torch", HMOE_WORKER_KV_CACHE_GIB="0.01",
                HMOE_ROUTER_HEARTBEAT_INTERVAL_S="0.5", HMOE_WORKER_PREFILL_CHUNK_TOKENS="16",
-               HMOE_WORKER_HANDOFF_SLOTS="3", HMOE_WORKER_HANDOFF_SLOT_TOKENS="256")
+               HMOE_WORKER_HANDOFF_SLOTS="3", HMOE_WORKER_HANDOFF_SLOT_TOKENS="256",
+               HMOE_WORKER_DEVICE=request.param, HMOE_WORKER_DTYPE="fp32")
     procs = {}
 
     def start(role):
