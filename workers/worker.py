@@ -50,7 +50,7 @@ class Worker:
         self.notify = SdNotify.from_env()
         self.context = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
-        self.lock = threading.Lock()  # the socket is shared with the heartbeat thread
+        self.lock = threading.RLock()  # the socket is shared with the heartbeat thread; _connect sends under it
         self.generation = 0
         self.last_pong = time.monotonic()
         self.draining_since: float | None = None
