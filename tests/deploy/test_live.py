@@ -1,0 +1,166 @@
+"""The services as systemd runs them, minus systemd: the units' command lines, a NOTIFY_SOCKET and
+WATCHDOG_USEC per process, and hmoectl against the live router and workers.
+
+Each process gets the environment systemd gives a Type=notify service with WatchdogSec=1s; the test
+owns the datagram sockets, so it sees exactly what systemd would: READY=1 once the process can
+serve, WATCHDOG=1 at least every half interval, STOPPING=1 when a drain begins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hmoe.runtime.client import Client
+from hmoe.shm import ShmConfig
+from hmoe.workers.pack_loader import load_pack
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+HMOECTL = Path(__file__).resolve().parents[2] / "deploy" / "scripts" / "hmoectl"
+WATCHDOG_S = 1.0
+START_TIMEOUT_S = 60.0
+
+
+class Service:
+    """One process started as its unit would start it, and the notify socket systemd would own
+    (read at once by a thread, as systemd does, so the process never waits on a full queue)."""
+
+    def __init__(self, name: str, argv: list[str], tmp: Path, env: dict):
+        self.name = name
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(f"\0hmoe-test-{uuid.uuid4().hex}")  # abstract, as `@name` in NOTIFY_SOCKET
+        self.notify.settimeout(0.2)
+        address = "@" + self.notify.getsockname()[1:].decode()
+        self.messages: list[tuple[float, str]] = []  # (when, KEY=VALUE) in arrival order
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.log_path = tmp / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, env={**env, "NOTIFY_SOCKET": address,
+                                                    "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6))},
+                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def _read(self) -> None:
+        while self.notify.fileno() >= 0:
+            try:
+                datagram = self.notify.recv(4096)
+            except (TimeoutError, OSError):
+                continue
+            self.messages += [(time.monotonic(), line) for line in datagram.decode().split("\n")]
+
+    def wait_for(self, line: str, timeout_s: float, after_s: float = 0.0) -> float:
+        """When `line` arrived (after `after_s`), or fail with the process's log."""
+        deadline = time.monotonic() + timeout_s
+        while (found := [t for t, m in list(self.messages) if m == line and t > after_s]) == []:
+            if time.monotonic() > deadline or self.proc.poll() is not None and time.monotonic() > deadline - timeout_s + 1:
+                raise AssertionError(f"{self.name}: no {line} (exit {self.proc.poll()}); log:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        return found[0]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            self.notify.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models, tmp_path_factory):
+    """A weight pack, then hmoe-router and hmoe-worker --role prefill|decode with the units' flags."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    model_dir = tiny_models("deepseek_v3", "fp32")
+    prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
+    pack, _ = load_pack(model_dir, "deploy", config=ShmConfig(prefix=prefix))
+    config = tmp / "hmoe.toml"
+    config.write_text(f"""
+[router]
+frontend = "ipc://{tmp}/frontend.sock"
+runtime_dir = "{tmp}"
+model_dir = "{model_dir}"
+drain_grace_s = 20.0
+[worker]
+pack = "deploy"
+experts = "torch"
+kv_cache_gib = 0.01
+handoff_slot_tokens = 256
+[shm]
+prefix = "{prefix}"
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HMOE_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+    services = {"router": Service("router", [str(VENV_BIN / "hmoe-router"), "--config", str(config)], tmp, env)}
+    services["router"].wait_for("READY=1", START_TIMEOUT_S)
+    for role in ("prefill", "decode"):
+        argv = [str(VENV_BIN / "hmoe-worker"), "--role", role, "--config", str(config)]
+        services[role] = Service(role, argv, tmp, env)
+    for role in ("prefill", "decode"):
+        services[role].wait_for("READY=1", START_TIMEOUT_S)
+    ctl_env = {**env, "HMOE_VENV": str(VENV_BIN.parent), "HMOE_CONFIG": str(config), "HMOE_ENV_FILE": str(tmp / "none")}
+    yield services, ctl_env, config
+    codes = {name: service.stop() for name, service in services.items()}
+    pack.close()
+    from hmoe.shm.registry import remove_pack  # noqa: PLC0415
+
+    remove_pack("deploy", ShmConfig(prefix=prefix), force=True)
+    assert codes == {"router": 0, "prefill": 0, "decode": 0}, codes
+
+
+def hmoectl(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HMOECTL), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_ready_then_watchdog_pings_from_every_process(stack):
+    services, _, _ = stack
+    time.sleep(2 * WATCHDOG_S)
+    for service in services.values():
+        ready_s = service.wait_for("READY=1", 1.0)
+        pings = [t for t, m in list(service.messages) if m == "WATCHDOG=1" and t > ready_s]
+        assert len(pings) >= 3, (service.name, service.messages)
+        gaps = [b - a for a, b in zip([ready_s, *pings], [*pings, time.monotonic()])]
+        assert max(gaps) < WATCHDOG_S, (service.name, gaps)  # systemd would never have fired
+
+
+def test_hmoectl_health_and_status(stack):
+    services, env, _ = stack
+    health = hmoectl(env, "health")
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert health.stdout.startswith("healthy: 1 prefill + 1 decode workers") and health.stdout.count("\n") == 1
+    status = hmoectl(env, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    workers = json.loads(status.stdout)["workers"]
+    assert sorted((w["role"], w["pid"]) for w in workers) == sorted(
+        (role, services[role].proc.pid) for role in ("decode", "prefill"))  # the very processes started here
+
+
+def test_hmoectl_drain_finishes_requests_in_flight(stack):
+    services, env, config = stack
+    with Client(f"ipc://{config.parent}/frontend.sock") as client:
+        stream = client.generate(token_ids=[5, 9, 2, 44], max_tokens=60, ignore_eos=True)
+        first = next(iter(stream))  # running: prefilled and decoding
+        drain = subprocess.Popen([str(HMOECTL), "drain", "--grace-s", "20"], env=env, stdout=subprocess.PIPE, text=True)
+        services["router"].wait_for("STOPPING=1", 10.0)
+        tokens = list(first.token_ids) + [t for chunk in stream for t in chunk.token_ids]
+        result = stream.final()
+    assert result.finish_reason == "length" and len(tokens) == 60  # nothing in flight was lost
+    out, _ = drain.communicate(timeout=40)
+    assert drain.returncode == 0 and out.splitlines()[-1] == "drained: the router has exited", out
+    assert services["router"].proc.wait(10) == 0
+    after = hmoectl(env, "health", "--timeout-s", "1")
+    assert after.returncode == 2 and after.stdout.startswith("unhealthy: the router"), after.stdout
+    for role in ("prefill", "decode"):  # systemd stops the workers (BindsTo=): SIGTERM drains them
+        services[role].proc.send_signal(signal.SIGTERM)
+        services[role].wait_for("STOPPING=1", 10.0)
+        assert services[role].proc.wait(30) == 0
