@@ -146,5 +146,9 @@ main.add_command(serve_cmd)
 main.add_command(generate_cmd)
 main.add_command(status_cmd)
 
+from hmoe.workers.shm_cli import shm as shm_group  # noqa: E402  (hmoe shm load|ls|rm|gc)
+
+main.add_command(shm_group)
+
 if __name__ == "__main__":
     main()
