@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,13 +24,12 @@ from pathlib import Path
 import pytest
 
 from hmoe.runtime.client import Client
-from hmoe.shm import ShmConfig
-from hmoe.workers.pack_loader import load_pack
 
 pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
-HMOECTL = Path(__file__).resolve().parents[2] / "deploy" / "scripts" / "hmoectl"
+UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+HMOECTL = UNITS.parent / "scripts" / "hmoectl"
 WATCHDOG_S = 1.0
 START_TIMEOUT_S = 60.0
 
@@ -78,22 +79,35 @@ class Service:
             self.notify.close()
 
 
+def exec_start(unit: str, config: Path, env: dict, instance: str = "") -> list[str]:
+    """The unit's ExecStart= as systemd would run it here: this venv and config for /opt/hmoe/venv and
+    /etc/hmoe/hmoe.toml, %i the instance, ${VAR} one word and $VAR split into words from `env`."""
+    line = next(x for x in (UNITS / unit).read_text().splitlines() if x.startswith("ExecStart="))
+    line = (line.removeprefix("ExecStart=").replace("/opt/hmoe/venv/bin", str(VENV_BIN))
+            .replace("/etc/hmoe/hmoe.toml", str(config)).replace("%i", instance))
+    argv = []
+    for word in shlex.split(line):
+        if whole := re.fullmatch(r"\$\{(\w+)\}", word):
+            argv.append(env.get(whole[1], ""))
+        elif split := re.fullmatch(r"\$(\w+)", word):
+            argv += env.get(split[1], "").split()
+        else:
+            argv.append(word)
+    return argv
+
+
 @pytest.fixture(scope="module")
 def stack(tiny_models, tmp_path_factory):
-    """A weight pack, then hmoe-router and hmoe-worker --role prefill|decode with the units' flags."""
+    """hmoe-pack's command, then hmoe-router and hmoe-worker@prefill|decode, each as its unit runs it."""
     tmp = tmp_path_factory.mktemp("deploy")
-    model_dir = tiny_models("deepseek_v3", "fp32")
+    (tmp / "run").mkdir()
     prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
-    pack, _ = load_pack(model_dir, "deploy", config=ShmConfig(prefix=prefix))
-    config = tmp / "hmoe.toml"
+    config = tmp / "hmoe.toml"  # stands in for /etc/hmoe/hmoe.toml
     config.write_text(f"""
 [router]
 frontend = "ipc://{tmp}/frontend.sock"
-runtime_dir = "{tmp}"
-model_dir = "{model_dir}"
 drain_grace_s = 20.0
 [worker]
-pack = "deploy"
 experts = "torch"
 kv_cache_gib = 0.01
 handoff_slot_tokens = 256
@@ -101,21 +115,22 @@ handoff_slot_tokens = 256
 prefix = "{prefix}"
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HMOE_", "NOTIFY_SOCKET", "WATCHDOG_"))}
-    services = {"router": Service("router", [str(VENV_BIN / "hmoe-router"), "--config", str(config)], tmp, env)}
-    services["router"].wait_for("READY=1", START_TIMEOUT_S)
+    env |= {"HMOE_ROUTER_MODEL_DIR": str(tiny_models("deepseek_v3", "fp32")), "HMOE_WORKER_PACK": "deploy",
+            "HMOE_PACK_ARGS": "", "RUNTIME_DIRECTORY": str(tmp / "run")}  # hmoe.env, and what systemd sets
+    ctl_env = {**env, "HMOE_VENV": str(VENV_BIN.parent), "HMOE_CONFIG": str(config), "HMOE_ENV_FILE": str(tmp / "none")}
+    loaded = subprocess.run(exec_start("hmoe-pack.service", config, env), env=env, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and "loaded pack deploy" in loaded.stdout, loaded.stdout + loaded.stderr
+    services = {"router": Service("router", exec_start("hmoe-router.service", config, env), tmp, env)}
+    services["router"].wait_for("READY=1", START_TIMEOUT_S)  # After=: workers start once the router is ready
     for role in ("prefill", "decode"):
-        argv = [str(VENV_BIN / "hmoe-worker"), "--role", role, "--config", str(config)]
-        services[role] = Service(role, argv, tmp, env)
+        services[role] = Service(role, exec_start("hmoe-worker@.service", config, env, role), tmp, env)
     for role in ("prefill", "decode"):
         services[role].wait_for("READY=1", START_TIMEOUT_S)
-    ctl_env = {**env, "HMOE_VENV": str(VENV_BIN.parent), "HMOE_CONFIG": str(config), "HMOE_ENV_FILE": str(tmp / "none")}
     yield services, ctl_env, config
     codes = {name: service.stop() for name, service in services.items()}
-    pack.close()
-    from hmoe.shm.registry import remove_pack  # noqa: PLC0415
-
-    remove_pack("deploy", ShmConfig(prefix=prefix), force=True)
+    removed = hmoectl(ctl_env, "shm", "rm", "deploy")
     assert codes == {"router": 0, "prefill": 0, "decode": 0}, codes
+    assert removed.returncode == 0, removed.stderr
 
 
 def hmoectl(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -143,6 +158,9 @@ def test_hmoectl_health_and_status(stack):
     workers = json.loads(status.stdout)["workers"]
     assert sorted((w["role"], w["pid"]) for w in workers) == sorted(
         (role, services[role].proc.pid) for role in ("decode", "prefill"))  # the very processes started here
+    packs = hmoectl(env, "shm", "ls", "--json")
+    (pack,) = [p for p in json.loads(packs.stdout) if p["name"] == "deploy"]
+    assert pack["state"] == "ready" and set(pack["attached_pids"]) >= {services[r].proc.pid for r in ("prefill", "decode")}
 
 
 def test_hmoectl_drain_finishes_requests_in_flight(stack):
