@@ -165,7 +165,8 @@ class _Filler:
         self.threads = threads
         self.stream = stream if stream is not None else sys.stderr
         self._local = threading.local()
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, int] = {}  # shard file -> fd, open during a fill
+        self.progress: Progress | None = None
 
     def __call__(self, writer: PackWriter) -> None:
         c = self.config
@@ -180,17 +181,15 @@ class _Filler:
         total = sum(t.nbytes for t in self.stored.values())
         self.progress = Progress(f"loading {writer.manifest.name}", total, self.stream)
         self._fds = {f: os.open(self.path / f, os.O_RDONLY | os.O_CLOEXEC) for f in {t.file for t in self.stored.values()}}
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="pack-load")
         try:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="pack-load") as pool:
-                futures = [pool.submit(*task) for task in tasks]
-                done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-                for future in pending:
-                    future.cancel()
-                for future in done:
-                    future.result()  # re-raise the first failure
+            done, _ = wait([pool.submit(*task) for task in tasks], return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()  # re-raise the first failure
             for blob in writer.manifest.blobs:
                 writer.write_blob(blob.name, (self.path / blob.name).read_bytes())
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on a failure or Ctrl-C, start nothing more
             for fd in self._fds.values():
                 os.close(fd)
             self.progress.finish()
@@ -218,10 +217,11 @@ class _Filler:
     def _source(self, name: str) -> np.ndarray:
         """One stored tensor read into this thread's scratch buffer, as the numpy dtype encode_expert takes."""
         tensor = self.stored[name]
-        scratch = getattr(self._local, name.endswith("_scale_inv") and "scale" or "weight", None)
+        slot = "scale" if name.endswith("_scale_inv") else "weight"  # one reusable buffer of each per thread
+        scratch = getattr(self._local, slot, None)
         if scratch is None or scratch.nbytes < tensor.nbytes:
             scratch = np.empty(tensor.nbytes, np.uint8)
-            setattr(self._local, name.endswith("_scale_inv") and "scale" or "weight", scratch)
+            setattr(self._local, slot, scratch)
         view = scratch[: tensor.nbytes]
         self._read_into(tensor, memoryview(view))
         self.progress.advance(tensor.nbytes)
