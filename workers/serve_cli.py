@@ -34,7 +34,7 @@ def _endpoint(config_path: str | None, endpoint: str | None, port: int | None) -
 def demo_model_dir() -> Path:
     """Where the demo model lives: $XDG_CACHE_HOME/hmoe (or ~/.cache/hmoe)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hmoe"
-    return cache / "demo-{}-{}-{}".format(*DEMO)
+    return cache / "demo-{}-{}".format(*DEMO[:2])  # the pack adds the expert format: demo-deepseek_v3-tiny-bf16
 
 
 def ensure_demo_model(say) -> Path:
