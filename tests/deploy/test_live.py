@@ -120,14 +120,19 @@ prefix = "{prefix}"
     ctl_env = {**env, "HMOE_VENV": str(VENV_BIN.parent), "HMOE_CONFIG": str(config), "HMOE_ENV_FILE": str(tmp / "none")}
     loaded = subprocess.run(exec_start("hmoe-pack.service", config, env), env=env, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0 and "loaded pack deploy" in loaded.stdout, loaded.stdout + loaded.stderr
-    services = {"router": Service("router", exec_start("hmoe-router.service", config, env), tmp, env)}
-    services["router"].wait_for("READY=1", START_TIMEOUT_S)  # After=: workers start once the router is ready
-    for role in ("prefill", "decode"):
+    services = {}
+    for role in ("prefill", "decode"):  # Before=hmoe-router.service: workers first, the router once they are ready
         services[role] = Service(role, exec_start("hmoe-worker@.service", config, env, role), tmp, env)
     for role in ("prefill", "decode"):
         services[role].wait_for("READY=1", START_TIMEOUT_S)
+    services["router"] = Service("router", exec_start("hmoe-router.service", config, env), tmp, env)
+    services["router"].wait_for("READY=1", START_TIMEOUT_S)
+    deadline = time.monotonic() + 20.0  # the workers' Register, sent before the router bound, arrives
+    while hmoectl(ctl_env, "health", "--timeout-s", "1").returncode != 0:
+        assert time.monotonic() < deadline, "workers started before the router never registered"
+        time.sleep(0.2)
     yield services, ctl_env, config
-    codes = {name: service.stop() for name, service in services.items()}
+    codes = {name: services[name].stop() for name in ("router", "prefill", "decode")}  # systemd's stop order
     removed = hmoectl(ctl_env, "shm", "rm", "deploy")
     assert codes == {"router": 0, "prefill": 0, "decode": 0}, codes
     assert removed.returncode == 0, removed.stderr
