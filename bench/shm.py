@@ -371,6 +371,12 @@ def main() -> None:
     parser.add_argument("--tag", default="dev", help="results file: bench/results/shm-TAG.json")
     args = parser.parse_args()
 
+    bf16_bytes = 2 * (3 * H * I_EXPERT * (args.experts + 1) * args.moe_layers + 3 * H * I_DENSE + 2 * VOCAB * H
+                      + sum(o * i for o, i in ATTENTION.values()) * (1 + args.moe_layers))  # fmt: skip
+    shm = os.statvfs("/dev/shm")
+    if shm.f_bavail * shm.f_frsize < 2 * bf16_bytes:
+        sys.exit(f"/dev/shm has {shm.f_bavail * shm.f_frsize / 1e9:.1f} GB free, this run needs ~{2 * bf16_bytes / 1e9:.1f} GB: "
+                 "lower --experts / --moe-layers or enlarge /dev/shm")  # fmt: skip
     config = ShmConfig(prefix=f"hmoe.bench-{uuid.uuid4().hex[:6]}.", lock_dir=tempfile.mkdtemp(prefix="hmoe-bench-lock"))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hmoe-bench-"))
     results = {"machine": machine(), "args": vars(args), "load": {}}

@@ -82,6 +82,23 @@ def test_writes_through_views_fail(ready_pack, shm_config):
     np.testing.assert_array_equal(ready_pack.array("experts.1.w"), expected(ready_pack.entry("experts.1.w")))
 
 
+def test_a_killed_worker_leaves_the_pack_attachable(ready_pack, shm_config):
+    attach = 'pack = Pack.attach("p", config); print("attached", int(pack.array("experts.1.w").sum()), flush=True); sys.stdin.readline()'
+    first = child(attach, shm_config)
+    wait_line(first, "attached")
+    assert list_packs(shm_config)[0].attached_pids == (first.pid,)
+    first.kill()  # a worker crash: no close(), no cleanup
+    first.wait(CHILD_TIMEOUT_S)
+    assert list_packs(shm_config)[0].attached_pids == ()
+    second = child(attach, shm_config)
+    try:
+        assert int(wait_line(second, "attached").split()[1]) == int(ready_pack.array("experts.1.w").sum())
+        assert list_packs(shm_config)[0].attached_pids == (second.pid,)
+    finally:
+        second.kill()
+        second.wait(CHILD_TIMEOUT_S)
+
+
 SLOW_LOADER = """
 def fill(writer):
     arrays = [t.name for t in writer.manifest.tensors]
