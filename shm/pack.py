@@ -30,6 +30,8 @@ def expert_array_name(layer_id: int, array: str) -> str:
 
 def loader_alive(name: str, config: ShmConfig) -> bool:
     """True while some process holds the pack's loader lock."""
+    if not config.lock_path(name).exists():  # never loaded here (and do not create the file to find out)
+        return False
     lock = PackLock(name, config)
     if lock.acquire(exclusive=False, timeout_s=0):
         lock.release()
@@ -54,7 +56,12 @@ class Pack:
         start = time.perf_counter()
         deadline = time.monotonic() + wait_s
         while True:
-            pack, loader_pid = cls._try_attach(name, config)
+            try:
+                pack, loader_pid = cls._try_attach(name, config)
+            except ShmError as exc:  # a loader that holds the lock but has not created the segment yet: wait
+                if exc.code != "pack_not_found" or time.monotonic() >= deadline or not loader_alive(name, config):
+                    raise
+                pack, loader_pid = None, 0
             if pack is not None:
                 break
             remaining_s = deadline - time.monotonic()

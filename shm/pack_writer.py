@@ -113,9 +113,9 @@ def build_pack(
             writer.abort()
             raise
         writer.publish()
+        return Pack.attach(name, config), True  # before letting go of the lock: nobody can remove it meanwhile
     finally:
         lock.release()
-    return Pack.attach(name, config), True
 
 
 def _header(name: str, config: ShmConfig) -> Header | None:

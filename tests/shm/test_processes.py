@@ -194,3 +194,40 @@ def test_a_pack_we_may_not_read_is_listed_not_fatal(ready_pack, shm_config, monk
     monkeypatch.setattr(registry, "inspect_pack", denied)
     [info] = list_packs(shm_config)
     assert info.state == "invalid" and "permission denied" in info.problem and info.nbytes == ready_pack.segment.nbytes
+
+
+def test_attach_waits_for_a_loader_that_has_not_created_the_segment_yet(shm_config):
+    from hmoe.shm.lock import PackLock
+
+    planner = child(
+        """
+        import hmoe.shm.pack_writer as pack_writer
+        create = pack_writer.PackWriter.create
+
+        def slow_create(manifest, config):  # the lock is held, the segment not yet there
+            print("locked", flush=True)
+            time.sleep(0.5)
+            return create(manifest, config)
+
+        pack_writer.PackWriter.create = slow_create
+        pack, built = build_pack(small_manifest(), fill_pattern, config)
+        print("built", built, flush=True)
+        sys.stdin.readline()
+        """,
+        shm_config,
+    )
+    try:
+        wait_line(planner, "locked")
+        with pytest.raises(ShmError) as err:
+            Pack.attach("p", shm_config)  # no wait asked: not there
+        assert err.value.code == "pack_not_found"
+        with Pack.attach("p", shm_config, wait_s=CHILD_TIMEOUT_S) as pack:
+            np.testing.assert_array_equal(pack.array("experts.1.w"), expected(pack.entry("experts.1.w")))
+        assert wait_line(planner, "built") == "built True"
+    finally:
+        planner.kill()
+        planner.wait(CHILD_TIMEOUT_S)
+    assert not PackLock("q", shm_config).path.exists()
+    with pytest.raises(ShmError):
+        Pack.attach("q", shm_config, wait_s=1.0)  # no loader at all: fails at once, creates no lock file
+    assert not PackLock("q", shm_config).path.exists()
