@@ -21,6 +21,7 @@ import click
 from hmoe.runtime.config import Config, load_config
 
 DEMO = ("deepseek_v3", "tiny", "bf16")
+ROUTER_TIMEOUT_S = 3.0  # a router that has not answered a ping (sent every second) for this long is gone
 
 
 def _endpoint(config_path: str | None, endpoint: str | None, port: int | None) -> str:
@@ -164,7 +165,7 @@ def generate_cmd(prompt, token_ids, max_tokens, temperature, top_p, top_k, seed,
         except ValueError:
             raise click.BadParameter(f"{token_ids!r} is not a comma-separated list of integers", param_hint="--token-ids") from None
     endpoint = _endpoint(config_path, endpoint, port)
-    with Client(endpoint, server_public_key=server_key) as client:
+    with Client(endpoint, server_public_key=server_key, router_timeout_s=ROUTER_TIMEOUT_S) as client:
         stream = client.generate(prompt, token_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  top_k=top_k, seed=seed, stop=stop, timeout=timeout, stream=not as_json)  # fmt: skip
         try:

@@ -4,6 +4,7 @@ the tiny model, CPU, real shared memory) and clients over real sockets. Nothing 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -248,3 +249,28 @@ def test_a_second_signal_ends_running_requests_at_once(served):
         assert time.monotonic() < deadline, served.out_path.read_text()
         time.sleep(0.1)
     assert served.wait_ready() == before
+
+
+def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(served):
+    hmoe = [sys.executable, "-m", "hmoe.workers.cli"]
+    as_json = subprocess.run([*hmoe, "generate", "--endpoint", served.endpoint, "Hello", "--max-tokens", "6", "--json"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert as_json.returncode == 0, as_json.stderr
+    answer = json.loads(as_json.stdout)
+    assert answer["finish_reason"] in ("length", "stop") and answer["usage"]["output_tokens"] == len(answer["token_ids"])
+    shown = subprocess.run([*hmoe, "generate", "--endpoint", served.endpoint, "Hello", "--max-tokens", "6"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert shown.returncode == 0 and shown.stdout.rstrip("\n") == answer["text"] and "tokens, " in shown.stderr
+    long = subprocess.Popen([*hmoe, "generate", "--endpoint", served.endpoint, "Go on", "--max-tokens", "3000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while status_once(served.endpoint)["running"] == 0:
+        assert time.monotonic() < deadline and long.poll() is None
+        time.sleep(0.05)
+    long.send_signal(signal.SIGINT)  # Ctrl-C
+    assert long.wait(30) == 130 and "[cancelled]" in long.stderr.read()
+    served.wait_kv_free()
+    status = subprocess.run([*hmoe, "status", "--endpoint", served.endpoint, "--json"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and {w["role"] for w in json.loads(status.stdout)["workers"]} == {"prefill", "decode"}
+    down = subprocess.run([*hmoe, "generate", "--port", str(free_port()), "Hi"], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "router_unreachable" in down.stderr and "Traceback" not in down.stderr

@@ -1,0 +1,67 @@
+"""The client SDK on its own: what importing it costs, typed errors, an absent router, CURVE."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import zmq.auth
+from runtime_helpers import free_port, start_router
+
+from hmoe.runtime import Client, QueueFull, RequestFailed, RequestRefused, RouterUnreachable, WorkerLost
+from hmoe.runtime.client import Result, Usage, router_error, status_once
+from hmoe.runtime.supervisor import RestartPolicy
+
+
+def test_the_sdk_imports_no_torch_numba_or_numpy():
+    code = ("import sys; from hmoe.runtime import Client, AsyncClient;"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numba', 'numpy', 'tokenizers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_generate_command_imports_no_torch():
+    trace = subprocess.run([sys.executable, "-X", "importtime", "-m", "hmoe.workers.cli", "generate", "--help"],
+                           capture_output=True, text=True, check=True).stderr  # fmt: skip
+    assert not [line for line in trace.splitlines() if line.rstrip().endswith((" torch", " numba"))]
+
+
+def test_error_codes_become_typed_exceptions():
+    assert type(router_error("queue_full", "busy")) is QueueFull and isinstance(router_error("queue_full", "x"), RequestRefused)
+    refused = router_error("prompt_too_long", "too long")
+    assert type(refused) is RequestRefused and refused.code == "prompt_too_long" and str(refused) == "[prompt_too_long] too long"
+    partial = Result("r", "ab", (1, 2), "error", Usage(3, 2, 0.1, 0.01))
+    lost = router_error("worker_lost", "gone", partial)
+    assert type(lost) is WorkerLost and isinstance(lost, RequestFailed) and lost.result is partial
+
+
+def test_an_absent_router_is_reported_not_waited_for_forever():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Client(endpoint, heartbeat_interval_s=0.1, router_timeout_s=0.5) as client:
+        with pytest.raises(RouterUnreachable) as absent:
+            client.complete("hello", max_tokens=2)
+        assert absent.value.code == "router_unreachable"
+        with pytest.raises(RouterUnreachable):
+            client.status()
+    with pytest.raises(RouterUnreachable):
+        status_once(endpoint, 0.3)
+
+
+def test_curve_encrypts_the_frontend_and_refuses_plain_clients(tmp_path):
+    public, secret = zmq.auth.create_certificates(tmp_path, "router")
+    router = start_router(tmp_path, "--curve-secret-key", secret)
+    with Client(router.frontend, server_public_key=public, router_timeout_s=3.0) as client:
+        assert client.status()["workers"] == []
+    assert status_once(router.frontend, 3.0, secret)["queued"] == 0  # the secret file holds the public key too
+    with pytest.raises(RouterUnreachable):
+        status_once(router.frontend, 0.5)  # no CURVE handshake: the router never sees the request
+    assert router.stop() == 0
+
+
+def test_restart_policy_bounds_restarts_per_child_and_never_restarts_a_start_up_failure():
+    policy = RestartPolicy(max_restarts=2, window_s=10.0)
+    assert [policy.allow("decode", -9, t) for t in (0.0, 1.0, 2.0)] == [True, True, False]
+    assert policy.allow("prefill", 1, 2.0)  # counted per child
+    assert policy.allow("decode", -9, 10.5)  # the first restart left the window
+    assert not policy.allow("router", 3, 20.0) and not policy.allow("router", 2, 20.0)
