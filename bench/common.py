@@ -1,0 +1,135 @@
+"""Shared benchmark helpers: the machine's description, its measured memory read bandwidth, results.
+
+Every bench reports ratios against limits measured in the same run (DESIGN.md, "Measuring"), so
+each one calls `read_bandwidth_gbs()` beside its own timings and writes `write_results()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine() -> dict:
+    """CPU model, cores, memory, SIMD features, torch and numba versions, GPU if any."""
+    from hmoe.kernels import jit
+    from hmoe.kernels.moe import physical_cores
+
+    flags = cpu_flags()
+    info = {
+        "cpu_model": cpu_model(),
+        "logical_cpus": len(os.sched_getaffinity(0)),
+        "physical_cores": physical_cores(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "simd": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "f16c", "fma")),
+        "llvm_cpu": __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_name(),
+        "numba_features_no_prefer_256": jit.NO_PREFER_256 in jit.codegen_features(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": __import__("numba").__version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def _sum_kernel():
+    from numba import njit, prange
+
+    from hmoe.kernels.simd import vadd, vload, vsum, vzero
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def parallel_sum(a, num_threads, partial):
+        """Sum of a float32 array, `num_threads` contiguous slices, 4 independent vector accumulators."""
+        n = a.size // num_threads // 64 * 64
+        for t in prange(num_threads):
+            s = a[t * n:(t + 1) * n]
+            a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+            for i in range(0, n, 64):
+                a0, a1 = vadd(a0, vload(s, i)), vadd(a1, vload(s, i + 16))
+                a2, a3 = vadd(a2, vload(s, i + 32)), vadd(a3, vload(s, i + 48))
+            partial[t] = vsum(vadd(vadd(a0, a1), vadd(a2, a3)))
+
+    return parallel_sum
+
+
+class ReadBandwidth:
+    """The machine's memory read bandwidth: a parallel Numba sum over a buffer far larger than cache."""
+
+    def __init__(self, nbytes: int = 2**30, num_threads: int | None = None):
+        import numba
+
+        from hmoe.kernels.moe import physical_cores
+
+        self.num_threads = min(num_threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
+        self.buffer = np.ones(nbytes // 4, np.float32)
+        self.partial = np.zeros(self.num_threads, np.float32)
+        self.kernel = _sum_kernel()
+        self.best_gbs = 0.0
+
+    def measure(self, repeats: int = 5) -> float:
+        """Best of `repeats` runs, in GB/s; also raises `best_gbs` (the best seen in this run)."""
+        import numba
+
+        numba.set_num_threads(self.num_threads)
+        self.kernel(self.buffer, self.num_threads, self.partial)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.kernel(self.buffer, self.num_threads, self.partial)
+            best = min(best, time.perf_counter() - start)
+        gbs = self.buffer.nbytes / best / 1e9
+        self.best_gbs = max(self.best_gbs, gbs)
+        return gbs
+
+
+def read_bandwidth_gbs(nbytes: int = 2**30, num_threads: int | None = None, repeats: int = 5) -> float:
+    """Best-of-N parallel read bandwidth in GB/s (see ReadBandwidth)."""
+    return ReadBandwidth(nbytes, num_threads).measure(repeats)
+
+
+def write_results(name: str, payload: dict, plot=None, json_path: str | os.PathLike | None = None) -> Path:
+    """bench/results/NAME.json (or json_path) with the machine's description; `plot(payload, png_path)` draws the PNG beside it."""
+    path = Path(json_path) if json_path else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"bench": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **payload}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
+    if plot is not None:
+        plot(payload, path.with_suffix(".png"))
+    return path

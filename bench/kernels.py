@@ -1,0 +1,455 @@
+"""Fused CPU expert layer vs this machine's memory read bandwidth, plain torch and kt-kernel.
+
+    python -m bench.kernels [--quick] [--json PATH] [--threads N] [--no-kt]
+
+In one run: the read bandwidth (parallel Numba sum, best of N, re-measured between cases; the best
+is the roofline), then the fused layer for the Qwen3-30B-A3B shape (H 2048, I 768, 128 experts)
+and the DeepSeek-V3 shape (H 7168, I 2048, 256 experts), top-8, T = 1, 2, 4, 8, 16, every format,
+beside plain torch (bf16 F.linear over the same gathered experts) and kt-kernel (KTransformers' CPU
+kernels, when `import kt_kernel` works; each of its cases runs in a child process, as a crash
+there must not end the bench). Routing is random (distinct experts per token, fresh every call), so
+weights come from DRAM; `gbs` counts the bytes of the experts actually read. Where RAM is short the
+layer holds fewer experts than the model but reads the same bytes per token (`experts_in_memory`).
+Also: per parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1.
+Writes bench/results/kernels-<host kind>.json (or --json) and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ReadBandwidth, write_results
+
+SHAPES = {
+    "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, top_k=8),
+    "deepseek-v3": dict(hidden=7168, inter=2048, experts=256, top_k=8),
+}
+FORMATS = ("bf16", "fp8", "int4-g32", "int4-g128")
+TOKENS = (1, 2, 4, 8, 16)
+KT_DIR = Path(os.environ.get("HMOE_BENCH_KT_DIR", Path(__file__).resolve().parent.parent / ".kt"))  # kt-kernel unpacked
+
+
+def _fill_kernel():
+    from numba import njit, prange
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def fill_random(words, seed, kind):
+        """Random 64-bit words, in parallel (xorshift): kind 0 any bytes, 1 E4M3 codes without NaN, 2 bf16 in ±[2^-7, 2^-3)."""
+        n = words.size
+        chunk = -(-n // 64)
+        for c in prange(64):
+            x = np.uint64(seed * 0x9E3779B97F4A7C15 + c * 0xBF58476D1CE4E5B9 + 1)
+            for i in range(c * chunk, min(n, (c + 1) * chunk)):
+                x ^= x << np.uint64(13)
+                x ^= x >> np.uint64(7)
+                x ^= x << np.uint64(17)
+                v = x
+                if kind == 1:  # clear bit 0 of every byte whose low 7 bits are all set (0x7F/0xFF -> 0x7E/0xFE)
+                    nan = v & (v >> np.uint64(1)) & (v >> np.uint64(2)) & (v >> np.uint64(3))
+                    nan &= (v >> np.uint64(4)) & (v >> np.uint64(5)) & (v >> np.uint64(6))
+                    v &= ~(nan & np.uint64(0x0101010101010101))
+                elif kind == 2:  # per 16 bits: sign, exponent 120..123, 7 random mantissa bits
+                    v = (v & np.uint64(0x807F807F807F807F)) | np.uint64(0x3C003C003C003C00) | ((v >> np.uint64(3)) & np.uint64(0x0180018001800180))
+                words[i] = v
+
+    return fill_random
+
+
+def random_layer(fmt_name: str, num_experts: int, hidden: int, inter: int, seed: int):
+    """A LayerExperts of random valid weights (no NaN codes), filled in parallel at memory speed."""
+    from hmoe.kernels.formats import ExpertFormat, LayerExperts, layer_arrays
+
+    fmt = ExpertFormat.parse(fmt_name)
+    fill = _fill_kernel()
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, (dtype, shape) in layer_arrays(fmt, num_experts, hidden, inter).items():
+        a = np.empty(shape, dtype)
+        if name.endswith("_scale"):
+            a[...] = (rng.random(shape, dtype=np.float32) * 2e-3 + 1e-3).astype(dtype)
+        else:
+            fill(a.reshape(-1).view(np.uint64), seed * 7 + len(arrays), {"fp8": 1, "bf16": 2}.get(fmt.kind, 0))
+        arrays[name] = a
+    return LayerExperts(fmt, num_experts, hidden, inter, arrays)
+
+
+def routings(rng, num_calls: int, tokens: int, num_experts: int, top_k: int, shared: bool = False) -> list:
+    """Per call: ids [T, K] int64 (distinct experts per token) and weights [T, K] float32."""
+    calls = []
+    for _ in range(num_calls):
+        if shared:
+            ids = np.tile(rng.choice(num_experts, top_k, replace=False), (tokens, 1))
+        else:
+            ids = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k]
+        calls.append((np.ascontiguousarray(ids, np.int64), rng.random((tokens, top_k), dtype=np.float32)))
+    return calls
+
+
+def time_calls(fn, calls, bytes_of) -> dict:
+    """Best and median over calls; gbs from the best call's bytes actually read."""
+    times, nbytes = [], []
+    fn(*calls[0])  # warm
+    for c in calls:
+        start = time.perf_counter()
+        n = fn(*c)
+        times.append(time.perf_counter() - start)
+        nbytes.append(bytes_of(n))
+    best = int(np.argmin(times))
+    return {"seconds": times[best], "seconds_median": float(np.median(times)), "bytes": nbytes[best],
+            "gbs": nbytes[best] / times[best] / 1e9}
+
+
+# ---------------------------------------------------------------- engines
+
+
+def bench_hmoe(layer, shape: dict, tokens: int, calls, threads: int) -> dict:
+    from hmoe.kernels.moe import MoeKernel
+
+    kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads)
+    x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
+    out = np.empty_like(x)
+    return time_calls(lambda ids, w: kernel.run(x, ids, w, layer, out), calls, lambda n: n * layer.nbytes_per_expert)
+
+
+def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
+    import torch
+
+    fill = _fill_kernel()
+    mats = []
+    for shape in ((num_experts, inter, hidden), (num_experts, inter, hidden), (num_experts, hidden, inter)):
+        a = np.empty(shape, np.uint16)
+        fill(a.reshape(-1).view(np.uint64), seed + len(mats), 2)
+        mats.append(torch.from_numpy(a).view(torch.bfloat16))
+    return tuple(mats)
+
+
+def bench_torch(weights, tokens: int, calls, threads: int) -> dict:
+    import torch
+
+    from hmoe.workers.experts import TorchExperts
+
+    torch.set_num_threads(threads)
+    backend = TorchExperts({0: weights})
+    hidden, inter = weights[2].shape[1], weights[2].shape[2]
+    x = torch.randn(tokens, hidden).bfloat16()
+    per_expert = 3 * hidden * inter * 2
+
+    def call(ids, w):
+        ids_t = torch.from_numpy(ids)
+        with torch.inference_mode():
+            backend(0, x, ids_t, torch.from_numpy(w))
+        return len(np.unique(ids))
+
+    return time_calls(call, calls, lambda n: n * per_expert)
+
+
+KT_CHILD = r"""
+import json, sys, time, numpy as np, torch
+import kt_kernel
+ext = kt_kernel.kt_kernel_ext
+spec = json.loads(sys.argv[1])
+E, K, H, I, fmt, threads = spec["experts"], spec["top_k"], spec["hidden"], spec["inter"], spec["format"], spec["threads"]
+cpu = ext.CPUInfer(threads)
+c = ext.moe.MOEConfig(E, K, H, I, 0)
+c.max_len = 64
+c.pool = cpu.backend_
+g = torch.randint(0, 126, (E, I, H), dtype=torch.uint8) if fmt == "fp8" else (torch.randn(E, I, H) * 0.02).bfloat16()
+u = torch.randint(0, 126, (E, I, H), dtype=torch.uint8) if fmt == "fp8" else (torch.randn(E, I, H) * 0.02).bfloat16()
+d = torch.randint(0, 126, (E, H, I), dtype=torch.uint8) if fmt == "fp8" else (torch.randn(E, H, I) * 0.02).bfloat16()
+c.gate_proj, c.up_proj, c.down_proj = g.data_ptr(), u.data_ptr(), d.data_ptr()
+keep = [g, u, d]
+if fmt == "fp8":
+    s = [torch.rand(E, a.shape[1] // 128, a.shape[2] // 128) * 1e-3 for a in (g, u, d)]
+    keep += s
+    c.gate_scale, c.up_scale, c.down_scale = (t.data_ptr() for t in s)
+    c.quant_config.bits, c.quant_config.group_size, c.quant_config.zero_point = 8, 128, False
+    moe = ext.moe.AMXFP8_MOE(c)
+elif fmt == "bf16":
+    moe = ext.moe.AMXBF16_MOE(c)
+else:
+    c.quant_config.bits, c.quant_config.group_size, c.quant_config.zero_point = 4, int(fmt.split("-g")[1]), True
+    moe = ext.moe.AMXInt4_1KGroup_MOE(c)
+p2l = torch.arange(E, dtype=torch.int64)
+cpu.submit(moe.load_weights_task(p2l.data_ptr())); cpu.sync()
+del g, u, d, keep
+rows = []
+for tokens, calls in spec["calls"]:
+    x = torch.randn(tokens, H).bfloat16(); out = torch.empty(tokens, H, dtype=torch.bfloat16)
+    qlen = torch.tensor([tokens], dtype=torch.int32)
+    times, actives = [], []
+    for ids, w in [(torch.tensor(i, dtype=torch.int64).contiguous(), torch.tensor(w, dtype=torch.float32).contiguous()) for i, w in calls]:
+        t0 = time.perf_counter()
+        cpu.submit(moe.forward_task(qlen.data_ptr(), K, ids.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(), False)); cpu.sync()
+        times.append(time.perf_counter() - t0); actives.append(len(set(ids.reshape(-1).tolist())))
+    rows.append({"tokens": tokens, "times": times[1:], "actives": actives[1:]})
+print("KTJSON" + json.dumps({"variant": kt_kernel.__cpu_variant__, "rows": rows}))
+"""
+
+
+def bench_kt(shape: dict, fmt: str, num_experts: int, per_tokens: dict, threads: int, bytes_per_expert: int) -> list[dict]:
+    """kt-kernel in a child process (PYTHONPATH=.kt); [] with a reason printed if it cannot run."""
+    spec = {**shape, "experts": num_experts, "format": fmt, "threads": threads,
+            "calls": [[t, [[ids.tolist(), w.tolist()] for ids, w in calls]] for t, calls in per_tokens.items()]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(KT_DIR), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KT_CHILD, json.dumps(spec)], env=env, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("KTJSON")), None)
+    if line is None:
+        print(f"  kt-kernel {fmt}: failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-300:]}", flush=True)
+        return [{"format": fmt, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"}]
+    out = json.loads(line[6:])
+    rows = []
+    for r in out["rows"]:
+        best = int(np.argmin(r["times"]))
+        nbytes = r["actives"][best] * bytes_per_expert
+        rows.append({"format": fmt, "tokens": r["tokens"], "seconds": r["times"][best], "seconds_median": float(np.median(r["times"])),
+                     "gbs": nbytes / r["times"][best] / 1e9, "variant": out["variant"]})
+    return rows
+
+
+def kt_available() -> str | None:
+    """None if kt-kernel imports from .kt/, else why not."""
+    if not KT_DIR.is_dir():
+        return f"{KT_DIR} missing (unpack kt_kernel/, kt_kernel.libs/ and gguf/ of the kt-kernel wheel there)"
+    env = {**os.environ, "PYTHONPATH": str(KT_DIR)}
+    proc = subprocess.run([sys.executable, "-c", "import kt_kernel; print(kt_kernel.__cpu_variant__)"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+
+
+# ---------------------------------------------------------------- side measurements
+
+
+def region_overhead_us(threads: int) -> dict:
+    """Cost of one parallel region (a prange over `threads` tasks, a little work in each) and of a whole layer call."""
+    from numba import njit, prange
+
+    from hmoe.kernels.formats import ExpertFormat, LayerExperts
+    from hmoe.kernels.moe import MoeKernel
+
+    @njit(parallel=True, nogil=True)
+    def region(out, n):
+        for t in prange(n):
+            out[t] += 1.0
+
+    import numba
+
+    numba.set_num_threads(threads)
+    out = np.zeros(threads)
+    region(out, threads)
+    reps = 20000
+    start = time.perf_counter()
+    for _ in range(reps):
+        region(out, threads)
+    per_region = (time.perf_counter() - start) / reps * 1e6
+    kernel = MoeKernel(128, 128, 1, 1, threads)
+    layer = LayerExperts.allocate(ExpertFormat("bf16"), 1, 128, 128)
+    x, ids, w = np.ones((1, 128), np.float32), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32)
+    y = np.empty_like(x)
+    kernel.run(x, ids, w, layer, y)
+    start = time.perf_counter()
+    for _ in range(reps // 4):
+        kernel.run(x, ids, w, layer, y)
+    per_call = (time.perf_counter() - start) / (reps // 4) * 1e6
+    return {"per_region_us": per_region, "tiny_layer_call_us": per_call, "threads": threads,
+            "note": "tiny_layer_call = Python wrapper + routing + 2 regions on a 128x128 bf16 expert"}
+
+
+def start_times() -> dict:
+    """Seconds to import and warm up every kernel signature: cold (empty cache dir) and warm (cache filled)."""
+    code = ("import time; t = time.perf_counter(); from hmoe.kernels.moe import MoeKernel; "
+            "MoeKernel(256, 256, 4, 2).warm_up(); print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        cold = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+        warm = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+    return {"cold_s": cold, "warm_s": warm, "note": "import + warm_up() of bf16, fp8, int4-g32, int4-g128 in a fresh process"}
+
+
+def fp8_decode_rate_per_core() -> dict:
+    """One core: FP8 tile kernel over weights that stay in L2 (decode rate) and over DRAM-resident experts."""
+    from numba import njit
+
+    from hmoe.kernels.dots import fp8_tile
+
+    @njit(nogil=True)
+    def gemv(w, first_row, rows, cols, xs, res):
+        for r in range(first_row, first_row + rows, 16):
+            fp8_tile(w, r * cols, cols, xs, 0, res)
+
+    cols, hot_rows = 7168, 64
+    big = random_layer("fp8", 16, 7168, 2048, 5)
+    w = big.arrays["gate"].reshape(-1)
+    xs, res = np.ones(cols, np.float32), np.zeros(128, np.float32)
+    gemv(w, 0, hot_rows, cols, xs, res)
+    best = min(_timed(lambda: gemv(w, 0, hot_rows, cols, xs, res)) for _ in range(200))
+    rng = np.random.default_rng(3)
+    rows = 2048
+    cold = min(_timed(lambda e=e: gemv(w, e * rows, rows, cols, xs, res)) for e in rng.integers(0, 16, 30))
+    return {"hot_l2_gbs": hot_rows * cols / best / 1e9, "dram_one_core_gbs": rows * cols / cold / 1e9}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls, tokens 1 and 8, the 32-expert DeepSeek layer")
+    parser.add_argument("--json", help="output path (default bench/results/kernels-<host>.json)")
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    parser.add_argument("--no-kt", action="store_true", help="skip kt-kernel")
+    parser.add_argument("--kt-threads", type=int, default=None, help="kt-kernel threads (default: --threads - 1)")
+    parser.add_argument("--memory-gib", type=float, default=None, help="bytes one layer may hold (default: 45%% of RAM)")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    args = parser.parse_args(argv)
+
+    import numba
+
+    from hmoe.kernels.formats import ExpertFormat, expert_nbytes
+    from hmoe.kernels.moe import MoeKernel, physical_cores
+
+    threads = min(args.threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
+    kt_threads = args.kt_threads or max(1, threads - 1)
+    num_calls = 12 if args.quick else 30
+    tokens_list = (1, 8) if args.quick else TOKENS
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    budget = (args.memory_gib or 0.45 * total_gib) * 2**30
+    if args.quick:
+        budget = min(budget, 2 * 2**30)
+    bw = ReadBandwidth(min(2**31, int(total_gib * 2**30 / 16)), threads)
+    print(f"threads {threads}; read bandwidth {bw.measure():.1f} GB/s", flush=True)
+    kt_reason = "--no-kt" if args.no_kt else kt_available()
+    print(f"kt-kernel: {'available' if kt_reason is None else 'not run: ' + kt_reason}", flush=True)
+    MoeKernel(2048, 768, 16, 8, threads).warm_up()
+
+    results, torch_rows, kt_rows, notes = [], [], [], {}
+    rng = np.random.default_rng(0)
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        hidden, inter, top_k = shape["hidden"], shape["inter"], shape["top_k"]
+        for fmt_name in args.formats.split(","):
+            per_expert = expert_nbytes(ExpertFormat.parse(fmt_name), hidden, inter)
+            num_experts = int(min(shape["experts"], max(4 * top_k, budget // per_expert)))
+            if args.quick and shape_name == "deepseek-v3":
+                num_experts = min(num_experts, 32)
+            layer = random_layer(fmt_name, num_experts, hidden, inter, seed=len(results))
+            per_tokens = {t: routings(rng, num_calls, t, num_experts, top_k) for t in tokens_list}
+            for tokens, calls in per_tokens.items():
+                row = bench_hmoe(layer, shape, tokens, calls, threads)
+                gbs_bw = bw.measure(3)
+                row.update(shape=shape_name, format=fmt_name, tokens=tokens, routing="random", threads=threads,
+                           experts_in_memory=num_experts, read_bw_now_gbs=gbs_bw)
+                results.append(row)
+                print(f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {row['seconds'] * 1e3:8.3f} ms {row['gbs']:6.1f} GB/s "
+                      f"(bw now {gbs_bw:5.1f})", flush=True)
+            if shape_name == "deepseek-v3" and 8 in tokens_list:
+                row = bench_hmoe(layer, shape, 8, routings(rng, num_calls, 8, num_experts, top_k, shared=True), threads)
+                row.update(shape=shape_name, format=fmt_name, tokens=8, routing="shared", threads=threads, experts_in_memory=num_experts)
+                results.append(row)
+                print(f"{shape_name:14s} {fmt_name:9s} T= 8 shared experts {row['seconds'] * 1e3:8.3f} ms", flush=True)
+            if fmt_name == "fp8":
+                row = bench_hmoe(layer, shape, 1, per_tokens[1], 1)
+                row.update(shape=shape_name, format=fmt_name, tokens=1, routing="random", threads=1, experts_in_memory=num_experts)
+                notes.setdefault("one_thread", []).append(row)
+            if kt_reason is None and fmt_name != "int4-g128":
+                kt_per_tokens = {t: per_tokens[t][: min(num_calls, 16)] for t in tokens_list}
+                for r in bench_kt(shape, fmt_name, num_experts, kt_per_tokens, kt_threads, per_expert):
+                    r.update(shape=shape_name, threads=kt_threads, experts_in_memory=num_experts)
+                    kt_rows.append(r)
+                    if "gbs" in r:
+                        print(f"{shape_name:14s} {fmt_name:9s} T={r['tokens']:2d} kt-kernel {r['seconds'] * 1e3:8.3f} ms {r['gbs']:6.1f} GB/s", flush=True)
+            del layer
+        num_torch = int(min(shape["experts"], max(4 * top_k, budget // (3 * hidden * inter * 2))))
+        if args.quick:
+            num_torch = min(num_torch, 32)
+        weights = torch_layer(num_torch, hidden, inter, 11)
+        for tokens in tokens_list:
+            row = bench_torch(weights, tokens, routings(rng, num_calls, tokens, num_torch, top_k), threads)
+            row.update(shape=shape_name, format="bf16", tokens=tokens, threads=threads, experts_in_memory=num_torch)
+            torch_rows.append(row)
+            print(f"{shape_name:14s} torch bf16 T={tokens:2d} {row['seconds'] * 1e3:8.3f} ms {row['gbs']:6.1f} GB/s", flush=True)
+        del weights
+
+    read_bw = bw.best_gbs
+    for row in results + torch_rows + kt_rows + notes.get("one_thread", []):
+        if "gbs" in row:
+            row["roofline_frac"] = row["gbs"] / read_bw
+    extra = {"region_overhead": region_overhead_us(threads), "start": start_times(), "fp8_decode_per_core": fp8_decode_rate_per_core()}
+    for shape_name in args.shapes.split(","):
+        for fmt_name in args.formats.split(","):
+            by_t = {(r["tokens"], r["routing"]): r["seconds"] for r in results if r["shape"] == shape_name and r["format"] == fmt_name}
+            if (1, "random") in by_t and (8, "random") in by_t:
+                extra.setdefault("t8_over_t1", {})[f"{shape_name}/{fmt_name}"] = {
+                    "random": by_t[(8, "random")] / by_t[(1, "random")],
+                    "shared": by_t.get((8, "shared"), float("nan")) / by_t[(1, "random")]}
+    payload = {"read_bw_gbs": read_bw, "threads": threads, "quick": args.quick, "results": results,
+               "torch": torch_rows, "kt_kernel": kt_rows if kt_reason is None else {"not_run": kt_reason},
+               "kt_threads": kt_threads, **notes, **extra,
+               "note": "seconds = best of the calls (fresh random routing each); gbs = bytes of the experts that call read / seconds; "
+                       "roofline_frac = gbs / read_bw_gbs (best parallel numba sum seen in this run)"}
+    name = f"kernels-{'h100' if _has_cuda() else 'dev'}"
+    path = write_results(name, payload, plot=plot, json_path=args.json)
+    print(json.dumps({k: payload[k] for k in ("read_bw_gbs", "region_overhead", "start", "fp8_decode_per_core")}, indent=1))
+    print(f"wrote {path}")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in payload["results"]})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for fmt in FORMATS:
+            rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["results"]
+                          if r["shape"] == shape and r["format"] == fmt and r["routing"] == "random" and "roofline_frac" in r)
+            if rows:
+                ax.plot(*zip(*rows), marker="o", label=f"hmoe {fmt}")
+        rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["torch"] if r["shape"] == shape)
+        if rows:
+            ax.plot(*zip(*rows), marker="x", linestyle="--", color="gray", label="torch bf16")
+        if isinstance(payload["kt_kernel"], list):
+            for fmt in FORMATS:
+                rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["kt_kernel"]
+                              if r.get("shape") == shape and r["format"] == fmt and "roofline_frac" in r)
+                if rows:
+                    ax.plot(*zip(*rows), marker="s", linestyle=":", label=f"kt-kernel {fmt}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per call (top-8, random routing)")
+        ax.set_ylabel(f"expert bytes read / s  ÷  {payload['read_bw_gbs']:.0f} GB/s")
+        ax.set_title(f"{shape} ({payload['machine']['cpu_model'][:40]}, {payload['threads']} threads)")
+        ax.set_ylim(0, 1.15)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

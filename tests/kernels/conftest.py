@@ -1,0 +1,13 @@
+"""Fixtures of the kernel tests."""
+
+from __future__ import annotations
+
+import pytest
+from kernel_helpers import FORMATS
+
+from hmoe.kernels.formats import ExpertFormat
+
+
+@pytest.fixture(params=FORMATS, ids=lambda f: f.name)
+def fmt(request) -> ExpertFormat:
+    return request.param
