@@ -37,6 +37,9 @@ class Progress:
                 self._stream.flush()
             if now - self._last_log >= self._log_interval_s:
                 self._last_log = now
+                if self._tty:  # the log line may go to the same terminal: start it on a clean line
+                    self._stream.write("\r\x1b[K")
+                    self._stream.flush()
                 log.info("%s", self.line(now))
 
     def line(self, now: float | None = None) -> str:
