@@ -1,0 +1,209 @@
+"""Serving benchmark: Poisson arrivals against a running router, TTFT / TPOT percentiles, throughput
+and SLO attainment, at one or more request rates.
+
+    python bench/serve.py --rates 1,2,4,8 --num-requests 48 --tag dev          # starts hmoe serve (demo model)
+    python bench/serve.py --endpoint tcp://127.0.0.1:5555 --rates 0.5,1 ...    # an existing service
+
+Each request is token ids (uniform in [2, vocab_size)) with a prompt length and an output length drawn
+from the given distributions ("fixed:N", "uniform:LO:HI", "lognormal:MEDIAN:SIGMA"), seeded, and
+ignore_eos so it produces exactly its output length. Arrival gaps are exponential (a Poisson process
+of the given rate). Measured at the client, per request: TTFT (send -> first token), TPOT (mean gap
+between later tokens), end-to-end latency; per rate: their p50/p90/p99, output tokens/s over the
+run, and SLO attainment (the share of requests with TTFT <= --ttft-slo-s and TPOT <= --tpot-slo-s).
+Writes JSON with the machine's description (bench/results/serve-TAG.json) and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hmoe.runtime import AsyncClient
+from hmoe.runtime.client import RouterUnreachable, status_once
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def draw(spec: str, rng: random.Random) -> int:
+    """One length from "fixed:N", "uniform:LO:HI" or "lognormal:MEDIAN:SIGMA" (at least 1)."""
+    kind, *args = spec.split(":")
+    if kind == "fixed":
+        return int(args[0])
+    if kind == "uniform":
+        return rng.randint(int(args[0]), int(args[1]))
+    if kind == "lognormal":
+        return max(1, round(float(args[0]) * rng.lognormvariate(0.0, float(args[1]))))
+    raise SystemExit(f"length distribution {spec!r}: use fixed:N, uniform:LO:HI or lognormal:MEDIAN:SIGMA")
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    s = sorted(values)
+    pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731  (nearest rank)
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "mean": sum(s) / len(s)}
+
+
+async def one_request(client: AsyncClient, prompt: list[int], output_len: int, timeout_s: float) -> dict:
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    stream = client.generate(token_ids=prompt, max_tokens=output_len, ignore_eos=True, timeout=timeout_s)
+    try:
+        async for chunk in stream:
+            stamps += [time.perf_counter()] * len(chunk.token_ids)
+        error = None
+    except Exception as exc:  # noqa: BLE001  (a failed request is a data point: it misses the SLO)
+        error = getattr(exc, "code", type(exc).__name__)
+    done = time.perf_counter()
+    ttft = stamps[0] - sent if stamps else None
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    reason = stream.result.finish_reason if stream.result else "error"
+    return {"prompt_tokens": len(prompt), "output_tokens": len(stamps), "ttft_s": ttft, "tpot_s": tpot,
+            "latency_s": done - sent, "finish_reason": reason, "error": error}  # fmt: skip
+
+
+async def run_rate(endpoint: str, rate: float, args, rng: random.Random) -> dict:
+    """num_requests requests arriving as a Poisson process of `rate` per second."""
+    async with AsyncClient(endpoint, router_timeout_s=30.0) as client:
+        tasks, start = [], time.perf_counter()
+        next_s = 0.0
+        for _ in range(args.num_requests):
+            prompt = [rng.randrange(2, args.vocab_size) for _ in range(draw(args.prompt_len, rng))]
+            output_len = draw(args.output_len, rng)
+            await asyncio.sleep(max(0.0, start + next_s - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one_request(client, prompt, output_len, args.request_timeout_s)))
+            next_s += rng.expovariate(rate)
+        results = await asyncio.gather(*tasks)
+        makespan = time.perf_counter() - start
+    ok = [r for r in results if r["error"] is None and r["finish_reason"] == "length"]
+    met = [r for r in ok if r["ttft_s"] <= args.ttft_slo_s and (r["tpot_s"] or 0.0) <= args.tpot_slo_s]
+    return {
+        "rate": rate, "num_requests": len(results), "completed": len(ok), "makespan_s": makespan,
+        "output_tokens_per_s": sum(r["output_tokens"] for r in results) / makespan,
+        "requests_per_s": len(ok) / makespan,
+        "ttft_s": percentiles([r["ttft_s"] for r in ok]), "tpot_s": percentiles([r["tpot_s"] for r in ok if r["tpot_s"]]),
+        "latency_s": percentiles([r["latency_s"] for r in ok]),
+        "slo_attainment": len(met) / len(results), "errors": sorted({r["error"] for r in results if r["error"]}),
+        "requests": results,
+    }  # fmt: skip
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {"cpu_model": cpu, "logical_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "load_average_at_start": os.getloadavg()}  # fmt: skip
+
+
+def start_serve(args) -> tuple[subprocess.Popen, str]:
+    """`hmoe serve` (the demo model unless --model-dir) on a free port; waits until both workers serve."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HMOE_WORKER_KV_CACHE_GIB": str(args.kv_cache_gib)}
+    cmd = [sys.executable, "-m", "hmoe.workers.cli", "serve", *([args.model_dir] if args.model_dir else []), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint, deadline = f"tcp://127.0.0.1:{port}", time.monotonic() + 600
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"hmoe serve did not come up (exit {proc.poll()}); run it by hand to see why")
+        try:
+            if {w["role"] for w in status_once(endpoint, 1.0)["workers"]} >= {"prefill", "decode"}:
+                return proc, endpoint
+        except RouterUnreachable:
+            pass
+        time.sleep(0.5)
+
+
+def plot(payload: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = payload["runs"]
+    rates = [r["rate"] for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for key, ax, slo in (("ttft_s", axes[0], payload["slo"]["ttft_s"]), ("tpot_s", axes[1], payload["slo"]["tpot_s"])):
+        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+            ax.plot(rates, [(r[key][q] or float("nan")) * 1000 for r in runs], style, label=q)
+        ax.axhline(slo * 1000, color="red", lw=0.8, label=f"SLO {slo * 1000:g} ms")
+        ax.set(xlabel="request rate (req/s)", ylabel=f"{key[:4].upper()} (ms)", yscale="log", title=key[:4].upper())
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    axes[2].plot(rates, [r["slo_attainment"] * 100 for r in runs], "o-", label="SLO attainment (%)")
+    ax2 = axes[2].twinx()
+    ax2.plot(rates, [r["output_tokens_per_s"] for r in runs], "s--", color="tab:green", label="output tokens/s")
+    axes[2].set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105), title="SLO and throughput")
+    axes[2].set_xscale("log", base=2)
+    ax2.set_ylabel("output tokens/s")
+    axes[2].legend(loc="lower left")
+    ax2.legend(loc="lower right")
+    fig.suptitle(f"hmoe serve — {payload['model']} on {payload['machine']['cpu_model']} "
+                 f"({payload['machine']['logical_cpus']} CPUs); prompt {payload['args']['prompt_len']}, "
+                 f"output {payload['args']['output_len']}", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--endpoint", help="A running router; default: start hmoe serve for the run.")
+    p.add_argument("--model-dir", help="What hmoe serve serves (default: the tiny demo model).")
+    p.add_argument("--rates", default="1,2,4,8", help="Request rates to run, req/s, comma-separated.")
+    p.add_argument("--num-requests", type=int, default=48, help="Requests per rate.")
+    p.add_argument("--prompt-len", default="uniform:16:256")
+    p.add_argument("--output-len", default="uniform:16:64")
+    p.add_argument("--vocab-size", type=int, default=500, help="Prompt token ids are drawn below this.")
+    p.add_argument("--ttft-slo-s", type=float, default=30.0)
+    p.add_argument("--tpot-slo-s", type=float, default=0.050)
+    p.add_argument("--request-timeout-s", type=float, default=300.0)
+    p.add_argument("--kv-cache-gib", type=float, default=0.25, help="Per worker, when this run starts hmoe serve.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="dev")
+    p.add_argument("--json", dest="json_path", help="Where to write (default bench/results/serve-TAG.json).")
+    args = p.parse_args()
+
+    proc, endpoint = (None, args.endpoint) if args.endpoint else start_serve(args)
+    try:
+        status = status_once(endpoint, 5.0)
+        model = next((w["model"] for w in status["workers"]), "?")
+        runs = []
+        for rate in [float(r) for r in args.rates.split(",")]:
+            run = asyncio.run(run_rate(endpoint, rate, args, random.Random(args.seed)))
+            runs.append(run)
+            t, o = run["ttft_s"], run["tpot_s"]
+            print(f"rate {rate:5.2f}/s: TTFT p50 {t['p50'] * 1e3:8.1f} p99 {t['p99'] * 1e3:8.1f} ms | TPOT p50 {o['p50'] * 1e3:6.1f} "
+                  f"p99 {o['p99'] * 1e3:6.1f} ms | {run['output_tokens_per_s']:7.1f} tok/s | SLO {run['slo_attainment']:.0%}"
+                  f" | {run['completed']}/{run['num_requests']} done", flush=True)  # fmt: skip
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(120)
+    payload = {"bench": "serve", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "model": model,
+               "endpoint": endpoint if args.endpoint else "hmoe serve (started by the bench)",
+               "workers": [{k: w[k] for k in ("role", "device", "max_batch", "kv_capacity_tokens")} for w in status["workers"]],
+               "slo": {"ttft_s": args.ttft_slo_s, "tpot_s": args.tpot_slo_s}, "args": vars(args), "runs": runs}  # fmt: skip
+    path = Path(args.json_path) if args.json_path else RESULTS / f"serve-{args.tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    try:
+        plot(payload, path.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
