@@ -131,8 +131,9 @@ def test_progress_draws_one_updating_line_and_logs(caplog, monkeypatch):
         progress.advance(1_000_000_000)
         progress.advance(1_000_000_000)
         progress.finish()
-    frames = terminal.getvalue().split("\r")
-    assert "2.00/4.00 GB (50%)" in frames[-2] and "GB/s" in frames[-2] and "ETA" in frames[-2]
+    frames = [f for f in terminal.getvalue().split("\r") if "ETA" in f]
+    assert "2.00/4.00 GB (50%)" in frames[-1] and "GB/s" in frames[-1]
+    assert terminal.getvalue().endswith("\r\x1b[K")  # the line is cleared when done
     assert "\n" not in terminal.getvalue()  # one line, redrawn in place
     assert any("1.00/4.00 GB (25%)" in r.message for r in caplog.records)
     assert "2.00 GB in" in caplog.records[-1].message
