@@ -10,6 +10,9 @@ heartbeat_interval_s (the router cancels the requests of a client silent past cl
 gives up with RouterUnreachable after router_timeout_s without a word from it. Refusals and failures
 raise typed HmoeError subclasses that carry the router's stable code. `Client` runs an
 AsyncClient on its own event-loop thread, started on first use.
+
+Past 400 lines on purpose: the blocking Client and Stream mirror AsyncClient and AsyncStream one to
+one, and the result and error types are theirs; one module keeps the whole SDK in one place.
 """
 
 from __future__ import annotations
@@ -258,7 +261,10 @@ class AsyncClient:
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._heartbeat())]
 
     def _send(self, msg) -> None:
-        self._socket.send(encode(msg), flags=zmq.NOBLOCK).result()
+        try:
+            self._socket.send(encode(msg), flags=zmq.NOBLOCK).result()
+        except zmq.Again:  # thousands of messages queued for a router that takes none
+            raise RouterUnreachable("router_unreachable", f"{self.endpoint} takes no messages: is the router running?") from None
 
     def _cancel(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
@@ -293,7 +299,10 @@ class AsyncClient:
                 for stream in list(self._pending.values()):
                     stream.queue.put_nowait(error)
                 continue
-            self._send(Ping(time.monotonic()))
+            try:
+                self._send(Ping(time.monotonic()))
+            except RouterUnreachable:
+                pass  # the silence check above ends the requests
 
     async def close(self) -> None:
         """Cancel what is in flight, close the socket."""

@@ -168,17 +168,26 @@ class Scheduler:
                 self._prefilled(worker, msg, now)
             case Tokens(items=items):
                 self._tokens(worker, items, now)
-            case RequestError(request_id=request_id):
-                if worker.busy == request_id:
-                    worker.busy = None
-                request = self.requests.get(request_id)
-                if request is not None and identity in (request.prefill_worker if request.phase is Phase.PREFILL else None,
-                                                        request.decode_worker if request.phase is Phase.DECODE else None):
-                    self._finish(request, "error", now, {"code": msg.code, "message": msg.message}, notify=False)
+            case RequestError():
+                self._request_error(worker, msg, now)
             case Error():
                 log.warning("worker_error", worker_id=worker.info.worker_id, code=msg.code, message=msg.message)
             case _:
                 self._send(WORKER, identity, Error("unknown_message", f"{type(msg).__name__} is not a worker message"))
+
+    def _request_error(self, worker: Worker, msg: RequestError, now: float) -> None:
+        if worker.busy == msg.request_id:
+            worker.busy = None
+        worker.draining = worker.draining or msg.code == "draining"
+        request = self.requests.get(msg.request_id)
+        held_by = {Phase.PREFILL: request.prefill_worker, Phase.DECODE: request.decode_worker}.get(request.phase) if request else None
+        if held_by != worker.identity:
+            return
+        if msg.code == "draining" and request.phase is Phase.PREFILL:  # refused, not failed: first in line again
+            request.phase, request.prefill_worker = Phase.QUEUED, None
+            self.queue.appendleft(request.request_id)
+            return
+        self._finish(request, "error", now, {"code": msg.code, "message": msg.message}, notify=False)
 
     def _register(self, identity: bytes, msg: Register, now: float) -> None:
         others = [w for w in self.workers.by_identity.values() if w.identity != identity]

@@ -26,6 +26,7 @@ class Worker:
     request_ids: set[str] = field(default_factory=set)  # decode: requests adopted or reserved here
     kv_reserved_tokens: int = 0  # decode: sum of kv_tokens of request_ids
     ping: WorkerPing | None = None
+    draining: bool = False  # it refused work with "draining": it is shutting down, send it nothing new
 
     @property
     def role(self) -> str:
@@ -55,7 +56,7 @@ class Worker:
             "kv_capacity_tokens": self.info.kv_capacity_tokens, "kv_reserved_tokens": self.kv_reserved_tokens,
             "kv_free_tokens": ping.kv_free_tokens if ping else self.info.kv_capacity_tokens,
             "running": ping.running if ping else 0, "waiting": ping.waiting if ping else 0,
-            "requests": len(self.request_ids) + (self.busy is not None), "busy": self.busy,
+            "requests": len(self.request_ids) + (self.busy is not None), "busy": self.busy, "draining": self.draining,
             "last_seen_s": round(now - self.last_seen_s, 3), "uptime_s": round(now - self.registered_s, 1),
         }  # fmt: skip
 
@@ -95,11 +96,11 @@ class WorkerPool:
         return iter([w for w in self.by_identity.values() if now - w.last_seen_s > self.silence_limit_s])
 
     def idle_prefill(self) -> Worker | None:
-        return next((w for w in self.of_role("prefill") if w.busy is None), None)
+        return next((w for w in self.of_role("prefill") if w.busy is None and not w.draining), None)
 
     def decode_with_room(self, kv_tokens: int) -> Worker | None:
         """The least loaded decode worker that can take the request, or None."""
-        fits = [w for w in self.of_role("decode") if w.has_room(kv_tokens)]
+        fits = [w for w in self.of_role("decode") if w.has_room(kv_tokens) and not w.draining]
         return min(fits, key=lambda w: (len(w.request_ids), w.kv_reserved_tokens), default=None)
 
     def missing_since(self, role: str, now: float) -> float | None:

@@ -300,6 +300,18 @@ def test_request_error_from_a_worker_ends_only_that_request():
     assert s.workers.get(P).busy is None
 
 
+def test_a_draining_worker_gets_nothing_new_and_its_refusals_wait_for_another():
+    s = make()
+    gen(s, "a")
+    s.on_worker(P, RequestError("a", "draining", "the worker is shutting down"), 0.1)
+    s.tick(0.1)
+    assert not s.take_outbox() and list(s.queue) == ["a"]  # not failed, not sent to the draining worker again
+    register(s, b"prefill-2", "prefill", now=0.2)
+    s.tick(0.2)
+    assert [m.request_id for m in to(s.take_outbox(), b"prefill-2", Prefill)] == ["a"]
+    assert [w["draining"] for w in s.status(0.2).workers if w["role"] == "prefill"] == [True, False]
+
+
 def test_drain_refuses_new_work_finishes_the_rest_then_stops():
     s = make()
     gen(s, "a")
