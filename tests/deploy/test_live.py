@@ -126,13 +126,17 @@ prefix = "{prefix}"
         services[role] = Service(role, exec_start("hmoe-worker@.service", config, env, role), tmp, env)
     for role in ("prefill", "decode"):
         services[role].wait_for("READY=1", START_TIMEOUT_S)
-    services["router"] = Service("router", exec_start("hmoe-router.service", config, env), tmp, env)
-    services["router"].wait_for("READY=1", START_TIMEOUT_S)
-    deadline = time.monotonic() + 20.0  # the workers' Register, sent before the router bound, arrives
-    while hmoectl(ctl_env, "health", "--timeout-s", "1").returncode != 0:
-        assert time.monotonic() < deadline, "workers started before the router never registered"
-        time.sleep(0.2)
-    yield services, ctl_env, config
+
+    def start_router() -> None:
+        services["router"] = Service("router", exec_start("hmoe-router.service", config, env), tmp, env)
+        services["router"].wait_for("READY=1", START_TIMEOUT_S)
+        deadline = time.monotonic() + 20.0  # workers register: sent before the router bound, or after it came back
+        while hmoectl(ctl_env, "health", "--timeout-s", "1").returncode != 0:
+            assert time.monotonic() < deadline, "the workers never registered with the router"
+            time.sleep(0.2)
+
+    start_router()
+    yield services, ctl_env, config, start_router
     codes = {name: services[name].stop() for name in ("router", "prefill", "decode")}  # systemd's stop order
     removed = hmoectl(ctl_env, "shm", "rm", "deploy")
     assert codes == {"router": 0, "prefill": 0, "decode": 0}, codes
@@ -144,7 +148,7 @@ def hmoectl(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_ready_then_watchdog_pings_from_every_process(stack):
-    services, _, _ = stack
+    services, _, _, _ = stack
     time.sleep(2 * WATCHDOG_S)
     for service in services.values():
         ready_s = service.wait_for("READY=1", 1.0)
@@ -155,7 +159,7 @@ def test_ready_then_watchdog_pings_from_every_process(stack):
 
 
 def test_hmoectl_health_and_status(stack):
-    services, env, _ = stack
+    services, env, _, _ = stack
     health = hmoectl(env, "health")
     assert health.returncode == 0, health.stdout + health.stderr
     assert health.stdout.startswith("healthy: 1 prefill + 1 decode workers") and health.stdout.count("\n") == 1
@@ -169,22 +173,47 @@ def test_hmoectl_health_and_status(stack):
     assert pack["state"] == "ready" and set(pack["attached_pids"]) >= {services[r].proc.pid for r in ("prefill", "decode")}
 
 
-def test_hmoectl_drain_finishes_requests_in_flight(stack):
-    services, env, config = stack
+def _stream_while(config: Path, stop) -> tuple[list[int], str]:
+    """Tokens and finish reason of a 60-token request during which `stop()` runs (after its first token)."""
     with Client(f"ipc://{config.parent}/frontend.sock") as client:
         stream = client.generate(token_ids=[5, 9, 2, 44], max_tokens=60, ignore_eos=True)
-        first = next(iter(stream))  # running: prefilled and decoding
-        drain = subprocess.Popen([str(HMOECTL), "drain", "--grace-s", "20"], env=env, stdout=subprocess.PIPE, text=True)
+        tokens = list(next(iter(stream)).token_ids)  # running: prefilled and decoding
+        stop()
+        tokens += [t for chunk in stream for t in chunk.token_ids]
+        return tokens, stream.final().finish_reason
+
+
+def test_hmoectl_drain_finishes_requests_in_flight(stack):
+    services, env, config, _ = stack
+    drain = []
+
+    def hmoectl_drain():
+        drain.append(subprocess.Popen([str(HMOECTL), "drain", "--grace-s", "20"], env=env, stdout=subprocess.PIPE, text=True))
         services["router"].wait_for("STOPPING=1", 10.0)
-        tokens = list(first.token_ids) + [t for chunk in stream for t in chunk.token_ids]
-        result = stream.final()
-    assert result.finish_reason == "length" and len(tokens) == 60  # nothing in flight was lost
-    out, _ = drain.communicate(timeout=40)
-    assert drain.returncode == 0 and out.splitlines()[-1] == "drained: the router has exited", out
+
+    tokens, reason = _stream_while(config, hmoectl_drain)
+    assert reason == "length" and len(tokens) == 60  # nothing in flight was lost
+    out, _ = drain[0].communicate(timeout=40)
+    assert drain[0].returncode == 0 and out.splitlines()[-1] == "drained: the router has exited", out
     assert services["router"].proc.wait(10) == 0
     after = hmoectl(env, "health", "--timeout-s", "1")
     assert after.returncode == 2 and after.stdout.startswith("unhealthy: the router"), after.stdout
-    for role in ("prefill", "decode"):  # systemd stops the workers (BindsTo=): SIGTERM drains them
+
+
+def test_workers_outlive_a_router_restart_and_sigterm_drains(stack):
+    """Restart=on-failure brings a router back under running workers: they register again. Then
+    `systemctl stop` (SIGTERM to the router, then to the workers it binds) loses nothing in flight."""
+    services, env, config, start_router = stack
+    start_router()  # waits until both workers registered with the new router
+
+    def systemctl_stop():
+        services["router"].proc.send_signal(signal.SIGTERM)
+        services["router"].wait_for("STOPPING=1", 10.0)
+
+    tokens, reason = _stream_while(config, systemctl_stop)
+    assert reason == "length" and len(tokens) == 60
+    assert services["router"].proc.wait(30) == 0
+    for role in ("prefill", "decode"):  # BindsTo=: systemd stops the workers next; SIGTERM drains them
         services[role].proc.send_signal(signal.SIGTERM)
         services[role].wait_for("STOPPING=1", 10.0)
         assert services[role].proc.wait(30) == 0
