@@ -214,14 +214,14 @@ def test_router_drains_on_sigterm_and_comes_back_without_restarting_workers(serv
     before = served.wait_ready()
     router_pid = _router_pid(served)
     with Client(served.endpoint) as client:
-        stream = client.generate("Finish me", max_tokens=40, ignore_eos=True)
+        stream = client.generate("Finish me", max_tokens=500, ignore_eos=True)  # a few seconds of decoding
         next(stream)
         os.kill(router_pid, signal.SIGTERM)
-        time.sleep(0.2)
+        time.sleep(0.1)
         with pytest.raises(RequestRefused) as refused:
             client.complete("New", max_tokens=2)
         assert refused.value.code == "draining"
-        assert sum(len(c.token_ids) for c in stream) == 39 and stream.result.finish_reason == "length"
+        assert sum(len(c.token_ids) for c in stream) == 499 and stream.result.finish_reason == "length"
     deadline = time.monotonic() + 30
     while "router exited with status 0; restarting it" not in served.out_path.read_text():
         assert time.monotonic() < deadline, served.out_path.read_text()
