@@ -1,7 +1,9 @@
-"""ShmError: what can go wrong at the weight pack's edges (names, segments, headers, manifests).
+"""HmoeError, the one error type users see, and ShmError: what can go wrong at the weight pack's edges.
 
-Every error carries a stable `code` (snake_case, never renamed) and a sentence that says what to
-do. shm/ imports nothing from workers/, so this mirrors `hmoe.workers.errors.HmoeError` in shape.
+HmoeError lives here because shm/ is the lowest layer that raises errors at an edge (it may import
+nothing of hmoe); runtime/errors.py re-exports it for everyone else. Every error carries a stable
+`code` (snake_case, never renamed) and a sentence that says what to do; it crosses the wire as
+{code, message}.
 """
 
 from __future__ import annotations
@@ -28,13 +30,24 @@ CODES = frozenset(
 )
 
 
-class ShmError(Exception):
+class HmoeError(Exception):
     """An error a user can act on: `code` is stable, the message says what happened and what to do."""
 
     def __init__(self, code: str, message: str):
-        assert code in CODES, code
         super().__init__(message)
         self.code = code
 
+    @property
+    def message(self) -> str:
+        return self.args[0]
+
     def __str__(self) -> str:
-        return f"[{self.code}] {self.args[0]}"
+        return f"[{self.code}] {self.message}"
+
+
+class ShmError(HmoeError):
+    """A weight-pack failure; its code is one of CODES."""
+
+    def __init__(self, code: str, message: str):
+        assert code in CODES, code
+        super().__init__(code, message)

@@ -56,6 +56,7 @@ def make_model_cmd(out, arch, preset, dtype, seed, layers, shard_mb) -> None:
 
 @main.command("run")
 @click.argument("model_dir", required=False, type=click.Path())
+@click.option("--pack", "pack_name", help="Run from weight pack NAME in shared memory instead of a model folder.")
 @click.option("--prompt", help="Text to continue (tokenized with the model's tokenizer.json).")
 @click.option("--token-ids", help="Comma-separated prompt token ids instead of text, e.g. 1,2,3.")
 @click.option("--max-tokens", type=int, default=32, show_default=True)
@@ -65,14 +66,20 @@ def make_model_cmd(out, arch, preset, dtype, seed, layers, shard_mb) -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
 @click.option("--dtype", default="auto", show_default=True, help="auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16")
+@click.option("--experts", type=click.Choice(["torch", "cpu"]), default="torch", show_default=True,
+              help="Routed experts in torch on the device, or on the CPU kernels.")
+@click.option("--expert-format", type=click.Choice(["native", "bf16", "fp8", "int4"]), default="native", show_default=True,
+              help="With --experts cpu from a model folder: the format the kernels read (a pack keeps its own).")
+@click.option("--group", "group_size", type=click.Choice(["32", "128"]), default="128", show_default=True,
+              help="INT4 group size.")
 @click.option("--kv-cache-gib", type=float, default=1.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (token_ids, text, finish_reason, timings).")
-def run_cmd(model_dir, prompt, token_ids, max_tokens, temperature, top_p, top_k, seed, device, dtype,
-            kv_cache_gib, as_json) -> None:
-    """Generate offline, in this process, from MODEL_DIR (a Hugging Face model folder)."""
-    if model_dir is None:
+def run_cmd(model_dir, pack_name, prompt, token_ids, max_tokens, temperature, top_p, top_k, seed, device, dtype,
+            experts, expert_format, group_size, kv_cache_gib, as_json) -> None:
+    """Generate offline, in this process, from MODEL_DIR (a Hugging Face model folder) or --pack NAME."""
+    if (model_dir is None) == (pack_name is None):
         raise click.UsageError(
-            "no model given. Make a demo model first:\n"
+            "give a model folder or --pack NAME (not both). To make a demo model:\n"
             "  hmoe make-model --arch deepseek_v3 --preset tiny demo-model\n"
             "  hmoe run demo-model --prompt 'Hello'"
         )
@@ -80,28 +87,30 @@ def run_cmd(model_dir, prompt, token_ids, max_tokens, temperature, top_p, top_k,
         raise click.UsageError("give exactly one of --prompt or --token-ids")
     from hmoe.runtime.sampling_params import SamplingParams
     from hmoe.runtime.tokenizer import load_tokenizer
-    from hmoe.workers.checkpoint import Checkpoint
     from hmoe.workers.generate import generate
     from hmoe.workers.kv_cache import KVPool
     from hmoe.workers.model import load_model
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    checkpoint = Checkpoint.open(model_dir)
-    tokenizer = load_tokenizer(model_dir) if (prompt is not None or (checkpoint.path / "tokenizer.json").is_file()) else None
+    source, tokenizer_source = _open_source(model_dir, pack_name)
+    vocab_size = source.config.vocab_size
+    tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
     if token_ids is not None:
         try:
             ids = [int(t) for t in token_ids.split(",") if t.strip()]
         except ValueError:
             raise click.BadParameter(f"{token_ids!r} is not a comma-separated list of integers", param_hint="--token-ids")
-        bad = [t for t in ids if not 0 <= t < checkpoint.config.vocab_size]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
         if not ids or bad:
-            raise click.BadParameter(f"token ids must be in [0, {checkpoint.config.vocab_size}); got {bad or 'none'}",
-                                     param_hint="--token-ids")
+            raise click.BadParameter(f"token ids must be in [0, {vocab_size}); got {bad or 'none'}", param_hint="--token-ids")
+    elif tokenizer is None:
+        raise click.UsageError("this model has no tokenizer.json: pass --token-ids")
     else:
         ids = tokenizer.encode(prompt).ids
 
     start = time.monotonic()
-    model = load_model(checkpoint, device, dtype)
+    backend = _expert_backend(source, experts, expert_format, int(group_size), device)
+    model = load_model(source, device, dtype, experts=backend)
     kv = KVPool.from_budget(model.config, int(kv_cache_gib * (1 << 30)), 16, model.dtype, model.device)
     load_s = time.monotonic() - start
 
@@ -126,7 +135,7 @@ def run_cmd(model_dir, prompt, token_ids, max_tokens, temperature, top_p, top_k,
         click.echo(json.dumps({
             "prompt_token_ids": ids, "token_ids": list(result.token_ids), "text": text,
             "finish_reason": result.finish_reason, "load_s": round(load_s, 3), "generate_s": round(gen_s, 3),
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "experts": experts,
         }))
     else:
         if not stream:
@@ -135,20 +144,41 @@ def run_cmd(model_dir, prompt, token_ids, max_tokens, temperature, top_p, top_k,
         click.echo(f"[{len(result.token_ids)} tokens, {result.finish_reason}, "
                    f"{len(result.token_ids) / max(gen_s, 1e-9):.1f} tok/s, load {load_s:.1f} s]", err=True)
 
+
+def _open_source(model_dir, pack_name):
+    """(weight source, what the tokenizer loads from or None): a model folder or an attached pack."""
+    if pack_name is not None:
+        from hmoe.runtime.config import load_config
+        from hmoe.workers.pack_source import PackSource
+
+        source = PackSource.attach(pack_name, load_config().shm)
+        return source, source.blob("tokenizer.json")
+    from hmoe.workers.checkpoint import Checkpoint
+
+    source = Checkpoint.open(model_dir)
+    return source, (model_dir if (source.path / "tokenizer.json").is_file() else None)
+
+
+def _expert_backend(source, experts: str, expert_format: str, group_size: int, device: str):
+    """None (torch experts on the device, load_model's default) or the CPU kernels."""
+    if experts == "torch":
+        return None
+    from hmoe.workers.cpu_experts import CpuExperts
+
+    if hasattr(source, "layer_experts"):  # a pack: the kernels read its arrays in place
+        return CpuExperts.from_source(source, device)
+    from hmoe.workers.pack_loader import resolve_format
+
+    return CpuExperts.from_checkpoint(source, resolve_format(expert_format, group_size, source), device)
+
+
+# Commands that live beside what they drive.
 from hmoe.runtime.ops import COMMANDS as OPS_COMMANDS  # noqa: E402  (health, drain, config-skeleton)
-
-for _command in OPS_COMMANDS:
-    main.add_command(_command)
-
-from hmoe.workers.serve_cli import generate_cmd, serve_cmd, status_cmd  # noqa: E402  (serve + generate, status)
-
-main.add_command(serve_cmd)
-main.add_command(generate_cmd)
-main.add_command(status_cmd)
-
+from hmoe.workers.serve_cli import generate_cmd, serve_cmd, status_cmd  # noqa: E402
 from hmoe.workers.shm_cli import shm as shm_group  # noqa: E402  (hmoe shm load|ls|rm|gc)
 
-main.add_command(shm_group)
+for _command in (*OPS_COMMANDS, serve_cmd, generate_cmd, status_cmd, shm_group):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -13,22 +13,10 @@ import time
 
 import click
 
-from hmoe.runtime.errors import HmoeError
-from hmoe.shm import ShmConfig, ShmError, collect_garbage, list_packs, remove_pack
+from hmoe.shm import ShmConfig, collect_garbage, list_packs, remove_pack
 
 
-class ShmGroup(click.Group):
-    """Any HmoeError or ShmError becomes one line with its code and exit status 1."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (HmoeError, ShmError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-
-@click.group("shm", cls=ShmGroup)
+@click.group("shm")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="hmoe TOML config file.")
 @click.pass_context
 def shm(ctx, config_path) -> None:

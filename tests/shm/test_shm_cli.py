@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import CHILD_TIMEOUT_S, child, wait_line
 
-from hmoe.workers.shm_cli import shm
+from hmoe.workers.cli import main
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def hmoe_shm(shm_config):
     env = {"HMOE_SHM_PREFIX": shm_config.prefix, "HMOE_SHM_LOCK_DIR": shm_config.lock_dir}
 
     def invoke(*args):
-        return CliRunner().invoke(shm, [str(a) for a in args], env=env)
+        return CliRunner().invoke(main, ["shm", *(str(a) for a in args)], env=env)  # as `hmoe shm ...`
 
     return invoke
 

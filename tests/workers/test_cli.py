@@ -59,3 +59,29 @@ def test_bad_model_is_one_clear_line(tiny_models, tmp_path):
     assert "Traceback" not in proc.stderr
     out_of_vocab = _hmoe("run", str(tiny_models("deepseek_v3", "fp32")), "--token-ids", "1,999999")
     assert out_of_vocab.returncode == 2 and "999999" in out_of_vocab.stderr
+
+
+def test_run_from_a_pack_alone_and_on_the_cpu_kernels(tiny_models, tmp_path):
+    """`hmoe run --pack`: the model folder is not needed; CPU-kernel experts give the torch tokens."""
+    import os
+    import uuid
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_models("qwen3_moe", "bf16"), model_dir)
+    env = dict(os.environ, HMOE_SHM_PREFIX=f"hmoe-test-{uuid.uuid4().hex[:8]}.")
+
+    def hmoe(*args):
+        return subprocess.run([*HMOE, *args], capture_output=True, text=True, timeout=300, env=env)
+
+    assert hmoe("shm", "load", str(model_dir), "--name", "cli").returncode == 0
+    try:
+        shutil.rmtree(model_dir)
+        runs = {experts: hmoe("run", "--pack", "cli", "--prompt", "Hello", "--max-tokens", "10", "--experts", experts, "--json")
+                for experts in ("torch", "cpu")}
+        for proc in runs.values():
+            assert proc.returncode == 0, proc.stderr
+        torch_run, cpu_run = (json.loads(runs[e].stdout) for e in ("torch", "cpu"))
+        assert cpu_run["token_ids"] == torch_run["token_ids"] and cpu_run["experts"] == "cpu"
+        assert torch_run["prompt_token_ids"][0] == 0  # tokenized with the pack's own tokenizer.json (BOS first)
+    finally:
+        assert hmoe("shm", "rm", "cli").returncode == 0

@@ -1,5 +1,8 @@
 """Real prefill and decode worker processes over real ZeroMQ sockets and real shared memory.
 
+The workers run the routed experts on the CPU kernels over the weight pack (the production path);
+the reference is the same pack's weights with torch experts in this process (`hmoe run --pack`).
+
 The test plays the router: it binds the backend socket, answers heartbeats, sends Prefill, hands
 the Prefilled KV to the decode worker with Adopt, and collects Tokens.
 """
@@ -22,12 +25,12 @@ import zmq
 from hmoe.runtime import protocol
 from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.shm import ShmConfig
-from hmoe.workers.checkpoint import Checkpoint
 from hmoe.workers.generate import generate
 from hmoe.workers.handoff import HandoffPool
 from hmoe.workers.kv_cache import KVPool
 from hmoe.workers.model import load_model
 from hmoe.workers.pack_loader import load_pack
+from hmoe.workers.pack_source import PackSource
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +137,7 @@ def served(request, tiny_models, tmp_path_factory):
     pack, _ = load_pack(model_dir, "workers", config=shm)
     endpoint = f"ipc://{tmp_path_factory.mktemp('ipc')}/backend.sock"
     harness = Harness(endpoint)
-    env = dict(os.environ, HMOE_SHM_PREFIX=prefix, HMOE_WORKER_EXPERTS="torch", HMOE_WORKER_KV_CACHE_GIB="0.01",
+    env = dict(os.environ, HMOE_SHM_PREFIX=prefix, HMOE_WORKER_EXPERTS="cpu", HMOE_WORKER_KV_CACHE_GIB="0.01",
                HMOE_ROUTER_HEARTBEAT_INTERVAL_S="0.5", HMOE_WORKER_PREFILL_CHUNK_TOKENS="16",
                HMOE_WORKER_HANDOFF_SLOTS="3", HMOE_WORKER_HANDOFF_SLOT_TOKENS="256",
                HMOE_WORKER_DEVICE=request.param, HMOE_WORKER_DTYPE="fp32")
@@ -145,7 +148,9 @@ def served(request, tiny_models, tmp_path_factory):
                                         "--router", endpoint], env=env)
         harness.pump(lambda got: any(m.role == role for m in got), (protocol.Register,))
 
-    model = load_model(Checkpoint.open(model_dir), "cpu", "fp32")
+    # The reference is `hmoe run --pack`: the same pack's weights, torch experts, in this process.
+    source = PackSource.attach("workers", shm)
+    model = load_model(source, "cpu", "fp32")
     start("prefill")
     start("decode")
     yield harness, procs, start, model
@@ -154,6 +159,7 @@ def served(request, tiny_models, tmp_path_factory):
     assert [proc.wait(timeout=60) for proc in procs.values()] == [0, 0]
     assert not [p for p in os.listdir("/dev/shm") if p == f"hmoe-kv.prefill-{procs['prefill'].pid}"]
     harness.close()
+    source.close()
     pack.close()
     from hmoe.shm.registry import remove_pack  # noqa: PLC0415
 
