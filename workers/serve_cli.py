@@ -154,8 +154,10 @@ class _Readiness:
 @click.option("--server-key", help="The router's CURVE public key (file or Z85) for an encrypted endpoint.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming.")
+@click.option("--wait", "wait_s", type=float, default=0.0, help="Wait up to this long for the service to be ready "
+              "(e.g. right after starting hmoe serve).")  # fmt: skip
 def generate_cmd(prompt, token_ids, max_tokens, temperature, top_p, top_k, seed, stop, timeout, endpoint, port,
-                 server_key, config_path, as_json) -> None:
+                 server_key, config_path, as_json, wait_s) -> None:
     """Stream a completion of PROMPT from a running hmoe serve; Ctrl-C cancels it."""  # fmt: skip
     from hmoe.runtime.client import Client  # noqa: PLC0415
 
@@ -168,6 +170,8 @@ def generate_cmd(prompt, token_ids, max_tokens, temperature, top_p, top_k, seed,
         except ValueError:
             raise click.BadParameter(f"{token_ids!r} is not a comma-separated list of integers", param_hint="--token-ids") from None
     endpoint = _endpoint(config_path, endpoint, port)
+    if wait_s > 0:
+        _wait_ready(endpoint, wait_s, server_key)
     with Client(endpoint, server_public_key=server_key, router_timeout_s=ROUTER_TIMEOUT_S) as client:
         stream = client.generate(prompt, token_ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  top_k=top_k, seed=seed, stop=stop, timeout=timeout, stream=not as_json)  # fmt: skip
@@ -188,6 +192,22 @@ def generate_cmd(prompt, token_ids, max_tokens, temperature, top_p, top_k, seed,
     speed = f", {1 / u.tpot_s:.1f} tok/s" if u.tpot_s else ""
     ttft = f", first token {u.ttft_s * 1000:.0f} ms" if u.ttft_s is not None else ""
     click.echo(f"[{u.output_tokens} tokens, {result.finish_reason}{ttft}{speed}]", err=True)
+
+
+def _wait_ready(endpoint: str, wait_s: float, server_key: str | None) -> None:
+    """Until the router answers with a prefill and a decode worker registered (or wait_s passed)."""
+    from hmoe.runtime.client import RouterUnreachable, status_once  # noqa: PLC0415
+    from hmoe.runtime.errors import HmoeError  # noqa: PLC0415
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if {w["role"] for w in status_once(endpoint, 1.0, server_key)["workers"]} >= {"prefill", "decode"}:
+                return
+        except RouterUnreachable:
+            pass
+        time.sleep(0.5)
+    raise HmoeError("not_ready", f"{endpoint} did not get a prefill and a decode worker within {wait_s:g} s: is hmoe serve running?")
 
 
 @click.command("status")
