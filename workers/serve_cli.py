@@ -56,15 +56,6 @@ def ensure_demo_model(say) -> Path:
     return path
 
 
-def _experts_available(config: Config) -> str:
-    """The expert backend to run: the configured one, or torch while the CPU kernels backend is absent."""
-    import importlib.util  # noqa: PLC0415
-
-    if config.worker.experts == "cpu" and importlib.util.find_spec("hmoe.workers.cpu_experts") is None:
-        return "torch"
-    return config.worker.experts
-
-
 @click.command("serve")
 @click.argument("model_dir", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--port", type=int, help="Serve clients on tcp://127.0.0.1:PORT (default: [router] frontend, port 5555).")
@@ -93,7 +84,7 @@ def serve_cmd(model_dir, port, device, pack_name, config_path) -> None:
     # other (on 2 cores that made decode 20x slower). An OMP_NUM_THREADS already set is kept.
     threads = () if "OMP_NUM_THREADS" in os.environ else (("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 2))),)
     worker = (sys.executable, "-m", "hmoe.workers.worker", "--pack", name, "--router", backend, "--device",
-              config.worker.device, "--experts", _experts_available(config), *common)  # fmt: skip
+              config.worker.device, *common)  # fmt: skip
     specs = [
         ChildSpec("router", (sys.executable, "-m", "hmoe.runtime.router", "--frontend", frontend, "--backend", backend,
                              "--pack", name, *common), config.router.drain_grace_s + 10),
