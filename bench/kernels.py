@@ -313,6 +313,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
     parser.add_argument("--no-kt", action="store_true", help="skip kt-kernel")
     parser.add_argument("--kt-threads", type=int, default=None, help="kt-kernel threads (default: --threads - 1)")
+    parser.add_argument("--kt-max-experts", type=int, default=64, help="experts kt-kernel holds (its loading is slow); same bytes per token")
     parser.add_argument("--memory-gib", type=float, default=None, help="bytes one layer may hold (default: 45%% of RAM)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--formats", default=",".join(FORMATS))
@@ -367,13 +368,17 @@ def main(argv=None) -> None:
                 row.update(shape=shape_name, format=fmt_name, tokens=1, routing="random", threads=1, experts_in_memory=num_experts)
                 notes.setdefault("one_thread", []).append(row)
             if kt_reason is None and fmt_name != "int4-g128":
-                kt_per_tokens = {t: per_tokens[t][: min(num_calls, 16)] for t in tokens_list}
-                for r in bench_kt(shape, fmt_name, num_experts, kt_per_tokens, kt_threads, per_expert):
-                    r.update(shape=shape_name, threads=kt_threads, experts_in_memory=num_experts)
+                kt_experts = min(num_experts, args.kt_max_experts)
+                kt_per_tokens = {t: routings(rng, min(num_calls, 16), t, kt_experts, top_k) for t in tokens_list}
+                for r in bench_kt(shape, fmt_name, kt_experts, kt_per_tokens, kt_threads, per_expert):
+                    r.update(shape=shape_name, threads=kt_threads, experts_in_memory=kt_experts)
                     kt_rows.append(r)
                     if "gbs" in r:
                         print(f"{shape_name:14s} {fmt_name:9s} T={r['tokens']:2d} kt-kernel {r['seconds'] * 1e3:8.3f} ms {r['gbs']:6.1f} GB/s", flush=True)
             del layer
+            if args.json:  # partial results, in case the run is cut short
+                Path(args.json + ".partial").write_text(json.dumps({"read_bw_gbs": bw.best_gbs, "results": results,
+                                                                    "torch": torch_rows, "kt_kernel": kt_rows}))
         num_torch = int(min(shape["experts"], max(4 * top_k, budget // (3 * hidden * inter * 2))))
         if args.quick:
             num_torch = min(num_torch, 32)

@@ -132,9 +132,13 @@ def zero_out_rows(out, num_tokens, hidden, lo, hi):
 
 
 @jit
-def group_slots(slot_of, g0, n, slots):
+def group_offsets(slot_of, g0, s1, slots, offs, base, stride, zero):
+    """Slots g0.. (up to 4, before s1) of one expert; offs[i] = base + i * stride, or `zero` past them. Returns n."""
+    n = min(4, s1 - g0)
     for i in range(4):
         slots[i] = slot_of[g0 + min(i, n - 1)]
+        offs[i] = base + i * stride if i < n else zero
+    return n
 
 
 # ---------------------------------------------------------------- fp8
@@ -155,32 +159,24 @@ def _fp8_gate_up(task, num_tasks, hp, ip, top_k, gate, gate_s, up, up_s, n_activ
     lo, hi = row_share(task, num_tasks, ip)
     nb_in = hp // 128
     xg, xu, zero = task * 9 * xs_row, task * 9 * xs_row + 4 * xs_row, task * 9 * xs_row + 8 * xs_row
-    og, ou = offs[0:4], offs[4:8]
     for a in range(n_active):
-        e = active_id[a]
-        for g0 in range(active_start[a], active_start[a + 1], 4):
-            n = min(4, active_start[a + 1] - g0)
-            group_slots(slot_of, g0, n, slots)
-            for i in range(4):
-                og[i], ou[i] = (xg + i * xs_row, xu + i * xs_row) if i < n else (zero, zero)
-            for rb in range(lo // 128, -(-hi // 128)):  # gate then up: one activation set in L1 at a time
-                r0, r1 = max(lo, rb * 128), min(hi, rb * 128 + 128)
-                for i in range(n):
-                    _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, gate_s, (e * (ip // 128) + rb) * nb_in, xs, og[i])
-                for r in range(r0, r1, TILE_ROWS):
-                    if n == 1:
-                        fp8_tile(gate, (e * ip + r) * hp, hp, xs, xg, res)
-                    else:
-                        fp8_tile_tokens4(gate, (e * ip + r) * hp, hp, xs, og, res)
-                    store_gate(res, n, slots, h, ip, r)
-                for i in range(n):
-                    _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, up_s, (e * (ip // 128) + rb) * nb_in, xs, ou[i])
-                for r in range(r0, r1, TILE_ROWS):
-                    if n == 1:
-                        fp8_tile(up, (e * ip + r) * hp, hp, xs, xu, res)
-                    else:
-                        fp8_tile_tokens4(up, (e * ip + r) * hp, hp, xs, ou, res)
-                    finish_up(res, n, slots, weights, h, ip, r)
+        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        for rb in range(lo // 128, -(-hi // 128)):  # per 128 rows: every group of 4 slots (rows stay in L2),
+            r0, r1 = max(lo, rb * 128), min(hi, rb * 128 + 128)  # gate then up (one activation set in L1)
+            for proj, scale, x0 in ((gate, gate_s, xg), (up, up_s, xu)):
+                for g0 in range(s0, s1, 4):
+                    n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
+                    for i in range(n):
+                        _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, scale, (e * (ip // 128) + rb) * nb_in, xs, offs[i])
+                    for r in range(r0, r1, TILE_ROWS):
+                        if n == 1:
+                            fp8_tile(proj, (e * ip + r) * hp, hp, xs, x0, res)
+                        else:
+                            fp8_tile_tokens4(proj, (e * ip + r) * hp, hp, xs, offs, res)
+                        if x0 == xg:
+                            store_gate(res, n, slots, h, ip, r)
+                        else:
+                            finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
@@ -190,23 +186,18 @@ def _fp8_down(task, num_tasks, hp, ip, hidden, num_tokens, top_k, down, down_s, 
     zero_out_rows(out, num_tokens, hidden, lo, hi)
     nb_in = ip // 128
     x0, zero = task * 9 * xs_row, task * 9 * xs_row + 8 * xs_row
-    oa = offs[0:4]
     for a in range(n_active):
-        e = active_id[a]
-        for g0 in range(active_start[a], active_start[a + 1], 4):
-            n = min(4, active_start[a + 1] - g0)
-            group_slots(slot_of, g0, n, slots)
-            for i in range(4):
-                oa[i] = x0 + i * xs_row if i < n else zero
-            for rb in range(lo // 128, -(-hi // 128)):
+        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        for rb in range(lo // 128, -(-hi // 128)):
+            for g0 in range(s0, s1, 4):
+                n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
                 for i in range(n):
-                    _fp8_scale_acts(h, slots[i] * ip, ip, down_s, (e * (hp // 128) + rb) * nb_in, xs, oa[i])
+                    _fp8_scale_acts(h, slots[i] * ip, ip, down_s, (e * (hp // 128) + rb) * nb_in, xs, offs[i])
                 for r in range(max(lo, rb * 128), min(hi, rb * 128 + 128), TILE_ROWS):
-                    row = (e * hp + r) * ip
                     if n == 1:
-                        fp8_tile(down, row, ip, xs, x0, res)
+                        fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res)
                     else:
-                        fp8_tile_tokens4(down, row, ip, xs, oa, res)
+                        fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res)
                     accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
@@ -246,27 +237,24 @@ def padded_in(n):
 def _bf16_gate_up(task, num_tasks, hp, ip, top_k, gate, up, n_active, active_id, active_start, slot_of, weights,
                   act, zero, h, res, slots, offs):
     lo, hi = row_share(task, num_tasks, ip)
-    oa = offs[0:4]
     for a in range(n_active):
-        e = active_id[a]
-        for g0 in range(active_start[a], active_start[a + 1], 4):
-            n = min(4, active_start[a + 1] - g0)
-            group_slots(slot_of, g0, n, slots)
-            for i in range(4):
-                oa[i] = (slots[i] // top_k) * hp if i < n else zero
-            for r0 in range(lo, hi, 128):  # gate then up, 128 rows at a time
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    if n == 1:
-                        bf16_tile(gate, (e * ip + r) * hp, hp, act, oa[0], res)
-                    else:
-                        bf16_tile_tokens4(gate, (e * ip + r) * hp, hp, act, oa, res)
-                    store_gate(res, n, slots, h, ip, r)
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    if n == 1:
-                        bf16_tile(up, (e * ip + r) * hp, hp, act, oa[0], res)
-                    else:
-                        bf16_tile_tokens4(up, (e * ip + r) * hp, hp, act, oa, res)
-                    finish_up(res, n, slots, weights, h, ip, r)
+        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        for r0 in range(lo, hi, 128):  # per 128 rows: every group of 4 slots, gate then up
+            for p in range(2):
+                proj = gate if p == 0 else up
+                for g0 in range(s0, s1, 4):
+                    n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
+                    for i in range(n):
+                        offs[i] = (slots[i] // top_k) * hp
+                    for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
+                        if n == 1:
+                            bf16_tile(proj, (e * ip + r) * hp, hp, act, offs[0], res)
+                        else:
+                            bf16_tile_tokens4(proj, (e * ip + r) * hp, hp, act, offs, res)
+                        if p == 0:
+                            store_gate(res, n, slots, h, ip, r)
+                        else:
+                            finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
@@ -274,21 +262,19 @@ def _bf16_down(task, num_tasks, hp, ip, hidden, num_tokens, top_k, down, n_activ
                h, zero, out, res, slots, offs):
     lo, hi = row_share(task, num_tasks, hp)
     zero_out_rows(out, num_tokens, hidden, lo, hi)
-    oa = offs[0:4]
     for a in range(n_active):
-        e = active_id[a]
-        for g0 in range(active_start[a], active_start[a + 1], 4):
-            n = min(4, active_start[a + 1] - g0)
-            group_slots(slot_of, g0, n, slots)
-            for i in range(4):
-                oa[i] = slots[i] * ip if i < n else zero
-            for r in range(lo, hi, TILE_ROWS):
-                row = (e * hp + r) * ip
-                if n == 1:
-                    bf16_tile(down, row, ip, h, oa[0], res)
-                else:
-                    bf16_tile_tokens4(down, row, ip, h, oa, res)
-                accumulate_out(res, n, slots, top_k, out, hidden, r)
+        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        for r0 in range(lo, hi, 128):
+            for g0 in range(s0, s1, 4):
+                n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
+                for i in range(n):
+                    offs[i] = slots[i] * ip
+                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
+                    if n == 1:
+                        bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res)
+                    else:
+                        bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res)
+                    accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
@@ -323,28 +309,25 @@ def _int4_gate_up(task, num_tasks, hp, ip, group, top_k, gate, gate_s, up, up_s,
                   slot_of, weights, q, corr, ascale, zero, h, res, slots, qa, la):
     lo, hi = row_share(task, num_tasks, ip)
     for a in range(n_active):
-        e = active_id[a]
-        for g0 in range(active_start[a], active_start[a + 1], 4):
-            n = min(4, active_start[a + 1] - g0)
-            group_slots(slot_of, g0, n, slots)
-            for i in range(4):
-                t = slots[i] // top_k if i < n else zero
-                qa[i], la[i] = t * hp, t * (hp // 4)
-            for r0 in range(lo, hi, 128):  # gate then up, 128 rows at a time
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
-                    if n == 1:
-                        int4_tile(gate, row, hp, gate_s, srow, group, q, qa[0], corr, ascale, la[0], res)
-                    else:
-                        int4_tile_tokens4(gate, row, hp, gate_s, srow, group, q, qa, corr, ascale, la, res)
-                    store_gate(res, n, slots, h, ip, r)
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
-                    if n == 1:
-                        int4_tile(up, row, hp, up_s, srow, group, q, qa[0], corr, ascale, la[0], res)
-                    else:
-                        int4_tile_tokens4(up, row, hp, up_s, srow, group, q, qa, corr, ascale, la, res)
-                    finish_up(res, n, slots, weights, h, ip, r)
+        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        for r0 in range(lo, hi, 128):  # per 128 rows: every group of 4 slots, gate then up
+            for p in range(2):
+                proj, scale = (gate, gate_s) if p == 0 else (up, up_s)
+                for g0 in range(s0, s1, 4):
+                    n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
+                    for i in range(4):
+                        t = slots[i] // top_k if i < n else zero
+                        qa[i], la[i] = t * hp, t * (hp // 4)
+                    for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
+                        row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
+                        if n == 1:
+                            int4_tile(proj, row, hp, scale, srow, group, q, qa[0], corr, ascale, la[0], res)
+                        else:
+                            int4_tile_tokens4(proj, row, hp, scale, srow, group, q, qa, corr, ascale, la, res)
+                        if p == 0:
+                            store_gate(res, n, slots, h, ip, r)
+                        else:
+                            finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
@@ -353,20 +336,20 @@ def _int4_down(task, num_tasks, hp, ip, group, hidden, num_tokens, top_k, down, 
     lo, hi = row_share(task, num_tasks, hp)
     zero_out_rows(out, num_tokens, hidden, lo, hi)
     for a in range(n_active):
-        e = active_id[a]
-        for g0 in range(active_start[a], active_start[a + 1], 4):
-            n = min(4, active_start[a + 1] - g0)
-            group_slots(slot_of, g0, n, slots)
-            for i in range(4):
-                s = slots[i] if i < n else zero
-                qa[i], la[i] = s * ip, s * (ip // 4)
-            for r in range(lo, hi, TILE_ROWS):
-                row, srow = (e * hp + r) * (ip // 2), (e * hp + r) * (ip // group)
-                if n == 1:
-                    int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res)
-                else:
-                    int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res)
-                accumulate_out(res, n, slots, top_k, out, hidden, r)
+        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        for r0 in range(lo, hi, 128):
+            for g0 in range(s0, s1, 4):
+                n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
+                for i in range(4):
+                    s = slots[i] if i < n else zero
+                    qa[i], la[i] = s * ip, s * (ip // 4)
+                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
+                    row, srow = (e * hp + r) * (ip // 2), (e * hp + r) * (ip // group)
+                    if n == 1:
+                        int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res)
+                    else:
+                        int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res)
+                    accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit

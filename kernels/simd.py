@@ -269,8 +269,9 @@ def dpbusd(typingctx, acc, unsigned_bytes, signed_bytes):
     def codegen(context, builder, sig, args):
         acc_v, u, s = args
         if has_cpu_feature("avx512vnni"):
-            fn = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.512", V16I, [V16I, V64B, V64B])
-            return builder.call(fn, [acc_v, u, s])
+            # Declared over dwords, its signature up to LLVM 21; newer LLVMs auto-upgrade it to bytes.
+            fn = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.512", V16I, [V16I, V16I, V16I])
+            return builder.call(fn, [acc_v, builder.bitcast(u, V16I), builder.bitcast(s, V16I)])
         v32h = ir.VectorType(I16, 32)
         maddubs = _llvm_fn(builder, "llvm.x86.avx512.pmaddubs.w.512", v32h, [V64B, V64B])
         maddwd = _llvm_fn(builder, "llvm.x86.avx512.pmaddw.d.512", V16I, [v32h, v32h])
