@@ -108,10 +108,13 @@ def quantize_fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float [out, in] -> E4M3 [out, in] and float32 scale_inv [ceil(out/128), ceil(in/128)] (w ~= q * s)."""
     out_dim, in_dim = w.shape
     rows, cols = -(-out_dim // 128), -(-in_dim // 128)
-    padded = torch.zeros(rows * 128, cols * 128, dtype=torch.float32)
-    padded[:out_dim, :in_dim] = w
+    padded = w.to(torch.float32)
+    if (rows * 128, cols * 128) != (out_dim, in_dim):
+        padded = torch.zeros(rows * 128, cols * 128, dtype=torch.float32)
+        padded[:out_dim, :in_dim] = w
     blocks = padded.view(rows, 128, cols, 128)
-    scale_inv = (blocks.abs().amax(dim=(1, 3)) / E4M3_MAX).clamp(min=1e-12)  # [rows, cols]
+    # amax one dim at a time: a two-dim reduction over this strided view is ~50x slower on the CPU.
+    scale_inv = (blocks.abs().amax(dim=3).amax(dim=1) / E4M3_MAX).clamp(min=1e-12)  # [rows, cols]
     q = (blocks / scale_inv[:, None, :, None]).view(rows * 128, cols * 128)[:out_dim, :in_dim]
     return q.to(FP8_DTYPE), scale_inv
 
