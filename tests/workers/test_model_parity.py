@@ -37,6 +37,12 @@ CONFIGS = {
         DS_COMMON, q_lora_rank=24, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
         rope_interleave=False, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
         n_shared_experts=1, first_k_dense_replace=0)),
+    # DeepSeek-V2 (V2-Lite style): softmax scores, group-limited greedy top-k, YaRN mscale 0.707.
+    "deepseek_v2-softmax-groups": ("DeepseekV2", dict(
+        DS_COMMON, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        norm_topk_prob=False, routed_scaling_factor=1.5, n_shared_experts=2, first_k_dense_replace=1,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+                         "mscale_all_dim": 0.707, "rope_theta": 10000.0})),
     # GQA 8/2 with head_dim != hidden/heads, every second layer sparse, layer 1 forced dense, YaRN.
     "qwen3_moe-sparse-step-yarn": ("Qwen3Moe", dict(
         vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
