@@ -65,3 +65,17 @@ def test_restart_policy_bounds_restarts_per_child_and_never_restarts_a_start_up_
     assert policy.allow("prefill", 1, 2.0)  # counted per child
     assert policy.allow("decode", -9, 10.5)  # the first restart left the window
     assert not policy.allow("router", 3, 20.0) and not policy.allow("router", 2, 20.0)
+
+
+def test_every_error_code_the_runtime_raises_is_documented():
+    import re
+    from pathlib import Path
+
+    from hmoe.runtime.error_codes import ERROR_CODES
+
+    root = Path(__file__).resolve().parents[2]
+    sources = [*(root / "runtime").glob("*.py"), root / "workers" / "serve_cli.py"]
+    pattern = re.compile(r'(?:HmoeError|ProtocolError|RouterUnreachable|Error)\(\s*"([a-z_]+)"|"code": "([a-z_]+)"')
+    raised = {a or b for path in sources for a, b in pattern.findall(path.read_text())}
+    raised -= {"config_invalid", "config_missing"}  # config errors: hmoe.runtime.config, reported at start-up
+    assert raised and raised <= set(ERROR_CODES), sorted(raised - set(ERROR_CODES))

@@ -1,0 +1,41 @@
+"""The error codes a client can get from the router, each with what it means and what to do.
+
+Codes are stable (never renamed; tests/runtime/test_client.py checks that every code the runtime
+raises is listed). An `Error` reply refuses a request on arrival; a `Finished` with finish_reason
+"error" carries a failure after it started. Workers add per-request codes of their own (e.g.
+kv_capacity, prompt_too_long, draining), passed through unchanged.
+"""
+
+from __future__ import annotations
+
+REFUSALS = {
+    "bad_message": "the frame is not a valid message (not msgpack, wrong field types, extra fields, several frames)",
+    "unknown_message": "a message type this side does not take",
+    "message_too_large": "the message exceeds protocol.MAX_MESSAGE_BYTES: send a shorter prompt",
+    "version_mismatch": "the peer speaks another protocol version: upgrade the older side",
+    "invalid_sampling": "a sampling parameter is unknown or out of range",
+    "invalid_prompt": "no prompt, both prompt and token_ids, an empty prompt or token ids outside the vocabulary",
+    "invalid_request": "a request field is out of range (e.g. timeout_s <= 0)",
+    "tokenizer_missing": "the router has no tokenizer.json: send token_ids, or set [router] model_dir",
+    "prompt_too_long": "the prompt exceeds [router] max_prompt_tokens",
+    "context_too_long": "prompt + max_tokens exceeds the model's context",
+    "kv_capacity": "prompt + max_tokens can never fit the decode worker's KV cache: raise kv_cache_gib or ask for less",
+    "duplicate_request": "a request with this id is already running: make request ids unique",
+    "no_worker": "no prefill or decode worker is registered (or none came back within [router] worker_wait_s)",
+    "queue_full": "[router] max_queued requests are waiting: retry later",
+    "draining": "the router (or the worker) is shutting down and takes no new requests",
+}
+FAILURES = {
+    "worker_lost": "the worker running the request died or stopped answering heartbeats: retry",
+    "server_shutdown": "the router stopped before the request finished (drain grace passed, or a second signal)",
+}
+CLIENT_SIDE = {
+    "router_unreachable": "no answer from the router within the client's router_timeout_s",
+    "not_ready": "hmoe generate --wait: no prefill and decode worker registered in time",
+}
+PROCESS = {
+    "tokenizer_invalid": "tokenizer.json could not be read (router start-up)",
+    "startup_failed": "hmoe-router could not start (endpoint in use, unreadable key): exit status 3",
+    "worker_rejected": "a worker's registration was refused (another model, unknown role)",
+}
+ERROR_CODES = {**REFUSALS, **FAILURES, **CLIENT_SIDE, **PROCESS}
