@@ -166,7 +166,7 @@ def test_garbage_gets_coded_errors_while_others_are_served(served):
     sock.close(linger=0)
 
 
-def test_stop_strings_and_utf8_text_over_the_wire(served):
+def test_stop_strings_utf8_text_and_deadlines_over_the_wire(served):
     with Client(served.endpoint) as client:
         whole = client.complete("Hello world", max_tokens=30, ignore_eos=True)
         assert whole.text and "\ufffd" not in whole.text[-1:]  # never ends mid-character... unless the model says so
@@ -174,6 +174,9 @@ def test_stop_strings_and_utf8_text_over_the_wire(served):
         cut = client.complete("Hello world", max_tokens=30, ignore_eos=True, stop=[stop])
         assert cut.finish_reason == "stop" and cut.text == whole.text[: whole.text.find(stop)]
         assert list(cut.token_ids) == list(whole.token_ids[: len(cut.token_ids)])
+        late = client.complete("Hello world", max_tokens=3000, ignore_eos=True, timeout=0.5)
+        assert late.finish_reason == "timeout" and 0 < len(late.token_ids) < 3000
+    served.wait_kv_free()
 
 
 def test_kill_9_of_the_decode_worker_gives_worker_lost_in_3_s_then_a_restart_serves(served):
