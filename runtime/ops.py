@@ -35,6 +35,7 @@ def status_of(config: Config, timeout_s: float) -> dict:
 
 
 def describe(status: dict) -> str:
+    """A Status in a few words: workers per role, running, queued, KV use, tokens/s."""
     roles = [sum(w["role"] == role for w in status["workers"]) for role in ROLES]
     kv = status["kv"]
     used = kv.get("used_tokens", 0) / kv["capacity_tokens"] if kv.get("capacity_tokens") else 0.0
