@@ -214,7 +214,7 @@ def test_workers_outlive_a_router_restart_and_sigterm_drains(stack):
     tokens, reason = _stream_while(config, systemctl_stop)
     assert reason == "length" and len(tokens) == 60
     assert services["router"].proc.wait(30) == 0
-    for role in ("prefill", "decode"):  # BindsTo=: systemd stops the workers next; SIGTERM drains them
+    for role in ("prefill", "decode"):  # stop order: the workers after the router; SIGTERM drains them
         services[role].proc.send_signal(signal.SIGTERM)
         services[role].wait_for("STOPPING=1", 10.0)
         assert services[role].proc.wait(30) == 0
