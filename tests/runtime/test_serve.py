@@ -82,12 +82,16 @@ def served(tiny_models, tmp_path_factory):
     while "hmoe serving" not in out_path.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, out_path.read_text()
         time.sleep(0.2)
-    yield served
-    proc.send_signal(signal.SIGINT)  # as Ctrl-C: router drains, then the workers, all exit 0
-    assert proc.wait(60) == 0, out_path.read_text()
-    from hmoe.shm import ShmConfig, remove_pack
+    try:
+        yield served
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: router drains, then the workers, all exit 0
+        assert proc.wait(60) == 0, out_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # its children follow (PR_SET_PDEATHSIG)
+        from hmoe.shm import ShmConfig, remove_pack
 
-    remove_pack(PACK, ShmConfig(prefix=prefix), force=True)
+        remove_pack(PACK, ShmConfig(prefix=prefix), force=True)
 
 
 def _router_pid(served: Served) -> int:
