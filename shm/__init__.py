@@ -5,14 +5,23 @@ with `list_packs` / `remove_pack` / `collect_garbage`. Imports only the stdlib, 
 """
 
 from hmoe.shm.config import ShmConfig, check_name
-from hmoe.shm.errors import ShmError
-from hmoe.shm.layout import PackLayout
-from hmoe.shm.manifest import Manifest, TensorEntry
-from hmoe.shm.pack import Pack, expert_array_name
-from hmoe.shm.pack_writer import PackWriter, build_pack
-from hmoe.shm.registry import PackInfo, collect_garbage, list_packs, remove_pack
+from hmoe.shm.errors import HmoeError, ShmError
 
-__all__ = [
-    "Manifest", "Pack", "PackInfo", "PackLayout", "PackWriter", "ShmConfig", "ShmError", "TensorEntry",
-    "build_pack", "check_name", "collect_garbage", "expert_array_name", "list_packs", "remove_pack",
-]  # fmt: skip
+# The rest (numpy and friends) loads on first use, so `hmoe.runtime` (the client SDK) can import
+# the errors and the config without paying for numpy.
+_LAZY = {
+    "PackLayout": "layout", "Manifest": "manifest", "TensorEntry": "manifest", "Pack": "pack",
+    "expert_array_name": "pack", "PackWriter": "pack_writer", "build_pack": "pack_writer", "PackInfo": "registry",
+    "collect_garbage": "registry", "list_packs": "registry", "remove_pack": "registry",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hmoe.shm' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"hmoe.shm.{_LAZY[name]}"), name)
+
+
+__all__ = ["HmoeError", "ShmConfig", "ShmError", "check_name", *_LAZY]

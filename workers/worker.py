@@ -63,7 +63,8 @@ class Worker:
         w = self.config.worker
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
         device = torch.device(w.device)
-        self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self._experts(device))
+        self.experts = self._experts(device)
+        self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
         self.kv = KVPool.from_budget(self.model.config, int(w.kv_cache_gib * (1 << 30)), w.kv_block_size,
                                      self.model.dtype, device)
         if self.role == "prefill":
@@ -77,7 +78,8 @@ class Worker:
             self.engine = DecodeEngine(self.model, self.kv, w.max_batch, w.micro_batches)
         self._warm_up()
         self._connect()
-        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        self.heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        self.heartbeat.start()
         self.notify.ready(f"{self.role} worker serving {w.pack} on {w.device}")
         log.info("%s worker ready: pack %s, %s %s, KV %d tokens", self.role, w.pack, device, self.model.dtype,
                  self.kv.capacity_tokens)
@@ -172,7 +174,8 @@ class Worker:
 
     def _send(self, msg) -> None:
         with self.lock:
-            self.sock.send(protocol.encode(msg))
+            if self.sock is not None:  # None once closed: a late heartbeat is dropped
+                self.sock.send(protocol.encode(msg))
 
     def _heartbeats(self) -> None:
         interval = self.config.router.heartbeat_interval_s
@@ -196,16 +199,23 @@ class Worker:
 
     def on_signal(self, signum, frame) -> None:
         self.signals += 1
-        if self.signals > 1:
+        if self.signals > 1:  # runs inside the main loop, maybe under the socket lock: touch nothing shared
             log.warning("second signal: exiting now")
-            self.close()
+            if getattr(self, "handoff", None) is not None:
+                self.handoff.close()  # unlink our hand-off segment; everything else dies with the process
             os._exit(1)
         self.drain()
 
     def close(self) -> None:
         self.stopped.set()
-        if self.sock is not None:
-            self.sock.close(linger=0)
+        if getattr(self, "heartbeat", None) is not None and self.heartbeat is not threading.current_thread():
+            self.heartbeat.join()
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close(linger=0)
+                self.sock = None
+        if getattr(self, "experts", None) is not None:
+            self.experts.close()
         if getattr(self, "handoff", None) is not None:
             self.handoff.close()
         if self.role == "decode" and getattr(self, "engine", None) is not None:
