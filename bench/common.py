@@ -117,6 +117,24 @@ class ReadBandwidth:
         return gbs
 
 
+    def evict(self) -> None:
+        """Read the whole buffer once: pushes earlier data out of every cache level (size it past the L3)."""
+        import numba
+
+        numba.set_num_threads(self.num_threads)
+        self.kernel(self.buffer, self.num_threads, self.partial)
+
+
+def l3_bytes() -> int:
+    """The last-level cache size from sysfs (0 where unknown)."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return 0
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
 def read_bandwidth_gbs(nbytes: int = 2**30, num_threads: int | None = None, repeats: int = 5) -> float:
     """Best-of-N parallel read bandwidth in GB/s (see ReadBandwidth)."""
     return ReadBandwidth(nbytes, num_threads).measure(repeats)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ReadBandwidth, write_results
+from bench.common import ReadBandwidth, l3_bytes, write_results
 
 SHAPES = {
     "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, top_k=8),
@@ -35,6 +35,7 @@ SHAPES = {
 }
 FORMATS = ("bf16", "fp8", "int4-g32", "int4-g128")
 TOKENS = (1, 2, 4, 8, 16)
+EVICT_BYTES = max(2 * l3_bytes(), 64 << 20)  # read between timed calls (see time_calls)
 KT_DIR = Path(os.environ.get("HMOE_BENCH_KT_DIR", Path(__file__).resolve().parent.parent / ".kt"))  # kt-kernel unpacked
 
 
@@ -94,11 +95,16 @@ def routings(rng, num_calls: int, tokens: int, num_experts: int, top_k: int, sha
     return calls
 
 
-def time_calls(fn, calls, bytes_of) -> dict:
-    """Best and median over calls; gbs from the best call's bytes actually read."""
+def time_calls(fn, calls, bytes_of, evict) -> dict:
+    """Best and median over calls; gbs from the best call's bytes actually read.
+
+    `evict()` runs before each call: in a model, a layer's experts meet the caches again only after
+    every other layer passed through them, so no call may find weights left in L3 by an earlier one.
+    """
     times, nbytes = [], []
     fn(*calls[0])  # warm
     for c in calls:
+        evict()
         start = time.perf_counter()
         n = fn(*c)
         times.append(time.perf_counter() - start)
@@ -111,13 +117,13 @@ def time_calls(fn, calls, bytes_of) -> dict:
 # ---------------------------------------------------------------- engines
 
 
-def bench_hmoe(layer, shape: dict, tokens: int, calls, threads: int) -> dict:
+def bench_hmoe(layer, shape: dict, tokens: int, calls, threads: int, evict) -> dict:
     from hmoe.kernels.moe import MoeKernel
 
     kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads)
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
-    return time_calls(lambda ids, w: kernel.run(x, ids, w, layer, out), calls, lambda n: n * layer.nbytes_per_expert)
+    return time_calls(lambda ids, w: kernel.run(x, ids, w, layer, out), calls, lambda n: n * layer.nbytes_per_expert, evict)
 
 
 def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
@@ -132,7 +138,7 @@ def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
     return tuple(mats)
 
 
-def bench_torch(weights, tokens: int, calls, threads: int) -> dict:
+def bench_torch(weights, tokens: int, calls, threads: int, evict) -> dict:
     import torch
 
     from hmoe.workers.experts import TorchExperts
@@ -149,7 +155,7 @@ def bench_torch(weights, tokens: int, calls, threads: int) -> dict:
             backend(0, x, ids_t, torch.from_numpy(w))
         return len(np.unique(ids))
 
-    return time_calls(call, calls, lambda n: n * per_expert)
+    return time_calls(call, calls, lambda n: n * per_expert, evict)
 
 
 KT_CHILD = r"""
@@ -175,18 +181,22 @@ if fmt == "fp8":
     moe = ext.moe.AMXFP8_MOE(c)
 elif fmt == "bf16":
     moe = ext.moe.AMXBF16_MOE(c)
-else:
+elif spec["kt_class"] == "AMXInt4_MOE":  # per-channel int4, quantized online from bf16
+    moe = ext.moe.AMXInt4_MOE(c)
+else:  # int4 with a zero point per group of 32/128, quantized online from bf16
     c.quant_config.bits, c.quant_config.group_size, c.quant_config.zero_point = 4, int(fmt.split("-g")[1]), True
-    moe = ext.moe.AMXInt4_1KGroup_MOE(c)
+    moe = getattr(ext.moe, spec["kt_class"])(c)
 p2l = torch.arange(E, dtype=torch.int64)
 cpu.submit(moe.load_weights_task(p2l.data_ptr())); cpu.sync()
 del g, u, d, keep
+flush = torch.ones(spec["evict_bytes"] // 4)  # read before each call: no weights left in L3 by the last one
 rows = []
 for tokens, calls in spec["calls"]:
     x = torch.randn(tokens, H).bfloat16(); out = torch.empty(tokens, H, dtype=torch.bfloat16)
     qlen = torch.tensor([tokens], dtype=torch.int32)
     times, actives = [], []
     for ids, w in [(torch.tensor(i, dtype=torch.int64).contiguous(), torch.tensor(w, dtype=torch.float32).contiguous()) for i, w in calls]:
+        flush.sum()
         t0 = time.perf_counter()
         cpu.submit(moe.forward_task(qlen.data_ptr(), K, ids.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(), False)); cpu.sync()
         times.append(time.perf_counter() - t0); actives.append(len(set(ids.reshape(-1).tolist())))
@@ -196,22 +206,31 @@ print("KTJSON" + json.dumps({"variant": kt_kernel.__cpu_variant__, "rows": rows}
 
 
 def bench_kt(shape: dict, fmt: str, num_experts: int, per_tokens: dict, threads: int, bytes_per_expert: int) -> list[dict]:
-    """kt-kernel in a child process (PYTHONPATH=.kt); [] with a reason printed if it cannot run."""
-    spec = {**shape, "experts": num_experts, "format": fmt, "threads": threads,
+    """kt-kernel in a child process (PYTHONPATH=.kt); for int4 its group-quantized class, else its per-channel one."""
+    rows = []
+    for kt_class in (["AMXInt4_1KGroup_MOE", "AMXInt4_MOE"] if fmt.startswith("int4") else [None]):
+        rows = _bench_kt_class(shape, fmt, num_experts, per_tokens, threads, bytes_per_expert, kt_class)
+        if "error" not in rows[0]:
+            break
+    return rows
+
+
+def _bench_kt_class(shape, fmt, num_experts, per_tokens, threads, bytes_per_expert, kt_class) -> list[dict]:
+    spec = {**shape, "experts": num_experts, "format": fmt, "threads": threads, "kt_class": kt_class, "evict_bytes": EVICT_BYTES,
             "calls": [[t, [[ids.tolist(), w.tolist()] for ids, w in calls]] for t, calls in per_tokens.items()]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(KT_DIR), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", KT_CHILD, json.dumps(spec)], env=env, capture_output=True, text=True, timeout=900)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("KTJSON")), None)
     if line is None:
-        print(f"  kt-kernel {fmt}: failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-300:]}", flush=True)
-        return [{"format": fmt, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"}]
+        print(f"  kt-kernel {fmt} ({kt_class}): failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-200:]}", flush=True)
+        return [{"format": fmt, "kt_class": kt_class, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"}]
     out = json.loads(line[6:])
     rows = []
     for r in out["rows"]:
         best = int(np.argmin(r["times"]))
         nbytes = r["actives"][best] * bytes_per_expert
         rows.append({"format": fmt, "tokens": r["tokens"], "seconds": r["times"][best], "seconds_median": float(np.median(r["times"])),
-                     "gbs": nbytes / r["times"][best] / 1e9, "variant": out["variant"]})
+                     "gbs": nbytes / r["times"][best] / 1e9, "variant": out["variant"], "kt_class": kt_class})
     return rows
 
 
@@ -297,6 +316,38 @@ def fp8_decode_rate_per_core() -> dict:
     return {"hot_l2_gbs": hot_rows * cols / best / 1e9, "dram_one_core_gbs": rows * cols / cold / 1e9}
 
 
+def thread_scaling(counts=(1, 2, 4, 8, 12, 16)) -> list[dict]:
+    """Qwen3 shape, T=1, per format: GB/s and the read bandwidth at each thread count (SMT and frequency show here)."""
+    from hmoe.kernels.moe import physical_cores
+
+    shape = SHAPES["qwen3-30b-a3b"]
+    rows, rng = [], np.random.default_rng(9)
+    evict = ReadBandwidth(EVICT_BYTES)
+    counts = [c for c in counts if c <= physical_cores()]
+    for fmt_name in ("bf16", "fp8", "int4-g128"):
+        layer = random_layer(fmt_name, shape["experts"], shape["hidden"], shape["inter"], seed=3)
+        for threads in counts:
+            row = bench_hmoe(layer, shape, 1, routings(rng, 15, 1, shape["experts"], shape["top_k"]), threads, evict.evict)
+            rows.append({"format": fmt_name, "threads": threads, "seconds": row["seconds"], "gbs": row["gbs"],
+                         "read_bw_gbs": ReadBandwidth(2**30, threads).measure(3)})
+            print(f"scaling {fmt_name:9s} threads {threads:2d}: {row['gbs']:6.1f} GB/s (read {rows[-1]['read_bw_gbs']:6.1f})", flush=True)
+        del layer
+    return rows
+
+
+def omp_wait_policies(threads: int) -> dict:
+    """Per-region cost under each OMP_WAIT_POLICY (set before libgomp starts), in fresh processes."""
+    code = ("import bench.kernels as k, json; print(json.dumps(k.region_overhead_us(%d)))" % threads)
+    out = {}
+    for policy in ("default", "active", "passive"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        out[policy] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else proc.stderr[-300:]
+    return out
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -316,6 +367,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kt-max-experts", type=int, default=64, help="experts kt-kernel holds (its loading is slow); same bytes per token")
     parser.add_argument("--memory-gib", type=float, default=None, help="bytes one layer may hold (default: 45%% of RAM)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--diagnose", action="store_true", help="also: thread scaling and OMP wait policies")
     parser.add_argument("--formats", default=",".join(FORMATS))
     args = parser.parse_args(argv)
 
@@ -333,7 +385,9 @@ def main(argv=None) -> None:
     if args.quick:
         budget = min(budget, 2 * 2**30)
     bw = ReadBandwidth(min(2**31, int(total_gib * 2**30 / 16)), threads)
-    print(f"threads {threads}; read bandwidth {bw.measure():.1f} GB/s", flush=True)
+    print(f"threads {threads}; read bandwidth {bw.measure():.1f} GB/s; L3 {l3_bytes() >> 20} MiB", flush=True)
+    flush = ReadBandwidth(EVICT_BYTES, threads)
+    evict = flush.evict
     kt_reason = "--no-kt" if args.no_kt else kt_available()
     print(f"kt-kernel: {'available' if kt_reason is None else 'not run: ' + kt_reason}", flush=True)
     MoeKernel(2048, 768, 16, 8, threads).warm_up()
@@ -351,7 +405,7 @@ def main(argv=None) -> None:
             layer = random_layer(fmt_name, num_experts, hidden, inter, seed=len(results))
             per_tokens = {t: routings(rng, num_calls, t, num_experts, top_k) for t in tokens_list}
             for tokens, calls in per_tokens.items():
-                row = bench_hmoe(layer, shape, tokens, calls, threads)
+                row = bench_hmoe(layer, shape, tokens, calls, threads, evict)
                 gbs_bw = bw.measure(3)
                 row.update(shape=shape_name, format=fmt_name, tokens=tokens, routing="random", threads=threads,
                            experts_in_memory=num_experts, read_bw_now_gbs=gbs_bw)
@@ -359,12 +413,12 @@ def main(argv=None) -> None:
                 print(f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {row['seconds'] * 1e3:8.3f} ms {row['gbs']:6.1f} GB/s "
                       f"(bw now {gbs_bw:5.1f})", flush=True)
             if shape_name == "deepseek-v3" and 8 in tokens_list:
-                row = bench_hmoe(layer, shape, 8, routings(rng, num_calls, 8, num_experts, top_k, shared=True), threads)
+                row = bench_hmoe(layer, shape, 8, routings(rng, num_calls, 8, num_experts, top_k, shared=True), threads, evict)
                 row.update(shape=shape_name, format=fmt_name, tokens=8, routing="shared", threads=threads, experts_in_memory=num_experts)
                 results.append(row)
                 print(f"{shape_name:14s} {fmt_name:9s} T= 8 shared experts {row['seconds'] * 1e3:8.3f} ms", flush=True)
             if fmt_name == "fp8":
-                row = bench_hmoe(layer, shape, 1, per_tokens[1], 1)
+                row = bench_hmoe(layer, shape, 1, per_tokens[1], 1, evict)
                 row.update(shape=shape_name, format=fmt_name, tokens=1, routing="random", threads=1, experts_in_memory=num_experts)
                 notes.setdefault("one_thread", []).append(row)
             if kt_reason is None and fmt_name != "int4-g128":
@@ -384,7 +438,7 @@ def main(argv=None) -> None:
             num_torch = min(num_torch, 32)
         weights = torch_layer(num_torch, hidden, inter, 11)
         for tokens in tokens_list:
-            row = bench_torch(weights, tokens, routings(rng, num_calls, tokens, num_torch, top_k), threads)
+            row = bench_torch(weights, tokens, routings(rng, num_calls, tokens, num_torch, top_k), threads, evict)
             row.update(shape=shape_name, format="bf16", tokens=tokens, threads=threads, experts_in_memory=num_torch)
             torch_rows.append(row)
             print(f"{shape_name:14s} torch bf16 T={tokens:2d} {row['seconds'] * 1e3:8.3f} ms {row['gbs']:6.1f} GB/s", flush=True)
@@ -395,6 +449,9 @@ def main(argv=None) -> None:
         if "gbs" in row:
             row["roofline_frac"] = row["gbs"] / read_bw
     extra = {"region_overhead": region_overhead_us(threads), "start": start_times(), "fp8_decode_per_core": fp8_decode_rate_per_core()}
+    if args.diagnose:
+        extra["thread_scaling"] = thread_scaling()
+        extra["omp_wait_policy"] = omp_wait_policies(threads)
     for shape_name in args.shapes.split(","):
         for fmt_name in args.formats.split(","):
             by_t = {(r["tokens"], r["routing"]): r["seconds"] for r in results if r["shape"] == shape_name and r["format"] == fmt_name}

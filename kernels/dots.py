@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from .simd import (dpbusd, load_bf16x16, load_f16, load_f16_pair, load_fp8x32, load_i32x16, load_u8x64,
-                   nibbles_hi, nibbles_lo, vcvt, vfma, vload, vmul, vsplat, vsum, vzero)
+                   nibbles_hi, nibbles_lo, vcvt, vfma, vload, vmul, vsplat, vstore, vsum, vsums16, vzero)
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: silu(-inf) stays defined
 TILE_ROWS = 16
@@ -34,10 +34,7 @@ jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 
 @jit
 def _sums(res, r0, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15):
-    res[r0 + 0], res[r0 + 1], res[r0 + 2], res[r0 + 3] = vsum(s0), vsum(s1), vsum(s2), vsum(s3)
-    res[r0 + 4], res[r0 + 5], res[r0 + 6], res[r0 + 7] = vsum(s4), vsum(s5), vsum(s6), vsum(s7)
-    res[r0 + 8], res[r0 + 9], res[r0 + 10], res[r0 + 11] = vsum(s8), vsum(s9), vsum(s10), vsum(s11)
-    res[r0 + 12], res[r0 + 13], res[r0 + 14], res[r0 + 15] = vsum(s12), vsum(s13), vsum(s14), vsum(s15)
+    vstore(res, r0, vsums16(s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15))
 
 
 # ---------------------------------------------------------------- fp8: 512 B per column step

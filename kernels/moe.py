@@ -19,6 +19,7 @@ NOTE: one MoeKernel holds scratch for one call at a time: give each calling thre
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -27,6 +28,7 @@ from numba import njit, prange
 from .dots import (FASTMATH, TILE_ROWS, bf16_tile, bf16_tile_tokens4, fp8_tile, fp8_tile_tokens4, int4_tile,
                    int4_tile_tokens4, quantize_int8)
 from .formats import PAD, ExpertFormat, LayerExperts, padded
+from .simd import vadd, vdiv, vexp, vload, vmul, vsplat, vstore
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
@@ -101,27 +103,29 @@ def load_activations(x, act, hp):
 def store_gate(res, n, slots, h, ip, r):
     """h[slot, r:r+16] = gate x (res[16 * i + row]) for the n slots of a group."""
     for i in range(n):
-        for rr in range(TILE_ROWS):
-            h[slots[i] * ip + r + rr] = res[16 * i + rr]
+        vstore(h, slots[i] * ip + r, vload(res, 16 * i))
 
 
 @jit
 def finish_up(res, n, slots, weights, h, ip, r):
     """h[slot, r:r+16] = weight * silu(h) * up x (res[16 * i + row]) for the n slots of a group."""
     for i in range(n):
-        slot = slots[i]
-        for rr in range(TILE_ROWS):
-            g = h[slot * ip + r + rr]
-            h[slot * ip + r + rr] = weights[slot] * g / (np.float32(1.0) + np.exp(-g)) * res[16 * i + rr]
+        at = slots[i] * ip + r
+        g = vload(h, at)
+        silu = vdiv(g, vadd(vsplat(1.0), vexp(vmul(g, vsplat(-1.0)))))
+        vstore(h, at, vmul(vmul(silu, vload(res, 16 * i)), vsplat(weights[slots[i]])))
 
 
 @jit
 def accumulate_out(res, n, slots, top_k, out, hidden, r):
     """out[t, r:r+16] += res for the n slots of a group (rows past H are padding)."""
     for i in range(n):
-        t = slots[i] // top_k
-        for rr in range(min(TILE_ROWS, hidden - r)):
-            out[t * hidden + r + rr] += res[16 * i + rr]
+        at = (slots[i] // top_k) * hidden + r
+        if r + TILE_ROWS <= hidden:
+            vstore(out, at, vadd(vload(out, at), vload(res, 16 * i)))
+        else:
+            for rr in range(hidden - r):
+                out[at + rr] += res[16 * i + rr]
 
 
 @jit
@@ -366,8 +370,12 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
         return -1
     load_activations(x, act, hp)
     q_rows = q.size // max(hp, ip)
-    for t in prange(num_tokens):
-        quantize_int8(act, t * hp, hp, group, q, t * hp, corr, ascale, t * (hp // 4))
+    if num_tokens * hp <= 32768:  # a few tokens: cheaper here than another parallel region (~10 µs on 16 cores)
+        for t in range(num_tokens):
+            quantize_int8(act, t * hp, hp, group, q, t * hp, corr, ascale, t * (hp // 4))
+    else:
+        for t in prange(num_tokens):
+            quantize_int8(act, t * hp, hp, group, q, t * hp, corr, ascale, t * (hp // 4))
     _zero_row(q, corr, ascale, (q_rows - 1), hp)
     for task in prange(num_threads):
         _int4_gate_up(task, num_threads, hp, ip, group, top_k, gate, gate_s, up, up_s, n_active, active_id,
@@ -418,6 +426,8 @@ class MoeKernel:
         self.active_start = np.zeros(n_slots + 1, np.int64)
         self.slots = np.zeros(nt * 4, np.int64)
         self.offsets = np.zeros(nt * 16, np.int64)
+        self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
+        self._threads_set = threading.local()
 
     def run(self, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, layer: LayerExperts,
             out: np.ndarray) -> int:
@@ -434,25 +444,33 @@ class MoeKernel:
             raise ValueError(f"ids {topk_ids.shape}, weights {topk_weights.shape}: kernel made for at most {self.max_tokens} tokens, top-{self.top_k}")
         if not (x.flags.c_contiguous and out.flags.c_contiguous and topk_ids.flags.c_contiguous and topk_weights.flags.c_contiguous):
             raise ValueError("x, topk_ids, topk_weights and out must be C-contiguous")
-        a, fmt, nt = layer.arrays, layer.fmt, self.num_threads
-        numba.set_num_threads(nt)  # per calling thread; not callable from cached jitted code
-        flat_w, flat_out = topk_weights.reshape(-1), out.reshape(-1)
-        common = (nt, self.act, self.h)
-        routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots)
-        if fmt.kind == "fp8":
-            n_active = moe_fp8(x, topk_ids, flat_w, layer.num_experts, *_flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
-                               flat_out, *common, self.xs, self.res, *routing, self.offsets)
-        elif fmt.kind == "bf16":
-            n_active = moe_bf16(x, topk_ids, flat_w, layer.num_experts, *_flat(a, "gate", "up", "down"), flat_out, *common,
-                                self.res, *routing, self.offsets)
-        else:
-            w = _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")
-            w = [v.view(np.uint16) if v.dtype == np.float16 else v for v in w]
-            n_active = moe_int4(x, topk_ids, flat_w, layer.num_experts, fmt.group_size, *w, flat_out, *common,
-                                self.q, self.corr, self.ascale, self.res, *routing, self.offsets)
+        if self._threads_set.__dict__.get("n") != self.num_threads:
+            numba.set_num_threads(self.num_threads)  # per calling thread; not callable from cached jitted code
+            self._threads_set.n = self.num_threads
+        fn, weights, scratch = self._bind(layer)
+        n_active = fn(x, topk_ids, topk_weights.reshape(-1), layer.num_experts, *weights, out.reshape(-1), *scratch)
         if n_active < 0:
             raise ValueError(f"topk_ids holds an expert id outside [0, {layer.num_experts})")
         return n_active
+
+    def _bind(self, layer: LayerExperts) -> tuple:
+        """(kernel, the layer's flat weight arrays, this kernel's scratch), made once per layer."""
+        bound = self._bound.get(id(layer))
+        if bound is not None and bound[0] is layer:
+            return bound[1]
+        a, fmt = layer.arrays, layer.fmt
+        routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots)
+        if fmt.kind == "fp8":
+            args = (moe_fp8, _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
+                    (self.num_threads, self.act, self.h, self.xs, self.res, *routing, self.offsets))
+        elif fmt.kind == "bf16":
+            args = (moe_bf16, _flat(a, "gate", "up", "down"), (self.num_threads, self.act, self.h, self.res, *routing, self.offsets))
+        else:
+            weights = [v.view(np.uint16) if v.dtype == np.float16 else v for v in _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")]
+            args = (moe_int4, (fmt.group_size, *weights), (self.num_threads, self.act, self.h, self.q, self.corr, self.ascale,
+                                                            self.res, *routing, self.offsets))
+        self._bound[id(layer)] = (layer, args)
+        return args
 
     def warm_up(self, formats=(ExpertFormat("bf16"), ExpertFormat("fp8"), ExpertFormat("int4", 32), ExpertFormat("int4", 128))) -> None:
         """Compile (or load from the cache) every kernel signature, so that no request pays for JIT."""
@@ -467,8 +485,8 @@ class MoeKernel:
                 self.run(x, ids, w, layer, np.empty_like(x))
 
 
-def _flat(arrays: dict[str, np.ndarray], *names: str) -> list[np.ndarray]:
-    return [arrays[n].reshape(-1) for n in names]
+def _flat(arrays: dict[str, np.ndarray], *names: str) -> tuple[np.ndarray, ...]:
+    return tuple(arrays[n].reshape(-1) for n in names)
 
 
 KERNELS = (moe_fp8, moe_bf16, moe_int4)

@@ -290,3 +290,67 @@ def vcvt(typingctx, vec):
         return builder.sitofp(args[0], V16F)
 
     return f32x16(vec), codegen
+
+
+# ---------------------------------------------------------------- reductions and exp
+
+
+@intrinsic
+def vsums16(typingctx, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15):
+    """Lane i = sum of the 16 lanes of s_i: a transpose-and-add tree (15 x (2 shuffles + 1 add), 1 permute)
+    instead of 16 separate horizontal sums."""
+
+    def codegen(context, builder, sig, args):
+        vecs = [(v, [(k, p) for p in range(16)]) for k, v in enumerate(args)]  # (vector, lane -> (source, partial))
+        while len(vecs) > 1:
+            merged = []
+            for (u, ul), (v, vl) in zip(vecs[0::2], vecs[1::2]):
+                groups = len({s for s, _ in ul})
+                size = 16 // groups  # partials per source group
+                lo, hi, labels = [], [], []
+                for g in range(groups):
+                    for src, off in ((ul, 0), (vl, 16)):
+                        base = g * size
+                        lo += [off + base + p for p in range(size // 2)]
+                        hi += [off + base + size // 2 + p for p in range(size // 2)]
+                        labels += [(src[base][0], p) for p in range(size // 2)]
+                s = builder.fadd(builder.shuffle_vector(u, v, _consts(I32, lo)), builder.shuffle_vector(u, v, _consts(I32, hi)))
+                merged.append((s, labels))
+            vecs = merged
+        total, labels = vecs[0]
+        order = [labels.index((k, 0)) for k in range(16)]
+        return builder.shuffle_vector(total, total, _consts(I32, order))
+
+    return f32x16(*([f32x16] * 16)), codegen
+
+
+@intrinsic
+def vexp(typingctx, vec):
+    """exp of 16 lanes, float32, ~2 ulp on [-87, 88] (Cody-Waite reduction, degree-6 polynomial, 2**n by
+    exponent arithmetic); inputs are clamped to that range, so the result is never inf or denormal."""
+
+    def codegen(context, builder, sig, args):
+        splat = lambda c: ir.Constant(V16F, [ir.Constant(F32, c)] * 16)  # noqa: E731
+        fma = _llvm_fn(builder, "llvm.fma.v16f32", V16F, [V16F] * 3)
+        minf, maxf = _llvm_fn(builder, "llvm.minnum.v16f32", V16F, [V16F] * 2), _llvm_fn(builder, "llvm.maxnum.v16f32", V16F, [V16F] * 2)
+        x = builder.call(maxf, [builder.call(minf, [args[0], splat(88.0)]), splat(-87.0)])
+        rint = _llvm_fn(builder, "llvm.roundeven.v16f32", V16F, [V16F])
+        n = builder.call(rint, [builder.fmul(x, splat(1.4426950408889634))])
+        r = builder.call(fma, [n, splat(-0.693359375), x])
+        r = builder.call(fma, [n, splat(2.12194440e-4), r])
+        p = splat(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = builder.call(fma, [p, r, splat(c)])
+        p = builder.call(fma, [builder.fmul(p, r), r, builder.fadd(r, splat(1.0))])
+        scale = builder.shl(builder.add(builder.fptosi(n, V16I), _consts(I32, [127] * 16)), _consts(I32, [23] * 16))
+        return builder.fmul(p, builder.bitcast(scale, V16F))
+
+    return f32x16(vec), codegen
+
+
+@intrinsic
+def vdiv(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(*args)
+
+    return f32x16(a, b), codegen
