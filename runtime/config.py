@@ -61,7 +61,7 @@ class WorkerConfig:
     handoff_slots: int = 4  # KV hand-off slots between prefill and decode
     handoff_slot_tokens: int = 0  # tokens per slot; 0 = router.max_prompt_tokens
     handoff_timeout_s: float = 60.0  # a filled slot nobody adopted is reclaimed after this
-    cpu_threads: int = 0  # expert kernel threads; 0 = physical cores
+    cpu_threads: int = 0  # CPU threads for torch and the expert kernels; 0 = half the CPUs (two workers share them)
     experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
     drain_grace_s: float = 30.0
 

@@ -11,7 +11,6 @@ A second signal kills every child at once.
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import subprocess
 import time
@@ -29,7 +28,6 @@ class ChildSpec:
     name: str
     argv: tuple[str, ...]
     stop_grace_s: float  # how long it may drain after SIGTERM before it is killed
-    env: tuple[tuple[str, str], ...] = ()  # set on top of the supervisor's environment
 
 
 class RestartPolicy:
@@ -77,7 +75,7 @@ class Supervisor:
 
     def _spawn(self, spec: ChildSpec) -> None:
         self.procs[spec.name] = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output,
-                                                 env={**os.environ, **dict(spec.env)}, process_group=0,
+                                                 process_group=0,
                                                  preexec_fn=self._preexec)  # fmt: skip
 
     def run(self, on_tick: Callable[[], None] | None = None, tick_s: float = 0.2) -> int:

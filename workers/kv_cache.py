@@ -44,7 +44,8 @@ class KVPool:
     def __post_init__(self) -> None:
         slots = self.num_blocks * self.block_size
         self.data = {
-            name: torch.zeros(self.config.num_layers, slots, width, dtype=self.dtype, device=self.device)
+            # empty, not zeros: a slot is always written before it is read, and untouched CPU pages cost nothing
+            name: torch.empty(self.config.num_layers, slots, width, dtype=self.dtype, device=self.device)
             for name, width in kv_entry_widths(self.config).items()
         }
         self._free = list(range(self.num_blocks - 1, -1, -1))

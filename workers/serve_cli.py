@@ -80,16 +80,13 @@ def serve_cmd(model_dir, port, device, pack_name, config_path) -> None:
     frontend = config.router.frontend
     backend = config.router.backend or f"ipc://{config.runtime_dir}/backend-{frontend.rsplit(':', 1)[-1].strip('/')}.sock"
     common = (*(("--config", config_path) if config_path else ()),)
-    # Two workers share the CPU: each gets half of it for torch, or OpenMP threads spin against each
-    # other (on 2 cores that made decode 20x slower). An OMP_NUM_THREADS already set is kept.
-    threads = () if "OMP_NUM_THREADS" in os.environ else (("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 2))),)
     worker = (sys.executable, "-m", "hmoe.workers.worker", "--pack", name, "--router", backend, "--device",
               config.worker.device, *common)  # fmt: skip
     specs = [
         ChildSpec("router", (sys.executable, "-m", "hmoe.runtime.router", "--frontend", frontend, "--backend", backend,
                              "--pack", name, *common), config.router.drain_grace_s + 10),
-        ChildSpec("prefill", (*worker, "--role", "prefill"), config.worker.drain_grace_s + 10, threads),
-        ChildSpec("decode", (*worker, "--role", "decode"), config.worker.drain_grace_s + 10, threads),
+        ChildSpec("prefill", (*worker, "--role", "prefill"), config.worker.drain_grace_s + 10),
+        ChildSpec("decode", (*worker, "--role", "decode"), config.worker.drain_grace_s + 10),
     ]  # fmt: skip
     Path(config.runtime_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = Path(config.runtime_dir) / f"serve-{frontend.rsplit(':', 1)[-1].strip('/')}.log"

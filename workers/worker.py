@@ -6,10 +6,11 @@ loop:   receive (block only when idle) -> apply messages -> one engine step -> s
 stop:   SIGTERM or Drain: refuse new work, finish running requests within drain_grace_s, cancel
         the rest, detach, exit 0. A second signal exits at once (1). Start-up failure exits 3.
 
-Heartbeats (zguide's Paranoid Pirate) run on their own thread, so a long prefill chunk never looks
-like a dead worker; they share the socket under a lock. When the router's pongs stop for
-interval x liveness, the worker drops its requests (the router has failed them) and registers
-again under a new worker id.
+One I/O thread owns the router socket (the zguide's agent pattern): it forwards frames between the
+router and the main thread over an inproc pipe, and does the Paranoid Pirate heartbeating itself,
+so a long prefill chunk never looks like a dead worker and no socket is shared between threads.
+When the router's pongs stop for interval x liveness, it registers again under a new worker id and
+tells the main thread, which drops its requests (the router has failed them).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import zmq
 from hmoe.runtime import protocol
 from hmoe.runtime.config import Config, config_options, load_config
 from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.log import configure_logging
 from hmoe.runtime.sd_notify import SdNotify
 from hmoe.workers.decode import DecodeEngine
 from hmoe.workers.handoff import HandoffPool, slot_bytes_for
@@ -40,6 +42,8 @@ from hmoe.workers.prefill import PrefillEngine
 log = logging.getLogger("hmoe.worker")
 
 EXIT_STARTUP_FAILURE = 3
+RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
+STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
 ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
 
 
@@ -49,18 +53,21 @@ class Worker:
         self.role, self.config, self.router = role, config, router
         self.notify = SdNotify.from_env()
         self.context = zmq.Context.instance()
-        self.sock: zmq.Socket | None = None
-        self.lock = threading.RLock()  # the socket is shared with the heartbeat thread; _connect sends under it
-        self.generation = 0
-        self.last_pong = time.monotonic()
+        self.pipe: zmq.Socket | None = None  # the main thread's end of the pipe to the I/O thread
+        self.io_thread: threading.Thread | None = None
+        self.worker_id = ""
         self.draining_since: float | None = None
         self.signals = 0
-        self.stopped = threading.Event()
 
     # -- start-up --------------------------------------------------------------------------------
 
     def start(self) -> None:
         w = self.config.worker
+        # The prefill and the decode worker share the machine's CPU: by default each takes half of it,
+        # for torch and for the expert kernels alike (two OpenMP pools spinning on the same cores
+        # slowed decode down 20x on 2 cores).
+        self.threads = w.cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        torch.set_num_threads(self.threads)
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
         device = torch.device(w.device)
         self.experts = self._experts(device)
@@ -77,9 +84,11 @@ class Worker:
             self.handoff = None
             self.engine = DecodeEngine(self.model, self.kv, w.max_batch, w.micro_batches)
         self._warm_up()
-        self._connect()
-        self.heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
-        self.heartbeat.start()
+        address = f"inproc://hmoe-worker-{id(self)}"
+        self.pipe = self.context.socket(zmq.PAIR)
+        self.pipe.bind(address)
+        self.io_thread = threading.Thread(target=self._io, args=(address,), name="router-io", daemon=True)
+        self.io_thread.start()
         self.notify.ready(f"{self.role} worker serving {w.pack} on {w.device}")
         log.info("%s worker ready: pack %s, %s %s, KV %d tokens", self.role, w.pack, device, self.model.dtype,
                  self.kv.capacity_tokens)
@@ -89,7 +98,7 @@ class Worker:
             return None  # load_model's default: the torch reference backend on the device
         from hmoe.workers.cpu_experts import CpuExperts
 
-        return CpuExperts.from_source(self.source, device, self.config.worker.cpu_threads)
+        return CpuExperts.from_source(self.source, device, self.threads)
 
     def _warm_up(self) -> None:
         """One tiny forward so the first request pays for no compilation or first-touch."""
@@ -99,34 +108,19 @@ class Worker:
         self.model.forward(ForwardBatch.build(self.kv, [("warm-up", [0, 1], 0)]), self.kv)
         self.kv.free("warm-up")
 
-    def _connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
-        self.generation += 1
-        self.worker_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}-{self.generation}"
-        self.sock = self.context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.router)
+    def _register(self) -> protocol.Register:
         c = self.model.config
-        self._send(protocol.Register(
+        return protocol.Register(
             self.worker_id, self.role, os.getpid(), str(self.model.device),
             {"name": self.config.worker.pack, "vocab_size": c.vocab_size, "eos_token_ids": list(c.eos_token_ids),
              "max_position_embeddings": c.max_position_embeddings},
-            self.kv.capacity_tokens, self.config.worker.max_batch))
-        self.last_pong = time.monotonic()
+            self.kv.capacity_tokens, self.config.worker.max_batch)
 
     # -- main loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
-        r = self.config.router
-        dead_after_s = r.heartbeat_interval_s * r.heartbeat_liveness
-        while not self.stopped.is_set():
+        while True:
             self._receive(wait=not self.engine.busy)
-            if time.monotonic() - self.last_pong > dead_after_s:
-                log.warning("router silent for %.1f s: dropping requests and registering again", dead_after_s)
-                self.engine.drop_all()
-                with self.lock:
-                    self._connect()
             if self.draining_since is not None:
                 if not self.engine.busy:
                     break
@@ -139,14 +133,14 @@ class Worker:
         return 0
 
     def _receive(self, wait: bool) -> None:
-        """Apply every waiting message; when idle, wait up to 50 ms for one."""
+        """Apply every message the I/O thread passed on; when idle, wait up to 50 ms for one."""
         timeout_ms = 50 if wait else 0
-        while True:
-            with self.lock:
-                if not self.sock.poll(timeout_ms):
-                    return
-                frame = self.sock.recv()
+        while self.pipe.poll(timeout_ms):
             timeout_ms = 0
+            frame = self.pipe.recv()
+            if frame == RECONNECTED:
+                self.engine.drop_all()  # the router failed them when it lost us
+                continue
             try:
                 self._apply(protocol.decode(frame, ACCEPTED))
             except HmoeError as exc:
@@ -154,7 +148,6 @@ class Worker:
                 self._send(protocol.Error(exc.code, exc.message))
 
     def _apply(self, msg) -> None:
-        self.last_pong = time.monotonic()  # any message proves the router alive
         match msg:
             case protocol.Prefill() | protocol.Adopt() if self.draining_since is not None:
                 self._send(protocol.RequestError(msg.request_id, "draining", "the worker is shutting down"))
@@ -169,19 +162,53 @@ class Worker:
                 self.engine.cancel(msg.request_id)
             case protocol.Drain():
                 self.drain()
-            case protocol.WorkerPong():
-                pass
 
     def _send(self, msg) -> None:
-        with self.lock:
-            if self.sock is not None:  # None once closed: a late heartbeat is dropped
-                self.sock.send(protocol.encode(msg))
+        self.pipe.send(protocol.encode(msg))
 
-    def _heartbeats(self) -> None:
-        interval = self.config.router.heartbeat_interval_s
-        while not self.stopped.wait(interval):
-            running, waiting = self.engine.load()
-            self._send(protocol.WorkerPing(self.worker_id, self.kv.free_blocks * self.kv.block_size, running, waiting))
+    def _io(self, address: str) -> None:
+        """The I/O thread: router socket <-> pipe, heartbeats both ways, re-registration."""
+        r = self.config.router
+        dead_after_s = r.heartbeat_interval_s * r.heartbeat_liveness
+        pipe = self.context.socket(zmq.PAIR)
+        pipe.connect(address)
+        sock, generation, outage, last_heard, next_ping = None, 0, False, 0.0, 0.0
+        while True:
+            now = time.monotonic()
+            if sock is None or now - last_heard > dead_after_s:
+                if sock is not None:
+                    if not outage:  # one line per outage, not one per attempt
+                        log.warning("router silent for %.1f s: dropping requests and registering again", now - last_heard)
+                    outage = True
+                    sock.close(linger=0)
+                    pipe.send(RECONNECTED)
+                generation += 1
+                self.worker_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}-{generation}"
+                sock = self.context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.router)
+                sock.send(protocol.encode(self._register()))
+                last_heard = now
+            if now >= next_ping:
+                running, waiting = self.engine.load()
+                free = self.kv.free_blocks * self.kv.block_size
+                sock.send(protocol.encode(protocol.WorkerPing(self.worker_id, free, running, waiting)))
+                next_ping = now + r.heartbeat_interval_s
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(pipe, zmq.POLLIN)
+            for ready, _ in poller.poll(max(0.0, min(next_ping - now, 0.05)) * 1000):
+                frame = ready.recv()
+                if ready is pipe and frame == STOP:
+                    sock.close(linger=1000)  # give the last replies a second to leave
+                    pipe.close(linger=0)
+                    return
+                if ready is pipe:
+                    sock.send(frame)
+                elif not _is_pong(frame):
+                    pipe.send(frame)
+                if ready is sock:
+                    last_heard, outage = time.monotonic(), False  # any message proves the router alive
 
     def _cancel_all(self, code: str, message: str) -> None:
         ids = self.engine.request_ids()
@@ -196,10 +223,11 @@ class Worker:
             log.info("draining: finishing running requests within %.0f s", self.config.worker.drain_grace_s)
             self.draining_since = time.monotonic()
             self.notify.stopping("draining")
+            self.notify.extend_timeout(self.config.worker.drain_grace_s + 10)  # systemd waits for the drain
 
     def on_signal(self, signum, frame) -> None:
         self.signals += 1
-        if self.signals > 1:  # runs inside the main loop, maybe under the socket lock: touch nothing shared
+        if self.signals > 1:  # runs in the main thread, between any two bytecodes: touch nothing shared
             log.warning("second signal: exiting now")
             if getattr(self, "handoff", None) is not None:
                 self.handoff.close()  # unlink our hand-off segment; everything else dies with the process
@@ -207,13 +235,13 @@ class Worker:
         self.drain()
 
     def close(self) -> None:
-        self.stopped.set()
-        if getattr(self, "heartbeat", None) is not None and self.heartbeat is not threading.current_thread():
-            self.heartbeat.join()
-        with self.lock:
-            if self.sock is not None:
-                self.sock.close(linger=0)
-                self.sock = None
+        if self.io_thread is not None:
+            self.pipe.send(STOP)
+            self.io_thread.join()
+            self.io_thread = None
+        if self.pipe is not None:
+            self.pipe.close(linger=0)
+            self.pipe = None
         if getattr(self, "experts", None) is not None:
             self.experts.close()
         if getattr(self, "handoff", None) is not None:
@@ -224,6 +252,13 @@ class Worker:
             self.source.close()
 
 
+def _is_pong(frame: bytes) -> bool:
+    try:
+        return isinstance(protocol.decode(frame), protocol.WorkerPong)
+    except HmoeError:
+        return False
+
+
 @click.command()
 @click.option("--role", type=click.Choice(["prefill", "decode"]), required=True)
 @click.option("--router", "router_endpoint", default=None, help="The router's backend endpoint (default from config).")
@@ -231,9 +266,10 @@ class Worker:
 @config_options("worker", ["pack", "device", "dtype", "kv_cache_gib", "max_batch", "experts", "cpu_threads"])
 def main(role, router_endpoint, config_path, **worker_flags) -> None:
     """Run one hmoe worker process (prefill or decode) until drained."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    configure_logging(process=role)
     try:
         config = load_config(config_path, overrides={"worker": worker_flags})
+        configure_logging(config.router.log_level, process=role)
         if not config.worker.pack:
             raise HmoeError("config_invalid", "no weight pack: pass --pack NAME or set [worker] pack")
         worker = Worker(role, config, router_endpoint or config.backend)

@@ -36,10 +36,7 @@ HMOE_ROUTER_MODEL_DIR=
 HMOE_WORKER_PACK=
 # More `hmoe shm load` flags, e.g. --experts int4
 HMOE_PACK_ARGS=
-# The two workers share the CPUs: torch gets half of them in each, as under `hmoe serve`
-# (OpenMP threads of two processes spinning against each other slow decode down many times).
 ENV
-  echo "OMP_NUM_THREADS=$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))" >>"$etc/hmoe.env"
 fi
 chmod 0640 "$etc/hmoe.toml" "$etc/hmoe.env"
 install -m 0644 "$here"/deploy/systemd/hmoe* "$root/etc/systemd/system/"

@@ -116,7 +116,7 @@ prefix = "{prefix}"
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HMOE_", "NOTIFY_SOCKET", "WATCHDOG_"))}
     env |= {"HMOE_ROUTER_MODEL_DIR": str(tiny_models("deepseek_v3", "fp32")), "HMOE_WORKER_PACK": "deploy",
-            "HMOE_PACK_ARGS": "", "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2)),
+            "HMOE_PACK_ARGS": "",
             "RUNTIME_DIRECTORY": str(tmp / "run")}  # what install.sh writes to hmoe.env, and what systemd sets
     ctl_env = {**env, "HMOE_VENV": str(VENV_BIN.parent), "HMOE_CONFIG": str(config), "HMOE_ENV_FILE": str(tmp / "none"),
                "HMOE_USER": ""}  # fmt: skip

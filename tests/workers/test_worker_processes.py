@@ -36,37 +36,41 @@ pytestmark = pytest.mark.slow
 
 
 class Harness:
-    """The router's side of the backend socket, reduced to what the tests need: a thread answers
-    heartbeats (as the router does, whatever the test is doing) and queues everything else."""
+    """The router's side of the backend socket, reduced to what the tests need: a thread owns the
+    socket, answers heartbeats (as the router does, whatever the test is doing), queues everything
+    else for the test and sends what the test hands it."""
 
     def __init__(self, endpoint: str):
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
-        self.lock = threading.Lock()
+        self.outbox: queue.Queue = queue.Queue()
         self.inbox: queue.Queue = queue.Queue()
         self.stash: list = []
         self.workers: dict[str, bytes] = {}  # role -> identity
         self.registered: dict[str, protocol.Register] = {}
         self.pings: dict[str, protocol.WorkerPing] = {}
         self.running = True
+        self.silent = False  # True: play a dead router (no pongs)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
         while self.running:
-            with self.lock:
-                if not self.sock.poll(20):
-                    continue
-                identity, frame = self.sock.recv_multipart()
-                msg = protocol.decode(frame)
-                if isinstance(msg, protocol.WorkerPing):
-                    self.pings[msg.worker_id.split("-")[0]] = msg
+            while not self.outbox.empty():
+                self.sock.send_multipart(self.outbox.get())
+            if not self.sock.poll(10):
+                continue
+            identity, frame = self.sock.recv_multipart()
+            msg = protocol.decode(frame)
+            if isinstance(msg, protocol.WorkerPing):
+                self.pings[msg.worker_id.split("-")[0]] = msg
+                if not self.silent:
                     self.sock.send_multipart([identity, protocol.encode(protocol.WorkerPong())])
-                    continue
-                if isinstance(msg, protocol.Register):
-                    self.workers[msg.role] = identity
-                    self.registered[msg.role] = msg
+                continue
+            if isinstance(msg, protocol.Register):
+                self.workers[msg.role] = identity
+                self.registered[msg.role] = msg
             self.inbox.put(msg)
 
     def pump(self, until, kinds: tuple = (object,), timeout_s: float = 120.0) -> list:
@@ -87,8 +91,7 @@ class Harness:
         self.send_raw(role, protocol.encode(msg))
 
     def send_raw(self, role: str, frame: bytes) -> None:
-        with self.lock:
-            self.sock.send_multipart([self.workers[role], frame])
+        self.outbox.put([self.workers[role], frame])
 
     def prefill(self, request_id: str, token_ids: list[int], params: SamplingParams) -> protocol.Prefilled:
         self.send("prefill", protocol.Prefill(request_id, token_ids, protocol.params_dict(params)))
@@ -261,3 +264,20 @@ def test_killing_prefill_mid_prompt_leaves_decode_serving(served):
     start("prefill")  # a restarted prefill worker serves again
     again = _run(harness, {"again": (prompt, SamplingParams(max_tokens=4, ignore_eos=True))})
     assert again["again"] == _offline(model, prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+def test_a_silent_router_makes_workers_register_again(served):
+    """Paranoid Pirate, worker side: no pongs for interval x liveness -> drop requests, new worker id."""
+    harness, procs, _, model = served
+    before = dict(harness.registered)
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+    done = harness.prefill("orphan", [4, 5, 6], params)
+    harness.adopt(done, [4, 5, 6], params)
+    harness.silent = True
+    again = harness.pump(lambda got: {m.role for m in got} == {"prefill", "decode"}, (protocol.Register,), timeout_s=30)
+    harness.silent = False
+    for msg in again:
+        assert msg.worker_id != before[msg.role].worker_id and msg.pid == before[msg.role].pid
+    _all_free(harness)  # the decode worker dropped "orphan" and freed its KV
+    out = _run(harness, {"after": ([7, 8], SamplingParams(max_tokens=4, ignore_eos=True))})
+    assert out["after"] == _offline(model, [7, 8], SamplingParams(max_tokens=4, ignore_eos=True))
