@@ -12,6 +12,9 @@ weights come from DRAM; `gbs` counts the bytes of the experts actually read. Whe
 layer holds fewer experts than the model but reads the same bytes per token (`experts_in_memory`).
 Also: per parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1.
 Writes bench/results/kernels-<host kind>.json (or --json) and a PNG beside it.
+
+NOTE: past 400 lines: the three engines (hmoe, torch, a kt-kernel child) and the side measurements
+live in one file so that one command reproduces every figure of the kernels' report.
 """
 
 from __future__ import annotations

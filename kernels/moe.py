@@ -8,12 +8,19 @@ One call runs, with the GIL released:
   phase 1   h[slot, :] = w[slot] * silu(gate_e x_t) * up_e x_t   for every active expert e
   phase 2   y[t, :]   = sum over t's slots of down_e h[slot]
 Each phase is one parallel region of exactly `num_threads` tasks. Task i owns a contiguous range of
-output rows (of Ip in phase 1, of Hp in phase 2) and computes those rows for every active expert
-and every slot: every task does the same work whatever the expert loads, no two tasks write the
-same output, and each reads one sequential stream per expert and projection. INT4 adds two short
-regions that quantize the activations to int8 (x before phase 1, h before phase 2).
+output rows (of Ip in phase 1, of Hp in phase 2, in whole 16-row tiles) and computes those rows for
+every active expert and every slot: every task does the same work whatever the expert loads, no
+two tasks write the same output, and each reads one sequential stream per expert and projection.
+Per 128 rows, all groups of 4 slots of an expert run before the next rows, so an expert with more
+than 4 tokens rereads its rows from L2, not DRAM. INT4 quantizes its activations to int8 in two
+short steps (x before phase 1, in a region of its own past a few tokens; h before phase 2).
+
+Measured (bench/kernels.py): a region costs ~2 µs on 2 cores, ~10-12 µs on 16 (omp); a whole call
+on a tiny layer ~8 µs on 2 cores, ~22-30 µs on 16.
 
 NOTE: one MoeKernel holds scratch for one call at a time: give each calling thread its own.
+NOTE: past 400 lines because the three formats' phases sit side by side: their differences
+(activation pre-scaling for FP8, int8 activations for INT4) read at a glance.
 """
 
 from __future__ import annotations
@@ -445,7 +452,9 @@ class MoeKernel:
         if not (x.flags.c_contiguous and out.flags.c_contiguous and topk_ids.flags.c_contiguous and topk_weights.flags.c_contiguous):
             raise ValueError("x, topk_ids, topk_weights and out must be C-contiguous")
         if self._threads_set.__dict__.get("n") != self.num_threads:
-            numba.set_num_threads(self.num_threads)  # per calling thread; not callable from cached jitted code
+            # Per calling thread, once (~3 µs a call otherwise); not callable from cached jitted code. Another
+            # set_num_threads() on this thread later only changes how the tasks spread, never the result.
+            numba.set_num_threads(self.num_threads)
             self._threads_set.n = self.num_threads
         fn, weights, scratch = self._bind(layer)
         n_active = fn(x, topk_ids, topk_weights.reshape(-1), layer.num_experts, *weights, out.reshape(-1), *scratch)
