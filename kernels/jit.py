@@ -59,15 +59,26 @@ def configure_numba() -> None:
         config.THREADING_LAYER = _threading_layer()
 
 
-def use_cache_dir(path: str | os.PathLike, dispatchers) -> None:
-    """Cache compiled kernels under `path` (a directory a service can write), for these dispatchers.
+def use_cache_dir(path: str | os.PathLike) -> int:
+    """Cache every compiled kernel of the package under `path` (a directory the service can write).
 
-    Without it Numba caches next to the sources (or under ~/.cache where that is read-only).
+    Call before the first kernel compiles (warm-up). Without it Numba caches next to the sources, or
+    under the user's cache directory where those are read-only. Returns how many kernels it re-pointed.
     """
+    import importlib
+
+    from numba.core.dispatcher import Dispatcher
+
     os.makedirs(path, exist_ok=True)
     config.CACHE_DIR = os.fspath(path)
-    for dispatcher in dispatchers:
-        dispatcher.enable_caching()  # re-creates the cache locator, which reads CACHE_DIR
+    count = 0
+    for name in ("simd", "dots", "formats", "moe"):
+        module = importlib.import_module(f"{__package__}.{name}")
+        for obj in vars(module).values():
+            if isinstance(obj, Dispatcher) and obj._cache.__class__.__name__ == "FunctionCache" and obj.__module__ == module.__name__:
+                obj.enable_caching()  # re-creates the cache locator, which reads CACHE_DIR
+                count += 1
+    return count
 
 
 def codegen_features() -> str:

@@ -123,3 +123,17 @@ def test_hot_loops_use_512_bit_vectors(tmp_path):
         assert any(any(m in ln for m in mnemonics) for ln in zmm_lines), (name, mnemonics)
     if kjit.has_cpu_feature("avx512vnni"):
         assert any("vpdpbusd" in ln and "zmm" in ln for ln in asm["int4_tile"].splitlines())
+
+
+def test_cache_dir_is_configurable(tmp_path):
+    """A service points the kernel cache at a directory it can write; compiled kernels land there."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from hmoe.kernels import jit; n = jit.use_cache_dir(%r); "
+            "from hmoe.kernels.formats import e4m3_code; assert e4m3_code(1.0) == 0x38; print(n)" % str(tmp_path / "cache"))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[-1]) > 20
+    assert any(p.suffix == ".nbi" for p in (tmp_path / "cache").rglob("*"))
