@@ -2,7 +2,9 @@
 
 Shapes: B sequences, V vocab. The random draw for a request's n-th token is seeded by
 (seed, n) alone, so a request samples the same tokens alone or batched, in one process or split
-between the prefill and the decode worker; no generator state travels between them.
+between the prefill and the decode worker; no generator state travels between them. The draw is
+one uniform number from a CPU generator, inverted through the distribution on the logits' device:
+CUDA's generator (Philox) would pick other tokens than the CPU's for the same seed.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     for row, (p, step) in enumerate(zip(params, steps)):
         if p.temperature > 0:
             assert p.seed is not None, "sampled requests carry a seed (with_seed)"
-            gen = torch.Generator(device=logits.device).manual_seed((p.seed * _MIX_A + step * _MIX_B + 1) & _MASK)
-            tokens[row] = _sample_row(logits[row], p, gen)
+            gen = torch.Generator().manual_seed((p.seed * _MIX_A + step * _MIX_B + 1) & _MASK)
+            tokens[row] = _sample_row(logits[row], p, torch.rand((), generator=gen).item())
     return tokens.tolist()  # the step's one host sync
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """logits [V] -> token id (0-d tensor), never syncing with the host."""
+def _sample_row(logits: torch.Tensor, p: SamplingParams, uniform: float) -> torch.Tensor:
+    """logits [V] and a uniform draw in [0, 1) -> token id (0-d tensor), never syncing with the host."""
     logits = logits / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -45,4 +47,6 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=gen)[0]
+    cdf = probs.cumsum(-1)  # [V]
+    target = torch.full((1,), uniform, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[0]
