@@ -106,7 +106,8 @@ def run(args) -> dict:
     results = []
     for batch in args.batches:
         engine = DecodeEngine(model, kv, max_batch=batch, micro_batches=2)
-        params = SamplingParams(max_tokens=args.steps + 8, ignore_eos=True)
+        # Both timed runs (with experts, then null) and their warm-ups must fit, or requests finish early.
+        params = SamplingParams(max_tokens=2 * (args.steps + 3) + 4, ignore_eos=True)
         for i in range(batch):
             rid, prompt = f"b{batch}-{i}", torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
             kv.reserve(rid, args.prompt_len + params.max_tokens)
