@@ -114,6 +114,24 @@ def test_chunked_prefill_and_batch_match_whole_prompt(hf_pair):
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5 * whole.abs().max().item())
 
 
+def test_one_token_sequences_attend_together_as_alone(hf_pair):
+    """Decode steps of several sequences (contexts 1..40, one padded group) equal each one alone."""
+    _, checkpoint, _ = hf_pair
+    for absorb in ("never", "always") if checkpoint.config.is_mla else ("auto",):
+        model = load_model(checkpoint, "cpu", "fp32", absorb=absorb)
+        kv = KVPool(model.config, num_blocks=96, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+        prompts = {f"s{n}": list(range(2, 2 + n)) for n in (1, 7, 40)}
+        for sid, prompt in prompts.items():
+            kv.reserve(sid, len(prompt) + 1)
+            model.forward(ForwardBatch.build(kv, [(sid, prompt, 0)]), kv)
+        items = [(sid, [9], len(prompt)) for sid, prompt in prompts.items()]
+        batch = ForwardBatch.build(kv, items)
+        assert batch.decode is not None and not batch.seqs
+        together = model.forward(batch, kv)
+        alone = torch.cat([model.forward(ForwardBatch.build(kv, [item]), kv) for item in items])
+        torch.testing.assert_close(together, alone, rtol=0, atol=1e-5 * alone.abs().max().item())
+
+
 def test_greedy_generation_matches_transformers_generate(hf_pair):
     hf, checkpoint, _ = hf_pair
     model = load_model(checkpoint, "cpu", "fp32")

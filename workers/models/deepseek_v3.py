@@ -64,6 +64,15 @@ class MLAttention:
             absorb = self.absorb == "always" or (self.absorb == "auto" and seq.q_len * 4 <= seq.ctx_len)
             attend = self._absorbed if absorb else self._plain
             out[rows] = attend(q_nope[rows], q_rope[rows], ctx, causal_mask(seq.q_len, seq.ctx_len, x.device))
+        if batch.decode is not None:  # one-token sequences together, in the absorbed form (or plain, one by one)
+            group = batch.decode
+            if self.absorb == "never":
+                for row, slots, mask in zip(group.rows.tolist(), group.slots, group.mask):
+                    ctx = cache[slots[mask[0, 0]]].to(x.dtype)
+                    out[row : row + 1] = self._plain(q_nope[row : row + 1], q_rope[row : row + 1], ctx, None)
+            else:
+                out[group.rows] = self._absorbed_group(q_nope[group.rows], q_rope[group.rows],
+                                                       cache[group.slots].to(x.dtype), group.mask)
         return F.linear(out.reshape(n, -1), self.o_proj)
 
     def _plain(self, q_nope, q_rope, ctx, mask):
@@ -87,6 +96,16 @@ class MLAttention:
             q, ctx[None], latent[None], attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # [h, T, r]
         return torch.einsum("htr,hvr->thv", o_latent, self.w_uv)
+
+
+    def _absorbed_group(self, q_nope, q_rope, ctx, mask):
+        """q [D, h, *] one token each, ctx [D, S, r + dr] padded, mask [D, 1, 1, S] -> [D, h, dv]."""
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [D, h, r]
+        q = torch.cat([q_latent, q_rope], dim=-1)[:, :, None]  # [D, h, 1, r + dr]
+        latent = ctx[..., : self.config.kv_lora_rank]
+        o_latent = F.scaled_dot_product_attention(q, ctx[:, None], latent[:, None], attn_mask=mask, scale=self.scale,
+                                                  enable_gqa=True)  # [D, h, 1, r]
+        return torch.einsum("thr,hvr->thv", o_latent[:, :, 0], self.w_uv)
 
 
 def build_attention(config: ModelConfig, layer_id: int, load, absorb: str = "auto") -> MLAttention:

@@ -52,6 +52,13 @@ class GQAttention:
                 attn_mask=causal_mask(seq.q_len, seq.ctx_len, x.device), enable_gqa=True,
             )  # [h, T, d]
             out[rows] = o.transpose(0, 1)
+        if batch.decode is not None:
+            group = batch.decode
+            keys = k_cache[group.slots].to(x.dtype).view(*group.slots.shape, g, d).transpose(1, 2)  # [D, g, S, d]
+            values = v_cache[group.slots].to(x.dtype).view(*group.slots.shape, g, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[group.rows][:, :, None], keys, values, attn_mask=group.mask,
+                                               enable_gqa=True)  # [D, h, 1, d]
+            out[group.rows] = o[:, :, 0]
         return F.linear(out.reshape(n, h * d), self.o_proj, self.o_bias)
 
 
