@@ -93,7 +93,7 @@ class HandoffPool:
     # -- prefill side ----------------------------------------------------------------------------
 
     def capacity_tokens(self, kv: KVPool) -> int:
-        return self.slot_bytes // _bytes_per_token(kv)
+        return self.slot_bytes // kv.bytes_per_token
 
     def allocate(self, timeout_s: float) -> int | None:
         """A free slot (reclaiming ones filled longer than timeout_s ago), marked WRITING; or None."""
@@ -166,14 +166,6 @@ class HandoffPool:
         if self._table[slot, 1] != generation:
             raise HandoffError("handoff_lost", f"{self.name} slot {slot} was reclaimed while being adopted")
         self._table[slot, 0] = FREE
-
-
-def _bytes_per_token(kv: KVPool) -> int:
-    return sum(e.shape[0] * e.shape[2] * e.element_size() for e in kv.data.values())
-
-
-def slot_bytes_for(kv: KVPool, num_tokens: int) -> int:
-    return _bytes_per_token(kv) * num_tokens
 
 
 def _unlink(name: str) -> None:

@@ -72,6 +72,10 @@ class KVPool:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
+    @property
+    def bytes_per_token(self) -> int:
+        return bytes_per_token(self.config, self.dtype)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -82,7 +86,7 @@ class KVPool:
         if need > len(self._free):
             if not table:
                 del self.block_tables[seq_id]
-            per_token = bytes_per_token(self.config, self.dtype)
+            per_token = self.bytes_per_token
             raise KVCapacityError(
                 "kv_capacity",
                 f"KV pool has {len(self._free) * self.block_size} free token slots "

@@ -91,6 +91,13 @@ class MLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
 
+    def submit(self, x: torch.Tensor) -> torch.Tensor:
+        """The MoE block's two halves, for a dense layer: all the work is on the device, done here."""
+        return self(x)
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
 
 class Router:
     """Top-k expert choice: softmax (Qwen3, DeepSeek-V2) or sigmoid with correction bias and
@@ -144,6 +151,3 @@ class MoE:
         handle, shared = pending
         out = self.experts.wait(handle)
         return out if shared is None else out + shared
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.submit(x))

@@ -31,18 +31,13 @@ class DecoderLayer:
         self.attn, self.mlp = attn, mlp
         self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
 
-    def __call__(self, x, batch, kv, rotary, cos, sin) -> torch.Tensor:
-        h, pending = self.start(x, batch, kv, rotary, cos, sin)
-        return self.finish(h, pending)
-
     def start(self, x, batch, kv, rotary, cos, sin):
         """Attention and residual on the device, then start the MLP (a MoE's experts run on)."""
         h = x + self.attn(self.input_norm(x), batch, kv, rotary, cos, sin)
-        normed = self.post_attention_norm(h)
-        return h, (self.mlp.submit(normed) if isinstance(self.mlp, MoE) else self.mlp(normed))
+        return h, self.mlp.submit(self.post_attention_norm(h))
 
     def finish(self, h, pending) -> torch.Tensor:
-        return h + (self.mlp.finish(pending) if isinstance(self.mlp, MoE) else pending)
+        return h + self.mlp.finish(pending)
 
 
 class CausalLM:

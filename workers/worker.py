@@ -33,7 +33,7 @@ from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
 from hmoe.runtime.sd_notify import SdNotify
 from hmoe.workers.decode import DecodeEngine
-from hmoe.workers.handoff import HandoffPool, slot_bytes_for
+from hmoe.workers.handoff import HandoffPool
 from hmoe.workers.kv_cache import KVPool
 from hmoe.workers.model import CausalLM, load_model
 from hmoe.workers.pack_source import PackSource
@@ -78,7 +78,7 @@ class Worker:
             slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
             slot_tokens = min(slot_tokens, self.kv.capacity_tokens)
             self.handoff = HandoffPool.create(f"{self.role}-{os.getpid()}", w.handoff_slots,
-                                              slot_bytes_for(self.kv, slot_tokens))
+                                              self.kv.bytes_per_token * slot_tokens)
             self.engine = PrefillEngine(self.model, self.kv, self.handoff, w.prefill_chunk_tokens, w.handoff_timeout_s)
         else:
             self.handoff = None
