@@ -34,6 +34,32 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=t
     return (weight.to(torch.float32) * scale).to(dtype)
 
 
+def as_weight(origin: str, name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+              source, float_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> torch.Tensor:
+    """A stored tensor as the model takes it: shape checked, FP8 blocks dequantized (the scale from
+    `source.raw(name + "_scale_inv")`), cast to `dtype` (no copy when it already is)."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise CheckpointError(
+            "tensor_shape", f"{origin}: tensor {name!r} has shape {list(tensor.shape)}, the config implies {list(shape)}"
+        )
+    if tensor.dtype == FP8_DTYPE:
+        if not source.is_fp8(name):
+            raise CheckpointError("checkpoint_corrupt", f"{origin}: FP8 tensor {name!r} has no {name}_scale_inv")
+        scale_inv = source.raw(name + "_scale_inv")
+        blocks = (-(-shape[0] // 128), -(-shape[1] // 128))
+        if tuple(scale_inv.shape) != blocks:
+            raise CheckpointError(
+                "tensor_shape",
+                f"{origin}: {name}_scale_inv has shape {list(scale_inv.shape)}, 128x128 blocks need {list(blocks)}",
+            )
+        return dequantize_fp8_blocks(tensor, scale_inv, dtype)
+    if tensor.dtype not in float_dtypes:
+        raise CheckpointError(
+            "unsupported_dtype", f"{origin}: tensor {name!r} is {tensor.dtype}; supported: fp32, bf16, fp16, fp8-e4m3"
+        )
+    return tensor.to(dtype)
+
+
 class Checkpoint:
     """Lazy reader of one Hugging Face model folder (close() or use as a context manager)."""
 
@@ -99,27 +125,7 @@ class Checkpoint:
 
     def weight(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The tensor as `dtype`, FP8 blocks dequantized, its shape checked against the model's."""
-        tensor = self.raw(name)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                "tensor_shape", f"{self.path}: tensor {name!r} has shape {list(tensor.shape)}, the config implies {list(shape)}"
-            )
-        if tensor.dtype == FP8_DTYPE:
-            if not self.is_fp8(name):
-                raise CheckpointError("checkpoint_corrupt", f"{self.path}: FP8 tensor {name!r} has no {name}_scale_inv")
-            scale_inv = self.raw(name + "_scale_inv")
-            blocks = (-(-shape[0] // 128), -(-shape[1] // 128))
-            if tuple(scale_inv.shape) != blocks:
-                raise CheckpointError(
-                    "tensor_shape",
-                    f"{self.path}: {name}_scale_inv has shape {list(scale_inv.shape)}, 128x128 blocks need {list(blocks)}",
-                )
-            return dequantize_fp8_blocks(tensor, scale_inv, dtype)
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(
-                "unsupported_dtype", f"{self.path}: tensor {name!r} is {tensor.dtype}; supported: fp32, bf16, fp16, fp8-e4m3"
-            )
-        return tensor.to(dtype)
+        return as_weight(str(self.path), name, self.raw(name), shape, dtype, self)
 
     def identity(self) -> dict:
         """What makes this checkpoint itself: its config and every weight file's name, size and mtime."""

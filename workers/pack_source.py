@@ -22,7 +22,7 @@ import torch
 from hmoe.kernels.formats import ExpertFormat, LayerExperts, decode_expert
 from hmoe.shm import Pack, ShmConfig, ShmError
 from hmoe.shm.pinned import HostRegistration
-from hmoe.workers.checkpoint import FLOAT_DTYPES, FP8_DTYPE, Checkpoint, dequantize_fp8_blocks
+from hmoe.workers.checkpoint import FLOAT_DTYPES, Checkpoint, as_weight
 from hmoe.workers.errors import CheckpointError
 from hmoe.workers.model_config import ModelConfig, parse_model_config
 from hmoe.workers.pack_loader import EXPERT_RE
@@ -98,19 +98,9 @@ class PackSource:
         """As Checkpoint.weight: the tensor as `dtype`, FP8 dequantized, its shape checked; no copy when
         the stored dtype is `dtype`. Routed-expert tensors are decoded from the layer arrays (a copy)."""
         key = self._expert_key(name)
-        if key is not None:
-            tensor = self._expert_weight(*key)
-        else:
-            tensor = self.raw(name)
-        if tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                "tensor_shape", f"pack {self.pack.name!r}: tensor {name!r} has shape {list(tensor.shape)}, the config implies {list(shape)}"
-            )
-        if tensor.dtype == FP8_DTYPE:
-            return dequantize_fp8_blocks(tensor, self.raw(name + "_scale_inv"), dtype)
-        if tensor.dtype not in FLOAT_DTYPES and tensor.dtype != torch.float64:
-            raise CheckpointError("unsupported_dtype", f"pack {self.pack.name!r}: tensor {name!r} is {tensor.dtype}")
-        return tensor if tensor.dtype == dtype else tensor.to(dtype)
+        tensor = self._expert_weight(*key) if key is not None else self.raw(name)
+        # float64 too: routed experts decoded from the kernels' layout come out exact in float64.
+        return as_weight(f"pack {self.pack.name!r}", name, tensor, shape, dtype, self, (*FLOAT_DTYPES, torch.float64))
 
     def layer_experts(self, layer_id: int) -> LayerExperts:
         """One MoE layer's routed experts as the CPU kernels read them: zero-copy, read-only numpy views."""
