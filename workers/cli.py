@@ -9,6 +9,7 @@ import time
 import click
 
 from hmoe.runtime.errors import HmoeError
+from hmoe.workers.cli_options import parse_token_ids, sampling_options
 
 
 class HmoeGroup(click.Group):
@@ -58,12 +59,7 @@ def make_model_cmd(out, arch, preset, dtype, seed, layers, shard_mb) -> None:
 @click.argument("model_dir", required=False, type=click.Path())
 @click.option("--pack", "pack_name", help="Run from weight pack NAME in shared memory instead of a model folder.")
 @click.option("--prompt", help="Text to continue (tokenized with the model's tokenizer.json).")
-@click.option("--token-ids", help="Comma-separated prompt token ids instead of text, e.g. 1,2,3.")
-@click.option("--max-tokens", type=int, default=32, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps every token.")
-@click.option("--seed", type=int, default=None)
+@sampling_options(max_tokens=32)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
 @click.option("--dtype", default="auto", show_default=True, help="auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16")
 @click.option("--experts", type=click.Choice(["torch", "cpu"]), default="torch", show_default=True,
@@ -96,10 +92,7 @@ def run_cmd(model_dir, pack_name, prompt, token_ids, max_tokens, temperature, to
     vocab_size = source.config.vocab_size
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
     if token_ids is not None:
-        try:
-            ids = [int(t) for t in token_ids.split(",") if t.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{token_ids!r} is not a comma-separated list of integers", param_hint="--token-ids")
+        ids = parse_token_ids(token_ids)
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if not ids or bad:
             raise click.BadParameter(f"token ids must be in [0, {vocab_size}); got {bad or 'none'}", param_hint="--token-ids")

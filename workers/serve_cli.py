@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from hmoe.runtime.config import Config, load_config
+from hmoe.workers.cli_options import parse_token_ids, sampling_options
 
 DEMO = ("deepseek_v3", "tiny", "bf16")
 ROUTER_TIMEOUT_S = 3.0  # a router that has not answered a ping (sent every second) for this long is gone
@@ -129,12 +130,7 @@ class _Readiness:
 
 @click.command("generate")
 @click.argument("prompt", required=False)
-@click.option("--token-ids", help="Comma-separated prompt token ids instead of text, e.g. 1,2,3.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 keeps every token.")
-@click.option("--seed", type=int, default=None)
+@sampling_options(max_tokens=64)
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text ends before it.")
 @click.option("--timeout", type=float, default=None, help="Deadline in seconds; the request ends with reason timeout.")
 @click.option("--endpoint", help="The router's client endpoint (default: [router] frontend).")
@@ -151,12 +147,7 @@ def generate_cmd(prompt, token_ids, max_tokens, temperature, top_p, top_k, seed,
 
     if (prompt is None) == (token_ids is None):
         raise click.UsageError("give a PROMPT or --token-ids (not both)")
-    ids = None
-    if token_ids is not None:
-        try:
-            ids = [int(t) for t in token_ids.split(",") if t.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{token_ids!r} is not a comma-separated list of integers", param_hint="--token-ids") from None
+    ids = parse_token_ids(token_ids) if token_ids is not None else None
     endpoint = _endpoint(config_path, endpoint, port)
     if wait_s > 0:
         _wait_ready(endpoint, wait_s, server_key)
