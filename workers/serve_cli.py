@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from hmoe.runtime.config import Config, load_config
+from hmoe.runtime.config import load_config
 from hmoe.workers.cli_options import parse_token_ids, sampling_options
 
 DEMO = ("deepseek_v3", "tiny", "bf16")
