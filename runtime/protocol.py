@@ -284,8 +284,9 @@ def _check(value, hint, name: str):
     return value
 
 
-def sampling_params(params: dict) -> SamplingParams:
-    """Generate.params -> SamplingParams; unknown keys and bad values are 'invalid_sampling'."""
+def sampling_params(params: dict, seeded: bool = False) -> SamplingParams:
+    """Generate.params -> SamplingParams; unknown keys and bad values are 'invalid_sampling'. Workers
+    pass seeded=True: a sampled request reaches them with the seed the router gave it."""
     known = {f.name for f in dataclasses.fields(SamplingParams)}
     unknown = set(params) - known
     if unknown:
@@ -297,9 +298,12 @@ def sampling_params(params: dict) -> SamplingParams:
                 raise HmoeError("invalid_sampling", f"{key}: must be a list")
             fixed[key] = tuple(fixed[key])
     try:
-        return SamplingParams(**fixed)
+        result = SamplingParams(**fixed)
     except TypeError as exc:
         raise HmoeError("invalid_sampling", str(exc)) from None
+    if seeded and result.temperature > 0 and result.seed is None:
+        raise HmoeError("invalid_sampling", "a sampled request needs a seed here (the router assigns one)")
+    return result
 
 
 def params_dict(params: SamplingParams) -> dict:

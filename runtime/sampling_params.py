@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import secrets
 from dataclasses import dataclass
 
 from hmoe.runtime.errors import HmoeError
@@ -47,3 +49,9 @@ class SamplingParams:
             raise bad("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_STRING_LEN} chars")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be true or false")
+
+
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """Fix a fresh random seed where none was given: once, where a request enters the service (the
+    router, or `generate` offline), so the prefill and decode workers sample alike."""
+    return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))

@@ -33,6 +33,7 @@ from hmoe.runtime.protocol import (
     Status, StatusRequest, Tokens, WorkerPing, WorkerPong, params_dict, sampling_params,
 )  # fmt: skip
 from hmoe.runtime.request import Phase, Request
+from hmoe.runtime.sampling_params import with_seed
 from hmoe.runtime.worker_pool import ROLES, Worker, WorkerPool
 
 log = structlog.get_logger("hmoe.router")
@@ -103,7 +104,7 @@ class Scheduler:
             raise HmoeError("draining", "the router is shutting down and admits no new requests; retry on another instance")
         if msg.request_id in self.requests:
             raise HmoeError("duplicate_request", f"request id {msg.request_id!r} is already running; make ids unique")
-        params = sampling_params(msg.params)
+        params = with_seed(sampling_params(msg.params))  # prefill and decode then sample alike
         timeout_s = msg.timeout_s if msg.timeout_s is not None else c.request_timeout_s or math.inf
         if not timeout_s > 0:
             raise HmoeError("invalid_request", f"timeout_s must be > 0, got {msg.timeout_s!r}")

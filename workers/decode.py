@@ -62,7 +62,7 @@ class DecodeEngine:
         return list(self.running) + [r.request_id for r in self.waiting]
 
     def add(self, msg: protocol.Adopt) -> list:
-        req = DecodeRequest(msg.request_id, protocol.sampling_params(msg.params), len(msg.token_ids), msg.slot,
+        req = DecodeRequest(msg.request_id, protocol.sampling_params(msg.params, seeded=True), len(msg.token_ids), msg.slot,
                             msg.segment, [msg.first_token])
         need = req.prompt_len + req.params.max_tokens
         if need > self.kv.capacity_tokens:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hmoe.runtime.sampling_params import SamplingParams
+from hmoe.runtime.sampling_params import SamplingParams, with_seed
 from hmoe.workers.batch import ForwardBatch
 from hmoe.workers.kv_cache import KVPool
 from hmoe.workers.model import CausalLM
-from hmoe.workers.sampler import sample, with_seed
+from hmoe.workers.sampler import sample
 
 
 @dataclass(frozen=True)

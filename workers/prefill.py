@@ -53,8 +53,9 @@ class PrefillEngine:
     def request_ids(self) -> list[str]:
         return [j.request_id for j in self.queue] + ([self.current.request_id] if self.current else [])
 
-    def add(self, msg: protocol.Prefill) -> None:
-        self.queue.append(PrefillJob(msg.request_id, list(msg.token_ids), protocol.sampling_params(msg.params)))
+    def add(self, msg: protocol.Prefill) -> list:
+        self.queue.append(PrefillJob(msg.request_id, list(msg.token_ids), protocol.sampling_params(msg.params, seeded=True)))
+        return []
 
     def cancel(self, request_id: str) -> bool:
         for job in self.queue:

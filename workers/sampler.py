@@ -9,9 +9,6 @@ CUDA's generator (Philox) would pick other tokens than the CPU's for the same se
 
 from __future__ import annotations
 
-import dataclasses
-import secrets
-
 import torch
 
 from hmoe.runtime.sampling_params import SamplingParams
@@ -19,17 +16,11 @@ from hmoe.runtime.sampling_params import SamplingParams
 _MIX_A, _MIX_B, _MASK = 6364136223846793005, 1442695040888963407, (1 << 63) - 1
 
 
-def with_seed(params: SamplingParams) -> SamplingParams:
-    """Fix a fresh random seed where none was given (once, where the request enters)."""
-    return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
-
-
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
     """logits [B, V] float32 -> one token id per row; steps[i] is how many tokens row i already made."""
     tokens = logits.argmax(dim=-1)  # [B]
     for row, (p, step) in enumerate(zip(params, steps)):
         if p.temperature > 0:
-            assert p.seed is not None, "sampled requests carry a seed (with_seed)"
             gen = torch.Generator().manual_seed((p.seed * _MIX_A + step * _MIX_B + 1) & _MASK)
             tokens[row] = _sample_row(logits[row], p, torch.rand((), generator=gen).item())
     return tokens.tolist()  # the step's one host sync

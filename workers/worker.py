@@ -151,11 +151,12 @@ class Worker:
         match msg:
             case protocol.Prefill() | protocol.Adopt() if self.draining_since is not None:
                 self._send(protocol.RequestError(msg.request_id, "draining", "the worker is shutting down"))
-            case protocol.Prefill() if self.role == "prefill":
-                self.engine.add(msg)
-            case protocol.Adopt() if self.role == "decode":
-                for out in self.engine.add(msg):
-                    self._send(out)
+            case protocol.Prefill() | protocol.Adopt() if (self.role == "prefill") == isinstance(msg, protocol.Prefill):
+                try:  # what a request carries fails that request, never the worker
+                    for out in self.engine.add(msg):
+                        self._send(out)
+                except HmoeError as exc:
+                    self._send(protocol.RequestError(msg.request_id, exc.code, exc.message))
             case protocol.Prefill() | protocol.Adopt():
                 self._send(protocol.RequestError(msg.request_id, "wrong_role", f"this is a {self.role} worker"))
             case protocol.Cancel():

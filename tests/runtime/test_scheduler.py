@@ -76,6 +76,16 @@ def test_request_goes_prefill_then_decode_and_finishes_once_with_usage():
     assert s.take_outbox() == []
 
 
+def test_every_admitted_request_carries_a_seed_so_prefill_and_decode_sample_alike():
+    s = make()
+    (prefill,) = to(gen(s, "r1", temperature=0.7), P, Prefill)  # sampled, no seed: the router picks one
+    (adopt,) = to(run_to_decode(s, "r1"), D, Adopt)
+    assert isinstance(prefill.params["seed"], int) and 0 <= prefill.params["seed"] < 2**63
+    assert adopt.params["seed"] == prefill.params["seed"]
+    (prefill,) = to(gen(s, "r2", temperature=0.7, seed=5), P, Prefill)  # a client's seed is kept
+    assert prefill.params["seed"] == 5
+
+
 @pytest.mark.parametrize("generate, params, code", [
     (Generate("x", prompt="a" * 5000), {}, "prompt_too_long"),
     (Generate("x", prompt="hi"), {"max_tokens": 5000}, "context_too_long"),

@@ -122,6 +122,23 @@ def test_32_concurrent_streaming_clients_get_what_sequential_runs_get(served):
     served.wait_kv_free()
 
 
+def test_sampled_requests_without_a_seed_are_served_as_users_send_them(served):
+    """The most ordinary request: temperature set, no seed (it crashed the prefill worker once)."""
+    before = served.wait_ready()
+    with Client(served.endpoint) as client:
+        for _ in range(3):
+            result = client.complete("Hello there", max_tokens=8, temperature=0.7, ignore_eos=True)
+            assert result.finish_reason == "length" and len(result.token_ids) == 8
+        top = client.complete("Hello there", max_tokens=8, temperature=1.3, top_p=0.9, top_k=20, ignore_eos=True)
+        assert len(top.token_ids) == 8
+    cli = subprocess.run([sys.executable, "-m", "hmoe.workers.cli", "generate", "--endpoint", served.endpoint,
+                          "--temperature", "0.7", "Hello there", "--max-tokens", "4", "--json"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert cli.returncode == 0 and json.loads(cli.stdout)["usage"]["output_tokens"] >= 1, cli.stderr
+    assert served.wait_ready() == before  # no worker died or was replaced
+    served.wait_kv_free()
+
+
 def test_cancel_mid_stream_and_before_the_first_token(served):
     with Client(served.endpoint) as client:
         stream = client.generate("Tell me everything", max_tokens=3000, ignore_eos=True)

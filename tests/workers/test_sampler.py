@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hmoe.runtime.errors import HmoeError
-from hmoe.runtime.sampling_params import SamplingParams
-from hmoe.workers.sampler import sample, with_seed
+from hmoe.runtime.sampling_params import SamplingParams, with_seed
+from hmoe.workers.sampler import sample
 
 
 def _draws(logits, params, n=2000):

@@ -250,6 +250,21 @@ def test_cancel_frees_kv_and_slots_and_bad_frames_get_error_replies(served):
     assert out["after"] == _offline(model, [7, 8, 9], SamplingParams(max_tokens=5, ignore_eos=True))
 
 
+def test_what_a_request_carries_fails_that_request_never_the_worker(served):
+    harness, procs, _, model = served
+    unseeded = {"max_tokens": 4, "temperature": 0.7}  # the router seeds every request; a worker refuses one without
+    for role, msg in (("prefill", protocol.Prefill("unseeded", [5, 6, 7], unseeded)),
+                      ("decode", protocol.Adopt("unseeded", [5, 6, 7], 9, 0, "no-such-segment", unseeded)),
+                      ("prefill", protocol.Prefill("bad", [5, 6], {"temperature": "hot"})),
+                      ("decode", protocol.Adopt("bad", [5, 6], 9, 0, "no-such-segment", {"top_p": 7}))):
+        harness.send(role, msg)
+        (err,) = harness.pump(bool, (protocol.RequestError,))
+        assert (err.request_id, err.code) == (msg.request_id, "invalid_sampling") and err.message
+    assert all(proc.poll() is None for proc in procs.values())
+    params = SamplingParams(max_tokens=6, temperature=0.7, seed=11)
+    assert _run(harness, {"after": ([7, 8, 9], params)})["after"] == _offline(model, [7, 8, 9], params)
+
+
 def test_killing_prefill_mid_prompt_leaves_decode_serving(served):
     harness, procs, start, model = served
     params = SamplingParams(max_tokens=40, ignore_eos=True)
