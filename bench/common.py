@@ -77,7 +77,7 @@ def _sum_kernel():
         """Sum of a float32 array, `num_threads` contiguous slices, 4 independent vector accumulators."""
         n = a.size // num_threads // 64 * 64
         for t in prange(num_threads):
-            s = a[t * n:(t + 1) * n]
+            s = a[t * n : (t + 1) * n]
             a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
             for i in range(0, n, 64):
                 a0, a1 = vadd(a0, vload(s, i)), vadd(a1, vload(s, i + 16))
@@ -116,7 +116,6 @@ class ReadBandwidth:
         self.best_gbs = max(self.best_gbs, gbs)
         return gbs
 
-
     def evict(self) -> None:
         """Read the whole buffer once: pushes earlier data out of every cache level (size it past the L3)."""
         import numba
@@ -141,7 +140,8 @@ def read_bandwidth_gbs(nbytes: int = 2**30, num_threads: int | None = None, repe
 
 
 def write_results(name: str, payload: dict, plot=None, json_path: str | os.PathLike | None = None) -> Path:
-    """bench/results/NAME.json (or json_path) with the machine's description; `plot(payload, png_path)` draws the PNG beside it."""
+    """bench/results/NAME.json (or json_path) with the machine's description; `plot(payload, png_path)`
+    draws the PNG beside it."""
     path = Path(json_path) if json_path else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"bench": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **payload}

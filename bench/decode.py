@@ -29,15 +29,15 @@ from common import ReadBandwidth, write_results  # noqa: E402
 
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
-from hmoe.workers.batch import ForwardBatch  # noqa: E402
-from hmoe.workers.decode import DecodeEngine, DecodeRequest  # noqa: E402
-from hmoe.workers.cpu_experts import CpuExperts  # noqa: E402
-from hmoe.workers.kv_cache import KVPool  # noqa: E402
-from hmoe.workers.make_model import make_model  # noqa: E402
-from hmoe.workers.model import load_model  # noqa: E402
-from hmoe.workers.pack_loader import load_pack  # noqa: E402
-from hmoe.workers.pack_source import PackSource  # noqa: E402
-from hmoe.workers.sampler import sample  # noqa: E402
+from hmoe.workers.engine.decode import DecodeEngine, DecodeRequest  # noqa: E402
+from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
+from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
+from hmoe.workers.model.causal_lm import load_model  # noqa: E402
+from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
+from hmoe.workers.model.sampler import sample  # noqa: E402
+from hmoe.workers.weights.make_model import make_model  # noqa: E402
+from hmoe.workers.weights.pack_loader import load_pack  # noqa: E402
+from hmoe.workers.weights.pack_source import PackSource  # noqa: E402
 
 
 class TimedKernel:
@@ -125,24 +125,52 @@ def run(args) -> dict:
             engine.cancel(rid)
         read_bw = max(read_bw, bw.measure(repeats=2))  # re-measured between points: the best of the run
         roofline = expert_bytes / (read_bw * 1e9) + device_s
-        row = {"batch": batch, "tpot_s": tpot, "tok_s": batch / tpot, "roofline_s": roofline, "ratio": tpot / roofline,
-               "expert_bytes": expert_bytes, "expert_calls_per_step": calls_per_step,
-               "kernel_gbs": expert_bytes / kernel_s / 1e9 if kernel_s else None,
-               "breakdown": {"device_s": device_s, "cpu_experts_s": kernel_s,
-                             "copies_python_s": max(tpot - device_s - kernel_s, 0.0)}}
+        row = {
+            "batch": batch,
+            "tpot_s": tpot,
+            "tok_s": batch / tpot,
+            "roofline_s": roofline,
+            "ratio": tpot / roofline,
+            "expert_bytes": expert_bytes,
+            "expert_calls_per_step": calls_per_step,
+            "kernel_gbs": expert_bytes / kernel_s / 1e9 if kernel_s else None,
+            "breakdown": {
+                "device_s": device_s,
+                "cpu_experts_s": kernel_s,
+                "copies_python_s": max(tpot - device_s - kernel_s, 0.0),
+            },
+        }
         results.append(row)
-        print(f"batch {batch:3d}: tpot {tpot * 1e3:8.2f} ms  {batch / tpot:8.1f} tok/s  roofline {roofline * 1e3:8.2f} ms "
-              f"ratio {tpot / roofline:5.2f}  (device {device_s * 1e3:.2f} ms, kernels {kernel_s * 1e3:.2f} ms, "
-              f"{expert_bytes / 1e9:.3f} GB)", flush=True)
+        print(
+            f"batch {batch:3d}: tpot {tpot * 1e3:8.2f} ms  {batch / tpot:8.1f} tok/s  "
+            f"roofline {roofline * 1e3:8.2f} ms "
+            f"ratio {tpot / roofline:5.2f}  (device {device_s * 1e3:.2f} ms, kernels {kernel_s * 1e3:.2f} ms, "
+            f"{expert_bytes / 1e9:.3f} GB)",
+            flush=True,
+        )
     experts.close()
     source.close()
     pack.close()
-    return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "read_bw_gbs": read_bw,
-            "model": {"dir": str(model_dir), "arch": cfg.architecture, "layers": cfg.num_layers,
-                      "moe_layers": len(cfg.moe_layer_ids), "experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok,
-                      "hidden": cfg.hidden_size, "inter": cfg.moe_intermediate_size, "expert_format": source.expert_format.name,
-                      "bytes_per_expert": bytes_per_expert, "dtype": str(model.dtype)},
-            "prompt_len": args.prompt_len, "steps": args.steps, "results": results}
+    return {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "read_bw_gbs": read_bw,
+        "model": {
+            "dir": str(model_dir),
+            "arch": cfg.architecture,
+            "layers": cfg.num_layers,
+            "moe_layers": len(cfg.moe_layer_ids),
+            "experts": cfg.num_experts,
+            "top_k": cfg.num_experts_per_tok,
+            "hidden": cfg.hidden_size,
+            "inter": cfg.moe_intermediate_size,
+            "expert_format": source.expert_format.name,
+            "bytes_per_expert": bytes_per_expert,
+            "dtype": str(model.dtype),
+        },
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "results": results,
+    }
 
 
 def plot(payload: dict, path) -> None:
@@ -169,7 +197,9 @@ def plot(payload: dict, path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Hugging Face model folder")
-    p.add_argument("--make", default="qwen3_moe:30b-a3b:fp8", help="ARCH:PRESET:DTYPE[:LAYERS] made with hmoe make-model")
+    p.add_argument(
+        "--make", default="qwen3_moe:30b-a3b:fp8", help="ARCH:PRESET:DTYPE[:LAYERS] made with hmoe make-model"
+    )
     p.add_argument("--work-dir", default="/tmp/hmoe-bench")
     p.add_argument("--pack", default=None)
     p.add_argument("--experts", default="native")

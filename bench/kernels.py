@@ -144,7 +144,7 @@ def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
 def bench_torch(weights, tokens: int, calls, threads: int, evict) -> dict:
     import torch
 
-    from hmoe.workers.experts import TorchExperts
+    from hmoe.workers.experts.backend import TorchExperts
 
     torch.set_num_threads(threads)
     backend = TorchExperts({0: weights})

@@ -68,8 +68,15 @@ async def one_request(client: AsyncClient, prompt: list[int], output_len: int, t
     ttft = stamps[0] - sent if stamps else None
     tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
     reason = stream.result.finish_reason if stream.result else "error"
-    return {"prompt_tokens": len(prompt), "output_tokens": len(stamps), "ttft_s": ttft, "tpot_s": tpot,
-            "latency_s": done - sent, "finish_reason": reason, "error": error}  # fmt: skip
+    return {
+        "prompt_tokens": len(prompt),
+        "output_tokens": len(stamps),
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "latency_s": done - sent,
+        "finish_reason": reason,
+        "error": error,
+    }
 
 
 async def run_rate(endpoint: str, rate: float, args, rng: random.Random) -> dict:
@@ -88,22 +95,37 @@ async def run_rate(endpoint: str, rate: float, args, rng: random.Random) -> dict
     ok = [r for r in results if r["error"] is None and r["finish_reason"] == "length"]
     met = [r for r in ok if r["ttft_s"] <= args.ttft_slo_s and (r["tpot_s"] or 0.0) <= args.tpot_slo_s]
     return {
-        "rate": rate, "num_requests": len(results), "completed": len(ok), "makespan_s": makespan,
+        "rate": rate,
+        "num_requests": len(results),
+        "completed": len(ok),
+        "makespan_s": makespan,
         "output_tokens_per_s": sum(r["output_tokens"] for r in results) / makespan,
         "requests_per_s": len(ok) / makespan,
-        "ttft_s": percentiles([r["ttft_s"] for r in ok]), "tpot_s": percentiles([r["tpot_s"] for r in ok if r["tpot_s"]]),
+        "ttft_s": percentiles([r["ttft_s"] for r in ok]),
+        "tpot_s": percentiles([r["tpot_s"] for r in ok if r["tpot_s"]]),
         "latency_s": percentiles([r["latency_s"] for r in ok]),
-        "slo_attainment": len(met) / len(results), "errors": sorted({r["error"] for r in results if r["error"]}),
+        "slo_attainment": len(met) / len(results),
+        "errors": sorted({r["error"] for r in results if r["error"]}),
         "requests": results,
-    }  # fmt: skip
+    }
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpu_model": cpu, "logical_cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "load_average_at_start": os.getloadavg()}  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu_model": cpu,
+        "logical_cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def start_serve(args) -> tuple[subprocess.Popen, str]:
@@ -112,7 +134,15 @@ def start_serve(args) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HMOE_WORKER_KV_CACHE_GIB": str(args.kv_cache_gib)}
-    cmd = [sys.executable, "-m", "hmoe.workers.cli", "serve", *([args.model_dir] if args.model_dir else []), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hmoe.runtime.cli",
+        "serve",
+        *([args.model_dir] if args.model_dir else []),
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint, deadline = f"tcp://127.0.0.1:{port}", time.monotonic() + 600
     while True:
@@ -150,9 +180,12 @@ def plot(payload: dict, png: Path) -> None:
     ax2.set_ylabel("output tokens/s")
     axes[2].legend(loc="lower left")
     ax2.legend(loc="lower right")
-    fig.suptitle(f"hmoe serve — {payload['model']} on {payload['machine']['cpu_model']} "
-                 f"({payload['machine']['logical_cpus']} CPUs); prompt {payload['args']['prompt_len']}, "
-                 f"output {payload['args']['output_len']}", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"hmoe serve — {payload['model']} on {payload['machine']['cpu_model']} "
+        f"({payload['machine']['logical_cpus']} CPUs); prompt {payload['args']['prompt_len']}, "
+        f"output {payload['args']['output_len']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -184,17 +217,30 @@ def main() -> None:
             run = asyncio.run(run_rate(endpoint, rate, args, random.Random(args.seed)))
             runs.append(run)
             t, o = run["ttft_s"], run["tpot_s"]
-            print(f"rate {rate:5.2f}/s: TTFT p50 {t['p50'] * 1e3:8.1f} p99 {t['p99'] * 1e3:8.1f} ms | TPOT p50 {o['p50'] * 1e3:6.1f} "
-                  f"p99 {o['p99'] * 1e3:6.1f} ms | {run['output_tokens_per_s']:7.1f} tok/s | SLO {run['slo_attainment']:.0%}"
-                  f" | {run['completed']}/{run['num_requests']} done", flush=True)  # fmt: skip
+            print(
+                f"rate {rate:5.2f}/s: TTFT p50 {t['p50'] * 1e3:8.1f} p99 {t['p99'] * 1e3:8.1f} ms | "
+                f"TPOT p50 {o['p50'] * 1e3:6.1f} p99 {o['p99'] * 1e3:6.1f} ms | "
+                f"{run['output_tokens_per_s']:7.1f} tok/s | SLO {run['slo_attainment']:.0%}"
+                f" | {run['completed']}/{run['num_requests']} done",
+                flush=True,
+            )
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
             proc.wait(120)
-    payload = {"bench": "serve", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "model": model,
-               "endpoint": endpoint if args.endpoint else "hmoe serve (started by the bench)",
-               "workers": [{k: w[k] for k in ("role", "device", "max_batch", "kv_capacity_tokens")} for w in status["workers"]],
-               "slo": {"ttft_s": args.ttft_slo_s, "tpot_s": args.tpot_slo_s}, "args": vars(args), "runs": runs}  # fmt: skip
+    payload = {
+        "bench": "serve",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "model": model,
+        "endpoint": endpoint if args.endpoint else "hmoe serve (started by the bench)",
+        "workers": [
+            {k: w[k] for k in ("role", "device", "max_batch", "kv_capacity_tokens")} for w in status["workers"]
+        ],
+        "slo": {"ttft_s": args.ttft_slo_s, "tpot_s": args.tpot_slo_s},
+        "args": vars(args),
+        "runs": runs,
+    }
     path = Path(args.json_path) if args.json_path else RESULTS / f"serve-{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")

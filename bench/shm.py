@@ -43,8 +43,13 @@ from hmoe.shm.segment import huge_page_policy, unlink_segment
 RESULTS = Path(__file__).resolve().parent / "results"
 H, I_EXPERT, I_DENSE, VOCAB = 7168, 2048, 18432, 8192
 # DeepSeek-V3 attention projections per layer: name -> [out, in].
-ATTENTION = {"q_a_proj": (1536, H), "q_b_proj": (128 * 192, 1536), "kv_a_proj_with_mqa": (576, H),
-             "kv_b_proj": (128 * 256, 512), "o_proj": (H, 128 * 128)}  # fmt: skip
+ATTENTION = {
+    "q_a_proj": (1536, H),
+    "q_b_proj": (128 * 192, 1536),
+    "kv_a_proj_with_mqa": (576, H),
+    "kv_b_proj": (128 * 256, 512),
+    "o_proj": (H, 128 * 128),
+}
 
 
 # ---------------------------------------------------------------- synthetic checkpoint
@@ -75,18 +80,24 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
-        for seed, (name, (dtype, shape)) in enumerate(tensors.items()):
+        for seed, (dtype, shape) in enumerate(tensors.values()):
             f.write(_pattern(int(np.prod(shape)) * itemsize[dtype], dtype, seed).tobytes())
     return offset
 
 
 def make_checkpoint(out: Path, dtype: str, num_experts: int, moe_layers: int) -> Path:
     """A DeepSeek-V3-shaped folder: one dense layer, then `moe_layers` MoE layers, one shard per layer."""
-    from hmoe.workers.make_model import hf_config
+    from hmoe.workers.weights.make_model import hf_config
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config("deepseek_v3", "v3", "fp8" if dtype == "fp8" else "bf16", VOCAB, 1 + moe_layers)
-    cfg.update(n_routed_experts=num_experts, first_k_dense_replace=1, n_group=1, topk_group=1, num_experts_per_tok=min(8, num_experts))
+    cfg.update(
+        n_routed_experts=num_experts,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=min(8, num_experts),
+    )
     wdt = "F8_E4M3" if dtype == "fp8" else "BF16"
     weight_map = {}
 
@@ -95,7 +106,13 @@ def make_checkpoint(out: Path, dtype: str, num_experts: int, moe_layers: int) ->
         if wdt == "F8_E4M3":
             tensors[name + "_scale_inv"] = ("F32", (-(-shape[0] // 128), -(-shape[1] // 128)))
 
-    shards = [{"model.embed_tokens.weight": ("BF16", (VOCAB, H)), "lm_head.weight": ("BF16", (VOCAB, H)), "model.norm.weight": ("BF16", (H,))}]
+    shards = [
+        {
+            "model.embed_tokens.weight": ("BF16", (VOCAB, H)),
+            "lm_head.weight": ("BF16", (VOCAB, H)),
+            "model.norm.weight": ("BF16", (H,)),
+        }
+    ]
     for layer in range(1 + moe_layers):
         p, t = f"model.layers.{layer}", {}
         for n in ("input_layernorm", "post_attention_layernorm"):
@@ -155,7 +172,7 @@ def plain_copy(path: Path) -> dict:
 
 
 def load(path: Path, config: ShmConfig, name: str, experts: str, threads: int, group_size: int = 128) -> dict:
-    from hmoe.workers.pack_loader import load_pack
+    from hmoe.workers.weights.pack_loader import load_pack
 
     start = time.perf_counter()
     pack, built = load_pack(path, name, experts, group_size, config, threads, stream=open(os.devnull, "w"))
@@ -164,14 +181,25 @@ def load(path: Path, config: ShmConfig, name: str, experts: str, threads: int, g
     size = pack.segment.nbytes
     pack.close()
     nbytes = checkpoint_bytes(path)
-    return {"name": name, "experts": experts, "threads": threads, "bytes_read": nbytes, "pack_bytes": size,
-            "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9}  # fmt: skip
+    return {
+        "name": name,
+        "experts": experts,
+        "threads": threads,
+        "bytes_read": nbytes,
+        "pack_bytes": size,
+        "seconds": seconds,
+        "gb_per_s": nbytes / seconds / 1e9,
+    }
 
 
 def _child(code: str, config: ShmConfig) -> subprocess.Popen:
-    prelude = (f"import sys, time, json, numpy as np\nfrom hmoe.shm import Pack, ShmConfig\n"
-               f"config = ShmConfig(prefix={config.prefix!r}, lock_dir={config.lock_dir!r})\n")  # fmt: skip
-    return subprocess.Popen([sys.executable, "-c", prelude + code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    prelude = (
+        f"import sys, time, json, numpy as np\nfrom hmoe.shm import Pack, ShmConfig\n"
+        f"config = ShmConfig(prefix={config.prefix!r}, lock_dir={config.lock_dir!r})\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
 
 
 ATTACH = """
@@ -235,15 +263,22 @@ def attached_memory(name: str, config: ShmConfig, procs: int) -> dict:
     delta = lambda key: [a[key] - b[key] for a, b in zip(after, before)]  # noqa: E731
     private = [p + d for p, d in zip(delta("Private_Clean"), delta("Private_Dirty"))]
     pack_bytes = [p.nbytes for p in list_packs(config) if p.name == name][0]
-    return {"pack": name, "pack_bytes": pack_bytes, "procs": procs, "rss_added": delta("Rss"), "pss_added": delta("Pss"),
-            "private_added": private, "shmem_added_by_attaching": _shmem_bytes() - shmem_before}  # fmt: skip
+    return {
+        "pack": name,
+        "pack_bytes": pack_bytes,
+        "procs": procs,
+        "rss_added": delta("Rss"),
+        "pss_added": delta("Pss"),
+        "private_added": private,
+        "shmem_added_by_attaching": _shmem_bytes() - shmem_before,
+    }
 
 
 def h2d(name: str, config: ShmConfig, repeats: int = 5) -> dict:
     """One MoE layer's experts, pack → GPU: pageable vs pinned in place (cudaHostRegister, read-only)."""
     import torch
 
-    from hmoe.shm.pinned import HostRegistration
+    from hmoe.workers.weights.pinned import HostRegistration
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
@@ -286,12 +321,23 @@ def h2d(name: str, config: ShmConfig, repeats: int = 5) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     shm = os.statvfs("/dev/shm")
-    desc = {"cpu": cpu, "cpus_usable": len(os.sched_getaffinity(0)), "memory_bytes": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "numpy": np.__version__, "dev_shm_bytes": shm.f_blocks * shm.f_frsize,
-            "pages": huge_page_policy(ShmConfig()), "load_avg": os.getloadavg()}  # fmt: skip
+    desc = {
+        "cpu": cpu,
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "dev_shm_bytes": shm.f_blocks * shm.f_frsize,
+        "pages": huge_page_policy(ShmConfig()),
+        "load_avg": os.getloadavg(),
+    }
     for knob in ("enabled", "shmem_enabled"):
         try:
             desc[f"thp_{knob}"] = Path(f"/sys/kernel/mm/transparent_hugepage/{knob}").read_text().strip()
@@ -312,24 +358,50 @@ def table(results: dict) -> str:
     rows = [("measure", "value", "note")]
     for dtype, r in results["load"].items():
         copy = r["plain_copy"]
-        rows.append((f"plain copy of the {dtype} checkpoint to /dev/shm", f"{copy['gb_per_s']:.2f} GB/s", f"{copy['bytes'] / 1e9:.2f} GB"))
+        rows.append(
+            (
+                f"plain copy of the {dtype} checkpoint to /dev/shm",
+                f"{copy['gb_per_s']:.2f} GB/s",
+                f"{copy['bytes'] / 1e9:.2f} GB",
+            )
+        )
         for run in r["runs"]:
             what = f"load {dtype} -> {run['experts']}, {run['threads']} threads"
-            note = f"best {run['gb_per_s'] / copy['gb_per_s']:.0%} of best copy; same-round median {run['ratio_to_copy_median']:.0%}"
+            note = (
+                f"best {run['gb_per_s'] / copy['gb_per_s']:.0%} of best copy; "
+                f"same-round median {run['ratio_to_copy_median']:.0%}"
+            )
             rows.append((what, f"{run['gb_per_s']:.2f} GB/s", note))
     for a in results["attach"]:
-        rows.append((f"attach {a['pack']} ({a['pack_bytes'] / 2**30:.2f} GiB)", f"{a['median_ms']:.1f} ms", f"max {a['max_ms']:.1f} ms"))
+        rows.append(
+            (
+                f"attach {a['pack']} ({a['pack_bytes'] / 2**30:.2f} GiB)",
+                f"{a['median_ms']:.1f} ms",
+                f"max {a['max_ms']:.1f} ms",
+            )
+        )
     m = results["memory"]
     mib = lambda xs: "/".join(f"{x / 2**20:.0f}" for x in xs)  # noqa: E731
-    rows.append((f"{m['procs']} procs attached, pack {m['pack_bytes'] / 2**30:.2f} GiB", "MiB added each",
-                 f"Rss {mib(m['rss_added'])}; Pss {mib(m['pss_added'])}; private {mib(m['private_added'])}; "
-                 f"/dev/shm +{m['shmem_added_by_attaching'] / 2**20:.0f}"))  # fmt: skip
+    rows.append(
+        (
+            f"{m['procs']} procs attached, pack {m['pack_bytes'] / 2**30:.2f} GiB",
+            "MiB added each",
+            f"Rss {mib(m['rss_added'])}; Pss {mib(m['pss_added'])}; private {mib(m['private_added'])}; "
+            f"/dev/shm +{m['shmem_added_by_attaching'] / 2**20:.0f}",
+        )
+    )
     g = results["h2d"]
     if "skipped" in g:
         rows.append(("h2d from the pack", "skipped", g["skipped"]))
     else:
         rows.append(("h2d from the pack, pageable", f"{g['pageable_gb_per_s']:.2f} GB/s", g["device"]))
-        rows.append(("h2d from the pack, cudaHostRegister (RO)", f"{g['pinned_gb_per_s']:.2f} GB/s", f"register {g['register_s']:.2f} s"))
+        rows.append(
+            (
+                "h2d from the pack, cudaHostRegister (RO)",
+                f"{g['pinned_gb_per_s']:.2f} GB/s",
+                f"register {g['register_s']:.2f} s",
+            )
+        )
         rows.append(("h2d from a torch pinned buffer", f"{g['torch_pinned_buffer_gb_per_s']:.2f} GB/s", "reference"))
     widths = [max(len(row[k]) for row in rows) for k in range(2)]
     return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]}" for row in rows)
@@ -365,19 +437,30 @@ def main() -> None:
     parser.add_argument("--moe-layers", type=int, default=2)
     parser.add_argument("--procs", type=int, default=4, help="processes attached at once for the memory measure")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of copy and loads; the best of each counts")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds of copy and loads; the best of each counts"
+    )
     parser.add_argument("--int4", action=argparse.BooleanOptionalAction, default=True, help="also time int4 conversion")
     parser.add_argument("--workdir", default=None, help="where the synthetic checkpoints go (default: a temp dir)")
     parser.add_argument("--tag", default="dev", help="results file: bench/results/shm-TAG.json")
     args = parser.parse_args()
 
-    bf16_bytes = 2 * (3 * H * I_EXPERT * (args.experts + 1) * args.moe_layers + 3 * H * I_DENSE + 2 * VOCAB * H
-                      + sum(o * i for o, i in ATTENTION.values()) * (1 + args.moe_layers))  # fmt: skip
+    bf16_bytes = 2 * (
+        3 * H * I_EXPERT * (args.experts + 1) * args.moe_layers
+        + 3 * H * I_DENSE
+        + 2 * VOCAB * H
+        + sum(o * i for o, i in ATTENTION.values()) * (1 + args.moe_layers)
+    )
     shm = os.statvfs("/dev/shm")
     if shm.f_bavail * shm.f_frsize < 2 * bf16_bytes:
-        sys.exit(f"/dev/shm has {shm.f_bavail * shm.f_frsize / 1e9:.1f} GB free, this run needs ~{2 * bf16_bytes / 1e9:.1f} GB: "
-                 "lower --experts / --moe-layers or enlarge /dev/shm")  # fmt: skip
-    config = ShmConfig(prefix=f"hmoe.bench-{uuid.uuid4().hex[:6]}.", lock_dir=tempfile.mkdtemp(prefix="hmoe-bench-lock"))
+        sys.exit(
+            f"/dev/shm has {shm.f_bavail * shm.f_frsize / 1e9:.1f} GB free, "
+            f"this run needs ~{2 * bf16_bytes / 1e9:.1f} GB: "
+            "lower --experts / --moe-layers or enlarge /dev/shm"
+        )
+    config = ShmConfig(
+        prefix=f"hmoe.bench-{uuid.uuid4().hex[:6]}.", lock_dir=tempfile.mkdtemp(prefix="hmoe-bench-lock")
+    )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hmoe-bench-"))
     results = {"machine": machine(), "args": vars(args), "load": {}}
     try:
@@ -399,17 +482,21 @@ def main() -> None:
                 if dtype == "bf16" and args.int4:
                     runs.setdefault("bench-int4", []).append(load(path, config, "bench-int4", "int4", args.threads))
                     unlink_segment("bench-int4", config)
-            best = lambda xs: max(xs, key=lambda r: r["gb_per_s"])  # noqa: E731
+            best = lambda xs: max(xs, key=lambda run: run["gb_per_s"])  # noqa: E731
             summary = []
             for rounds in runs.values():  # the ratio to the copy of the same round: robust to drifting load
                 ratios = [r["gb_per_s"] / c["gb_per_s"] for r, c in zip(rounds, copies)]
                 summary.append(best(rounds) | {"ratio_to_copy_median": statistics.median(ratios)})
-            results["load"][dtype] = {"checkpoint": str(path), "plain_copy": best(copies), "runs": summary,
-                                      "all_gb_per_s": {"plain_copy": [c["gb_per_s"] for c in copies]}
-                                      | {k: [x["gb_per_s"] for x in r] for k, r in runs.items()}}  # fmt: skip
+            results["load"][dtype] = {
+                "checkpoint": str(path),
+                "plain_copy": best(copies),
+                "runs": summary,
+                "all_gb_per_s": {"plain_copy": [c["gb_per_s"] for c in copies]}
+                | {k: [x["gb_per_s"] for x in r] for k, r in runs.items()},
+            }
             print(f"{dtype}: {json.dumps(results['load'][dtype]['all_gb_per_s'])}", flush=True)
-        from hmoe.workers.make_model import make_model
-        from hmoe.workers.pack_loader import load_pack
+        from hmoe.workers.weights.make_model import make_model
+        from hmoe.workers.weights.pack_loader import load_pack
 
         tiny, _ = load_pack(make_model(workdir / "tiny", "deepseek_v3", "tiny", "bf16"), "bench-tiny", config=config)
         tiny.close()

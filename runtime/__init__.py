@@ -7,8 +7,21 @@ The SDK names are loaded on first access, so `import hmoe.runtime.protocol` (wor
 
 from __future__ import annotations
 
-_SDK = ("AsyncClient", "AsyncStream", "Chunk", "Client", "QueueFull", "RequestFailed", "RequestRefused", "Result",
-        "RouterError", "RouterUnreachable", "Stream", "Usage", "WorkerLost")  # fmt: skip
+_SDK = (
+    "AsyncClient",
+    "AsyncStream",
+    "Chunk",
+    "Client",
+    "QueueFull",
+    "RequestFailed",
+    "RequestRefused",
+    "Result",
+    "RouterError",
+    "RouterUnreachable",
+    "Stream",
+    "Usage",
+    "WorkerLost",
+)
 
 __all__ = list(_SDK)
 

@@ -30,8 +30,20 @@ import zmq.asyncio
 
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.protocol import (
-    Cancel, Delta, Drain, Error, Finished, Generate, Ping, Pong, ProtocolError, Status, StatusRequest, decode, encode,
-)  # fmt: skip
+    Cancel,
+    Delta,
+    Drain,
+    Error,
+    Finished,
+    Generate,
+    Ping,
+    Pong,
+    ProtocolError,
+    Status,
+    StatusRequest,
+    decode,
+    encode,
+)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 REPLY_TYPES = (Delta, Finished, Error, Pong, Status)
@@ -99,14 +111,19 @@ def router_error(code: str, message: str, result: Result | None = None) -> Route
 
 def _result(msg: Finished) -> Result:
     u = msg.usage
-    return Result(msg.request_id, msg.text, tuple(msg.token_ids), msg.finish_reason,
-                  Usage(u.get("prompt_tokens", 0), u.get("output_tokens", 0), u.get("ttft_s"), u.get("tpot_s")))  # fmt: skip
+    return Result(
+        msg.request_id,
+        msg.text,
+        tuple(msg.token_ids),
+        msg.finish_reason,
+        Usage(u.get("prompt_tokens", 0), u.get("output_tokens", 0), u.get("ttft_s"), u.get("tpot_s")),
+    )
 
 
 def _curve_key(key: str | bytes) -> bytes:
     """A Z85 public key, or the path of a zmq.auth certificate file holding it."""
     if isinstance(key, str) and Path(key).is_file():
-        import zmq.auth  # noqa: PLC0415  (only for CURVE)
+        import zmq.auth  # (only for CURVE)
 
         return zmq.auth.load_certificate(key)[0]
     return key.encode() if isinstance(key, str) else key
@@ -182,8 +199,14 @@ class AsyncStream:
 class AsyncClient:
     """An asyncio client of one router. Sockets open on first use (inside a running loop)."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, server_public_key: str | bytes | None = None,
-                 heartbeat_interval_s: float = 1.0, router_timeout_s: float = 10.0):  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        server_public_key: str | bytes | None = None,
+        heartbeat_interval_s: float = 1.0,
+        router_timeout_s: float = 10.0,
+    ):
         assert 0.05 <= heartbeat_interval_s < router_timeout_s, (heartbeat_interval_s, router_timeout_s)
         self.endpoint = endpoint
         self.server_public_key = server_public_key
@@ -199,14 +222,34 @@ class AsyncClient:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def generate(self, prompt: str | None = None, *, token_ids: list[int] | None = None, max_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: list[str] | tuple[str, ...] = (), stop_token_ids: list[int] | tuple[int, ...] = (),
-                 ignore_eos: bool = False, timeout: float | None = None, request_id: str | None = None,
-                 stream: bool = True) -> AsyncStream:
-        """Start a request: `async for chunk in client.generate(...)`; stream=False sends only the end."""  # fmt: skip
-        params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
-                  "stop": list(stop), "stop_token_ids": list(stop_token_ids), "ignore_eos": ignore_eos}  # fmt: skip
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: list[int] | None = None,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | tuple[str, ...] = (),
+        stop_token_ids: list[int] | tuple[int, ...] = (),
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> AsyncStream:
+        """Start a request: `async for chunk in client.generate(...)`; stream=False sends only the end."""
+        params = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "seed": seed,
+            "stop": list(stop),
+            "stop_token_ids": list(stop_token_ids),
+            "ignore_eos": ignore_eos,
+        }
         msg = Generate(request_id or next(self._ids), prompt, token_ids, params, stream, timeout)
         self._open()
         if msg.request_id in self._pending:
@@ -238,8 +281,10 @@ class AsyncClient:
         try:
             status = await asyncio.wait_for(waiter, self.router_timeout_s)
         except TimeoutError:
-            raise RouterUnreachable("router_unreachable", f"no answer from {self.endpoint} in {self.router_timeout_s} s: "
-                                    "is the router running (hmoe serve)?") from None  # fmt: skip
+            raise RouterUnreachable(
+                "router_unreachable",
+                f"no answer from {self.endpoint} in {self.router_timeout_s} s: is the router running (hmoe serve)?",
+            ) from None
         finally:
             if waiter in self._status_waiters:
                 self._status_waiters.remove(waiter)
@@ -264,7 +309,9 @@ class AsyncClient:
         try:
             self._socket.send(encode(msg), flags=zmq.NOBLOCK).result()
         except zmq.Again:  # thousands of messages queued for a router that takes none
-            raise RouterUnreachable("router_unreachable", f"{self.endpoint} takes no messages: is the router running?") from None
+            raise RouterUnreachable(
+                "router_unreachable", f"{self.endpoint} takes no messages: is the router running?"
+            ) from None
 
     def _cancel(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
@@ -294,8 +341,10 @@ class AsyncClient:
                 continue
             silent_s = time.monotonic() - self._last_heard_s
             if silent_s > self.router_timeout_s:
-                error = RouterUnreachable("router_unreachable", f"no word from {self.endpoint} for {silent_s:.1f} s: "
-                                          "the router stopped or is unreachable")  # fmt: skip
+                error = RouterUnreachable(
+                    "router_unreachable",
+                    f"no word from {self.endpoint} for {silent_s:.1f} s: the router stopped or is unreachable",
+                )
                 for stream in list(self._pending.values()):
                     stream.queue.put_nowait(error)
                 continue
@@ -327,7 +376,9 @@ def _fields(msg) -> dict:
     return {name: getattr(msg, name) for name in msg.__slots__}
 
 
-def status_once(endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, server_public_key: str | bytes | None = None) -> dict:
+def status_once(
+    endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, server_public_key: str | bytes | None = None
+) -> dict:
     """One Status from the router, blocking, with no thread and no event loop (health checks, readiness)."""
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
@@ -343,7 +394,9 @@ def status_once(endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, server
             msg = decode(sock.recv(), REPLY_TYPES)
             if isinstance(msg, Status):
                 return _fields(msg)
-        raise RouterUnreachable("router_unreachable", f"no answer from {endpoint} in {timeout_s} s: is the router running?")
+        raise RouterUnreachable(
+            "router_unreachable", f"no answer from {endpoint} in {timeout_s} s: is the router running?"
+        )
     finally:
         sock.close()
 
@@ -412,7 +465,7 @@ class Client:
             raise
 
     def generate(self, prompt: str | None = None, **kwargs) -> Stream:
-        """Start a request and stream it: `for chunk in client.generate(...)`. Same arguments as AsyncClient.generate."""
+        """Start a request and stream it: `for chunk in client.generate(...)`. Arguments as AsyncClient.generate."""
 
         async def start():
             return self._async.generate(prompt, **kwargs)

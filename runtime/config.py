@@ -43,9 +43,16 @@ class RouterConfig:
     curve_secret_key: str = ""  # path of a CURVE secret key file: encrypts the frontend (non-localhost use)
     log_level: str = "info"
 
-    _ranges = {"max_prompt_tokens": (1, 1 << 22), "max_queued": (1, 1 << 20), "heartbeat_interval_s": (0.05, 5.0),
-               "heartbeat_liveness": (2, 20), "client_timeout_s": (1.0, 3600.0), "request_timeout_s": (0.0, 86400.0),
-               "worker_wait_s": (1.0, 3600.0), "drain_grace_s": (0.0, 3600.0)}
+    _ranges = {
+        "max_prompt_tokens": (1, 1 << 22),
+        "max_queued": (1, 1 << 20),
+        "heartbeat_interval_s": (0.05, 5.0),
+        "heartbeat_liveness": (2, 20),
+        "client_timeout_s": (1.0, 3600.0),
+        "request_timeout_s": (0.0, 86400.0),
+        "worker_wait_s": (1.0, 3600.0),
+        "drain_grace_s": (0.0, 3600.0),
+    }
 
 
 @dataclass(frozen=True)
@@ -65,9 +72,18 @@ class WorkerConfig:
     experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
     drain_grace_s: float = 30.0
 
-    _ranges = {"kv_cache_gib": (0.001, 4096.0), "kv_block_size": (1, 1024), "max_batch": (1, 4096), "micro_batches": (1, 2),
-               "prefill_chunk_tokens": (16, 1 << 20), "handoff_slots": (1, 256), "handoff_slot_tokens": (0, 1 << 22),
-               "handoff_timeout_s": (1.0, 3600.0), "cpu_threads": (0, 4096), "drain_grace_s": (0.0, 3600.0)}
+    _ranges = {
+        "kv_cache_gib": (0.001, 4096.0),
+        "kv_block_size": (1, 1024),
+        "max_batch": (1, 4096),
+        "micro_batches": (1, 2),
+        "prefill_chunk_tokens": (16, 1 << 20),
+        "handoff_slots": (1, 256),
+        "handoff_slot_tokens": (0, 1 << 22),
+        "handoff_timeout_s": (1.0, 3600.0),
+        "cpu_threads": (0, 4096),
+        "drain_grace_s": (0.0, 3600.0),
+    }
     _choices = {"experts": ("cpu", "torch"), "dtype": ("auto", "fp32", "bf16")}
 
 
@@ -100,7 +116,11 @@ def _convert(section: str, name: str, raw, hint):
     if isinstance(raw, str) and target is not str:
         text = raw.strip().lower()
         try:
-            raw = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text] if target is bool else target(text)
+            raw = (
+                {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text]
+                if target is bool
+                else target(text)
+            )
         except (KeyError, ValueError):
             raise HmoeError("config_invalid", f"{where}: {raw!r} is not a {target.__name__}") from None
     if target is float and isinstance(raw, int) and not isinstance(raw, bool):
@@ -110,8 +130,11 @@ def _convert(section: str, name: str, raw, hint):
     return raw
 
 
-def load_config(path: str | os.PathLike | None = None, env: typing.Mapping[str, str] | None = None,
-                overrides: dict[str, dict] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: typing.Mapping[str, str] | None = None,
+    overrides: dict[str, dict] | None = None,
+) -> Config:
     """File < environment < overrides (flags); unknown keys and out-of-range values are errors."""
     env = os.environ if env is None else env
     layers: dict[str, dict] = {name: {} for name in SECTIONS}
@@ -126,11 +149,11 @@ def load_config(path: str | os.PathLike | None = None, env: typing.Mapping[str, 
             if section not in SECTIONS or not isinstance(values, dict):
                 raise HmoeError("config_invalid", f"{path}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
             layers[section].update(values)
-    for section, cls in SECTIONS.items():
+    for section in SECTIONS:
         prefix = f"HMOE_{section.upper()}_"
         for key, value in env.items():
             if key.startswith(prefix):
-                layers[section][key[len(prefix):].lower()] = value
+                layers[section][key[len(prefix) :].lower()] = value
         for key, value in ((overrides or {}).get(section) or {}).items():
             if value is not None:
                 layers[section][key] = value
@@ -139,7 +162,9 @@ def load_config(path: str | os.PathLike | None = None, env: typing.Mapping[str, 
         fields = {n: f for n, f in _fields(cls).items() if not n.startswith("_")}
         unknown = set(layers[section]) - set(fields)
         if unknown:
-            raise HmoeError("config_invalid", f"[{section}]: unknown options {sorted(unknown)} (known: {', '.join(fields)})")
+            raise HmoeError(
+                "config_invalid", f"[{section}]: unknown options {sorted(unknown)} (known: {', '.join(fields)})"
+            )
         values = {n: _convert(section, n, v, fields[n].type) for n, v in layers[section].items()}
         _check_ranges(section, cls, {**{n: f.default for n, f in fields.items()}, **values})
         built[section] = cls(**values)
@@ -149,10 +174,14 @@ def load_config(path: str | os.PathLike | None = None, env: typing.Mapping[str, 
 def _check_ranges(section: str, cls, values: dict) -> None:
     for name, (low, high) in getattr(cls, "_ranges", {}).items():
         if not low <= values[name] <= high:
-            raise HmoeError("config_invalid", f"[{section}] {name} = {values[name]} is outside its sane range [{low}, {high}]")
+            raise HmoeError(
+                "config_invalid", f"[{section}] {name} = {values[name]} is outside its sane range [{low}, {high}]"
+            )
     for name, choices in getattr(cls, "_choices", {}).items():
         if values[name] not in choices:
-            raise HmoeError("config_invalid", f"[{section}] {name} = {values[name]!r}; choose one of {', '.join(choices)}")
+            raise HmoeError(
+                "config_invalid", f"[{section}] {name} = {values[name]!r}; choose one of {', '.join(choices)}"
+            )
 
 
 def config_options(section: str, names: list[str] | None = None):
@@ -165,9 +194,13 @@ def config_options(section: str, names: list[str] | None = None):
         for name, f in reversed(list(_fields(cls).items())):
             if name.startswith("_") or (names is not None and name not in names):
                 continue
-            kind = {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+            kind = {"str": str, "int": int, "float": float, "bool": bool}[
+                f.type if isinstance(f.type, str) else f.type.__name__
+            ]
             flag = "--" + name.replace("_", "-")
-            fn = click.option(flag, name, type=kind, default=None, help=f"[{section}] {name} (default {f.default!r})")(fn)
+            fn = click.option(flag, name, type=kind, default=None, help=f"[{section}] {name} (default {f.default!r})")(
+                fn
+            )
         return fn
 
     return decorate
@@ -181,8 +214,10 @@ def skeleton() -> str:
     import re
     import tokenize
 
-    lines = ["# hmoe configuration: every option, commented out at its default.",
-             "# Precedence: this file < HMOE_<SECTION>_<OPTION> environment < command-line flags."]
+    lines = [
+        "# hmoe configuration: every option, commented out at its default.",
+        "# Precedence: this file < HMOE_<SECTION>_<OPTION> environment < command-line flags.",
+    ]
     for section, cls in SECTIONS.items():
         notes = {}
         for source_line in inspect.getsource(cls).splitlines():
@@ -194,8 +229,14 @@ def skeleton() -> str:
             if name.startswith("_"):
                 continue
             limits = getattr(cls, "_ranges", {}).get(name) or getattr(cls, "_choices", {}).get(name)
-            limits = (f"one of {', '.join(limits)}" if isinstance(limits[0], str) else f"range {limits[0]}..{limits[1]}") if limits else ""
-            about = "; ".join(part for part in (notes.get(name), limits, f"env HMOE_{section.upper()}_{name.upper()}") if part)
+            limits = (
+                (f"one of {', '.join(limits)}" if isinstance(limits[0], str) else f"range {limits[0]}..{limits[1]}")
+                if limits
+                else ""
+            )
+            about = "; ".join(
+                part for part in (notes.get(name), limits, f"env HMOE_{section.upper()}_{name.upper()}") if part
+            )
             value = json.dumps(f.default) if isinstance(f.default, (str, bool)) else repr(f.default)
             lines += [f"# {about}", f"# {name} = {value}"]
     return "\n".join(lines) + "\n"

@@ -24,10 +24,15 @@ REFUSALS = {
     "no_worker": "no prefill or decode worker is registered (or none came back within [router] worker_wait_s)",
     "queue_full": "[router] max_queued requests are waiting: retry later",
     "draining": "the router (or the worker) is shutting down and takes no new requests",
+    "wrong_role": "a prefill request reached a decode worker or the reverse (a router bug or a stray client)",
 }
 FAILURES = {
     "worker_lost": "the worker running the request died or stopped answering heartbeats: retry",
     "server_shutdown": "the router stopped before the request finished (drain grace passed, or a second signal)",
+    "shutting_down": "the worker running the request stopped before it finished (its drain grace passed): retry",
+    "handoff_lost": "the prompt's KV hand-off slot was gone when the decode worker adopted it (the prefill worker "
+    "died, or the slot was reclaimed after handoff_timeout_s): retry",
+    "handoff_invalid": "an Adopt named a hand-off segment or slot that does not exist (a router bug or a stray client)",
 }
 CLIENT_SIDE = {
     "router_unreachable": "no answer from the router within the client's router_timeout_s",

@@ -226,8 +226,16 @@ def decode(frame: bytes, allowed: tuple[type, ...] | None = None):
     if len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError("message_too_large", f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        body = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_str_len=MAX_MESSAGE_BYTES,
-                               max_bin_len=0, max_array_len=MAX_LIST_LEN, max_map_len=64, max_ext_len=0)
+        body = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_MESSAGE_BYTES,
+            max_bin_len=0,
+            max_array_len=MAX_LIST_LEN,
+            max_map_len=64,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
         raise ProtocolError("bad_message", f"frame is not msgpack: {type(exc).__name__}") from None
     if not isinstance(body, dict):

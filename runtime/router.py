@@ -27,9 +27,22 @@ from hmoe.runtime.config import Config, config_options, load_config
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
 from hmoe.runtime.protocol import (
-    MAX_MESSAGE_BYTES, Cancel, Drain, Error, Generate, Ping, Prefilled, ProtocolError, Register, RequestError,
-    StatusRequest, Tokens, WorkerPing, decode, encode,
-)  # fmt: skip
+    MAX_MESSAGE_BYTES,
+    Cancel,
+    Drain,
+    Error,
+    Generate,
+    Ping,
+    Prefilled,
+    ProtocolError,
+    Register,
+    RequestError,
+    StatusRequest,
+    Tokens,
+    WorkerPing,
+    decode,
+    encode,
+)
 from hmoe.runtime.scheduler import CLIENT, Scheduler
 from hmoe.runtime.sd_notify import SdNotify
 from hmoe.runtime.tokenizer import load_tokenizer
@@ -39,7 +52,9 @@ log = structlog.get_logger("hmoe.router")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_STARTUP = 0, 1, 2, 3
 CLIENT_TYPES = (Generate, Cancel, Ping, StatusRequest, Drain)
 WORKER_TYPES = (Register, WorkerPing, Prefilled, Tokens, RequestError, Error)
-MAX_FRAME_BYTES = 4 * MAX_MESSAGE_BYTES  # up to this a too-large message gets an error reply; past it zmq drops the peer
+MAX_FRAME_BYTES = (
+    4 * MAX_MESSAGE_BYTES
+)  # up to this a too-large message gets an error reply; past it zmq drops the peer
 RECV_BATCH = 256  # messages taken from one socket per turn, so neither socket starves the other
 SEND_HWM = 100_000  # queued outgoing messages per peer before sends to it are dropped (a stalled client)
 
@@ -80,7 +95,12 @@ class Router:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        log.info("listening", frontend=r.frontend, backend=self.config.backend, tokenizer=self.scheduler.tokenizer is not None)
+        log.info(
+            "listening",
+            frontend=r.frontend,
+            backend=self.config.backend,
+            tokenizer=self.scheduler.tokenizer is not None,
+        )
         self.notify.ready(f"listening on {r.frontend}; waiting for workers")
 
     async def main_loop(self) -> None:
@@ -111,7 +131,9 @@ class Router:
 
     def _socket(self, endpoint: str, curve_secret_key: str = "") -> zmq.asyncio.Socket:
         if endpoint.startswith("ipc://") and _ipc_in_use(endpoint[len("ipc://") :]):
-            raise HmoeError("startup_failed", f"{endpoint} is in use by a running router: stop it or set another endpoint")
+            raise HmoeError(
+                "startup_failed", f"{endpoint} is in use by a running router: stop it or set another endpoint"
+            )
         keys = _load_curve_keys(curve_secret_key) if curve_secret_key else None
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -125,7 +147,9 @@ class Router:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             sock.close()
-            raise HmoeError("startup_failed", f"cannot bind {endpoint}: {exc.strerror}; is another router running there?") from None
+            raise HmoeError(
+                "startup_failed", f"cannot bind {endpoint}: {exc.strerror}; is another router running there?"
+            ) from None
         return sock
 
     def _receive(self, sock: zmq.asyncio.Socket, handle) -> None:
@@ -200,12 +224,14 @@ class Router:
 
 def tokenizer_from_pack(name: str, config: Config):
     """tokenizer.json as kept in a weight pack (only the manifest and that blob are read)."""
-    from hmoe.shm import Pack  # noqa: PLC0415  (the router reads the pack only to find its tokenizer)
+    from hmoe.shm import Pack  # (the router reads the pack only to find its tokenizer)
 
     with Pack.attach(name, config.shm) as pack:
         blob = pack.blob("tokenizer.json")
     if blob is None:
-        raise HmoeError("tokenizer_missing", f"pack {name!r} holds no tokenizer.json; set [router] model_dir or send token ids")
+        raise HmoeError(
+            "tokenizer_missing", f"pack {name!r} holds no tokenizer.json; set [router] model_dir or send token ids"
+        )
     return load_tokenizer(blob)
 
 
@@ -217,8 +243,13 @@ def startup_tokenizer(config: Config):
         try:
             return tokenizer_from_pack(config.worker.pack, config)
         except HmoeError as exc:
-            log.warning("tokenizer_unavailable", pack=config.worker.pack, code=exc.code, reason=exc.message,
-                        hint="text prompts are refused until a worker registers with the pack loaded")
+            log.warning(
+                "tokenizer_unavailable",
+                pack=config.worker.pack,
+                code=exc.code,
+                reason=exc.message,
+                hint="text prompts are refused until a worker registers with the pack loaded",
+            )
     return None
 
 
@@ -235,14 +266,16 @@ def _ipc_in_use(path: str) -> bool:
 
 
 def _load_curve_keys(path: str) -> tuple[bytes, bytes]:
-    import zmq.auth  # noqa: PLC0415  (only when CURVE is configured)
+    import zmq.auth  # (only when CURVE is configured)
 
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise HmoeError("startup_failed", f"cannot read the CURVE secret key {path}: {exc}") from None
     if secret is None:
-        raise HmoeError("startup_failed", f"{path} holds a public key only; [router] curve_secret_key needs the .key_secret file")
+        raise HmoeError(
+            "startup_failed", f"{path} holds a public key only; [router] curve_secret_key needs the .key_secret file"
+        )
     return public, secret
 
 

@@ -15,6 +15,9 @@ Policy:
 - A worker silent for heartbeat_interval_s * heartbeat_liveness is lost: requests it was decoding end
   with "worker_lost"; requests it was prefilling that showed the client nothing yet go back to the
   head of the queue once (retried when a prefill worker is there again).
+
+NOTE: past 400 lines because admission, worker liveness, the request lifecycle and status share one
+state and one clock; the policy seam the scheduling work adds takes the choices out.
 """
 
 from __future__ import annotations
@@ -29,12 +32,30 @@ from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.detokenizer import Decoder
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.protocol import (
-    Adopt, Cancel, Delta, Drain, Error, Finished, Generate, Ping, Pong, Prefill, Prefilled, Register, RequestError,
-    Status, StatusRequest, Tokens, WorkerPing, WorkerPong, params_dict, sampling_params,
-)  # fmt: skip
+    Adopt,
+    Cancel,
+    Delta,
+    Drain,
+    Error,
+    Finished,
+    Generate,
+    Ping,
+    Pong,
+    Prefill,
+    Prefilled,
+    Register,
+    RequestError,
+    Status,
+    StatusRequest,
+    Tokens,
+    WorkerPing,
+    WorkerPong,
+    params_dict,
+    sampling_params,
+)
 from hmoe.runtime.request import Phase, Request
 from hmoe.runtime.sampling_params import with_seed
-from hmoe.runtime.worker_pool import ROLES, Worker, WorkerPool
+from hmoe.runtime.worker_pool import ROLES, WorkerEntry, WorkerPool
 
 log = structlog.get_logger("hmoe.router")
 
@@ -101,7 +122,9 @@ class Scheduler:
         """A Request, or the HmoeError that refuses it (checked cheapest first)."""
         c = self.config
         if self.draining_until is not None:
-            raise HmoeError("draining", "the router is shutting down and admits no new requests; retry on another instance")
+            raise HmoeError(
+                "draining", "the router is shutting down and admits no new requests; retry on another instance"
+            )
         if msg.request_id in self.requests:
             raise HmoeError("duplicate_request", f"request id {msg.request_id!r} is already running; make ids unique")
         params = with_seed(sampling_params(msg.params))  # prefill and decode then sample alike
@@ -110,10 +133,15 @@ class Scheduler:
             raise HmoeError("invalid_request", f"timeout_s must be > 0, got {msg.timeout_s!r}")
         prompt_ids = self._prompt_ids(msg)
         if len(prompt_ids) > c.max_prompt_tokens:
-            raise HmoeError("prompt_too_long", f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens = {c.max_prompt_tokens}")
+            raise HmoeError(
+                "prompt_too_long",
+                f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens = {c.max_prompt_tokens}",
+            )
         if not self.workers.of_role("prefill") or not self.workers.of_role("decode"):
             missing = [r for r in ROLES if not self.workers.of_role(r)]
-            raise HmoeError("no_worker", f"no {' or '.join(missing)} worker is registered; start one (hmoe serve) or retry")
+            raise HmoeError(
+                "no_worker", f"no {' or '.join(missing)} worker is registered; start one (hmoe serve) or retry"
+            )
         self._check_fits(prompt_ids, params.max_tokens)
         if len(self.queue) >= c.max_queued:
             raise HmoeError("queue_full", f"{len(self.queue)} requests are already queued (max_queued); retry later")
@@ -125,10 +153,15 @@ class Scheduler:
         if msg.token_ids is not None:
             ids = msg.token_ids
         elif self.tokenizer is None:
-            raise HmoeError("tokenizer_missing", "the router has no tokenizer.json for this model; send token_ids instead of text")
+            raise HmoeError(
+                "tokenizer_missing", "the router has no tokenizer.json for this model; send token_ids instead of text"
+            )
         elif len(msg.prompt) > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
-            raise HmoeError("prompt_too_long", f"prompt of {len(msg.prompt)} characters is far beyond max_prompt_tokens = "
-                            f"{self.config.max_prompt_tokens}")  # fmt: skip
+            raise HmoeError(
+                "prompt_too_long",
+                f"prompt of {len(msg.prompt)} characters is far beyond max_prompt_tokens = "
+                f"{self.config.max_prompt_tokens}",
+            )
         else:
             ids = self.tokenizer.encode(msg.prompt).ids
         if not ids:
@@ -142,14 +175,20 @@ class Scheduler:
         need = len(prompt_ids) + max_tokens
         context = self.model.get("max_position_embeddings", 0)
         if context and need > context:
-            raise HmoeError("context_too_long", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                            f"model's context of {context} tokens; shorten the prompt or lower max_tokens")  # fmt: skip
+            raise HmoeError(
+                "context_too_long",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
+            )
         decode_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("decode"))
         prefill_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("prefill"))
         if need > decode_kv or len(prompt_ids) > prefill_kv:
-            raise HmoeError("kv_capacity", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) needs {need} tokens of "
-                            f"KV cache; the decode worker holds {decode_kv} (prefill {prefill_kv}): raise kv_cache_gib, "
-                            "shorten the prompt or lower max_tokens")  # fmt: skip
+            raise HmoeError(
+                "kv_capacity",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) needs {need} tokens of "
+                f"KV cache; the decode worker holds {decode_kv} (prefill {prefill_kv}): raise kv_cache_gib, "
+                "shorten the prompt or lower max_tokens",
+            )
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -176,12 +215,16 @@ class Scheduler:
             case _:
                 self._send(WORKER, identity, Error("unknown_message", f"{type(msg).__name__} is not a worker message"))
 
-    def _request_error(self, worker: Worker, msg: RequestError, now: float) -> None:
+    def _request_error(self, worker: WorkerEntry, msg: RequestError, now: float) -> None:
         if worker.busy == msg.request_id:
             worker.busy = None
         worker.draining = worker.draining or msg.code == "draining"
         request = self.requests.get(msg.request_id)
-        held_by = {Phase.PREFILL: request.prefill_worker, Phase.DECODE: request.decode_worker}.get(request.phase) if request else None
+        held_by = (
+            {Phase.PREFILL: request.prefill_worker, Phase.DECODE: request.decode_worker}.get(request.phase)
+            if request
+            else None
+        )
         if held_by != worker.identity:
             return
         if msg.code == "draining" and request.phase is Phase.PREFILL:  # refused, not failed: first in line again
@@ -194,8 +237,14 @@ class Scheduler:
         others = [w for w in self.workers.by_identity.values() if w.identity != identity]
         mismatch = next((w for w in others if w.info.model.get("name") != msg.model.get("name")), None)
         if msg.role not in ROLES or mismatch is not None:
-            why = f"role {msg.role!r} is not one of {ROLES}" if msg.role not in ROLES else (
-                f"it serves {msg.model.get('name')!r} but worker {mismatch.info.worker_id} serves {mismatch.info.model.get('name')!r}")
+            why = (
+                f"role {msg.role!r} is not one of {ROLES}"
+                if msg.role not in ROLES
+                else (
+                    f"it serves {msg.model.get('name')!r} but worker {mismatch.info.worker_id} "
+                    f"serves {mismatch.info.model.get('name')!r}"
+                )
+            )
             log.error("worker_rejected", worker_id=msg.worker_id, reason=why)
             self._send(WORKER, identity, Error("worker_rejected", f"registration refused: {why}"))
             return
@@ -204,11 +253,18 @@ class Scheduler:
         if not others:
             self.model = dict(msg.model)
         self.workers.add(identity, msg, now)
-        log.info("worker_registered", worker_id=msg.worker_id, role=msg.role, pid=msg.pid, device=msg.device,
-                 kv_capacity_tokens=msg.kv_capacity_tokens, max_batch=msg.max_batch)
+        log.info(
+            "worker_registered",
+            worker_id=msg.worker_id,
+            role=msg.role,
+            pid=msg.pid,
+            device=msg.device,
+            kv_capacity_tokens=msg.kv_capacity_tokens,
+            max_batch=msg.max_batch,
+        )
         self._send(WORKER, identity, WorkerPong())
 
-    def _prefilled(self, worker: Worker, msg: Prefilled, now: float) -> None:
+    def _prefilled(self, worker: WorkerEntry, msg: Prefilled, now: float) -> None:
         if worker.busy == msg.request_id:
             worker.busy = None
         request = self.requests.get(msg.request_id)
@@ -226,7 +282,9 @@ class Scheduler:
             self.handoff.append(request.request_id)
 
     def _first_token_reason(self, request: Request, token: int) -> str:
-        stops = request.params.stop_token_ids + (() if request.params.ignore_eos else tuple(self.model.get("eos_token_ids", ())))
+        stops = request.params.stop_token_ids + (
+            () if request.params.ignore_eos else tuple(self.model.get("eos_token_ids", ()))
+        )
         return "length" if request.params.max_tokens == 1 and token not in stops else "stop"
 
     def _adopt(self, request: Request) -> bool:
@@ -239,14 +297,24 @@ class Scheduler:
             decode.reserve(request.request_id, request.kv_tokens)
         h = request.handoff
         request.phase, request.decode_worker = Phase.DECODE, decode.identity
-        self._send(WORKER, decode.identity, Adopt(request.request_id, request.prompt_ids, h.first_token, h.slot, h.segment,
-                                                  params_dict(request.params)))  # fmt: skip
+        self._send(
+            WORKER,
+            decode.identity,
+            Adopt(
+                request.request_id, request.prompt_ids, h.first_token, h.slot, h.segment, params_dict(request.params)
+            ),
+        )
         return True
 
-    def _tokens(self, worker: Worker, items: list[list], now: float) -> None:
+    def _tokens(self, worker: WorkerEntry, items: list[list], now: float) -> None:
         count = 0
         for item in items:
-            if not (len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], int) and item[2] in (None, "stop", "length")):
+            if not (
+                len(item) == 3
+                and isinstance(item[0], str)
+                and isinstance(item[1], int)
+                and item[2] in (None, "stop", "length")
+            ):
                 log.error("bad_tokens_item", worker_id=worker.info.worker_id, item=repr(item)[:200])
                 continue
             request_id, token, reason = item
@@ -261,10 +329,13 @@ class Scheduler:
                 self._finish(request, "stop", now)
         self.token_times.append((now, count))
 
-    def _lose_worker(self, worker: Worker, now: float, why: str) -> None:
+    def _lose_worker(self, worker: WorkerEntry, now: float, why: str) -> None:
         self.workers.remove(worker.identity, now)
         log.warning("worker_lost", worker_id=worker.info.worker_id, role=worker.role, pid=worker.info.pid, why=why)
-        lost = {"code": "worker_lost", "message": f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry"}
+        lost = {
+            "code": "worker_lost",
+            "message": f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry",
+        }
         for request in list(self.requests.values()):
             if request.prefill_worker == worker.identity and request.phase in (Phase.PREFILL, Phase.HANDOFF):
                 if request.output_ids or request.retried:
@@ -294,10 +365,20 @@ class Scheduler:
         waiting = [self.requests[i] for i in (*self.queue, *self.handoff) if i in self.requests]
         missing = [r for r in ROLES if (self.workers.missing_since(r, now) or 0) > self.config.worker_wait_s]
         for request in waiting if missing else ():
-            self._finish(request, "error", now, {"code": "no_worker", "message": f"no {missing[0]} worker came back within "
-                                                 f"worker_wait_s = {self.config.worker_wait_s} s"})  # fmt: skip
+            self._finish(
+                request,
+                "error",
+                now,
+                {
+                    "code": "no_worker",
+                    "message": f"no {missing[0]} worker came back within worker_wait_s = {self.config.worker_wait_s} s",
+                },
+            )
         if self.draining_until is not None and (not self.requests or now >= self.draining_until):
-            shutdown = {"code": "server_shutdown", "message": "the router shut down before this request finished; retry it"}
+            shutdown = {
+                "code": "server_shutdown",
+                "message": "the router shut down before this request finished; retry it",
+            }
             for request in list(self.requests.values()):
                 self._finish(request, "error", now, shutdown)
             self.stopped = True
@@ -314,10 +395,22 @@ class Scheduler:
                     return  # FIFO: the head waits for decode room
                 decode.reserve(request.request_id, request.kv_tokens)
             self.queue.popleft()
-            request.phase, request.prefill_worker, request.decode_worker = Phase.PREFILL, prefill.identity, decode.identity
+            request.phase, request.prefill_worker, request.decode_worker = (
+                Phase.PREFILL,
+                prefill.identity,
+                decode.identity,
+            )
             prefill.busy = request.request_id
-            self._send(WORKER, prefill.identity, Prefill(request.request_id, request.prompt_ids, params_dict(request.params),
-                                                         handoff=request.params.max_tokens > 1))  # fmt: skip
+            self._send(
+                WORKER,
+                prefill.identity,
+                Prefill(
+                    request.request_id,
+                    request.prompt_ids,
+                    params_dict(request.params),
+                    handoff=request.params.max_tokens > 1,
+                ),
+            )
 
     def drain(self, grace_s: float, now: float) -> None:
         """Stop admitting; requests still running after grace_s end with "server_shutdown"."""
@@ -328,11 +421,17 @@ class Scheduler:
 
     # -- ending ----------------------------------------------------------------------------------
 
-    def _finish(self, request: Request, reason: str, now: float, error: dict | None = None, notify: bool = True) -> None:
+    def _finish(
+        self, request: Request, reason: str, now: float, error: dict | None = None, notify: bool = True
+    ) -> None:
         """The one way a request ends: its holders let go, the client gets the rest of the text and Finished."""
         del self.requests[request.request_id]
-        holder = {Phase.QUEUED: None, Phase.PREFILL: request.prefill_worker, Phase.HANDOFF: request.prefill_worker,
-                  Phase.DECODE: request.decode_worker}[request.phase]  # fmt: skip
+        holder = {
+            Phase.QUEUED: None,
+            Phase.PREFILL: request.prefill_worker,
+            Phase.HANDOFF: request.prefill_worker,
+            Phase.DECODE: request.decode_worker,
+        }[request.phase]
         if request.phase is Phase.QUEUED:
             self.queue.remove(request.request_id)
         prefill = self.workers.get(request.prefill_worker) if request.prefill_worker else None
@@ -345,13 +444,21 @@ class Scheduler:
         if notify and holder is not None and self.workers.get(holder) is not None and handoff_slot:
             self._send(WORKER, holder, Cancel(request.request_id))
         self._delta(request, [], request.flush_text())
-        self._send(CLIENT, request.client, Finished(request.request_id, reason, request.output_ids, request.text,
-                                                    request.usage(), error))  # fmt: skip
+        self._send(
+            CLIENT,
+            request.client,
+            Finished(request.request_id, reason, request.output_ids, request.text, request.usage(), error),
+        )
         if not any(r.client == request.client for r in self.requests.values()):
             self.clients.pop(request.client, None)
         self.finished[reason] += 1
-        log.info("finished", request_id=request.request_id, reason=reason, **request.usage(),
-                 **({"error": error["code"]} if error else {}))
+        log.info(
+            "finished",
+            request_id=request.request_id,
+            reason=reason,
+            **request.usage(),
+            **({"error": error["code"]} if error else {}),
+        )
 
     def _delta(self, request: Request, token_ids: list[int], text: str) -> None:
         if request.stream and (token_ids or text):
@@ -369,16 +476,27 @@ class Scheduler:
     def status(self, now: float) -> Status:
         while self.token_times and now - self.token_times[0][0] > THROUGHPUT_WINDOW_S:
             self.token_times.popleft()
-        window_s = min(THROUGHPUT_WINDOW_S, max(now - self.token_times[0][0], 1.0)) if self.token_times else THROUGHPUT_WINDOW_S
+        window_s = (
+            min(THROUGHPUT_WINDOW_S, max(now - self.token_times[0][0], 1.0))
+            if self.token_times
+            else THROUGHPUT_WINDOW_S
+        )
         decode = self.workers.of_role("decode")
         return Status(
             workers=[w.describe(now) for w in self.workers.by_identity.values()],
             queued=len(self.queue),
             running=len(self.requests) - len(self.queue),
-            kv={"capacity_tokens": sum(w.info.kv_capacity_tokens for w in decode),
+            kv={
+                "capacity_tokens": sum(w.info.kv_capacity_tokens for w in decode),
                 "used_tokens": sum(w.kv_reserved_tokens for w in decode),
-                "free_tokens_reported": sum(w.ping.kv_free_tokens if w.ping else w.info.kv_capacity_tokens for w in decode)},
-            throughput={"tokens_per_s": round(sum(n for _, n in self.token_times) / window_s, 2), "window_s": THROUGHPUT_WINDOW_S,
-                        "finished": dict(self.finished)},
+                "free_tokens_reported": sum(
+                    w.ping.kv_free_tokens if w.ping else w.info.kv_capacity_tokens for w in decode
+                ),
+            },
+            throughput={
+                "tokens_per_s": round(sum(n for _, n in self.token_times) / window_s, 2),
+                "window_s": THROUGHPUT_WINDOW_S,
+                "finished": dict(self.finished),
+            },
             draining=self.draining_until is not None,
-        )  # fmt: skip
+        )

@@ -58,8 +58,13 @@ def _prctl():
 
 
 class Supervisor:
-    def __init__(self, specs: list[ChildSpec], output: IO, policy: RestartPolicy | None = None,
-                 say: Callable[[str], None] = print):  # fmt: skip
+    def __init__(
+        self,
+        specs: list[ChildSpec],
+        output: IO,
+        policy: RestartPolicy | None = None,
+        say: Callable[[str], None] = print,
+    ):
         self.specs = specs
         self.output = output  # where the children's stdout and stderr go
         self.policy = policy or RestartPolicy()
@@ -74,9 +79,14 @@ class Supervisor:
             self._spawn(spec)
 
     def _spawn(self, spec: ChildSpec) -> None:
-        self.procs[spec.name] = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output,
-                                                 process_group=0,
-                                                 preexec_fn=self._preexec)  # fmt: skip
+        self.procs[spec.name] = subprocess.Popen(
+            spec.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self.output,
+            stderr=self.output,
+            process_group=0,
+            preexec_fn=self._preexec,
+        )
 
     def run(self, on_tick: Callable[[], None] | None = None, tick_s: float = 0.2) -> int:
         """Watch the children until a signal (stop them: 0) or one that cannot be restarted (stop: 1)."""

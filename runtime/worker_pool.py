@@ -17,7 +17,7 @@ ROLES = ("prefill", "decode")
 
 
 @dataclass(eq=False, slots=True)
-class Worker:
+class WorkerEntry:
     identity: bytes  # ZeroMQ routing id on the backend socket
     info: Register
     last_seen_s: float
@@ -34,8 +34,10 @@ class Worker:
 
     def has_room(self, kv_tokens: int) -> bool:
         """Decode: can it take one more request of this size now?"""
-        return (len(self.request_ids) < self.info.max_batch
-                and self.kv_reserved_tokens + kv_tokens <= self.info.kv_capacity_tokens)
+        return (
+            len(self.request_ids) < self.info.max_batch
+            and self.kv_reserved_tokens + kv_tokens <= self.info.kv_capacity_tokens
+        )
 
     def reserve(self, request_id: str, kv_tokens: int) -> None:
         assert request_id not in self.request_ids, request_id
@@ -51,54 +53,63 @@ class Worker:
     def describe(self, now: float) -> dict:
         ping = self.ping
         return {
-            "worker_id": self.info.worker_id, "role": self.role, "pid": self.info.pid, "device": self.info.device,
-            "model": self.info.model.get("name", ""), "max_batch": self.info.max_batch,
-            "kv_capacity_tokens": self.info.kv_capacity_tokens, "kv_reserved_tokens": self.kv_reserved_tokens,
+            "worker_id": self.info.worker_id,
+            "role": self.role,
+            "pid": self.info.pid,
+            "device": self.info.device,
+            "model": self.info.model.get("name", ""),
+            "max_batch": self.info.max_batch,
+            "kv_capacity_tokens": self.info.kv_capacity_tokens,
+            "kv_reserved_tokens": self.kv_reserved_tokens,
             "kv_free_tokens": ping.kv_free_tokens if ping else self.info.kv_capacity_tokens,
-            "running": ping.running if ping else 0, "waiting": ping.waiting if ping else 0,
-            "requests": len(self.request_ids) + (self.busy is not None), "busy": self.busy, "draining": self.draining,
-            "last_seen_s": round(now - self.last_seen_s, 3), "uptime_s": round(now - self.registered_s, 1),
-        }  # fmt: skip
+            "running": ping.running if ping else 0,
+            "waiting": ping.waiting if ping else 0,
+            "requests": len(self.request_ids) + (self.busy is not None),
+            "busy": self.busy,
+            "draining": self.draining,
+            "last_seen_s": round(now - self.last_seen_s, 3),
+            "uptime_s": round(now - self.registered_s, 1),
+        }
 
 
 class WorkerPool:
     def __init__(self, silence_limit_s: float):
         self.silence_limit_s = silence_limit_s  # heartbeat interval * liveness
-        self.by_identity: dict[bytes, Worker] = {}
+        self.by_identity: dict[bytes, WorkerEntry] = {}
         self.last_lost_s: dict[str, float] = {}  # role -> when its last worker was lost (for worker_wait_s)
 
-    def add(self, identity: bytes, info: Register, now: float) -> Worker:
+    def add(self, identity: bytes, info: Register, now: float) -> WorkerEntry:
         assert info.role in ROLES, info.role
-        worker = Worker(identity, info, now, now)
+        worker = WorkerEntry(identity, info, now, now)
         self.by_identity[identity] = worker
         return worker
 
-    def remove(self, identity: bytes, now: float) -> Worker:
+    def remove(self, identity: bytes, now: float) -> WorkerEntry:
         worker = self.by_identity.pop(identity)
         if not self.of_role(worker.role):
             self.last_lost_s[worker.role] = now
         return worker
 
-    def get(self, identity: bytes) -> Worker | None:
+    def get(self, identity: bytes) -> WorkerEntry | None:
         return self.by_identity.get(identity)
 
-    def seen(self, identity: bytes, now: float) -> Worker | None:
+    def seen(self, identity: bytes, now: float) -> WorkerEntry | None:
         worker = self.by_identity.get(identity)
         if worker is not None:
             worker.last_seen_s = now
         return worker
 
-    def of_role(self, role: str) -> list[Worker]:
+    def of_role(self, role: str) -> list[WorkerEntry]:
         return [w for w in self.by_identity.values() if w.role == role]
 
-    def expired(self, now: float) -> Iterator[Worker]:
+    def expired(self, now: float) -> Iterator[WorkerEntry]:
         """Workers silent past the limit (the caller removes them)."""
         return iter([w for w in self.by_identity.values() if now - w.last_seen_s > self.silence_limit_s])
 
-    def idle_prefill(self) -> Worker | None:
+    def idle_prefill(self) -> WorkerEntry | None:
         return next((w for w in self.of_role("prefill") if w.busy is None and not w.draining), None)
 
-    def decode_with_room(self, kv_tokens: int) -> Worker | None:
+    def decode_with_room(self, kv_tokens: int) -> WorkerEntry | None:
         """The least loaded decode worker that can take the request, or None."""
         fits = [w for w in self.of_role("decode") if w.has_room(kv_tokens) and not w.draining]
         return min(fits, key=lambda w: (len(w.request_ids), w.kv_reserved_tokens), default=None)

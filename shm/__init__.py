@@ -10,10 +10,18 @@ from hmoe.shm.errors import HmoeError, ShmError
 # The rest (numpy and friends) loads on first use, so `hmoe.runtime` (the client SDK) can import
 # the errors and the config without paying for numpy.
 _LAZY = {
-    "PackLayout": "layout", "Manifest": "manifest", "TensorEntry": "manifest", "Pack": "pack",
-    "expert_array_name": "pack", "PackWriter": "pack_writer", "build_pack": "pack_writer", "PackInfo": "registry",
-    "collect_garbage": "registry", "list_packs": "registry", "remove_pack": "registry",
-}  # fmt: skip
+    "PackLayout": "layout",
+    "Manifest": "manifest",
+    "TensorEntry": "manifest",
+    "Pack": "pack",
+    "expert_array_name": "pack",
+    "PackWriter": "pack_writer",
+    "build_pack": "pack_writer",
+    "PackInfo": "registry",
+    "collect_garbage": "registry",
+    "list_packs": "registry",
+    "remove_pack": "registry",
+}
 
 
 def __getattr__(name: str):

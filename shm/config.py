@@ -2,7 +2,8 @@
 
 A pack named NAME is the POSIX shared-memory segment `/{prefix}NAME` (Linux: /dev/shm/{prefix}NAME),
 or the file `{hugetlbfs}/{prefix}NAME` when a hugetlbfs mount is configured. Its loader lock is
-`{lock_dir}/.{prefix}NAME.lock`: a dot-file, so it never looks like a pack.
+`{lock_dir}/.{prefix}NAME.lock`: a dot-file, so it never looks like a pack. The KV hand-off segments
+of prefill workers share the prefix and mode as `{prefix}kv-handoff.WORKER_ID`; they are no packs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ NAME_MAX_LEN = 64
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 HUGEPAGES = ("auto", "off")
+HANDOFF_PREFIX = "kv-handoff."  # segment names of KV hand-off pools (never listed as packs)
 
 
 def check_name(name: object) -> str:
@@ -26,7 +28,8 @@ def check_name(name: object) -> str:
     if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX_LEN or not NAME_RE.fullmatch(name):
         raise ShmError(
             "pack_name_invalid",
-            f"pack name {name!r} is invalid: use 1-{NAME_MAX_LEN} letters, digits, '_', '.', '-', starting with a letter or digit",
+            f"pack name {name!r} is invalid: use 1-{NAME_MAX_LEN} letters, digits, '_', '.', '-', "
+            "starting with a letter or digit",
         )
     return name
 
@@ -57,7 +60,9 @@ class ShmConfig:
         try:
             return grp.getgrnam(self.group).gr_gid
         except KeyError:
-            raise ShmError("shm_group_unknown", f"group {self.group!r} does not exist: create it or fix the shm group setting") from None
+            raise ShmError(
+                "shm_group_unknown", f"group {self.group!r} does not exist: create it or fix the shm group setting"
+            ) from None
 
     @property
     def pack_dir(self) -> Path:
@@ -74,7 +79,14 @@ class ShmConfig:
         return Path(self.lock_dir) / f".{self.prefix}{check_name(name)}.lock"
 
     def pack_names(self) -> list[str]:
-        """Names of every segment under this prefix, sorted (ready or not)."""
+        """Names of every pack segment under this prefix, sorted (ready or not)."""
+        return [n for n in self._segment_names() if not n.startswith(HANDOFF_PREFIX)]
+
+    def handoff_names(self) -> list[str]:
+        """Names of every KV hand-off segment under this prefix, sorted."""
+        return [n for n in self._segment_names() if n.startswith(HANDOFF_PREFIX)]
+
+    def _segment_names(self) -> list[str]:
         try:
             entries = sorted(p.name for p in self.pack_dir.iterdir())
         except FileNotFoundError:

@@ -27,10 +27,14 @@ class PackLayout:
         self._tensors: list[TensorEntry] = []
         self._blobs: list[BlobEntry] = []
 
-    def add_tensor(self, name: str, dtype: str, shape: tuple[int, ...], align: int = MIN_ALIGN, layer: int = -1) -> TensorEntry:
+    def add_tensor(
+        self, name: str, dtype: str, shape: tuple[int, ...], align: int = MIN_ALIGN, layer: int = -1
+    ) -> TensorEntry:
         assert align % MIN_ALIGN == 0 and dtype in DTYPES, (align, dtype)
         offset = align_up(self._cursor, align)
-        entry = TensorEntry(name, dtype, tuple(int(d) for d in shape), offset, math.prod(shape) * DTYPES[dtype].itemsize, layer)
+        entry = TensorEntry(
+            name, dtype, tuple(int(d) for d in shape), offset, math.prod(shape) * DTYPES[dtype].itemsize, layer
+        )
         self._tensors.append(entry)
         self._cursor = offset + entry.nbytes
         return entry

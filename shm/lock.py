@@ -77,7 +77,9 @@ class PackLock:
             # Read-only is enough for flock, and lets a group member (mode 0640) wait on a loader.
             fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, self._config.mode)
         except PermissionError:
-            raise ShmError("shm_permission", f"{self.path}: cannot open the pack's lock file; run as its owner") from None
+            raise ShmError(
+                "shm_permission", f"{self.path}: cannot open the pack's lock file; run as its owner"
+            ) from None
         except FileNotFoundError:
             raise ShmError("shm_permission", f"{self._config.lock_dir}: lock directory does not exist") from None
         if os.fstat(fd).st_uid == os.geteuid():

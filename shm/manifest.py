@@ -127,7 +127,9 @@ def _offset_size(raw: dict, data_end: int, what: str, where: str) -> tuple[int, 
     offset = _get(raw, "offset", int, where)
     nbytes = _get(raw, "nbytes", int, where)
     if nbytes < 0 or offset < HEADER_BYTES or offset % MIN_ALIGN or offset + nbytes > data_end:
-        raise _corrupt(where, f"{what}: {nbytes} bytes at offset {offset} is outside [{HEADER_BYTES}, {data_end}) or misaligned")
+        raise _corrupt(
+            where, f"{what}: {nbytes} bytes at offset {offset} is outside [{HEADER_BYTES}, {data_end}) or misaligned"
+        )
     return offset, nbytes
 
 
@@ -141,7 +143,9 @@ def _tensor(raw: object, data_end: int, where: str) -> TensorEntry:
     if dtype not in DTYPES:
         raise _corrupt(where, f"{what}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     shape = _get(raw, "shape", list, where)
-    if len(shape) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape):
+    if len(shape) > MAX_NDIM or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape
+    ):
         raise _corrupt(where, f"{what}: shape {shape!r} is not a list of at most {MAX_NDIM} sizes")
     layer = _get(raw, "layer", int, where)
     if not -1 <= layer < MAX_DIM:
@@ -167,7 +171,9 @@ def _validate(raw: object, data_end: int, where: str) -> Manifest:
     raw = _check_keys(raw, fields, "top level", where)
     version = _get(raw, "format_version", int, where)
     if version != FORMAT_VERSION:
-        raise ShmError("pack_version", f"{where}: manifest format {version}, this hmoe reads {FORMAT_VERSION}; rebuild it")
+        raise ShmError(
+            "pack_version", f"{where}: manifest format {version}, this hmoe reads {FORMAT_VERSION}; rebuild it"
+        )
     name = _get(raw, "name", str, where)
     try:
         check_name(name)

@@ -78,8 +78,12 @@ class Pack:
                 lock.release()
         log.info(
             "attached pack %s: %.2f GiB, %d arrays, in %.1f ms; %s",
-            name, pack.segment.nbytes / 2**30, len(pack.manifest.tensors), (time.perf_counter() - start) * 1e3, huge_page_policy(config),
-        )  # fmt: skip
+            name,
+            pack.segment.nbytes / 2**30,
+            len(pack.manifest.tensors),
+            (time.perf_counter() - start) * 1e3,
+            huge_page_policy(config),
+        )
         return pack
 
     @classmethod
@@ -105,7 +109,9 @@ class Pack:
         try:
             return self._tensors[name]
         except KeyError:
-            raise ShmError("pack_tensor_missing", f"pack {self.name!r} holds no array {name!r}; was it built from this model?") from None
+            raise ShmError(
+                "pack_tensor_missing", f"pack {self.name!r} holds no array {name!r}; was it built from this model?"
+            ) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -119,7 +125,11 @@ class Pack:
     def expert_arrays(self, layer_id: int) -> dict[str, np.ndarray]:
         """One MoE layer's routed-expert arrays, keyed by the format's array names."""
         prefix = expert_array_name(layer_id, "")
-        arrays = {t.name[len(prefix) :]: self.array(t.name) for t in self.manifest.tensors if t.layer == layer_id and t.name.startswith(prefix)}
+        arrays = {
+            t.name[len(prefix) :]: self.array(t.name)
+            for t in self.manifest.tensors
+            if t.layer == layer_id and t.name.startswith(prefix)
+        }
         if not arrays:
             raise ShmError("pack_tensor_missing", f"pack {self.name!r} holds no routed experts for layer {layer_id}")
         return arrays
@@ -131,7 +141,10 @@ class Pack:
 
     def check_matches(self, source: dict | None = None, experts: dict | None = None) -> None:
         """Raise pack_mismatch unless the pack was built from `source` with expert format `experts`."""
-        for what, want, have in (("checkpoint", source, self.manifest.source), ("expert format", experts, self.manifest.experts)):
+        for what, want, have in (
+            ("checkpoint", source, self.manifest.source),
+            ("expert format", experts, self.manifest.experts),
+        ):
             if want is not None and _plain(want) != _plain(have):
                 diff = sorted(k for k in set(want) | set(have) if _plain(want.get(k)) != _plain(have.get(k)))
                 raise ShmError(
@@ -179,7 +192,10 @@ def _read_manifest(segment: Segment, header: Header, name: str) -> Manifest:
 
 def _not_ready(name: str, loader_pid: int, loader_alive: bool) -> ShmError:
     if loader_alive:
-        return ShmError("pack_not_ready", f"pack {name!r} is still being loaded by pid {loader_pid}; wait for it (attach with a wait)")
+        return ShmError(
+            "pack_not_ready",
+            f"pack {name!r} is still being loaded by pid {loader_pid}; wait for it (attach with a wait)",
+        )
     return ShmError(
         "pack_not_ready",
         f"pack {name!r} is incomplete: its loader (pid {loader_pid}) stopped halfway; "

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -46,9 +46,15 @@ class PackWriter:
         nbytes = segment_bytes(manifest, len(encoded), page)
         segment = Segment.create(manifest.name, nbytes, config)
         header = Header(
-            FORMAT_VERSION, LOADING, nbytes, manifest_offset(manifest), len(encoded),
-            hashlib.sha256(encoded).digest(), os.getpid(), time.time_ns(),
-        )  # fmt: skip
+            FORMAT_VERSION,
+            LOADING,
+            nbytes,
+            manifest_offset(manifest),
+            len(encoded),
+            hashlib.sha256(encoded).digest(),
+            os.getpid(),
+            time.time_ns(),
+        )
         segment.buffer(0, HEADER_BYTES)[: len(header.pack())] = header.pack()
         segment.buffer(header.manifest_offset, len(encoded))[:] = encoded
         log.info("creating pack %s: %.2f GiB on %s", manifest.name, nbytes / 2**30, huge_page_policy(config))
@@ -92,7 +98,9 @@ def build_pack(
         pid = _loader_pid(name, config)
         log.info("pack %s is being loaded by pid %s; waiting for it", name, pid or "?")
         if not lock.acquire(timeout_s=wait_s):
-            raise ShmError("shm_lock_timeout", f"pack {name!r}: pid {pid or '?'} held its loader lock for more than {wait_s:.0f} s")
+            raise ShmError(
+                "shm_lock_timeout", f"pack {name!r}: pid {pid or '?'} held its loader lock for more than {wait_s:.0f} s"
+            )
     try:
         state = _state(name, config)
         if state == READY:
@@ -104,7 +112,9 @@ def build_pack(
                 raise
             return pack, False
         if state is not None:
-            log.warning("pack %s was left incomplete by a dead loader (pid %s); rebuilding it", name, _loader_pid(name, config))
+            log.warning(
+                "pack %s was left incomplete by a dead loader (pid %s); rebuilding it", name, _loader_pid(name, config)
+            )
             unlink_segment(name, config)
         writer = PackWriter.create(manifest, config)
         try:

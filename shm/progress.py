@@ -16,7 +16,9 @@ LOG_INTERVAL_S = 10.0  # log a progress line at most this often
 class Progress:
     """Thread-safe meter; advance() from any loader thread, finish() once."""
 
-    def __init__(self, label: str, total_bytes: int, stream: TextIO | None = None, log_interval_s: float = LOG_INTERVAL_S):
+    def __init__(
+        self, label: str, total_bytes: int, stream: TextIO | None = None, log_interval_s: float = LOG_INTERVAL_S
+    ):
         self.label = label
         self.total_bytes = total_bytes
         self.done_bytes = 0
@@ -59,6 +61,10 @@ class Progress:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
         log.info(
-            "%s: %.2f GB in %.1f s (%.2f GB/s)", self.label, self.done_bytes / 1e9, elapsed_s, self.done_bytes / 1e9 / max(elapsed_s, 1e-9)
+            "%s: %.2f GB in %.1f s (%.2f GB/s)",
+            self.label,
+            self.done_bytes / 1e9,
+            elapsed_s,
+            self.done_bytes / 1e9 / max(elapsed_s, 1e-9),
         )
         return elapsed_s

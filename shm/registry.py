@@ -89,12 +89,16 @@ def inspect_pack(name: str, config: ShmConfig, pids: tuple[int, ...] = ()) -> Pa
         return PackInfo(name, "invalid", nbytes, pids, loader_pid=header.loader_pid, problem=str(exc))
     experts = manifest.experts
     return PackInfo(
-        name, "ready", nbytes, pids,
+        name,
+        "ready",
+        nbytes,
+        pids,
         model=str(manifest.model.get("architecture", "")),
         experts=str(experts.get("name") or experts.get("kind", "")),
         source=str(manifest.source.get("path", "")),
-        loader_pid=header.loader_pid, created_ns=header.created_ns,
-    )  # fmt: skip
+        loader_pid=header.loader_pid,
+        created_ns=header.created_ns,
+    )
 
 
 def list_packs(config: ShmConfig = ShmConfig()) -> list[PackInfo]:
@@ -147,7 +151,10 @@ def collect_garbage(config: ShmConfig = ShmConfig(), dry_run: bool = False) -> l
     for info in list_packs(config):
         if info.state == "loading" or info.attached_pids:
             continue
-        reason = {"ready": "ready but attached by no process", "incomplete": f"incomplete (loader pid {info.loader_pid} died)"}
+        reason = {
+            "ready": "ready but attached by no process",
+            "incomplete": f"incomplete (loader pid {info.loader_pid} died)",
+        }
         actions.append(GcAction(info.name, reason.get(info.state, f"invalid: {info.problem}"), False, info.nbytes))
     done = []
     for action in actions:

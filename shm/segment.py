@@ -32,15 +32,24 @@ def _open_fd(name: str, config: ShmConfig, *, create: bool = False, writable: bo
             flags = (os.O_RDWR | os.O_CREAT | os.O_EXCL) if create else (os.O_RDWR if writable else os.O_RDONLY)
             return os.open(path, flags | os.O_CLOEXEC, config.mode)
         shm = posix_ipc.SharedMemory(
-            config.segment_name(name), posix_ipc.O_CREX if create else 0, mode=config.mode, read_only=not (create or writable)
+            config.segment_name(name),
+            posix_ipc.O_CREX if create else 0,
+            mode=config.mode,
+            read_only=not (create or writable),
         )
         return shm.fd
     except (posix_ipc.ExistentialError, FileExistsError, FileNotFoundError):
         if create:
-            raise ShmError("pack_exists", f"pack {name!r} already exists ({path}): attach it, or remove it first") from None
-        raise ShmError("pack_not_found", f"no pack named {name!r} ({path}): load it with `hmoe shm load MODEL_DIR --name {name}`") from None
+            raise ShmError(
+                "pack_exists", f"pack {name!r} already exists ({path}): attach it, or remove it first"
+            ) from None
+        raise ShmError(
+            "pack_not_found", f"no pack named {name!r} ({path}): load it with `hmoe shm load MODEL_DIR --name {name}`"
+        ) from None
     except (posix_ipc.PermissionsError, PermissionError):
-        raise ShmError("shm_permission", f"{path}: permission denied; run as the pack's owner or a member of its group") from None
+        raise ShmError(
+            "shm_permission", f"{path}: permission denied; run as the pack's owner or a member of its group"
+        ) from None
 
 
 def segment_bytes(name: str, config: ShmConfig) -> int:
@@ -70,7 +79,9 @@ def unlink_segment(name: str, config: ShmConfig) -> None:
     except (posix_ipc.ExistentialError, FileNotFoundError):
         pass
     except (posix_ipc.PermissionsError, PermissionError):
-        raise ShmError("shm_permission", f"{config.segment_path(name)}: not allowed to remove it; run as its owner") from None
+        raise ShmError(
+            "shm_permission", f"{config.segment_path(name)}: not allowed to remove it; run as its owner"
+        ) from None
 
 
 def _tmpfs_huge_option(directory: Path) -> str:
@@ -128,7 +139,8 @@ class Segment:
         if nbytes > free_bytes:
             raise ShmError(
                 "shm_no_space",
-                f"pack {name!r} needs {nbytes / 2**30:.2f} GiB, {config.pack_dir} has {free_bytes / 2**30:.2f} GiB free: "
+                f"pack {name!r} needs {nbytes / 2**30:.2f} GiB, "
+                f"{config.pack_dir} has {free_bytes / 2**30:.2f} GiB free: "
                 "remove packs (hmoe shm gc), or enlarge it (mount -o remount,size=... /dev/shm)",
             )
         fd = _open_fd(name, config, create=True)
@@ -143,25 +155,30 @@ class Segment:
             os.close(fd)
             unlink_segment(name, config)
             if exc.errno == errno.ENOSPC:
-                raise ShmError("shm_no_space", f"{config.pack_dir} ran out of space reserving {nbytes} bytes for {name!r}") from None
+                raise ShmError(
+                    "shm_no_space", f"{config.pack_dir} ran out of space reserving {nbytes} bytes for {name!r}"
+                ) from None
             if exc.errno == errno.EPERM:
-                raise ShmError("shm_permission", f"cannot give {name!r} to group {config.group!r}: not a member") from None
+                raise ShmError(
+                    "shm_permission", f"cannot give {name!r} to group {config.group!r}: not a member"
+                ) from None
             raise
         os.close(fd)
         return cls._advised(name, mapping, config, writable=True)
 
     @classmethod
-    def attach(cls, name: str, config: ShmConfig) -> Segment:
-        """Map an existing segment read-only (PROT_READ): writes through any view fail."""
-        fd = _open_fd(name, config)
+    def attach(cls, name: str, config: ShmConfig, writable: bool = False) -> Segment:
+        """Map an existing segment, read-only (PROT_READ: writes through any view fail) unless writable."""
+        fd = _open_fd(name, config, writable=writable)
         try:
             nbytes = os.fstat(fd).st_size
             if nbytes == 0:
                 raise ShmError("pack_not_ready", f"pack {name!r} is empty: its loader is starting or died; retry or gc")
-            mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=prot)
         finally:
             os.close(fd)
-        return cls._advised(name, mapping, config, writable=False)
+        return cls._advised(name, mapping, config, writable=writable)
 
     @classmethod
     def _advised(cls, name: str, mapping: mmap.mmap, config: ShmConfig, writable: bool) -> Segment:
@@ -187,7 +204,10 @@ class Segment:
     def copy_from_file(self, offset: int, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy file bytes into the segment inside the kernel (sendfile: no copy through user space and
         no page faults in this process); through the mapping where the segment takes no write() (hugetlbfs)."""
-        assert self._mmap is not None and self.writable and 0 <= offset and offset + nbytes <= self.nbytes, (offset, nbytes)
+        assert self._mmap is not None and self.writable and 0 <= offset and offset + nbytes <= self.nbytes, (
+            offset,
+            nbytes,
+        )
         if not self._config.hugetlbfs:
             fd = getattr(self._local, "fd", None)
             if fd is None:
@@ -227,4 +247,3 @@ class Segment:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

@@ -1,14 +1,22 @@
-"""Shared fixtures: tiny random checkpoints in the Hugging Face layout, made once per test session."""
+"""Shared fixtures: tiny random checkpoints in the Hugging Face layout (made once per session), and a
+private weight-pack namespace per test (so ls/gc never see anyone else's packs; lock files in the
+test's tmp dir; every segment unlinked afterwards)."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+from helpers.shm_pack import fill_pattern, small_manifest
+
+from hmoe.shm import ShmConfig, build_pack
+from hmoe.shm.segment import unlink_segment
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{(arch, dtype): path} of `hmoe make-model` tiny checkpoints, made on first use."""
-    from hmoe.workers.make_model import make_model
+    from hmoe.workers.weights.make_model import make_model
 
     cache = {}
 
@@ -19,6 +27,22 @@ def tiny_models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def shm_config(tmp_path) -> ShmConfig:
+    config = ShmConfig(prefix=f"hmoe.test-{uuid.uuid4().hex[:8]}.", lock_dir=str(tmp_path))
+    yield config
+    for name in config.pack_names():
+        unlink_segment(name, config)
+
+
+@pytest.fixture
+def ready_pack(shm_config):
+    pack, built = build_pack(small_manifest(), fill_pattern, shm_config)
+    assert built
+    yield pack
+    pack.close()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,4 +27,5 @@ def test_skeleton_is_valid_toml_and_uncommented_gives_the_defaults(tmp_path):
     path.write_text(uncommented)
     assert load_config(path, env={}) == Config()
     assert sum(len(v) for v in tomllib.loads(uncommented).values()) == sum(
-        len([f for f in dataclasses.fields(c) if not f.name.startswith("_")]) for c in SECTIONS.values())
+        len([f for f in dataclasses.fields(c) if not f.name.startswith("_")]) for c in SECTIONS.values()
+    )

@@ -49,9 +49,12 @@ class Service:
         self.reader.start()
         self.log_path = tmp / f"{name}.log"
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, env={**env, "NOTIFY_SOCKET": address,
-                                                    "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6))},
-                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv,
+                env={**env, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6))},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def _read(self) -> None:
         while self.notify.fileno() >= 0:
@@ -65,8 +68,14 @@ class Service:
         """When `line` arrived (after `after_s`), or fail with the process's log."""
         deadline = time.monotonic() + timeout_s
         while (found := [t for t, m in list(self.messages) if m == line and t > after_s]) == []:
-            if time.monotonic() > deadline or self.proc.poll() is not None and time.monotonic() > deadline - timeout_s + 1:
-                raise AssertionError(f"{self.name}: no {line} (exit {self.proc.poll()}); log:\n{self.log_path.read_text()[-3000:]}")
+            if (
+                time.monotonic() > deadline
+                or self.proc.poll() is not None
+                and time.monotonic() > deadline - timeout_s + 1
+            ):
+                raise AssertionError(
+                    f"{self.name}: no {line} (exit {self.proc.poll()}); log:\n{self.log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.05)
         return found[0]
 
@@ -83,8 +92,12 @@ def exec_start(unit: str, config: Path, env: dict, instance: str = "") -> list[s
     """The unit's ExecStart= as systemd would run it here: this venv and config for /opt/hmoe/venv and
     /etc/hmoe/hmoe.toml, %i the instance, ${VAR} one word and $VAR split into words from `env`."""
     line = next(x for x in (UNITS / unit).read_text().splitlines() if x.startswith("ExecStart="))
-    line = (line.removeprefix("ExecStart=").replace("/opt/hmoe/venv/bin", str(VENV_BIN))
-            .replace("/etc/hmoe/hmoe.toml", str(config)).replace("%i", instance))
+    line = (
+        line.removeprefix("ExecStart=")
+        .replace("/opt/hmoe/venv/bin", str(VENV_BIN))
+        .replace("/etc/hmoe/hmoe.toml", str(config))
+        .replace("%i", instance)
+    )
     argv = []
     for word in shlex.split(line):
         if whole := re.fullmatch(r"\$\{(\w+)\}", word):
@@ -115,12 +128,22 @@ handoff_slot_tokens = 256
 prefix = "{prefix}"
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HMOE_", "NOTIFY_SOCKET", "WATCHDOG_"))}
-    env |= {"HMOE_ROUTER_MODEL_DIR": str(tiny_models("deepseek_v3", "fp32")), "HMOE_WORKER_PACK": "deploy",
-            "HMOE_PACK_ARGS": "",
-            "RUNTIME_DIRECTORY": str(tmp / "run")}  # what install.sh writes to hmoe.env, and what systemd sets
-    ctl_env = {**env, "HMOE_VENV": str(VENV_BIN.parent), "HMOE_CONFIG": str(config), "HMOE_ENV_FILE": str(tmp / "none"),
-               "HMOE_USER": ""}  # fmt: skip
-    loaded = subprocess.run(exec_start("hmoe-pack.service", config, env), env=env, capture_output=True, text=True, timeout=120)
+    env |= {
+        "HMOE_ROUTER_MODEL_DIR": str(tiny_models("deepseek_v3", "fp32")),
+        "HMOE_WORKER_PACK": "deploy",
+        "HMOE_PACK_ARGS": "",
+        "RUNTIME_DIRECTORY": str(tmp / "run"),
+    }  # what install.sh writes to hmoe.env, and what systemd sets
+    ctl_env = {
+        **env,
+        "HMOE_VENV": str(VENV_BIN.parent),
+        "HMOE_CONFIG": str(config),
+        "HMOE_ENV_FILE": str(tmp / "none"),
+        "HMOE_USER": "",
+    }
+    loaded = subprocess.run(
+        exec_start("hmoe-pack.service", config, env), env=env, capture_output=True, text=True, timeout=120
+    )
     assert loaded.returncode == 0 and "loaded pack deploy" in loaded.stdout, loaded.stdout + loaded.stderr
     services = {}
     for role in ("prefill", "decode"):  # Before=hmoe-router.service: workers first, the router once they are ready
@@ -168,10 +191,13 @@ def test_hmoectl_health_and_status(stack):
     assert status.returncode == 0, status.stderr
     workers = json.loads(status.stdout)["workers"]
     assert sorted((w["role"], w["pid"]) for w in workers) == sorted(
-        (role, services[role].proc.pid) for role in ("decode", "prefill"))  # the very processes started here
+        (role, services[role].proc.pid) for role in ("decode", "prefill")
+    )  # the very processes started here
     packs = hmoectl(env, "shm", "ls", "--json")
     (pack,) = [p for p in json.loads(packs.stdout) if p["name"] == "deploy"]
-    assert pack["state"] == "ready" and set(pack["attached_pids"]) >= {services[r].proc.pid for r in ("prefill", "decode")}
+    assert pack["state"] == "ready" and set(pack["attached_pids"]) >= {
+        services[r].proc.pid for r in ("prefill", "decode")
+    }
 
 
 def _stream_while(config: Path, stop) -> tuple[list[int], str]:
@@ -189,7 +215,9 @@ def test_hmoectl_drain_finishes_requests_in_flight(stack):
     drain = []
 
     def hmoectl_drain():
-        drain.append(subprocess.Popen([str(HMOECTL), "drain", "--grace-s", "20"], env=env, stdout=subprocess.PIPE, text=True))
+        drain.append(
+            subprocess.Popen([str(HMOECTL), "drain", "--grace-s", "20"], env=env, stdout=subprocess.PIPE, text=True)
+        )
         services["router"].wait_for("STOPPING=1", 10.0)
 
     tokens, reason = _stream_while(config, hmoectl_drain)

@@ -41,7 +41,9 @@ def _fake_venv(root: Path) -> Path:
 def test_install_stages_everything_and_keeps_edited_config(tmp_path):
     pip_log = _fake_venv(tmp_path)
     env = {**os.environ, "HMOE_ROOT": str(tmp_path)}
-    run = lambda: subprocess.run([SCRIPTS / "install.sh", "hmoe==0.1.0"], env=env, capture_output=True, text=True, check=True)  # noqa: E731
+    run = lambda: subprocess.run(
+        [SCRIPTS / "install.sh", "hmoe==0.1.0"], env=env, capture_output=True, text=True, check=True
+    )  # noqa: E731
     run()
     toml, hmoe_env = tmp_path / "etc/hmoe/hmoe.toml", tmp_path / "etc/hmoe/hmoe.env"
     assert toml.read_text() == skeleton()

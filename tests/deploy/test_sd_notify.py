@@ -61,13 +61,16 @@ def test_without_systemd_every_call_is_a_no_op():
     assert not notify.ready() and not notify.watchdog() and not notify.tick() and not notify.stopping()
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, None),
-    ({"WATCHDOG_USEC": "0"}, None),
-    ({"WATCHDOG_USEC": "junk"}, None),
-    ({"WATCHDOG_USEC": "30000000"}, 30.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "junk"}, None),
+        ({"WATCHDOG_USEC": "30000000"}, 30.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+    ],
+)
 def test_watchdog_interval(env, expected):
     assert watchdog_interval_s(env) == expected
 

@@ -38,9 +38,16 @@ def test_units_verify_clean(tmp_path, systemd_analyze):
     for name in UNITS:
         text = (DEPLOY / "systemd" / name).read_text().replace("/opt/hmoe/venv/bin", str(VENV_BIN))
         (tmp_path / name).write_text(text)
-    targets = [f"./{n}" for n in UNITS if "@." not in n] + ["./hmoe-worker@prefill.service", "./hmoe-worker@decode.service"]
-    result = subprocess.run([systemd_analyze, "verify", "--man=no", *targets], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0 and not result.stderr.strip() and not result.stdout.strip(), result.stdout + result.stderr
+    targets = [f"./{n}" for n in UNITS if "@." not in n] + [
+        "./hmoe-worker@prefill.service",
+        "./hmoe-worker@decode.service",
+    ]
+    result = subprocess.run(
+        [systemd_analyze, "verify", "--man=no", *targets], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and not result.stderr.strip() and not result.stdout.strip(), (
+        result.stdout + result.stderr
+    )
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -78,6 +85,10 @@ def test_ordering():
     pack = _unit("hmoe-pack.service")["Service"]
     assert pack["Type"] == "oneshot" and pack["RemainAfterExit"] == "yes"
     target = _unit("hmoe.target")["Unit"]
-    assert set(target["Wants"].split()) == {"hmoe-pack.service", "hmoe-router.service", "hmoe-worker@prefill.service",
-                                            "hmoe-worker@decode.service"}
+    assert set(target["Wants"].split()) == {
+        "hmoe-pack.service",
+        "hmoe-router.service",
+        "hmoe-worker@prefill.service",
+        "hmoe-worker@decode.service",
+    }
     assert all(_unit(n)["Unit"]["PartOf"] == "hmoe.target" for n in UNITS if n.endswith(".service"))

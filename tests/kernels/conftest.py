@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from kernel_helpers import FORMATS
+from helpers.kernel_layers import FORMATS
 
 from hmoe.kernels.formats import ExpertFormat
 

@@ -11,7 +11,7 @@ from hmoe.kernels import reference as ref
 from hmoe.kernels.formats import ExpertFormat
 from hmoe.kernels.moe import MoeKernel, route, row_share
 
-from kernel_helpers import random_layer
+from helpers.kernel_layers import random_layer
 
 E, H, I = 12, 256, 384
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import zmq.auth
-from runtime_helpers import free_port, start_router
+from helpers.net import free_port, start_router
 
 from hmoe.runtime import Client, QueueFull, RequestFailed, RequestRefused, RouterUnreachable, WorkerLost
 from hmoe.runtime.client import Result, Usage, router_error, status_once
@@ -15,22 +15,34 @@ from hmoe.runtime.supervisor import RestartPolicy
 
 
 def test_the_sdk_imports_no_torch_numba_or_tokenizers():
-    code = ("import sys; from hmoe.runtime import Client, AsyncClient;"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numba', 'tokenizers'}))")
+    code = (
+        "import sys; from hmoe.runtime import Client, AsyncClient;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numba', 'tokenizers'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_the_generate_command_imports_no_torch():
-    trace = subprocess.run([sys.executable, "-X", "importtime", "-m", "hmoe.workers.cli", "generate", "--help"],
-                           capture_output=True, text=True, check=True).stderr  # fmt: skip
+    trace = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "hmoe.runtime.cli", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
     assert not [line for line in trace.splitlines() if line.rstrip().endswith((" torch", " numba"))]
 
 
 def test_error_codes_become_typed_exceptions():
-    assert type(router_error("queue_full", "busy")) is QueueFull and isinstance(router_error("queue_full", "x"), RequestRefused)
+    assert type(router_error("queue_full", "busy")) is QueueFull and isinstance(
+        router_error("queue_full", "x"), RequestRefused
+    )
     refused = router_error("prompt_too_long", "too long")
-    assert type(refused) is RequestRefused and refused.code == "prompt_too_long" and str(refused) == "[prompt_too_long] too long"
+    assert (
+        type(refused) is RequestRefused
+        and refused.code == "prompt_too_long"
+        and str(refused) == "[prompt_too_long] too long"
+    )
     partial = Result("r", "ab", (1, 2), "error", Usage(3, 2, 0.1, 0.01))
     lost = router_error("worker_lost", "gone", partial)
     assert type(lost) is WorkerLost and isinstance(lost, RequestFailed) and lost.result is partial
@@ -74,8 +86,13 @@ def test_every_error_code_the_runtime_raises_is_documented():
     from hmoe.runtime.error_codes import ERROR_CODES
 
     root = Path(__file__).resolve().parents[2]
-    sources = [*(root / "runtime").glob("*.py"), root / "workers" / "serve_cli.py"]
-    pattern = re.compile(r'(?:HmoeError|ProtocolError|RouterUnreachable|Error)\(\s*"([a-z_]+)"|"code": "([a-z_]+)"')
-    raised = {a or b for path in sources for a, b in pattern.findall(path.read_text())}
+    # Everything that can answer a client: the router side, and the worker engines (their per-request
+    # errors reach the client in Finished.error unchanged).
+    sources = [*(root / "runtime").rglob("*.py"), *(root / "workers" / "engine").rglob("*.py")]
+    pattern = re.compile(
+        r'(?:HmoeError|ProtocolError|RouterUnreachable|HandoffError|Error)\(\s*"([a-z_]+)"|"code": "([a-z_]+)"'
+        r'|(?:RequestError\(|_refuse\(|_cancel_all\()[^,()]*(?:\([^()]*\))?,\s*"([a-z_]+)"'
+    )
+    raised = {a or b or c for path in sources for a, b, c in pattern.findall(path.read_text())}
     raised -= {"config_invalid", "config_missing"}  # config errors: hmoe.runtime.config, reported at start-up
     assert raised and raised <= set(ERROR_CODES), sorted(raised - set(ERROR_CODES))

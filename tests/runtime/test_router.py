@@ -7,7 +7,7 @@ import signal
 import socket
 
 import pytest
-from runtime_helpers import start_router
+from helpers.net import start_router
 
 from hmoe.runtime import Client, RequestRefused
 

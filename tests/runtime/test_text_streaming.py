@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers.net import ByteTokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from runtime_helpers import ByteTokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hmoe.runtime.detokenizer import MAX_HOLD_TOKENS, Detokenizer
@@ -18,9 +18,15 @@ def bpe() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
-    tok.train_from_iterator(["hello world, the quick brown fox", "héllo wörld 中文 テスト emoji 🙂 ok"] * 20, trainer=trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(
+        ["hello world, the quick brown fox", "héllo wörld 中文 テスト emoji 🙂 ok"] * 20, trainer=trainer
+    )
     return tok
 
 
@@ -47,7 +53,9 @@ def test_bytes_that_never_complete_a_character_still_flow():
     cut = stream(ByteTokenizer(), [0xE4, 0xB8, ord("x"), ord("y")])  # a 3-byte character cut after 2 bytes
     assert cut == ["", "", "\ufffdx", "y", ""]
     stray = stream(ByteTokenizer(), [0x80] * 6)  # continuation bytes with no start
-    assert stray[: MAX_HOLD_TOKENS - 1] == [""] * (MAX_HOLD_TOKENS - 1) and stray[MAX_HOLD_TOKENS - 1]  # held, then shown
+    assert (
+        stray[: MAX_HOLD_TOKENS - 1] == [""] * (MAX_HOLD_TOKENS - 1) and stray[MAX_HOLD_TOKENS - 1]
+    )  # held, then shown
     assert "".join(stray) == "\ufffd" * 6
 
 
@@ -57,8 +65,11 @@ def test_special_tokens_are_not_shown(bpe):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="abc", max_size=30), st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3),
-       st.lists(st.integers(1, 5), min_size=1, max_size=30))  # fmt: skip
+@given(
+    st.text(alphabet="abc", max_size=30),
+    st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3),
+    st.lists(st.integers(1, 5), min_size=1, max_size=30),
+)
 def test_stop_strings_cut_at_the_first_completed_stop_however_the_text_is_cut(text, stops, cuts):
     matcher = StopStrings(tuple(stops))
     shown, position, i = "", 0, 0

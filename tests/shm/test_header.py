@@ -9,8 +9,16 @@ from hmoe.shm.header import FORMAT_VERSION, HEADER_BYTES, READY, STATE_OFFSET, H
 
 
 def header(**changes) -> Header:
-    fields = dict(format_version=FORMAT_VERSION, state=READY, total_bytes=1 << 20, manifest_offset=8192,
-                  manifest_bytes=100, manifest_sha256=b"s" * 32, loader_pid=42, created_ns=7)  # fmt: skip
+    fields = dict(
+        format_version=FORMAT_VERSION,
+        state=READY,
+        total_bytes=1 << 20,
+        manifest_offset=8192,
+        manifest_bytes=100,
+        manifest_sha256=b"s" * 32,
+        loader_pid=42,
+        created_ns=7,
+    )
     return Header(**(fields | changes))
 
 
@@ -33,9 +41,14 @@ def test_short_data_is_not_a_pack():
 
 @pytest.mark.parametrize(
     "changes",
-    [dict(total_bytes=1 << 21), dict(manifest_offset=0), dict(manifest_bytes=0), dict(manifest_offset=(1 << 20) - 50),
-     dict(manifest_bytes=1 << 40)],
-)  # fmt: skip
+    [
+        dict(total_bytes=1 << 21),
+        dict(manifest_offset=0),
+        dict(manifest_bytes=0),
+        dict(manifest_offset=(1 << 20) - 50),
+        dict(manifest_bytes=1 << 40),
+    ],
+)
 def test_bounds(changes):
     header().check_bounds(1 << 20, 1 << 26, "t")
     with pytest.raises(ShmError) as err:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from conftest import small_manifest
+from helpers.shm_pack import small_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,7 +90,9 @@ def test_other_format_version_is_its_own_error():
     assert err.value.code == "pack_version"
 
 
-@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x92\x01", b"\xdd\xff\xff\xff\xff", msgpack.packb([1, 2]) + b"x", b"\x81\x01\x02"])
+@pytest.mark.parametrize(
+    "data", [b"", b"\xc1", b"\x92\x01", b"\xdd\xff\xff\xff\xff", msgpack.packb([1, 2]) + b"x", b"\x81\x01\x02"]
+)
 def test_garbage_bytes_are_refused(data):
     with pytest.raises(ShmError) as err:
         Manifest.decode(data, DATA_END, "test")
@@ -106,7 +108,12 @@ def _check_safe(manifest: Manifest) -> None:
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )

@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import posix_ipc
 import pytest
-from conftest import expected, fill_pattern, small_manifest
+from helpers.shm_pack import expected, fill_pattern, small_manifest
 
 from hmoe.shm import Pack, PackLayout, ShmConfig, ShmError, build_pack, check_name
 from hmoe.shm.header import HEADER_BYTES, LOADING, READY, STATE_OFFSET
@@ -199,7 +199,9 @@ def test_copy_from_file_lands_bytes_at_the_offset(tmp_path, hugetlbfs):
     payload = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
     source.write_bytes(b"xx" + payload.tobytes())
     (tmp_path / "huge").mkdir()
-    config = ShmConfig(hugetlbfs=str(tmp_path / "huge") if hugetlbfs else "", prefix="hmoe.test-copy.", lock_dir=str(tmp_path))
+    config = ShmConfig(
+        hugetlbfs=str(tmp_path / "huge") if hugetlbfs else "", prefix="hmoe.test-copy.", lock_dir=str(tmp_path)
+    )
     writer = PackWriter.create(small_manifest(expert_bytes=4 << 20), config)
     try:
         entry = writer.manifest_entry("experts.1.w")

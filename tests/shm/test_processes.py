@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import CHILD_TIMEOUT_S, child, expected, fill_pattern, small_manifest, wait_line
+from helpers.shm_pack import CHILD_TIMEOUT_S, child, expected, fill_pattern, small_manifest, wait_line
 
 from hmoe.shm import Pack, ShmError, build_pack, collect_garbage, list_packs, remove_pack
 
@@ -83,7 +83,10 @@ def test_writes_through_views_fail(ready_pack, shm_config):
 
 
 def test_a_killed_worker_leaves_the_pack_attachable(ready_pack, shm_config):
-    attach = 'pack = Pack.attach("p", config); print("attached", int(pack.array("experts.1.w").sum()), flush=True); sys.stdin.readline()'
+    attach = (
+        'pack = Pack.attach("p", config); print("attached", int(pack.array("experts.1.w").sum()), flush=True); '
+        "sys.stdin.readline()"
+    )
     first = child(attach, shm_config)
     wait_line(first, "attached")
     assert list_packs(shm_config)[0].attached_pids == (first.pid,)
@@ -159,7 +162,7 @@ def test_gc_removes_incomplete_and_unattached_packs_only(shm_config):
     for name in ("unused", "used"):
         pack, _ = build_pack(small_manifest(name), fill_pattern, shm_config)
         pack.close()
-    loader = child(SLOW_LOADER.replace('small_manifest()', 'small_manifest("dead")'), shm_config)
+    loader = child(SLOW_LOADER.replace("small_manifest()", 'small_manifest("dead")'), shm_config)
     wait_line(loader, "halfway")
     loader.kill()
     loader.wait(CHILD_TIMEOUT_S)

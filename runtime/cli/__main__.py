@@ -1,0 +1,3 @@
+from hmoe.runtime.cli import main
+
+main()

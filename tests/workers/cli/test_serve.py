@@ -1,0 +1,359 @@
+"""End to end, as a user runs it: `hmoe serve` (router + real prefill and decode worker processes on
+the tiny model, CPU, real shared memory) and clients over real sockets. Nothing of ours is faked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+from helpers.net import GARBAGE, free_port
+
+from hmoe.runtime import AsyncClient, Client, RequestFailed, RequestRefused, WorkerLost
+from hmoe.runtime.client import status_once
+from hmoe.runtime.protocol import Cancel, Error, Finished, Generate, decode, encode
+
+pytestmark = pytest.mark.slow
+PACK = "serve-test"
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    endpoint: str
+    out_path: Path  # serve's own lines
+    log_path: Path  # the children's
+
+    def pid(self, role: str) -> int:
+        return next(w["pid"] for w in status_once(self.endpoint, 5.0)["workers"] if w["role"] == role)
+
+    def wait_ready(self, timeout_s: float = 120.0, since_pids: dict | None = None) -> dict:
+        """Until both roles are registered (with other pids than `since_pids`, after a restart)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, self.out_path.read_text()
+            try:
+                workers = {w["role"]: w["pid"] for w in status_once(self.endpoint, 1.0)["workers"]}
+            except Exception:  # noqa: BLE001  (the router may be restarting)
+                workers = {}
+            if set(workers) == {"prefill", "decode"} and all(workers[r] != (since_pids or {}).get(r) for r in workers):
+                return workers
+            assert time.monotonic() < deadline, self.out_path.read_text() + self.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+
+    def kv_free(self) -> bool:
+        """Every KV block of the decode worker free again (its heartbeat's word) and nothing running."""
+        status = status_once(self.endpoint, 2.0)
+        decode_worker = next(w for w in status["workers"] if w["role"] == "decode")
+        return status["running"] == 0 and decode_worker["kv_free_tokens"] == decode_worker["kv_capacity_tokens"]
+
+    def wait_kv_free(self) -> None:
+        deadline = time.monotonic() + 10
+        while not self.kv_free():
+            assert time.monotonic() < deadline, status_once(self.endpoint)
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
+    env = dict(
+        os.environ,
+        HMOE_SHM_PREFIX=prefix,
+        HMOE_ROUTER_RUNTIME_DIR=str(tmp),
+        HMOE_WORKER_KV_CACHE_GIB="0.02",
+        HMOE_WORKER_EXPERTS="torch",
+        HMOE_ROUTER_CLIENT_TIMEOUT_S="2",
+        HMOE_ROUTER_MAX_PROMPT_TOKENS="512",
+        HMOE_WORKER_HANDOFF_SLOT_TOKENS="512",
+        HMOE_WORKER_PREFILL_CHUNK_TOKENS="64",
+        HMOE_ROUTER_DRAIN_GRACE_S="20",
+        HMOE_WORKER_DRAIN_GRACE_S="5",
+        OMP_NUM_THREADS="1",
+    )  # two workers and the test share 2 cores
+    port = free_port()
+    out_path = tmp / "serve.out"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hmoe.runtime.cli",
+                "serve",
+                str(tiny_models("deepseek_v3", "fp32")),
+                "--port",
+                str(port),
+                "--pack",
+                PACK,
+            ],
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
+    served = Served(proc, f"tcp://127.0.0.1:{port}", out_path, tmp / f"serve-{port}.log")
+    deadline = time.monotonic() + 180
+    while "hmoe serving" not in out_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, out_path.read_text()
+        time.sleep(0.2)
+    try:
+        yield served
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: router drains, then the workers, all exit 0
+        assert proc.wait(60) == 0, out_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # its children follow (PR_SET_PDEATHSIG)
+        from hmoe.shm import ShmConfig, remove_pack
+
+        remove_pack(PACK, ShmConfig(prefix=prefix), force=True)
+
+
+def _router_pid(served: Served) -> int:
+    """The router's pid: `ps` finds the `hmoe.runtime.router` child of hmoe serve."""
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(served.proc.pid)], capture_output=True, text=True
+    ).stdout
+    return next(int(line.split()[0]) for line in out.splitlines() if "hmoe.runtime.router" in line)
+
+
+PROMPTS = [f"Request {i}: the fox {'jumps ' * (i % 5)}over {i * 7} dogs." for i in range(32)]
+
+
+def test_32_concurrent_streaming_clients_get_what_sequential_runs_get(served):
+    with Client(served.endpoint) as client:
+        sequential = [client.complete(p, max_tokens=8, ignore_eos=True) for p in PROMPTS]
+
+    async def one(prompt: str):
+        async with AsyncClient(served.endpoint) as client:  # a client of its own each
+            return [c async for c in client.generate(prompt, max_tokens=8, ignore_eos=True)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    concurrent = asyncio.run(all_at_once())
+    for seq, chunks in zip(sequential, concurrent):
+        assert [t for c in chunks for t in c.token_ids] == list(seq.token_ids) and len(seq.token_ids) == 8
+        assert "".join(c.text for c in chunks) == seq.text and seq.finish_reason == "length"
+        assert seq.usage.prompt_tokens > 10 and seq.usage.ttft_s > 0 and seq.usage.tpot_s > 0
+    served.wait_kv_free()
+
+
+def test_sampled_requests_without_a_seed_are_served_as_users_send_them(served):
+    """The most ordinary request: temperature set, no seed (it crashed the prefill worker once)."""
+    before = served.wait_ready()
+    with Client(served.endpoint) as client:
+        for _ in range(3):
+            result = client.complete("Hello there", max_tokens=8, temperature=0.7, ignore_eos=True)
+            assert result.finish_reason == "length" and len(result.token_ids) == 8
+        top = client.complete("Hello there", max_tokens=8, temperature=1.3, top_p=0.9, top_k=20, ignore_eos=True)
+        assert len(top.token_ids) == 8
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hmoe.runtime.cli",
+            "generate",
+            "--endpoint",
+            served.endpoint,
+            "--temperature",
+            "0.7",
+            "Hello there",
+            "--max-tokens",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and json.loads(cli.stdout)["usage"]["output_tokens"] >= 1, cli.stderr
+    assert served.wait_ready() == before  # no worker died or was replaced
+    served.wait_kv_free()
+
+
+def test_cancel_mid_stream_and_before_the_first_token(served):
+    with Client(served.endpoint) as client:
+        stream = client.generate("Tell me everything", max_tokens=3000, ignore_eos=True)
+        got = [next(stream) for _ in range(3)]
+        stream.close()
+        assert len(got) == 3
+        served.wait_kv_free()  # the decode worker dropped it and freed its KV
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.connect(served.endpoint)
+    sock.send(encode(Generate("early", token_ids=list(range(2, 400)), params={"max_tokens": 50})))
+    sock.send(encode(Cancel("early")))
+    finished = decode(sock.recv())
+    assert isinstance(finished, Finished) and finished.finish_reason == "cancelled" and finished.token_ids == []
+    sock.close(linger=0)
+    served.wait_kv_free()
+
+
+def test_a_client_that_vanishes_is_cancelled_everywhere(served):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(served.endpoint)
+    sock.send(encode(Generate("vanishing", prompt="Hello", params={"max_tokens": 3000, "ignore_eos": True})))
+    time.sleep(0.5)
+    sock.close(linger=0)  # no cancel, no more pings: gone after client_timeout_s = 2 s
+    assert status_once(served.endpoint)["running"] == 1
+    served.wait_kv_free()
+    assert '"client_gone"' in served.log_path.read_text()
+
+
+def test_garbage_gets_coded_errors_while_others_are_served(served):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.connect(served.endpoint)
+    with Client(served.endpoint) as client:
+        stream = client.generate("Still here?", max_tokens=20, ignore_eos=True)
+        for frames, code in GARBAGE:
+            sock.send_multipart(frames)
+            reply = decode(sock.recv())
+            assert isinstance(reply, Error) and reply.code == code and reply.message, (frames[0][:60], reply)
+            if code in ("invalid_sampling", "prompt_too_long"):
+                assert reply.request_id in ("p1", "p2", "p3")  # routed to the request that caused it
+        with pytest.raises(RequestRefused) as refused:
+            client.complete("x", max_tokens=10_000)
+        assert refused.value.code in ("context_too_long", "kv_capacity")
+        assert sum(len(c.token_ids) for c in stream) == 20 and stream.result.finish_reason == "length"
+    sock.close(linger=0)
+
+
+def test_stop_strings_utf8_text_and_deadlines_over_the_wire(served):
+    with Client(served.endpoint) as client:
+        whole = client.complete("Hello world", max_tokens=30, ignore_eos=True)
+        assert whole.text and "\ufffd" not in whole.text[-1:]  # never ends mid-character... unless the model says so
+        stop = whole.text[5:8]
+        cut = client.complete("Hello world", max_tokens=30, ignore_eos=True, stop=[stop])
+        assert cut.finish_reason == "stop" and cut.text == whole.text[: whole.text.find(stop)]
+        assert list(cut.token_ids) == list(whole.token_ids[: len(cut.token_ids)])
+        late = client.complete("Hello world", max_tokens=3000, ignore_eos=True, timeout=0.5)
+        assert late.finish_reason == "timeout" and 0 < len(late.token_ids) < 3000
+    served.wait_kv_free()
+
+
+def test_kill_9_of_the_decode_worker_gives_worker_lost_in_3_s_then_a_restart_serves(served):
+    before = served.wait_ready()
+    with Client(served.endpoint) as client:
+        stream = client.generate("A long answer please", max_tokens=3000, ignore_eos=True)
+        next(stream)
+        os.kill(before["decode"], signal.SIGKILL)
+        killed_s = time.monotonic()
+        with pytest.raises(WorkerLost) as lost:
+            for _ in stream:
+                pass
+        assert time.monotonic() - killed_s < 3.0 and lost.value.code == "worker_lost" and lost.value.result.token_ids
+        after = served.wait_ready(since_pids={"decode": before["decode"]})  # hmoe serve restarted it
+        assert after["prefill"] == before["prefill"]
+        assert len(client.complete("Back again", max_tokens=5, ignore_eos=True).token_ids) == 5
+    assert "decode exited with status -9; restarting it" in served.out_path.read_text()
+
+
+def test_a_hung_prefill_worker_is_dropped_its_request_retried_when_it_comes_back(served):
+    before = served.wait_ready()
+    os.kill(before["prefill"], signal.SIGSTOP)  # hung: no heartbeats, no work, still alive
+    try:
+        with Client(served.endpoint) as client:
+            stream = client.generate("Waiting for prefill", max_tokens=5, ignore_eos=True)
+            deadline = time.monotonic() + 5
+            while any(w["role"] == "prefill" for w in client.status()["workers"]):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            os.kill(before["prefill"], signal.SIGCONT)  # its pongs are stale: it registers again
+            assert sum(len(c.token_ids) for c in stream) == 5 and stream.result.finish_reason == "length"
+    finally:
+        os.kill(before["prefill"], signal.SIGCONT)
+    assert served.wait_ready()["prefill"] == before["prefill"]
+
+
+def test_router_drains_on_sigterm_and_comes_back_without_restarting_workers(served):
+    before = served.wait_ready()
+    router_pid = _router_pid(served)
+    with Client(served.endpoint) as client:
+        stream = client.generate("Finish me", max_tokens=500, ignore_eos=True)  # a few seconds of decoding
+        next(stream)
+        os.kill(router_pid, signal.SIGTERM)
+        time.sleep(0.1)
+        with pytest.raises(RequestRefused) as refused:
+            client.complete("New", max_tokens=2)
+        assert refused.value.code == "draining"
+        assert sum(len(c.token_ids) for c in stream) == 499 and stream.result.finish_reason == "length"
+    deadline = time.monotonic() + 30
+    while "router exited with status 0; restarting it" not in served.out_path.read_text():
+        assert time.monotonic() < deadline, served.out_path.read_text()
+        time.sleep(0.1)
+    assert served.wait_ready() == before  # the same worker processes registered with the new router
+    with Client(served.endpoint) as client:
+        assert len(client.complete("After the restart", max_tokens=4, ignore_eos=True).token_ids) == 4
+
+
+def test_a_second_signal_ends_running_requests_at_once(served):
+    before = served.wait_ready()
+    router_pid = _router_pid(served)
+    with Client(served.endpoint) as client:
+        stream = client.generate("Long", max_tokens=3000, ignore_eos=True)
+        next(stream)
+        os.kill(router_pid, signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(router_pid, signal.SIGINT)
+        with pytest.raises(RequestFailed) as failed:
+            for _ in stream:
+                pass
+        assert failed.value.code == "server_shutdown"
+    deadline = time.monotonic() + 30
+    while "router exited with status 130; restarting it" not in served.out_path.read_text():
+        assert time.monotonic() < deadline, served.out_path.read_text()
+        time.sleep(0.1)
+    assert served.wait_ready() == before
+
+
+def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(served):
+    hmoe = [sys.executable, "-m", "hmoe.runtime.cli"]
+    as_json = subprocess.run(
+        [*hmoe, "generate", "--endpoint", served.endpoint, "Hello", "--max-tokens", "6", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    answer = json.loads(as_json.stdout)
+    assert answer["finish_reason"] in ("length", "stop") and answer["usage"]["output_tokens"] == len(
+        answer["token_ids"]
+    )
+    shown = subprocess.run(
+        [*hmoe, "generate", "--endpoint", served.endpoint, "Hello", "--max-tokens", "6"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and shown.stdout.rstrip("\n") == answer["text"] and "tokens, " in shown.stderr
+    long = subprocess.Popen(
+        [*hmoe, "generate", "--endpoint", served.endpoint, "Go on", "--max-tokens", "3000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while status_once(served.endpoint)["running"] == 0:
+        assert time.monotonic() < deadline and long.poll() is None
+        time.sleep(0.05)
+    long.send_signal(signal.SIGINT)  # Ctrl-C
+    assert long.wait(30) == 130 and "[cancelled]" in long.stderr.read()
+    served.wait_kv_free()
+    status = subprocess.run(
+        [*hmoe, "status", "--endpoint", served.endpoint, "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0 and {w["role"] for w in json.loads(status.stdout)["workers"]} == {"prefill", "decode"}
+    down = subprocess.run(
+        [*hmoe, "generate", "--port", str(free_port()), "Hi"], capture_output=True, text=True, timeout=60
+    )
+    assert down.returncode == 1 and "router_unreachable" in down.stderr and "Traceback" not in down.stderr

@@ -1,0 +1,147 @@
+"""`hmoe serve`: run the service on this machine.
+
+(a tiny random demo model, made once in the cache folder, when no MODEL_DIR is given) -> its weight
+pack in shared memory -> router + prefill worker + decode worker under a Supervisor -> "serving ...
+at ENDPOINT" once both workers registered. Ctrl-C / SIGTERM stops them in order. The clients that
+talk to it (`hmoe generate`, `hmoe status`) live in hmoe.runtime.cli.requests and import no torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from hmoe.runtime.config import load_config
+
+DEMO = ("deepseek_v3", "tiny", "bf16")
+
+
+def demo_model_dir() -> Path:
+    """Where the demo model lives: $XDG_CACHE_HOME/hmoe (or ~/.cache/hmoe)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hmoe"
+    return cache / "demo-{}-{}".format(*DEMO[:2])  # the pack adds the expert format: demo-deepseek_v3-tiny-bf16
+
+
+def ensure_demo_model(say) -> Path:
+    """Make the demo model on first use (under a lock; written aside, then renamed into place)."""
+    from hmoe.workers.weights.make_model import make_model  # (torch: only when serving)
+
+    path = demo_model_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            say(f"making the tiny random demo model in {path} (once)")
+            scratch = path.with_name(path.name + f".tmp-{os.getpid()}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            make_model(scratch, *DEMO)
+            shutil.rmtree(path, ignore_errors=True)
+            scratch.rename(path)
+    return path
+
+
+@click.command("serve")
+@click.argument("model_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--port", type=int, help="Serve clients on tcp://127.0.0.1:PORT (default: [router] frontend, port 5555).")
+@click.option("--device", help="cpu | cuda | cuda:N for both workers (default: [worker] device).")
+@click.option("--pack", "pack_name", help="Weight pack name (default: from the model folder and expert format).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+def serve_cmd(model_dir, port, device, pack_name, config_path) -> None:
+    """Serve MODEL_DIR (default: a tiny random demo model) with a router and two workers on this machine."""
+    from hmoe.runtime.supervisor import ChildSpec, Supervisor
+    from hmoe.workers.weights.pack_loader import load_pack
+
+    def say(text: str) -> None:
+        click.echo(f"hmoe serve: {text}", err=True)
+
+    frontend = f"tcp://127.0.0.1:{port}" if port else None
+    config = load_config(
+        config_path, overrides={"router": {"frontend": frontend}, "worker": {"device": device, "pack": pack_name}}
+    )
+    model_dir = Path(model_dir) if model_dir else ensure_demo_model(say)
+    pack, built = load_pack(model_dir, config.worker.pack or None, config=config.shm)
+    name = pack.name
+    pack.close()
+    say(f"{'loaded' if built else 'found'} weight pack {name} (hmoe shm rm {name} frees it)")
+    frontend = config.router.frontend
+    backend = (
+        config.router.backend or f"ipc://{config.runtime_dir}/backend-{frontend.rsplit(':', 1)[-1].strip('/')}.sock"
+    )
+    common = (*(("--config", config_path) if config_path else ()),)
+    worker = (
+        sys.executable,
+        "-m",
+        "hmoe.workers.engine.worker",
+        "--pack",
+        name,
+        "--router",
+        backend,
+        "--device",
+        config.worker.device,
+        *common,
+    )
+    specs = [
+        ChildSpec(
+            "router",
+            (
+                sys.executable,
+                "-m",
+                "hmoe.runtime.router",
+                "--frontend",
+                frontend,
+                "--backend",
+                backend,
+                "--pack",
+                name,
+                *common,
+            ),
+            config.router.drain_grace_s + 10,
+        ),
+        ChildSpec("prefill", (*worker, "--role", "prefill"), config.worker.drain_grace_s + 10),
+        ChildSpec("decode", (*worker, "--role", "decode"), config.worker.drain_grace_s + 10),
+    ]
+    Path(config.runtime_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = Path(config.runtime_dir) / f"serve-{frontend.rsplit(':', 1)[-1].strip('/')}.log"
+    with open(log_path, "ab") as log_file:
+        supervisor = Supervisor(specs, log_file, say=say)
+        supervisor.start()
+        say(f"starting {', '.join(f'{n} (pid {p})' for n, p in supervisor.pids().items())}; logs in {log_path}")
+        code = supervisor.run(on_tick=_Readiness(frontend, name, supervisor, say))
+    if code != 0:
+        say(f"stopped with status {code}; the last lines of {log_path}:")
+        click.echo("".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:]), err=True)
+    sys.exit(code)
+
+
+class _Readiness:
+    """on_tick: ask the router until both workers registered, then say where we listen (once per readiness)."""
+
+    def __init__(self, frontend: str, name: str, supervisor, say):
+        self.frontend, self.name, self.supervisor, self.say = frontend, name, supervisor, say
+        self.ready = False
+        self.next_s = 0.0
+
+    def __call__(self) -> None:
+        from hmoe.runtime.client import RouterUnreachable, status_once
+
+        if time.monotonic() < self.next_s:
+            return
+        self.next_s = time.monotonic() + (0.5 if not self.ready else 2.0)
+        try:
+            roles = {w["role"] for w in status_once(self.frontend, 0.5)["workers"]}
+        except RouterUnreachable:
+            roles = set()
+        ready = roles >= {"prefill", "decode"}
+        if ready and not self.ready:
+            click.echo(
+                f'hmoe serving {self.name} at {self.frontend} — try: hmoe generate --endpoint {self.frontend} "Hello"'
+            )
+        elif self.ready and not ready:
+            self.say(f"not ready: workers registered: {sorted(roles) or 'none'}")
+        self.ready = ready

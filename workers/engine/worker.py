@@ -1,0 +1,319 @@
+"""`hmoe-worker`: one prefill or decode process, from start-up to drain.
+
+start:  attach the weight pack (no copy of the experts) -> model on the device -> KV pool ->
+        hand-off pool -> warm-up forward (kernels compiled) -> connect, Register, READY=1
+loop:   receive (block only when idle) -> apply messages -> one engine step -> send its output
+stop:   SIGTERM or Drain: refuse new work, finish running requests within drain_grace_s, cancel
+        the rest, detach, exit 0. A second signal exits at once (1). Start-up failure exits 3.
+
+One I/O thread owns the router socket (the zguide's agent pattern): it forwards frames between the
+router and the main thread over an inproc pipe, and does the Paranoid Pirate heartbeating itself,
+so a long prefill chunk never looks like a dead worker and no socket is shared between threads.
+When the router's pongs stop for interval x liveness, it registers again under a new worker id and
+tells the main thread, which drops its requests (the router has failed them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import click
+import torch
+import zmq
+
+from hmoe.runtime import protocol
+from hmoe.runtime.config import Config, config_options, load_config
+from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.log import configure_logging
+from hmoe.runtime.sd_notify import SdNotify
+from hmoe.shm.segment import unlink_segment
+from hmoe.workers.engine.decode import DecodeEngine
+from hmoe.workers.engine.kv_handoff import HandoffPool
+from hmoe.workers.engine.prefill import PrefillEngine
+from hmoe.workers.model.causal_lm import CausalLM, load_model
+from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.weights.pack_source import PackSource
+
+log = logging.getLogger("hmoe.worker")
+
+EXIT_STARTUP_FAILURE = 3
+RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
+STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
+ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
+
+
+class WorkerProcess:
+    def __init__(self, role: str, config: Config, router: str):
+        assert role in ("prefill", "decode"), role
+        self.role, self.config, self.router = role, config, router
+        self.notify = SdNotify.from_env()
+        self.context = zmq.Context.instance()
+        self.pipe: zmq.Socket | None = None  # the main thread's end of the pipe to the I/O thread
+        self.io_thread: threading.Thread | None = None
+        self.worker_id = ""
+        self.draining_since: float | None = None
+        self.signals = 0
+        # What start() builds, in order; close() releases whatever of it exists.
+        self.source: PackSource | None = None
+        self.experts = None
+        self.handoff: HandoffPool | None = None
+        self.engine: PrefillEngine | DecodeEngine | None = None
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        w = self.config.worker
+        # The prefill and the decode worker share the machine's CPU: by default each takes half of it,
+        # for torch and for the expert kernels alike (two OpenMP pools spinning on the same cores
+        # slowed decode down 20x on 2 cores).
+        self.threads = w.cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        torch.set_num_threads(self.threads)
+        self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
+        device = torch.device(w.device)
+        self.experts = self._experts(device)
+        self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
+        self.kv = KVPool.from_budget(
+            self.model.config, int(w.kv_cache_gib * (1 << 30)), w.kv_block_size, self.model.dtype, device
+        )
+        if self.role == "prefill":
+            slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
+            slot_tokens = min(slot_tokens, self.kv.capacity_tokens)
+            self.handoff = HandoffPool.create(
+                f"{self.role}-{os.getpid()}", w.handoff_slots, self.kv.bytes_per_token * slot_tokens, self.config.shm
+            )
+            self.engine = PrefillEngine(self.model, self.kv, self.handoff, w.prefill_chunk_tokens, w.handoff_timeout_s)
+        else:
+            self.handoff = None
+            self.engine = DecodeEngine(self.model, self.kv, w.max_batch, w.micro_batches, self.config.shm)
+        self._warm_up()
+        address = f"inproc://hmoe-worker-{id(self)}"
+        self.pipe = self.context.socket(zmq.PAIR)
+        self.pipe.bind(address)
+        self.io_thread = threading.Thread(target=self._io, args=(address,), name="router-io", daemon=True)
+        self.io_thread.start()
+        self.notify.ready(f"{self.role} worker serving {w.pack} on {w.device}")
+        log.info(
+            "%s worker ready: pack %s, %s %s, KV %d tokens",
+            self.role,
+            w.pack,
+            device,
+            self.model.dtype,
+            self.kv.capacity_tokens,
+        )
+
+    def _experts(self, device: torch.device):
+        if self.config.worker.experts == "torch":
+            return None  # load_model's default: the torch reference backend on the device
+        from hmoe.workers.experts.cpu import CpuExperts
+
+        return CpuExperts.from_source(self.source, device, self.threads)
+
+    def _warm_up(self) -> None:
+        """One tiny forward so the first request pays for no compilation or first-touch."""
+        from hmoe.workers.model.batch import ForwardBatch
+
+        self.kv.reserve("warm-up", 2)
+        self.model.forward(ForwardBatch.build(self.kv, [("warm-up", [0, 1], 0)]), self.kv)
+        self.kv.free("warm-up")
+
+    def _register(self) -> protocol.Register:
+        c = self.model.config
+        return protocol.Register(
+            self.worker_id,
+            self.role,
+            os.getpid(),
+            str(self.model.device),
+            {
+                "name": self.config.worker.pack,
+                "vocab_size": c.vocab_size,
+                "eos_token_ids": list(c.eos_token_ids),
+                "max_position_embeddings": c.max_position_embeddings,
+            },
+            self.kv.capacity_tokens,
+            self.config.worker.max_batch,
+        )
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        while True:
+            self._receive(wait=not self.engine.busy)
+            if self.draining_since is not None:
+                if not self.engine.busy:
+                    break
+                if time.monotonic() - self.draining_since > self.config.worker.drain_grace_s:
+                    self._cancel_all("shutting_down", "the worker is shutting down")
+                    break
+            for msg in self.engine.step():
+                self._send(msg)
+            self.notify.tick()
+        return 0
+
+    def _receive(self, wait: bool) -> None:
+        """Apply every message the I/O thread passed on; when idle, wait up to 50 ms for one."""
+        timeout_ms = 50 if wait else 0
+        while self.pipe.poll(timeout_ms):
+            timeout_ms = 0
+            frame = self.pipe.recv()
+            if frame == RECONNECTED:
+                self.engine.drop_all()  # the router failed them when it lost us
+                continue
+            try:
+                self._apply(protocol.decode(frame, ACCEPTED))
+            except HmoeError as exc:
+                log.warning("bad message from the router: %s", exc)
+                self._send(protocol.Error(exc.code, exc.message))
+
+    def _apply(self, msg) -> None:
+        match msg:
+            case protocol.Prefill() | protocol.Adopt() if self.draining_since is not None:
+                self._send(protocol.RequestError(msg.request_id, "draining", "the worker is shutting down"))
+            case protocol.Prefill() | protocol.Adopt() if (self.role == "prefill") == isinstance(msg, protocol.Prefill):
+                try:  # what a request carries fails that request, never the worker
+                    for out in self.engine.add(msg):
+                        self._send(out)
+                except HmoeError as exc:
+                    self._send(protocol.RequestError(msg.request_id, exc.code, exc.message))
+            case protocol.Prefill() | protocol.Adopt():
+                self._send(protocol.RequestError(msg.request_id, "wrong_role", f"this is a {self.role} worker"))
+            case protocol.Cancel():
+                self.engine.cancel(msg.request_id)
+            case protocol.Drain():
+                self.drain()
+
+    def _send(self, msg) -> None:
+        self.pipe.send(protocol.encode(msg))
+
+    def _io(self, address: str) -> None:
+        """The I/O thread: router socket <-> pipe, heartbeats both ways, re-registration."""
+        r = self.config.router
+        dead_after_s = r.heartbeat_interval_s * r.heartbeat_liveness
+        pipe = self.context.socket(zmq.PAIR)
+        pipe.connect(address)
+        sock, generation, outage, last_heard, next_ping = None, 0, False, 0.0, 0.0
+        while True:
+            now = time.monotonic()
+            if sock is None or now - last_heard > dead_after_s:
+                if sock is not None:
+                    if not outage:  # one line per outage, not one per attempt
+                        log.warning(
+                            "router silent for %.1f s: dropping requests and registering again", now - last_heard
+                        )
+                    outage = True
+                    sock.close(linger=0)
+                    pipe.send(RECONNECTED)
+                generation += 1
+                self.worker_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}-{generation}"
+                sock = self.context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.router)
+                sock.send(protocol.encode(self._register()))
+                last_heard = now
+            if now >= next_ping:
+                running, waiting = self.engine.load()
+                free = self.kv.free_blocks * self.kv.block_size
+                sock.send(protocol.encode(protocol.WorkerPing(self.worker_id, free, running, waiting)))
+                next_ping = now + r.heartbeat_interval_s
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(pipe, zmq.POLLIN)
+            for ready, _ in poller.poll(max(0.0, min(next_ping - now, 0.05)) * 1000):
+                frame = ready.recv()
+                if ready is pipe and frame == STOP:
+                    sock.close(linger=1000)  # give the last replies a second to leave
+                    pipe.close(linger=0)
+                    return
+                if ready is pipe:
+                    sock.send(frame)
+                elif not _is_pong(frame):
+                    pipe.send(frame)
+                if ready is sock:
+                    last_heard, outage = time.monotonic(), False  # any message proves the router alive
+
+    def _cancel_all(self, code: str, message: str) -> None:
+        ids = self.engine.request_ids()
+        self.engine.drop_all()
+        for request_id in ids:
+            self._send(protocol.RequestError(request_id, code, message))
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        if self.draining_since is None:
+            log.info("draining: finishing running requests within %.0f s", self.config.worker.drain_grace_s)
+            self.draining_since = time.monotonic()
+            self.notify.stopping("draining")
+            self.notify.extend_timeout(self.config.worker.drain_grace_s + 10)  # systemd waits for the drain
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals += 1
+        if self.signals > 1:  # runs between any two bytecodes of the main thread: no locks, no mappings
+            os.write(2, b"hmoe-worker: second signal: exiting now\n")
+            if self.handoff is not None:  # unlink the hand-off segment's name only; its pages die with us
+                unlink_segment(self.handoff.name, self.config.shm)
+            os._exit(1)
+        self.drain()
+
+    def close(self) -> None:
+        if self.io_thread is not None:
+            self.pipe.send(STOP)
+            self.io_thread.join()
+            self.io_thread = None
+        if self.pipe is not None:
+            self.pipe.close(linger=0)
+            self.pipe = None
+        if self.experts is not None:
+            self.experts.close()
+        if self.handoff is not None:
+            self.handoff.close()
+        if isinstance(self.engine, DecodeEngine):
+            self.engine.close()
+        if self.source is not None:
+            self.source.close()
+
+
+def _is_pong(frame: bytes) -> bool:
+    try:
+        return isinstance(protocol.decode(frame), protocol.WorkerPong)
+    except HmoeError:
+        return False
+
+
+@click.command()
+@click.option("--role", type=click.Choice(["prefill", "decode"]), required=True)
+@click.option("--router", "router_endpoint", default=None, help="The router's backend endpoint (default from config).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="TOML config file.")
+@config_options("worker", ["pack", "device", "dtype", "kv_cache_gib", "max_batch", "experts", "cpu_threads"])
+def main(role, router_endpoint, config_path, **worker_flags) -> None:
+    """Run one hmoe worker process (prefill or decode) until drained."""
+    configure_logging(process=role)
+    try:
+        config = load_config(config_path, overrides={"worker": worker_flags})
+        configure_logging(config.router.log_level, process=role)
+        if not config.worker.pack:
+            raise HmoeError("config_invalid", "no weight pack: pass --pack NAME or set [worker] pack")
+        worker = WorkerProcess(role, config, router_endpoint or config.backend)
+        signal.signal(signal.SIGTERM, worker.on_signal)
+        signal.signal(signal.SIGINT, worker.on_signal)
+        worker.start()
+    except HmoeError as exc:
+        log.error("start-up failed: %s", exc)
+        if "worker" in locals():
+            worker.close()
+        sys.exit(EXIT_STARTUP_FAILURE)
+    try:
+        code = worker.run()
+    finally:
+        worker.close()
+    log.info("%s worker stopped", role)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""DeepSeek-V3 / R1, Kimi-K2 (and the V2 graph): Multi-head Latent Attention.
+
+Shapes: N tokens in the batch, S context tokens of one sequence, h heads, H hidden,
+r kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
+
+The KV cache holds the compressed latent per token: [c (r, normalized) | k_rope (dr, rotated)].
+Attention runs in one of two equal forms:
+  plain:    k_nope, v = kv_b_proj(c) per head; scores = q_nope.k_nope + q_rope.k_rope
+  absorbed: q_nope is folded through kv_b_proj's key half into latent space, so scores and the
+            weighted sum run over the r-wide latent directly and nothing is expanded per head —
+            far fewer bytes per decode step on long contexts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hmoe.workers.model.batch import ForwardBatch, causal_mask
+from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.model.layers import RMSNorm, Rotary
+from hmoe.workers.weights.model_config import ModelConfig
+
+
+class MLAttention:
+    def __init__(self, config: ModelConfig, layer_id: int, load, absorb: str = "auto"):
+        """load(name, shape) -> tensor on the model's device; absorb: "auto" | "always" | "never"."""
+        c = config
+        self.config, self.layer_id, self.absorb = config, layer_id, absorb
+        self.num_heads = h = c.num_heads
+        qk_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = load("q_proj.weight", (h * qk_dim, c.hidden_size))
+        else:
+            self.q_a_proj = load("q_a_proj.weight", (c.q_lora_rank, c.hidden_size))
+            self.q_a_norm = RMSNorm(load("q_a_layernorm.weight", (c.q_lora_rank,)), 1e-6)
+            self.q_b_proj = load("q_b_proj.weight", (h * qk_dim, c.q_lora_rank))
+        self.kv_a_proj = load("kv_a_proj_with_mqa.weight", (c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size))
+        self.kv_a_norm = RMSNorm(load("kv_a_layernorm.weight", (c.kv_lora_rank,)), 1e-6)
+        kv_b = load("kv_b_proj.weight", (h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank))
+        self.kv_b_proj = kv_b
+        kv_b = kv_b.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        self.w_uk = kv_b[:, : c.qk_nope_head_dim]  # [h, dn, r]
+        self.w_uv = kv_b[:, c.qk_nope_head_dim :]  # [h, dv, r]
+        self.o_proj = load("o_proj.weight", (c.hidden_size, h * c.v_head_dim))
+        self.scale = c.attn_softmax_scale
+
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+        c = self.config
+        n = x.shape[0]
+        q = (
+            F.linear(x, self.q_proj)
+            if c.q_lora_rank is None
+            else F.linear(self.q_a_norm(F.linear(x, self.q_a_proj)), self.q_b_proj)
+        )
+        q = q.view(n, self.num_heads, -1)  # [N, h, dn + dr]
+        q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q_rope = rotary.apply(q_rope, cos, sin)
+        latent, k_rope = F.linear(x, self.kv_a_proj).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        k_rope = rotary.apply(k_rope[:, None, :], cos, sin)[:, 0]  # [N, dr], shared by all heads
+        cache = kv.data["latent"][self.layer_id]  # [slots, r + dr]
+        cache[batch.write_slots] = torch.cat([self.kv_a_norm(latent), k_rope], dim=-1).to(cache.dtype)
+
+        out = x.new_empty(n, self.num_heads, c.v_head_dim)
+        for seq in batch.seqs:
+            rows = slice(seq.q_start, seq.q_start + seq.q_len)
+            ctx = cache[seq.ctx_slots].to(x.dtype)  # [S, r + dr]
+            absorb = self.absorb == "always" or (self.absorb == "auto" and seq.q_len * 4 <= seq.ctx_len)
+            attend = self._absorbed if absorb else self._plain
+            out[rows] = attend(q_nope[rows], q_rope[rows], ctx, causal_mask(seq.q_len, seq.ctx_len, x.device))
+        if batch.decode is not None:  # one-token sequences together, in the absorbed form (or plain, one by one)
+            group = batch.decode
+            if self.absorb == "never":
+                for row, slots, mask in zip(group.rows.tolist(), group.slots, group.mask):
+                    ctx = cache[slots[mask[0, 0]]].to(x.dtype)
+                    out[row : row + 1] = self._plain(q_nope[row : row + 1], q_rope[row : row + 1], ctx, None)
+            else:
+                out[group.rows] = self._absorbed_group(
+                    q_nope[group.rows], q_rope[group.rows], cache[group.slots].to(x.dtype), group.mask
+                )
+        return F.linear(out.reshape(n, -1), self.o_proj)
+
+    def _plain(self, q_nope, q_rope, ctx, mask):
+        c = self.config
+        s = ctx.shape[0]
+        latent, k_rope = ctx.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv = F.linear(latent, self.kv_b_proj).view(s, self.num_heads, -1)  # [S, h, dn + dv]
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, None, :].expand(s, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale
+        )  # [h, T, dv]
+        return o.transpose(0, 1)
+
+    def _absorbed(self, q_nope, q_rope, ctx, mask):
+        q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [h, T, r]
+        q = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1)  # [h, T, r + dr]
+        latent = ctx[:, : self.config.kv_lora_rank]
+        o_latent = F.scaled_dot_product_attention(
+            q, ctx[None], latent[None], attn_mask=mask, scale=self.scale, enable_gqa=True
+        )  # [h, T, r]
+        return torch.einsum("htr,hvr->thv", o_latent, self.w_uv)
+
+    def _absorbed_group(self, q_nope, q_rope, ctx, mask):
+        """q [D, h, *] one token each, ctx [D, S, r + dr] padded, mask [D, 1, 1, S] -> [D, h, dv]."""
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [D, h, r]
+        q = torch.cat([q_latent, q_rope], dim=-1)[:, :, None]  # [D, h, 1, r + dr]
+        latent = ctx[..., : self.config.kv_lora_rank]
+        o_latent = F.scaled_dot_product_attention(
+            q, ctx[:, None], latent[:, None], attn_mask=mask, scale=self.scale, enable_gqa=True
+        )  # [D, h, 1, r]
+        return torch.einsum("thr,hvr->thv", o_latent[:, :, 0], self.w_uv)
+
+
+def build_attention(config: ModelConfig, layer_id: int, load, absorb: str = "auto") -> MLAttention:
+    return MLAttention(config, layer_id, load, absorb)

@@ -1,0 +1,72 @@
+"""Qwen3-MoE: grouped-query attention with per-head RMSNorm on queries and keys.
+
+Shapes: N tokens in the batch, S context tokens of one sequence, h query heads, g kv heads,
+d head_dim. The KV cache holds rotated keys and values: "k", "v" [slots, g * d].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hmoe.workers.model.batch import ForwardBatch, causal_mask
+from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.model.layers import RMSNorm, Rotary
+from hmoe.workers.weights.model_config import ModelConfig
+
+
+class GQAttention:
+    def __init__(self, config: ModelConfig, layer_id: int, load):
+        c = config
+        self.config, self.layer_id = config, layer_id
+        h, g, d = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = load("q_proj.weight", (h * d, c.hidden_size))
+        self.k_proj = load("k_proj.weight", (g * d, c.hidden_size))
+        self.v_proj = load("v_proj.weight", (g * d, c.hidden_size))
+        self.o_proj = load("o_proj.weight", (c.hidden_size, h * d))
+        if c.attention_bias:
+            self.q_bias, self.k_bias, self.v_bias = (
+                load(f"{p}_proj.bias", (n * d,)) for p, n in (("q", h), ("k", g), ("v", g))
+            )
+            self.o_bias = load("o_proj.bias", (c.hidden_size,))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+        self.q_norm = RMSNorm(load("q_norm.weight", (d,)), c.rms_norm_eps)
+        self.k_norm = RMSNorm(load("k_norm.weight", (d,)), c.rms_norm_eps)
+
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+        c = self.config
+        n, h, g, d = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        q = rotary.apply(self.q_norm(F.linear(x, self.q_proj, self.q_bias).view(n, h, d)), cos, sin)
+        k = rotary.apply(self.k_norm(F.linear(x, self.k_proj, self.k_bias).view(n, g, d)), cos, sin)
+        v = F.linear(x, self.v_proj, self.v_bias)
+        k_cache, v_cache = kv.data["k"][self.layer_id], kv.data["v"][self.layer_id]  # [slots, g * d]
+        k_cache[batch.write_slots] = k.reshape(n, g * d).to(k_cache.dtype)
+        v_cache[batch.write_slots] = v.to(v_cache.dtype)
+
+        out = x.new_empty(n, h, d)
+        for seq in batch.seqs:
+            rows = slice(seq.q_start, seq.q_start + seq.q_len)
+            keys = k_cache[seq.ctx_slots].to(x.dtype).view(-1, g, d).transpose(0, 1)  # [g, S, d]
+            values = v_cache[seq.ctx_slots].to(x.dtype).view(-1, g, d).transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1),
+                keys,
+                values,
+                attn_mask=causal_mask(seq.q_len, seq.ctx_len, x.device),
+                enable_gqa=True,
+            )  # [h, T, d]
+            out[rows] = o.transpose(0, 1)
+        if batch.decode is not None:
+            group = batch.decode
+            keys = k_cache[group.slots].to(x.dtype).view(*group.slots.shape, g, d).transpose(1, 2)  # [D, g, S, d]
+            values = v_cache[group.slots].to(x.dtype).view(*group.slots.shape, g, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[group.rows][:, :, None], keys, values, attn_mask=group.mask, enable_gqa=True
+            )  # [D, h, 1, d]
+            out[group.rows] = o[:, :, 0]
+        return F.linear(out.reshape(n, h * d), self.o_proj, self.o_bias)
+
+
+def build_attention(config: ModelConfig, layer_id: int, load, absorb: str = "auto") -> GQAttention:
+    return GQAttention(config, layer_id, load)

@@ -1,0 +1,383 @@
+"""make_model: write a random-weight checkpoint in exactly the Hugging Face layout.
+
+config.json, generation_config.json, tokenizer.json (a byte-level BPE built with `tokenizers`) and
+safetensors (sharded with an index past --shard-mb). Deterministic per seed. Values are non-trivial
+on purpose: weights scaled 1/sqrt(fan_in) so activations stay O(1), norms around 1, a non-zero
+expert-score correction bias, YaRN rope scaling and grouped top-k. FP8 writes E4M3 weights with a
+float32 weight_scale_inv per 128x128 block, as DeepSeek ships them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hmoe.workers.weights.checkpoint import FP8_DTYPE
+from hmoe.workers.weights.model_config import parse_model_config
+
+E4M3_MAX = 448.0
+BOS, EOS = "<|begin|>", "<|end|>"
+
+_YARN = {
+    "rope_type": "yarn",
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 1024,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "deepseek_v3": {
+        "tiny": dict(
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            kv_lora_rank=64,
+            q_lora_rank=96,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            vocab_size=0,
+        ),
+        "small": dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            moe_intermediate_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            kv_lora_rank=256,
+            q_lora_rank=384,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            n_routed_experts=64,
+            num_experts_per_tok=8,
+            n_group=8,
+            topk_group=4,
+            first_k_dense_replace=1,
+            vocab_size=8192,
+        ),
+        # The real DeepSeek-V3 shape; pick --layers to fit the machine (each MoE layer is ~11 GB in FP8).
+        "v3": dict(
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            kv_lora_rank=512,
+            q_lora_rank=1536,
+            qk_nope_head_dim=128,
+            qk_rope_head_dim=64,
+            v_head_dim=128,
+            n_routed_experts=256,
+            num_experts_per_tok=8,
+            n_group=8,
+            topk_group=4,
+            first_k_dense_replace=3,
+            vocab_size=129280,
+        ),
+    },
+    "qwen3_moe": {
+        "tiny": dict(
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_experts=16,
+            num_experts_per_tok=4,
+            mlp_only_layers=[0],
+            vocab_size=0,
+        ),
+        "small": dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            moe_intermediate_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=64,
+            num_experts_per_tok=8,
+            mlp_only_layers=[],
+            vocab_size=8192,
+        ),
+        # Qwen3-30B-A3B's shape (~30 GB in FP8 with all 48 layers).
+        "30b-a3b": dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            mlp_only_layers=[],
+            vocab_size=151936,
+        ),
+    },
+}
+
+_CORPUS = """\
+hmoe serves mixture of experts language models on one machine. The routed experts stay in the
+memory of the processor and run on vector kernels; attention, norms and the router run on the
+graphics card. A prompt is prefilled in one process and decoded in another, so a long prompt never
+stalls the tokens that are already streaming. The weights live once in shared memory and every
+worker maps the same pages. Hello world! The quick brown fox jumps over the lazy dog, 0123456789.
+Numbers, punctuation: commas, periods; colons? and (brackets) [all] {kinds} <tags> "quotes" 'too'.
+"""
+
+
+def build_tokenizer(vocab_size: int):
+    """A deterministic byte-level BPE: every byte is a token, so any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return tok
+
+
+def hf_config(arch: str, preset: str, dtype: str, vocab_size: int, num_layers: int | None) -> dict:
+    shape = dict(PRESETS[arch][preset])
+    shape["vocab_size"] = vocab_size
+    if num_layers is not None:
+        shape["num_hidden_layers"] = num_layers
+    common = dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        attention_bias=False,
+        torch_dtype="bfloat16" if dtype != "fp32" else "float32",
+        use_cache=True,
+    )
+    if arch == "deepseek_v3":
+        cfg = dict(
+            architectures=["DeepseekV3ForCausalLM"],
+            model_type="deepseek_v3",
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            scoring_func="sigmoid",
+            topk_method="noaux_tc",
+            rope_theta=10000.0,
+            rope_scaling=dict(_YARN),
+            rope_interleave=True,
+            num_key_value_heads=shape["num_attention_heads"],
+            **common,
+            **shape,
+        )
+    else:
+        cfg = dict(
+            architectures=["Qwen3MoeForCausalLM"],
+            model_type="qwen3_moe",
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            rope_theta=1000000.0,
+            rope_scaling=None,
+            sliding_window=None,
+            use_sliding_window=False,
+            **common,
+            **shape,
+        )
+    if dtype == "fp8":
+        cfg["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
+    return cfg
+
+
+def quantize_fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [out, in] -> E4M3 [out, in] and float32 scale_inv [ceil(out/128), ceil(in/128)] (w ~= q * s)."""
+    out_dim, in_dim = w.shape
+    rows, cols = -(-out_dim // 128), -(-in_dim // 128)
+    padded = w.to(torch.float32)
+    if (rows * 128, cols * 128) != (out_dim, in_dim):
+        padded = torch.zeros(rows * 128, cols * 128, dtype=torch.float32)
+        padded[:out_dim, :in_dim] = w
+    blocks = padded.view(rows, 128, cols, 128)
+    # amax one dim at a time: a two-dim reduction over this strided view is ~50x slower on the CPU.
+    scale_inv = (blocks.abs().amax(dim=3).amax(dim=1) / E4M3_MAX).clamp(min=1e-12)  # [rows, cols]
+    q = (blocks / scale_inv[:, None, :, None]).view(rows * 128, cols * 128)[:out_dim, :in_dim]
+    return q.to(FP8_DTYPE), scale_inv
+
+
+def _tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint with its shape, in Hugging Face names."""
+    c = parse_model_config(cfg)
+    h, shapes = c.hidden_size, {}
+    shapes["model.embed_tokens.weight"] = (c.vocab_size, h)
+    shapes["lm_head.weight"] = (c.vocab_size, h)
+    shapes["model.norm.weight"] = (h,)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        a = f"{p}.self_attn"
+        if c.is_mla:
+            qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+            if c.q_lora_rank:
+                shapes[f"{a}.q_a_proj.weight"] = (c.q_lora_rank, h)
+                shapes[f"{a}.q_a_layernorm.weight"] = (c.q_lora_rank,)
+                shapes[f"{a}.q_b_proj.weight"] = (c.num_heads * qk, c.q_lora_rank)
+            else:
+                shapes[f"{a}.q_proj.weight"] = (c.num_heads * qk, h)
+            shapes[f"{a}.kv_a_proj_with_mqa.weight"] = (c.kv_lora_rank + c.qk_rope_head_dim, h)
+            shapes[f"{a}.kv_a_layernorm.weight"] = (c.kv_lora_rank,)
+            shapes[f"{a}.kv_b_proj.weight"] = (c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
+            shapes[f"{a}.o_proj.weight"] = (h, c.num_heads * c.v_head_dim)
+        else:
+            d = c.head_dim
+            shapes[f"{a}.q_proj.weight"] = (c.num_heads * d, h)
+            shapes[f"{a}.k_proj.weight"] = (c.num_kv_heads * d, h)
+            shapes[f"{a}.v_proj.weight"] = (c.num_kv_heads * d, h)
+            shapes[f"{a}.o_proj.weight"] = (h, c.num_heads * d)
+            shapes[f"{a}.q_norm.weight"] = (d,)
+            shapes[f"{a}.k_norm.weight"] = (d,)
+        if i in c.moe_layer_ids:
+            m, inter = f"{p}.mlp", c.moe_intermediate_size
+            shapes[f"{m}.gate.weight"] = (c.num_experts, h)
+            if c.use_correction_bias:
+                shapes[f"{m}.gate.e_score_correction_bias"] = (c.num_experts,)
+            for e in range(c.num_experts):
+                for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
+                    shapes[f"{m}.experts.{e}.{proj}_proj.weight"] = shape
+            if c.n_shared_experts:
+                si = inter * c.n_shared_experts
+                for proj, shape in (("gate", (si, h)), ("up", (si, h)), ("down", (h, si))):
+                    shapes[f"{m}.shared_experts.{proj}_proj.weight"] = shape
+        else:
+            inter = c.intermediate_size
+            for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
+                shapes[f"{p}.mlp.{proj}_proj.weight"] = shape
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if name.endswith("e_score_correction_bias"):
+        return torch.randn(shape, generator=gen) * 0.05
+    if len(shape) == 1:  # norm weights
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith("embed_tokens.weight"):
+        return torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+
+
+def _is_fp8_target(name: str, shape: tuple[int, ...]) -> bool:
+    """DeepSeek quantizes every 2-D projection inside the layers; not embeddings, lm_head or router."""
+    return len(shape) == 2 and name.startswith("model.layers.") and not name.endswith("mlp.gate.weight")
+
+
+def make_model(
+    out: str | Path,
+    arch: str,
+    preset: str = "tiny",
+    dtype: str = "bf16",
+    seed: int = 0,
+    num_layers: int | None = None,
+    shard_mb: int = 4096,
+    progress=None,
+) -> Path:
+    """Write a random checkpoint to `out` and return its path."""
+    if arch not in PRESETS:
+        raise ValueError(f"unknown arch {arch!r} (known: {', '.join(PRESETS)})")
+    if preset not in PRESETS[arch]:
+        raise ValueError(f"unknown preset {preset!r} for {arch} (known: {', '.join(PRESETS[arch])})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = PRESETS[arch][preset]["vocab_size"] or 1024
+    tokenizer = build_tokenizer(vocab)
+    if PRESETS[arch][preset]["vocab_size"] == 0:  # tiny: exactly the tokenizer's vocab, so every id decodes
+        vocab = tokenizer.get_vocab_size()
+    cfg = hf_config(arch, preset, dtype, vocab, num_layers)
+    shapes = _tensor_shapes(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    store_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes, limit, total = 0, shard_mb << 20, 0
+    weight_map: dict[str, str] = {}
+    for name, shape in shapes.items():
+        w = _random_tensor(name, shape, gen)
+        if dtype == "fp8" and _is_fp8_target(name, shape):
+            q, s = quantize_fp8_blocks(w)
+            tensors = {name: q, name + "_scale_inv": s}
+        elif name.endswith("e_score_correction_bias"):
+            tensors = {name: w.to(torch.float32)}
+        else:
+            tensors = {name: w.to(store_dtype)}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if shard_bytes and shard_bytes + size > limit:
+            _write_shard(out, shards, len(shards), weight_map)
+            shards.append({})
+            shard_bytes = 0
+        shards[-1].update(tensors)
+        shard_bytes += size
+        total += size
+        if progress is not None:
+            progress(total)
+    _finish(out, shards, weight_map, total)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen_cfg = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+def _shard_name(index: int, count: int | None) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors" if count else f"model-{index:05d}.safetensors.part"
+
+
+def _write_shard(out: Path, shards: list, index: int, weight_map: dict) -> None:
+    """Write shard `index` (1-based) under a temporary name; _finish renames once the count is known."""
+    tensors = shards[index - 1]
+    name = _shard_name(index, None)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in tensors})
+    shards[index - 1] = {}
+
+
+def _finish(out: Path, shards: list, weight_map: dict, total: int) -> None:
+    count = len(shards)
+    if count == 1:
+        save_file(
+            {k: v.contiguous() for k, v in shards[0].items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
+        )
+        return
+    _write_shard(out, shards, count, weight_map)
+    renames = {_shard_name(i, None): _shard_name(i, count) for i in range(1, count + 1)}
+    for old, new in renames.items():
+        (out / old).rename(out / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: renames[v] for k, v in sorted(weight_map.items())}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
