@@ -34,8 +34,8 @@ class RouterConfig:
     model_dir: str = ""  # tokenizer.json comes from here ("" = from the weight pack named in [worker] pack)
     max_prompt_tokens: int = 32768
     max_queued: int = 256  # requests waiting for prefill before new ones are refused ("queue_full")
-    heartbeat_interval_s: float = 0.5  # sane: 0.1-2; a peer silent for interval * liveness is dead
-    heartbeat_liveness: int = 4  # sane: 2-10; 0.5 s * 4 = 2 s < the 3 s promise
+    heartbeat_interval_s: float = 0.5  # range in _ranges; a peer silent for interval * liveness is dead
+    heartbeat_liveness: int = 4  # 0.5 s * 4 = 2 s < the 3 s promise
     client_timeout_s: float = 10.0  # a streaming client silent this long is gone; its requests are cancelled
     request_timeout_s: float = 0.0  # default per-request deadline; 0 = none
     worker_wait_s: float = 30.0  # queued requests end with "no_worker" once a role has had no worker this long

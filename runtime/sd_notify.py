@@ -5,8 +5,10 @@ $NOTIFY_SOCKET (a path, or `@name` for the abstract namespace). Without that var
 under `hmoe serve`, in tests) every call is a no-op that returns False.
 
 Contract for the services (deploy/systemd):
-- `ready()` once the process can serve: router sockets bound; worker pack attached, kernels
-  compiled, registered with the router. Never earlier: systemd orders the next unit on it.
+- `ready()` once the process can serve: router sockets bound; worker pack attached, weights on the
+  device, kernels compiled and its I/O thread started (it sends Register; READY does not wait for
+  the router's answer, since the router unit starts after the workers). Never earlier: systemd
+  orders the next unit on it.
 - `tick()` from the main loop (every iteration is fine: it sends at most every half watchdog
   interval). A loop that hangs stops pinging and systemd restarts the service (WatchdogSec).
 - `stopping()` when a drain begins (first SIGTERM or a Drain message), with

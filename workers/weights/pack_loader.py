@@ -3,11 +3,13 @@
 Shapes: E routed experts, H hidden, I expert intermediate.
 
 Every tensor except the routed experts is copied as stored (FP8 stays E4M3 beside its
-`_scale_inv`), straight from the safetensors file into the segment with pread: one copy, no
-intermediate tensor. Each MoE layer's routed experts — checkpoint tensors
+`_scale_inv`), straight from the safetensors file into the segment with sendfile (preadv into the
+mapping on hugetlbfs, which takes no write()): one copy inside the kernel, no intermediate tensor.
+Each MoE layer's routed experts — checkpoint tensors
 `model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight` [I, H] / [H, I] — are converted once
 into the arrays `kernels.formats.layer_arrays` prescribes, expert by expert, with `encode_expert`.
-Work is spread over threads (pread and the encoders release the GIL); progress shows bytes read.
+Experts are read with preadv. Work is spread over threads (sendfile, preadv and the encoders release
+the GIL); progress shows bytes read.
 """
 
 from __future__ import annotations
