@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Generator
 
 import torch
 import torch.nn.functional as F
@@ -31,48 +32,81 @@ class DecoderLayer:
         self.attn, self.mlp = attn, mlp
         self.input_norm, self.post_attention_norm = input_norm, post_attention_norm
 
-    def start(self, x, batch, kv, rotary, cos, sin):
-        """Attention and residual on the device, then start the MLP (a MoE's experts run on)."""
+    def start(self, x, batch, kv, rotary, cos, sin, experts: ExpertBackend):
+        """Attention and residual on the device, then start the MLP (a MoE's routed experts on `experts`)."""
         h = x + self.attn(self.input_norm(x), batch, kv, rotary, cos, sin)
-        return h, self.mlp.submit(self.post_attention_norm(h))
+        return h, self.mlp.submit(self.post_attention_norm(h), experts)
 
     def finish(self, h, pending) -> torch.Tensor:
         return h + self.mlp.finish(pending)
 
 
 class CausalLM:
-    def __init__(self, config: ModelConfig, embed, layers, norm, lm_head, rotary: Rotary, device, dtype):
-        self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
-        self.rotary, self.device, self.dtype = rotary, device, dtype
+    """The stack. Where routed experts run is each forward's `experts` (default: the backend it was loaded with)."""
 
-    def forward(self, batch: ForwardBatch, kv: KVPool, all_logits: bool = False) -> torch.Tensor:
+    def __init__(
+        self, config: ModelConfig, embed, layers, norm, lm_head, rotary: Rotary, device, dtype, experts: ExpertBackend
+    ):
+        self.config, self.embed, self.layers, self.norm, self.lm_head = config, embed, layers, norm, lm_head
+        self.rotary, self.device, self.dtype, self.experts = rotary, device, dtype, experts
+
+    def forward(
+        self, batch: ForwardBatch, kv: KVPool, all_logits: bool = False, experts: ExpertBackend | None = None
+    ) -> torch.Tensor:
         """Run the batch, write its KV, return float32 logits [B, V] of each sequence's last token
         (or [N, V] of every token with all_logits)."""
-        return self.forward_overlapped([batch], kv, all_logits)[0]
+        return self.forward_overlapped([batch], kv, all_logits, experts)[0]
 
     @torch.inference_mode()
     def forward_overlapped(
-        self, batches: list[ForwardBatch], kv: KVPool, all_logits: bool = False
+        self,
+        batches: list[ForwardBatch],
+        kv: KVPool,
+        all_logits: bool = False,
+        experts: ExpertBackend | None = None,
     ) -> list[torch.Tensor]:
         """Micro-batches through the stack, software-pipelined: while one micro-batch's routed experts
-        run (on the CPU kernels), the device computes the other's attention.
+        run (on the CPU kernels), the device computes the other's attention."""
+        steps = self.forward_layer_major(batches, kv, all_logits, experts)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
-        Per layer and micro-batch i: finish i's previous layer -> attention -> start i's MLP.
+    def forward_layer_major(
+        self,
+        batches: list[ForwardBatch],
+        kv: KVPool,
+        all_logits: bool = False,
+        experts: ExpertBackend | None = None,
+    ) -> Generator[int, None, list[torch.Tensor]]:
+        """forward_overlapped as a generator: yields each layer's id once every batch has started it,
+        returns the logits. Layer-major: every batch passes layer L before any passes L+1, so a
+        prompt's chunks given in order as the batches keep causality (chunk k attends to the KV that
+        chunks < k wrote in the same layer) and the experts of a layer are needed once per pass.
+
+        Per layer and batch i: finish i's previous layer -> attention -> start i's MLP.
         """
-        xs = [F.embedding(b.input_ids, self.embed) for b in batches]  # [N_i, H]
-        rope = [self.rotary.cos_sin(b.positions, self.dtype) for b in batches]
+        experts = self.experts if experts is None else experts
+        with torch.inference_mode():
+            xs = [F.embedding(b.input_ids, self.embed) for b in batches]  # [N_i, H]
+            rope = [self.rotary.cos_sin(b.positions, self.dtype) for b in batches]
         pending: list = [None] * len(batches)
         for layer_id, layer in enumerate(self.layers):
-            for i, batch in enumerate(batches):
-                if layer_id:
-                    xs[i] = self.layers[layer_id - 1].finish(*pending[i])
-                pending[i] = layer.start(xs[i], batch, kv, self.rotary, *rope[i])
+            with torch.inference_mode():
+                for i, batch in enumerate(batches):
+                    if layer_id:
+                        xs[i] = self.layers[layer_id - 1].finish(*pending[i])
+                    pending[i] = layer.start(xs[i], batch, kv, self.rotary, *rope[i], experts)
+            yield layer_id
         logits = []
-        for i, batch in enumerate(batches):
-            x = self.layers[-1].finish(*pending[i])
-            if not all_logits:
-                x = x[batch.last_rows]  # [B, H]
-            logits.append(F.linear(self.norm(x), self.lm_head).to(torch.float32))
+        with torch.inference_mode():
+            for i, batch in enumerate(batches):
+                x = self.layers[-1].finish(*pending[i])
+                if not all_logits:
+                    x = x[batch.last_rows]  # [B, H]
+                logits.append(F.linear(self.norm(x), self.lm_head).to(torch.float32))
         return logits
 
 
@@ -115,7 +149,8 @@ def load_model(
     experts: ExpertBackend | None = None,
     absorb: str = "auto",
 ) -> CausalLM:
-    """Build the model from a weight source; routed experts run on `experts` (default: torch)."""
+    """Build the model from a weight source; routed experts run on `experts` (default: torch) unless a
+    forward is handed another backend."""
     c: ModelConfig = source.config
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -131,7 +166,7 @@ def load_model(
         load = loader(f"model.layers.{i}")
         attn = family.build_attention(c, i, loader(f"model.layers.{i}.self_attn"), absorb)
         if i in c.moe_layer_ids:
-            mlp = _moe(c, i, load, experts)
+            mlp = _moe(c, i, load)
         else:
             mlp = _mlp(load, "mlp", c.intermediate_size, c.hidden_size)
         norms = (
@@ -149,7 +184,7 @@ def load_model(
     )
     norm = RMSNorm(top("norm.weight", (c.hidden_size,)), c.rms_norm_eps)
     rotary_dim = c.qk_rope_head_dim if c.is_mla else c.head_dim
-    return CausalLM(c, embed, layers, norm, lm_head, Rotary(c.rope, rotary_dim, device), device, dtype)
+    return CausalLM(c, embed, layers, norm, lm_head, Rotary(c.rope, rotary_dim, device), device, dtype, experts)
 
 
 def _mlp(load, prefix: str, inter: int, hidden: int) -> MLP:
@@ -160,11 +195,11 @@ def _mlp(load, prefix: str, inter: int, hidden: int) -> MLP:
     )
 
 
-def _moe(c: ModelConfig, layer_id: int, load, experts: ExpertBackend) -> MoE:
+def _moe(c: ModelConfig, layer_id: int, load) -> MoE:
     gate = load("mlp.gate.weight", (c.num_experts, c.hidden_size))
     # The correction bias stays float32: it separates near-tied sigmoid scores.
     bias = load("mlp.gate.e_score_correction_bias", (c.num_experts,), torch.float32) if c.use_correction_bias else None
     shared = None
     if c.n_shared_experts:
         shared = _mlp(load, "mlp.shared_experts", c.moe_intermediate_size * c.n_shared_experts, c.hidden_size)
-    return MoE(layer_id, Router(c, gate, bias), experts, shared)
+    return MoE(layer_id, Router(c, gate, bias), shared)

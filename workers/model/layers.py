@@ -96,7 +96,7 @@ class MLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
 
-    def submit(self, x: torch.Tensor) -> torch.Tensor:
+    def submit(self, x: torch.Tensor, experts: ExpertBackend | None = None) -> torch.Tensor:
         """The MoE block's two halves, for a dense layer: all the work is on the device, done here."""
         return self(x)
 
@@ -138,21 +138,20 @@ class Router:
 
 
 class MoE:
-    """Routed experts (run by the backend handed in) plus optional shared experts."""
+    """Routed experts (run by the backend each forward hands in) plus optional shared experts."""
 
-    def __init__(self, layer_id: int, router: Router, experts: ExpertBackend, shared: MLP | None):
+    def __init__(self, layer_id: int, router: Router, shared: MLP | None):
         self.layer_id = layer_id
         self.router = router
-        self.experts = experts
         self.shared = shared
 
-    def submit(self, x: torch.Tensor):
-        """Route on the device, start the routed experts, run the shared experts meanwhile."""
+    def submit(self, x: torch.Tensor, experts: ExpertBackend):
+        """Route on the device, start the routed experts on `experts`, run the shared experts meanwhile."""
         topk_ids, topk_weights = self.router(x)
-        handle = self.experts.submit(self.layer_id, x, topk_ids, topk_weights.to(torch.float32))
-        return handle, (self.shared(x) if self.shared is not None else None)
+        handle = experts.submit(self.layer_id, x, topk_ids, topk_weights.to(torch.float32))
+        return experts, handle, (self.shared(x) if self.shared is not None else None)
 
     def finish(self, pending) -> torch.Tensor:
-        handle, shared = pending
-        out = self.experts.wait(handle)
+        experts, handle, shared = pending
+        out = experts.wait(handle)
         return out if shared is None else out + shared

@@ -143,3 +143,21 @@ def test_layer_from_stacked_torch_weights():
     )
     back = torch.from_numpy(decode_expert(layer.fmt, layer.arrays, 1, "gate", 256, 128)).float()
     assert torch.equal(back, codes[1].float() * 0.01)
+
+
+def test_backend_is_chosen_per_forward(tiny_models):
+    """One model, built once: each forward runs its routed experts on the backend it is handed."""
+    checkpoint = Checkpoint.open(tiny_models("deepseek_v3", "bf16"))
+    cpu = CpuExperts.from_checkpoint(checkpoint, ExpertFormat("bf16"), num_threads=2)
+    model = load_model(checkpoint, "cpu", "fp32", experts=decoded_torch_experts(cpu))
+    kv = KVPool.from_budget(model.config, 1 << 24, 16, model.dtype, model.device)
+    silent = TorchExperts({k: tuple(torch.zeros_like(w) for w in ws) for k, ws in model.experts.layers.items()})
+    logits = {}
+    try:
+        for name, experts in (("default", None), ("cpu", cpu), ("silent", silent)):
+            kv.reserve(name, len(PROMPT))
+            logits[name] = model.forward(ForwardBatch.build(kv, [(name, PROMPT, 0)]), kv, True, experts=experts)
+    finally:
+        cpu.close()
+    torch.testing.assert_close(logits["cpu"], logits["default"], rtol=1e-4, atol=1e-4)
+    assert (logits["silent"] - logits["default"]).abs().max() > 1e-2  # the experts handed in did run
