@@ -1,0 +1,75 @@
+"""StreamingExperts on the CPU (the ring's "copy" a plain copy): every format against kernels/reference.py,
+the ring's order, and layer-major prefill passes giving the CPU-kernel path's greedy tokens.
+
+The same code runs on the GPU in test_streaming_gpu.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hmoe.kernels.formats import ExpertFormat
+from hmoe.kernels.reference import moe_reference
+from hmoe.workers.experts.cpu import layer_from_torch
+from hmoe.workers.experts.streaming import StreamingExperts
+
+FORMATS = ["bf16", "fp8", "int4-g32", "int4-g128"]
+
+
+def random_layer(fmt: ExpertFormat, g: torch.Generator, experts: int, hidden: int, inter: int):
+    stacks = [
+        torch.randn(experts, inter, hidden, generator=g) / hidden**0.5,
+        torch.randn(experts, inter, hidden, generator=g) / hidden**0.5,
+        torch.randn(experts, hidden, inter, generator=g) / inter**0.5,
+    ]
+    return layer_from_torch(fmt, *stacks)
+
+
+def random_inputs(g: torch.Generator, tokens: int, hidden: int, experts: int, top_k: int):
+    x = torch.randn(tokens, hidden, generator=g)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    return x, ids, torch.rand(tokens, top_k, generator=g)
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_layers_match_the_reference_in_every_format(fmt_name):
+    """Three layers through a ring of two, each layer's tokens in two chunks; hidden 192 pads to 256."""
+    g = torch.Generator().manual_seed(0)
+    fmt, experts, hidden, inter, top_k = ExpertFormat.parse(fmt_name), 8, 192, 160, 3
+    layers = {layer_id: random_layer(fmt, g, experts, hidden, inter) for layer_id in (1, 2, 4)}
+    streaming = StreamingExperts(layers, top_k, "cpu", torch.float32, ring_layers=2)
+    stream_pass = streaming.open_pass()
+    assert stream_pass.bytes_copied == 2 * streaming.layer_bytes  # the ring's two layers, copied at once
+    for layer_id, layer in layers.items():
+        chunks = [random_inputs(g, tokens, hidden, experts, top_k) for tokens in (5, 11)]
+        handles = [stream_pass.submit(layer_id, *chunk) for chunk in chunks]
+        for (x, ids, w), handle in zip(chunks, handles):
+            got = stream_pass.wait(handle)
+            want = moe_reference(x.numpy(), ids.numpy(), w.numpy(), layer)
+            assert got.shape == x.shape and got.dtype == torch.float32
+            np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-4, atol=1e-5)
+    assert stream_pass.bytes_copied == 3 * streaming.layer_bytes  # each layer crossed once
+    stream_pass.close()
+
+
+def test_a_layer_submitted_after_it_computed_is_refused():
+    g = torch.Generator().manual_seed(1)
+    layer = random_layer(ExpertFormat("bf16"), g, 4, 128, 128)
+    stream_pass = StreamingExperts({0: layer}, 2, "cpu", torch.float32).open_pass()
+    x, ids, w = random_inputs(g, 3, 128, 4, 2)
+    stream_pass.wait(stream_pass.submit(0, x, ids, w))
+    with pytest.raises(AssertionError, match="not layer-major"):
+        stream_pass.submit(0, x, ids, w)
+
+
+def test_bf16_compute_stays_close_to_the_reference():
+    g = torch.Generator().manual_seed(2)
+    layer = random_layer(ExpertFormat("fp8"), g, 8, 256, 128)
+    stream_pass = StreamingExperts({0: layer}, 4, "cpu", torch.bfloat16).open_pass()
+    x, ids, w = random_inputs(g, 20, 256, 8, 4)
+    got = stream_pass(0, x.bfloat16(), ids, w)
+    want = moe_reference(x.bfloat16().double().numpy(), ids.numpy(), w.numpy(), layer)
+    assert got.dtype == torch.bfloat16
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=3e-2, atol=3e-2)

@@ -1,0 +1,253 @@
+"""StreamingExperts: a prefill pass's routed experts on the GPU, each MoE layer streamed once from the pack.
+
+Shapes: T tokens of the pass, K experts per token, E experts, H hidden, I expert intermediate; Hp, Ip
+padded to 128 (kernels/formats.py). TK = T * K (token, expert) pairs.
+
+The weight pack keeps every layer's experts in the CPU kernels' tiled formats, registered with CUDA
+(PackSource.pin). A pass (`open_pass()`, one `StreamPass`, an ExpertBackend) DMAs layer after layer
+straight from those pages into a ring of `ring_layers` device buffers on a copy stream: layer L+R is
+copied while layer L computes, ordered by events (copy -> compute: `ready`; compute -> next copy into
+the slot: `slot_free`), never by a host synchronization. On the compute stream a layer is untiled and
+dequantized to the compute dtype (bf16 on a GPU) in one pass over the slot, then every token of the
+pass meets its experts in two grouped GEMMs (tokens sorted by expert: gate+up [TK, 2Ip], down [TK, Hp]).
+
+The pass is layer-major (CausalLM.forward_layer_major): every chunk submits layer L before any waits
+on it, so the first wait() of a layer computes all the chunks' tokens at once, and the layer's bytes
+cross PCIe once per pass. On the CPU the same code runs with a plain copy into the ring (tests).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hmoe.kernels.formats import FP8_BLOCK, TILE_ROWS, LayerExperts, layer_arrays, padded
+
+# Pack dtype -> the torch dtype its bytes travel as: bf16 bit patterns as int16 (copies of uint16 are not
+# implemented everywhere), reinterpreted on the device.
+TORCH_OF_NUMPY = {"uint8": torch.uint8, "uint16": torch.int16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class _Slot:
+    arrays: dict[str, torch.Tensor]  # one layer's arrays as stored in the pack, on the device
+    free: torch.cuda.Event | None = None  # recorded after the last dequantization that read this slot
+
+
+class StreamingExperts:
+    """The ring, the copy stream and the dequantization scratch; one pass at a time (`open_pass`)."""
+
+    def __init__(
+        self,
+        layers: dict[int, LayerExperts],
+        top_k: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        ring_layers: int = 2,
+    ):
+        first = next(iter(layers.values()))
+        assert all(
+            (lay.fmt, lay.hidden, lay.inter) == (first.fmt, first.hidden, first.inter) for lay in layers.values()
+        )
+        self.device, self.dtype, self.top_k = torch.device(device), dtype, top_k
+        self.fmt, self.hidden, self.inter, self.num_experts = first.fmt, first.hidden, first.inter, first.num_experts
+        self.layer_ids = sorted(layers)
+        self.ring_layers = min(ring_layers, len(self.layer_ids))
+        on_gpu = self.device.type == "cuda"
+        with warnings.catch_warnings():  # the pack is read-only: nothing here writes through these views
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.sources = {
+                layer_id: {name: torch.from_numpy(_travelling(a)) for name, a in lay.arrays.items()}
+                for layer_id, lay in layers.items()
+            }
+        shapes = layer_arrays(self.fmt, self.num_experts, self.hidden, self.inter)
+        self.ring = [
+            _Slot(
+                {
+                    name: torch.empty(shape, dtype=TORCH_OF_NUMPY[dt.name], device=self.device)
+                    for name, (dt, shape) in shapes.items()
+                }
+            )
+            for _ in range(self.ring_layers)
+        ]
+        hp, ip, e = padded(self.hidden), padded(self.inter), self.num_experts
+        self.gate_up = torch.empty(e, 2 * ip, hp, dtype=dtype, device=self.device)  # [E, 2Ip, Hp]: gate rows, then up
+        self.down = torch.empty(e, hp, ip, dtype=dtype, device=self.device)  # [E, Hp, Ip]
+        self.copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
+
+    @classmethod
+    def from_source(cls, source, device, dtype: torch.dtype, ring_layers: int = 2) -> StreamingExperts:
+        """Every MoE layer of a PackSource; pin the source first for DMA speed (pageable copies crawl)."""
+        c = source.config
+        layers = {layer_id: source.layer_experts(layer_id) for layer_id in c.moe_layer_ids}
+        return cls(layers, c.num_experts_per_tok, device, dtype, ring_layers)
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes one layer's experts take in the pack (what crosses PCIe per layer)."""
+        return sum(t.nbytes for t in self.ring[0].arrays.values())
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory this object holds: the ring plus the dequantized layer."""
+        return self.ring_layers * self.layer_bytes + self.gate_up.nbytes + self.down.nbytes
+
+    def open_pass(self) -> StreamPass:
+        return StreamPass(self)
+
+    def close(self) -> None:
+        """Nothing to release beyond memory; the worker calls it like every backend's close()."""
+
+    # -- the two halves of one layer ---------------------------------------------------------------
+
+    def copy_layer(self, layer_id: int, slot: _Slot) -> torch.cuda.Event | None:
+        """Enqueue the layer's arrays pack -> slot on the copy stream, after the slot's last reader."""
+        if self.copy_stream is None:
+            for name, dst in slot.arrays.items():
+                dst.copy_(self.sources[layer_id][name])
+            return None
+        with torch.cuda.stream(self.copy_stream):
+            if slot.free is not None:
+                self.copy_stream.wait_event(slot.free)
+            for name, dst in slot.arrays.items():
+                dst.copy_(self.sources[layer_id][name], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return ready
+
+    def dequantize(self, slot: _Slot) -> None:
+        """Slot (the pack's tiles) -> gate_up [E, 2Ip, Hp] and down [E, Hp, Ip] in the compute dtype."""
+        ip = padded(self.inter)
+        for proj, dst in (("gate", self.gate_up[:, :ip]), ("up", self.gate_up[:, ip:]), ("down", self.down)):
+            codes = slot.arrays[proj]
+            scale = slot.arrays.get(f"{proj}_scale")
+            e, rows, cols = dst.shape
+            if self.fmt.kind == "int4":
+                # [E, R/16, C/128, 16, 64] bytes: low nibble input j, high nibble input 64 + j of each 128.
+                tiles = codes.permute(0, 1, 3, 2, 4)  # [E, R/16, 16, C/128, 64]
+                out = dst.view(e, rows // TILE_ROWS, TILE_ROWS, cols // 128, 2, 64)
+                out[..., 0, :].copy_(tiles & 0xF)
+                out[..., 1, :].copy_(tiles >> 4)
+                out.sub_(8)
+                group = self.fmt.group_size
+                per_group = scale.permute(0, 1, 3, 2, 4).reshape(e, rows, cols // group)  # [E, R, C/G] float16
+                dst.view(e, rows, cols // group, group).mul_(per_group[..., None])
+                continue
+            src = codes.view(torch.bfloat16 if self.fmt.kind == "bf16" else torch.float8_e4m3fn)
+            dst.view(e, rows // TILE_ROWS, TILE_ROWS, cols // 32, 32).copy_(src.permute(0, 1, 3, 2, 4))
+            if scale is not None:  # fp8: w = e4m3 * scale per 128x128 block, one rounding (float32 product)
+                blocks = dst.view(e, rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+                blocks.mul_(scale[:, :, None, :, None])
+
+
+class StreamPass:
+    """One prefill pass's ExpertBackend: the ring's next layers are copied as soon as it opens."""
+
+    def __init__(self, owner: StreamingExperts):
+        self.owner = owner
+        self.next_copy = 0  # index into owner.layer_ids of the next layer to copy
+        self.ready: dict[int, tuple[_Slot, torch.cuda.Event | None]] = {}
+        self.inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.bytes_copied = 0
+        for _ in range(owner.ring_layers):
+            self._copy_next()
+
+    def submit(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """Keep the chunk's inputs; the layer computes at its first wait(), when every chunk has submitted."""
+        assert layer_id not in self.outputs, f"layer {layer_id} submitted after it computed: not layer-major"
+        chunks = self.inputs.setdefault(layer_id, [])
+        chunks.append((hidden, topk_ids, topk_weights))
+        return layer_id, len(chunks) - 1
+
+    def wait(self, handle) -> torch.Tensor:
+        layer_id, index = handle
+        if layer_id not in self.outputs:
+            self._compute(layer_id)
+        return self.outputs[layer_id][index]
+
+    def __call__(self, layer_id, hidden, topk_ids, topk_weights) -> torch.Tensor:
+        return self.wait(self.submit(layer_id, hidden, topk_ids, topk_weights))
+
+    def close(self) -> None:
+        """Drop the pass's tensors. Copies still in flight finish into the ring; the next pass's copies
+        wait on the slots' events, so an abandoned pass needs no synchronization."""
+        self.inputs.clear()
+        self.outputs.clear()
+        self.ready.clear()
+
+    def _copy_next(self) -> None:
+        owner = self.owner
+        if self.next_copy >= len(owner.layer_ids):
+            return
+        layer_id = owner.layer_ids[self.next_copy]
+        slot = owner.ring[self.next_copy % owner.ring_layers]
+        self.ready[layer_id] = (slot, owner.copy_layer(layer_id, slot))
+        self.bytes_copied += owner.layer_bytes
+        self.next_copy += 1
+
+    def _compute(self, layer_id: int) -> None:
+        owner = self.owner
+        slot, ready = self.ready.pop(layer_id)
+        if ready is not None:
+            torch.cuda.current_stream(owner.device).wait_event(ready)
+        owner.dequantize(slot)
+        if ready is not None:
+            slot.free = torch.cuda.Event()
+            slot.free.record()
+        self._copy_next()  # into the slot just freed: layer L + R copies while L computes
+        chunks = self.inputs.pop(layer_id)
+        hidden = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
+        ids = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
+        weights = torch.cat([c[2] for c in chunks]) if len(chunks) > 1 else chunks[0][2]
+        out = grouped_experts(hidden, ids, weights, owner.gate_up, owner.down)
+        self.outputs[layer_id] = list(out.split([c[0].shape[0] for c in chunks]))
+
+
+def grouped_experts(
+    hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """hidden [T, H], ids [T, K], weights [T, K] float32, gate_up [E, 2Ip, Hp], down [E, Hp, Ip] -> [T, H].
+
+    (token, expert) pairs sorted by expert, so each expert's rows meet its weights in one grouped GEMM;
+    no host synchronization (the group offsets stay on the device).
+    """
+    num_tokens, hidden_size = hidden.shape
+    top_k, num_experts, ip, hp = ids.shape[1], gate_up.shape[0], down.shape[2], down.shape[1]
+    flat = ids.reshape(-1)  # [TK]
+    order = torch.argsort(flat, stable=True)  # [TK] pair index, grouped by expert
+    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)  # [E] end of each group
+    x = hidden[order // top_k].to(gate_up.dtype)  # [TK, H]
+    if hp != hidden_size:  # tiny models only: real widths are multiples of 128
+        x = F.pad(x, (0, hp - hidden_size))
+    gu = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offsets)  # [TK, 2Ip]
+    h = F.silu(gu[:, :ip]) * gu[:, ip:]  # [TK, Ip]
+    y = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)[:, :hidden_size]  # [TK, H]
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    pairs = torch.empty_like(y)
+    pairs[order] = y  # back to (token, k) order: summing over k is deterministic, unlike index_add
+    return pairs.view(num_tokens, top_k, hidden_size).sum(1, dtype=torch.float32).to(hidden.dtype)
+
+
+def _travelling(a):
+    """A pack array as the bytes that travel: uint16 (bf16 bits) seen as int16, the rest as is."""
+    return a.view("int16") if a.dtype.name == "uint16" else a
+
+
+def measure_copy_s(experts: StreamingExperts, repeats: int = 3) -> float:
+    """Seconds to copy one layer pack -> ring (the best of `repeats`), with nothing else running."""
+    best = float("inf")
+    layer_id = experts.layer_ids[0]
+    for _ in range(repeats):
+        if experts.copy_stream is not None:
+            torch.cuda.synchronize(experts.device)
+        start = time.perf_counter()
+        ready = experts.copy_layer(layer_id, experts.ring[0])
+        if ready is not None:
+            ready.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
