@@ -1,7 +1,13 @@
-"""PrefillEngine: whole prompts, chunk by chunk, then the first token and the KV hand-off.
+"""PrefillEngine: whole prompts in layer-major passes, then the first token and the KV hand-off.
 
-One prompt runs at a time (the router keeps the queue). Each `step()` runs one chunk of at most
-prefill_chunk_tokens, so cancels and heartbeats are seen between chunks of a long prompt. When the
+One prompt runs at a time (the router keeps the queue). A prompt is prefilled in passes; each pass
+is chosen on its own (`_open_pass`):
+  - streamed: when the engine has StreamingExperts and the rest of the prompt is at least
+    stream_min_tokens long, up to max_pass_tokens (the activations that fit the device) in chunks of
+    prefill_chunk_tokens, layer-major: every chunk passes layer L before any passes L+1, so each
+    layer's experts cross PCIe once per pass;
+  - CPU kernels (the model's default experts): one chunk.
+Each `step()` runs one layer of the pass, so cancels and heartbeats are seen between layers. When the
 prompt is done the first token is sampled; unless it already ends the request, the prompt's KV is
 written to a hand-off slot and reported with `Prefilled`.
 """
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
 
 from hmoe.runtime import protocol
@@ -32,12 +39,29 @@ class PrefillJob:
     params: SamplingParams
     done: int = 0  # prompt tokens already in the KV cache
     first_token: int | None = None
+    steps: Generator | None = None  # the running pass: one layer per next()
+    pass_end: int = 0  # prompt tokens in the KV cache once the running pass is done
+    pass_experts: object = None  # the running pass's StreamPass, if streamed
 
 
 class PrefillEngine:
-    def __init__(self, model: CausalLM, kv: KVPool, handoff: HandoffPool, chunk_tokens: int, handoff_timeout_s: float):
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVPool,
+        handoff: HandoffPool,
+        chunk_tokens: int,
+        handoff_timeout_s: float,
+        streaming=None,
+        stream_min_tokens: int = 0,
+        max_pass_tokens: int = 1 << 30,
+    ):
+        """streaming: a StreamingExperts for long passes (None: every pass on the model's default experts)."""
         self.model, self.kv, self.handoff = model, kv, handoff
         self.chunk_tokens, self.handoff_timeout_s = chunk_tokens, handoff_timeout_s
+        self.streaming, self.stream_min_tokens = streaming, stream_min_tokens
+        self.max_pass_tokens = max(chunk_tokens, max_pass_tokens // chunk_tokens * chunk_tokens)
+        self.passes = {"cpu": 0, "stream": 0}  # passes run, by kind
         self.queue: deque[PrefillJob] = deque()
         self.current: PrefillJob | None = None
         self.handed: dict[str, tuple[int, int]] = {}  # request_id -> (slot, generation) awaiting adoption
@@ -65,6 +89,7 @@ class PrefillEngine:
                 self.queue.remove(job)
                 return True
         if self.current is not None and self.current.request_id == request_id:
+            self._close_pass(self.current)
             self.kv.free(request_id)
             self.current = None
             return True
@@ -75,11 +100,12 @@ class PrefillEngine:
     def drop_all(self) -> None:
         self.queue.clear()
         if self.current is not None:
+            self._close_pass(self.current)
             self.kv.free(self.current.request_id)
             self.current = None
 
     def step(self) -> list:
-        """Run one chunk; return the messages for the router (Prefilled or RequestError)."""
+        """Run one layer of the running pass; return the messages for the router (Prefilled or RequestError)."""
         if self.current is None:
             if not self.queue:
                 return []
@@ -100,9 +126,15 @@ class PrefillEngine:
             self.current = job
         job = self.current
         if job.first_token is None:
-            chunk = job.token_ids[job.done : job.done + self.chunk_tokens]
-            logits = self.model.forward(ForwardBatch.build(self.kv, [(job.request_id, chunk, job.done)]), self.kv)
-            job.done += len(chunk)
+            if job.steps is None:
+                self._open_pass(job)
+            try:
+                next(job.steps)
+                return []
+            except StopIteration as finished:
+                logits = finished.value[-1]  # [1, V]: the pass's last chunk ends with its last token
+            self._close_pass(job)
+            job.done = job.pass_end
             if job.done < len(job.token_ids):
                 return []
             job.first_token = sample(logits, [job.params], [0])[0]
@@ -119,6 +151,29 @@ class PrefillEngine:
             self.current = None
             return [_refuse(job, exc.code, exc.message)]
         return [self._finish(job, slot)]
+
+    def _open_pass(self, job: PrefillJob) -> None:
+        """Choose the pass's experts and length; its chunks go in as the layer-major forward's batches."""
+        remaining = len(job.token_ids) - job.done
+        streamed = self.streaming is not None and remaining >= self.stream_min_tokens
+        pass_tokens = min(remaining, self.max_pass_tokens if streamed else self.chunk_tokens)
+        job.pass_experts = self.streaming.open_pass() if streamed else None
+        batches = [
+            ForwardBatch.build(self.kv, [(job.request_id, job.token_ids[start : start + self.chunk_tokens], start)])
+            for start in range(job.done, job.done + pass_tokens, self.chunk_tokens)
+        ]
+        job.pass_end = job.done + pass_tokens
+        job.steps = self.model.forward_layer_major(batches, self.kv, experts=job.pass_experts)
+        self.passes["stream" if streamed else "cpu"] += 1
+        log.debug("%s: pass of %d tokens on %s", job.request_id, pass_tokens, "streamed experts" if streamed else "cpu")
+
+    def _close_pass(self, job: PrefillJob) -> None:
+        if job.steps is not None:
+            job.steps.close()
+            job.steps = None
+        if job.pass_experts is not None:
+            job.pass_experts.close()
+            job.pass_experts = None
 
     def _finish(self, job: PrefillJob, slot: int) -> protocol.Prefilled:
         self.kv.free(job.request_id)
