@@ -70,6 +70,9 @@ class WorkerConfig:
     handoff_timeout_s: float = 60.0  # a filled slot nobody adopted is reclaimed after this
     cpu_threads: int = 0  # CPU threads for torch and the expert kernels; 0 = half the CPUs (two workers share them)
     experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
+    prefill_experts: str = "auto"  # auto (long passes stream the pack's experts to a GPU) | cpu | stream
+    stream_min_tokens: int = 0  # prefill passes at least this long stream; 0 = measured at start-up
+    stream_ring_layers: int = 2  # MoE layers of experts on the GPU at once while streaming (2: copy one, use one)
     drain_grace_s: float = 30.0
 
     _ranges = {
@@ -82,9 +85,15 @@ class WorkerConfig:
         "handoff_slot_tokens": (0, 1 << 22),
         "handoff_timeout_s": (1.0, 3600.0),
         "cpu_threads": (0, 4096),
+        "stream_min_tokens": (0, 1 << 22),
+        "stream_ring_layers": (1, 64),
         "drain_grace_s": (0.0, 3600.0),
     }
-    _choices = {"experts": ("cpu", "torch"), "dtype": ("auto", "fp32", "bf16")}
+    _choices = {
+        "experts": ("cpu", "torch"),
+        "prefill_experts": ("auto", "cpu", "stream"),
+        "dtype": ("auto", "fp32", "bf16"),
+    }
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class WorkerProcess:
         # What start() builds, in order; close() releases whatever of it exists.
         self.source: PackSource | None = None
         self.experts = None
+        self.streaming = None  # StreamingExperts of a prefill worker that streams long passes
         self.handoff: HandoffPool | None = None
         self.engine: PrefillEngine | DecodeEngine | None = None
 
@@ -87,7 +88,17 @@ class WorkerProcess:
             self.handoff = HandoffPool.create(
                 f"{self.role}-{os.getpid()}", w.handoff_slots, self.kv.bytes_per_token * slot_tokens, self.config.shm
             )
-            self.engine = PrefillEngine(self.model, self.kv, self.handoff, w.prefill_chunk_tokens, w.handoff_timeout_s)
+            self.streaming, stream_min_tokens, max_pass_tokens = self._streaming(device)
+            self.engine = PrefillEngine(
+                self.model,
+                self.kv,
+                self.handoff,
+                w.prefill_chunk_tokens,
+                w.handoff_timeout_s,
+                self.streaming,
+                stream_min_tokens,
+                max_pass_tokens,
+            )
         else:
             self.handoff = None
             self.engine = DecodeEngine(self.model, self.kv, w.max_batch, w.micro_batches, self.config.shm)
@@ -114,12 +125,65 @@ class WorkerProcess:
 
         return CpuExperts.from_source(self.source, device, self.threads)
 
+    def _streaming(self, device: torch.device):
+        """(StreamingExperts or None, stream_min_tokens, max_pass_tokens) of a prefill worker: the ring's
+        GPU memory checked against what the model and the KV cache left, the threshold measured."""
+        from hmoe.workers.experts import streaming as slp
+
+        w = self.config.worker
+        off = w.prefill_experts == "cpu" or (w.prefill_experts == "auto" and device.type != "cuda")
+        if off or w.experts != "cpu":
+            return None, 0, 1 << 30
+        c = self.model.config
+        need = slp.planned_device_bytes(
+            self.source.layer_experts(c.moe_layer_ids[0]), self.model.dtype, w.stream_ring_layers
+        )
+        per_token = slp.pass_bytes_per_token(c, self.model.dtype)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if need + 256 * per_token > free:
+                raise HmoeError(
+                    "config_invalid",
+                    f"streaming prefill needs {need / 2**30:.2f} GiB of GPU memory ({w.stream_ring_layers} ring layers "
+                    f"and one dequantized layer), {free / 2**30:.2f} GiB is free after the model and the KV cache: "
+                    'lower [worker] stream_ring_layers or kv_cache_gib, or set [worker] prefill_experts = "cpu"',
+                )
+            self.source.pin()
+        streaming = slp.StreamingExperts.from_source(self.source, device, self.model.dtype, w.stream_ring_layers)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            max_pass_tokens = int(free * 0.8) // per_token  # activations of a pass stay on the GPU
+        else:
+            max_pass_tokens = 1 << 30
+        copy_s, cpu_s_per_token = slp.measure_copy_s(streaming), slp.measure_cpu_s_per_token(self.experts, c)
+        measured = max(1, int(copy_s / cpu_s_per_token))  # shorter passes finish on the CPU before one layer copies
+        min_tokens = w.stream_min_tokens or measured
+        log.info(
+            "streaming prefill: %.2f GiB of GPU memory (%d ring layers of %.3f GiB + one dequantized layer); "
+            "a layer copies in %.2f ms (%.1f GB/s), the CPU kernels take %.3f ms per token and layer: "
+            "passes of >= %d tokens stream (measured %d), up to %d tokens per pass",
+            streaming.device_bytes / 2**30,
+            streaming.ring_layers,
+            streaming.layer_bytes / 2**30,
+            copy_s * 1e3,
+            streaming.layer_bytes / copy_s / 1e9,
+            cpu_s_per_token * 1e3,
+            min_tokens,
+            measured,
+            max_pass_tokens,
+        )
+        return streaming, min_tokens, max_pass_tokens
+
     def _warm_up(self) -> None:
-        """One tiny forward so the first request pays for no compilation or first-touch."""
+        """One tiny forward (and one streamed, if streaming) so the first request pays for no compilation."""
         from hmoe.workers.model.batch import ForwardBatch
 
         self.kv.reserve("warm-up", 2)
         self.model.forward(ForwardBatch.build(self.kv, [("warm-up", [0, 1], 0)]), self.kv)
+        if self.streaming is not None:
+            stream_pass = self.streaming.open_pass()
+            self.model.forward(ForwardBatch.build(self.kv, [("warm-up", [0, 1], 0)]), self.kv, experts=stream_pass)
+            stream_pass.close()
         self.kv.free("warm-up")
 
     def _register(self) -> protocol.Register:

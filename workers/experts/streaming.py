@@ -224,13 +224,30 @@ def grouped_experts(
     x = hidden[order // top_k].to(gate_up.dtype)  # [TK, H]
     if hp != hidden_size:  # tiny models only: real widths are multiples of 128
         x = F.pad(x, (0, hp - hidden_size))
-    gu = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offsets)  # [TK, 2Ip]
+    gu = _grouped_mm(x, gate_up.transpose(1, 2), offsets)  # [TK, 2Ip]
     h = F.silu(gu[:, :ip]) * gu[:, ip:]  # [TK, Ip]
-    y = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)[:, :hidden_size]  # [TK, H]
+    y = _grouped_mm(h, down.transpose(1, 2), offsets)[:, :hidden_size]  # [TK, H]
     y = y * weights.reshape(-1)[order, None].to(y.dtype)
     pairs = torch.empty_like(y)
     pairs[order] = y  # back to (token, k) order: summing over k is deterministic, unlike index_add
     return pairs.view(num_tokens, top_k, hidden_size).sum(1, dtype=torch.float32).to(hidden.dtype)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """a [M, K] rows grouped by `offsets` (group g ends at offsets[g]) times b [G, K, N] -> [M, N].
+
+    torch's grouped GEMM takes bf16 on a GPU and anything on the CPU; float32 on a GPU (fp32 test
+    models) runs one GEMM per group, at the price of one host synchronization.
+    """
+    if a.device.type == "cpu" or a.dtype == torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=offsets)
+    out = a.new_empty(a.shape[0], b.shape[2])
+    start = 0
+    for group, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.matmul(a[start:end], b[group], out=out[start:end])
+        start = end
+    return out
 
 
 def _travelling(a):
@@ -251,3 +268,30 @@ def measure_copy_s(experts: StreamingExperts, repeats: int = 3) -> float:
             ready.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def measure_cpu_s_per_token(cpu_experts, config, tokens: int = 64) -> float:
+    """Seconds the CPU kernels take per token for one MoE layer (random inputs, after one warm call)."""
+    g = torch.Generator().manual_seed(0)
+    layer_id, k = config.moe_layer_ids[0], config.num_experts_per_tok
+    x = torch.randn(tokens, config.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.full((tokens, k), 1.0 / k)
+    cpu_experts(layer_id, x, ids, weights)
+    start = time.perf_counter()
+    cpu_experts(layer_id, x, ids, weights)
+    return (time.perf_counter() - start) / tokens
+
+
+def planned_device_bytes(layer: LayerExperts, dtype: torch.dtype, ring_layers: int) -> int:
+    """What StreamingExperts will hold on the device: `ring_layers` layers as stored + one dequantized."""
+    dequantized = 3 * layer.num_experts * padded(layer.hidden) * padded(layer.inter) * dtype.itemsize
+    stored = sum(a.nbytes for a in layer.arrays.values())
+    return ring_layers * stored + dequantized
+
+
+def pass_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Device bytes a streamed pass needs per prompt token, at most: the residual stream and the layer's
+    live activations (about a dozen [H] rows) plus the MoE's per-(token, expert) rows (x, gate+up, h, y twice)."""
+    h, i, k = padded(config.hidden_size), padded(config.moe_intermediate_size), config.num_experts_per_tok
+    return dtype.itemsize * (12 * h + k * (3 * h + 3 * i)) + 64 * k

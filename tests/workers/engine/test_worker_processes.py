@@ -160,6 +160,8 @@ def served(request, tiny_models, tmp_path_factory):
         HMOE_WORKER_HANDOFF_SLOT_TOKENS="256",
         HMOE_WORKER_DEVICE=request.param,
         HMOE_WORKER_DTYPE="fp32",
+        HMOE_WORKER_PREFILL_EXPERTS="stream",  # prompts of >= 20 tokens stream their experts, shorter ones don't
+        HMOE_WORKER_STREAM_MIN_TOKENS="20",
     )
     procs = {}
 
