@@ -6,10 +6,15 @@ mapping in place, no staging copy. A PROT_READ mapping registers only with cudaH
 
 NOTE: torch is imported inside the two calls only: shm/ must not depend on torch, and a process
 that never pins never pays for it.
+
+NOTE: a refused cudaHostRegister also sets the CUDA runtime's per-thread "last error", which torch's
+binding does not clear; the next torch call that checks for launch errors then fails with that stale
+error ("CUDA error: invalid argument", far from its cause). register() clears it on failure.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 from hmoe.shm.errors import ShmError
@@ -38,6 +43,7 @@ class HostRegistration:
         flags = CUDA_HOST_REGISTER_READ_ONLY if read_only else CUDA_HOST_REGISTER_DEFAULT
         err = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, flags))
         if err:
+            _clear_last_cuda_error()
             raise ShmError(
                 "cuda_register_failed",
                 f"cudaHostRegister of {nbytes / 2**30:.2f} GiB at {address:#x} (flags {flags}) "
@@ -61,3 +67,13 @@ class HostRegistration:
 
     def __exit__(self, *exc) -> None:
         self.unregister()
+
+
+def _clear_last_cuda_error() -> int:
+    """cudaGetLastError() of the CUDA runtime torch loaded (it returns and resets the thread's last error)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    for path in sorted(paths):
+        return int(ctypes.CDLL(path).cudaGetLastError())
+    log.warning("no libcudart in this process: a failed cudaHostRegister may surface at a later CUDA call")
+    return 0

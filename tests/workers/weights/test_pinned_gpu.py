@@ -1,6 +1,6 @@
 """Pinning a pack for the GPU: cudaHostRegister on the read-only mapping, copies from it, unregister.
 
-GPU tests run on the H100 box (`pytest -m gpu tests/shm`); here only the no-CUDA error runs.
+GPU tests run on the GPU box (`pytest -m gpu tests/workers/weights`); here only the no-CUDA error runs.
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ def test_read_only_mapping_needs_the_read_only_flag(ready_pack):
         HostRegistration.register(ready_pack.segment.address, ready_pack.segment.nbytes, read_only=False)
     assert err.value.code == "cuda_register_failed"
     HostRegistration.register(ready_pack.segment.address, ready_pack.segment.nbytes).unregister()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_refused_registration_leaves_cuda_usable(ready_pack):
+    """A refused cudaHostRegister sets CUDA's last error; left there, it failed the next kernel launch of
+    whatever ran later ("CUDA error: invalid argument": test_pack_source_pins_until_closed, after the test above)."""
+    with pytest.raises(ShmError):
+        HostRegistration.register(ready_pack.segment.address, ready_pack.segment.nbytes, read_only=False)
+    assert (torch.arange(8, device="cuda") * 2).sum().item() == 56  # a kernel launch checks the last error
 
 
 @pytest.mark.gpu
