@@ -78,6 +78,7 @@ class StreamingExperts:
         self.gate_up = torch.empty(e, 2 * ip, hp, dtype=dtype, device=self.device)  # [E, 2Ip, Hp]: gate rows, then up
         self.down = torch.empty(e, hp, ip, dtype=dtype, device=self.device)  # [E, Hp, Ip]
         self.copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self.grouped_gemm = _grouped_mm_works(self.device, dtype)  # else one GEMM per expert (a host sync per layer)
 
     @classmethod
     def from_source(cls, source, device, dtype: torch.dtype, ring_layers: int = 2) -> StreamingExperts:
@@ -96,8 +97,11 @@ class StreamingExperts:
         """Device memory this object holds: the ring plus the dequantized layer."""
         return self.ring_layers * self.layer_bytes + self.gate_up.nbytes + self.down.nbytes
 
-    def open_pass(self) -> StreamPass:
-        return StreamPass(self)
+    def open_pass(self, resident: bool = False) -> StreamPass:
+        """A pass; `resident`: the ring holds every layer already (an earlier pass copied them), copy nothing
+        (the bench's compute floor)."""
+        assert not resident or self.ring_layers == len(self.layer_ids), "resident needs a ring of every layer"
+        return StreamPass(self, copy=not resident)
 
     def close(self) -> None:
         """Nothing to release beyond memory; the worker calls it like every backend's close()."""
@@ -147,8 +151,8 @@ class StreamingExperts:
 class StreamPass:
     """One prefill pass's ExpertBackend: the ring's next layers are copied as soon as it opens."""
 
-    def __init__(self, owner: StreamingExperts):
-        self.owner = owner
+    def __init__(self, owner: StreamingExperts, copy: bool = True):
+        self.owner, self.copy = owner, copy
         self.next_copy = 0  # index into owner.layer_ids of the next layer to copy
         self.ready: dict[int, tuple[_Slot, torch.cuda.Event | None]] = {}
         self.inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -186,8 +190,8 @@ class StreamPass:
             return
         layer_id = owner.layer_ids[self.next_copy]
         slot = owner.ring[self.next_copy % owner.ring_layers]
-        self.ready[layer_id] = (slot, owner.copy_layer(layer_id, slot))
-        self.bytes_copied += owner.layer_bytes
+        self.ready[layer_id] = (slot, owner.copy_layer(layer_id, slot) if self.copy else None)
+        self.bytes_copied += owner.layer_bytes if self.copy else 0
         self.next_copy += 1
 
     def _compute(self, layer_id: int) -> None:
@@ -204,12 +208,17 @@ class StreamPass:
         hidden = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
         ids = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
         weights = torch.cat([c[2] for c in chunks]) if len(chunks) > 1 else chunks[0][2]
-        out = grouped_experts(hidden, ids, weights, owner.gate_up, owner.down)
+        out = grouped_experts(hidden, ids, weights, owner.gate_up, owner.down, owner.grouped_gemm)
         self.outputs[layer_id] = list(out.split([c[0].shape[0] for c in chunks]))
 
 
 def grouped_experts(
-    hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    grouped_gemm: bool = True,
 ) -> torch.Tensor:
     """hidden [T, H], ids [T, K], weights [T, K] float32, gate_up [E, 2Ip, Hp], down [E, Hp, Ip] -> [T, H].
 
@@ -224,22 +233,22 @@ def grouped_experts(
     x = hidden[order // top_k].to(gate_up.dtype)  # [TK, H]
     if hp != hidden_size:  # tiny models only: real widths are multiples of 128
         x = F.pad(x, (0, hp - hidden_size))
-    gu = _grouped_mm(x, gate_up.transpose(1, 2), offsets)  # [TK, 2Ip]
+    gu = _grouped_mm(x, gate_up.transpose(1, 2), offsets, grouped_gemm)  # [TK, 2Ip]
     h = F.silu(gu[:, :ip]) * gu[:, ip:]  # [TK, Ip]
-    y = _grouped_mm(h, down.transpose(1, 2), offsets)[:, :hidden_size]  # [TK, H]
+    y = _grouped_mm(h, down.transpose(1, 2), offsets, grouped_gemm)[:, :hidden_size]  # [TK, H]
     y = y * weights.reshape(-1)[order, None].to(y.dtype)
     pairs = torch.empty_like(y)
     pairs[order] = y  # back to (token, k) order: summing over k is deterministic, unlike index_add
     return pairs.view(num_tokens, top_k, hidden_size).sum(1, dtype=torch.float32).to(hidden.dtype)
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped_gemm: bool) -> torch.Tensor:
     """a [M, K] rows grouped by `offsets` (group g ends at offsets[g]) times b [G, K, N] -> [M, N].
 
-    torch's grouped GEMM takes bf16 on a GPU and anything on the CPU; float32 on a GPU (fp32 test
-    models) runs one GEMM per group, at the price of one host synchronization.
+    torch's grouped GEMM takes bf16 on a Hopper GPU and anything on the CPU; elsewhere (float32 test
+    models on a GPU) one GEMM per group runs, at the price of one host synchronization.
     """
-    if a.device.type == "cpu" or a.dtype == torch.bfloat16:
+    if grouped_gemm:
         return torch._grouped_mm(a, b, offs=offsets)
     out = a.new_empty(a.shape[0], b.shape[2])
     start = 0
@@ -248,6 +257,17 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torc
             torch.matmul(a[start:end], b[group], out=out[start:end])
         start = end
     return out
+
+
+def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs here (a probe: its support depends on the torch build, GPU and dtype)."""
+    a = torch.ones(16, 32, device=device, dtype=dtype)
+    b = torch.ones(2, 32, 16, device=device, dtype=dtype)
+    try:
+        out = torch._grouped_mm(a, b, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return bool((out == 32).all())
 
 
 def _travelling(a):

@@ -1,0 +1,239 @@
+"""Prefill speed: today's CPU-kernel path, stream-loading prefill and the resident-experts floor, one run.
+
+    python bench/prefill.py --make ARCH:PRESET:DTYPE:LAYERS [--device cuda] [--lengths 1024,4096,...]
+                            [--cpu-max 8192] [--chunk 2048] [--ring 2] [--json PATH]
+
+Per prompt length, in-process, the worker's code paths:
+    cpu        chunk-major, routed experts on the CPU kernels over the pack (today's path; stops at --cpu-max)
+    slp        one layer-major pass over all chunks, experts streamed from the pinned pack (StreamingExperts)
+    resident   the same pass with every layer's stored experts already on the GPU: no copies (the compute floor)
+
+    stream_floor_s   MoE layers x one layer's expert bytes / the pinned H2D bandwidth measured in this run
+    floor_s          max(stream_floor_s, resident seconds)
+    ratio            (slp rows) seconds / floor_s
+Also: the threshold the worker would choose (one layer's copy time / the CPU kernels' time per token
+and layer) and the GPU memory each mode peaked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+from hmoe.shm import ShmConfig  # noqa: E402
+from hmoe.shm.registry import remove_pack  # noqa: E402
+from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
+from hmoe.workers.experts.streaming import StreamingExperts, measure_copy_s, measure_cpu_s_per_token  # noqa: E402
+from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
+from hmoe.workers.model.causal_lm import load_model  # noqa: E402
+from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
+from hmoe.workers.weights.make_model import make_model  # noqa: E402
+from hmoe.workers.weights.pack_loader import load_pack  # noqa: E402
+from hmoe.workers.weights.pack_source import PackSource  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prefill(model, kv, prompt: list[int], chunk: int, experts, layer_major: bool) -> float:
+    """Seconds to prefill `prompt` (KV reserved and freed here)."""
+    kv.reserve("bench", len(prompt))
+    device = model.device
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        batches = [ForwardBatch.build(kv, [("bench", prompt[i : i + chunk], i)]) for i in range(0, len(prompt), chunk)]
+        if layer_major:
+            stream_pass = experts.open_pass() if callable(getattr(experts, "open_pass", None)) else experts
+            model.forward_overlapped(batches, kv, experts=stream_pass)
+        else:
+            for batch in batches:
+                model.forward(batch, kv, experts=experts)
+        _sync(device)
+        return time.perf_counter() - start
+    finally:
+        kv.free("bench")
+
+
+class Resident:
+    """open_pass() of a StreamingExperts whose ring holds every layer (copied once, before timing)."""
+
+    def __init__(self, streaming: StreamingExperts):
+        self.streaming = streaming
+
+    def open_pass(self):
+        return self.streaming.open_pass(resident=True)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    arch, preset, dtype, layers = args.make.split(":")
+    model_dir = Path(args.work_dir) / f"{arch}-{preset}-{dtype}-{layers}"
+    start = time.perf_counter()
+    if not (model_dir / "config.json").exists():
+        make_model(model_dir, arch, preset, dtype, seed=0, num_layers=int(layers))
+    print(f"model {model_dir} ready in {time.perf_counter() - start:.0f} s", flush=True)
+    shm = ShmConfig()
+    start = time.perf_counter()
+    pack, _ = load_pack(model_dir, args.pack, config=shm, stream=sys.stderr)
+    print(f"pack {pack.name} ready in {time.perf_counter() - start:.0f} s", flush=True)
+    source = PackSource.attach(pack.name, shm)
+    if device.type == "cuda":
+        source.pin()
+    cpu = CpuExperts.from_source(source, device, args.threads or None)
+    model = load_model(source, device, "auto", experts=cpu)
+    cfg = model.config
+    kv = KVPool.from_budget(cfg, int(args.kv_gib * 2**30), 16, model.dtype, device)
+    streaming = StreamingExperts.from_source(source, device, model.dtype, args.ring)
+    grouped_gemm, stream_device_bytes = streaming.grouped_gemm, streaming.device_bytes
+    copy_s = measure_copy_s(streaming)
+    h2d_gbs = streaming.layer_bytes / copy_s / 1e9
+    cpu_s_per_token = measure_cpu_s_per_token(cpu, cfg)
+    threshold = max(1, int(copy_s / cpu_s_per_token))
+    moe_layers = len(cfg.moe_layer_ids)
+    print(
+        f"layer {streaming.layer_bytes / 1e9:.3f} GB copies in {copy_s * 1e3:.2f} ms ({h2d_gbs:.1f} GB/s); "
+        f"CPU kernels {cpu_s_per_token * 1e3:.3f} ms per token and layer -> threshold {threshold} tokens",
+        flush=True,
+    )
+    gen = torch.Generator().manual_seed(0)
+    warm = torch.randint(0, cfg.vocab_size, (args.chunk + 7,), generator=gen).tolist()
+    modes = {"cpu": (cpu, False), "slp": (streaming, True)}
+    results, memory = [], {}
+    for mode in ("cpu", "slp", "resident"):
+        if mode == "resident":  # the ring grows to every layer: give the streaming ring back first
+            del streaming, modes["slp"]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            resident = StreamingExperts.from_source(source, device, model.dtype, moe_layers)
+            resident.open_pass()(cfg.moe_layer_ids[0], *_one_token(cfg, device, model.dtype))  # copies every layer
+            _sync(device)
+            modes["resident"] = (Resident(resident), True)
+        experts, layer_major = modes[mode]
+        _prefill(model, kv, warm, args.chunk, experts, layer_major)  # warm-up: compilation, first touches
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for tokens in args.lengths:
+            if mode == "cpu" and tokens > args.cpu_max:
+                continue
+            prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=gen).tolist()
+            seconds = _prefill(model, kv, prompt, args.chunk, experts, layer_major)
+            results.append({"tokens": tokens, "mode": mode, "seconds": seconds, "tok_s": tokens / seconds})
+            print(f"{mode:9s} {tokens:6d} tokens: {seconds:8.3f} s  {tokens / seconds:10.1f} tok/s", flush=True)
+        if device.type == "cuda":
+            memory[mode] = torch.cuda.max_memory_allocated(device)
+    floors = {}
+    for tokens in args.lengths:
+        stream_floor_s = moe_layers * streaming_bytes(source) / (h2d_gbs * 1e9)
+        resident_s = next(r["seconds"] for r in results if r["mode"] == "resident" and r["tokens"] == tokens)
+        floors[tokens] = {"stream_floor_s": stream_floor_s, "floor_s": max(stream_floor_s, resident_s)}
+    for row in results:
+        row.update(floors[row["tokens"]])
+        if row["mode"] == "slp":
+            row["ratio"] = row["seconds"] / row["floor_s"]
+    layer_bytes = streaming_bytes(source)
+    cpu.close()
+    del resident, modes
+    source.close()
+    pack.close()
+    remove_pack(pack.name, shm, force=True)
+    return {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "model": {
+            "arch": cfg.architecture,
+            "preset": preset,
+            "layers": cfg.num_layers,
+            "moe_layers": moe_layers,
+            "experts": cfg.num_experts,
+            "top_k": cfg.num_experts_per_tok,
+            "hidden": cfg.hidden_size,
+            "inter": cfg.moe_intermediate_size,
+            "expert_format": source.expert_format.name,
+            "dtype": str(model.dtype),
+        },
+        "chunk_tokens": args.chunk,
+        "ring_layers": args.ring,
+        "layer_bytes": layer_bytes,
+        "h2d_gbs": h2d_gbs,
+        "cpu_s_per_token_layer": cpu_s_per_token,
+        "threshold_tokens": threshold,
+        "grouped_gemm": grouped_gemm,
+        "stream_device_bytes": stream_device_bytes,
+        "gpu_peak_bytes": memory,
+        "results": results,
+    }
+
+
+def streaming_bytes(source) -> int:
+    """One MoE layer's expert bytes in the pack."""
+    layer = source.layer_experts(source.config.moe_layer_ids[0])
+    return sum(a.nbytes for a in layer.arrays.values())
+
+
+def _one_token(cfg, device, dtype):
+    return (
+        torch.zeros(1, cfg.hidden_size, device=device, dtype=dtype),
+        torch.arange(cfg.num_experts_per_tok, device=device)[None],
+        torch.ones(1, cfg.num_experts_per_tok, device=device),
+    )
+
+
+def plot(payload: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["results"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, style in (("cpu", "o-"), ("slp", "s-"), ("resident", "^--")):
+        points = [(r["tokens"], r["tok_s"]) for r in rows if r["mode"] == mode]
+        if points:
+            ax.plot(*zip(*points), style, label=mode)
+    lengths = sorted({r["tokens"] for r in rows})
+    floor = {r["tokens"]: r["floor_s"] for r in rows}
+    ax.plot(lengths, [t / floor[t] for t in lengths], "k:", label="floor (max of stream floor, resident)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("prefill tok/s")
+    m = payload["model"]
+    ax.set_title(
+        f"hmoe prefill, {payload['device']}, {m['arch']} {m['preset']} {m['expert_format']} {m['layers']} layers"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--make", default="qwen3_moe:30b-a3b:fp8:8", help="ARCH:PRESET:DTYPE:LAYERS for hmoe make-model")
+    p.add_argument("--work-dir", default="/tmp/hmoe-bench")
+    p.add_argument("--pack", default="bench-prefill")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lengths", default="1024,4096,8192,16384,32768")
+    p.add_argument("--cpu-max", type=int, default=8192, help="longest prompt the cpu mode runs (it is slow)")
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--ring", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="CPU kernel threads (0: all physical cores)")
+    p.add_argument("--kv-gib", type=float, default=8.0)
+    p.add_argument("--tag", default="dev", help="results name: prefill-TAG.json")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    args.lengths = [int(n) for n in args.lengths.split(",")]
+    path = write_results(f"prefill-{args.tag}", run(args), plot, args.json)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
