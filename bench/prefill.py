@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from hmoe.shm import ShmConfig  # noqa: E402
+from hmoe.shm import ShmConfig, ShmError  # noqa: E402
 from hmoe.shm.registry import remove_pack  # noqa: E402
 from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
 from hmoe.workers.experts.streaming import StreamingExperts, measure_copy_s, measure_cpu_s_per_token  # noqa: E402
@@ -87,8 +87,13 @@ def run(args) -> dict:
     pack, _ = load_pack(model_dir, args.pack, config=shm, stream=sys.stderr)
     print(f"pack {pack.name} ready in {time.perf_counter() - start:.0f} s", flush=True)
     source = PackSource.attach(pack.name, shm)
+    pinned = False
     if device.type == "cuda":
-        source.pin()
+        try:
+            source.pin()
+            pinned = True
+        except ShmError as exc:
+            print(f"NOT PINNED: {exc.message}", flush=True)
     cpu = CpuExperts.from_source(source, device, args.threads or None)
     model = load_model(source, device, "auto", experts=cpu)
     cfg = model.config
@@ -164,6 +169,7 @@ def run(args) -> dict:
         "ring_layers": args.ring,
         "layer_bytes": layer_bytes,
         "h2d_gbs": h2d_gbs,
+        "pack_pinned": pinned,
         "cpu_s_per_token_layer": cpu_s_per_token,
         "threshold_tokens": threshold,
         "grouped_gemm": grouped_gemm,

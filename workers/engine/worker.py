@@ -32,6 +32,7 @@ from hmoe.runtime.config import Config, config_options, load_config
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
 from hmoe.runtime.sd_notify import SdNotify
+from hmoe.shm import ShmError
 from hmoe.shm.segment import unlink_segment
 from hmoe.workers.engine.decode import DecodeEngine
 from hmoe.workers.engine.kv_handoff import HandoffPool
@@ -148,7 +149,10 @@ class WorkerProcess:
                     f"and one dequantized layer), {free / 2**30:.2f} GiB is free after the model and the KV cache: "
                     'lower [worker] stream_ring_layers or kv_cache_gib, or set [worker] prefill_experts = "cpu"',
                 )
-            self.source.pin()
+            try:
+                self.source.pin()
+            except ShmError as exc:
+                log.warning("streaming prefill from pageable memory: %s", exc.message)
         streaming = slp.StreamingExperts.from_source(self.source, device, self.model.dtype, w.stream_ring_layers)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
