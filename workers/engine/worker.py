@@ -136,19 +136,12 @@ class WorkerProcess:
         if off or w.experts != "cpu":
             return None, 0, 1 << 30
         c = self.model.config
-        need = slp.planned_device_bytes(
-            self.source.layer_experts(c.moe_layer_ids[0]), self.model.dtype, w.stream_ring_layers
-        )
         per_token = slp.pass_bytes_per_token(c, self.model.dtype)
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if need + 256 * per_token > free:
-                raise HmoeError(
-                    "config_invalid",
-                    f"streaming prefill needs {need / 2**30:.2f} GiB of GPU memory ({w.stream_ring_layers} ring layers "
-                    f"and one dequantized layer), {free / 2**30:.2f} GiB is free after the model and the KV cache: "
-                    'lower [worker] stream_ring_layers or kv_cache_gib, or set [worker] prefill_experts = "cpu"',
-                )
+            layer = self.source.layer_experts(c.moe_layer_ids[0])
+            slp.check_device_memory(
+                layer, c, self.model.dtype, w.stream_ring_layers, torch.cuda.mem_get_info(device)[0]
+            )
             try:
                 self.source.pin()
             except ShmError as exc:

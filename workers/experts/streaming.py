@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hmoe.kernels.formats import FP8_BLOCK, TILE_ROWS, LayerExperts, layer_arrays, padded
+from hmoe.runtime.errors import HmoeError
 
 # Pack dtype -> the torch dtype its bytes travel as: bf16 bit patterns as int16 (copies of uint16 are not
 # implemented everywhere), reinterpreted on the device.
@@ -308,6 +309,21 @@ def planned_device_bytes(layer: LayerExperts, dtype: torch.dtype, ring_layers: i
     dequantized = 3 * layer.num_experts * padded(layer.hidden) * padded(layer.inter) * dtype.itemsize
     stored = sum(a.nbytes for a in layer.arrays.values())
     return ring_layers * stored + dequantized
+
+
+def check_device_memory(layer: LayerExperts, config, dtype: torch.dtype, ring_layers: int, free_bytes: int) -> int:
+    """The device bytes streaming needs (the ring and one dequantized layer); config_invalid, with what to
+    change, when they and a pass of 256 tokens do not fit in `free_bytes`."""
+    need = planned_device_bytes(layer, dtype, ring_layers)
+    if need + 256 * pass_bytes_per_token(config, dtype) > free_bytes:
+        raise HmoeError(
+            "config_invalid",
+            f"streaming prefill needs {need / 2**30:.2f} GiB of GPU memory ({ring_layers} ring layers of "
+            f"{sum(a.nbytes for a in layer.arrays.values()) / 2**30:.2f} GiB and one dequantized layer), "
+            f"{free_bytes / 2**30:.2f} GiB is free after the model and the KV cache: lower [worker] "
+            'stream_ring_layers or kv_cache_gib, or set [worker] prefill_experts = "cpu"',
+        )
+    return need
 
 
 def pass_bytes_per_token(config, dtype: torch.dtype) -> int:

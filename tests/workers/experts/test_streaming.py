@@ -73,3 +73,21 @@ def test_bf16_compute_stays_close_to_the_reference():
     want = moe_reference(x.bfloat16().double().numpy(), ids.numpy(), w.numpy(), layer)
     assert got.dtype == torch.bfloat16
     np.testing.assert_allclose(got.double().numpy(), want, rtol=3e-2, atol=3e-2)
+
+
+def test_the_rings_device_memory_is_counted_and_refused_with_a_hint(tiny_models):
+    from hmoe.runtime.errors import HmoeError
+    from hmoe.workers.experts.streaming import check_device_memory, planned_device_bytes
+    from hmoe.workers.weights.checkpoint import Checkpoint
+
+    c = Checkpoint.open(tiny_models("qwen3_moe", "bf16")).config
+    layer = random_layer(
+        ExpertFormat("fp8"), torch.Generator().manual_seed(3), c.num_experts, c.hidden_size, c.moe_intermediate_size
+    )
+    need = planned_device_bytes(layer, torch.bfloat16, 2)
+    stored = sum(a.nbytes for a in layer.arrays.values())
+    assert need == 2 * stored + 3 * c.num_experts * c.hidden_size * c.moe_intermediate_size * 2
+    assert check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=1 << 40) == need
+    with pytest.raises(HmoeError) as refused:
+        check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=need)  # no room left for a pass
+    assert refused.value.code == "config_invalid" and "stream_ring_layers" in refused.value.message
