@@ -128,7 +128,8 @@ class WorkerProcess:
 
     def _streaming(self, device: torch.device):
         """(StreamingExperts or None, stream_min_tokens, max_pass_tokens) of a prefill worker: the ring's
-        GPU memory checked against what the model and the KV cache left, the threshold measured."""
+        GPU memory checked against what the model and the KV cache left (too little: an error when
+        prefill_experts is "stream", the CPU kernels with a warning when "auto"), the threshold measured."""
         from hmoe.workers.experts import streaming as slp
 
         w = self.config.worker
@@ -139,9 +140,15 @@ class WorkerProcess:
         per_token = slp.pass_bytes_per_token(c, self.model.dtype)
         if device.type == "cuda":
             layer = self.source.layer_experts(c.moe_layer_ids[0])
-            slp.check_device_memory(
-                layer, c, self.model.dtype, w.stream_ring_layers, torch.cuda.mem_get_info(device)[0]
-            )
+            try:
+                slp.check_device_memory(
+                    layer, c, self.model.dtype, w.stream_ring_layers, torch.cuda.mem_get_info(device)[0]
+                )
+            except HmoeError as exc:
+                if w.prefill_experts == "stream":  # forced: refuse to start
+                    raise
+                log.warning("prefill stays on the CPU kernels: %s", exc.message)
+                return None, 0, 1 << 30
             try:
                 self.source.pin()
             except ShmError as exc:
