@@ -157,23 +157,28 @@ class StreamPass:
         self.next_copy = 0  # index into owner.layer_ids of the next layer to copy
         self.ready: dict[int, tuple[_Slot, torch.cuda.Event | None]] = {}
         self.inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.outputs: dict[int, list[torch.Tensor | None]] = {}  # a layer's outputs until each chunk took its own
+        self.computed: set[int] = set()
         self.bytes_copied = 0
         for _ in range(owner.ring_layers):
             self._copy_next()
 
     def submit(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """Keep the chunk's inputs; the layer computes at its first wait(), when every chunk has submitted."""
-        assert layer_id not in self.outputs, f"layer {layer_id} submitted after it computed: not layer-major"
+        assert layer_id not in self.computed, f"layer {layer_id} submitted after it computed: not layer-major"
         chunks = self.inputs.setdefault(layer_id, [])
         chunks.append((hidden, topk_ids, topk_weights))
         return layer_id, len(chunks) - 1
 
     def wait(self, handle) -> torch.Tensor:
         layer_id, index = handle
-        if layer_id not in self.outputs:
+        if layer_id not in self.computed:
             self._compute(layer_id)
-        return self.outputs[layer_id][index]
+        outputs = self.outputs[layer_id]
+        out, outputs[index] = outputs[index], None
+        if all(o is None for o in outputs):
+            del self.outputs[layer_id]
+        return out
 
     def __call__(self, layer_id, hidden, topk_ids, topk_weights) -> torch.Tensor:
         return self.wait(self.submit(layer_id, hidden, topk_ids, topk_weights))
@@ -205,6 +210,7 @@ class StreamPass:
             slot.free = torch.cuda.Event()
             slot.free.record()
         self._copy_next()  # into the slot just freed: layer L + R copies while L computes
+        self.computed.add(layer_id)
         chunks = self.inputs.pop(layer_id)
         hidden = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
         ids = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]

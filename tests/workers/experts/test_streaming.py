@@ -51,6 +51,7 @@ def test_layers_match_the_reference_in_every_format(fmt_name):
             assert got.shape == x.shape and got.dtype == torch.float32
             np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-4, atol=1e-5)
     assert stream_pass.bytes_copied == 3 * streaming.layer_bytes  # each layer crossed once
+    assert not stream_pass.outputs and not stream_pass.inputs  # nothing held once every chunk took its output
     stream_pass.close()
 
 
