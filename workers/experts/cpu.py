@@ -4,16 +4,16 @@ Shapes: T tokens, K experts per token, E experts, H hidden, I expert intermediat
 
 The layers are `LayerExperts` (kernels/formats.py): zero-copy views into a weight pack
 (`from_source`), or arrays encoded here from checkpoint weights (`from_checkpoint`, `layer_from_torch`).
-`submit()` copies the inputs into one of a few staging slots (pinned when the model is on a GPU) and
-hands the call to one kernel thread; the kernel releases the GIL, so the caller keeps launching
-GPU work meanwhile. `wait()` returns the output on the caller's device and dtype.
+`submit()` copies the inputs into one of a few staging slots made once (pinned buffers and CUDA events
+when the model is on a GPU) and hands the call to one kernel thread; the kernel releases the GIL, so
+the caller keeps launching GPU work meanwhile. `wait()` returns the output on the caller's device and
+dtype. The decode step's graphs use the same slots through stage/launch/collect.
 """
 
 from __future__ import annotations
 
-import queue
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,26 +25,37 @@ NUM_SLOTS = 4  # calls in flight at once: two micro-batches need two, with room 
 MAX_TOKENS = 128  # tokens per kernel call; longer inputs run in chunks of this many
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
-    """Pinned staging for one call's inputs from the GPU."""
+    """One call's staging, made once: pinned inputs and output (GPU callers), the events that order them
+    against the device, and what the kernel thread runs next."""
 
-    x: torch.Tensor  # f32 [MAX_TOKENS, H]
+    x: torch.Tensor  # f32 [MAX_TOKENS, H], pinned for a GPU caller
     ids: torch.Tensor  # i64 [MAX_TOKENS, K]
     weights: torch.Tensor  # f32 [MAX_TOKENS, K]
-
-
-@dataclass
-class _Handle:
-    future: Future
-    slot: _Slot | None  # staging to give back after the call (GPU inputs only)
-    out: torch.Tensor  # f32 [T, H] on the CPU (pinned for a GPU caller)
-    device: torch.device
-    dtype: torch.dtype
+    out: torch.Tensor  # f32 [MAX_TOKENS, H]
+    ready: torch.cuda.Event | None  # the input copies have landed
+    consumed: torch.cuda.Event | None  # the output was copied out: the kernel may overwrite it
+    done: threading.Event = field(default_factory=threading.Event)
+    busy: bool = False
+    sync: bool = False  # wait for the events before running (staged GPU inputs)
+    job: tuple | None = None  # (layer, x, ids, w, out) numpy views for the kernel thread
+    result: torch.Tensor | None = None  # the generic path's output (CPU callers)
+    error: BaseException | None = None
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
 
 
 class CpuExperts:
-    """ExpertBackend over `layers` ({layer_id: LayerExperts}, one shape for all), on `num_threads` cores."""
+    """ExpertBackend over `layers` ({layer_id: LayerExperts}, one shape for all), on `num_threads` cores.
+
+    Two ways in. The contract (`submit`/`wait`) works for any input. The decode step's static path
+    splits it so a CUDA graph can hold the device half: `stage(slot, ...)` only enqueues copies into
+    the slot's pinned buffers (capturable), `launch(slot, layer, n)` records the slot's event and
+    wakes the kernel thread, `collect(slot, into)` waits and copies the output into a device buffer.
+    Nothing is allocated, no event created and no queue touched per call: the kernel thread takes
+    slots from a fixed ring in launch order.
+    """
 
     def __init__(self, layers: dict[int, LayerExperts], top_k: int, num_threads: int | None = None, pin: bool = False):
         first = next(iter(layers.values()))
@@ -53,22 +64,25 @@ class CpuExperts:
         self.hidden = first.hidden
         self.kernel = MoeKernel(first.hidden, first.inter, MAX_TOKENS, top_k, num_threads)
         self.kernel.warm_up(formats=(first.fmt,))
-        # One kernel thread: MoeKernel's scratch serves one call at a time, and calls run in submit order.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-experts")
-        self.free_slots: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(NUM_SLOTS if pin else 0):
-            self.free_slots.put(
-                _Slot(
-                    *(
-                        torch.empty(shape, dtype=dt, pin_memory=True)
-                        for shape, dt in (
-                            ((MAX_TOKENS, self.hidden), torch.float32),
-                            ((MAX_TOKENS, top_k), torch.int64),
-                            ((MAX_TOKENS, top_k), torch.float32),
-                        )
-                    )
-                )
-            )
+        self.slots = [self._slot(pin) for _ in range(NUM_SLOTS)]
+        # One kernel thread: MoeKernel's scratch serves one call at a time, and calls run in launch order.
+        self._ring: list[_Slot | None] = [None] * NUM_SLOTS
+        self._head = self._tail = 0
+        self._pending = threading.Semaphore(0)
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="cpu-experts", daemon=True)
+        self._thread.start()
+
+    def _slot(self, pin: bool) -> _Slot:
+        h, k = self.hidden, self.top_k
+        return _Slot(
+            torch.zeros(MAX_TOKENS, h, dtype=torch.float32, pin_memory=pin),
+            torch.zeros(MAX_TOKENS, k, dtype=torch.int64, pin_memory=pin),
+            torch.zeros(MAX_TOKENS, k, dtype=torch.float32, pin_memory=pin),
+            torch.zeros(MAX_TOKENS, h, dtype=torch.float32, pin_memory=pin),
+            torch.cuda.Event() if pin else None,
+            torch.cuda.Event() if pin else None,
+        )
 
     @classmethod
     def from_source(cls, source, device: torch.device | str = "cpu", num_threads: int | None = None) -> CpuExperts:
@@ -97,42 +111,73 @@ class CpuExperts:
             layers[layer_id] = layer
         return cls(layers, c.num_experts_per_tok, num_threads, pin=torch.device(device).type == "cuda")
 
+    # -- the static path (decode graphs) ----------------------------------------------------------
+
+    def stage(self, slot: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Enqueue the copies of a GPU call's inputs ([T <= MAX_TOKENS] rows) into slot's pinned buffers."""
+        s, n = self.slots[slot], hidden.shape[0]
+        s.x[:n].copy_(hidden.to(torch.float32), non_blocking=True)
+        s.ids[:n].copy_(topk_ids, non_blocking=True)
+        s.weights[:n].copy_(topk_weights.to(torch.float32), non_blocking=True)
+
+    def launch(self, slot: int, layer_id: int, num_tokens: int) -> None:
+        """Run the staged call on its first num_tokens rows once the copies (enqueued so far) land."""
+        s = self.slots[slot]
+        if s.busy:
+            raise RuntimeError(f"expert slot {slot} launched twice without collect")
+        if s.ready is not None:
+            s.ready.record()
+        n = num_tokens
+        self._start(
+            s, (self.layers[layer_id], s.x[:n].numpy(), s.ids[:n].numpy(), s.weights[:n].numpy(), s.out[:n].numpy())
+        )
+
+    def collect(self, slot: int, into: torch.Tensor) -> None:
+        """Wait for slot's call; copy its output rows into the device buffer `into` (float32 [T, H])."""
+        s = self._finish(self.slots[slot])
+        into.copy_(s.out[: into.shape[0]], non_blocking=True)
+        if s.consumed is not None:
+            s.consumed.record()
+
     # -- the ExpertBackend contract ----------------------------------------------------------------
 
-    def submit(
-        self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> _Handle:
+    def submit(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> _Slot:
         """Start the layer's routed experts on the kernel thread; returns at once.
 
         CPU inputs already float32/int64 and contiguous are used in place (no copy): the caller leaves
-        them untouched until wait(). GPU inputs go through a pinned staging slot.
+        them untouched until wait(). GPU inputs go through a free slot's pinned staging.
         """
         num_tokens = hidden.shape[0]
         layer = self.layers[layer_id]
         on_gpu = hidden.device.type == "cuda"
-        out = torch.empty(num_tokens, self.hidden, dtype=torch.float32, pin_memory=on_gpu)
+        # More than NUM_SLOTS calls in flight is a caller bug: fail loudly.
+        s = next((s for s in reversed(self.slots) if not s.busy), None)
+        if s is None:
+            raise RuntimeError(f"more than {NUM_SLOTS} expert calls in flight")
+        s.device, s.dtype = hidden.device, hidden.dtype
         if num_tokens > MAX_TOKENS or not on_gpu:
             x, ids, w = _f32_cpu(hidden), topk_ids.to("cpu", torch.int64).contiguous(), _f32_cpu(topk_weights)
-            future = self.executor.submit(self._run_chunks, layer, x, ids, w, out, None)
-            return _Handle(future, None, out, hidden.device, hidden.dtype)
-        slot = self.free_slots.get_nowait()  # more than NUM_SLOTS calls in flight is a caller bug: fail loudly
-        x, ids, w = (t[:num_tokens] for t in (slot.x, slot.ids, slot.weights))
-        x.copy_(hidden, non_blocking=True)
-        ids.copy_(topk_ids, non_blocking=True)
-        w.copy_(topk_weights, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        future = self.executor.submit(self._run_chunks, layer, x, ids, w, out, ready)
-        return _Handle(future, slot, out, hidden.device, hidden.dtype)
+            s.result = torch.empty(num_tokens, self.hidden, dtype=torch.float32, pin_memory=on_gpu)
+            self._start(s, (layer, x.numpy(), ids.numpy(), w.numpy(), s.result.numpy()), ready=False)
+            return s
+        self.stage(self.slots.index(s), hidden, topk_ids, topk_weights)
+        s.result = None
+        s.ready.record()
+        n = num_tokens
+        self._start(s, (layer, s.x[:n].numpy(), s.ids[:n].numpy(), s.weights[:n].numpy(), s.out[:n].numpy()))
+        return s
 
-    def wait(self, handle: _Handle) -> torch.Tensor:
+    def wait(self, handle: _Slot) -> torch.Tensor:
         """[T, H] in the submitted hidden's dtype, on its device."""
-        handle.future.result()
-        if handle.slot is not None:
-            self.free_slots.put(handle.slot)  # its inputs were consumed by the finished call
+        n = handle.job[1].shape[0]
+        self._finish(handle)
+        out = handle.result if handle.result is not None else handle.out[:n]
         if handle.device.type == "cpu" and handle.dtype == torch.float32:
-            return handle.out
-        return handle.out.to(handle.device, handle.dtype, non_blocking=True)
+            return out
+        y = out.to(handle.device, handle.dtype, non_blocking=True)
+        if handle.consumed is not None and handle.result is None:
+            handle.consumed.record()
+        return y
 
     def __call__(
         self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -140,15 +185,46 @@ class CpuExperts:
         return self.wait(self.submit(layer_id, hidden, topk_ids, topk_weights))
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        if not self._closed:
+            self._closed = True
+            self._pending.release()
+            self._thread.join()
 
     # -- the kernel thread -------------------------------------------------------------------------
 
-    def _run_chunks(self, layer: LayerExperts, x, ids, w, out, ready) -> None:
-        """The kernel on numpy views of CPU tensors (GIL released inside), MAX_TOKENS at a time."""
-        if ready is not None:
-            ready.synchronize()  # the input copies from the GPU have landed
-        x_np, ids_np, w_np, out_np = x.numpy(), ids.numpy(), w.numpy(), out.numpy()
+    def _start(self, s: _Slot, job: tuple, ready: bool = True) -> None:
+        s.busy, s.error, s.job = True, None, job
+        s.sync = ready and s.ready is not None
+        s.done.clear()
+        self._ring[self._tail % NUM_SLOTS] = s
+        self._tail += 1
+        self._pending.release()
+
+    def _finish(self, s: _Slot) -> _Slot:
+        s.done.wait()
+        s.busy = False
+        if s.error is not None:
+            raise s.error
+        return s
+
+    def _serve(self) -> None:
+        while True:
+            self._pending.acquire()
+            if self._closed and self._head == self._tail:
+                return
+            s = self._ring[self._head % NUM_SLOTS]
+            self._head += 1
+            try:
+                if s.sync:
+                    s.ready.synchronize()  # the input copies from the GPU have landed
+                    s.consumed.synchronize()  # the previous output was copied out of this slot
+                self._run_chunks(*s.job)
+            except BaseException as exc:  # handed to the caller of collect/wait
+                s.error = exc
+            s.done.set()
+
+    def _run_chunks(self, layer: LayerExperts, x_np, ids_np, w_np, out_np) -> None:
+        """The kernel on numpy arrays (GIL released inside), MAX_TOKENS at a time."""
         for lo in range(0, x_np.shape[0], MAX_TOKENS):
             hi = min(x_np.shape[0], lo + MAX_TOKENS)
             self.kernel.run(x_np[lo:hi], ids_np[lo:hi], w_np[lo:hi], layer, out_np[lo:hi])
