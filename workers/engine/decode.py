@@ -5,6 +5,9 @@ can hold its prompt plus max_tokens (reserved whole, so a running request never 
 KV), then its KV is copied from the hand-off slot and the slot freed. Each `step()` decodes one
 token for every running request and returns them in one `Tokens` message; finished and cancelled
 requests leave between steps and free their KV.
+
+With the CPU experts, a running request keeps a row of a static micro-batch (DecodeRows) and the step
+runs DecodeStep's segments, as CUDA graphs on a GPU; the legacy path rebuilds a ForwardBatch.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.shm import ShmConfig
 from hmoe.workers.engine.kv_handoff import HandoffPool
-from hmoe.workers.model.batch import ForwardBatch
+from hmoe.workers.model.batch import DecodeRows, ForwardBatch, bucket_for
 from hmoe.workers.model.causal_lm import CausalLM
+from hmoe.workers.model.decode_step import DecodeStep
 from hmoe.workers.model.generate import stop_reason
 from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.model.layers import MoE
 from hmoe.workers.model.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -45,11 +50,38 @@ class DecodeRequest:
 
 
 class DecodeEngine:
-    def __init__(self, model: CausalLM, kv: KVPool, max_batch: int, micro_batches: int, shm: ShmConfig):
+    """mode: "graphs" (static rows, CUDA graphs captured here, before the worker reports READY; eager
+    static segments on a CPU), "static" (static rows, eager), "legacy" (a ForwardBatch rebuilt per step;
+    also what runs when the experts backend has no static staging, e.g. the torch reference)."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVPool,
+        max_batch: int,
+        micro_batches: int,
+        shm: ShmConfig | None,
+        mode: str = "graphs",
+    ):
         self.model, self.kv, self.max_batch, self.micro_batches, self.shm = model, kv, max_batch, micro_batches, shm
         self.waiting: deque[DecodeRequest] = deque()
         self.running: dict[str, DecodeRequest] = {}
         self._pools: dict[str, HandoffPool] = {}
+        self.static: DecodeStep | None = None
+        experts = next((layer.mlp.experts for layer in model.layers if isinstance(layer.mlp, MoE)), None)
+        if mode != "legacy" and hasattr(experts, "stage"):
+            capacity = -(-max_batch // micro_batches)
+            parts = [DecodeRows(kv, capacity, kv.num_blocks, kv.scratch_block) for _ in range(micro_batches)]
+            self.static = DecodeStep(model, kv, parts, experts)
+            if mode == "graphs" and model.device.type == "cuda":
+                count = self.static.capture()
+                log.info(
+                    "captured %d decode graphs (%d micro-batches, rows per micro-batch %s)",
+                    count,
+                    micro_batches,
+                    self.static.buckets(self.static.parts[0]),
+                )
+        self._part_of: dict[str, DecodeRows] = {}
 
     @property
     def busy(self) -> bool:
@@ -87,8 +119,7 @@ class DecodeEngine:
 
     def cancel(self, request_id: str) -> bool:
         if request_id in self.running:
-            del self.running[request_id]
-            self.kv.free(request_id)
+            self._leave(request_id)
             return True
         for req in self.waiting:
             if req.request_id == request_id:
@@ -114,6 +145,33 @@ class DecodeEngine:
         out = self._admit()
         if not self.running:
             return out
+        if self.static is not None:
+            reqs, logits = self._forward_static()
+        else:
+            reqs, logits = self._forward_legacy()
+        tokens = sample(logits, [r.params for r in reqs], [len(r.output) for r in reqs])
+        items = []
+        for req, token in zip(reqs, tokens):
+            req.output.append(token)
+            reason = stop_reason(token, len(req.output), req.params, self.model.config.eos_token_ids)
+            items.append([req.request_id, token, reason])
+            if reason is not None:
+                self._leave(req.request_id)
+        self._rebalance()
+        out.append(protocol.Tokens(items))
+        return out
+
+    def _forward_static(self) -> tuple[list[DecodeRequest], torch.Tensor]:
+        reqs, buckets = [], []
+        for part in self.static.parts:
+            part_reqs = [self.running[rid] for rid in part.rows.request_ids]
+            bucket = bucket_for(len(part_reqs), part.rows.capacity)
+            part.rows.prepare([r.output[-1] for r in part_reqs], [r.ctx_len for r in part_reqs], bucket)
+            reqs.extend(part_reqs)
+            buckets.append(bucket)
+        return reqs, torch.cat(self.static.run(buckets))
+
+    def _forward_legacy(self) -> tuple[list[DecodeRequest], torch.Tensor]:
         reqs = list(self.running.values())
         # Two micro-batches: one's attention runs on the device while the other's experts run on the CPU.
         parts = min(self.micro_batches, len(reqs))
@@ -122,18 +180,33 @@ class DecodeEngine:
             ForwardBatch.build(self.kv, [(r.request_id, [r.output[-1]], r.ctx_len) for r in reqs[lo:hi]])
             for lo, hi in zip(bounds, bounds[1:])
         ]
-        logits = torch.cat(self.model.forward_overlapped(batches, self.kv))
-        tokens = sample(logits, [r.params for r in reqs], [len(r.output) for r in reqs])
-        items = []
-        for req, token in zip(reqs, tokens):
-            req.output.append(token)
-            reason = stop_reason(token, len(req.output), req.params, self.model.config.eos_token_ids)
-            items.append([req.request_id, token, reason])
-            if reason is not None:
-                del self.running[req.request_id]
-                self.kv.free(req.request_id)
-        out.append(protocol.Tokens(items))
-        return out
+        return reqs, torch.cat(self.model.forward_overlapped(batches, self.kv))
+
+    def join(self, req: DecodeRequest) -> None:
+        """A request whose KV is in the pool (reserved whole) starts decoding: it takes a row."""
+        self.running[req.request_id] = req
+        if self.static is not None:
+            part = min((p.rows for p in self.static.parts), key=len)
+            part.add(req.request_id)
+            self._part_of[req.request_id] = part
+
+    def _leave(self, request_id: str) -> None:
+        del self.running[request_id]
+        self.kv.free(request_id)
+        part = self._part_of.pop(request_id, None)
+        if part is not None:
+            part.remove(request_id)
+
+    def _rebalance(self) -> None:
+        """Keep the micro-batches within one row of each other (one row moves per step at most)."""
+        if self.static is None or len(self.static.parts) < 2:
+            return
+        rows = sorted((p.rows for p in self.static.parts), key=len)
+        if len(rows[-1]) - len(rows[0]) > 1:
+            moved = rows[-1].request_ids[-1]
+            rows[-1].remove(moved)
+            rows[0].add(moved)
+            self._part_of[moved] = rows[0]
 
     def _admit(self) -> list:
         out = []
@@ -150,7 +223,7 @@ class DecodeEngine:
                 self.kv.free(req.request_id)
                 out.append(protocol.RequestError(req.request_id, exc.code, exc.message))
                 continue
-            self.running[req.request_id] = req
+            self.join(req)
         return out
 
     def _pool(self, segment: str) -> HandoffPool:

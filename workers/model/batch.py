@@ -83,3 +83,106 @@ def causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor 
         return None
     rows = torch.arange(q_len, device=device)[:, None] + (ctx_len - q_len)
     return torch.arange(ctx_len, device=device)[None, :] <= rows
+
+
+@dataclass(frozen=True)
+class DecodeView:
+    """What attention reads for a step of one-token rows (see paged_attention.py)."""
+
+    write_slots: torch.Tensor  # [B] int64
+    block_table: torch.Tensor  # [B, MB] int32
+    seq_lens: torch.Tensor  # [B] int64
+
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # decode rows per micro-batch a graph is captured for
+
+
+def bucket_for(rows: int, capacity: int) -> int:
+    """The smallest bucket holding `rows` (the capacity itself past the last bucket)."""
+    return next((b for b in BUCKETS if rows <= b <= capacity), capacity)
+
+
+class DecodeRows:
+    """One decode micro-batch with static shapes: each running request keeps its row; device buffers
+    for input ids, positions, context lengths, write slots and the block table are updated in place.
+
+    Shapes: R rows (capacity), MB block-table width. Rows [0, n) hold requests; rows [n, bucket) are
+    padding that attends one token of a scratch block, so a graph captured for the bucket stays valid.
+    Per step the host fills pinned mirrors and copies them with two transfers (meta, block table).
+    """
+
+    def __init__(self, pool: KVPool, capacity: int, max_blocks: int, scratch_block: int):
+        self.pool, self.capacity, self.max_blocks = pool, capacity, max_blocks
+        self.scratch_slot = scratch_block * pool.block_size
+        device, pin = pool.device, pool.device.type == "cuda"
+        # meta rows: input ids, positions, seq lens, write slots
+        self.meta = torch.zeros(4, capacity, dtype=torch.int64, device=device)
+        self.block_table = torch.full((capacity, max_blocks), scratch_block, dtype=torch.int32, device=device)
+        self._meta_host = torch.zeros(4, capacity, dtype=torch.int64, pin_memory=pin)
+        self._table_host = torch.full((capacity, max_blocks), scratch_block, dtype=torch.int32, pin_memory=pin)
+        self._meta_np, self._table_np = self._meta_host.numpy(), self._table_host.numpy()
+        self.request_ids: list[str] = []  # row -> request
+        self.width = 1  # block-table columns the longest row uses (the CPU reference reads only these)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.meta[0]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.meta[1]
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return self.meta[2]
+
+    @property
+    def write_slots(self) -> torch.Tensor:
+        return self.meta[3]
+
+    def view(self, bucket: int, full_width: bool) -> DecodeView:
+        """The first `bucket` rows; the whole block table (a graph's fixed shape) or the used columns."""
+        return DecodeView(
+            self.write_slots[:bucket],
+            self.block_table[:bucket, : self.max_blocks if full_width else self.width],
+            self.seq_lens[:bucket],
+        )
+
+    def add(self, request_id: str) -> None:
+        """A new row at the end; its block table row is written once, here."""
+        row = len(self.request_ids)
+        table = self.pool.block_tables[request_id]
+        if row >= self.capacity or len(table) > self.max_blocks:
+            raise ValueError(f"row {row} of {self.capacity} or {len(table)} blocks of {self.max_blocks}")
+        self.request_ids.append(request_id)
+        self._table_np[row, : len(table)] = table
+        self._table_np[row, len(table) :] = self._table_np[row, 0]
+
+    def remove(self, request_id: str) -> None:
+        """The last row moves into the hole: one row copied, the others keep theirs."""
+        row = self.request_ids.index(request_id)
+        last = len(self.request_ids) - 1
+        if row != last:
+            self.request_ids[row] = self.request_ids[last]
+            self._table_np[row] = self._table_np[last]
+        self.request_ids.pop()
+        self._table_np[last] = self.scratch_slot // self.pool.block_size
+
+    def prepare(self, tokens: list[int], ctx_lens: list[int], bucket: int) -> None:
+        """Stage one step: row i decodes tokens[i] at position ctx_lens[i] (tokens already cached)."""
+        n, bs = len(tokens), self.pool.block_size
+        meta = self._meta_np
+        meta[0, :n] = tokens
+        meta[1, :n] = ctx_lens
+        meta[2, :n] = [c + 1 for c in ctx_lens]
+        table = self._table_np
+        meta[3, :n] = [int(table[r, c // bs]) * bs + c % bs for r, c in enumerate(ctx_lens)]
+        meta[0:2, n:bucket] = 0
+        meta[2, n:bucket] = 1
+        meta[3, n:bucket] = self.scratch_slot
+        self.width = min(self.max_blocks, max(ctx_lens, default=0) // bs + 1)
+        self.meta.copy_(self._meta_host, non_blocking=True)
+        self.block_table[:bucket].copy_(self._table_host[:bucket], non_blocking=True)

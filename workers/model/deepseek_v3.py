@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hmoe.workers.model.batch import ForwardBatch, causal_mask
+from hmoe.workers.model.batch import DecodeView, ForwardBatch, causal_mask
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.layers import RMSNorm, Rotary
+from hmoe.workers.model.paged_attention import mla_decode
 from hmoe.workers.weights.model_config import ModelConfig
 
 
@@ -45,7 +46,8 @@ class MLAttention:
         self.o_proj = load("o_proj.weight", (c.hidden_size, h * c.v_head_dim))
         self.scale = c.attn_softmax_scale
 
-    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+    def _project(self, x, write_slots, kv: KVPool, rotary: Rotary, cos, sin):
+        """-> q_nope [N, h, dn], rotated q_rope [N, h, dr] and the layer's cache, the new latents written."""
         c = self.config
         n = x.shape[0]
         q = (
@@ -59,8 +61,20 @@ class MLAttention:
         latent, k_rope = F.linear(x, self.kv_a_proj).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         k_rope = rotary.apply(k_rope[:, None, :], cos, sin)[:, 0]  # [N, dr], shared by all heads
         cache = kv.data["latent"][self.layer_id]  # [slots, r + dr]
-        cache[batch.write_slots] = torch.cat([self.kv_a_norm(latent), k_rope], dim=-1).to(cache.dtype)
+        cache[write_slots] = torch.cat([self.kv_a_norm(latent), k_rope], dim=-1).to(cache.dtype)
+        return q_nope, q_rope, cache
 
+    def decode(self, x: torch.Tensor, view: DecodeView, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+        """One token per row, static shapes: the absorbed form over the paged latents (graph-capturable)."""
+        q_nope, q_rope, cache = self._project(x, view.write_slots, kv, rotary, cos, sin)
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [B, h, r]
+        o_latent = mla_decode(q_latent, q_rope, cache, view.block_table, view.seq_lens, kv.block_size, self.scale)
+        return F.linear(torch.einsum("thr,hvr->thv", o_latent, self.w_uv).reshape(x.shape[0], -1), self.o_proj)
+
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+        c = self.config
+        n = x.shape[0]
+        q_nope, q_rope, cache = self._project(x, batch.write_slots, kv, rotary, cos, sin)
         out = x.new_empty(n, self.num_heads, c.v_head_dim)
         for seq in batch.seqs:
             rows = slice(seq.q_start, seq.q_start + seq.q_len)

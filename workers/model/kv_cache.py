@@ -4,7 +4,8 @@ Shapes: L layers, S slots (num_blocks * block_size), W entry width.
 Each cache entry is a tensor [L, S, W]: MLA models keep one entry, the compressed latent
 (kv_lora_rank + qk_rope_head_dim per token); GQA models keep "k" and "v" (kv_heads * head_dim).
 A sequence owns whole blocks; its token at position p lives in slot
-block_table[p // block_size] * block_size + p % block_size.
+block_table[p // block_size] * block_size + p % block_size. One more block (`scratch_block`) is
+never handed out: padding rows of the static decode batch write and read it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class KVPool:
     _free: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        slots = self.num_blocks * self.block_size
+        slots = (self.num_blocks + 1) * self.block_size  # + the scratch block
         self.data = {
             # empty, not zeros: a slot is always written before it is read, and untouched CPU pages cost nothing
             name: torch.empty(self.config.num_layers, slots, width, dtype=self.dtype, device=self.device)
@@ -63,6 +64,11 @@ class KVPool:
                 f"({per_block / GIB:.4f} GiB each): raise the KV cache budget",
             )
         return cls(config, int(num_blocks), block_size, dtype, device)
+
+    @property
+    def scratch_block(self) -> int:
+        """A block no sequence ever owns: padding rows of a static decode batch write and read it."""
+        return self.num_blocks
 
     @property
     def free_blocks(self) -> int:

@@ -129,7 +129,9 @@ class Router:
                 group_scores = grouped.amax(-1)
             keep = group_scores.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+            # expand, not repeat_interleave: that one syncs with the host, which a CUDA graph cannot hold
+            group_mask = group_mask[:, :, None].expand(grouped.shape).reshape(choice.shape)
+            choice = choice.masked_fill(~group_mask, float("-inf"))
         topk_ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
         topk_weights = scores.gather(1, topk_ids)
         if cfg.norm_topk_prob:

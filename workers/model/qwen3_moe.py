@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hmoe.workers.model.batch import ForwardBatch, causal_mask
+from hmoe.workers.model.batch import DecodeView, ForwardBatch, causal_mask
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.layers import RMSNorm, Rotary
+from hmoe.workers.model.paged_attention import gqa_decode
 from hmoe.workers.weights.model_config import ModelConfig
 
 
@@ -34,15 +35,29 @@ class GQAttention:
         self.q_norm = RMSNorm(load("q_norm.weight", (d,)), c.rms_norm_eps)
         self.k_norm = RMSNorm(load("k_norm.weight", (d,)), c.rms_norm_eps)
 
-    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+    def _project(self, x, write_slots, kv: KVPool, rotary: Rotary, cos, sin):
+        """-> rotated queries [N, h, d] and this layer's caches, with the new keys and values written."""
         c = self.config
         n, h, g, d = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         q = rotary.apply(self.q_norm(F.linear(x, self.q_proj, self.q_bias).view(n, h, d)), cos, sin)
         k = rotary.apply(self.k_norm(F.linear(x, self.k_proj, self.k_bias).view(n, g, d)), cos, sin)
         v = F.linear(x, self.v_proj, self.v_bias)
         k_cache, v_cache = kv.data["k"][self.layer_id], kv.data["v"][self.layer_id]  # [slots, g * d]
-        k_cache[batch.write_slots] = k.reshape(n, g * d).to(k_cache.dtype)
-        v_cache[batch.write_slots] = v.to(v_cache.dtype)
+        k_cache[write_slots] = k.reshape(n, g * d).to(k_cache.dtype)
+        v_cache[write_slots] = v.to(v_cache.dtype)
+        return q, k_cache, v_cache
+
+    def decode(self, x: torch.Tensor, view: DecodeView, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+        """One token per row, static shapes: paged attention through the block table (graph-capturable)."""
+        n, h, d = x.shape[0], self.config.num_heads, self.config.head_dim
+        q, k_cache, v_cache = self._project(x, view.write_slots, kv, rotary, cos, sin)
+        o = gqa_decode(q, k_cache, v_cache, view.block_table, view.seq_lens, kv.block_size, d**-0.5)
+        return F.linear(o.reshape(n, h * d), self.o_proj, self.o_bias)
+
+    def __call__(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
+        c = self.config
+        n, h, g, d = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        q, k_cache, v_cache = self._project(x, batch.write_slots, kv, rotary, cos, sin)
 
         out = x.new_empty(n, h, d)
         for seq in batch.seqs:

@@ -14,7 +14,9 @@ def test_mla_caches_the_latent_and_gqa_caches_k_v(tiny_models):
     qw = Checkpoint.open(tiny_models("qwen3_moe", "fp32")).config
     mla = KVPool(ds, 4, 16, torch.bfloat16, torch.device("cpu"))
     assert set(mla.data) == {"latent"}
-    assert mla.data["latent"].shape == (ds.num_layers, 64, ds.kv_lora_rank + ds.qk_rope_head_dim)
+    # 4 blocks of 16 slots, and the scratch block no sequence owns
+    assert mla.data["latent"].shape == (ds.num_layers, 80, ds.kv_lora_rank + ds.qk_rope_head_dim)
+    assert mla.scratch_block == 4 and mla.free_blocks == 4
     gqa = KVPool(qw, 4, 16, torch.float32, torch.device("cpu"))
     assert set(gqa.data) == {"k", "v"} and gqa.data["k"].shape[-1] == qw.num_kv_heads * qw.head_dim
     assert bytes_per_token(ds, torch.bfloat16) == ds.num_layers * (ds.kv_lora_rank + ds.qk_rope_head_dim) * 2
