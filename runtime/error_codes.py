@@ -42,5 +42,7 @@ PROCESS = {
     "tokenizer_invalid": "tokenizer.json could not be read (router start-up)",
     "startup_failed": "hmoe-router could not start (endpoint in use, unreadable key): exit status 3",
     "worker_rejected": "a worker's registration was refused (another model, unknown role)",
+    "graph_capture_failed": "the decode worker could not capture its CUDA graphs at start-up (the message names "
+    "the micro-batch and the bucket): exit status 3",
 }
 ERROR_CODES = {**REFUSALS, **FAILURES, **CLIENT_SIDE, **PROCESS}

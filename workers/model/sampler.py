@@ -17,27 +17,50 @@ _MIX_A, _MIX_B, _MASK = 6364136223846793005, 1442695040888963407, (1 << 63) - 1
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
-    """logits [B, V] float32 -> one token id per row; steps[i] is how many tokens row i already made."""
+    """logits [B, V] float32 -> one token id per row; steps[i] is how many tokens row i already made.
+
+    The sampled rows go through one batched pass (temperature, top-k, top-p as [R] tensors), not a loop
+    of per-row launches: the kernels launched per step do not grow with the batch.
+    """
     tokens = logits.argmax(dim=-1)  # [B]
-    for row, (p, step) in enumerate(zip(params, steps)):
-        if p.temperature > 0:
-            gen = torch.Generator().manual_seed((p.seed * _MIX_A + step * _MIX_B + 1) & _MASK)
-            tokens[row] = _sample_row(logits[row], p, torch.rand((), generator=gen).item())
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        chosen = [params[i] for i in rows]
+        knobs = torch.tensor(
+            [[p.temperature, p.top_k, p.top_p, _uniform(p.seed, steps[i])] for i, p in zip(rows, chosen)],
+            dtype=torch.float64,
+        ).to(logits.device, non_blocking=True)  # [R, 4]: one transfer
+        index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        max_k = max((p.top_k for p in chosen if p.top_k), default=0)
+        any_top_p = any(p.top_p < 1.0 for p in chosen)
+        tokens[index] = _sample_rows(logits[index], knobs, max_k, any_top_p)
     return tokens.tolist()  # the step's one host sync
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, uniform: float) -> torch.Tensor:
-    """logits [V] and a uniform draw in [0, 1) -> token id (0-d tensor), never syncing with the host."""
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def _uniform(seed: int, step: int) -> float:
+    """The draw for a request's step-th token: (seed, step) alone decide it, on every device."""
+    gen = torch.Generator().manual_seed((seed * _MIX_A + step * _MIX_B + 1) & _MASK)
+    return torch.rand((), generator=gen).item()
+
+
+def _sample_rows(logits: torch.Tensor, knobs: torch.Tensor, max_k: int, any_top_p: bool) -> torch.Tensor:
+    """logits [R, V]; knobs [R, 4] float64 (temperature, top_k or 0, top_p, uniform) -> token ids [R]."""
+    vocab = logits.shape[-1]
+    knobs = knobs.to(logits.dtype)
+    logits = logits / knobs[:, :1]
+    if 0 < max_k:
+        top_k = knobs[:, 1].long()
+        kth = torch.topk(logits, min(max_k, vocab), dim=-1).values  # [R, max_k], descending
+        kth = kth.gather(1, (top_k.clamp(1, min(max_k, vocab)) - 1)[:, None])  # [R, 1]
+        limited = (top_k > 0) & (top_k < vocab)
+        logits = logits.masked_fill(limited[:, None] & (logits < kth), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+    if any_top_p:
+        top_p = knobs[:, 2:3]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    cdf = probs.cumsum(-1)  # [V]
-    target = torch.full((1,), uniform, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[0]
+        drop = (sorted_probs.cumsum(-1) - sorted_probs >= top_p) & (top_p < 1.0)
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(-1)  # [R, V]
+    target = knobs[:, 3:4] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]

@@ -73,3 +73,23 @@ def test_a_graphed_decode_step_launches_two_things_per_moe_layer(arch, tiny_mode
         assert counted["segment"] <= {"qwen3_moe": 95, "deepseek_v3": 140}[arch], counted  # eager CPU ops
     finally:
         experts.close()
+
+
+def test_sampling_launches_do_not_grow_with_the_batch():
+    """The sampled rows go through one batched pass; only the CPU draws (uniform_, one per row) are per row."""
+    logits = torch.randn(16, 1000, generator=torch.Generator().manual_seed(0))
+    params = [
+        SamplingParams(temperature=0.8, top_k=(0, 20)[i % 2], top_p=(1.0, 0.9)[i % 3 == 0], seed=i) for i in range(16)
+    ]
+
+    def device_launches(rows: int) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sample(logits[:rows], params[:rows], list(range(rows)))
+        return sum(
+            e.name.startswith("aten::")
+            and e.name[6:] not in NOT_LAUNCHES | {"uniform_", "rand"}
+            and not any(c.name.startswith("aten::") and c.name[6:] not in NOT_LAUNCHES for c in e.cpu_children)
+            for e in prof.events()
+        )
+
+    assert device_launches(16) == device_launches(3) <= 40  # the per-row loop took about 18 per sampled row
