@@ -1,17 +1,22 @@
-"""Decode speed of the hybrid step against its roofline, batch 1..16, measured in one run.
+"""Decode speed of the hybrid step against its physical floor, batch 1..32, measured in one run.
 
     python bench/decode.py [--model DIR | --make ARCH:PRESET:DTYPE[:LAYERS]] [--device cuda]
-                           [--batches 1,2,4,8,16] [--steps 24] [--json PATH]
+                           [--batches 1,2,4,8,16,32] [--modes legacy,static,graphs] [--steps 24] [--json PATH]
 
-Per batch size B: B requests with random prompts are prefilled in-process, then `steps` decode
-steps of the worker's DecodeEngine (two micro-batches, routed experts on the CPU kernels reading
-the weight pack, the rest on the device) are timed. The same steps are timed again with a null
-expert backend (zeros, no CPU work) to measure the device's part of a step.
+Per batch size B and engine mode (legacy: a ForwardBatch rebuilt per step, SDPA over gathered
+contexts; static: persistent rows, paged attention, eager segments; graphs: the same replayed as CUDA
+graphs), B requests with random prompts are prefilled in-process, then `steps` decode steps of the
+worker's DecodeEngine (two micro-batches, routed experts on the CPU kernels reading the weight pack)
+are timed. The same steps are timed again with a null expert backend (zeros, no CPU work): the
+device's part of a step, hand-off round trips included.
 
-    expert_bytes   bytes of the distinct experts the step's routing touched (read by the kernels)
-    roofline_s     expert_bytes / read_bw  +  device part of the step   (batch 1 cannot overlap them)
-    ratio          tpot_s / roofline_s
-    breakdown      device (null-expert step), cpu_experts (kernel time), copies+python (the rest)
+    expert_bytes      bytes of the distinct experts the step's routing touched (read by the kernels)
+    physical_floor_s  expert_bytes / read_bw (same run)  +  device_bytes / hbm_bw (measured here), where
+                      device_bytes = device-resident weights read per step + the KV the step reads
+    floor_ratio       tpot_s / physical_floor_s
+    roofline_s        expert_bytes / read_bw + device part (batch 1 cannot overlap them); ratio = tpot / it
+    breakdown         device (null-expert step), cpu_experts (kernel time in place, its GB/s), the rest
+    kernel_alone_gbs  the same kernels on the same number of tokens, called directly (no step around them)
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from common import ReadBandwidth, write_results  # noqa: E402
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
 from hmoe.workers.engine.decode import DecodeEngine, DecodeRequest  # noqa: E402
-from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
+from hmoe.workers.experts.cpu import MAX_TOKENS, CpuExperts  # noqa: E402
 from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
 from hmoe.workers.model.causal_lm import load_model  # noqa: E402
 from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
+from hmoe.workers.model.layers import MoE  # noqa: E402
 from hmoe.workers.model.sampler import sample  # noqa: E402
 from hmoe.workers.weights.make_model import make_model  # noqa: E402
 from hmoe.workers.weights.pack_loader import load_pack  # noqa: E402
@@ -76,6 +82,64 @@ def _time_steps(engine: DecodeEngine, steps: int, device: torch.device) -> float
     return (time.perf_counter() - start) / steps
 
 
+def _device_bytes(model) -> int:
+    """Bytes of the device-resident weights a decode step reads: every tensor the blocks hold on the
+    device (attention, norms, routers, shared experts, dense MLPs, lm_head), the embedding table
+    excepted (a step reads B rows of it) unless it is the tied lm_head."""
+    seen: dict[int, int] = {}
+
+    def walk(obj, depth=0):
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cpu" and obj is not model.embed:
+                seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif depth < 3 and hasattr(obj, "__dict__") and not isinstance(obj, CpuExperts):
+            for v in vars(obj).values():
+                walk(v, depth + 1)
+
+    for layer in model.layers:
+        walk(layer)
+    walk(model.norm)
+    if model.lm_head is model.embed:
+        seen[model.embed.untyped_storage().data_ptr()] = model.embed.untyped_storage().nbytes()
+    else:
+        walk(model.lm_head)
+    return sum(seen.values())
+
+
+def _hbm_bandwidth(device: torch.device) -> float | None:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
+    if device.type != "cuda":
+        return None
+    a = torch.empty(1 << 29, dtype=torch.float16, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del a, b
+    return 2 * (1 << 30) / best / 1e9
+
+
+def _kernel_alone(kernel, layers: dict, batch: int, cfg, gen) -> float:
+    """GB/s of the kernels on `batch` tokens per call, one call per MoE layer, nothing around them."""
+    x = np.random.default_rng(0).standard_normal((batch, cfg.hidden_size)).astype(np.float32)
+    w = np.full((batch, cfg.num_experts_per_tok), 1.0 / cfg.num_experts_per_tok, dtype=np.float32)
+    out = np.empty_like(x)
+    touched, total = 0, 0.0
+    for _ in range(2):
+        touched, total = 0, 0.0
+        for layer in layers.values():
+            ids = np.stack([np.random.permutation(cfg.num_experts)[: cfg.num_experts_per_tok] for _ in range(batch)])
+            touched += np.unique(ids).size
+            start = time.perf_counter()
+            kernel.run(x[:MAX_TOKENS], ids.astype(np.int64), w, layer, out)
+            total += time.perf_counter() - start
+    return touched * next(iter(layers.values())).nbytes_per_expert / total / 1e9
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     model_dir = Path(args.model) if args.model else None
@@ -93,72 +157,98 @@ def run(args) -> dict:
     source = PackSource.attach(pack.name, shm)
     bw = ReadBandwidth(num_threads=args.threads or None)
     read_bw = bw.measure()
-    print(f"read bandwidth {read_bw:.1f} GB/s", flush=True)
+    hbm_bw = _hbm_bandwidth(device)
+    print(f"read bandwidth {read_bw:.1f} GB/s, HBM {hbm_bw or 0:.0f} GB/s", flush=True)
 
     experts = CpuExperts.from_source(source, device, args.threads or None)
     recorder = experts.kernel = TimedKernel(experts.kernel)
     model = load_model(source, device, "auto", experts=experts)
     cfg = model.config
+    num_moe = sum(isinstance(layer.mlp, MoE) for layer in model.layers)
+    resident = _device_bytes(model)
     layer = source.layer_experts(cfg.moe_layer_ids[0])
     bytes_per_expert = layer.nbytes_per_expert
     kv = KVPool.from_budget(cfg, int(args.kv_gib * 2**30), 16, model.dtype, device)
     gen = torch.Generator().manual_seed(0)
     results = []
-    for batch in args.batches:
-        engine = DecodeEngine(model, kv, max_batch=batch, micro_batches=2)
-        # Both timed runs (with experts, then null) and their warm-ups must fit, or requests finish early.
-        params = SamplingParams(max_tokens=2 * (args.steps + 3) + 4, ignore_eos=True)
-        for i in range(batch):
-            rid, prompt = f"b{batch}-{i}", torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
-            kv.reserve(rid, args.prompt_len + params.max_tokens)
-            logits = model.forward(ForwardBatch.build(kv, [(rid, prompt, 0)]), kv)
-            engine.running[rid] = DecodeRequest(rid, params, len(prompt), -1, "", [sample(logits, [params], [0])[0]])
-        recorder.reset()
-        tpot = _time_steps(engine, args.steps, device)
-        calls_per_step = len(recorder.touched) / (args.steps + 3)
-        expert_bytes = sum(recorder.touched) / (args.steps + 3) * bytes_per_expert
-        kernel_s = recorder.kernel_s / (args.steps + 3)
-        recorder.null = True
-        device_s = _time_steps(engine, args.steps, device)
-        recorder.null = False
-        for rid in list(engine.running):
-            engine.cancel(rid)
-        read_bw = max(read_bw, bw.measure(repeats=2))  # re-measured between points: the best of the run
-        roofline = expert_bytes / (read_bw * 1e9) + device_s
-        row = {
-            "batch": batch,
-            "tpot_s": tpot,
-            "tok_s": batch / tpot,
-            "roofline_s": roofline,
-            "ratio": tpot / roofline,
-            "expert_bytes": expert_bytes,
-            "expert_calls_per_step": calls_per_step,
-            "kernel_gbs": expert_bytes / kernel_s / 1e9 if kernel_s else None,
-            "breakdown": {
-                "device_s": device_s,
-                "cpu_experts_s": kernel_s,
-                "copies_python_s": max(tpot - device_s - kernel_s, 0.0),
-            },
-        }
-        results.append(row)
-        print(
-            f"batch {batch:3d}: tpot {tpot * 1e3:8.2f} ms  {batch / tpot:8.1f} tok/s  "
-            f"roofline {roofline * 1e3:8.2f} ms "
-            f"ratio {tpot / roofline:5.2f}  (device {device_s * 1e3:.2f} ms, kernels {kernel_s * 1e3:.2f} ms, "
-            f"{expert_bytes / 1e9:.3f} GB)",
-            flush=True,
-        )
+    for mode in args.modes:
+        engine_mode, _, split = mode.partition(":")
+        for batch in args.legacy_batches if engine_mode == "legacy" else args.batches:
+            start = time.perf_counter()
+            engine = DecodeEngine(
+                model, kv, max_batch=batch, micro_batches=2, shm=None, mode=engine_mode, split=split or "auto"
+            )
+            capture_s = time.perf_counter() - start
+            # Both timed runs (with experts, then null) and their warm-ups must fit, or requests finish early.
+            params = SamplingParams(max_tokens=2 * (args.steps + 3) + 4, ignore_eos=True)
+            for i in range(batch):
+                rid = f"{mode}-b{batch}-{i}"
+                prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist()
+                kv.reserve(rid, args.prompt_len + params.max_tokens)
+                logits = model.forward(ForwardBatch.build(kv, [(rid, prompt, 0)]), kv)
+                engine.join(DecodeRequest(rid, params, len(prompt), -1, "", [sample(logits, [params], [0])[0]]))
+            recorder.reset()
+            tpot = _time_steps(engine, args.steps, device)
+            calls_per_step = len(recorder.touched) / (args.steps + 3)
+            expert_bytes = sum(recorder.touched) / (args.steps + 3) * bytes_per_expert
+            kernel_s = recorder.kernel_s / (args.steps + 3)
+            recorder.null = True
+            device_s = _time_steps(engine, args.steps, device)
+            recorder.null = False
+            ctx = args.prompt_len + args.steps + 3  # mean context over the timed steps, about
+            kv_bytes = batch * ctx * kv.bytes_per_token
+            for rid in list(engine.running):
+                engine.cancel(rid)
+            del engine
+            read_bw = max(read_bw, bw.measure(repeats=2))  # re-measured between points: the best of the run
+            alone = _kernel_alone(recorder.kernel, experts.layers, batch, cfg, gen)
+            floor = expert_bytes / (read_bw * 1e9) + ((resident + kv_bytes) / (hbm_bw * 1e9) if hbm_bw else 0.0)
+            roofline = expert_bytes / (read_bw * 1e9) + device_s
+            row = {
+                "mode": mode,
+                "batch": batch,
+                "tpot_s": tpot,
+                "tok_s": batch / tpot,
+                "physical_floor_s": floor,
+                "floor_ratio": tpot / floor,
+                "roofline_s": roofline,
+                "ratio": tpot / roofline,
+                "expert_bytes": expert_bytes,
+                "device_bytes": resident + kv_bytes,
+                "expert_calls_per_step": calls_per_step,
+                "kernel_gbs": expert_bytes / kernel_s / 1e9 if kernel_s else None,
+                "kernel_alone_gbs": alone,
+                "capture_s": capture_s,
+                "breakdown": {
+                    "device_s": device_s,
+                    "device_per_moe_layer_s": device_s / max(num_moe, 1),
+                    "cpu_experts_s": kernel_s,
+                    "handoff_python_s": max(tpot - device_s - kernel_s, 0.0),
+                },
+            }
+            results.append(row)
+            if args.on_row:
+                args.on_row(results)
+            print(
+                f"{mode:7s} batch {batch:3d}: tpot {tpot * 1e3:8.2f} ms {batch / tpot:8.1f} tok/s  "
+                f"floor {floor * 1e3:6.2f} ms (x{tpot / floor:5.1f})  device {device_s * 1e3:.2f} ms "
+                f"= {device_s / max(num_moe, 1) * 1e3:.3f} ms/MoE layer, kernels {kernel_s * 1e3:.2f} ms "
+                f"{expert_bytes / 1e9:.3f} GB at {row['kernel_gbs'] or 0:.0f} GB/s (alone {alone:.0f})",
+                flush=True,
+            )
     experts.close()
     source.close()
     pack.close()
     return {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "read_bw_gbs": read_bw,
+        "hbm_bw_gbs": hbm_bw,
+        "device_resident_bytes": resident,
         "model": {
             "dir": str(model_dir),
             "arch": cfg.architecture,
             "layers": cfg.num_layers,
-            "moe_layers": len(cfg.moe_layer_ids),
+            "moe_layers": num_moe,
             "experts": cfg.num_experts,
             "top_k": cfg.num_experts_per_tok,
             "hidden": cfg.hidden_size,
@@ -180,16 +270,20 @@ def plot(payload: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = payload["results"]
-    batches = [r["batch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(batches, [r["tpot_s"] * 1e3 for r in rows], "o-", label="measured time per output token")
-    ax.plot(batches, [r["roofline_s"] * 1e3 for r in rows], "s--", label="roofline (expert bytes / read bw + device)")
-    ax.plot(batches, [r["breakdown"]["device_s"] * 1e3 for r in rows], "^:", label="device part (null experts)")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        batches = [r["batch"] for r in mine]
+        ax.plot(batches, [r["tpot_s"] * 1e3 for r in mine], "o-", label=f"{mode}: time per step")
+        ax.plot(batches, [r["breakdown"]["device_s"] * 1e3 for r in mine], "^:", label=f"{mode}: device part")
+    floor = [r for r in rows if r["mode"] == rows[-1]["mode"]]
+    ax.plot([r["batch"] for r in floor], [r["physical_floor_s"] * 1e3 for r in floor], "k--", label="physical floor")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("decode batch")
     ax.set_ylabel("ms per step")
     ax.set_title(f"hmoe decode, {payload['device']}, {payload['model']['arch']} {payload['model']['expert_format']}")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -204,7 +298,13 @@ def main() -> None:
     p.add_argument("--pack", default=None)
     p.add_argument("--experts", default="native")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batches", default="1,2,4,8,16")
+    p.add_argument("--batches", default="1,2,4,8,16,32")
+    p.add_argument(
+        "--modes",
+        default="legacy,graphs:never,graphs:always",
+        help="engine modes (legacy, static, graphs), each with :never/:always/:auto for the micro-batch split",
+    )
+    p.add_argument("--legacy-batches", default="1,32", help="the batches the legacy mode (slow) is timed at")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--kv-gib", type=float, default=4.0)
@@ -212,8 +312,16 @@ def main() -> None:
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.modes = args.modes.split(",")
+    args.legacy_batches = [int(b) for b in args.legacy_batches.split(",")]
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    gpu = next((g for g in ("H200", "H100", "A100", "L40S", "4090", "5090") if g in device), "gpu")
+    name = "decode-" + ("dev" if device == "cpu" else gpu.lower())
+    # Every finished row is written at once, so a run cut short still leaves what it measured.
+    args.on_row = lambda rows: write_results(
+        name, {"device": device, "partial": True, "results": rows}, None, args.json_path
+    )
     payload = run(args)
-    name = "decode-" + ("h100" if "H100" in payload["device"] else "dev" if payload["device"] == "cpu" else "gpu")
     print(write_results(name, payload, plot, args.json_path))
 
 

@@ -13,6 +13,8 @@ runs DecodeStep's segments, as CUDA graphs on a GPU; the legacy path rebuilds a 
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -62,6 +64,7 @@ class DecodeEngine:
         micro_batches: int,
         shm: ShmConfig | None,
         mode: str = "graphs",
+        split: str = "auto",
     ):
         self.model, self.kv, self.max_batch, self.micro_batches, self.shm = model, kv, max_batch, micro_batches, shm
         self.waiting: deque[DecodeRequest] = deque()
@@ -70,8 +73,9 @@ class DecodeEngine:
         self.static: DecodeStep | None = None
         experts = next((layer.mlp.experts for layer in model.layers if isinstance(layer.mlp, MoE)), None)
         if mode != "legacy" and hasattr(experts, "stage"):
-            capacity = -(-max_batch // micro_batches)
-            parts = [DecodeRows(kv, capacity, kv.num_blocks, kv.scratch_block) for _ in range(micro_batches)]
+            # Micro-batch 0 can hold the whole batch (when one micro-batch is faster), the others their share.
+            capacities = [max_batch] + [-(-max_batch // micro_batches)] * (micro_batches - 1)
+            parts = [DecodeRows(kv, cap, kv.num_blocks, kv.scratch_block) for cap in capacities]
             self.static = DecodeStep(model, kv, parts, experts)
             if mode == "graphs" and model.device.type == "cuda":
                 count = self.static.capture()
@@ -82,6 +86,7 @@ class DecodeEngine:
                     self.static.buckets(self.static.parts[0]),
                 )
         self._part_of: dict[str, DecodeRows] = {}
+        self.splitter = SplitChooser(split if micro_batches > 1 and self.static is not None else "never")
 
     @property
     def busy(self) -> bool:
@@ -145,11 +150,17 @@ class DecodeEngine:
         out = self._admit()
         if not self.running:
             return out
+        start = time.perf_counter()
         if self.static is not None:
+            bucket = bucket_for(len(self.running), self.max_batch)
+            split = self.splitter.choose(bucket)
+            self._arrange(split)
             reqs, logits = self._forward_static()
         else:
             reqs, logits = self._forward_legacy()
         tokens = sample(logits, [r.params for r in reqs], [len(r.output) for r in reqs])
+        if self.static is not None:
+            self.splitter.record(bucket, split, time.perf_counter() - start)
         items = []
         for req, token in zip(reqs, tokens):
             req.output.append(token)
@@ -157,7 +168,6 @@ class DecodeEngine:
             items.append([req.request_id, token, reason])
             if reason is not None:
                 self._leave(req.request_id)
-        self._rebalance()
         out.append(protocol.Tokens(items))
         return out
 
@@ -186,7 +196,7 @@ class DecodeEngine:
         """A request whose KV is in the pool (reserved whole) starts decoding: it takes a row."""
         self.running[req.request_id] = req
         if self.static is not None:
-            part = min((p.rows for p in self.static.parts), key=len)
+            part = self.static.parts[0].rows  # _arrange spreads the rows before the next step
             part.add(req.request_id)
             self._part_of[req.request_id] = part
 
@@ -197,16 +207,23 @@ class DecodeEngine:
         if part is not None:
             part.remove(request_id)
 
-    def _rebalance(self) -> None:
-        """Keep the micro-batches within one row of each other (one row moves per step at most)."""
-        if self.static is None or len(self.static.parts) < 2:
-            return
-        rows = sorted((p.rows for p in self.static.parts), key=len)
-        if len(rows[-1]) - len(rows[0]) > 1:
-            moved = rows[-1].request_ids[-1]
-            rows[-1].remove(moved)
-            rows[0].add(moved)
-            self._part_of[moved] = rows[0]
+    def _arrange(self, split: bool) -> None:
+        """Rows into micro-batches: balanced within one row when splitting, else all in the first.
+        Only rows that must move do (one block-table row copied each)."""
+        parts = [p.rows for p in self.static.parts]
+        while True:
+            if split:
+                small, large = min(parts, key=len), max(parts, key=len)
+                if len(large) - len(small) <= 1:
+                    return
+            else:
+                large, small = next((r for r in parts[1:] if len(r)), None), parts[0]
+                if large is None:
+                    return
+            moved = large.request_ids[-1]
+            large.remove(moved)
+            small.add(moved)
+            self._part_of[moved] = small
 
     def _admit(self) -> list:
         out = []
@@ -237,3 +254,33 @@ class DecodeEngine:
             self._pool(req.segment).release(req.slot)
         except HmoeError:
             pass  # the segment is gone with its prefill worker: nothing left to free
+
+
+class SplitChooser:
+    """Whether a step of a given batch bucket runs as two micro-batches (one's attention overlapping the
+    other's CPU experts) or one (each expert read once for the whole batch): the first time a bucket is
+    seen both are timed for `trials` steps each, then the faster median is kept; re-timed every `every`
+    steps of that bucket, since contexts grow. policy "always" / "never" fixes the answer."""
+
+    def __init__(self, policy: str = "auto", trials: int = 3, every: int = 512):
+        self.policy, self.trials, self.every = policy, trials, every
+        self.times: dict[tuple[int, bool], list[float]] = {}
+        self.steps: dict[int, int] = {}
+
+    def choose(self, bucket: int) -> bool:
+        if self.policy != "auto" or bucket < 2:
+            return self.policy == "always" and bucket >= 2
+        if self.steps.get(bucket, 0) >= self.every:
+            self.steps[bucket] = 0
+            self.times.pop((bucket, True), None)
+            self.times.pop((bucket, False), None)
+        for split in (False, True):
+            if len(self.times.get((bucket, split), ())) < self.trials:
+                return split
+        return statistics.median(self.times[bucket, True]) < statistics.median(self.times[bucket, False])
+
+    def record(self, bucket: int, split: bool, seconds: float) -> None:
+        self.steps[bucket] = self.steps.get(bucket, 0) + 1
+        times = self.times.setdefault((bucket, split), [])
+        if len(times) < self.trials:
+            times.append(seconds)

@@ -49,7 +49,7 @@ def test_a_graphed_decode_step_launches_two_things_per_moe_layer(arch, tiny_mode
         counted = {}
         for mode in ("legacy", "static"):
             kv = KVPool(model.config, 64, 4, model.dtype, torch.device("cpu"))
-            engine = DecodeEngine(model, kv, max_batch=4, micro_batches=2, shm=None, mode=mode)
+            engine = DecodeEngine(model, kv, max_batch=4, micro_batches=2, shm=None, mode=mode, split="always")
             params = SamplingParams(max_tokens=8, ignore_eos=True)
             for i in range(4):
                 kv.reserve(f"r{i}", 5 + params.max_tokens)

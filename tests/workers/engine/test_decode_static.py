@@ -9,7 +9,7 @@ import torch
 
 from hmoe.kernels.formats import ExpertFormat
 from hmoe.runtime.sampling_params import SamplingParams
-from hmoe.workers.engine.decode import DecodeEngine, DecodeRequest
+from hmoe.workers.engine.decode import DecodeEngine, DecodeRequest, SplitChooser
 from hmoe.workers.experts.cpu import CpuExperts
 from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.causal_lm import load_model
@@ -37,10 +37,10 @@ def _requests():
     return out
 
 
-def decode_all(model, mode: str, device: str = "cpu", max_batch: int = 4) -> dict[str, list[int]]:
+def decode_all(model, mode: str, device: str = "cpu", max_batch: int = 4, split="auto") -> dict[str, list[int]]:
     """Prefill every request alone, then decode: four join at once, the rest as rows free up."""
     kv = KVPool(model.config, 64, 4, model.dtype, torch.device(device))
-    engine = DecodeEngine(model, kv, max_batch=max_batch, micro_batches=2, shm=None, mode=mode)
+    engine = DecodeEngine(model, kv, max_batch=max_batch, micro_batches=2, shm=None, mode=mode, split=split)
     pending = list(_requests().items())
     done: dict[str, list[int]] = {}
     while pending or engine.running:
@@ -63,8 +63,9 @@ def test_static_rows_give_the_legacy_tokens_as_requests_join_and_leave(tiny):
     checkpoint, experts = tiny
     model = load_model(checkpoint, "cpu", "fp32", experts=experts)
     legacy = decode_all(model, "legacy")
-    static = decode_all(model, "static")
+    static = decode_all(model, "static")  # "auto": one and two micro-batches alternate while it times them
     assert static == legacy
+    assert decode_all(model, "static", split="always") == legacy
     assert {rid: len(t) for rid, t in static.items()} == {rid: p.max_tokens for rid, (_, p) in _requests().items()}
     assert len({t for tokens in static.values() for t in tokens}) > 5  # real continuations
 
@@ -83,3 +84,19 @@ def test_graphs_on_a_gpu_give_the_cpu_tokens(tiny):
         assert decode_all(gpu_model, "graphs", "cuda", max_batch=8) == decode_all(cpu_model, "legacy")
     finally:
         gpu_experts.close()
+
+
+def test_the_split_is_timed_both_ways_then_the_faster_kept():
+    chooser = SplitChooser("auto", trials=2, every=10)
+    assert chooser.choose(1) is False  # one row: nothing to split
+    seen = []
+    for _ in range(4):
+        split = chooser.choose(8)
+        seen.append(split)
+        chooser.record(8, split, 0.01 if split else 0.03)
+    assert seen == [False, False, True, True]
+    assert chooser.choose(8) is True
+    for _ in range(6):
+        chooser.record(8, True, 0.01)
+    assert chooser.choose(8) is False  # re-timed after `every` steps of the bucket
+    assert SplitChooser("never").choose(8) is False and SplitChooser("always").choose(8) is True
