@@ -72,7 +72,9 @@ class DecodeEngine:
         self._pools: dict[str, HandoffPool] = {}
         self.static: DecodeStep | None = None
         experts = next((layer.mlp.experts for layer in model.layers if isinstance(layer.mlp, MoE)), None)
-        if mode != "legacy" and hasattr(experts, "stage"):
+        if mode != "legacy" and getattr(experts, "max_stage_rows", 0) < max_batch:
+            log.info("decode runs the legacy path: the expert backend cannot stage %d rows per call", max_batch)
+        elif mode != "legacy":
             # Micro-batch 0 can hold the whole batch (when one micro-batch is faster), the others their share.
             capacities = [max_batch] + [-(-max_batch // micro_batches)] * (micro_batches - 1)
             parts = [DecodeRows(kv, cap, kv.num_blocks, kv.scratch_block) for cap in capacities]

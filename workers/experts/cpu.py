@@ -60,6 +60,8 @@ class CpuExperts:
     slots from a fixed ring in launch order.
     """
 
+    max_stage_rows = MAX_TOKENS  # the most rows stage() takes (a decode micro-batch's bucket)
+
     def __init__(self, layers: dict[int, LayerExperts], top_k: int, num_threads: int | None = None, pin: bool = False):
         first = next(iter(layers.values()))
         assert all((lay.hidden, lay.inter) == (first.hidden, first.inter) for lay in layers.values())

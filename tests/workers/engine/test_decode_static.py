@@ -100,3 +100,11 @@ def test_the_split_is_timed_both_ways_then_the_faster_kept():
         chooser.record(8, True, 0.01)
     assert chooser.choose(8) is False  # re-timed after `every` steps of the bucket
     assert SplitChooser("never").choose(8) is False and SplitChooser("always").choose(8) is True
+
+
+def test_batches_wider_than_the_expert_staging_run_the_legacy_path(tiny):
+    checkpoint, experts = tiny
+    model = load_model(checkpoint, "cpu", "fp32", experts=experts)
+    kv = KVPool(model.config, 64, 4, model.dtype, torch.device("cpu"))
+    assert DecodeEngine(model, kv, max_batch=experts.max_stage_rows, micro_batches=2, shm=None).static is not None
+    assert DecodeEngine(model, kv, max_batch=experts.max_stage_rows + 1, micro_batches=2, shm=None).static is None
