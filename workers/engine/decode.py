@@ -71,7 +71,7 @@ class DecodeEngine:
         self.running: dict[str, DecodeRequest] = {}
         self._pools: dict[str, HandoffPool] = {}
         self.static: DecodeStep | None = None
-        experts = next((layer.mlp.experts for layer in model.layers if isinstance(layer.mlp, MoE)), None)
+        experts = model.experts if any(isinstance(layer.mlp, MoE) for layer in model.layers) else None
         if mode != "legacy" and getattr(experts, "max_stage_rows", 0) < max_batch:
             log.info("decode runs the legacy path: the expert backend cannot stage %d rows per call", max_batch)
         elif mode != "legacy":
