@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import stat
+import uuid
 
 import numpy as np
 import pytest
 from helpers.fake_model import FakeModel, make_kv, read_context
 
+from hmoe.shm import ShmConfig
+from hmoe.shm.layout import HUGE_PAGE_BYTES
 from hmoe.shm.segment import Segment
-from hmoe.workers.engine.kv_handoff import HandoffError, HandoffPool, remove_stale_segments
+from hmoe.workers.engine.kv_handoff import MAGIC, HandoffError, HandoffPool, remove_stale_segments
 from hmoe.workers.model.batch import ForwardBatch
 
 BLOCK = 4
@@ -200,12 +203,35 @@ def test_attach_refuses_bad_and_vanished_names(pools, name, code):
     assert info.value.code == code
 
 
-def test_attach_refuses_a_segment_that_is_not_a_hand_off_pool(pools):
-    segment = Segment.create("kv-handoff.impostor", 2 * 4096, pools.config)
+@pytest.mark.parametrize(
+    "nbytes, header",
+    [
+        (2 * 4096, (0, 0, 0, 0)),  # another magic
+        (8, ()),  # shorter than a header
+        (4096, (MAGIC, 1, 2, 4096)),  # a header promising two slots the segment does not hold
+    ],
+    ids=["foreign", "short", "truncated"],
+)
+def test_attach_refuses_a_segment_that_is_not_a_hand_off_pool(pools, nbytes, header):
+    segment = Segment.create("kv-handoff.impostor", nbytes, pools.config)
+    np.frombuffer(segment.buffer(0, 8 * len(header)), np.int64)[:] = header
     segment.close()
     with pytest.raises(HandoffError) as info:
         pools.attach("kv-handoff.impostor")
     assert info.value.code == "handoff_invalid" and "not a hand-off segment" in info.value.message
+
+
+def test_on_a_hugetlbfs_mount_the_pool_is_whole_huge_pages(tmp_path):
+    """A plain directory stands in for the mount: this checks the sizes hugetlbfs requires, not its pages."""
+    config = ShmConfig(prefix=f"hmoe.test-{uuid.uuid4().hex[:8]}.", lock_dir=str(tmp_path), hugetlbfs=str(tmp_path))
+    pool = HandoffPool.create("huge", 2, SLOT_TOKENS * 256, config)
+    try:
+        assert os.path.getsize(config.segment_path(pool.name)) == HUGE_PAGE_BYTES
+        slot, _ = fill(pool, "a", [4, 2])
+        assert adopt(pool, slot, "a", 2) == [4, 2] and config.handoff_names() == [pool.name]
+    finally:
+        pool.close()
+    assert config.handoff_names() == []
 
 
 def test_a_vanished_segment_stays_usable_by_those_who_attached_it(pools):
