@@ -270,12 +270,8 @@ def test_sampled_tokens_split_across_prefill_and_batched_decode_equal_one_proces
     assert rig.tokens["greedy"] == continuation(PROMPTS["a"], 7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the decode engine keeps every hand-off segment it ever attached mapped, so a restarted "
-    "prefill worker's old segment (slots x slot bytes of /dev/shm) stays allocated until the decode worker exits",
-)
 def test_a_restarted_prefill_workers_old_segment_is_unmapped(make_rig, handoff_config):
+    """A mapping keeps every page of the segment allocated: slots x slot bytes of /dev/shm per restart."""
     rig = make_rig()
     rig.add("a", PROMPTS["a"], max_tokens=2)
     rig.run_until_idle()
