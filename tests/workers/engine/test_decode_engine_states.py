@@ -1,9 +1,10 @@
 """A hypothesis state machine over DecodeEngine + KVPool (+ the real PrefillEngine and HandoffPool
 that feed it): add, cancel, step and drop_all in any order.
 
+Some requests come from a prefill worker that dies before their adoption (they end handoff_lost).
 Invariants after every rule: KV is conserved (free + held blocks == all blocks) and no block is held
 by two sequences; only running requests hold KV, each exactly what it reserved; the engine's
-requests are exactly the live ones; a hand-off slot is held exactly by each waiting request; every
+requests are exactly the live ones; each waiting request (of a live prefill worker) holds its slot; every
 token is the fake model's greedy choice after the request's own context (read back from the KV, so an
 aliased or torn block shows up as a wrong token). At the end, every added request ended exactly once.
 """
@@ -48,6 +49,7 @@ class DecodeMachine(RuleBasedStateMachine):
         self.max_tokens: dict[str, int] = {}
         self.generated: dict[str, int] = {}
         self.added: set[str] = set()
+        self.lost: set[str] = set()  # requests whose hand-off segment vanished before adoption
         self.ended: Counter[str] = Counter()
 
     def end(self, request_id: str) -> None:
@@ -59,12 +61,20 @@ class DecodeMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.pool.free_slots() > 0)
     @rule(prompt=st.lists(st.integers(0, 63), min_size=1, max_size=12), max_tokens=st.integers(1, 40))
-    def add(self, prompt, max_tokens):
+    def add(self, prompt, max_tokens, lose_slot=False):
         self.count += 1
         request_id = f"r{self.count}"
-        self.prefill.add(prefill_msg(request_id, prompt, max_tokens=max_tokens))
-        while not (out := self.prefill.step()):
+        prefill = self.prefill
+        if lose_slot:  # from a prefill worker that dies before the decode side attaches its segment
+            model = FakeModel(EOS)
+            kv = make_kv(model.config, 8, BLOCK)
+            pool = HandoffPool.create(f"lost-{self.count}", 1, kv.bytes_per_token * 16, self.config)
+            prefill = PrefillEngine(model, kv, pool, 8, 3600.0)
+        prefill.add(prefill_msg(request_id, prompt, max_tokens=max_tokens))
+        while not (out := prefill.step()):
             pass
+        if lose_slot:
+            pool.close()
         (msg,) = out
         assert isinstance(msg, protocol.Prefilled) and msg.first_token == next_token(prompt)
         if msg.slot < 0:  # the first token ended it on the prefill side
@@ -75,11 +85,17 @@ class DecodeMachine(RuleBasedStateMachine):
         self.need[request_id] = len(prompt) + max_tokens
         self.max_tokens[request_id] = max_tokens
         self.generated[request_id] = 1
+        if lose_slot:
+            self.lost.add(request_id)
         refused = self.engine.add(adopt_msg(msg, prompt, max_tokens=max_tokens))
         if refused:
             (error,) = refused
             assert error.code == "kv_capacity" and self.need[request_id] > NUM_BLOCKS * BLOCK
             self.end(request_id)
+
+    @rule(prompt=st.lists(st.integers(0, 63), min_size=1, max_size=12), max_tokens=st.integers(1, 12))
+    def add_from_a_dead_prefill_worker(self, prompt, max_tokens):
+        self.add(prompt, max_tokens, lose_slot=True)
 
     @precondition(lambda self: self.context)
     @rule(data=st.data())
@@ -96,7 +112,9 @@ class DecodeMachine(RuleBasedStateMachine):
     def step(self):
         for msg in self.engine.step():
             if isinstance(msg, protocol.RequestError):
-                raise AssertionError(f"unexpected {msg}")
+                assert msg.request_id in self.lost and msg.code == "handoff_lost", msg
+                self.end(msg.request_id)
+                continue
             for request_id, token, reason in token_items(msg):
                 context = self.context[request_id]
                 assert token == next_token(context), (request_id, context, token)
@@ -130,8 +148,9 @@ class DecodeMachine(RuleBasedStateMachine):
             assert len(table) == self.kv.blocks_for(self.need[request_id])
 
     @invariant()
-    def each_waiting_request_holds_one_hand_off_slot(self):
-        assert self.pool.free_slots() == NUM_SLOTS - self.engine.load()[1]
+    def each_waiting_request_holds_its_hand_off_slot(self):
+        lost_waiting = len(self.lost & set(self.context))  # a lost request never runs: it waits, then errs
+        assert self.pool.free_slots() == NUM_SLOTS - (self.engine.load()[1] - lost_waiting)
 
     def teardown(self):
         try:
