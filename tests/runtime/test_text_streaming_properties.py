@@ -37,7 +37,7 @@ def cut_at_first_stop(text: str, stops: tuple[str, ...]) -> str:
     return text[: min(hits)[1]] if hits else text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40),
     st.lists(st.integers(1, 4), min_size=1, max_size=8),
@@ -48,7 +48,7 @@ def test_any_ids_stream_to_the_tokenizers_own_decode(ids, steps):
     assert shown_text(TOKENIZER, ids, steps, ()) == TOKENIZER.decode(ids, skip_special_tokens=True)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data(), st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40), st.lists(st.integers(1, 4), min_size=1))
 def test_stop_strings_cut_the_streamed_text_before_the_first_stop(data, ids, steps):
     text = TOKENIZER.decode(ids, skip_special_tokens=True)
@@ -56,7 +56,7 @@ def test_stop_strings_cut_the_streamed_text_before_the_first_stop(data, ids, ste
     assert shown_text(TOKENIZER, ids, steps, tuple(stops)) == cut_at_first_stop(text, tuple(stops))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text(max_size=60), st.lists(st.integers(1, 4), min_size=1, max_size=8))
 def test_real_text_streams_back_whole(text, steps):
     ids = TOKENIZER.encode(text, add_special_tokens=False).ids
