@@ -28,7 +28,7 @@ class Rig:
     tokens: dict[str, list[int]] = field(default_factory=dict)  # request_id -> tokens so far (first one included)
     reasons: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # request_id -> code
-    steps: list[list[str]] = field(default_factory=list)  # request ids decoded in each step
+    steps: list[list[str]] = field(default_factory=list)  # request ids decoded in each step, sorted
 
     @property
     def kv(self):
@@ -48,9 +48,10 @@ class Rig:
         self.collect(self.engine.add(self.hand_off(request_id, prompt, **params)))
 
     def step(self) -> list[str]:
-        """One decode step; the request ids that got a token."""
+        """One decode step; the request ids that got a token, sorted (the batch's order is the engine's)."""
         self.steps.append([])
         self.collect(self.engine.step())
+        self.steps[-1].sort()
         return self.steps[-1]
 
     def collect(self, messages: list) -> None:
@@ -109,7 +110,7 @@ def test_batched_greedy_tokens_equal_each_requests_own_continuation(make_rig, mi
     for rid, prompt in PROMPTS.items():
         rig.add(rid, prompt, max_tokens=6)
     assert rig.engine.load() == (0, 4) and rig.pool.free_slots() == rig.pool.num_slots - 4
-    assert sorted(rig.step()) == sorted(PROMPTS)  # all four admitted and decoded together
+    assert rig.step() == sorted(PROMPTS)  # all four admitted and decoded together
     assert rig.pool.free_slots() == rig.pool.num_slots  # adopted slots are given back at once
     rig.run_until_idle()
     for rid, prompt in PROMPTS.items():
