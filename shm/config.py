@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hmoe.shm.errors import ShmError
+from hmoe.shm.errors import HmoeError, ShmError
 
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory segments
 NAME_MAX_LEN = 64
@@ -47,7 +47,13 @@ class ShmConfig:
     _choices = {"hugepages": HUGEPAGES}  # checked by the runtime's config loader, like its own sections
 
     def __post_init__(self):
-        assert PREFIX_RE.fullmatch(self.prefix), self.prefix
+        # An error, not an assert: the prefix comes from the config file or environment and becomes a path.
+        if not isinstance(self.prefix, str) or not PREFIX_RE.fullmatch(self.prefix):
+            raise HmoeError(
+                "config_invalid",
+                f"[shm] prefix {self.prefix!r} is invalid: use 1-32 letters, digits, '_', '.', '-', "
+                "starting with a letter or digit",
+            )
 
     @property
     def mode(self) -> int:

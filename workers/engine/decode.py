@@ -248,8 +248,16 @@ class DecodeEngine:
     def _pool(self, segment: str) -> HandoffPool:
         pool = self._pools.get(segment)
         if pool is None:
+            self._close_vanished_pools()
             pool = self._pools[segment] = HandoffPool.attach(segment, self.shm)
         return pool
+
+    def _close_vanished_pools(self) -> None:
+        """Unmap the segments of prefill workers that are gone (their names unlinked) once no waiting
+        request needs them: a mapping keeps all of a segment's /dev/shm pages allocated."""
+        live = set(self.shm.handoff_names()) | {r.segment for r in self.waiting}
+        for name in [n for n in self._pools if n not in live]:
+            self._pools.pop(name).close()
 
     def _release_slot(self, req: DecodeRequest) -> None:
         try:

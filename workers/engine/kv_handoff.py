@@ -27,6 +27,7 @@ import torch
 from hmoe.runtime.errors import HmoeError
 from hmoe.shm import ShmConfig, ShmError
 from hmoe.shm.config import HANDOFF_PREFIX
+from hmoe.shm.layout import HUGE_PAGE_BYTES
 from hmoe.shm.segment import Segment, read_segment, unlink_segment
 from hmoe.workers.model.kv_cache import KVPool
 
@@ -46,8 +47,8 @@ class HandoffError(HmoeError):
 class HandoffPool:
     def __init__(self, segment: Segment, config: ShmConfig, owner: bool):
         self.name, self._segment, self._config, self.owner = segment.name, segment, config, owner
-        words = np.frombuffer(segment.buffer(0, HEADER_BYTES), np.int64)
-        if words[0] != MAGIC:
+        words = np.frombuffer(segment.buffer(0, min(HEADER_BYTES, segment.nbytes) // 8 * 8), np.int64)
+        if len(words) < _HEAD or words[0] != MAGIC or segment.nbytes < HEADER_BYTES + int(words[2]) * int(words[3]):
             segment.close()
             raise HandoffError("handoff_invalid", f"{self.name} is not a hand-off segment")
         self.num_slots, self.slot_bytes = int(words[2]), int(words[3])
@@ -59,7 +60,10 @@ class HandoffPool:
         remove_stale_segments(config)
         slot_bytes = -(-slot_bytes // 4096) * 4096
         assert (_HEAD + _SLOT * num_slots) * 8 <= HEADER_BYTES, num_slots
-        segment = Segment.create(HANDOFF_PREFIX + worker_id, HEADER_BYTES + num_slots * slot_bytes, config)
+        nbytes = HEADER_BYTES + num_slots * slot_bytes
+        if config.hugetlbfs:  # a hugetlbfs file is whole huge pages
+            nbytes = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+        segment = Segment.create(HANDOFF_PREFIX + worker_id, nbytes, config)
         np.frombuffer(segment.buffer(0, 32), np.int64)[:] = (MAGIC, os.getpid(), num_slots, slot_bytes)
         log.info("hand-off pool %s: %d slots of %.1f MiB", segment.name, num_slots, slot_bytes / 2**20)
         return cls(segment, config, owner=True)

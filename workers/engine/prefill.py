@@ -179,8 +179,8 @@ class PrefillEngine:
         self.kv.free(job.request_id)
         self.current = None
         if slot >= 0:
-            if len(self.handed) >= 4 * self.handoff.num_slots:  # forget the oldest: long adopted or reclaimed
-                del self.handed[next(iter(self.handed))]
+            if len(self.handed) >= 4 * self.handoff.num_slots:  # forget fills whose slot was reused since
+                self.handed = {r: (s, g) for r, (s, g) in self.handed.items() if self.handoff.generation(s) == g}
             self.handed[job.request_id] = (slot, self.handoff.generation(slot))
         return protocol.Prefilled(job.request_id, job.first_token, slot, self.handoff.name, len(job.token_ids))
 
