@@ -75,14 +75,22 @@ class FakeModel:
     def __init__(self, eos_token_ids: tuple[int, ...] = ()):
         self.config = tiny_config(eos_token_ids)
         self.calls: list[list[int]] = []  # per forward call: number of sequences in each micro-batch
+        self.layers: list = []  # no MoE layers and no expert backend: DecodeEngine takes its ForwardBatch path
+        self.experts = None
 
-    def forward(self, batch: ForwardBatch, kv: KVPool, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv: KVPool, all_logits: bool = False, experts=None) -> torch.Tensor:
         return self.forward_overlapped([batch], kv, all_logits)[0]
 
-    def forward_overlapped(self, batches: list[ForwardBatch], kv: KVPool, all_logits: bool = False):
+    def forward_overlapped(self, batches: list[ForwardBatch], kv: KVPool, all_logits: bool = False, experts=None):
         assert not all_logits, "the engines sample each sequence's last token only"
         self.calls.append([len(b.last_rows) for b in batches])
         return [self._forward(b, kv) for b in batches]
+
+    def forward_layer_major(self, batches: list[ForwardBatch], kv: KVPool, all_logits: bool = False, experts=None):
+        """CausalLM's generator shape: one step (the fake's one "layer"), then the logits as its return."""
+        logits = self.forward_overlapped(batches, kv, all_logits)
+        yield 0
+        return logits
 
     def _forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
         assert len(batch.input_ids) == len(batch.positions) == len(batch.write_slots)

@@ -86,8 +86,10 @@ def test_a_long_prompt_runs_chunk_by_chunk_and_hands_off_its_whole_kv(make_rig, 
     assert not rig.engine.busy and rig.engine.step() == []
     rig.engine.add(prefill_msg("a", PROMPT, max_tokens=8))
     assert rig.engine.busy and rig.engine.load() == (0, 1) and rig.engine.request_ids() == ["a"]
-    assert rig.engine.step() == [] and rig.engine.load() == (1, 0)  # chunk 1 of 3: cancels are seen between chunks
-    assert rig.engine.step() == []
+    # One step per layer of each chunk's pass and one that ends it (the fake has one layer): 3 chunks, 6 steps;
+    # cancels and heartbeats are seen between any two.
+    assert rig.engine.step() == [] and rig.engine.load() == (1, 0)
+    assert [rig.engine.step() for _ in range(4)] == [[]] * 4
     (msg,) = rig.engine.step()
     assert rig.model.calls == [[1], [1], [1]]  # 4 + 4 + 2 tokens, one forward each
     assert msg == protocol.Prefilled("a", next_token(PROMPT), msg.slot, rig.pool.name, len(PROMPT))
