@@ -1,11 +1,12 @@
 """A fake CausalLM for in-process engine tests: no weights, deterministic tokens, real KV traffic.
 
-FakeModel has the surface the engines use (`config`, `forward`, `forward_overlapped`). A forward
-writes each new token's KV into the pool at the batch's write slots (token id and position, in every
-layer and entry), then reads each sequence's whole context back *from the pool* and returns logits
-whose argmax is `next_token(context)`. So greedy output equals `continuation(prompt, n)` only if
-chunking, positions, KV slots and the KV hand-off all carried every prompt token to the right place;
-a torn or misplaced KV cache raises KVCorrupted instead of producing plausible tokens.
+FakeModel has the surface the engines use (`config`, `forward`, `forward_overlapped`, and the
+per-layer generator `forward_layer_major`). A forward writes each new token's KV into the pool at the
+batch's write slots, layer by layer (token id and position, in every layer and entry), then reads
+each sequence's whole context back *from the pool* and returns logits whose argmax is
+`next_token(context)`. So greedy output equals `continuation(prompt, n)` only if chunking, positions,
+KV slots and the KV hand-off all carried every prompt token to the right place; a torn or misplaced
+KV cache raises KVCorrupted instead of producing plausible tokens.
 
 The message builders keep the tests' knowledge of the wire shapes (protocol.Prefill / Adopt /
 Tokens) in this one place.
@@ -74,30 +75,37 @@ def make_kv(config: ModelConfig, num_blocks: int, block_size: int) -> KVPool:
 class FakeModel:
     def __init__(self, eos_token_ids: tuple[int, ...] = ()):
         self.config = tiny_config(eos_token_ids)
-        self.calls: list[list[int]] = []  # per forward call: number of sequences in each micro-batch
+        self.calls: list[list[int]] = []  # per forward (or prefill pass): sequences in each batch
+        self.tokens: list[list[int]] = []  # per forward (or prefill pass): new tokens in each batch
         self.layers: list = []  # no MoE layers and no expert backend: DecodeEngine takes its ForwardBatch path
         self.experts = None
 
     def forward(self, batch: ForwardBatch, kv: KVPool, all_logits: bool = False, experts=None) -> torch.Tensor:
-        return self.forward_overlapped([batch], kv, all_logits)[0]
+        return self.forward_overlapped([batch], kv, all_logits, experts)[0]
 
     def forward_overlapped(self, batches: list[ForwardBatch], kv: KVPool, all_logits: bool = False, experts=None):
-        assert not all_logits, "the engines sample each sequence's last token only"
-        self.calls.append([len(b.last_rows) for b in batches])
-        return [self._forward(b, kv) for b in batches]
+        steps = self.forward_layer_major(batches, kv, all_logits, experts)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
     def forward_layer_major(self, batches: list[ForwardBatch], kv: KVPool, all_logits: bool = False, experts=None):
-        """CausalLM's generator shape: one step (the fake's one "layer"), then the logits as its return."""
-        logits = self.forward_overlapped(batches, kv, all_logits)
-        yield 0
-        return logits
-
-    def _forward(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
-        assert len(batch.input_ids) == len(batch.positions) == len(batch.write_slots)
+        """Yields each layer's id once every batch has written that layer's KV; returns [B, V] logits per batch."""
+        assert not all_logits, "the engines sample each sequence's last token only"
+        self.calls.append([len(b.last_rows) for b in batches])
+        self.tokens.append([len(b.input_ids) for b in batches])
         for layer in range(LAYERS):  # [L, S, W]: column 0 the token, column 1 the position; v tags the layer
-            kv.data["k"][layer, batch.write_slots, 0] = batch.input_ids.float()
-            kv.data["k"][layer, batch.write_slots, 1] = batch.positions.float()
-            kv.data["v"][layer, batch.write_slots, 0] = batch.input_ids.float() + 1000 * (layer + 1)
+            for batch in batches:
+                assert len(batch.input_ids) == len(batch.positions) == len(batch.write_slots)
+                kv.data["k"][layer, batch.write_slots, 0] = batch.input_ids.float()
+                kv.data["k"][layer, batch.write_slots, 1] = batch.positions.float()
+                kv.data["v"][layer, batch.write_slots, 0] = batch.input_ids.float() + 1000 * (layer + 1)
+            yield layer
+        return [self._logits(batch, kv) for batch in batches]
+
+    def _logits(self, batch: ForwardBatch, kv: KVPool) -> torch.Tensor:
         contexts = _context_slots(batch)
         logits = torch.full((len(batch.last_rows), VOCAB), -1.0)
         for b, row in enumerate(batch.last_rows.tolist()):

@@ -154,7 +154,7 @@ class DecodeMachine(RuleBasedStateMachine):
 
     def teardown(self):
         try:
-            for _ in range(200):
+            for _ in range(10_000):
                 if not self.engine.busy:
                     break
                 self.step()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from helpers.fake_model import FakeModel, continuation, make_kv, next_token, prefill_msg, read_context
+from helpers.fake_model import LAYERS, FakeModel, continuation, make_kv, next_token, prefill_msg, read_context
 
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError
@@ -32,12 +32,12 @@ class Rig:
 def make_rig(handoff_config):
     pools = []
 
-    def make(num_slots=2, num_blocks=16, chunk_tokens=4, timeout_s=60.0, eos=()) -> Rig:
+    def make(num_slots=2, num_blocks=16, chunk_tokens=4, timeout_s=60.0, eos=(), **streaming) -> Rig:
         model = FakeModel(eos)
         kv = make_kv(model.config, num_blocks, BLOCK)
         pool = HandoffPool.create(f"prefill-{len(pools)}", num_slots, kv.bytes_per_token * SLOT_TOKENS, handoff_config)
         pools.append(pool)
-        return Rig(PrefillEngine(model, kv, pool, chunk_tokens, timeout_s), model, pool)
+        return Rig(PrefillEngine(model, kv, pool, chunk_tokens, timeout_s, **streaming), model, pool)
 
     yield make
     for pool in pools:
@@ -86,12 +86,15 @@ def test_a_long_prompt_runs_chunk_by_chunk_and_hands_off_its_whole_kv(make_rig, 
     assert not rig.engine.busy and rig.engine.step() == []
     rig.engine.add(prefill_msg("a", PROMPT, max_tokens=8))
     assert rig.engine.busy and rig.engine.load() == (0, 1) and rig.engine.request_ids() == ["a"]
-    # One step per layer of each chunk's pass and one that ends it (the fake has one layer): 3 chunks, 6 steps;
-    # cancels and heartbeats are seen between any two.
-    assert rig.engine.step() == [] and rig.engine.load() == (1, 0)
-    assert [rig.engine.step() for _ in range(4)] == [[]] * 4
-    (msg,) = rig.engine.step()
-    assert rig.model.calls == [[1], [1], [1]]  # 4 + 4 + 2 tokens, one forward each
+    # One step per layer of each chunk's pass and one that ends it: 3 chunks of (LAYERS + 1) steps, the last of
+    # which says Prefilled; cancels and heartbeats are seen between any two.
+    quiet_steps = 0
+    while not (out := rig.engine.step()):
+        quiet_steps += 1
+        assert rig.engine.load() == (1, 0)
+    (msg,) = out
+    assert quiet_steps == 3 * (LAYERS + 1) - 1
+    assert rig.model.tokens == [[4], [4], [2]]  # one pass per chunk on the default experts
     assert msg == protocol.Prefilled("a", next_token(PROMPT), msg.slot, rig.pool.name, len(PROMPT))
     assert 0 <= msg.slot < rig.pool.num_slots and rig.pool.free_slots() == rig.pool.num_slots - 1
     assert rig.kv.free_blocks == rig.kv.num_blocks and not rig.kv.block_tables  # its KV lives in the slot now
@@ -169,14 +172,18 @@ def test_cancel_while_queued_means_it_never_runs(make_rig):
     assert not rig.engine.busy and rig.model.calls == [[1]]
 
 
-def test_cancel_between_chunks_frees_the_kv_and_says_nothing(make_rig):
+def test_cancel_at_any_step_of_a_prompt_frees_its_kv_and_says_nothing(make_rig):
     rig = make_rig(chunk_tokens=4)
-    rig.engine.add(prefill_msg("a", PROMPT))
-    assert rig.engine.step() == [] and rig.kv.free_blocks < rig.kv.num_blocks
-    assert rig.engine.cancel("a")
-    assert rig.kv.free_blocks == rig.kv.num_blocks and not rig.engine.busy
-    assert [rig.engine.step() for _ in range(3)] == [[], [], []] and len(rig.model.calls) == 1
-    assert rig.pool.free_slots() == rig.pool.num_slots
+    rig.engine.add(prefill_msg("probe", PROMPT))
+    _, total = run(rig.engine)
+    assert rig.engine.cancel("probe") and total > 3  # three chunks
+    for k in range(1, total):
+        rig.engine.add(prefill_msg(f"r{k}", PROMPT))
+        assert [rig.engine.step() for _ in range(k)] == [[]] * k and rig.kv.free_blocks < rig.kv.num_blocks
+        assert rig.engine.cancel(f"r{k}")
+        assert rig.kv.free_blocks == rig.kv.num_blocks and not rig.engine.busy
+        assert [rig.engine.step() for _ in range(3)] == [[], [], []]
+        assert rig.pool.free_slots() == rig.pool.num_slots
 
 
 def test_cancel_after_the_hand_off_takes_the_slot_back_once(make_rig):
@@ -270,3 +277,39 @@ def test_drop_all_while_waiting_for_a_slot_keeps_handed_kv_adoptable(make_rig, a
     assert adopter(held) == PROMPT
     rig.engine.add(prefill_msg("c", [4, 5]))
     assert prefilled(rig.engine).first_token == continuation([4, 5], 1)[0]
+
+
+class FakeStreaming:
+    """Stands in for StreamingExperts: counts the passes it opens and closes (the fake model ignores experts)."""
+
+    def __init__(self):
+        self.opened = self.closed = 0
+
+    def open_pass(self):
+        self.opened += 1
+        return self
+
+    def close(self):
+        self.closed += 1
+
+
+def test_long_rests_of_a_prompt_go_in_streamed_layer_major_passes_and_short_ones_on_the_cpu(make_rig, adopter):
+    streaming = FakeStreaming()
+    rig = make_rig(chunk_tokens=4, streaming=streaming, stream_min_tokens=5, max_pass_tokens=8)
+    rig.engine.add(prefill_msg("a", PROMPT))  # 10 tokens: a streamed pass of 8 (two chunks), then 2 on the cpu
+    msg = prefilled(rig.engine)
+    assert rig.model.tokens == [[4, 4], [2]] and rig.engine.passes == {"stream": 1, "cpu": 1}
+    assert streaming.opened == streaming.closed == 1
+    assert msg.first_token == next_token(PROMPT) and adopter(msg) == PROMPT
+
+
+def test_a_cancel_mid_pass_closes_the_streamed_pass(make_rig):
+    streaming = FakeStreaming()
+    rig = make_rig(chunk_tokens=4, streaming=streaming, stream_min_tokens=5)
+    rig.engine.add(prefill_msg("a", PROMPT))
+    assert rig.engine.step() == [] and streaming.opened == 1 and streaming.closed == 0
+    assert rig.engine.cancel("a") and streaming.closed == 1 and rig.kv.free_blocks == rig.kv.num_blocks
+    rig.engine.add(prefill_msg("b", PROMPT))
+    rig.engine.step()
+    rig.engine.drop_all()
+    assert streaming.opened == streaming.closed == 2 and not rig.engine.busy

@@ -110,7 +110,7 @@ class PrefillMachine(RuleBasedStateMachine):
 
     def teardown(self):
         try:
-            for _ in range(100):  # adopt what was handed off (else the engine spins on full slots), run the rest
+            for _ in range(10_000):  # adopt what was handed off (else the engine spins on full slots), run the rest
                 for request_id in sorted(self.handed):
                     self.adopt_one(request_id)
                 if not self.engine.busy:
