@@ -24,6 +24,12 @@ REFUSALS = {
     "no_worker": "no prefill or decode worker is registered (or none came back within [router] worker_wait_s)",
     "queue_full": "[router] max_queued requests are waiting: retry later",
     "draining": "the router (or the worker) is shutting down and takes no new requests",
+    "unsupported_field": "the HTTP API does not support this request field or value (tools, response_format other "
+    "than text, ...): the error names it; drop it",
+    "chat_template_missing": "the model has no chat template: use /v1/completions, or start hmoe-http with "
+    "[http] chat_template (--chat-template FILE)",
+    "chat_template_error": "the chat template refused the messages (raise_exception in the template) or failed",
+    "model_not_found": "the request's `model` is not the served one ([http] served_model_name; GET /v1/models)",
     "wrong_role": "a prefill request reached a decode worker or the reverse (a router bug or a stray client)",
 }
 FAILURES = {
