@@ -103,8 +103,9 @@ class HttpConfig:
     served_model_name: str = ""  # the `model` clients send and get back; "" = the weight pack's name
     chat_template: str = ""  # a Jinja chat template file overriding the checkpoint's own
     max_n: int = 16  # the largest `n` (choices per request) accepted
+    default_max_tokens: int = 2048  # for a request that gives none; less when the context or the KV cache is smaller
 
-    _ranges = {"port": (0, 65535), "max_n": (1, 256)}
+    _ranges = {"port": (0, 65535), "max_n": (1, 256), "default_max_tokens": (1, 1 << 22)}
 
 
 @dataclass(frozen=True)

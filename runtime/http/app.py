@@ -56,6 +56,7 @@ class Gateway:
     model_name: str
     context_len: int  # max_position_embeddings (0: unknown)
     max_n: int = 16
+    default_max_tokens: int = 2048
     metrics: Metrics = field(init=False)
     reasoning: bool = field(init=False)  # the vocabulary has the think markers as tokens
     kv_capacity: int = 0  # the decode worker's KV tokens, from the last Status
@@ -76,13 +77,14 @@ class Gateway:
         return status
 
     async def max_tokens(self, sampling: Sampling, prompt_len: int) -> int:
-        """The request's max_tokens, or (none given) what the context and the KV cache leave."""
+        """The request's max_tokens, or (none given) default_max_tokens within what the context and the
+        decode worker's KV cache leave (the router reserves prompt + max_tokens of KV up front)."""
         if sampling.max_tokens is not None:
             return sampling.max_tokens
         if time.monotonic() - self.status_s > 5.0:
             await self.status()
-        limits = [x for x in (self.context_len, self.kv_capacity) if x]
-        return max(min(limits, default=prompt_len + 4096) - prompt_len, 1)
+        room = [x - prompt_len for x in (self.context_len, self.kv_capacity) if x]
+        return max(min([self.default_max_tokens, *room]), 1)
 
 
 def error_response(exc: ApiError | RouterError) -> JSONResponse:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -66,6 +67,7 @@ def build_gateway(config: Config, router: str) -> Gateway:
         config.http.served_model_name or name,
         int(model_config.get("max_position_embeddings") or 0),
         config.http.max_n,
+        config.http.default_max_tokens,
     )
 
 
@@ -78,6 +80,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(config: Config, gateway: Gateway, sock: socket.socket, notify: SdNotify) -> int:
+    # uvicorn takes SIGTERM/SIGINT while it serves (first: stop accepting and finish running requests,
+    # second: close at once) and raises them again once it has stopped: land them here, not in a
+    # default handler that would end a clean stop with -15.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(gateway),
