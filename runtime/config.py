@@ -99,7 +99,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"  # where the OpenAI-compatible HTTP API listens (0.0.0.0: every interface)
-    port: int = 8000  # 0 = no HTTP API
+    port: int = 8000  # its port; 0 turns the HTTP API off
     served_model_name: str = ""  # the `model` clients send and get back; "" = the weight pack's name
     chat_template: str = ""  # a Jinja chat template file overriding the checkpoint's own
     max_n: int = 16  # the largest `n` (choices per request) accepted
