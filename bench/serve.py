@@ -3,11 +3,14 @@ and SLO attainment, at one or more request rates.
 
     python bench/serve.py --rates 1,2,4,8 --num-requests 48 --tag dev          # starts hmoe serve (demo model)
     python bench/serve.py --endpoint tcp://127.0.0.1:5555 --rates 0.5,1 ...    # an existing service
+    python bench/serve.py --http [--http-url http://127.0.0.1:8000] ...          # through the HTTP API
 
 Each request is token ids (uniform in [2, vocab_size)) with a prompt length and an output length drawn
 from the given distributions ("fixed:N", "uniform:LO:HI", "lognormal:MEDIAN:SIGMA"), seeded, and
 ignore_eos so it produces exactly its output length. Arrival gaps are exponential (a Poisson process
-of the given rate). Measured at the client, per request: TTFT (send -> first token), TPOT (mean gap
+of the given rate). --http sends the same requests as streaming /v1/completions calls to the
+OpenAI-compatible API (as vLLM's and SGLang's serving benchmarks do), else through the SDK. Measured
+at the client, per request: TTFT (send -> first token), TPOT (mean gap
 between later tokens), end-to-end latency; per rate: their p50/p90/p99, output tokens/s over the
 run, and SLO attainment (the share of requests with TTFT <= --ttft-slo-s and TPOT <= --tpot-slo-s).
 Writes JSON with the machine's description (bench/results/serve-TAG.json) and a PNG beside it.
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 from hmoe.runtime import AsyncClient
-from hmoe.runtime.client import RouterUnreachable, status_once
+from hmoe.runtime.client import status_once
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,19 +82,71 @@ async def one_request(client: AsyncClient, prompt: list[int], output_len: int, t
     }
 
 
+async def one_http_request(client, model: str, prompt: list[int], output_len: int, timeout_s: float) -> dict:
+    """The same request as a streaming /v1/completions call; tokens counted by the final usage chunk."""
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    sent = time.perf_counter()
+    stamps, usage, reason, error = [], None, "error", None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                error = json.loads(await response.aread())["error"]["code"]
+            async for line in response.aiter_lines() if error is None else _nothing():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    error = event["error"]["code"]
+                elif event["choices"]:
+                    stamps.append(time.perf_counter())
+                    reason = event["choices"][0]["finish_reason"] or reason
+                else:
+                    usage = event["usage"]
+    except Exception as exc:  # noqa: BLE001  (a failed request is a data point: it misses the SLO)
+        error = type(exc).__name__
+    done = time.perf_counter()
+    n = usage["completion_tokens"] if usage else 0
+    return {
+        "prompt_tokens": len(prompt),
+        "output_tokens": n,
+        "ttft_s": stamps[0] - sent if stamps else None,
+        "tpot_s": (stamps[-1] - stamps[0]) / (n - 1) if n > 1 and len(stamps) > 1 else None,
+        "latency_s": done - sent,
+        "finish_reason": reason,
+        "error": error,
+    }
+
+
+async def _nothing():
+    return
+    yield
+
+
 async def run_rate(endpoint: str, rate: float, args, rng: random.Random) -> dict:
     """num_requests requests arriving as a Poisson process of `rate` per second."""
-    async with AsyncClient(endpoint, router_timeout_s=30.0) as client:
+    if args.http:
+        import httpx
+
+        client = httpx.AsyncClient(base_url=args.http_url, limits=httpx.Limits(max_connections=None))
+        model = json.loads((await client.get("/v1/models")).text)["data"][0]["id"]
+        send = lambda prompt, n: one_http_request(client, model, prompt, n, args.request_timeout_s)  # noqa: E731
+    else:
+        client = AsyncClient(endpoint, router_timeout_s=30.0)
+        send = lambda prompt, n: one_request(client, prompt, n, args.request_timeout_s)  # noqa: E731
+    try:
         tasks, start = [], time.perf_counter()
         next_s = 0.0
         for _ in range(args.num_requests):
             prompt = [rng.randrange(2, args.vocab_size) for _ in range(draw(args.prompt_len, rng))]
             output_len = draw(args.output_len, rng)
             await asyncio.sleep(max(0.0, start + next_s - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(one_request(client, prompt, output_len, args.request_timeout_s)))
+            tasks.append(asyncio.ensure_future(send(prompt, output_len)))
             next_s += rng.expovariate(rate)
         results = await asyncio.gather(*tasks)
         makespan = time.perf_counter() - start
+    finally:
+        await (client.aclose() if args.http else client.close())
     ok = [r for r in results if r["error"] is None and r["finish_reason"] == "length"]
     met = [r for r in ok if r["ttft_s"] <= args.ttft_slo_s and (r["tpot_s"] or 0.0) <= args.tpot_slo_s]
     return {
@@ -128,12 +183,17 @@ def machine() -> dict:
     }
 
 
-def start_serve(args) -> tuple[subprocess.Popen, str]:
-    """`hmoe serve` (the demo model unless --model-dir) on a free port; waits until both workers serve."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_serve(args) -> tuple[subprocess.Popen, str]:
+    """`hmoe serve` (the demo model unless --model-dir) on a free port; waits until both workers serve."""
+    port, http_port = free_port(), free_port()
     env = {**os.environ, "HMOE_WORKER_KV_CACHE_GIB": str(args.kv_cache_gib)}
+    args.http_url = f"http://127.0.0.1:{http_port}"
     cmd = [
         sys.executable,
         "-m",
@@ -142,18 +202,17 @@ def start_serve(args) -> tuple[subprocess.Popen, str]:
         *([args.model_dir] if args.model_dir else []),
         "--port",
         str(port),
+        "--http-port",
+        str(http_port if args.http else 0),
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     endpoint, deadline = f"tcp://127.0.0.1:{port}", time.monotonic() + 600
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"hmoe serve did not come up (exit {proc.poll()}); run it by hand to see why")
-        try:
-            if {w["role"] for w in status_once(endpoint, 1.0)["workers"]} >= {"prefill", "decode"}:
-                return proc, endpoint
-        except RouterUnreachable:
-            pass
-        time.sleep(0.5)
+        line = proc.stdout.readline()  # "hmoe serving ..." once both workers (and the HTTP API) serve
+        if line.startswith("hmoe serving"):
+            return proc, endpoint
 
 
 def plot(payload: dict, png: Path) -> None:
@@ -194,6 +253,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--endpoint", help="A running router; default: start hmoe serve for the run.")
     p.add_argument("--model-dir", help="What hmoe serve serves (default: the tiny demo model).")
+    p.add_argument("--http", action="store_true", help="Drive the OpenAI-compatible HTTP API instead of the SDK.")
+    p.add_argument("--http-url", default="http://127.0.0.1:8000", help="The HTTP API of a running service.")
     p.add_argument("--rates", default="1,2,4,8", help="Request rates to run, req/s, comma-separated.")
     p.add_argument("--num-requests", type=int, default=48, help="Requests per rate.")
     p.add_argument("--prompt-len", default="uniform:16:256")
@@ -234,6 +295,7 @@ def main() -> None:
         "machine": machine(),
         "model": model,
         "endpoint": endpoint if args.endpoint else "hmoe serve (started by the bench)",
+        "client": f"HTTP /v1/completions ({args.http_url})" if args.http else "SDK (AsyncClient)",
         "workers": [
             {k: w[k] for k in ("role", "device", "max_batch", "kv_capacity_tokens")} for w in status["workers"]
         ],

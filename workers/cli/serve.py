@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from hmoe.runtime.config import load_config
+from hmoe.runtime.errors import HmoeError
 
 DEMO = ("deepseek_v3", "tiny", "bf16")
 
@@ -61,6 +62,7 @@ def ensure_demo_model(say) -> Path:
 def serve_cmd(model_dir, port, device, pack_name, config_path, http_host, http_port, chat_template, served_model_name):
     """Serve MODEL_DIR (default: a tiny random demo model) with a router and two workers on this machine."""
     from hmoe.runtime.supervisor import ChildSpec, Supervisor
+    from hmoe.shm import remove_pack
     from hmoe.workers.weights.pack_loader import load_pack
 
     def say(text: str) -> None:
@@ -73,8 +75,17 @@ def serve_cmd(model_dir, port, device, pack_name, config_path, http_host, http_p
         config_path,
         overrides={"router": {"frontend": frontend}, "worker": {"device": device, "pack": pack_name}, "http": http},
     )
+    demo = not model_dir
     model_dir = Path(model_dir) if model_dir else ensure_demo_model(say)
-    pack, built = load_pack(model_dir, config.worker.pack or None, config=config.shm)
+    try:
+        pack, built = load_pack(model_dir, config.worker.pack or None, config=config.shm)
+    except HmoeError as exc:
+        if not (demo and exc.code == "pack_mismatch"):
+            raise
+        stale = config.worker.pack or f"{model_dir.name}-{DEMO[2]}"  # the demo was made again by a newer hmoe
+        say(f"the demo model changed; removing its stale weight pack {stale}")
+        remove_pack(stale, config.shm)
+        pack, built = load_pack(model_dir, config.worker.pack or None, config=config.shm)
     name = pack.name
     pack.close()
     say(f"{'loaded' if built else 'found'} weight pack {name} (hmoe shm rm {name} frees it)")
