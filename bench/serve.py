@@ -83,30 +83,31 @@ async def one_request(client: AsyncClient, prompt: list[int], output_len: int, t
 
 
 async def one_http_request(client, model: str, prompt: list[int], output_len: int, timeout_s: float) -> dict:
-    """The same request as a streaming /v1/completions call; tokens counted by the final usage chunk."""
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    """The same request as a streaming /v1/completions call (the openai package); tokens counted by the
+    final usage chunk."""
     sent = time.perf_counter()
     stamps, usage, reason, error = [], None, "error", None
     try:
-        async with client.stream("POST", "/v1/completions", json=body, timeout=timeout_s) as response:
-            if response.status_code != 200:
-                error = json.loads(await response.aread())["error"]["code"]
-            async for line in response.aiter_lines() if error is None else _nothing():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
-                if "error" in event:
-                    error = event["error"]["code"]
-                elif event["choices"]:
-                    stamps.append(time.perf_counter())
-                    reason = event["choices"][0]["finish_reason"] or reason
-                else:
-                    usage = event["usage"]
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=output_len,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+            timeout=timeout_s,
+        )
+        async for chunk in stream:
+            if chunk.choices:
+                stamps.append(time.perf_counter())
+                reason = chunk.choices[0].finish_reason or reason
+            else:
+                usage = chunk.usage
     except Exception as exc:  # noqa: BLE001  (a failed request is a data point: it misses the SLO)
-        error = type(exc).__name__
+        error = getattr(exc, "code", None) or type(exc).__name__
     done = time.perf_counter()
-    n = usage["completion_tokens"] if usage else 0
+    n = usage.completion_tokens if usage else 0
     return {
         "prompt_tokens": len(prompt),
         "output_tokens": n,
@@ -118,18 +119,13 @@ async def one_http_request(client, model: str, prompt: list[int], output_len: in
     }
 
 
-async def _nothing():
-    return
-    yield
-
-
 async def run_rate(endpoint: str, rate: float, args, rng: random.Random) -> dict:
     """num_requests requests arriving as a Poisson process of `rate` per second."""
     if args.http:
-        import httpx
+        import openai  # (the bench extra)
 
-        client = httpx.AsyncClient(base_url=args.http_url, limits=httpx.Limits(max_connections=None))
-        model = json.loads((await client.get("/v1/models")).text)["data"][0]["id"]
+        client = openai.AsyncOpenAI(base_url=f"{args.http_url}/v1", api_key="none", max_retries=0)
+        model = (await client.models.list()).data[0].id
         send = lambda prompt, n: one_http_request(client, model, prompt, n, args.request_timeout_s)  # noqa: E731
     else:
         client = AsyncClient(endpoint, router_timeout_s=30.0)
@@ -146,7 +142,7 @@ async def run_rate(endpoint: str, rate: float, args, rng: random.Random) -> dict
         results = await asyncio.gather(*tasks)
         makespan = time.perf_counter() - start
     finally:
-        await (client.aclose() if args.http else client.close())
+        await client.close()
     ok = [r for r in results if r["error"] is None and r["finish_reason"] == "length"]
     met = [r for r in ok if r["ttft_s"] <= args.ttft_slo_s and (r["tpot_s"] or 0.0) <= args.tpot_slo_s]
     return {

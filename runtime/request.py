@@ -49,6 +49,7 @@ class Request:
     retried: bool = False  # sent to prefill again after its prefill worker died
     output_ids: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
+    output_logprobs: list | None = None  # per output token, when params.logprobs asks for them
     first_token_s: float = 0.0
     last_token_s: float = 0.0
     detokenizer: Detokenizer = field(init=False)
@@ -67,10 +68,13 @@ class Request:
     def stopped_by_string(self) -> bool:
         return self.stop_strings.stopped
 
-    def add_tokens(self, token_ids: list[int], now: float) -> str:
-        """Record generated tokens; the text they make visible (stops at a stop string)."""
+    def add_tokens(self, token_ids: list[int], now: float, logprobs: list | None = None) -> str:
+        """Record generated tokens (and their logprobs, when asked); the text they make visible (stops at a
+        stop string)."""
         if not self.output_ids:
             self.first_token_s = now
+        if self.params.logprobs is not None:
+            self.output_logprobs = (self.output_logprobs or []) + (logprobs or [None] * len(token_ids))
         self.last_token_s = now
         self.output_ids.extend(token_ids)
         text = self.stop_strings.push(self.detokenizer.push(token_ids))

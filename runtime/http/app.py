@@ -26,6 +26,7 @@ from hmoe.runtime.client import AsyncClient, RouterError, RouterUnreachable
 from hmoe.runtime.http import choices as ch
 from hmoe.runtime.http.chat_template import ChatTemplate
 from hmoe.runtime.http.format import ChatFormat, CompletionFormat, usage_of
+from hmoe.runtime.http.logprobs import TokenText
 from hmoe.runtime.http.metrics import Metrics
 from hmoe.runtime.http.reasoning import END, START, opens_reasoning
 from hmoe.runtime.http.schema import ApiError, Sampling, bad, parse_chat, parse_completion
@@ -59,12 +60,14 @@ class Gateway:
     default_max_tokens: int = 2048
     metrics: Metrics = field(init=False)
     reasoning: bool = field(init=False)  # the vocabulary has the think markers as tokens
+    token_text: TokenText = field(init=False)
     kv_capacity: int = 0  # the decode worker's KV tokens, from the last Status
     status_s: float = -1e9
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.model_name)
         self.reasoning = all(self.tokenizer.token_to_id(m) is not None for m in (START, END))
+        self.token_text = TokenText(self.tokenizer)
 
     async def status(self, timeout_s: float = HEALTH_TIMEOUT_S) -> dict | None:
         try:
@@ -146,7 +149,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         text = gateway.template.render(chat.messages, chat.add_generation_prompt, **chat.template_kwargs)
         token_ids = gateway.tokenizer.encode(text, add_special_tokens=False).ids
         opened = gateway.reasoning and opens_reasoning(text)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", gateway.model_name, gateway.reasoning, opened)
+        tokens = gateway.token_text if chat.sampling.logprobs is not None else None
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", gateway.model_name, gateway.reasoning, opened, tokens)
         return await _serve(request, gateway, fmt, [token_ids], chat.sampling, arrival_s)
 
     @app.post("/v1/completions")
@@ -158,7 +162,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         prompts = [p if isinstance(p, list) else gateway.tokenizer.encode(p).ids for p in req.prompts]
         if any(not p for p in prompts):
             raise bad("invalid_prompt", "the prompt is empty", "prompt")
-        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", gateway.model_name)
+        tokens = gateway.token_text if req.sampling.logprobs is not None else None
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", gateway.model_name, tokens)
         return await _serve(request, gateway, fmt, prompts, req.sampling, arrival_s)
 
     return app

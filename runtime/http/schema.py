@@ -104,6 +104,7 @@ class Sampling:
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
         )
 
 

@@ -179,6 +179,28 @@ def test_thinking_template_splits_reasoning_from_content(served):
     assert not "".join(d.content or "" for d in deltas)
 
 
+def test_logprobs_streaming_and_not(served):
+    messages = [{"role": "user", "content": "Count with me"}]
+    asked = dict(model=PACK, messages=messages, max_tokens=6, logprobs=True, top_logprobs=3, **GREEDY)
+    whole = served.client.chat.completions.create(**asked).choices[0].logprobs.content
+    assert len(whole) == 6
+    for entry in whole:  # greedy: the picked token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.token == entry.top_logprobs[0].token
+        assert entry.logprob == entry.top_logprobs[0].logprob <= 0 and bytes(entry.bytes).decode(errors="replace")
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    streamed = [
+        e for c in served.client.chat.completions.create(**asked, stream=True) if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]  # fmt: skip
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole]
+    plain = served.client.chat.completions.create(model=PACK, messages=messages, max_tokens=6, **GREEDY)
+    assert plain.choices[0].logprobs is None
+    completion = served.client.completions.create(model=PACK, prompt="Count", max_tokens=4, logprobs=2, **GREEDY)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4 and lp.text_offset[0] == 0
+    assert all(len(top) <= 2 and max(top.values()) == v for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_kv(served):
     stream = served.client.completions.create(model=PACK, prompt="Go on and on", max_tokens=2000, stream=True, **GREEDY)
     got = [next(stream) for _ in range(3)]
