@@ -64,6 +64,7 @@ class Usage:
     output_tokens: int
     ttft_s: float | None  # arrival at the router -> first token
     tpot_s: float | None  # mean time per output token after the first
+    queue_s: float | None = None  # arrival at the router -> sent to a prefill worker
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _result(msg: Finished) -> Result:
         msg.text,
         tuple(msg.token_ids),
         msg.finish_reason,
-        Usage(u.get("prompt_tokens", 0), u.get("output_tokens", 0), u.get("ttft_s"), u.get("tpot_s")),
+        Usage(u.get("prompt_tokens", 0), u.get("output_tokens", 0), u.get("ttft_s"), u.get("tpot_s"), u.get("queue_s")),
         tuple(msg.logprobs) if msg.logprobs is not None else None,
     )
 

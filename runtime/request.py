@@ -49,6 +49,7 @@ class Request:
     retried: bool = False  # sent to prefill again after its prefill worker died
     output_ids: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
+    prefill_start_s: float | None = None  # when it last left the queue for a prefill worker
     output_logprobs: list | None = None  # per output token, when params.logprobs asks for them
     first_token_s: float = 0.0
     last_token_s: float = 0.0
@@ -101,4 +102,5 @@ class Request:
             "output_tokens": n,
             "ttft_s": round(self.first_token_s - self.arrival_s, 6) if n else None,
             "tpot_s": round((self.last_token_s - self.first_token_s) / (n - 1), 6) if n > 1 else None,
+            "queue_s": round(self.prefill_start_s - self.arrival_s, 6) if self.prefill_start_s is not None else None,
         }

@@ -384,9 +384,9 @@ class Scheduler:
             for request in list(self.requests.values()):
                 self._finish(request, "error", now, shutdown)
             self.stopped = True
-        self._schedule()
+        self._schedule(now)
 
-    def _schedule(self) -> None:
+    def _schedule(self, now: float) -> None:
         self.handoff = [i for i in self.handoff if i in self.requests and not self._adopt(self.requests[i])]
         while self.queue and (prefill := self.workers.idle_prefill()) is not None:
             request = self.requests[self.queue[0]]
@@ -403,6 +403,7 @@ class Scheduler:
                 decode.identity,
             )
             prefill.busy = request.request_id
+            request.prefill_start_s = now
             self._send(
                 WORKER,
                 prefill.identity,

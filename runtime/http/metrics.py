@@ -160,9 +160,8 @@ class Metrics:
         self.gen_hist.labels(m).observe(usage.output_tokens)
         if usage.tpot_s is not None:
             self.tpot.labels(m).observe(usage.tpot_s)
-        queue_s = getattr(usage, "queue_s", None)
-        if queue_s is not None:
-            self.queue.labels(m).observe(queue_s)
+        if usage.queue_s is not None:
+            self.queue.labels(m).observe(usage.queue_s)
         self.success.labels(m, reason).inc()
 
     def error(self, code: str) -> None:
