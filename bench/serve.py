@@ -4,6 +4,7 @@ and SLO attainment, at one or more request rates.
     python bench/serve.py --rates 1,2,4,8 --num-requests 48 --tag dev          # starts hmoe serve (demo model)
     python bench/serve.py --endpoint tcp://127.0.0.1:5555 --rates 0.5,1 ...    # an existing service
     python bench/serve.py --http [--http-url http://127.0.0.1:8000] ...          # through the HTTP API
+    python bench/serve.py --compare ...      # SDK and HTTP alternately on one service: the HTTP API's cost
 
 Each request is token ids (uniform in [2, vocab_size)) with a prompt length and an output length drawn
 from the given distributions ("fixed:N", "uniform:LO:HI", "lognormal:MEDIAN:SIGMA"), seeded, and
@@ -199,7 +200,7 @@ def start_serve(args) -> tuple[subprocess.Popen, str]:
         "--port",
         str(port),
         "--http-port",
-        str(http_port if args.http else 0),
+        str(http_port if args.http or args.compare else 0),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     endpoint, deadline = f"tcp://127.0.0.1:{port}", time.monotonic() + 600
@@ -217,19 +218,21 @@ def plot(payload: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = payload["runs"]
-    rates = [r["rate"] for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax2 = axes[2].twinx()
+    for client in sorted({r["client"] for r in payload["runs"]}):
+        runs = [r for r in payload["runs"] if r["client"] == client]
+        rates = [r["rate"] for r in runs]
+        for key, ax in (("ttft_s", axes[0]), ("tpot_s", axes[1])):
+            for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+                ax.plot(rates, [(r[key][q] or float("nan")) * 1000 for r in runs], style, label=f"{client} {q}")
+        axes[2].plot(rates, [r["slo_attainment"] * 100 for r in runs], "o-", label=f"{client} SLO attainment (%)")
+        ax2.plot(rates, [r["output_tokens_per_s"] for r in runs], "s--", label=f"{client} output tokens/s")
     for key, ax, slo in (("ttft_s", axes[0], payload["slo"]["ttft_s"]), ("tpot_s", axes[1], payload["slo"]["tpot_s"])):
-        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
-            ax.plot(rates, [(r[key][q] or float("nan")) * 1000 for r in runs], style, label=q)
         ax.axhline(slo * 1000, color="red", lw=0.8, label=f"SLO {slo * 1000:g} ms")
         ax.set(xlabel="request rate (req/s)", ylabel=f"{key[:4].upper()} (ms)", yscale="log", title=key[:4].upper())
         ax.set_xscale("log", base=2)
-        ax.legend()
-    axes[2].plot(rates, [r["slo_attainment"] * 100 for r in runs], "o-", label="SLO attainment (%)")
-    ax2 = axes[2].twinx()
-    ax2.plot(rates, [r["output_tokens_per_s"] for r in runs], "s--", color="tab:green", label="output tokens/s")
+        ax.legend(fontsize=7)
     axes[2].set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105), title="SLO and throughput")
     axes[2].set_xscale("log", base=2)
     ax2.set_ylabel("output tokens/s")
@@ -251,6 +254,7 @@ def main() -> None:
     p.add_argument("--model-dir", help="What hmoe serve serves (default: the tiny demo model).")
     p.add_argument("--http", action="store_true", help="Drive the OpenAI-compatible HTTP API instead of the SDK.")
     p.add_argument("--http-url", default="http://127.0.0.1:8000", help="The HTTP API of a running service.")
+    p.add_argument("--compare", action="store_true", help="Each rate through the SDK and then through HTTP.")
     p.add_argument("--rates", default="1,2,4,8", help="Request rates to run, req/s, comma-separated.")
     p.add_argument("--num-requests", type=int, default=48, help="Requests per rate.")
     p.add_argument("--prompt-len", default="uniform:16:256")
@@ -270,17 +274,26 @@ def main() -> None:
         status = status_once(endpoint, 5.0)
         model = next((w["model"] for w in status["workers"]), "?")
         runs = []
+        clients = ["sdk", "http"] if args.compare else ["http" if args.http else "sdk"]
         for rate in [float(r) for r in args.rates.split(",")]:
-            run = asyncio.run(run_rate(endpoint, rate, args, random.Random(args.seed)))
-            runs.append(run)
-            t, o = run["ttft_s"], run["tpot_s"]
-            print(
-                f"rate {rate:5.2f}/s: TTFT p50 {t['p50'] * 1e3:8.1f} p99 {t['p99'] * 1e3:8.1f} ms | "
-                f"TPOT p50 {o['p50'] * 1e3:6.1f} p99 {o['p99'] * 1e3:6.1f} ms | "
-                f"{run['output_tokens_per_s']:7.1f} tok/s | SLO {run['slo_attainment']:.0%}"
-                f" | {run['completed']}/{run['num_requests']} done",
-                flush=True,
-            )
+            for client in clients:
+                args.http = client == "http"
+                run = asyncio.run(run_rate(endpoint, rate, args, random.Random(args.seed)))  # same requests
+                runs.append(run | {"client": client})
+                t, o = run["ttft_s"], run["tpot_s"]
+                print(
+                    f"{client:4s} rate {rate:5.2f}/s: TTFT p50 {t['p50'] * 1e3:8.1f} p99 {t['p99'] * 1e3:8.1f} ms | "
+                    f"TPOT p50 {o['p50'] * 1e3:6.1f} p99 {o['p99'] * 1e3:6.1f} ms | "
+                    f"{run['output_tokens_per_s']:7.1f} tok/s | SLO {run['slo_attainment']:.0%}"
+                    f" | {run['completed']}/{run['num_requests']} done",
+                    flush=True,
+                )
+            if args.compare:
+                sdk, http = runs[-2], runs[-1]
+                ratio = {k: http[k]["p50"] / sdk[k]["p50"] for k in ("ttft_s", "tpot_s", "latency_s")}
+                http["http_over_sdk_p50"] = ratio
+                print(f"     HTTP / SDK p50: TTFT {ratio['ttft_s']:.2f}x, TPOT {ratio['tpot_s']:.2f}x, "
+                      f"latency {ratio['latency_s']:.2f}x", flush=True)  # fmt: skip
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
@@ -291,7 +304,7 @@ def main() -> None:
         "machine": machine(),
         "model": model,
         "endpoint": endpoint if args.endpoint else "hmoe serve (started by the bench)",
-        "client": f"HTTP /v1/completions ({args.http_url})" if args.http else "SDK (AsyncClient)",
+        "clients": "sdk: AsyncClient over ZeroMQ; http: openai.AsyncOpenAI, streaming /v1/completions",
         "workers": [
             {k: w[k] for k in ("role", "device", "max_batch", "kv_capacity_tokens")} for w in status["workers"]
         ],

@@ -30,6 +30,7 @@ from hmoe.runtime.http.logprobs import TokenText
 from hmoe.runtime.http.metrics import Metrics
 from hmoe.runtime.http.reasoning import END, START, opens_reasoning
 from hmoe.runtime.http.schema import ApiError, Sampling, bad, parse_chat, parse_completion
+from hmoe.runtime.protocol import MAX_MESSAGE_BYTES
 
 STATUS_OF = {
     "queue_full": 429,
@@ -44,6 +45,7 @@ STATUS_OF = {
     "cancelled": 499,
 }
 RETRY_AFTER_S = 1
+MAX_BODY_BYTES = 4 * MAX_MESSAGE_BYTES  # JSON spells token ids longer than msgpack
 HEALTH_TIMEOUT_S = 2.0
 
 
@@ -170,8 +172,11 @@ def create_app(gateway: Gateway) -> FastAPI:
 
 
 async def _json(request: Request):
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, "message_too_large", f"the body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad("invalid_request", f"the body is not JSON: {exc}") from None
 
