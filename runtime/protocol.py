@@ -152,6 +152,8 @@ class WorkerPing:
     kv_free_tokens: int
     running: int
     waiting: int = 0
+    steps: int = 0  # engine steps (forward passes) since the worker started
+    step_s: float = 0.0  # their total time: the mean step time is a rate of the two
 
 
 @message("worker_pong")

@@ -3,13 +3,16 @@
 Per request, as a client sees it (measured here, at the gateway, from the HTTP request's arrival):
 time to first token, inter-token latency (per token), time per output token (per request), end-to-end
 latency, prompt and generation tokens, finish reasons. Per scrape, from the router's Status: requests
-running and waiting, KV cache use per decode worker, tokens/s, registered workers.
+running and waiting, KV cache use per decode worker, tokens/s, registered workers, and each worker's
+engine steps and their time (counters from its heartbeat: rate(seconds) / rate(steps) is the mean
+prefill or decode step time).
 Every series carries model_name; the registry is the gateway's own (no process-global state).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 TTFT_BUCKETS = (
     0.001,
@@ -139,6 +142,8 @@ class Metrics:
             labels,
             registry=registry,
         )
+        self.worker_rows: list[dict] = []
+        registry.register(_WorkerSteps(self))
         self.router_up = Gauge(
             "hmoe:router_up", "1 when the router answered the last scrape.", labels, registry=registry
         )
@@ -175,6 +180,7 @@ class Metrics:
         self.running.labels(m).set(status["running"])
         self.waiting.labels(m).set(status["queued"])
         self.throughput.labels(m).set(status.get("throughput", {}).get("tokens_per_s", 0.0))
+        self.worker_rows = list(status["workers"])
         roles = {"prefill": 0, "decode": 0}
         for w in status["workers"]:
             roles[w["role"]] = roles.get(w["role"], 0) + 1
@@ -186,3 +192,20 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _WorkerSteps:
+    """Each worker's cumulative step count and time, as its last heartbeat said (a restart resets them)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        labels = ["model_name", "role", "worker_id"]
+        steps = CounterMetricFamily("hmoe:worker_steps", "Engine steps (forward passes) of a worker.", labels=labels)
+        seconds = CounterMetricFamily("hmoe:worker_step_seconds", "Time in those steps.", labels=labels)
+        for w in self.metrics.worker_rows:
+            key = [self.metrics.model_name, w["role"], w["worker_id"]]
+            steps.add_metric(key, w.get("steps", 0))
+            seconds.add_metric(key, w.get("step_s", 0.0))
+        return [steps, seconds]

@@ -48,7 +48,8 @@ def test_series_move_with_requests_and_router_status():
     m.error("queue_full")
     m.router_status({"running": 2, "queued": 1, "throughput": {"tokens_per_s": 9.5}, "workers": [
         {"role": "prefill", "worker_id": "p", "kv_free_tokens": 10, "kv_capacity_tokens": 10},
-        {"role": "decode", "worker_id": "d", "kv_free_tokens": 750, "kv_capacity_tokens": 1000}]})  # fmt: skip
+        {"role": "decode", "worker_id": "d", "kv_free_tokens": 750, "kv_capacity_tokens": 1000, "steps": 40,
+         "step_s": 2.0}]})  # fmt: skip
     got, model = samples(m), (("model_name", "tiny"),)
     assert got[("hmoe:time_to_first_token_seconds_count", model)] == 1
     assert got[("hmoe:inter_token_latency_seconds_count", model)] == 2
@@ -59,6 +60,8 @@ def test_series_move_with_requests_and_router_status():
     assert got[("hmoe:request_errors_total", (("code", "queue_full"), *model))] == 1
     assert got[("hmoe:kv_cache_usage_perc", (*model, ("worker_id", "d")))] == 0.25
     assert got[("hmoe:num_requests_running", model)] == 2 and got[("hmoe:num_requests_waiting", model)] == 1
+    decode = (*model, ("role", "decode"), ("worker_id", "d"))
+    assert got[("hmoe:worker_steps_total", decode)] == 40 and got[("hmoe:worker_step_seconds_total", decode)] == 2.0
     m.router_status(None)
     assert samples(m)[("hmoe:router_up", model)] == 0
 

@@ -239,12 +239,20 @@ def test_metrics_move_and_errors_are_coded(served):
     list(served.client.completions.create(model=PACK, prompt="Hi", max_tokens=5, stream=True, **GREEDY))
     after = served.metrics()
     label = 'model_name="' + PACK + '"'
-    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "inter_token_latency_seconds"):
+    histograms = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "inter_token_latency_seconds",
+                  "request_queue_time_seconds", "request_time_per_output_token_seconds")  # fmt: skip
+    for histogram in histograms:
         key = f"hmoe:{histogram}_count"
         assert after[key] > before.get(key, 0), (key, label)
     assert after["hmoe:generation_tokens_total"] >= before.get("hmoe:generation_tokens_total", 0) + 5
     assert after["hmoe:request_success_total"] > before.get("hmoe:request_success_total", 0)
     assert after["hmoe:kv_cache_usage_perc"] == 0.0 and after["hmoe:num_requests_waiting"] == 0
+    deadline = time.monotonic() + 5
+    while after["hmoe:worker_steps_total"] <= before.get("hmoe:worker_steps_total", 0):  # the next heartbeats
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        after = served.metrics()
+    assert after["hmoe:worker_step_seconds_total"] > before.get("hmoe:worker_step_seconds_total", 0)
 
     with pytest.raises(openai.BadRequestError) as bad:
         served.client.chat.completions.create(
