@@ -35,6 +35,7 @@ REFUSALS = {
 FAILURES = {
     "worker_lost": "the worker running the request died or stopped answering heartbeats: retry",
     "server_shutdown": "the router stopped before the request finished (drain grace passed, or a second signal)",
+    "internal_error": "the HTTP API failed on a request (a bug: its log has the traceback)",
     "shutting_down": "the worker running the request stopped before it finished (its drain grace passed): retry",
     "handoff_lost": "the prompt's KV hand-off slot was gone when the decode worker adopted it (the prefill worker "
     "died, or the slot was reclaimed after handoff_timeout_s): retry",

@@ -17,7 +17,7 @@ ALLOWED = {
     "shm": {"numpy", "posix_ipc", "msgpack", "hmoe.shm"},
     "runtime": {
         *("zmq", "msgpack", "uvloop", "click", "structlog", "tokenizers", "hmoe.runtime", "hmoe.shm"),
-        *("fastapi", "uvicorn", "jinja2", "prometheus_client"),  # the HTTP API (runtime/http)
+        *("fastapi", "starlette", "uvicorn", "jinja2", "prometheus_client"),  # the HTTP API (runtime/http)
     },
 }
 # Never imported by these packages, not even lazily inside a function.

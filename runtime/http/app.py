@@ -19,8 +19,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hmoe.runtime.client import AsyncClient, RouterError, RouterUnreachable
 from hmoe.runtime.http import choices as ch
@@ -31,6 +33,8 @@ from hmoe.runtime.http.metrics import Metrics
 from hmoe.runtime.http.reasoning import END, START, opens_reasoning
 from hmoe.runtime.http.schema import ApiError, Sampling, bad, parse_chat, parse_completion
 from hmoe.runtime.protocol import MAX_MESSAGE_BYTES
+
+log = structlog.get_logger("hmoe.http")
 
 STATUS_OF = {
     "queue_full": 429,
@@ -115,6 +119,18 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(RouterUnreachable)
     async def _unreachable(request: Request, exc: RouterUnreachable):
         return error_response(ApiError(503, exc.code, exc.message))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _no_route(request: Request, exc: StarletteHTTPException):  # 404 / 405, in OpenAI's shape
+        where = f"{request.method} {request.url.path}"
+        return error_response(ApiError(exc.status_code, "invalid_request", f"{where}: {exc.detail}"))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("request_failed", path=request.url.path)
+        return error_response(
+            ApiError(500, "internal_error", f"{type(exc).__name__}: the HTTP API failed (see its log)")
+        )
 
     @app.get("/v1/models")
     async def models():

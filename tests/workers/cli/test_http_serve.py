@@ -5,11 +5,13 @@ tiny DeepSeek-style model with its own chat template, CPU, real shared memory). 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -268,6 +270,11 @@ def test_metrics_move_and_errors_are_coded(served):
         served.client.completions.create(model="gpt-4o", prompt="x")
     assert missing.value.code == "model_not_found"
     assert [m.id for m in served.client.models.list().data] == [PACK]
+    for path, body, status, code in (("/v1/nothing", b"{}", 404, "invalid_request"),
+                                     ("/v1/completions", b"{not json", 400, "invalid_request")):  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as raw:
+            urllib.request.urlopen(urllib.request.Request(f"{served.url}{path}", body), timeout=10)
+        assert raw.value.code == status and json.loads(raw.value.read())["error"]["code"] == code
     assert urllib.request.urlopen(f"{served.url}/health", timeout=10).status == 200
 
 
