@@ -109,10 +109,18 @@ async def serve(config: Config, gateway: Gateway, sock: socket.socket, notify: S
             reasoning=gateway.reasoning,
         )
         notify.ready(f"OpenAI API on http://{host}:{port}/v1")
+    else:  # uvicorn could not start: its error is in the log
+        await gateway.client.close()
+        return EXIT_STARTUP
+    tick_s = min(1.0, notify.watchdog_s / 4) if notify.watchdog_s else 1.0  # well within half the watchdog
+    stopping = False
     while not task.done():
+        if server.should_exit and not stopping:  # the first signal: running requests finish
+            stopping = True
+            notify.stopping("finishing running requests")
+            notify.extend_timeout(config.router.drain_grace_s + 10.0)
         notify.tick()
-        await asyncio.wait([task], timeout=1.0)
-    notify.stopping("stopped")
+        await asyncio.wait([task], timeout=tick_s)
     await gateway.client.close()
     task.result()
     return EXIT_OK
