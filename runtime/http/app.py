@@ -208,13 +208,13 @@ def _check_model(body, gateway: Gateway) -> None:
 async def _serve(request: Request, gateway: Gateway, fmt, prompts: list[list[int]], sampling: Sampling, arrival_s):
     """Start n choices per prompt, then answer as JSON or as a stream of events."""
     started: list[ch.Choice] = []
-    for p, token_ids in enumerate(prompts):
-        max_tokens = await gateway.max_tokens(sampling, len(token_ids))
-        for i in range(sampling.n):
-            kwargs = sampling.generate_kwargs(i, max_tokens)
-            index = p * sampling.n + i
-            started.append(ch.Choice(gateway.client, index, token_ids, kwargs, arrival_s, gateway.metrics))
     try:
+        for p, token_ids in enumerate(prompts):
+            max_tokens = await gateway.max_tokens(sampling, len(token_ids))
+            for i in range(sampling.n):
+                kwargs = sampling.generate_kwargs(i, max_tokens)
+                index = p * sampling.n + i
+                started.append(ch.Choice(gateway.client, index, token_ids, kwargs, arrival_s, gateway.metrics))
         await ch.until_disconnected(request, ch.start(started))
     except BaseException:
         await ch.close_all(started)

@@ -223,6 +223,8 @@ def _messages(messages) -> list[dict]:
         if extra:
             raise bad("unsupported_field", f"{where}.{extra[0]} is not supported", f"{where}.{extra[0]}")
         plain = {"role": "system" if role == "developer" else role, "content": _content(message, where)}
+        if isinstance(message.get("name"), str):
+            plain["name"] = message["name"]
         reasoning = message.get("reasoning_content", message.get("reasoning"))
         if reasoning is not None:
             if not isinstance(reasoning, str):

@@ -54,6 +54,7 @@ def test_chat_fields_are_parsed_into_sampling_and_messages():
     assert s.stream and s.include_usage and s.logprobs == 2 and s.ignore_eos
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user"]
     assert chat.messages[1]["content"] == "a\nb" and chat.messages[2]["content"] == ""
+    assert chat.messages[3] == {"role": "user", "content": "c", "name": "bob"}
     assert chat.messages[2]["reasoning_content"] == chat.messages[2]["reasoning"] == "thought"
     assert chat.template_kwargs == {"thinking": True} and chat.add_generation_prompt
     assert s.generate_kwargs(1, 7)["seed"] == 4 and s.generate_kwargs(0, 7)["stop"] == ["x"]
