@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hmoe.runtime.client import AsyncClient, RouterError, RouterUnreachable
+from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.http import choices as ch
 from hmoe.runtime.http.chat_template import ChatTemplate
 from hmoe.runtime.http.format import ChatFormat, CompletionFormat, usage_of
@@ -252,7 +253,7 @@ async def _events(fmt, started: list[ch.Choice], sampling: Sampling) -> AsyncIte
         await ch.close_all(started)
 
 
-def _error_body(exc: RouterError) -> dict:
+def _error_body(exc: HmoeError) -> dict:
     return {"error": {"message": exc.message, "type": "server_error", "code": exc.code, "param": None}}
 
 

@@ -14,10 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from hmoe.runtime.client import AsyncClient, AsyncStream, Chunk, Result, RouterError
+import structlog
+
+from hmoe.runtime.client import AsyncClient, AsyncStream, Chunk, Result
+from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.http.metrics import Metrics
 from hmoe.runtime.http.schema import ApiError
 
+log = structlog.get_logger("hmoe.http")
 END = object()
 
 
@@ -25,7 +29,7 @@ END = object()
 class Piece:
     index: int
     chunk: Chunk | None = None  # None: the choice ended (its Result is on the Choice)
-    error: RouterError | None = None
+    error: HmoeError | None = None  # a failure (RouterError, RouterUnreachable): the stream's last piece
 
 
 class Choice:
@@ -52,7 +56,7 @@ class Choice:
             self.result = self.stream.result
             self._finished()
             return END
-        except RouterError as exc:
+        except HmoeError as exc:  # refused or failed at the router (RouterError), or the router is gone
             self.result = getattr(exc, "result", None)
             self.metrics.error(exc.code)
             raise
@@ -86,7 +90,8 @@ class Choice:
 
 
 async def start(choices: list[Choice]) -> None:
-    """Prime every choice; on a refusal, close them all and raise it."""
+    """Prime every choice; on a refusal (RouterError) or no router (RouterUnreachable), close them all and
+    raise it."""
     try:
         await asyncio.gather(*(c.prime() for c in choices))
     except BaseException:
@@ -109,8 +114,11 @@ async def merge(choices: list[Choice]) -> AsyncIterator[Piece]:
             async for chunk in choice.chunks():
                 queue.put_nowait(Piece(choice.index, chunk))
             queue.put_nowait(Piece(choice.index))
-        except RouterError as exc:
+        except HmoeError as exc:
             queue.put_nowait(Piece(choice.index, error=exc))
+        except Exception as exc:  # a bug here must end the stream with an error event, not hang it
+            log.exception("choice_failed", index=choice.index)
+            queue.put_nowait(Piece(choice.index, error=HmoeError("internal_error", f"{type(exc).__name__}: {exc}")))
 
     tasks = [asyncio.ensure_future(pump(c)) for c in choices]
     try:
