@@ -165,7 +165,11 @@ def _refuse_unknown(body: dict, supported: set[str]) -> None:
         if name in supported:
             continue
         if name in NEUTRAL:
-            if value is None or value == NEUTRAL[name] or (name in ("tools", "logit_bias", "metadata") and not value):
+            if (
+                value is None
+                or value == NEUTRAL[name]
+                or (name in ("tools", "functions", "logit_bias", "metadata") and not value)
+            ):
                 continue
             raise bad("unsupported_field", f"{name} = {_short(value)} is not supported by hmoe; drop it", name)
         raise bad("unsupported_field", f"unknown field {name!r}: hmoe does not support it", name)
