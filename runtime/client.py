@@ -55,6 +55,7 @@ class Chunk:
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple | None = None  # when asked: per token, [logprob, [[id, logprob], ...]] (None: not sent)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Usage:
     output_tokens: int
     ttft_s: float | None  # arrival at the router -> first token
     tpot_s: float | None  # mean time per output token after the first
+    queue_s: float | None = None  # arrival at the router -> sent to a prefill worker
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Result:
     token_ids: tuple[int, ...]
     finish_reason: str  # stop | length | cancelled | timeout | error
     usage: Usage
+    logprobs: tuple | None = None  # when asked: per generated token, as in Chunk
 
 
 class RouterError(HmoeError):
@@ -116,7 +119,8 @@ def _result(msg: Finished) -> Result:
         msg.text,
         tuple(msg.token_ids),
         msg.finish_reason,
-        Usage(u.get("prompt_tokens", 0), u.get("output_tokens", 0), u.get("ttft_s"), u.get("tpot_s")),
+        Usage(u.get("prompt_tokens", 0), u.get("output_tokens", 0), u.get("ttft_s"), u.get("tpot_s"), u.get("queue_s")),
+        tuple(msg.logprobs) if msg.logprobs is not None else None,
     )
 
 
@@ -157,7 +161,7 @@ class AsyncStream:
             raise
         match msg:
             case Delta():
-                return Chunk(msg.text, tuple(msg.token_ids))
+                return Chunk(msg.text, tuple(msg.token_ids), tuple(msg.logprobs) if msg.logprobs is not None else None)
             case Finished():
                 self._end()
                 self.result = _result(msg)
@@ -235,6 +239,7 @@ class AsyncClient:
         stop: list[str] | tuple[str, ...] = (),
         stop_token_ids: list[int] | tuple[int, ...] = (),
         ignore_eos: bool = False,
+        logprobs: int | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
         stream: bool = True,
@@ -250,6 +255,8 @@ class AsyncClient:
             "stop_token_ids": list(stop_token_ids),
             "ignore_eos": ignore_eos,
         }
+        if logprobs is not None:  # each token's logprob and the `logprobs` most likely alternatives
+            params["logprobs"] = logprobs
         msg = Generate(request_id or next(self._ids), prompt, token_ids, params, stream, timeout)
         self._open()
         if msg.request_id in self._pending:

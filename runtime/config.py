@@ -97,10 +97,23 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"  # where the OpenAI-compatible HTTP API listens (0.0.0.0: every interface)
+    port: int = 8000  # its port; 0 turns the HTTP API off
+    served_model_name: str = ""  # the `model` clients send and get back; "" = the weight pack's name
+    chat_template: str = ""  # a Jinja chat template file overriding the checkpoint's own
+    max_n: int = 16  # the largest `n` (choices per request) accepted
+    default_max_tokens: int = 2048  # for a request that gives none; less when the context or the KV cache is smaller
+
+    _ranges = {"port": (0, 65535), "max_n": (1, 256), "default_max_tokens": (1, 1 << 22)}
+
+
+@dataclass(frozen=True)
 class Config:
     router: RouterConfig = RouterConfig()
     worker: WorkerConfig = WorkerConfig()
     shm: ShmConfig = ShmConfig()
+    http: HttpConfig = HttpConfig()
 
     @property
     def runtime_dir(self) -> str:
@@ -111,7 +124,7 @@ class Config:
         return self.router.backend or f"ipc://{self.runtime_dir}/backend.sock"
 
 
-SECTIONS = {"router": RouterConfig, "worker": WorkerConfig, "shm": ShmConfig}
+SECTIONS = {"router": RouterConfig, "worker": WorkerConfig, "shm": ShmConfig, "http": HttpConfig}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

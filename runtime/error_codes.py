@@ -24,11 +24,18 @@ REFUSALS = {
     "no_worker": "no prefill or decode worker is registered (or none came back within [router] worker_wait_s)",
     "queue_full": "[router] max_queued requests are waiting: retry later",
     "draining": "the router (or the worker) is shutting down and takes no new requests",
+    "unsupported_field": "the HTTP API does not support this request field or value (tools, response_format other "
+    "than text, ...): the error names it; drop it",
+    "chat_template_missing": "the model has no chat template: use /v1/completions, or start hmoe-http with "
+    "[http] chat_template (--chat-template FILE)",
+    "chat_template_error": "the chat template refused the messages (raise_exception in the template) or failed",
+    "model_not_found": "the request's `model` is not the served one ([http] served_model_name; GET /v1/models)",
     "wrong_role": "a prefill request reached a decode worker or the reverse (a router bug or a stray client)",
 }
 FAILURES = {
     "worker_lost": "the worker running the request died or stopped answering heartbeats: retry",
     "server_shutdown": "the router stopped before the request finished (drain grace passed, or a second signal)",
+    "internal_error": "the HTTP API failed on a request (a bug: its log has the traceback)",
     "shutting_down": "the worker running the request stopped before it finished (its drain grace passed): retry",
     "handoff_lost": "the prompt's KV hand-off slot was gone when the decode worker adopted it (the prefill worker "
     "died, or the slot was reclaimed after handoff_timeout_s): retry",

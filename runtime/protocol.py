@@ -105,6 +105,7 @@ class Delta:
     request_id: str
     token_ids: list[int]
     text: str
+    logprobs: list | None = None  # asked for (params.logprobs): per token, [logprob, [[id, logprob], ...]]
 
 
 @message("finished")
@@ -115,6 +116,7 @@ class Finished:
     text: str
     usage: dict  # prompt_tokens, output_tokens, ttft_s, tpot_s
     error: dict | None = None  # {code, message} when finish_reason is "error"
+    logprobs: list | None = None  # asked for: per generated token, as in Delta
 
 
 @message("error")
@@ -150,6 +152,8 @@ class WorkerPing:
     kv_free_tokens: int
     running: int
     waiting: int = 0
+    steps: int = 0  # engine steps (forward passes) since the worker started
+    step_s: float = 0.0  # their total time: the mean step time is a rate of the two
 
 
 @message("worker_pong")
@@ -174,6 +178,7 @@ class Prefilled:
     slot: int
     segment: str
     prompt_len: int
+    logprobs: list | None = None  # asked for: the first token's [logprob, [[id, logprob], ...]]
 
 
 @message("adopt")
@@ -193,6 +198,7 @@ class Tokens:
     """One decode step's output: (request_id, token, finish_reason or None) per running request."""
 
     items: list[list]
+    logprobs: list | None = None  # when any request asked: per item, [logprob, [[id, logprob], ...]] or None
 
 
 @message("request_error")

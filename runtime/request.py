@@ -49,6 +49,8 @@ class Request:
     retried: bool = False  # sent to prefill again after its prefill worker died
     output_ids: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
+    prefill_start_s: float | None = None  # when it last left the queue for a prefill worker
+    output_logprobs: list | None = None  # per output token, when params.logprobs asks for them
     first_token_s: float = 0.0
     last_token_s: float = 0.0
     detokenizer: Detokenizer = field(init=False)
@@ -67,10 +69,13 @@ class Request:
     def stopped_by_string(self) -> bool:
         return self.stop_strings.stopped
 
-    def add_tokens(self, token_ids: list[int], now: float) -> str:
-        """Record generated tokens; the text they make visible (stops at a stop string)."""
+    def add_tokens(self, token_ids: list[int], now: float, logprobs: list | None = None) -> str:
+        """Record generated tokens (and their logprobs, when asked); the text they make visible (stops at a
+        stop string)."""
         if not self.output_ids:
             self.first_token_s = now
+        if self.params.logprobs is not None:
+            self.output_logprobs = (self.output_logprobs or []) + (logprobs or [None] * len(token_ids))
         self.last_token_s = now
         self.output_ids.extend(token_ids)
         text = self.stop_strings.push(self.detokenizer.push(token_ids))
@@ -97,4 +102,5 @@ class Request:
             "output_tokens": n,
             "ttft_s": round(self.first_token_s - self.arrival_s, 6) if n else None,
             "tpot_s": round((self.last_token_s - self.first_token_s) / (n - 1), 6) if n > 1 else None,
+            "queue_s": round(self.prefill_start_s - self.arrival_s, 6) if self.prefill_start_s is not None else None,
         }

@@ -12,6 +12,7 @@ from hmoe.runtime.errors import HmoeError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized text by the router
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> HmoeError:
@@ -55,6 +57,12 @@ class SamplingParams:
             raise bad("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_STRING_LEN} chars")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be true or false")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
 
 
 def with_seed(params: SamplingParams) -> SamplingParams:

@@ -206,8 +206,8 @@ class Scheduler:
                 self._send(WORKER, identity, WorkerPong())
             case Prefilled():
                 self._prefilled(worker, msg, now)
-            case Tokens(items=items):
-                self._tokens(worker, items, now)
+            case Tokens(items=items, logprobs=logprobs):
+                self._tokens(worker, items, now, logprobs)
             case RequestError():
                 self._request_error(worker, msg, now)
             case Error():
@@ -273,7 +273,8 @@ class Scheduler:
                 self._send(WORKER, worker.identity, Cancel(msg.request_id))
             return
         request.phase, request.handoff = Phase.HANDOFF, msg
-        self._delta(request, [msg.first_token], request.add_tokens([msg.first_token], now))
+        logprobs = [msg.logprobs] if msg.logprobs is not None else None
+        self._delta(request, [msg.first_token], request.add_tokens([msg.first_token], now, logprobs), logprobs)
         if msg.slot < 0:  # the first token ended it; the worker freed the slot
             self._finish(request, self._first_token_reason(request, msg.first_token), now, notify=False)
         elif request.stop_strings.stopped:
@@ -306,9 +307,9 @@ class Scheduler:
         )
         return True
 
-    def _tokens(self, worker: WorkerEntry, items: list[list], now: float) -> None:
+    def _tokens(self, worker: WorkerEntry, items: list[list], now: float, logprobs: list | None = None) -> None:
         count = 0
-        for item in items:
+        for n, item in enumerate(items):
             if not (
                 len(item) == 3
                 and isinstance(item[0], str)
@@ -322,7 +323,8 @@ class Scheduler:
             if request is None or request.phase is not Phase.DECODE or request.decode_worker != worker.identity:
                 continue  # ended here already (cancel, stop string, deadline); the worker drops it
             count += 1
-            self._delta(request, [token], request.add_tokens([token], now))
+            lp = [logprobs[n]] if logprobs and n < len(logprobs) and logprobs[n] is not None else None
+            self._delta(request, [token], request.add_tokens([token], now, lp), lp)
             if reason is not None:
                 self._finish(request, reason, now, notify=False)
             elif request.stop_strings.stopped:
@@ -382,9 +384,9 @@ class Scheduler:
             for request in list(self.requests.values()):
                 self._finish(request, "error", now, shutdown)
             self.stopped = True
-        self._schedule()
+        self._schedule(now)
 
-    def _schedule(self) -> None:
+    def _schedule(self, now: float) -> None:
         self.handoff = [i for i in self.handoff if i in self.requests and not self._adopt(self.requests[i])]
         while self.queue and (prefill := self.workers.idle_prefill()) is not None:
             request = self.requests[self.queue[0]]
@@ -401,6 +403,7 @@ class Scheduler:
                 decode.identity,
             )
             prefill.busy = request.request_id
+            request.prefill_start_s = now
             self._send(
                 WORKER,
                 prefill.identity,
@@ -447,7 +450,15 @@ class Scheduler:
         self._send(
             CLIENT,
             request.client,
-            Finished(request.request_id, reason, request.output_ids, request.text, request.usage(), error),
+            Finished(
+                request.request_id,
+                reason,
+                request.output_ids,
+                request.text,
+                request.usage(),
+                error,
+                request.output_logprobs,
+            ),
         )
         if not any(r.client == request.client for r in self.requests.values()):
             self.clients.pop(request.client, None)
@@ -460,9 +471,11 @@ class Scheduler:
             **({"error": error["code"]} if error else {}),
         )
 
-    def _delta(self, request: Request, token_ids: list[int], text: str) -> None:
+    def _delta(self, request: Request, token_ids: list[int], text: str, logprobs: list | None = None) -> None:
         if request.stream and (token_ids or text):
-            self._send(CLIENT, request.client, Delta(request.request_id, token_ids, text))
+            asked = request.params.logprobs is not None and token_ids
+            logprobs = (logprobs or [None] * len(token_ids)) if asked else None
+            self._send(CLIENT, request.client, Delta(request.request_id, token_ids, text, logprobs))
 
     def _send(self, peer: str, identity: bytes, msg) -> None:
         self.outbox.append((peer, identity, msg))

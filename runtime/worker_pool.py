@@ -64,6 +64,8 @@ class WorkerEntry:
             "kv_free_tokens": ping.kv_free_tokens if ping else self.info.kv_capacity_tokens,
             "running": ping.running if ping else 0,
             "waiting": ping.waiting if ping else 0,
+            "steps": ping.steps if ping else 0,
+            "step_s": round(ping.step_s, 6) if ping else 0.0,
             "requests": len(self.request_ids) + (self.busy is not None),
             "busy": self.busy,
             "draining": self.draining,

@@ -15,7 +15,10 @@ STDLIB = set(sys.stdlib_module_names)
 ALLOWED = {
     "kernels": {"numpy", "numba", "llvmlite", "hmoe.kernels"},
     "shm": {"numpy", "posix_ipc", "msgpack", "hmoe.shm"},
-    "runtime": {"zmq", "msgpack", "uvloop", "click", "structlog", "tokenizers", "hmoe.runtime", "hmoe.shm"},
+    "runtime": {
+        *("zmq", "msgpack", "uvloop", "click", "structlog", "tokenizers", "hmoe.runtime", "hmoe.shm"),
+        *("fastapi", "starlette", "uvicorn", "jinja2", "prometheus_client"),  # the HTTP API (runtime/http)
+    },
 }
 # Never imported by these packages, not even lazily inside a function.
 FORBIDDEN_ANYWHERE = {

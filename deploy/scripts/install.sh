@@ -47,4 +47,5 @@ if [ -z "$root" ]; then
   systemctl daemon-reload
   systemctl enable hmoe.target
   echo "installed. Set the model in $etc/hmoe.env, then: systemctl start hmoe.target && hmoectl health"
+  echo "the OpenAI-compatible API (hmoe-http.service) listens on [http] host:port of $etc/hmoe.toml (127.0.0.1:8000)"
 fi

@@ -3,7 +3,8 @@ WATCHDOG_USEC per process, and hmoectl against the live router and workers.
 
 Each process gets the environment systemd gives a Type=notify service with WatchdogSec=1s; the test
 owns the datagram sockets, so it sees exactly what systemd would: READY=1 once the process can
-serve, WATCHDOG=1 at least every half interval, STOPPING=1 when a drain begins.
+serve, WATCHDOG=1 at least every half interval, STOPPING=1 when a drain begins. The HTTP API (hmoe-http)
+runs beside them as its unit runs it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers.net import free_port
 
 from hmoe.runtime.client import Client
 
@@ -116,6 +120,7 @@ def stack(tiny_models, tmp_path_factory):
     (tmp / "run").mkdir()
     prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
     config = tmp / "hmoe.toml"  # stands in for /etc/hmoe/hmoe.toml
+    http_port = free_port()
     config.write_text(f"""
 [router]
 frontend = "ipc://{tmp}/frontend.sock"
@@ -126,6 +131,8 @@ kv_cache_gib = 0.01
 handoff_slot_tokens = 256
 [shm]
 prefix = "{prefix}"
+[http]
+port = {http_port}
 """)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HMOE_", "NOTIFY_SOCKET", "WATCHDOG_"))}
     env |= {
@@ -160,10 +167,13 @@ prefix = "{prefix}"
             time.sleep(0.2)
 
     start_router()
+    services["http"] = Service("http", exec_start("hmoe-http.service", config, env), tmp, env)  # After=router
+    services["http"].wait_for("READY=1", START_TIMEOUT_S)
+    ctl_env["HTTP_URL"] = f"http://127.0.0.1:{http_port}"
     yield services, ctl_env, config, start_router
-    codes = {name: services[name].stop() for name in ("router", "prefill", "decode")}  # systemd's stop order
+    codes = {name: services[name].stop() for name in ("http", "router", "prefill", "decode")}  # systemd's stop order
     removed = hmoectl(ctl_env, "shm", "rm", "deploy")
-    assert codes == {"router": 0, "prefill": 0, "decode": 0}, codes
+    assert codes == {"http": 0, "router": 0, "prefill": 0, "decode": 0}, codes
     assert removed.returncode == 0, removed.stderr
 
 
@@ -198,6 +208,16 @@ def test_hmoectl_health_and_status(stack):
     assert pack["state"] == "ready" and set(pack["attached_pids"]) >= {
         services[r].proc.pid for r in ("prefill", "decode")
     }
+
+
+def test_the_http_api_serves_what_its_unit_runs(stack):
+    _, env, _, _ = stack
+    health = urllib.request.urlopen(f"{env['HTTP_URL']}/health", timeout=10)
+    assert health.status == 200 and json.loads(health.read())["status"] == "healthy"
+    body = json.dumps({"prompt": [5, 9, 2], "max_tokens": 4, "ignore_eos": True, "temperature": 0}).encode()
+    answer = urllib.request.urlopen(urllib.request.Request(f"{env['HTTP_URL']}/v1/completions", body), timeout=60)
+    usage = json.loads(answer.read())["usage"]
+    assert usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 
 
 def _stream_while(config: Path, stop) -> tuple[list[int], str]:

@@ -15,7 +15,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests: it has hmoe, hmoe-router, hmoe-worker
 
 UNITS = sorted(p.name for p in (DEPLOY / "systemd").iterdir())
-SERVICES = ["hmoe-router.service", "hmoe-worker@.service"]  # Type=notify, long-running
+SERVICES = ["hmoe-router.service", "hmoe-worker@.service", "hmoe-http.service"]  # Type=notify, long-running
 EXIT_STARTUP_FAILURE = "3"  # the router's and the workers' start-up failure exit status
 
 
@@ -90,5 +90,16 @@ def test_ordering():
         "hmoe-router.service",
         "hmoe-worker@prefill.service",
         "hmoe-worker@decode.service",
+        "hmoe-http.service",
     }
     assert all(_unit(n)["Unit"]["PartOf"] == "hmoe.target" for n in UNITS if n.endswith(".service"))
+
+
+def test_http_api_starts_after_the_router_and_survives_its_restarts():
+    unit = _unit("hmoe-http.service")
+    after, wants = unit["Unit"]["After"].split(), unit["Unit"]["Wants"].split()
+    assert "hmoe-router.service" in after and "hmoe-router.service" in wants  # so it also stops before it
+    assert "Requires" not in unit["Unit"] and "BindsTo" not in unit["Unit"]  # a router restart leaves it serving
+    s = unit["Service"]
+    assert s["ExecStart"].split()[0].endswith("/hmoe-http") and s["RuntimeDirectoryPreserve"] == "yes"
+    assert s["PrivateDevices"] == "yes" and s["CapabilityBoundingSet"] == ""  # no device, no privilege

@@ -88,7 +88,7 @@ def test_request_goes_prefill_then_decode_and_finishes_once_with_usage():
     out = s.take_outbox()
     (fin,) = to(out, C1, Finished)
     assert (fin.finish_reason, fin.token_ids, fin.text, fin.error) == ("length", [79, 107, 33], "Ok!", None)
-    assert fin.usage == {"prompt_tokens": 2, "output_tokens": 3, "ttft_s": 0.5, "tpot_s": 0.5}
+    assert fin.usage == {"prompt_tokens": 2, "output_tokens": 3, "ttft_s": 0.5, "tpot_s": 0.5, "queue_s": 0.0}
     assert not to(out, D, Cancel)  # the worker ended it itself
     assert s.requests == {} and s.workers.get(D).kv_reserved_tokens == 0
     s.on_worker(D, Tokens([["r1", 1, None]]), 3.0)  # late tokens of an ended request are ignored

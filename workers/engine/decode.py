@@ -31,7 +31,7 @@ from hmoe.workers.model.decode_step import DecodeStep
 from hmoe.workers.model.generate import stop_reason
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.layers import MoE
-from hmoe.workers.model.sampler import sample
+from hmoe.workers.model.sampler import sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class DecodeEngine:
         tokens = sample(logits, [r.params for r in reqs], [len(r.output) for r in reqs])
         if self.static is not None:
             self.splitter.record(bucket, split, time.perf_counter() - start)
+        logprobs = token_logprobs(logits, tokens, [r.params.logprobs for r in reqs])  # None unless asked
         items = []
         for req, token in zip(reqs, tokens):
             req.output.append(token)
@@ -170,7 +171,7 @@ class DecodeEngine:
             items.append([req.request_id, token, reason])
             if reason is not None:
                 self._leave(req.request_id)
-        out.append(protocol.Tokens(items))
+        out.append(protocol.Tokens(items, logprobs))
         return out
 
     def _forward_static(self) -> tuple[list[DecodeRequest], torch.Tensor]:

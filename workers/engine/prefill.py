@@ -27,7 +27,7 @@ from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.causal_lm import CausalLM
 from hmoe.workers.model.generate import stop_reason
 from hmoe.workers.model.kv_cache import KVPool
-from hmoe.workers.model.sampler import sample
+from hmoe.workers.model.sampler import sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class PrefillJob:
     params: SamplingParams
     done: int = 0  # prompt tokens already in the KV cache
     first_token: int | None = None
+    logprobs: list | None = None  # the first token's [logprob, top alternatives] when asked
     steps: Generator | None = None  # the running pass: one layer per next()
     pass_end: int = 0  # prompt tokens in the KV cache once the running pass is done
     pass_experts: object = None  # the running pass's StreamPass, if streamed
@@ -138,6 +139,7 @@ class PrefillEngine:
             if job.done < len(job.token_ids):
                 return []
             job.first_token = sample(logits, [job.params], [0])[0]
+            job.logprobs = (token_logprobs(logits, [job.first_token], [job.params.logprobs]) or [None])[0]
         if stop_reason(job.first_token, 1, job.params, self.model.config.eos_token_ids) is not None:
             return [self._finish(job, slot=-1)]
         slot = self.handoff.allocate(self.handoff_timeout_s)
@@ -182,7 +184,9 @@ class PrefillEngine:
             if len(self.handed) >= 4 * self.handoff.num_slots:  # forget fills whose slot was reused since
                 self.handed = {r: (s, g) for r, (s, g) in self.handed.items() if self.handoff.generation(s) == g}
             self.handed[job.request_id] = (slot, self.handoff.generation(slot))
-        return protocol.Prefilled(job.request_id, job.first_token, slot, self.handoff.name, len(job.token_ids))
+        return protocol.Prefilled(
+            job.request_id, job.first_token, slot, self.handoff.name, len(job.token_ids), logprobs=job.logprobs
+        )
 
 
 def _refuse(job: PrefillJob, code: str, message: str) -> protocol.RequestError:

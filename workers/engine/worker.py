@@ -60,6 +60,7 @@ class WorkerProcess:
         self.worker_id = ""
         self.draining_since: float | None = None
         self.signals = 0
+        self.steps, self.step_s = 0, 0.0  # engine steps that ran a forward pass, and their time
         # What start() builds, in order; close() releases whatever of it exists.
         self.source: PackSource | None = None
         self.experts = None
@@ -218,8 +219,11 @@ class WorkerProcess:
                 if time.monotonic() - self.draining_since > self.config.worker.drain_grace_s:
                     self._cancel_all("shutting_down", "the worker is shutting down")
                     break
+            busy, start_s = self.engine.busy, time.perf_counter()
             for msg in self.engine.step():
                 self._send(msg)
+            if busy:  # a forward pass ran: its time goes out with the heartbeat (read by the I/O thread)
+                self.steps, self.step_s = self.steps + 1, self.step_s + time.perf_counter() - start_s
             self.notify.tick()
         return 0
 
@@ -286,7 +290,8 @@ class WorkerProcess:
             if now >= next_ping:
                 running, waiting = self.engine.load()
                 free = self.kv.free_blocks * self.kv.block_size
-                sock.send(protocol.encode(protocol.WorkerPing(self.worker_id, free, running, waiting)))
+                ping = protocol.WorkerPing(self.worker_id, free, running, waiting, self.steps, self.step_s)
+                sock.send(protocol.encode(ping))
                 next_ping = now + r.heartbeat_interval_s
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)

@@ -64,3 +64,26 @@ def _sample_rows(logits: torch.Tensor, knobs: torch.Tensor, max_k: int, any_top_
     cdf = probs.cumsum(-1)  # [R, V]
     target = knobs[:, 3:4] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top_ks: list[int | None]) -> list | None:
+    """logits [B, V] (those `sample` picked from) -> per row that asked (top_ks[i] not None): [the picked
+    token's logprob, [[id, logprob] of the top_ks[i] most likely]]; None for the others, and None in
+    all (no work at all) when no row asked. Logprobs of the model's distribution (log-softmax of the
+    logits, before temperature, top-k and top-p), computed on their device; two host copies."""
+    rows = [i for i, k in enumerate(top_ks) if k is not None]
+    if not rows:
+        return None
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # [R, V]
+    picked = torch.tensor([tokens[i] for i in rows], device=logits.device).unsqueeze(1)  # [R, 1]
+    k = max(top_ks[i] for i in rows)
+    columns, ids = [logprobs.gather(1, picked)], [[] for _ in rows]  # [R, 1]
+    if k:
+        top = logprobs.topk(k, dim=-1)  # [R, k]
+        columns.append(top.values)
+        ids = top.indices.tolist()
+    values = torch.cat(columns, dim=1).tolist()  # [R, 1 + k]
+    out: list = [None] * len(top_ks)
+    for j, i in enumerate(rows):
+        out[i] = [values[j][0], [[t, v] for t, v in zip(ids[j][: top_ks[i]], values[j][1 : 1 + top_ks[i]])]]
+    return out

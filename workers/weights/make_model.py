@@ -1,10 +1,11 @@
 """make_model: write a random-weight checkpoint in exactly the Hugging Face layout.
 
-config.json, generation_config.json, tokenizer.json (a byte-level BPE built with `tokenizers`) and
-safetensors (sharded with an index past --shard-mb). Deterministic per seed. Values are non-trivial
-on purpose: weights scaled 1/sqrt(fan_in) so activations stay O(1), norms around 1, a non-zero
-expert-score correction bias, YaRN rope scaling and grouped top-k. FP8 writes E4M3 weights with a
-float32 weight_scale_inv per 128x128 block, as DeepSeek ships them.
+config.json, generation_config.json, tokenizer.json (a byte-level BPE built with `tokenizers`, plus
+the family's role and think markers), tokenizer_config.json and the family's chat template
+(chat_templates.py), and safetensors (sharded with an index past --shard-mb). Deterministic per
+seed. Values are non-trivial on purpose: weights scaled 1/sqrt(fan_in) so activations stay O(1),
+norms around 1, a non-zero expert-score correction bias, YaRN rope scaling and grouped top-k. FP8
+writes E4M3 weights with a float32 weight_scale_inv per 128x128 block, as DeepSeek ships them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hmoe.workers.weights.chat_templates import family_template
 from hmoe.workers.weights.checkpoint import FP8_DTYPE
 from hmoe.workers.weights.model_config import parse_model_config
 
@@ -145,9 +147,10 @@ Numbers, punctuation: commas, periods; colons? and (brackets) [all] {kinds} <tag
 """
 
 
-def build_tokenizer(vocab_size: int):
-    """A deterministic byte-level BPE: every byte is a token, so any text round-trips."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def build_tokenizer(vocab_size: int, added: tuple[str, ...] = ()):
+    """A deterministic byte-level BPE: every byte is a token, so any text round-trips; `added` markers
+    (chat roles, think tags) become single tokens after the trained ones."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -160,6 +163,7 @@ def build_tokenizer(vocab_size: int):
     )
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return tok
 
 
@@ -317,7 +321,8 @@ def make_model(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = PRESETS[arch][preset]["vocab_size"] or 1024
-    tokenizer = build_tokenizer(vocab)
+    template, markers, template_file = family_template(arch)
+    tokenizer = build_tokenizer(vocab, markers)
     if PRESETS[arch][preset]["vocab_size"] == 0:  # tiny: exactly the tokenizer's vocab, so every id decodes
         vocab = tokenizer.get_vocab_size()
     cfg = hf_config(arch, preset, dtype, vocab, num_layers)
@@ -352,6 +357,13 @@ def make_model(
     gen_cfg = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     tokenizer.save(str(out / "tokenizer.json"))
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS}
+    tok_cfg |= {"model_max_length": cfg["max_position_embeddings"], "clean_up_tokenization_spaces": False}
+    if template_file == "tokenizer_config.json":
+        tok_cfg["chat_template"] = template
+    else:
+        (out / template_file).write_text(template)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     return out
 
 

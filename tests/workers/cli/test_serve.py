@@ -80,6 +80,7 @@ def served(tiny_models, tmp_path_factory):
         HMOE_ROUTER_DRAIN_GRACE_S="20",
         HMOE_WORKER_DRAIN_GRACE_S="5",
         OMP_NUM_THREADS="1",
+        HMOE_HTTP_PORT="0",  # no HTTP API here (tests/workers/cli/test_http_serve.py has it): port 8000 may be taken
     )  # two workers and the test share 2 cores
     port = free_port()
     out_path = tmp / "serve.out"
