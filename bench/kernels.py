@@ -309,26 +309,28 @@ def start_times() -> dict:
 
 
 def fp8_decode_rate_per_core() -> dict:
-    """One core: FP8 tile kernel over weights that stay in L2 (decode rate) and over DRAM-resident experts."""
+    """One core: FP8 tile kernel over weights that stay in L2 (decode rate) and over DRAM-resident experts (with and without prefetch)."""
     from numba import njit
 
     from hmoe.kernels.dots import fp8_tile
+    from hmoe.kernels.moe import PREFETCH_BYTES
 
     @njit(nogil=True)
-    def gemv(w, first_row, rows, cols, xs, res):
+    def gemv(w, first_row, rows, cols, xs, res, pf):
         for r in range(first_row, first_row + rows, 16):
-            fp8_tile(w, r * cols, cols, xs, 0, res)
+            fp8_tile(w, r * cols, cols, xs, 0, res, pf)
 
     cols, hot_rows = 7168, 64
     big = random_layer("fp8", 16, 7168, 2048, 5)
     w = big.arrays["gate"].reshape(-1)
     xs, res = np.ones(cols, np.float32), np.zeros(128, np.float32)
-    gemv(w, 0, hot_rows, cols, xs, res)
-    best = min(_timed(lambda: gemv(w, 0, hot_rows, cols, xs, res)) for _ in range(200))
+    gemv(w, 0, hot_rows, cols, xs, res, 0)
+    best = min(_timed(lambda: gemv(w, 0, hot_rows, cols, xs, res, 0)) for _ in range(200))
     rng = np.random.default_rng(3)
-    rows = 2048
-    cold = min(_timed(lambda e=e: gemv(w, e * rows, rows, cols, xs, res)) for e in rng.integers(0, 16, 30))
-    return {"hot_l2_gbs": hot_rows * cols / best / 1e9, "dram_one_core_gbs": rows * cols / cold / 1e9}
+    rows, out = 2048, {"hot_l2_gbs": hot_rows * cols / best / 1e9}
+    for name, pf in (("dram_one_core_gbs", PREFETCH_BYTES), ("dram_one_core_no_prefetch_gbs", 0)):
+        out[name] = rows * cols / min(_timed(lambda e=e: gemv(w, e * rows, rows, cols, xs, res, pf)) for e in rng.integers(0, 16, 30)) / 1e9
+    return out
 
 
 def thread_scaling(counts=(1, 2, 4, 8, 12, 16)) -> list[dict]:

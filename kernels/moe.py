@@ -7,16 +7,19 @@ One call runs, with the GIL released:
   route     sort the S slots by expert (tokens that pick the same expert read its weights once)
   phase 1   h[slot, :] = w[slot] * silu(gate_e x_t) * up_e x_t   for every active expert e
   phase 2   y[t, :]   = sum over t's slots of down_e h[slot]
-Each phase is one parallel region of exactly `num_threads` tasks. Task i owns a contiguous range of
-output rows (of Ip in phase 1, of Hp in phase 2, in whole 16-row tiles) and computes those rows for
-every active expert and every slot: every task does the same work whatever the expert loads, no
-two tasks write the same output, and each reads one sequential stream per expert and projection.
-Per 128 rows, all groups of 4 slots of an expert run before the next rows, so an expert with more
+The phases run in one parallel region of `num_threads` tasks. Each phase is cut into work items
+(phase 1: an expert's rows [r0, r1), gate then up; phase 2: rows [r0, r1) of y, every active expert
+summed in expert order), 16 to 128 rows each (item_rows: at least ITEMS_PER_TASK per task), which
+the tasks claim one at a time from a shared counter; a task that finds none left waits for the
+phase's last item to finish, then claims items of the next phase. So the tasks end each phase
+together even when cores run at different speeds, no two items write the same output (results do
+not depend on who ran what), and one region's start and end (~10 µs on 16 cores) is paid once.
+Claiming never waits for a task that has not started: with fewer threads than tasks it still ends.
+Within an item, all groups of 4 slots of an expert run over the same rows, so an expert with more
 than 4 tokens rereads its rows from L2, not DRAM. INT4 quantizes its activations to int8 in two
-short steps (x before phase 1, in a region of its own past a few tokens; h before phase 2).
+short phases of their own (x before phase 1, h before phase 2).
 
-Measured (bench/kernels.py): a region costs ~2 µs on 2 cores, ~10-12 µs on 16 (omp); a whole call
-on a tiny layer ~8 µs on 2 cores, ~22-30 µs on 16.
+Measured (bench/kernels.py): a region costs ~2 µs on 2 cores, ~10-12 µs on 16 (omp).
 
 NOTE: one MoeKernel holds scratch for one call at a time: give each calling thread its own.
 NOTE: past 400 lines because the three formats' phases sit side by side: their differences
@@ -35,11 +38,15 @@ from numba import njit, prange
 from .dots import (FASTMATH, TILE_ROWS, bf16_tile, bf16_tile_tokens4, fp8_tile, fp8_tile_tokens4, int4_tile,
                    int4_tile_tokens4, quantize_int8)
 from .formats import PAD, ExpertFormat, LayerExperts, padded
-from .simd import vadd, vdiv, vexp, vload, vmul, vsplat, vstore
+from .simd import atomic_add, atomic_read, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vstore
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
 SLOT_BITS = 20  # routing sort key: expert << SLOT_BITS | slot
+ITEMS_PER_TASK = 12  # work items per task and phase at least (item_rows), so that the tasks end together
+MIN_STREAM_BYTES = 32 << 10  # ... unless that makes an expert's rows in an item shorter than this
+SYNC_STRIDE = 16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
+PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
 
 def physical_cores() -> int:
@@ -84,15 +91,6 @@ def route(ids, num_experts, keys, slot_of, active_id, active_start):
             n_active += 1
     active_start[n_active] = n
     return n_active
-
-
-@jit
-def row_share(task, num_tasks, rows):
-    """Rows [lo, hi) of task `task`: whole tile-rows of 16, as even as possible."""
-    units = rows // TILE_ROWS
-    q, rem = units // num_tasks, units % num_tasks
-    lo = task * q + min(task, rem)
-    return TILE_ROWS * lo, TILE_ROWS * (lo + q + (1 if task < rem else 0))
 
 
 @jit
@@ -152,6 +150,38 @@ def group_offsets(slot_of, g0, s1, slots, offs, base, stride, zero):
     return n
 
 
+# ---------------------------------------------------------------- work items and the barrier
+
+
+@jit
+def item_rows(rows, units, num_tasks, row_bytes):
+    """Rows per work item: the largest of 128, 64, 32, 16 that still cuts `units` x `rows` rows into at
+    least ITEMS_PER_TASK items per task (small items balance the tasks), but never so few rows that
+    one expert's part of an item (r x row_bytes) is shorter than MIN_STREAM_BYTES (streams ramp up)."""
+    r = 128
+    while r > TILE_ROWS and units * (-(-rows // r)) < ITEMS_PER_TASK * num_tasks and (r // 2) * row_bytes >= MIN_STREAM_BYTES:
+        r //= 2
+    return r
+
+
+@jit
+def take_item(sync, phase):
+    """The next unclaimed item of a phase (0, 1, 2, ...); every task calls it until it passes the phase's count."""
+    return atomic_add(sync, SYNC_STRIDE * (2 * phase), 1)
+
+
+@jit
+def item_done(sync, phase):
+    atomic_add(sync, SYNC_STRIDE * (2 * phase + 1), 1)
+
+
+@jit
+def wait_phase(sync, phase, num_items):
+    """Spin until every item of the phase is done (their writes are then visible to this task)."""
+    while atomic_read(sync, SYNC_STRIDE * (2 * phase + 1)) < num_items:
+        spin_pause()
+
+
 # ---------------------------------------------------------------- fp8
 
 
@@ -165,56 +195,51 @@ def _fp8_scale_acts(src, src0, cols, scale, s0, dst, d0):
 
 
 @jit
-def _fp8_gate_up(task, num_tasks, hp, ip, top_k, gate, gate_s, up, up_s, n_active, active_id, active_start,
-                 slot_of, weights, act, h, xs, xs_row, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, ip)
-    nb_in = hp // 128
-    xg, xu, zero = task * 9 * xs_row, task * 9 * xs_row + 4 * xs_row, task * 9 * xs_row + 8 * xs_row
-    for a in range(n_active):
-        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for rb in range(lo // 128, -(-hi // 128)):  # per 128 rows: every group of 4 slots (rows stay in L2),
-            r0, r1 = max(lo, rb * 128), min(hi, rb * 128 + 128)  # gate then up (one activation set in L1)
-            for proj, scale, x0 in ((gate, gate_s, xg), (up, up_s, xu)):
-                for g0 in range(s0, s1, 4):
-                    n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
-                    for i in range(n):
-                        _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, scale, (e * (ip // 128) + rb) * nb_in, xs, offs[i])
-                    for r in range(r0, r1, TILE_ROWS):
-                        if n == 1:
-                            fp8_tile(proj, (e * ip + r) * hp, hp, xs, x0, res)
-                        else:
-                            fp8_tile_tokens4(proj, (e * ip + r) * hp, hp, xs, offs, res)
-                        if x0 == xg:
-                            store_gate(res, n, slots, h, ip, r)
-                        else:
-                            finish_up(res, n, slots, weights, h, ip, r)
+def _fp8_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, gate_s, up, up_s, slot_of, weights, act, h,
+                 xs, x_task, xs_row, res, slots, offs, pf):
+    """Rows [r0, r1) (inside one 128-row block) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
+    nb_in, rb = hp // 128, r0 // 128
+    xg, xu, zero = x_task, x_task + 4 * xs_row, x_task + 8 * xs_row
+    for proj, scale, x0 in ((gate, gate_s, xg), (up, up_s, xu)):  # gate then up: one activation set in L1
+        for g0 in range(s0, s1, 4):  # every group of 4 slots over the same rows (they stay in L2)
+            n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
+            for i in range(n):
+                _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, scale, (e * (ip // 128) + rb) * nb_in, xs, offs[i])
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    fp8_tile(proj, (e * ip + r) * hp, hp, xs, x0, res, pf)
+                else:
+                    fp8_tile_tokens4(proj, (e * ip + r) * hp, hp, xs, offs, res, pf)
+                if x0 == xg:
+                    store_gate(res, n, slots, h, ip, r)
+                else:
+                    finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
-def _fp8_down(task, num_tasks, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id, active_start,
-              slot_of, h, out, xs, xs_row, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, hp)
-    zero_out_rows(out, num_tokens, hidden, lo, hi)
-    nb_in = ip // 128
-    x0, zero = task * 9 * xs_row, task * 9 * xs_row + 8 * xs_row
+def _fp8_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id, active_start,
+              slot_of, h, out, xs, x_task, xs_row, res, slots, offs, pf):
+    """Rows [r0, r1) (inside one 128-row block) of out: every active expert's down, summed in expert order."""
+    zero_out_rows(out, num_tokens, hidden, r0, r1)
+    nb_in, rb = ip // 128, r0 // 128
+    x0, zero = x_task, x_task + 8 * xs_row
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for rb in range(lo // 128, -(-hi // 128)):
-            for g0 in range(s0, s1, 4):
-                n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
-                for i in range(n):
-                    _fp8_scale_acts(h, slots[i] * ip, ip, down_s, (e * (hp // 128) + rb) * nb_in, xs, offs[i])
-                for r in range(max(lo, rb * 128), min(hi, rb * 128 + 128), TILE_ROWS):
-                    if n == 1:
-                        fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res)
-                    else:
-                        fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res)
-                    accumulate_out(res, n, slots, top_k, out, hidden, r)
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
+            for i in range(n):
+                _fp8_scale_acts(h, slots[i] * ip, ip, down_s, (e * (hp // 128) + rb) * nb_in, xs, offs[i])
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res, pf)
+                else:
+                    fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res, pf)
+                accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
 def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, out,
-            num_threads, act, h, xs, res, keys, slot_of, active_id, active_start, slots, offsets):
+            num_threads, pf, act, h, xs, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
     """FP8 layer. x f32[T, H], ids int64[T, K], weights f32[S], out f32[T*H]; the rest flat."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -225,14 +250,25 @@ def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, 
         return -1
     load_activations(x, act, hp)
     xs_row = max(hp, ip)
+    rows1, rows2 = item_rows(ip, n_active, num_threads, hp), item_rows(hp, 1, num_threads, ip)
+    per_expert = -(-ip // rows1)
+    items1, items2 = n_active * per_expert, -(-hp // rows2)
+    sync[:] = 0
     for task in prange(num_threads):
-        _fp8_gate_up(task, num_threads, hp, ip, top_k, gate, gate_s, up, up_s, n_active, active_id, active_start,
-                     slot_of, weights, act, h, xs, xs_row, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                     offsets[task * 16:(task + 1) * 16])
-    for task in prange(num_threads):
-        _fp8_down(task, num_threads, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id, active_start,
-                  slot_of, h, out, xs, xs_row, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                  offsets[task * 16:(task + 1) * 16])
+        x_task, t_res, t_slots, t_offs = task * 9 * xs_row, res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
+        i = take_item(sync, 0)
+        while i < items1:
+            a, c = i // per_expert, i % per_expert
+            _fp8_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
+                         gate, gate_s, up, up_s, slot_of, weights, act, h, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
+            item_done(sync, 0)
+            i = take_item(sync, 0)
+        wait_phase(sync, 0, items1)
+        i = take_item(sync, 1)
+        while i < items2:
+            _fp8_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
+                      active_start, slot_of, h, out, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
+            i = take_item(sync, 1)
     return n_active
 
 
@@ -245,52 +281,47 @@ def padded_in(n):
 
 
 @jit
-def _bf16_gate_up(task, num_tasks, hp, ip, top_k, gate, up, n_active, active_id, active_start, slot_of, weights,
-                  act, zero, h, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, ip)
-    for a in range(n_active):
-        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):  # per 128 rows: every group of 4 slots, gate then up
-            for p in range(2):
-                proj = gate if p == 0 else up
-                for g0 in range(s0, s1, 4):
-                    n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
-                    for i in range(n):
-                        offs[i] = (slots[i] // top_k) * hp
-                    for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                        if n == 1:
-                            bf16_tile(proj, (e * ip + r) * hp, hp, act, offs[0], res)
-                        else:
-                            bf16_tile_tokens4(proj, (e * ip + r) * hp, hp, act, offs, res)
-                        if p == 0:
-                            store_gate(res, n, slots, h, ip, r)
-                        else:
-                            finish_up(res, n, slots, weights, h, ip, r)
+def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, act, zero, h, res, slots, offs, pf):
+    """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
+    for p in range(2):  # gate then up
+        proj = gate if p == 0 else up
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
+            for i in range(n):
+                offs[i] = (slots[i] // top_k) * hp
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    bf16_tile(proj, (e * ip + r) * hp, hp, act, offs[0], res, pf)
+                else:
+                    bf16_tile_tokens4(proj, (e * ip + r) * hp, hp, act, offs, res, pf)
+                if p == 0:
+                    store_gate(res, n, slots, h, ip, r)
+                else:
+                    finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
-def _bf16_down(task, num_tasks, hp, ip, hidden, num_tokens, top_k, down, n_active, active_id, active_start, slot_of,
-               h, zero, out, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, hp)
-    zero_out_rows(out, num_tokens, hidden, lo, hi)
+def _bf16_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, n_active, active_id, active_start, slot_of,
+               h, zero, out, res, slots, offs, pf):
+    """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
+    zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):
-            for g0 in range(s0, s1, 4):
-                n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
-                for i in range(n):
-                    offs[i] = slots[i] * ip
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    if n == 1:
-                        bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res)
-                    else:
-                        bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res)
-                    accumulate_out(res, n, slots, top_k, out, hidden, r)
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
+            for i in range(n):
+                offs[i] = slots[i] * ip
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res, pf)
+                else:
+                    bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res, pf)
+                accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
 def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
-             num_threads, act, h, res, keys, slot_of, active_id, active_start, slots, offsets):
+             num_threads, pf, act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
     """BF16 layer. Same contract as moe_fp8."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -301,14 +332,25 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
         return -1
     load_activations(x, act, hp)
     act_zero, h_zero = (act.size // hp - 1) * hp, (h.size // ip - 1) * ip  # last rows stay zero
+    rows1, rows2 = item_rows(ip, n_active, num_threads, 2 * hp), item_rows(hp, 1, num_threads, 2 * ip)
+    per_expert = -(-ip // rows1)
+    items1, items2 = n_active * per_expert, -(-hp // rows2)
+    sync[:] = 0
     for task in prange(num_threads):
-        _bf16_gate_up(task, num_threads, hp, ip, top_k, gate, up, n_active, active_id, active_start, slot_of, weights,
-                      act, act_zero, h, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                      offsets[task * 16:(task + 1) * 16])
-    for task in prange(num_threads):
-        _bf16_down(task, num_threads, hp, ip, hidden, num_tokens, top_k, down, n_active, active_id, active_start,
-                   slot_of, h, h_zero, out, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                   offsets[task * 16:(task + 1) * 16])
+        t_res, t_slots, t_offs = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
+        i = take_item(sync, 0)
+        while i < items1:
+            a, c = i // per_expert, i % per_expert
+            _bf16_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
+                          gate, up, slot_of, weights, act, act_zero, h, t_res, t_slots, t_offs, pf)
+            item_done(sync, 0)
+            i = take_item(sync, 0)
+        wait_phase(sync, 0, items1)
+        i = take_item(sync, 1)
+        while i < items2:
+            _bf16_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, n_active, active_id,
+                       active_start, slot_of, h, h_zero, out, t_res, t_slots, t_offs, pf)
+            i = take_item(sync, 1)
     return n_active
 
 
@@ -316,57 +358,57 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
 
 
 @jit
-def _int4_gate_up(task, num_tasks, hp, ip, group, top_k, gate, gate_s, up, up_s, n_active, active_id, active_start,
-                  slot_of, weights, q, corr, ascale, zero, h, res, slots, qa, la):
-    lo, hi = row_share(task, num_tasks, ip)
-    for a in range(n_active):
-        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):  # per 128 rows: every group of 4 slots, gate then up
-            for p in range(2):
-                proj, scale = (gate, gate_s) if p == 0 else (up, up_s)
-                for g0 in range(s0, s1, 4):
-                    n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
-                    for i in range(4):
-                        t = slots[i] // top_k if i < n else zero
-                        qa[i], la[i] = t * hp, t * (hp // 4)
-                    for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                        row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
-                        if n == 1:
-                            int4_tile(proj, row, hp, scale, srow, group, q, qa[0], corr, ascale, la[0], res)
-                        else:
-                            int4_tile_tokens4(proj, row, hp, scale, srow, group, q, qa, corr, ascale, la, res)
-                        if p == 0:
-                            store_gate(res, n, slots, h, ip, r)
-                        else:
-                            finish_up(res, n, slots, weights, h, ip, r)
+def _int4_gate_up(e, s0, s1, r0, r1, hp, ip, group, top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale,
+                  zero, h, res, slots, qa, la, pf):
+    """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h (int8 activations)."""
+    for p in range(2):  # gate then up
+        proj, scale = (gate, gate_s) if p == 0 else (up, up_s)
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
+            for i in range(4):
+                t = slots[i] // top_k if i < n else zero
+                qa[i], la[i] = t * hp, t * (hp // 4)
+            for r in range(r0, r1, TILE_ROWS):
+                row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
+                if n == 1:
+                    int4_tile(proj, row, hp, scale, srow, group, q, qa[0], corr, ascale, la[0], res, pf)
+                else:
+                    int4_tile_tokens4(proj, row, hp, scale, srow, group, q, qa, corr, ascale, la, res, pf)
+                if p == 0:
+                    store_gate(res, n, slots, h, ip, r)
+                else:
+                    finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
-def _int4_down(task, num_tasks, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
-               active_start, slot_of, q, corr, ascale, zero, out, res, slots, qa, la):
-    lo, hi = row_share(task, num_tasks, hp)
-    zero_out_rows(out, num_tokens, hidden, lo, hi)
+def _int4_down(r0, r1, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
+               active_start, slot_of, q, corr, ascale, zero, out, res, slots, qa, la, pf):
+    """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
+    zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):
-            for g0 in range(s0, s1, 4):
-                n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
-                for i in range(4):
-                    s = slots[i] if i < n else zero
-                    qa[i], la[i] = s * ip, s * (ip // 4)
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    row, srow = (e * hp + r) * (ip // 2), (e * hp + r) * (ip // group)
-                    if n == 1:
-                        int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res)
-                    else:
-                        int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res)
-                    accumulate_out(res, n, slots, top_k, out, hidden, r)
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
+            for i in range(4):
+                s = slots[i] if i < n else zero
+                qa[i], la[i] = s * ip, s * (ip // 4)
+            for r in range(r0, r1, TILE_ROWS):
+                row, srow = (e * hp + r) * (ip // 2), (e * hp + r) * (ip // group)
+                if n == 1:
+                    int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res, pf)
+                else:
+                    int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res, pf)
+                accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
 def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, down_s, out,
-             num_threads, act, h, q, corr, ascale, res, keys, slot_of, active_id, active_start, slots, offsets):
-    """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits)."""
+             num_threads, pf, act, h, q, corr, ascale, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
+    """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits).
+
+    Four phases in the one region: quantize x (an item per token), gate/up, quantize h (an item per slot,
+    and one that zeroes the padding row), down.
+    """
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     n_slots = num_tokens * top_k
@@ -377,24 +419,43 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
         return -1
     load_activations(x, act, hp)
     q_rows = q.size // max(hp, ip)
-    if num_tokens * hp <= 32768:  # a few tokens: cheaper here than another parallel region (~10 µs on 16 cores)
-        for t in range(num_tokens):
-            quantize_int8(act, t * hp, hp, group, q, t * hp, corr, ascale, t * (hp // 4))
-    else:
-        for t in prange(num_tokens):
-            quantize_int8(act, t * hp, hp, group, q, t * hp, corr, ascale, t * (hp // 4))
-    _zero_row(q, corr, ascale, (q_rows - 1), hp)
+    zero = q_rows - 1
+    _zero_row(q, corr, ascale, zero, hp)  # phase 1's padding row lies past every token's codes
+    rows1, rows2 = item_rows(ip, n_active, num_threads, hp // 2), item_rows(hp, 1, num_threads, ip // 2)
+    per_expert = -(-ip // rows1)
+    items1, items2 = n_active * per_expert, -(-hp // rows2)
+    sync[:] = 0
     for task in prange(num_threads):
-        _int4_gate_up(task, num_threads, hp, ip, group, top_k, gate, gate_s, up, up_s, n_active, active_id,
-                      active_start, slot_of, weights, q, corr, ascale, q_rows - 1, h, res[task * 128:(task + 1) * 128],
-                      slots[task * 4:(task + 1) * 4], offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8])
-    for s in prange(n_slots):
-        quantize_int8(h, s * ip, ip, group, q, s * ip, corr, ascale, s * (ip // 4))
-    _zero_row(q, corr, ascale, (q_rows - 1), ip)
-    for task in prange(num_threads):
-        _int4_down(task, num_threads, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
-                   active_start, slot_of, q, corr, ascale, q_rows - 1, out, res[task * 128:(task + 1) * 128],
-                   slots[task * 4:(task + 1) * 4], offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8])
+        t_res, t_slots = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4]
+        t_qa, t_la = offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8]
+        i = take_item(sync, 0)
+        while i < num_tokens:
+            quantize_int8(act, i * hp, hp, group, q, i * hp, corr, ascale, i * (hp // 4))
+            item_done(sync, 0)
+            i = take_item(sync, 0)
+        wait_phase(sync, 0, num_tokens)
+        i = take_item(sync, 1)
+        while i < items1:
+            a, c = i // per_expert, i % per_expert
+            _int4_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, group,
+                          top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale, zero, h, t_res, t_slots, t_qa, t_la, pf)
+            item_done(sync, 1)
+            i = take_item(sync, 1)
+        wait_phase(sync, 1, items1)
+        i = take_item(sync, 2)
+        while i <= n_slots:
+            if i == n_slots:
+                _zero_row(q, corr, ascale, zero, ip)  # phase 3's padding row (it may overlap x's codes: now unused)
+            else:
+                quantize_int8(h, i * ip, ip, group, q, i * ip, corr, ascale, i * (ip // 4))
+            item_done(sync, 2)
+            i = take_item(sync, 2)
+        wait_phase(sync, 2, n_slots + 1)
+        i = take_item(sync, 3)
+        while i < items2:
+            _int4_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active,
+                       active_id, active_start, slot_of, q, corr, ascale, zero, out, t_res, t_slots, t_qa, t_la, pf)
+            i = take_item(sync, 3)
     return n_active
 
 
@@ -412,9 +473,11 @@ def _zero_row(q, corr, ascale, row, cols):
 class MoeKernel:
     """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released)."""
 
-    def __init__(self, hidden: int, inter: int, max_tokens: int, top_k: int, num_threads: int | None = None):
+    def __init__(self, hidden: int, inter: int, max_tokens: int, top_k: int, num_threads: int | None = None,
+                 prefetch_bytes: int = PREFETCH_BYTES):
         self.hidden, self.inter, self.max_tokens, self.top_k = hidden, inter, max_tokens, top_k
         self.num_threads = min(num_threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
+        self.prefetch_bytes = prefetch_bytes
         hp, ip = padded(hidden), padded(inter)
         cols = max(hp, ip)
         n_slots = max_tokens * top_k
@@ -431,8 +494,9 @@ class MoeKernel:
         self.slot_of = np.zeros(n_slots, np.int64)
         self.active_id = np.zeros(n_slots, np.int64)
         self.active_start = np.zeros(n_slots + 1, np.int64)
-        self.slots = np.zeros(nt * 4, np.int64)
+        self.slots = np.zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
         self.offsets = np.zeros(nt * 16, np.int64)
+        self.sync = np.zeros(8 * SYNC_STRIDE, np.int64)  # per phase: next item, items done
         self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
         self._threads_set = threading.local()
 
@@ -468,16 +532,16 @@ class MoeKernel:
         if bound is not None and bound[0] is layer:
             return bound[1]
         a, fmt = layer.arrays, layer.fmt
-        routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots)
+        routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots, self.offsets, self.sync)
+        run = (self.num_threads, self.prefetch_bytes)
         if fmt.kind == "fp8":
             args = (moe_fp8, _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
-                    (self.num_threads, self.act, self.h, self.xs, self.res, *routing, self.offsets))
+                    (*run, self.act, self.h, self.xs, self.res, *routing))
         elif fmt.kind == "bf16":
-            args = (moe_bf16, _flat(a, "gate", "up", "down"), (self.num_threads, self.act, self.h, self.res, *routing, self.offsets))
+            args = (moe_bf16, _flat(a, "gate", "up", "down"), (*run, self.act, self.h, self.res, *routing))
         else:
             weights = [v.view(np.uint16) if v.dtype == np.float16 else v for v in _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")]
-            args = (moe_int4, (fmt.group_size, *weights), (self.num_threads, self.act, self.h, self.q, self.corr, self.ascale,
-                                                            self.res, *routing, self.offsets))
+            args = (moe_int4, (fmt.group_size, *weights), (*run, self.act, self.h, self.q, self.corr, self.ascale, self.res, *routing))
         self._bound[id(layer)] = (layer, args)
         return args
 

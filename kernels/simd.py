@@ -149,6 +149,65 @@ def vsum(typingctx, vec):
     return types.float32(vec), codegen
 
 
+def _prefetch(locality: int):
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I8)
+        fn = _llvm_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr.type, I32, I32, I32])
+        builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint: start loading the cache line that holds arr[idx] into L1 (prefetcht0). Never faults, even past the end."""
+    return types.void(arr, idx), _prefetch(3)
+
+
+@intrinsic
+def prefetch_l2(typingctx, arr, idx):
+    """Hint: start loading the cache line that holds arr[idx] into L2, not L1 (prefetcht2). Never faults."""
+    return types.void(arr, idx), _prefetch(1)
+
+
+# ---------------------------------------------------------------- work sharing between the threads of one region
+
+
+@intrinsic
+def atomic_add(typingctx, arr, idx, value):
+    """arr[idx] += value as one atomic step (sequentially consistent) on an int64 array; returns the old value."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I64)
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+
+    return types.int64(arr, idx, value), codegen
+
+
+@intrinsic
+def atomic_read(typingctx, arr, idx):
+    """arr[idx] of an int64 array, read atomically (acquire: what was written before the matching add is seen)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I64)
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """The x86 `pause` hint for a spin-wait loop (lets the sibling hyper-thread run, saves power)."""
+
+    def codegen(context, builder, sig, args):
+        builder.call(_llvm_fn(builder, "llvm.x86.sse2.pause", ir.VoidType(), []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 # ---------------------------------------------------------------- weight decoders
 
 

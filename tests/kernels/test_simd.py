@@ -93,10 +93,10 @@ from hmoe.kernels import dots, moe
 cols, w8, w16 = 128, np.zeros(16 * 128, np.uint8), np.zeros(16 * 128, np.uint16)
 a, res, offs = np.ones(4 * cols, np.float32), np.zeros(128, np.float32), np.zeros(4, np.int64)
 q, corr, ws = np.zeros(4 * cols, np.int8), np.zeros(cols, np.int32), np.zeros(64, np.uint16)
-dots.fp8_tile(w8, 0, cols, a, 0, res)
-dots.fp8_tile_tokens4(w8, 0, cols, a, offs, res)
-dots.bf16_tile(w16, 0, cols, a, 0, res)
-dots.int4_tile(w8, 0, cols, ws, 0, 32, q, 0, corr, a, 0, res)
+dots.fp8_tile(w8, 0, cols, a, 0, res, 4096)
+dots.fp8_tile_tokens4(w8, 0, cols, a, offs, res, 4096)
+dots.bf16_tile(w16, 0, cols, a, 0, res, 4096)
+dots.int4_tile(w8, 0, cols, ws, 0, 32, q, 0, corr, a, 0, res, 4096)
 moe._fp8_scale_acts(a, 0, cols, a, 0, a, cols)
 print(json.dumps({f.__name__: "\n".join(f.inspect_asm().values()) for f in
                   (dots.fp8_tile, dots.fp8_tile_tokens4, dots.bf16_tile, dots.int4_tile, moe._fp8_scale_acts)}))
@@ -123,6 +123,8 @@ def test_hot_loops_use_512_bit_vectors(tmp_path):
         assert any(any(m in ln for m in mnemonics) for ln in zmm_lines), (name, mnemonics)
     if kjit.has_cpu_feature("avx512vnni"):
         assert any("vpdpbusd" in ln and "zmm" in ln for ln in asm["int4_tile"].splitlines())
+    for name in ("fp8_tile", "fp8_tile_tokens4", "bf16_tile", "int4_tile"):  # the weight stream is prefetched ahead
+        assert "prefetcht0" in asm[name], name
 
 
 def test_cache_dir_is_configurable(tmp_path):
