@@ -18,7 +18,8 @@ accumulators), each weight byte decoded once for all 4 tokens.
 
 Activation formats per weight format:
     bf16  float32 activations
-    fp8   float32 activations pre-multiplied by the 128x128 block scale and 2**8 (simd.load_fp8x32)
+    fp8   float32 activations pre-multiplied by the 128x128 block scale and 2**8, each 32 columns
+          stored as their 16 even then their 16 odd ones (simd.load_fp8x64, vsplit_parity)
     int4  int8 codes per group of G inputs, plus per 4-input lane the negated correction
           -8 * sum(codes) (dpbusd of unsigned nibbles then gives sum((nibble - 8) * code)) and
           the activation scale; see quantize_int8()
@@ -29,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .simd import (dpbusd, load_bf16x16, load_f16, load_f16_pair, load_fp8x32, load_i32x16, load_u8x64,
+from .simd import (dpbusd, load_bf16x16, load_f16, load_f16_pair, load_fp8x64, load_i32x16, load_u8x64,
                    nibbles_hi, nibbles_lo, prefetch, prefetch_l2, vcvt, vfma, vload, vmul, vsplat, vstore, vsum, vsums16, vzero)
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: silu(-inf) stays defined
@@ -57,9 +58,10 @@ def _sums(res, r0, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s
 
 
 @jit
-def _fp8(w, at, x0, x1, acc):
-    lo, hi = load_fp8x32(w, at)
-    return vfma(hi, x1, vfma(lo, x0, acc))
+def _fp8(w, at, x0, x1, acc0, acc1):
+    """Two rows' next 32 codes (64 bytes at `at`) · the activation's even (x0) and odd (x1) columns."""
+    e0, o0, e1, o1 = load_fp8x64(w, at)
+    return vfma(o0, x1, vfma(e0, x0, acc0)), vfma(o1, x1, vfma(e1, x0, acc1))
 
 
 @jit
@@ -71,10 +73,14 @@ def fp8_tile(w, row, cols, a, a0, res, pf):
         x0, x1 = vload(a, a0 + j), vload(a, a0 + j + 16)
         b = row + 16 * j
         _prefetch_ahead(w, b, pf, 8, 64)
-        s0, s1, s2, s3 = _fp8(w, b, x0, x1, s0), _fp8(w, b + 32, x0, x1, s1), _fp8(w, b + 64, x0, x1, s2), _fp8(w, b + 96, x0, x1, s3)
-        s4, s5, s6, s7 = _fp8(w, b + 128, x0, x1, s4), _fp8(w, b + 160, x0, x1, s5), _fp8(w, b + 192, x0, x1, s6), _fp8(w, b + 224, x0, x1, s7)
-        s8, s9, s10, s11 = _fp8(w, b + 256, x0, x1, s8), _fp8(w, b + 288, x0, x1, s9), _fp8(w, b + 320, x0, x1, s10), _fp8(w, b + 352, x0, x1, s11)
-        s12, s13, s14, s15 = _fp8(w, b + 384, x0, x1, s12), _fp8(w, b + 416, x0, x1, s13), _fp8(w, b + 448, x0, x1, s14), _fp8(w, b + 480, x0, x1, s15)
+        s0, s1 = _fp8(w, b, x0, x1, s0, s1)
+        s2, s3 = _fp8(w, b + 64, x0, x1, s2, s3)
+        s4, s5 = _fp8(w, b + 128, x0, x1, s4, s5)
+        s6, s7 = _fp8(w, b + 192, x0, x1, s6, s7)
+        s8, s9 = _fp8(w, b + 256, x0, x1, s8, s9)
+        s10, s11 = _fp8(w, b + 320, x0, x1, s10, s11)
+        s12, s13 = _fp8(w, b + 384, x0, x1, s12, s13)
+        s14, s15 = _fp8(w, b + 448, x0, x1, s14, s15)
     _sums(res, 0, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
 
 
@@ -93,14 +99,12 @@ def fp8_tile_tokens4(w, row, cols, a, offs, res, pf):
                 _prefetch_ahead(w, b, pf, 8, 64)
             x0, x1, y0, y1 = vload(a, a0 + j), vload(a, a0 + j + 16), vload(a, a1 + j), vload(a, a1 + j + 16)
             z0, z1, t0, t1 = vload(a, a2 + j), vload(a, a2 + j + 16), vload(a, a3 + j), vload(a, a3 + j + 16)
-            lo, hi = load_fp8x32(w, b)
-            p0, p1, p2, p3 = vfma(hi, x1, vfma(lo, x0, p0)), vfma(hi, y1, vfma(lo, y0, p1)), vfma(hi, z1, vfma(lo, z0, p2)), vfma(hi, t1, vfma(lo, t0, p3))
-            lo, hi = load_fp8x32(w, b + 32)
-            q0, q1, q2, q3 = vfma(hi, x1, vfma(lo, x0, q0)), vfma(hi, y1, vfma(lo, y0, q1)), vfma(hi, z1, vfma(lo, z0, q2)), vfma(hi, t1, vfma(lo, t0, q3))
-            lo, hi = load_fp8x32(w, b + 64)
-            u0, u1, u2, u3 = vfma(hi, x1, vfma(lo, x0, u0)), vfma(hi, y1, vfma(lo, y0, u1)), vfma(hi, z1, vfma(lo, z0, u2)), vfma(hi, t1, vfma(lo, t0, u3))
-            lo, hi = load_fp8x32(w, b + 96)
-            v0, v1, v2, v3 = vfma(hi, x1, vfma(lo, x0, v0)), vfma(hi, y1, vfma(lo, y0, v1)), vfma(hi, z1, vfma(lo, z0, v2)), vfma(hi, t1, vfma(lo, t0, v3))
+            e0, o0, e1, o1 = load_fp8x64(w, b)
+            p0, p1, p2, p3 = vfma(o0, x1, vfma(e0, x0, p0)), vfma(o0, y1, vfma(e0, y0, p1)), vfma(o0, z1, vfma(e0, z0, p2)), vfma(o0, t1, vfma(e0, t0, p3))
+            q0, q1, q2, q3 = vfma(o1, x1, vfma(e1, x0, q0)), vfma(o1, y1, vfma(e1, y0, q1)), vfma(o1, z1, vfma(e1, z0, q2)), vfma(o1, t1, vfma(e1, t0, q3))
+            e0, o0, e1, o1 = load_fp8x64(w, b + 64)
+            u0, u1, u2, u3 = vfma(o0, x1, vfma(e0, x0, u0)), vfma(o0, y1, vfma(e0, y0, u1)), vfma(o0, z1, vfma(e0, z0, u2)), vfma(o0, t1, vfma(e0, t0, u3))
+            v0, v1, v2, v3 = vfma(o1, x1, vfma(e1, x0, v0)), vfma(o1, y1, vfma(e1, y0, v1)), vfma(o1, z1, vfma(e1, z0, v2)), vfma(o1, t1, vfma(e1, t0, v3))
         _sub_sums(res, sub, p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3)
 
 

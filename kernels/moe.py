@@ -38,7 +38,7 @@ from numba import njit, prange
 from .dots import (FASTMATH, TILE_ROWS, bf16_tile, bf16_tile_tokens4, fp8_tile, fp8_tile_tokens4, int4_tile,
                    int4_tile_tokens4, quantize_int8)
 from .formats import PAD, ExpertFormat, LayerExperts, padded
-from .simd import atomic_add, atomic_read, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vstore
+from .simd import atomic_add, atomic_read, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vsplit_parity, vstore
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
@@ -187,11 +187,14 @@ def wait_phase(sync, phase, num_items):
 
 @jit
 def _fp8_scale_acts(src, src0, cols, scale, s0, dst, d0):
-    """dst[d0 + j] = src[src0 + j] * scale[s0 + j // 128] * 2**8 (the decoder's 2**-8 undone)."""
+    """dst[d0 + j] = src[src0 + j] * scale[s0 + j // 128] * 2**8 (the decoder's 2**-8 undone), each 32
+    columns stored as the 16 even ones, then the 16 odd ones (the order load_fp8x64 decodes into)."""
     for cb in range(cols // 128):
-        s = scale[s0 + cb] * np.float32(256.0)
-        for j in range(cb * 128, cb * 128 + 128):
-            dst[d0 + j] = src[src0 + j] * s
+        s = vsplat(scale[s0 + cb] * np.float32(256.0))
+        for j in range(cb * 128, cb * 128 + 128, 32):
+            even, odd = vsplit_parity(vload(src, src0 + j), vload(src, src0 + j + 16))
+            vstore(dst, d0 + j, vmul(even, s))
+            vstore(dst, d0 + j + 16, vmul(odd, s))
 
 
 @jit
