@@ -318,7 +318,7 @@ def fp8_decode_rate_per_core() -> dict:
     @njit(nogil=True)
     def gemv(w, first_row, rows, cols, xs, res, pf):
         for r in range(first_row, first_row + rows, 16):
-            fp8_tile(w, r * cols, cols, xs, 0, res, pf)
+            fp8_tile(w, r * cols, cols, xs, 0, res, pf, (first_row + rows) * cols)
 
     cols, hot_rows = 7168, 64
     big = random_layer("fp8", 16, 7168, 2048, 5)
@@ -394,7 +394,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", default=None, help="token counts (default 1,2,4,8,16; --quick 1,8)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--kt-formats", default="bf16,fp8,int4-g32", help="formats kt-kernel runs")
     parser.add_argument("--no-side", action="store_true", help="skip the side measurements (region cost, start times, per-core decode)")
+    parser.add_argument("--no-start-times", action="store_true", help="skip the cold/warm start measurement (two fresh compiles)")
     parser.add_argument("--diagnose", action="store_true", help="also: thread scaling and OMP wait policies")
     args = parser.parse_args(argv)
 
@@ -462,7 +464,7 @@ def main(argv=None) -> None:
                 row = bench_hmoe(layer, shape, 1, per_tokens[1], 1, evict)
                 row.update(shape=shape_name, format=fmt_name, tokens=1, routing="random", threads=1, experts_in_memory=num_experts)
                 notes.setdefault("one_thread", []).append(row)
-            if kt_reason is None and fmt_name != "int4-g128":
+            if kt_reason is None and fmt_name in args.kt_formats.split(","):
                 kt_experts = min(num_experts, args.kt_max_experts)
                 kt_per_tokens = {t: routings(rng, min(num_calls, 16), t, kt_experts, top_k) for t in tokens_list}
                 t0 = bw.now_s()
@@ -499,8 +501,9 @@ def main(argv=None) -> None:
                 row["roofline_frac_nearest"] = row["gbs"] / meter.nearest(row["t_s"])["best_gbs"]
             if meter is not bw:
                 row["roofline_frac_all_cores"] = row["gbs"] / bw.best_gbs
-    extra = {} if args.no_side else {"region_overhead": region_overhead_us(threads), "start": start_times(),
-                                     "fp8_decode_per_core": fp8_decode_rate_per_core()}
+    extra = {} if args.no_side else {"region_overhead": region_overhead_us(threads), "fp8_decode_per_core": fp8_decode_rate_per_core()}
+    if not (args.no_side or args.no_start_times):
+        extra["start"] = start_times()
     if args.diagnose:
         extra["thread_scaling"] = thread_scaling()
         extra["omp_wait_policy"] = omp_wait_policies(threads)

@@ -7,7 +7,8 @@ sequential stream. `a*` are flat offsets of activation vectors. Results: res[16 
 token i, row r of the tile.
 
 `pf` (bytes, 0 = off): each column step also prefetches the stream that many bytes ahead, into L1
-(prefetcht0) for pf > 0 and into L2 only (prefetcht2) at -pf bytes for pf < 0. A core
+(prefetcht0) for pf > 0 and into L2 only (prefetcht2) at -pf bytes for pf < 0, up to `end` (the
+element of w where the caller's stream ends; the caller prefetches the head of its next stream). A core
 must keep many lines in flight to stream at its share of the memory bandwidth, and the hardware
 prefetchers stop at every 4 KiB page, i.e. every 4-8 column steps here.
 
@@ -39,14 +40,26 @@ jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 
 
 @jit
-def _prefetch_ahead(w, at, pf, lines, line_elems):
-    """Prefetch `lines` cache lines from element at + |pf| (in elements of w): into L1 for pf > 0, into L2 for pf < 0."""
-    if pf > 0:
+def _prefetch_ahead(w, at, pf, lines, line_elems, end):
+    """Prefetch `lines` cache lines from element at + |pf| of w if that is before `end` (the stream's end:
+    what lies past it is another task's): into L1 for pf > 0, into L2 for pf < 0."""
+    if pf > 0 and at + pf < end:
         for k in range(lines):
             prefetch(w, at + pf + k * line_elems)
-    elif pf < 0:
+    elif pf < 0 and at - pf < end:
         for k in range(lines):
             prefetch_l2(w, at - pf + k * line_elems)
+
+
+@jit
+def prefetch_head(w, start, end, pf, line_elems):
+    """Prefetch the first |pf| elements of the stream w[start:end] before it is read, so that it starts
+    at full speed (the tile loops then keep |pf| ahead): into L1 for pf > 0, into L2 for pf < 0."""
+    for at in range(start, min(end, start + abs(pf)), line_elems):
+        if pf > 0:
+            prefetch(w, at)
+        else:
+            prefetch_l2(w, at)
 
 
 @jit
@@ -65,14 +78,14 @@ def _fp8(w, at, x0, x1, acc0, acc1):
 
 
 @jit
-def fp8_tile(w, row, cols, a, a0, res, pf):
+def fp8_tile(w, row, cols, a, a0, res, pf, end):
     """16 rows of E4M3 codes · 1 pre-scaled activation → res[0:16]."""
     s0, s1, s2, s3, s4, s5, s6, s7 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
     s8, s9, s10, s11, s12, s13, s14, s15 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
     for j in range(0, cols, 32):
         x0, x1 = vload(a, a0 + j), vload(a, a0 + j + 16)
         b = row + 16 * j
-        _prefetch_ahead(w, b, pf, 8, 64)
+        _prefetch_ahead(w, b, pf, 8, 64, end)
         s0, s1 = _fp8(w, b, x0, x1, s0, s1)
         s2, s3 = _fp8(w, b + 64, x0, x1, s2, s3)
         s4, s5 = _fp8(w, b + 128, x0, x1, s4, s5)
@@ -85,7 +98,7 @@ def fp8_tile(w, row, cols, a, a0, res, pf):
 
 
 @jit
-def fp8_tile_tokens4(w, row, cols, a, offs, res, pf):
+def fp8_tile_tokens4(w, row, cols, a, offs, res, pf, end):
     """16 rows of E4M3 codes · 4 pre-scaled activations at a[offs[i]:] → res[16 * i + r]."""
     a0, a1, a2, a3 = offs[0], offs[1], offs[2], offs[3]
     for sub in range(0, 16, 4):
@@ -96,7 +109,7 @@ def fp8_tile_tokens4(w, row, cols, a, offs, res, pf):
         for j in range(0, cols, 32):
             b = row + 16 * j + 32 * sub
             if sub == 0:  # the first pass brings the tile-row in; the other three find it in cache
-                _prefetch_ahead(w, b, pf, 8, 64)
+                _prefetch_ahead(w, b, pf, 8, 64, end)
             x0, x1, y0, y1 = vload(a, a0 + j), vload(a, a0 + j + 16), vload(a, a1 + j), vload(a, a1 + j + 16)
             z0, z1, t0, t1 = vload(a, a2 + j), vload(a, a2 + j + 16), vload(a, a3 + j), vload(a, a3 + j + 16)
             e0, o0, e1, o1 = load_fp8x64(w, b)
@@ -126,14 +139,14 @@ def _bf16(w, at, x0, x1, acc):
 
 
 @jit
-def bf16_tile(w, row, cols, a, a0, res, pf):
+def bf16_tile(w, row, cols, a, a0, res, pf, end):
     """16 rows of bf16 · 1 float32 activation → res[0:16]."""
     s0, s1, s2, s3, s4, s5, s6, s7 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
     s8, s9, s10, s11, s12, s13, s14, s15 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
     for j in range(0, cols, 32):
         x0, x1 = vload(a, a0 + j), vload(a, a0 + j + 16)
         b = row + 16 * j
-        _prefetch_ahead(w, b, pf // 2, 16, 32)
+        _prefetch_ahead(w, b, pf // 2, 16, 32, end)
         s0, s1, s2, s3 = _bf16(w, b, x0, x1, s0), _bf16(w, b + 32, x0, x1, s1), _bf16(w, b + 64, x0, x1, s2), _bf16(w, b + 96, x0, x1, s3)
         s4, s5, s6, s7 = _bf16(w, b + 128, x0, x1, s4), _bf16(w, b + 160, x0, x1, s5), _bf16(w, b + 192, x0, x1, s6), _bf16(w, b + 224, x0, x1, s7)
         s8, s9, s10, s11 = _bf16(w, b + 256, x0, x1, s8), _bf16(w, b + 288, x0, x1, s9), _bf16(w, b + 320, x0, x1, s10), _bf16(w, b + 352, x0, x1, s11)
@@ -142,7 +155,7 @@ def bf16_tile(w, row, cols, a, a0, res, pf):
 
 
 @jit
-def bf16_tile_tokens4(w, row, cols, a, offs, res, pf):
+def bf16_tile_tokens4(w, row, cols, a, offs, res, pf, end):
     """16 rows of bf16 · 4 float32 activations at a[offs[i]:] → res[16 * i + r]."""
     a0, a1, a2, a3 = offs[0], offs[1], offs[2], offs[3]
     for sub in range(0, 16, 4):
@@ -153,7 +166,7 @@ def bf16_tile_tokens4(w, row, cols, a, offs, res, pf):
         for j in range(0, cols, 32):
             b = row + 16 * j + 32 * sub
             if sub == 0:
-                _prefetch_ahead(w, row + 16 * j, pf // 2, 16, 32)
+                _prefetch_ahead(w, row + 16 * j, pf // 2, 16, 32, end)
             x0, x1, y0, y1 = vload(a, a0 + j), vload(a, a0 + j + 16), vload(a, a1 + j), vload(a, a1 + j + 16)
             z0, z1, t0, t1 = vload(a, a2 + j), vload(a, a2 + j + 16), vload(a, a3 + j), vload(a, a3 + j + 16)
             lo, hi = load_bf16x16(w, b), load_bf16x16(w, b + 16)
@@ -190,7 +203,7 @@ def _int4_row(w, at, ws, s_at, group, alo, ahi, clo, chi, slo, shi, acc):
 
 
 @jit
-def int4_tile(w, row, cols, ws, srow, group, q, q0, corr, ascale, l0, res, pf):
+def int4_tile(w, row, cols, ws, srow, group, q, q0, corr, ascale, l0, res, pf, end):
     """16 rows of int4 · 1 int8 activation → res[0:16]. row/srow: offsets of the tile-row's codes/scales."""
     s0, s1, s2, s3, s4, s5, s6, s7 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
     s8, s9, s10, s11, s12, s13, s14, s15 = vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero(), vzero()
@@ -200,8 +213,8 @@ def int4_tile(w, row, cols, ws, srow, group, q, q0, corr, ascale, l0, res, pf):
         clo, chi = load_i32x16(corr, l0 + 32 * c), load_i32x16(corr, l0 + 32 * c + 16)
         slo, shi = vload(ascale, l0 + 32 * c), vload(ascale, l0 + 32 * c + 16)
         b, sb = row + 1024 * c, srow + 16 * gs * c
-        _prefetch_ahead(w, b, pf, 16, 64)
-        _prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32)  # scales: 32 * gs bytes per 1 KiB step of codes
+        _prefetch_ahead(w, b, pf, 16, 64, end)
+        _prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group)  # scales: 32 * gs bytes per 1 KiB of codes
         s0 = _int4_row(w, b, ws, sb, group, alo, ahi, clo, chi, slo, shi, s0)
         s1 = _int4_row(w, b + 64, ws, sb + gs, group, alo, ahi, clo, chi, slo, shi, s1)
         s2 = _int4_row(w, b + 128, ws, sb + 2 * gs, group, alo, ahi, clo, chi, slo, shi, s2)
@@ -239,7 +252,7 @@ def _int4_row_tokens4(w, at, ws, s_at, group, q, qa, corr, ascale, la, c, p0, p1
 
 
 @jit
-def int4_tile_tokens4(w, row, cols, ws, srow, group, q, qa, corr, ascale, la, res, pf):
+def int4_tile_tokens4(w, row, cols, ws, srow, group, q, qa, corr, ascale, la, res, pf, end):
     """16 rows of int4 · 4 int8 activations (code offsets qa[i], lane offsets la[i]) → res[16 * i + r]."""
     gs = 128 // group
     for sub in range(0, 16, 4):
@@ -250,8 +263,8 @@ def int4_tile_tokens4(w, row, cols, ws, srow, group, q, qa, corr, ascale, la, re
         for c in range(cols // 128):
             b, sb = row + 1024 * c + 64 * sub, srow + 16 * gs * c + gs * sub
             if sub == 0:
-                _prefetch_ahead(w, b, pf, 16, 64)
-                _prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32)
+                _prefetch_ahead(w, b, pf, 16, 64, end)
+                _prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group)
             p0, p1, p2, p3 = _int4_row_tokens4(w, b, ws, sb, group, q, qa, corr, ascale, la, c, p0, p1, p2, p3)
             q0, q1, q2, q3 = _int4_row_tokens4(w, b + 64, ws, sb + gs, group, q, qa, corr, ascale, la, c, q0, q1, q2, q3)
             u0, u1, u2, u3 = _int4_row_tokens4(w, b + 128, ws, sb + 2 * gs, group, q, qa, corr, ascale, la, c, u0, u1, u2, u3)

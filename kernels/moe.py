@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dots import (FASTMATH, TILE_ROWS, bf16_tile, bf16_tile_tokens4, fp8_tile, fp8_tile_tokens4, int4_tile,
-                   int4_tile_tokens4, quantize_int8)
+                   int4_tile_tokens4, prefetch_head, quantize_int8)
 from .formats import PAD, ExpertFormat, LayerExperts, padded
 from .simd import atomic_add, atomic_read, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vsplit_parity, vstore
 
@@ -182,6 +182,22 @@ def wait_phase(sync, phase, num_items):
         spin_pause()
 
 
+@jit
+def _head1(gate, i, items, per_expert, rows, ip, hp, active_id, pf, line_elems):
+    """Prefetch the head of phase-1 item i's stream in gate (none past the last item)."""
+    if i < items:
+        e, c = active_id[i // per_expert], i % per_expert
+        prefetch_head(gate, (e * ip + c * rows) * hp, (e * ip + min(ip, (c + 1) * rows)) * hp, pf, line_elems)
+
+
+@jit
+def _head2(down, i, items, rows, hp, ip, active_id, pf, line_elems):
+    """Prefetch the head of phase-2 item i's first stream (its rows of the first active expert's down)."""
+    if i < items:
+        e = active_id[0]
+        prefetch_head(down, (e * hp + i * rows) * ip, (e * hp + min(hp, (i + 1) * rows)) * ip, pf, line_elems)
+
+
 # ---------------------------------------------------------------- fp8
 
 
@@ -203,6 +219,8 @@ def _fp8_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, gate_s, up, up_s, slot_
     """Rows [r0, r1) (inside one 128-row block) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
     nb_in, rb = hp // 128, r0 // 128
     xg, xu, zero = x_task, x_task + 4 * xs_row, x_task + 8 * xs_row
+    first, end = (e * ip + r0) * hp, (e * ip + r1) * hp  # this item's stream in gate, and the same in up
+    prefetch_head(up, first, end, pf, 64)  # up's rows follow gate's
     for proj, scale, x0 in ((gate, gate_s, xg), (up, up_s, xu)):  # gate then up: one activation set in L1
         for g0 in range(s0, s1, 4):  # every group of 4 slots over the same rows (they stay in L2)
             n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
@@ -210,9 +228,9 @@ def _fp8_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, gate_s, up, up_s, slot_
                 _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, scale, (e * (ip // 128) + rb) * nb_in, xs, offs[i])
             for r in range(r0, r1, TILE_ROWS):
                 if n == 1:
-                    fp8_tile(proj, (e * ip + r) * hp, hp, xs, x0, res, pf)
+                    fp8_tile(proj, (e * ip + r) * hp, hp, xs, x0, res, pf, end)
                 else:
-                    fp8_tile_tokens4(proj, (e * ip + r) * hp, hp, xs, offs, res, pf)
+                    fp8_tile_tokens4(proj, (e * ip + r) * hp, hp, xs, offs, res, pf, end)
                 if x0 == xg:
                     store_gate(res, n, slots, h, ip, r)
                 else:
@@ -228,15 +246,18 @@ def _fp8_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active,
     x0, zero = x_task, x_task + 8 * xs_row
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        if a + 1 < n_active:  # the next expert's rows follow this one's
+            prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf, 64)
+        end = (e * hp + r1) * ip
         for g0 in range(s0, s1, 4):
             n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
             for i in range(n):
                 _fp8_scale_acts(h, slots[i] * ip, ip, down_s, (e * (hp // 128) + rb) * nb_in, xs, offs[i])
             for r in range(r0, r1, TILE_ROWS):
                 if n == 1:
-                    fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res, pf)
+                    fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res, pf, end)
                 else:
-                    fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res, pf)
+                    fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res, pf, end)
                 accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
@@ -260,18 +281,22 @@ def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, 
     for task in prange(num_threads):
         x_task, t_res, t_slots, t_offs = task * 9 * xs_row, res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
         i = take_item(sync, 0)
+        _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
         while i < items1:
             a, c = i // per_expert, i % per_expert
             _fp8_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
                          gate, gate_s, up, up_s, slot_of, weights, act, h, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
             item_done(sync, 0)
             i = take_item(sync, 0)
-        wait_phase(sync, 0, items1)
+            _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
         i = take_item(sync, 1)
+        _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)  # streams in while the last items of phase 1 end
+        wait_phase(sync, 0, items1)
         while i < items2:
             _fp8_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
                       active_start, slot_of, h, out, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
             i = take_item(sync, 1)
+            _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)
     return n_active
 
 
@@ -286,6 +311,8 @@ def padded_in(n):
 @jit
 def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, act, zero, h, res, slots, offs, pf):
     """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
+    first, end = (e * ip + r0) * hp, (e * ip + r1) * hp  # this item's stream in gate, and the same in up
+    prefetch_head(up, first, end, pf // 2, 32)
     for p in range(2):  # gate then up
         proj = gate if p == 0 else up
         for g0 in range(s0, s1, 4):
@@ -294,9 +321,9 @@ def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, 
                 offs[i] = (slots[i] // top_k) * hp
             for r in range(r0, r1, TILE_ROWS):
                 if n == 1:
-                    bf16_tile(proj, (e * ip + r) * hp, hp, act, offs[0], res, pf)
+                    bf16_tile(proj, (e * ip + r) * hp, hp, act, offs[0], res, pf, end)
                 else:
-                    bf16_tile_tokens4(proj, (e * ip + r) * hp, hp, act, offs, res, pf)
+                    bf16_tile_tokens4(proj, (e * ip + r) * hp, hp, act, offs, res, pf, end)
                 if p == 0:
                     store_gate(res, n, slots, h, ip, r)
                 else:
@@ -310,15 +337,18 @@ def _bf16_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, n_active, active
     zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        if a + 1 < n_active:
+            prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf // 2, 32)
+        end = (e * hp + r1) * ip
         for g0 in range(s0, s1, 4):
             n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
             for i in range(n):
                 offs[i] = slots[i] * ip
             for r in range(r0, r1, TILE_ROWS):
                 if n == 1:
-                    bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res, pf)
+                    bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res, pf, end)
                 else:
-                    bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res, pf)
+                    bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res, pf, end)
                 accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
@@ -342,18 +372,22 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
     for task in prange(num_threads):
         t_res, t_slots, t_offs = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
         i = take_item(sync, 0)
+        _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
         while i < items1:
             a, c = i // per_expert, i % per_expert
             _bf16_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
                           gate, up, slot_of, weights, act, act_zero, h, t_res, t_slots, t_offs, pf)
             item_done(sync, 0)
             i = take_item(sync, 0)
-        wait_phase(sync, 0, items1)
+            _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
         i = take_item(sync, 1)
+        _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)  # streams in while the last items of phase 1 end
+        wait_phase(sync, 0, items1)
         while i < items2:
             _bf16_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, n_active, active_id,
                        active_start, slot_of, h, h_zero, out, t_res, t_slots, t_offs, pf)
             i = take_item(sync, 1)
+            _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)
     return n_active
 
 
@@ -364,6 +398,9 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
 def _int4_gate_up(e, s0, s1, r0, r1, hp, ip, group, top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale,
                   zero, h, res, slots, qa, la, pf):
     """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h (int8 activations)."""
+    first, end = (e * ip + r0) * (hp // 2), (e * ip + r1) * (hp // 2)  # this item's stream in gate, and the same in up
+    prefetch_head(up, first, end, pf, 64)
+    prefetch_head(up_s, first * 2 // group, end * 2 // group, pf * (128 // group) // 64, 32)
     for p in range(2):  # gate then up
         proj, scale = (gate, gate_s) if p == 0 else (up, up_s)
         for g0 in range(s0, s1, 4):
@@ -374,9 +411,9 @@ def _int4_gate_up(e, s0, s1, r0, r1, hp, ip, group, top_k, gate, gate_s, up, up_
             for r in range(r0, r1, TILE_ROWS):
                 row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
                 if n == 1:
-                    int4_tile(proj, row, hp, scale, srow, group, q, qa[0], corr, ascale, la[0], res, pf)
+                    int4_tile(proj, row, hp, scale, srow, group, q, qa[0], corr, ascale, la[0], res, pf, end)
                 else:
-                    int4_tile_tokens4(proj, row, hp, scale, srow, group, q, qa, corr, ascale, la, res, pf)
+                    int4_tile_tokens4(proj, row, hp, scale, srow, group, q, qa, corr, ascale, la, res, pf, end)
                 if p == 0:
                     store_gate(res, n, slots, h, ip, r)
                 else:
@@ -390,6 +427,9 @@ def _int4_down(r0, r1, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n
     zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
+        if a + 1 < n_active:
+            _int4_head(down, down_s, active_id[a + 1], hp, r0, r1, ip, group, pf)
+        end = (e * hp + r1) * (ip // 2)
         for g0 in range(s0, s1, 4):
             n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
             for i in range(4):
@@ -398,10 +438,25 @@ def _int4_down(r0, r1, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n
             for r in range(r0, r1, TILE_ROWS):
                 row, srow = (e * hp + r) * (ip // 2), (e * hp + r) * (ip // group)
                 if n == 1:
-                    int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res, pf)
+                    int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res, pf, end)
                 else:
-                    int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res, pf)
+                    int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res, pf, end)
                 accumulate_out(res, n, slots, top_k, out, hidden, r)
+
+
+@jit
+def _int4_head(w, ws, e, rows_per_e, r0, r1, cols, group, pf):
+    """Prefetch the head of expert e's rows [r0, r1) in w (packed codes) and ws (its scales)."""
+    first, end = (e * rows_per_e + r0) * (cols // 2), (e * rows_per_e + r1) * (cols // 2)
+    prefetch_head(w, first, end, pf, 64)
+    prefetch_head(ws, first * 2 // group, end * 2 // group, pf * (128 // group) // 64, 32)
+
+
+@jit
+def _int4_head1(gate, gate_s, i, items, per_expert, rows, ip, hp, group, active_id, pf):
+    if i < items:
+        c = i % per_expert
+        _int4_head(gate, gate_s, active_id[i // per_expert], ip, c * rows, min(ip, (c + 1) * rows), hp, group, pf)
 
 
 @parallel_jit
@@ -438,12 +493,14 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
             i = take_item(sync, 0)
         wait_phase(sync, 0, num_tokens)
         i = take_item(sync, 1)
+        _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         while i < items1:
             a, c = i // per_expert, i % per_expert
             _int4_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, group,
                           top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale, zero, h, t_res, t_slots, t_qa, t_la, pf)
             item_done(sync, 1)
             i = take_item(sync, 1)
+            _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         wait_phase(sync, 1, items1)
         i = take_item(sync, 2)
         while i <= n_slots:
@@ -456,6 +513,7 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
         wait_phase(sync, 2, n_slots + 1)
         i = take_item(sync, 3)
         while i < items2:
+            _int4_head(down, down_s, active_id[0], hp, i * rows2, min(hp, (i + 1) * rows2), ip, group, pf)
             _int4_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active,
                        active_id, active_start, slot_of, q, corr, ascale, zero, out, t_res, t_slots, t_qa, t_la, pf)
             i = take_item(sync, 3)
