@@ -45,6 +45,7 @@ parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
 SLOT_BITS = 20  # routing sort key: expert << SLOT_BITS | slot
 ITEMS_PER_TASK = 12  # work items per task and phase at least (item_rows), so that the tasks end together
 MIN_STREAM_BYTES = 32 << 10  # ... unless that makes an expert's rows in an item shorter than this
+QUANT_COLS = 128  # INT4: activations quantized to int8 per item (a whole number of groups and of 128-input steps)
 SYNC_STRIDE = 16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
@@ -464,8 +465,8 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
              num_threads, pf, act, h, q, corr, ascale, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
     """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits).
 
-    Four phases in the one region: quantize x (an item per token), gate/up, quantize h (an item per slot,
-    and one that zeroes the padding row), down.
+    Four phases in the one region: quantize x (an item per QUANT_COLS inputs of a token), gate/up,
+    quantize h (an item per QUANT_COLS inputs of a slot, and one that zeroes the padding row), down.
     """
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -487,11 +488,12 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
         t_res, t_slots = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4]
         t_qa, t_la = offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8]
         i = take_item(sync, 0)
-        while i < num_tokens:
-            quantize_int8(act, i * hp, hp, group, q, i * hp, corr, ascale, i * (hp // 4))
+        while i < num_tokens * (hp // QUANT_COLS):  # item: QUANT_COLS inputs of one token
+            t, c0 = i // (hp // QUANT_COLS), i % (hp // QUANT_COLS) * QUANT_COLS
+            quantize_int8(act, t * hp + c0, QUANT_COLS, group, q, t * hp + c0, corr, ascale, (t * hp + c0) // 4)
             item_done(sync, 0)
             i = take_item(sync, 0)
-        wait_phase(sync, 0, num_tokens)
+        wait_phase(sync, 0, num_tokens * (hp // QUANT_COLS))
         i = take_item(sync, 1)
         _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         while i < items1:
@@ -503,14 +505,15 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
             _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         wait_phase(sync, 1, items1)
         i = take_item(sync, 2)
-        while i <= n_slots:
-            if i == n_slots:
+        while i <= n_slots * (ip // QUANT_COLS):  # item: QUANT_COLS inputs of one slot, or the padding row
+            if i == n_slots * (ip // QUANT_COLS):
                 _zero_row(q, corr, ascale, zero, ip)  # phase 3's padding row (it may overlap x's codes: now unused)
             else:
-                quantize_int8(h, i * ip, ip, group, q, i * ip, corr, ascale, i * (ip // 4))
+                sl, c0 = i // (ip // QUANT_COLS), i % (ip // QUANT_COLS) * QUANT_COLS
+                quantize_int8(h, sl * ip + c0, QUANT_COLS, group, q, sl * ip + c0, corr, ascale, (sl * ip + c0) // 4)
             item_done(sync, 2)
             i = take_item(sync, 2)
-        wait_phase(sync, 2, n_slots + 1)
+        wait_phase(sync, 2, n_slots * (ip // QUANT_COLS) + 1)
         i = take_item(sync, 3)
         while i < items2:
             _int4_head(down, down_s, active_id[0], hp, i * rows2, min(hp, (i + 1) * rows2), ip, group, pf)
