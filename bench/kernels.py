@@ -294,7 +294,7 @@ def region_overhead_us(threads: int) -> dict:
         kernel.run(x, ids, w, layer, y)
     per_call = (time.perf_counter() - start) / (reps // 4) * 1e6
     return {"per_region_us": per_region, "tiny_layer_call_us": per_call, "threads": threads,
-            "note": "tiny_layer_call = Python wrapper + routing + 2 regions on a 128x128 bf16 expert"}
+            "note": "tiny_layer_call = Python wrapper + routing + the one region of a call on a 128x128 bf16 expert"}
 
 
 def start_times() -> dict:
