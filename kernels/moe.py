@@ -38,7 +38,7 @@ from numba import njit, prange
 from .dots import (FASTMATH, TILE_ROWS, bf16_tile, bf16_tile_tokens4, fp8_tile, fp8_tile_tokens4, int4_tile,
                    int4_tile_tokens4, prefetch_head, quantize_int8)
 from .formats import PAD, ExpertFormat, LayerExperts, padded
-from .simd import atomic_add, atomic_read, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vsplit_parity, vstore
+from .simd import atomic_add, atomic_read, os_yield, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vsplit_parity, vstore
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
@@ -46,6 +46,7 @@ SLOT_BITS = 20  # routing sort key: expert << SLOT_BITS | slot
 ITEMS_PER_TASK = 12  # work items per task and phase at least (item_rows), so that the tasks end together
 MIN_STREAM_BYTES = 32 << 10  # ... unless that makes an expert's rows in an item shorter than this
 QUANT_COLS = 128  # INT4: activations quantized to int8 per item (a whole number of groups and of 128-input steps)
+SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a waiting task yields its core
 SYNC_STRIDE = 16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
@@ -178,9 +179,16 @@ def item_done(sync, phase):
 
 @jit
 def wait_phase(sync, phase, num_items):
-    """Spin until every item of the phase is done (their writes are then visible to this task)."""
+    """Wait until every item of the phase is done (their writes are then visible to this task): spin a
+    while, then yield the core at each check, as the task still working may need it (more threads than
+    free cores: other processes, or a second worker on the same cores)."""
+    spins = 0
     while atomic_read(sync, SYNC_STRIDE * (2 * phase + 1)) < num_items:
-        spin_pause()
+        if spins < SPINS_BEFORE_YIELD:
+            spins += 1
+            spin_pause()
+        else:
+            os_yield()
 
 
 @jit

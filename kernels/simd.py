@@ -208,6 +208,17 @@ def spin_pause(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def os_yield(typingctx):
+    """sched_yield(): give the core to another runnable thread (a waiting task whose peer is not running)."""
+
+    def codegen(context, builder, sig, args):
+        builder.call(_llvm_fn(builder, "sched_yield", I32, []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 # ---------------------------------------------------------------- weight decoders
 
 
