@@ -2,6 +2,8 @@
 
     python bench/kernels.py [--quick] [--json PATH] [--threads N] [--worker-threads N] [--no-kt]
     python -m bench.kernels ...   (the same)
+    python bench/kernels.py --calls 10 --memory-gib 4 --kt-formats fp8 --kt-max-experts 16 --no-start-times
+                                  (a shorter run for a short device lease: fewer calls, smaller layers, kt-kernel FP8 only)
 
 In one run: the read bandwidth as STREAM measures it (the best of several passes of a parallel Numba
 sum over a buffer far larger than L3, all threads; kept with its spread, at the start, between shapes
