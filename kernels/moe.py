@@ -9,7 +9,8 @@ One call runs, with the GIL released:
   phase 2   y[t, :]   = sum over t's slots of down_e h[slot]
 The phases run in one parallel region of `num_threads` tasks. Each phase is cut into work items
 (phase 1: an expert's rows [r0, r1), gate then up; phase 2: rows [r0, r1) of y, every active expert
-summed in expert order), 16 to 128 rows each (item_rows: at least ITEMS_PER_TASK per task), which
+summed in expert order), 16 to 128 rows each (item_rows: at least ITEMS_PER_TASK per task, but each
+expert's part of an item at least MIN_STREAM_BYTES long), which
 the tasks claim one at a time from a shared counter; a task that finds none left waits for the
 phase's last item to finish, then claims items of the next phase. So the tasks end each phase
 together even when cores run at different speeds, no two items write the same output (results do
@@ -19,11 +20,17 @@ Within an item, all groups of 4 slots of an expert run over the same rows, so an
 than 4 tokens rereads its rows from L2, not DRAM. INT4 quantizes its activations to int8 in two
 short phases of their own (x before phase 1, h before phase 2).
 
-Measured (bench/kernels.py): a region costs ~2 µs on 2 cores, ~10-12 µs on 16 (omp).
+Every weight stream is prefetched PREFETCH_BYTES ahead into L2 up to its end, and the next stream's
+head is prefetched before it starts (dots.py): a core streams at its share of the bandwidth only
+with many lines in flight, and the hardware prefetchers restart at each 4 KiB page.
+
+Measured (bench/kernels.py): a region costs ~2 µs on 2 cores, ~10-12 µs on 16 (omp). H200 box, 16
+threads, T=1, before -> one region + prefetch: DeepSeek-V3 BF16 7.84 -> 5.26 ms, FP8 4.76 -> 3.63
+(bench/results/kernels-h200-explore.json).
 
 NOTE: one MoeKernel holds scratch for one call at a time: give each calling thread its own.
 NOTE: past 400 lines because the three formats' phases sit side by side: their differences
-(activation pre-scaling for FP8, int8 activations for INT4) read at a glance.
+(activation pre-scaling for FP8, int8 activations for INT4, the prefetched streams) read at a glance.
 """
 
 from __future__ import annotations
@@ -543,7 +550,10 @@ def _zero_row(q, corr, ascale, row, cols):
 
 
 class MoeKernel:
-    """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released)."""
+    """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released).
+
+    prefetch_bytes: how far ahead the tile loops prefetch (> 0 into L1, < 0 into L2, 0 off); see dots.py.
+    """
 
     def __init__(self, hidden: int, inter: int, max_tokens: int, top_k: int, num_threads: int | None = None,
                  prefetch_bytes: int = PREFETCH_BYTES):
