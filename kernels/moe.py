@@ -52,7 +52,7 @@ parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
 SLOT_BITS = 20  # routing sort key: expert << SLOT_BITS | slot
 ITEMS_PER_TASK = 12  # work items per task and phase at least (item_rows), so that the tasks end together
 MIN_STREAM_BYTES = 32 << 10  # ... unless that makes an expert's rows in an item shorter than this
-QUANT_COLS = 128  # INT4: activations quantized to int8 per item (a whole number of groups and of 128-input steps)
+QUANT_MIN_COLS = 1024  # INT4: activations quantized to int8 in items of at least this many inputs (see quant_chunk)
 SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a waiting task yields its core
 SYNC_STRIDE = 16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
@@ -475,13 +475,21 @@ def _int4_head1(gate, gate_s, i, items, per_expert, rows, ip, hp, group, active_
         _int4_head(gate, gate_s, active_id[i // per_expert], ip, c * rows, min(ip, (c + 1) * rows), hp, group, pf)
 
 
+@jit
+def quant_chunk(cols, rows, num_tasks):
+    """Inputs per int8-quantization item: a share of rows x cols for each task in whole 128s, at least
+    QUANT_MIN_COLS (an item must outweigh its two contended counter updates), at most one row."""
+    units = cols // 128
+    return 128 * min(units, max(QUANT_MIN_COLS // 128, -(-(rows * units) // num_tasks)))
+
+
 @parallel_jit
 def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, down_s, out,
              num_threads, pf, act, h, q, corr, ascale, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
     """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits).
 
-    Four phases in the one region: quantize x (an item per QUANT_COLS inputs of a token), gate/up,
-    quantize h (an item per QUANT_COLS inputs of a slot, and one that zeroes the padding row), down.
+    Four phases in the one region: quantize x (items of `cx` inputs of a token), gate/up, quantize h
+    (items of `ch` inputs of a slot, and one that zeroes the padding row), down.
     """
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -496,6 +504,8 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
     zero = q_rows - 1
     _zero_row(q, corr, ascale, zero, hp)  # phase 1's padding row lies past every token's codes
     rows1, rows2 = item_rows(ip, n_active, num_threads, hp // 2), item_rows(hp, 1, num_threads, ip // 2)
+    cx, ch = quant_chunk(hp, num_tokens, num_threads), quant_chunk(ip, n_slots, num_threads)
+    nx, nh = -(-hp // cx), -(-ip // ch)  # items per token, per slot
     per_expert = -(-ip // rows1)
     items1, items2 = n_active * per_expert, -(-hp // rows2)
     sync[:] = 0
@@ -503,12 +513,12 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
         t_res, t_slots = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4]
         t_qa, t_la = offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8]
         i = take_item(sync, 0)
-        while i < num_tokens * (hp // QUANT_COLS):  # item: QUANT_COLS inputs of one token
-            t, c0 = i // (hp // QUANT_COLS), i % (hp // QUANT_COLS) * QUANT_COLS
-            quantize_int8(act, t * hp + c0, QUANT_COLS, group, q, t * hp + c0, corr, ascale, (t * hp + c0) // 4)
+        while i < num_tokens * nx:
+            t, c0 = i // nx, i % nx * cx
+            quantize_int8(act, t * hp + c0, min(cx, hp - c0), group, q, t * hp + c0, corr, ascale, (t * hp + c0) // 4)
             item_done(sync, 0)
             i = take_item(sync, 0)
-        wait_phase(sync, 0, num_tokens * (hp // QUANT_COLS))
+        wait_phase(sync, 0, num_tokens * nx)
         i = take_item(sync, 1)
         _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         while i < items1:
@@ -520,15 +530,15 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
             _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         wait_phase(sync, 1, items1)
         i = take_item(sync, 2)
-        while i <= n_slots * (ip // QUANT_COLS):  # item: QUANT_COLS inputs of one slot, or the padding row
-            if i == n_slots * (ip // QUANT_COLS):
+        while i <= n_slots * nh:
+            if i == n_slots * nh:
                 _zero_row(q, corr, ascale, zero, ip)  # phase 3's padding row (it may overlap x's codes: now unused)
             else:
-                sl, c0 = i // (ip // QUANT_COLS), i % (ip // QUANT_COLS) * QUANT_COLS
-                quantize_int8(h, sl * ip + c0, QUANT_COLS, group, q, sl * ip + c0, corr, ascale, (sl * ip + c0) // 4)
+                sl, c0 = i // nh, i % nh * ch
+                quantize_int8(h, sl * ip + c0, min(ch, ip - c0), group, q, sl * ip + c0, corr, ascale, (sl * ip + c0) // 4)
             item_done(sync, 2)
             i = take_item(sync, 2)
-        wait_phase(sync, 2, n_slots * (ip // QUANT_COLS) + 1)
+        wait_phase(sync, 2, n_slots * nh + 1)
         i = take_item(sync, 3)
         while i < items2:
             _int4_head(down, down_s, active_id[0], hp, i * rows2, min(hp, (i + 1) * rows2), ip, group, pf)

@@ -9,7 +9,7 @@ import pytest
 
 from hmoe.kernels import reference as ref
 from hmoe.kernels.formats import ExpertFormat
-from hmoe.kernels.moe import ITEMS_PER_TASK, MIN_STREAM_BYTES, MoeKernel, item_rows, route
+from hmoe.kernels.moe import ITEMS_PER_TASK, MIN_STREAM_BYTES, QUANT_MIN_COLS, MoeKernel, item_rows, quant_chunk, route
 
 from kernel_helpers import random_layer
 
@@ -88,6 +88,27 @@ def test_item_rows_split_finely_but_keep_streams_long(rows, units, tasks, row_by
     enough = units * -(-rows // r) >= ITEMS_PER_TASK * tasks
     assert enough or r == 16 or (r // 2) * row_bytes < MIN_STREAM_BYTES  # finer only where it would still stream
     assert r == 128 or units * -(-rows // (2 * r)) < ITEMS_PER_TASK * tasks  # the largest that is fine enough
+
+
+@pytest.mark.parametrize("cols,rows,tasks", [(7168, 1, 16), (2048, 1, 16), (768, 8, 16), (2048, 8, 16), (7168, 16, 16), (1280, 1, 2)])
+def test_quant_chunks_are_whole_128s_within_a_row(cols, rows, tasks):
+    c = quant_chunk(cols, rows, tasks)
+    assert c % 128 == 0 and 0 < c <= cols
+    assert c == cols or c >= QUANT_MIN_COLS
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_activations_quantized_in_pieces(group):
+    """x and h longer than QUANT_MIN_COLS at T=1, K=1: each is quantized in two items, the second shorter."""
+    hidden = inter = QUANT_MIN_COLS + 256
+    layer = random_layer(ExpertFormat("int4", group), 2, hidden, inter, seed=11)
+    rng = np.random.default_rng(2)
+    x, ids, w = rng.standard_normal((1, hidden), dtype=np.float32), np.array([[1]], np.int64), np.array([[0.7]], np.float32)
+    assert quant_chunk(hidden, 1, 2) == QUANT_MIN_COLS  # two items: 1024 + 256 inputs
+    out = np.full((1, hidden), np.nan, np.float32)
+    MoeKernel(hidden, inter, 1, 1, num_threads=2).run(x, ids, w, layer, out)
+    want = ref.moe_reference(x, ids, w, layer, int8_activations=True)
+    assert np.linalg.norm(out - want) / np.linalg.norm(want) < 2e-3
 
 
 def test_fewer_threads_than_tasks_still_ends_and_agrees(layers, fmt):
