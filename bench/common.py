@@ -39,17 +39,33 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def machine_name() -> str:
+    """Short name of this machine for result files: the GPU's model ("h200", "h100") where one is visible, else "dev"."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            words = torch.cuda.get_device_name(0).lower().replace("nvidia", "").split()
+            return next((w for w in words if any(c.isdigit() for c in w)), words[0] if words else "gpu")
+    except ImportError:
+        pass
+    return "dev"
+
+
 def machine() -> dict:
-    """CPU model, cores, memory, SIMD features, torch and numba versions, GPU if any."""
+    """CPU model, cores, caches, memory, SIMD features, load, torch and numba versions, GPU if any (every bench's header)."""
     from hmoe.kernels import jit
     from hmoe.kernels.moe import physical_cores
 
     flags = cpu_flags()
     info = {
+        "name": machine_name(),
         "cpu_model": cpu_model(),
         "logical_cpus": len(os.sched_getaffinity(0)),
         "physical_cores": physical_cores(),
+        "l3_mib": l3_bytes() >> 20,
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average": os.getloadavg(),
         "simd": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "f16c", "fma")),
         "llvm_cpu": __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_name(),
         "numba_features_no_prefer_256": jit.NO_PREFER_256 in jit.codegen_features(),
@@ -87,34 +103,69 @@ def _sum_kernel():
     return parallel_sum
 
 
-class ReadBandwidth:
-    """The machine's memory read bandwidth: a parallel Numba sum over a buffer far larger than cache."""
+def stream_bytes() -> int:
+    """A read buffer far larger than the last-level cache (8x, at least 1 GiB), within 1/8 of RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(max(8 * l3_bytes(), 2**30), ram // 8)) // 256 * 256
 
-    def __init__(self, nbytes: int = 2**30, num_threads: int | None = None):
+
+class ReadBandwidth:
+    """The machine's memory read bandwidth, measured as STREAM does: the best of several timed passes of a
+    parallel read (a Numba sum, `num_threads` contiguous slices) over a buffer far larger than the caches.
+
+    Every `measure()` is kept as a reading (time, best, median, worst), so a result can be set against the
+    run's best reading and against the reading nearest it in time (`nearest()`).
+    """
+
+    def __init__(self, nbytes: int | None = None, num_threads: int | None = None):
         import numba
 
         from hmoe.kernels.moe import physical_cores
 
         self.num_threads = min(num_threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
-        self.buffer = np.ones(nbytes // 4, np.float32)
+        self.buffer = np.ones((nbytes or stream_bytes()) // 4, np.float32)
         self.partial = np.zeros(self.num_threads, np.float32)
         self.kernel = _sum_kernel()
-        self.best_gbs = 0.0
+        self.readings: list[dict] = []
+        self._t0 = time.perf_counter()
+
+    @property
+    def best_gbs(self) -> float:
+        return max((r["best_gbs"] for r in self.readings), default=0.0)
+
+    def now_s(self) -> float:
+        """Seconds since this object was made (the clock readings and results are placed on)."""
+        return time.perf_counter() - self._t0
 
     def measure(self, repeats: int = 5) -> float:
-        """Best of `repeats` runs, in GB/s; also raises `best_gbs` (the best seen in this run)."""
+        """Best of `repeats` passes in GB/s (kept as a reading too)."""
+        return self.read(repeats)["best_gbs"]
+
+    def read(self, passes: int = 5, label: str = "") -> dict:
+        """One reading: `passes` timed passes after an untimed one; GB/s best, median and worst."""
         import numba
 
         numba.set_num_threads(self.num_threads)
         self.kernel(self.buffer, self.num_threads, self.partial)
-        best = float("inf")
-        for _ in range(repeats):
+        gbs = []
+        for _ in range(passes):
             start = time.perf_counter()
             self.kernel(self.buffer, self.num_threads, self.partial)
-            best = min(best, time.perf_counter() - start)
-        gbs = self.buffer.nbytes / best / 1e9
-        self.best_gbs = max(self.best_gbs, gbs)
-        return gbs
+            gbs.append(self.buffer.nbytes / (time.perf_counter() - start) / 1e9)
+        reading = {"t_s": round(self.now_s(), 3), "label": label, "threads": self.num_threads, "passes": passes,
+                   "buffer_mib": self.buffer.nbytes >> 20, "best_gbs": max(gbs), "median_gbs": float(np.median(gbs)),
+                   "worst_gbs": min(gbs)}
+        self.readings.append(reading)
+        return reading
+
+    def nearest(self, t_s: float) -> dict:
+        """The reading taken nearest in time to `t_s` (seconds on this object's clock)."""
+        return min(self.readings, key=lambda r: abs(r["t_s"] - t_s))
+
+    def spread(self) -> dict:
+        """Best readings of the run: best, median and worst (how far the denominator moved)."""
+        best = [r["best_gbs"] for r in self.readings]
+        return {"readings": len(best), "best_gbs": max(best), "median_gbs": float(np.median(best)), "worst_gbs": min(best)}
 
     def evict(self) -> None:
         """Read the whole buffer once: pushes earlier data out of every cache level (size it past the L3)."""
@@ -134,9 +185,9 @@ def l3_bytes() -> int:
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
-def read_bandwidth_gbs(nbytes: int = 2**30, num_threads: int | None = None, repeats: int = 5) -> float:
+def read_bandwidth_gbs(nbytes: int | None = None, num_threads: int | None = None, passes: int = 5) -> float:
     """Best-of-N parallel read bandwidth in GB/s (see ReadBandwidth)."""
-    return ReadBandwidth(nbytes, num_threads).measure(repeats)
+    return ReadBandwidth(nbytes, num_threads).measure(passes)
 
 
 def write_results(name: str, payload: dict, plot=None, json_path: str | os.PathLike | None = None) -> Path:

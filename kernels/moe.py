@@ -7,20 +7,30 @@ One call runs, with the GIL released:
   route     sort the S slots by expert (tokens that pick the same expert read its weights once)
   phase 1   h[slot, :] = w[slot] * silu(gate_e x_t) * up_e x_t   for every active expert e
   phase 2   y[t, :]   = sum over t's slots of down_e h[slot]
-Each phase is one parallel region of exactly `num_threads` tasks. Task i owns a contiguous range of
-output rows (of Ip in phase 1, of Hp in phase 2, in whole 16-row tiles) and computes those rows for
-every active expert and every slot: every task does the same work whatever the expert loads, no
-two tasks write the same output, and each reads one sequential stream per expert and projection.
-Per 128 rows, all groups of 4 slots of an expert run before the next rows, so an expert with more
+The phases run in one parallel region of `num_threads` tasks. Each phase is cut into work items
+(phase 1: an expert's rows [r0, r1), gate then up; phase 2: rows [r0, r1) of y, every active expert
+summed in expert order), 16 to 128 rows each (item_rows: at least ITEMS_PER_TASK per task, but each
+expert's part of an item at least MIN_STREAM_BYTES long), which
+the tasks claim one at a time from a shared counter; a task that finds none left waits for the
+phase's last item to finish, then claims items of the next phase. So the tasks end each phase
+together even when cores run at different speeds, no two items write the same output (results do
+not depend on who ran what), and one region's start and end (~10 µs on 16 cores) is paid once.
+Claiming never waits for a task that has not started: with fewer threads than tasks it still ends.
+Within an item, all groups of 4 slots of an expert run over the same rows, so an expert with more
 than 4 tokens rereads its rows from L2, not DRAM. INT4 quantizes its activations to int8 in two
-short steps (x before phase 1, in a region of its own past a few tokens; h before phase 2).
+short phases of their own (x before phase 1, h before phase 2).
 
-Measured (bench/kernels.py): a region costs ~2 µs on 2 cores, ~10-12 µs on 16 (omp); a whole call
-on a tiny layer ~8 µs on 2 cores, ~22-30 µs on 16.
+Every weight stream is prefetched PREFETCH_BYTES ahead into L2 up to its end, and the next stream's
+head is prefetched before it starts (dots.py): a core streams at its share of the bandwidth only
+with many lines in flight, and the hardware prefetchers restart at each 4 KiB page.
+
+Measured (bench/kernels.py): a region costs ~2 µs on 2 cores, ~10-12 µs on 16 (omp). H200 box, 16
+threads, T=1, before -> one region + prefetch: DeepSeek-V3 BF16 7.84 -> 5.26 ms, FP8 4.76 -> 3.63
+(bench/results/kernels-h200-explore.json).
 
 NOTE: one MoeKernel holds scratch for one call at a time: give each calling thread its own.
 NOTE: past 400 lines because the three formats' phases sit side by side: their differences
-(activation pre-scaling for FP8, int8 activations for INT4) read at a glance.
+(activation pre-scaling for FP8, int8 activations for INT4, the prefetched streams) read at a glance.
 """
 
 from __future__ import annotations
@@ -33,13 +43,19 @@ import numpy as np
 from numba import njit, prange
 
 from .dots import (FASTMATH, TILE_ROWS, bf16_tile, bf16_tile_tokens4, fp8_tile, fp8_tile_tokens4, int4_tile,
-                   int4_tile_tokens4, quantize_int8)
+                   int4_tile_tokens4, prefetch_head, quantize_int8)
 from .formats import PAD, ExpertFormat, LayerExperts, padded
-from .simd import vadd, vdiv, vexp, vload, vmul, vsplat, vstore
+from .simd import atomic_add, atomic_read, os_yield, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vsplit_parity, vstore
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
 SLOT_BITS = 20  # routing sort key: expert << SLOT_BITS | slot
+ITEMS_PER_TASK = 12  # work items per task and phase at least (item_rows), so that the tasks end together
+MIN_STREAM_BYTES = 32 << 10  # ... unless that makes an expert's rows in an item shorter than this
+QUANT_MIN_COLS = 1024  # INT4: activations quantized to int8 in items of at least this many inputs (see quant_chunk)
+SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a waiting task yields its core
+SYNC_STRIDE = 16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
+PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
 
 def physical_cores() -> int:
@@ -84,15 +100,6 @@ def route(ids, num_experts, keys, slot_of, active_id, active_start):
             n_active += 1
     active_start[n_active] = n
     return n_active
-
-
-@jit
-def row_share(task, num_tasks, rows):
-    """Rows [lo, hi) of task `task`: whole tile-rows of 16, as even as possible."""
-    units = rows // TILE_ROWS
-    q, rem = units // num_tasks, units % num_tasks
-    lo = task * q + min(task, rem)
-    return TILE_ROWS * lo, TILE_ROWS * (lo + q + (1 if task < rem else 0))
 
 
 @jit
@@ -152,69 +159,127 @@ def group_offsets(slot_of, g0, s1, slots, offs, base, stride, zero):
     return n
 
 
+# ---------------------------------------------------------------- work items and the barrier
+
+
+@jit
+def item_rows(rows, units, num_tasks, row_bytes):
+    """Rows per work item: the largest of 128, 64, 32, 16 that still cuts `units` x `rows` rows into at
+    least ITEMS_PER_TASK items per task (small items balance the tasks), but never so few rows that
+    one expert's part of an item (r x row_bytes) is shorter than MIN_STREAM_BYTES (streams ramp up)."""
+    r = 128
+    while r > TILE_ROWS and units * (-(-rows // r)) < ITEMS_PER_TASK * num_tasks and (r // 2) * row_bytes >= MIN_STREAM_BYTES:
+        r //= 2
+    return r
+
+
+@jit
+def take_item(sync, phase):
+    """The next unclaimed item of a phase (0, 1, 2, ...); every task calls it until it passes the phase's count."""
+    return atomic_add(sync, SYNC_STRIDE * (2 * phase), 1)
+
+
+@jit
+def item_done(sync, phase):
+    atomic_add(sync, SYNC_STRIDE * (2 * phase + 1), 1)
+
+
+@jit
+def wait_phase(sync, phase, num_items):
+    """Wait until every item of the phase is done (their writes are then visible to this task): spin a
+    while, then yield the core at each check, as the task still working may need it (more threads than
+    free cores: other processes, or a second worker on the same cores)."""
+    spins = 0
+    while atomic_read(sync, SYNC_STRIDE * (2 * phase + 1)) < num_items:
+        if spins < SPINS_BEFORE_YIELD:
+            spins += 1
+            spin_pause()
+        else:
+            os_yield()
+
+
+@jit
+def _head1(gate, i, items, per_expert, rows, ip, hp, active_id, pf, line_elems):
+    """Prefetch the head of phase-1 item i's stream in gate (none past the last item)."""
+    if i < items:
+        e, c = active_id[i // per_expert], i % per_expert
+        prefetch_head(gate, (e * ip + c * rows) * hp, (e * ip + min(ip, (c + 1) * rows)) * hp, pf, line_elems)
+
+
+@jit
+def _head2(down, i, items, rows, hp, ip, active_id, pf, line_elems):
+    """Prefetch the head of phase-2 item i's first stream (its rows of the first active expert's down)."""
+    if i < items:
+        e = active_id[0]
+        prefetch_head(down, (e * hp + i * rows) * ip, (e * hp + min(hp, (i + 1) * rows)) * ip, pf, line_elems)
+
+
 # ---------------------------------------------------------------- fp8
 
 
 @jit
 def _fp8_scale_acts(src, src0, cols, scale, s0, dst, d0):
-    """dst[d0 + j] = src[src0 + j] * scale[s0 + j // 128] * 2**8 (the decoder's 2**-8 undone)."""
+    """dst[d0 + j] = src[src0 + j] * scale[s0 + j // 128] * 2**8 (the decoder's 2**-8 undone), each 32
+    columns stored as the 16 even ones, then the 16 odd ones (the order load_fp8x64 decodes into)."""
     for cb in range(cols // 128):
-        s = scale[s0 + cb] * np.float32(256.0)
-        for j in range(cb * 128, cb * 128 + 128):
-            dst[d0 + j] = src[src0 + j] * s
+        s = vsplat(scale[s0 + cb] * np.float32(256.0))
+        for j in range(cb * 128, cb * 128 + 128, 32):
+            even, odd = vsplit_parity(vload(src, src0 + j), vload(src, src0 + j + 16))
+            vstore(dst, d0 + j, vmul(even, s))
+            vstore(dst, d0 + j + 16, vmul(odd, s))
 
 
 @jit
-def _fp8_gate_up(task, num_tasks, hp, ip, top_k, gate, gate_s, up, up_s, n_active, active_id, active_start,
-                 slot_of, weights, act, h, xs, xs_row, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, ip)
-    nb_in = hp // 128
-    xg, xu, zero = task * 9 * xs_row, task * 9 * xs_row + 4 * xs_row, task * 9 * xs_row + 8 * xs_row
-    for a in range(n_active):
-        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for rb in range(lo // 128, -(-hi // 128)):  # per 128 rows: every group of 4 slots (rows stay in L2),
-            r0, r1 = max(lo, rb * 128), min(hi, rb * 128 + 128)  # gate then up (one activation set in L1)
-            for proj, scale, x0 in ((gate, gate_s, xg), (up, up_s, xu)):
-                for g0 in range(s0, s1, 4):
-                    n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
-                    for i in range(n):
-                        _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, scale, (e * (ip // 128) + rb) * nb_in, xs, offs[i])
-                    for r in range(r0, r1, TILE_ROWS):
-                        if n == 1:
-                            fp8_tile(proj, (e * ip + r) * hp, hp, xs, x0, res)
-                        else:
-                            fp8_tile_tokens4(proj, (e * ip + r) * hp, hp, xs, offs, res)
-                        if x0 == xg:
-                            store_gate(res, n, slots, h, ip, r)
-                        else:
-                            finish_up(res, n, slots, weights, h, ip, r)
+def _fp8_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, gate_s, up, up_s, slot_of, weights, act, h,
+                 xs, x_task, xs_row, res, slots, offs, pf):
+    """Rows [r0, r1) (inside one 128-row block) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
+    nb_in, rb = hp // 128, r0 // 128
+    xg, xu, zero = x_task, x_task + 4 * xs_row, x_task + 8 * xs_row
+    first, end = (e * ip + r0) * hp, (e * ip + r1) * hp  # this item's stream in gate, and the same in up
+    prefetch_head(up, first, end, pf, 64)  # up's rows follow gate's
+    for proj, scale, x0 in ((gate, gate_s, xg), (up, up_s, xu)):  # gate then up: one activation set in L1
+        for g0 in range(s0, s1, 4):  # every group of 4 slots over the same rows (they stay in L2)
+            n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
+            for i in range(n):
+                _fp8_scale_acts(act, (slots[i] // top_k) * hp, hp, scale, (e * (ip // 128) + rb) * nb_in, xs, offs[i])
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    fp8_tile(proj, (e * ip + r) * hp, hp, xs, x0, res, pf, end)
+                else:
+                    fp8_tile_tokens4(proj, (e * ip + r) * hp, hp, xs, offs, res, pf, end)
+                if x0 == xg:
+                    store_gate(res, n, slots, h, ip, r)
+                else:
+                    finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
-def _fp8_down(task, num_tasks, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id, active_start,
-              slot_of, h, out, xs, xs_row, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, hp)
-    zero_out_rows(out, num_tokens, hidden, lo, hi)
-    nb_in = ip // 128
-    x0, zero = task * 9 * xs_row, task * 9 * xs_row + 8 * xs_row
+def _fp8_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id, active_start,
+              slot_of, h, out, xs, x_task, xs_row, res, slots, offs, pf):
+    """Rows [r0, r1) (inside one 128-row block) of out: every active expert's down, summed in expert order."""
+    zero_out_rows(out, num_tokens, hidden, r0, r1)
+    nb_in, rb = ip // 128, r0 // 128
+    x0, zero = x_task, x_task + 8 * xs_row
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for rb in range(lo // 128, -(-hi // 128)):
-            for g0 in range(s0, s1, 4):
-                n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
-                for i in range(n):
-                    _fp8_scale_acts(h, slots[i] * ip, ip, down_s, (e * (hp // 128) + rb) * nb_in, xs, offs[i])
-                for r in range(max(lo, rb * 128), min(hi, rb * 128 + 128), TILE_ROWS):
-                    if n == 1:
-                        fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res)
-                    else:
-                        fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res)
-                    accumulate_out(res, n, slots, top_k, out, hidden, r)
+        if a + 1 < n_active:  # the next expert's rows follow this one's
+            prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf, 64)
+        end = (e * hp + r1) * ip
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
+            for i in range(n):
+                _fp8_scale_acts(h, slots[i] * ip, ip, down_s, (e * (hp // 128) + rb) * nb_in, xs, offs[i])
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res, pf, end)
+                else:
+                    fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res, pf, end)
+                accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
 def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, out,
-            num_threads, act, h, xs, res, keys, slot_of, active_id, active_start, slots, offsets):
+            num_threads, pf, act, h, xs, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
     """FP8 layer. x f32[T, H], ids int64[T, K], weights f32[S], out f32[T*H]; the rest flat."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -225,14 +290,29 @@ def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, 
         return -1
     load_activations(x, act, hp)
     xs_row = max(hp, ip)
+    rows1, rows2 = item_rows(ip, n_active, num_threads, hp), item_rows(hp, 1, num_threads, ip)
+    per_expert = -(-ip // rows1)
+    items1, items2 = n_active * per_expert, -(-hp // rows2)
+    sync[:] = 0
     for task in prange(num_threads):
-        _fp8_gate_up(task, num_threads, hp, ip, top_k, gate, gate_s, up, up_s, n_active, active_id, active_start,
-                     slot_of, weights, act, h, xs, xs_row, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                     offsets[task * 16:(task + 1) * 16])
-    for task in prange(num_threads):
-        _fp8_down(task, num_threads, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id, active_start,
-                  slot_of, h, out, xs, xs_row, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                  offsets[task * 16:(task + 1) * 16])
+        x_task, t_res, t_slots, t_offs = task * 9 * xs_row, res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
+        i = take_item(sync, 0)
+        _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
+        while i < items1:
+            a, c = i // per_expert, i % per_expert
+            _fp8_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
+                         gate, gate_s, up, up_s, slot_of, weights, act, h, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
+            item_done(sync, 0)
+            i = take_item(sync, 0)
+            _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
+        i = take_item(sync, 1)
+        _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)  # streams in while the last items of phase 1 end
+        wait_phase(sync, 0, items1)
+        while i < items2:
+            _fp8_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
+                      active_start, slot_of, h, out, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
+            i = take_item(sync, 1)
+            _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)
     return n_active
 
 
@@ -245,52 +325,52 @@ def padded_in(n):
 
 
 @jit
-def _bf16_gate_up(task, num_tasks, hp, ip, top_k, gate, up, n_active, active_id, active_start, slot_of, weights,
-                  act, zero, h, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, ip)
-    for a in range(n_active):
-        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):  # per 128 rows: every group of 4 slots, gate then up
-            for p in range(2):
-                proj = gate if p == 0 else up
-                for g0 in range(s0, s1, 4):
-                    n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
-                    for i in range(n):
-                        offs[i] = (slots[i] // top_k) * hp
-                    for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                        if n == 1:
-                            bf16_tile(proj, (e * ip + r) * hp, hp, act, offs[0], res)
-                        else:
-                            bf16_tile_tokens4(proj, (e * ip + r) * hp, hp, act, offs, res)
-                        if p == 0:
-                            store_gate(res, n, slots, h, ip, r)
-                        else:
-                            finish_up(res, n, slots, weights, h, ip, r)
+def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, act, zero, h, res, slots, offs, pf):
+    """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
+    first, end = (e * ip + r0) * hp, (e * ip + r1) * hp  # this item's stream in gate, and the same in up
+    prefetch_head(up, first, end, pf // 2, 32)
+    for p in range(2):  # gate then up
+        proj = gate if p == 0 else up
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
+            for i in range(n):
+                offs[i] = (slots[i] // top_k) * hp
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    bf16_tile(proj, (e * ip + r) * hp, hp, act, offs[0], res, pf, end)
+                else:
+                    bf16_tile_tokens4(proj, (e * ip + r) * hp, hp, act, offs, res, pf, end)
+                if p == 0:
+                    store_gate(res, n, slots, h, ip, r)
+                else:
+                    finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
-def _bf16_down(task, num_tasks, hp, ip, hidden, num_tokens, top_k, down, n_active, active_id, active_start, slot_of,
-               h, zero, out, res, slots, offs):
-    lo, hi = row_share(task, num_tasks, hp)
-    zero_out_rows(out, num_tokens, hidden, lo, hi)
+def _bf16_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, n_active, active_id, active_start, slot_of,
+               h, zero, out, res, slots, offs, pf):
+    """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
+    zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):
-            for g0 in range(s0, s1, 4):
-                n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
-                for i in range(n):
-                    offs[i] = slots[i] * ip
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    if n == 1:
-                        bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res)
-                    else:
-                        bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res)
-                    accumulate_out(res, n, slots, top_k, out, hidden, r)
+        if a + 1 < n_active:
+            prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf // 2, 32)
+        end = (e * hp + r1) * ip
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
+            for i in range(n):
+                offs[i] = slots[i] * ip
+            for r in range(r0, r1, TILE_ROWS):
+                if n == 1:
+                    bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res, pf, end)
+                else:
+                    bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res, pf, end)
+                accumulate_out(res, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
 def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
-             num_threads, act, h, res, keys, slot_of, active_id, active_start, slots, offsets):
+             num_threads, pf, act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
     """BF16 layer. Same contract as moe_fp8."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -301,14 +381,29 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
         return -1
     load_activations(x, act, hp)
     act_zero, h_zero = (act.size // hp - 1) * hp, (h.size // ip - 1) * ip  # last rows stay zero
+    rows1, rows2 = item_rows(ip, n_active, num_threads, 2 * hp), item_rows(hp, 1, num_threads, 2 * ip)
+    per_expert = -(-ip // rows1)
+    items1, items2 = n_active * per_expert, -(-hp // rows2)
+    sync[:] = 0
     for task in prange(num_threads):
-        _bf16_gate_up(task, num_threads, hp, ip, top_k, gate, up, n_active, active_id, active_start, slot_of, weights,
-                      act, act_zero, h, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                      offsets[task * 16:(task + 1) * 16])
-    for task in prange(num_threads):
-        _bf16_down(task, num_threads, hp, ip, hidden, num_tokens, top_k, down, n_active, active_id, active_start,
-                   slot_of, h, h_zero, out, res[task * 128:(task + 1) * 128], slots[task * 4:(task + 1) * 4],
-                   offsets[task * 16:(task + 1) * 16])
+        t_res, t_slots, t_offs = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
+        i = take_item(sync, 0)
+        _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
+        while i < items1:
+            a, c = i // per_expert, i % per_expert
+            _bf16_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
+                          gate, up, slot_of, weights, act, act_zero, h, t_res, t_slots, t_offs, pf)
+            item_done(sync, 0)
+            i = take_item(sync, 0)
+            _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
+        i = take_item(sync, 1)
+        _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)  # streams in while the last items of phase 1 end
+        wait_phase(sync, 0, items1)
+        while i < items2:
+            _bf16_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, n_active, active_id,
+                       active_start, slot_of, h, h_zero, out, t_res, t_slots, t_offs, pf)
+            i = take_item(sync, 1)
+            _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)
     return n_active
 
 
@@ -316,57 +411,86 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
 
 
 @jit
-def _int4_gate_up(task, num_tasks, hp, ip, group, top_k, gate, gate_s, up, up_s, n_active, active_id, active_start,
-                  slot_of, weights, q, corr, ascale, zero, h, res, slots, qa, la):
-    lo, hi = row_share(task, num_tasks, ip)
-    for a in range(n_active):
-        e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):  # per 128 rows: every group of 4 slots, gate then up
-            for p in range(2):
-                proj, scale = (gate, gate_s) if p == 0 else (up, up_s)
-                for g0 in range(s0, s1, 4):
-                    n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
-                    for i in range(4):
-                        t = slots[i] // top_k if i < n else zero
-                        qa[i], la[i] = t * hp, t * (hp // 4)
-                    for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                        row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
-                        if n == 1:
-                            int4_tile(proj, row, hp, scale, srow, group, q, qa[0], corr, ascale, la[0], res)
-                        else:
-                            int4_tile_tokens4(proj, row, hp, scale, srow, group, q, qa, corr, ascale, la, res)
-                        if p == 0:
-                            store_gate(res, n, slots, h, ip, r)
-                        else:
-                            finish_up(res, n, slots, weights, h, ip, r)
+def _int4_gate_up(e, s0, s1, r0, r1, hp, ip, group, top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale,
+                  zero, h, res, slots, qa, la, pf):
+    """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h (int8 activations)."""
+    first, end = (e * ip + r0) * (hp // 2), (e * ip + r1) * (hp // 2)  # this item's stream in gate, and the same in up
+    prefetch_head(up, first, end, pf, 64)
+    prefetch_head(up_s, first * 2 // group, end * 2 // group, pf * (128 // group) // 64, 32)
+    for p in range(2):  # gate then up
+        proj, scale = (gate, gate_s) if p == 0 else (up, up_s)
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
+            for i in range(4):
+                t = slots[i] // top_k if i < n else zero
+                qa[i], la[i] = t * hp, t * (hp // 4)
+            for r in range(r0, r1, TILE_ROWS):
+                row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
+                if n == 1:
+                    int4_tile(proj, row, hp, scale, srow, group, q, qa[0], corr, ascale, la[0], res, pf, end)
+                else:
+                    int4_tile_tokens4(proj, row, hp, scale, srow, group, q, qa, corr, ascale, la, res, pf, end)
+                if p == 0:
+                    store_gate(res, n, slots, h, ip, r)
+                else:
+                    finish_up(res, n, slots, weights, h, ip, r)
 
 
 @jit
-def _int4_down(task, num_tasks, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
-               active_start, slot_of, q, corr, ascale, zero, out, res, slots, qa, la):
-    lo, hi = row_share(task, num_tasks, hp)
-    zero_out_rows(out, num_tokens, hidden, lo, hi)
+def _int4_down(r0, r1, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
+               active_start, slot_of, q, corr, ascale, zero, out, res, slots, qa, la, pf):
+    """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
+    zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
-        for r0 in range(lo, hi, 128):
-            for g0 in range(s0, s1, 4):
-                n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
-                for i in range(4):
-                    s = slots[i] if i < n else zero
-                    qa[i], la[i] = s * ip, s * (ip // 4)
-                for r in range(r0, min(hi, r0 + 128), TILE_ROWS):
-                    row, srow = (e * hp + r) * (ip // 2), (e * hp + r) * (ip // group)
-                    if n == 1:
-                        int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res)
-                    else:
-                        int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res)
-                    accumulate_out(res, n, slots, top_k, out, hidden, r)
+        if a + 1 < n_active:
+            _int4_head(down, down_s, active_id[a + 1], hp, r0, r1, ip, group, pf)
+        end = (e * hp + r1) * (ip // 2)
+        for g0 in range(s0, s1, 4):
+            n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
+            for i in range(4):
+                s = slots[i] if i < n else zero
+                qa[i], la[i] = s * ip, s * (ip // 4)
+            for r in range(r0, r1, TILE_ROWS):
+                row, srow = (e * hp + r) * (ip // 2), (e * hp + r) * (ip // group)
+                if n == 1:
+                    int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res, pf, end)
+                else:
+                    int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res, pf, end)
+                accumulate_out(res, n, slots, top_k, out, hidden, r)
+
+
+@jit
+def _int4_head(w, ws, e, rows_per_e, r0, r1, cols, group, pf):
+    """Prefetch the head of expert e's rows [r0, r1) in w (packed codes) and ws (its scales)."""
+    first, end = (e * rows_per_e + r0) * (cols // 2), (e * rows_per_e + r1) * (cols // 2)
+    prefetch_head(w, first, end, pf, 64)
+    prefetch_head(ws, first * 2 // group, end * 2 // group, pf * (128 // group) // 64, 32)
+
+
+@jit
+def _int4_head1(gate, gate_s, i, items, per_expert, rows, ip, hp, group, active_id, pf):
+    if i < items:
+        c = i % per_expert
+        _int4_head(gate, gate_s, active_id[i // per_expert], ip, c * rows, min(ip, (c + 1) * rows), hp, group, pf)
+
+
+@jit
+def quant_chunk(cols, rows, num_tasks):
+    """Inputs per int8-quantization item: a share of rows x cols for each task in whole 128s, at least
+    QUANT_MIN_COLS (an item must outweigh its two contended counter updates), at most one row."""
+    units = cols // 128
+    return 128 * min(units, max(QUANT_MIN_COLS // 128, -(-(rows * units) // num_tasks)))
 
 
 @parallel_jit
 def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, down_s, out,
-             num_threads, act, h, q, corr, ascale, res, keys, slot_of, active_id, active_start, slots, offsets):
-    """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits)."""
+             num_threads, pf, act, h, q, corr, ascale, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
+    """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits).
+
+    Four phases in the one region: quantize x (items of `cx` inputs of a token), gate/up, quantize h
+    (items of `ch` inputs of a slot, and one that zeroes the padding row), down.
+    """
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     n_slots = num_tokens * top_k
@@ -377,24 +501,50 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
         return -1
     load_activations(x, act, hp)
     q_rows = q.size // max(hp, ip)
-    if num_tokens * hp <= 32768:  # a few tokens: cheaper here than another parallel region (~10 µs on 16 cores)
-        for t in range(num_tokens):
-            quantize_int8(act, t * hp, hp, group, q, t * hp, corr, ascale, t * (hp // 4))
-    else:
-        for t in prange(num_tokens):
-            quantize_int8(act, t * hp, hp, group, q, t * hp, corr, ascale, t * (hp // 4))
-    _zero_row(q, corr, ascale, (q_rows - 1), hp)
+    zero = q_rows - 1
+    _zero_row(q, corr, ascale, zero, hp)  # phase 1's padding row lies past every token's codes
+    rows1, rows2 = item_rows(ip, n_active, num_threads, hp // 2), item_rows(hp, 1, num_threads, ip // 2)
+    cx, ch = quant_chunk(hp, num_tokens, num_threads), quant_chunk(ip, n_slots, num_threads)
+    nx, nh = -(-hp // cx), -(-ip // ch)  # items per token, per slot
+    per_expert = -(-ip // rows1)
+    items1, items2 = n_active * per_expert, -(-hp // rows2)
+    sync[:] = 0
     for task in prange(num_threads):
-        _int4_gate_up(task, num_threads, hp, ip, group, top_k, gate, gate_s, up, up_s, n_active, active_id,
-                      active_start, slot_of, weights, q, corr, ascale, q_rows - 1, h, res[task * 128:(task + 1) * 128],
-                      slots[task * 4:(task + 1) * 4], offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8])
-    for s in prange(n_slots):
-        quantize_int8(h, s * ip, ip, group, q, s * ip, corr, ascale, s * (ip // 4))
-    _zero_row(q, corr, ascale, (q_rows - 1), ip)
-    for task in prange(num_threads):
-        _int4_down(task, num_threads, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
-                   active_start, slot_of, q, corr, ascale, q_rows - 1, out, res[task * 128:(task + 1) * 128],
-                   slots[task * 4:(task + 1) * 4], offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8])
+        t_res, t_slots = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4]
+        t_qa, t_la = offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8]
+        i = take_item(sync, 0)
+        while i < num_tokens * nx:
+            t, c0 = i // nx, i % nx * cx
+            quantize_int8(act, t * hp + c0, min(cx, hp - c0), group, q, t * hp + c0, corr, ascale, (t * hp + c0) // 4)
+            item_done(sync, 0)
+            i = take_item(sync, 0)
+        wait_phase(sync, 0, num_tokens * nx)
+        i = take_item(sync, 1)
+        _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
+        while i < items1:
+            a, c = i // per_expert, i % per_expert
+            _int4_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, group,
+                          top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale, zero, h, t_res, t_slots, t_qa, t_la, pf)
+            item_done(sync, 1)
+            i = take_item(sync, 1)
+            _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
+        wait_phase(sync, 1, items1)
+        i = take_item(sync, 2)
+        while i <= n_slots * nh:
+            if i == n_slots * nh:
+                _zero_row(q, corr, ascale, zero, ip)  # phase 3's padding row (it may overlap x's codes: now unused)
+            else:
+                sl, c0 = i // nh, i % nh * ch
+                quantize_int8(h, sl * ip + c0, min(ch, ip - c0), group, q, sl * ip + c0, corr, ascale, (sl * ip + c0) // 4)
+            item_done(sync, 2)
+            i = take_item(sync, 2)
+        wait_phase(sync, 2, n_slots * nh + 1)
+        i = take_item(sync, 3)
+        while i < items2:
+            _int4_head(down, down_s, active_id[0], hp, i * rows2, min(hp, (i + 1) * rows2), ip, group, pf)
+            _int4_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active,
+                       active_id, active_start, slot_of, q, corr, ascale, zero, out, t_res, t_slots, t_qa, t_la, pf)
+            i = take_item(sync, 3)
     return n_active
 
 
@@ -410,11 +560,16 @@ def _zero_row(q, corr, ascale, row, cols):
 
 
 class MoeKernel:
-    """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released)."""
+    """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released).
 
-    def __init__(self, hidden: int, inter: int, max_tokens: int, top_k: int, num_threads: int | None = None):
+    prefetch_bytes: how far ahead the tile loops prefetch (> 0 into L1, < 0 into L2, 0 off); see dots.py.
+    """
+
+    def __init__(self, hidden: int, inter: int, max_tokens: int, top_k: int, num_threads: int | None = None,
+                 prefetch_bytes: int = PREFETCH_BYTES):
         self.hidden, self.inter, self.max_tokens, self.top_k = hidden, inter, max_tokens, top_k
         self.num_threads = min(num_threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
+        self.prefetch_bytes = prefetch_bytes
         hp, ip = padded(hidden), padded(inter)
         cols = max(hp, ip)
         n_slots = max_tokens * top_k
@@ -431,8 +586,9 @@ class MoeKernel:
         self.slot_of = np.zeros(n_slots, np.int64)
         self.active_id = np.zeros(n_slots, np.int64)
         self.active_start = np.zeros(n_slots + 1, np.int64)
-        self.slots = np.zeros(nt * 4, np.int64)
+        self.slots = np.zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
         self.offsets = np.zeros(nt * 16, np.int64)
+        self.sync = np.zeros(8 * SYNC_STRIDE, np.int64)  # per phase: next item, items done
         self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
         self._threads_set = threading.local()
 
@@ -468,16 +624,16 @@ class MoeKernel:
         if bound is not None and bound[0] is layer:
             return bound[1]
         a, fmt = layer.arrays, layer.fmt
-        routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots)
+        routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots, self.offsets, self.sync)
+        run = (self.num_threads, self.prefetch_bytes)
         if fmt.kind == "fp8":
             args = (moe_fp8, _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
-                    (self.num_threads, self.act, self.h, self.xs, self.res, *routing, self.offsets))
+                    (*run, self.act, self.h, self.xs, self.res, *routing))
         elif fmt.kind == "bf16":
-            args = (moe_bf16, _flat(a, "gate", "up", "down"), (self.num_threads, self.act, self.h, self.res, *routing, self.offsets))
+            args = (moe_bf16, _flat(a, "gate", "up", "down"), (*run, self.act, self.h, self.res, *routing))
         else:
             weights = [v.view(np.uint16) if v.dtype == np.float16 else v for v in _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")]
-            args = (moe_int4, (fmt.group_size, *weights), (self.num_threads, self.act, self.h, self.q, self.corr, self.ascale,
-                                                            self.res, *routing, self.offsets))
+            args = (moe_int4, (fmt.group_size, *weights), (*run, self.act, self.h, self.q, self.corr, self.ascale, self.res, *routing))
         self._bound[id(layer)] = (layer, args)
         return args
 

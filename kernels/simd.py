@@ -149,34 +149,120 @@ def vsum(typingctx, vec):
     return types.float32(vec), codegen
 
 
+def _prefetch(locality: int):
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I8)
+        fn = _llvm_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr.type, I32, I32, I32])
+        builder.call(fn, [ptr, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint: start loading the cache line that holds arr[idx] into L1 (prefetcht0). Never faults, even past the end."""
+    return types.void(arr, idx), _prefetch(3)
+
+
+@intrinsic
+def prefetch_l2(typingctx, arr, idx):
+    """Hint: start loading the cache line that holds arr[idx] into L2, not L1 (prefetcht2). Never faults."""
+    return types.void(arr, idx), _prefetch(1)
+
+
+# ---------------------------------------------------------------- work sharing between the threads of one region
+
+
+@intrinsic
+def atomic_add(typingctx, arr, idx, value):
+    """arr[idx] += value as one atomic step (sequentially consistent) on an int64 array; returns the old value."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I64)
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+
+    return types.int64(arr, idx, value), codegen
+
+
+@intrinsic
+def atomic_read(typingctx, arr, idx):
+    """arr[idx] of an int64 array, read atomically (acquire: what was written before the matching add is seen)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], I64)
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """The x86 `pause` hint for a spin-wait loop (lets the sibling hyper-thread run, saves power)."""
+
+    def codegen(context, builder, sig, args):
+        builder.call(_llvm_fn(builder, "llvm.x86.sse2.pause", ir.VoidType(), []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def os_yield(typingctx):
+    """sched_yield(): give the core to another runnable thread (a waiting task whose peer is not running)."""
+
+    def codegen(context, builder, sig, args):
+        builder.call(_llvm_fn(builder, "sched_yield", I32, []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 # ---------------------------------------------------------------- weight decoders
 
 
 @intrinsic
-def load_fp8x32(typingctx, arr, idx):
-    """Decode 32 E4M3 bytes arr[idx : idx+32] → two f32x16 holding value * 2**-8, exactly.
+def load_fp8x64(typingctx, arr, idx):
+    """Decode 64 E4M3 bytes arr[idx : idx+64] (two rows of 32) → four f32x16 holding value * 2**-8, exactly:
+    (row 0's even columns, row 0's odd columns, row 1's even, row 1's odd).
 
-    The byte s.eeee.mmm moves into the half-precision layout s.0eeee.mmm0000000 (a shift left by 8,
-    an arithmetic shift right by 1 that copies the sign, a mask that clears the copy), which equals
-    value * 2**-8 for every finite code, subnormals included (they land on half subnormals); then
-    vcvtph2ps widens it. No float32 denormal ever appears (a microcode assist each, see the note).
-    NaN codes 0x7F/0xFF become half 0x3F80/0xBF80 = ±1.875 * 2**-8... of a NaN-free range: callers
-    never see NaN codes in valid checkpoints; the reference maps them to NaN, the kernel to ±480.
+    The bytes are read as 32 little-endian words. The low byte (an even column) moves into the half-
+    precision layout s.0eeee.mmm0000000 by a shift left by 8, an arithmetic shift right by 1 that copies
+    the sign, and a mask that clears the copy; the high byte (an odd column) is already in place after
+    the shift right. That half equals value * 2**-8 for every finite code, subnormals included (they
+    land on half subnormals), and vcvtph2ps widens it: no float32 denormal ever appears (a microcode
+    assist each, see the note). Splitting columns by parity instead of widening bytes saves the two
+    zero-extending shuffles per 64 codes; the activations are stored split the same way.
+    NaN codes 0x7F/0xFF decode to ±480 * 2**-8: callers never see them (the encoder rejects them).
     """
 
     def codegen(context, builder, sig, args):
-        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(I8, 32))
-        b = builder.zext(builder.load(ptr, align=1), ir.VectorType(I16, 32))
-        h = builder.ashr(builder.shl(b, _consts(I16, [8] * 32)), _consts(I16, [1] * 32))
-        h = builder.and_(h, _consts(I16, [0xBFFF] * 32))
-        h = builder.bitcast(h, ir.VectorType(HALF, 32))
+        v32h = ir.VectorType(I16, 32)
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v32h)
+        w = builder.load(ptr, align=1)
+        even = builder.and_(builder.ashr(builder.shl(w, _consts(I16, [8] * 32)), _consts(I16, [1] * 32)), _consts(I16, [0xBF80] * 32))
+        odd = builder.and_(builder.ashr(w, _consts(I16, [1] * 32)), _consts(I16, [0xBF80] * 32))
         out = []
-        for half in (range(16), range(16, 32)):
-            part = builder.shuffle_vector(h, h, _consts(I32, half))
-            out.append(builder.fpext(part, V16F))
+        for row in (range(16), range(16, 32)):
+            for h in (even, odd):
+                half = builder.bitcast(h, ir.VectorType(HALF, 32))
+                out.append(builder.fpext(builder.shuffle_vector(half, half, _consts(I32, row)), V16F))
         return context.make_tuple(builder, sig.return_type, out)
 
-    return types.UniTuple(f32x16, 2)(arr, idx), codegen
+    return types.UniTuple(f32x16, 4)(arr, idx), codegen
+
+
+@intrinsic
+def vsplit_parity(typingctx, lo, hi):
+    """(even lanes, odd lanes) of the 32 values lo ++ hi: the column order load_fp8x64 decodes into."""
+
+    def codegen(context, builder, sig, args):
+        even = builder.shuffle_vector(args[0], args[1], _consts(I32, range(0, 32, 2)))
+        odd = builder.shuffle_vector(args[0], args[1], _consts(I32, range(1, 32, 2)))
+        return context.make_tuple(builder, sig.return_type, [even, odd])
+
+    return types.UniTuple(f32x16, 2)(lo, hi), codegen
 
 
 @intrinsic

@@ -9,7 +9,7 @@ import pytest
 
 from hmoe.kernels import reference as ref
 from hmoe.kernels.formats import ExpertFormat
-from hmoe.kernels.moe import MoeKernel, route, row_share
+from hmoe.kernels.moe import ITEMS_PER_TASK, MIN_STREAM_BYTES, QUANT_MIN_COLS, MoeKernel, item_rows, quant_chunk, route
 
 from helpers.kernel_layers import random_layer
 
@@ -79,13 +79,55 @@ def test_route_groups_slots_by_expert():
     assert route(np.array([[4]], np.int64), 4, keys, slot_of, active_id, active_start) == -1
 
 
-@pytest.mark.parametrize("rows,tasks", [(768, 16), (768, 15), (2048, 2), (7168, 16), (128, 3), (16, 4)])
-def test_row_shares_cover_rows_once(rows, tasks):
-    shares = [row_share(t, tasks, rows) for t in range(tasks)]
-    assert shares[0][0] == 0 and shares[-1][1] == rows
-    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
-    sizes = [hi - lo for lo, hi in shares]
-    assert all(s % 16 == 0 for s in sizes) and max(sizes) - min(sizes) <= 16
+@pytest.mark.parametrize("rows,units,tasks,row_bytes", [(768, 8, 16, 2048), (2048, 8, 16, 7168), (7168, 1, 16, 2048), (2048, 1, 16, 768),
+                                                       (2048, 1, 16, 384), (128, 1, 3, 256), (2048, 60, 2, 4096)])
+def test_item_rows_split_finely_but_keep_streams_long(rows, units, tasks, row_bytes):
+    r = item_rows(rows, units, tasks, row_bytes)
+    assert r in (16, 32, 64, 128) and 128 % r == 0  # an item never straddles a 128-row FP8 scale block
+    assert r == 128 or r * row_bytes >= MIN_STREAM_BYTES  # an expert's part of an item streams long enough
+    enough = units * -(-rows // r) >= ITEMS_PER_TASK * tasks
+    assert enough or r == 16 or (r // 2) * row_bytes < MIN_STREAM_BYTES  # finer only where it would still stream
+    assert r == 128 or units * -(-rows // (2 * r)) < ITEMS_PER_TASK * tasks  # the largest that is fine enough
+
+
+@pytest.mark.parametrize("cols,rows,tasks", [(7168, 1, 16), (2048, 1, 16), (768, 8, 16), (2048, 8, 16), (7168, 16, 16), (1280, 1, 2)])
+def test_quant_chunks_are_whole_128s_within_a_row(cols, rows, tasks):
+    c = quant_chunk(cols, rows, tasks)
+    assert c % 128 == 0 and 0 < c <= cols
+    assert c == cols or c >= QUANT_MIN_COLS
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_activations_quantized_in_pieces(group):
+    """x and h longer than QUANT_MIN_COLS at T=1, K=1: each is quantized in two items, the second shorter."""
+    hidden = inter = QUANT_MIN_COLS + 256
+    layer = random_layer(ExpertFormat("int4", group), 2, hidden, inter, seed=11)
+    rng = np.random.default_rng(2)
+    x, ids, w = rng.standard_normal((1, hidden), dtype=np.float32), np.array([[1]], np.int64), np.array([[0.7]], np.float32)
+    assert quant_chunk(hidden, 1, 2) == QUANT_MIN_COLS  # two items: 1024 + 256 inputs
+    out = np.full((1, hidden), np.nan, np.float32)
+    MoeKernel(hidden, inter, 1, 1, num_threads=2).run(x, ids, w, layer, out)
+    want = ref.moe_reference(x, ids, w, layer, int8_activations=True)
+    assert np.linalg.norm(out - want) / np.linalg.norm(want) < 2e-3
+
+
+def test_fewer_threads_than_tasks_still_ends_and_agrees(layers, fmt):
+    """Tasks claim work items; one that waits never waits on a task that has not started, so a call whose
+    tasks run one after another on a single thread finishes, with the same result."""
+    import numba
+
+    rng = np.random.default_rng(5)
+    ids, w = routing(rng, 6, 4, E, "skewed")
+    x = rng.standard_normal((6, H), dtype=np.float32)
+    kernel = MoeKernel(H, I, 8, 4, num_threads=2)
+    want, out = np.empty((6, H), np.float32), np.empty((6, H), np.float32)
+    kernel.run(x, ids, w, layers[fmt.name], want)
+    numba.set_num_threads(1)  # the kernel's 2 tasks now run on one thread, one after the other
+    try:
+        kernel.run(x, ids, w, layers[fmt.name], out)
+    finally:
+        numba.set_num_threads(kernel.num_threads)
+    assert np.array_equal(out, want)
 
 
 def test_bad_inputs_fail_loudly(layers):

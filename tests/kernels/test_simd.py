@@ -8,17 +8,29 @@ from numba import njit
 
 from hmoe.kernels import jit as kjit
 from hmoe.kernels import reference as ref
-from hmoe.kernels.simd import dpbusd, load_bf16x16, load_f16_pair, load_fp8x32, load_u8x64, nibbles_hi, nibbles_lo, vcvt, vstore
+from hmoe.kernels.simd import (dpbusd, load_bf16x16, load_f16_pair, load_fp8x64, load_u8x64, nibbles_hi, nibbles_lo, vcvt, vload,
+                               vsplit_parity, vstore)
 
 AVX512 = kjit.has_cpu_feature("avx512f")
 
 
 @njit
 def _decode_fp8(codes, out):
-    for i in range(0, codes.size, 32):
-        lo, hi = load_fp8x32(codes, i)
-        vstore(out, i, lo)
-        vstore(out, i + 16, hi)
+    """Back to column order: load_fp8x64 gives (row 0 even, row 0 odd, row 1 even, row 1 odd) columns."""
+    tmp = np.empty(16, np.float32)
+    for i in range(0, codes.size, 64):
+        vecs = load_fp8x64(codes, i)
+        for k in range(4):
+            vstore(tmp, 0, vecs[k])
+            for lane in range(16):
+                out[i + 32 * (k // 2) + 2 * lane + k % 2] = tmp[lane]
+
+
+@njit
+def _split(x, even, odd):
+    e, o = vsplit_parity(vload(x, 0), vload(x, 16))
+    vstore(even, 0, e)
+    vstore(odd, 0, o)
 
 
 def test_all_256_e4m3_codes_decode_exactly():
@@ -30,6 +42,12 @@ def test_all_256_e4m3_codes_decode_exactly():
     assert np.array_equal(out[finite].astype(np.float64), want[finite])  # subnormals and ±448 exactly
     assert np.signbit(out[0x80]) and out[0x80] == 0  # negative zero keeps its sign
     assert out[0x7F] == 480 * 2.0**-8 and out[0xFF] == -480 * 2.0**-8  # NaN codes: never stored (encoder rejects them)
+    shuffled = np.random.default_rng(0).permutation(256).astype(np.uint8)  # every code in both byte positions
+    _decode_fp8(shuffled, out)
+    assert np.array_equal(out[(shuffled & 0x7F) != 0x7F].astype(np.float64), want[shuffled][(shuffled & 0x7F) != 0x7F])
+    x, even, odd = np.arange(32, dtype=np.float32), np.empty(16, np.float32), np.empty(16, np.float32)
+    _split(x, even, odd)
+    assert even.tolist() == list(range(0, 32, 2)) and odd.tolist() == list(range(1, 32, 2))
 
 
 @njit
@@ -93,10 +111,10 @@ from hmoe.kernels import dots, moe
 cols, w8, w16 = 128, np.zeros(16 * 128, np.uint8), np.zeros(16 * 128, np.uint16)
 a, res, offs = np.ones(4 * cols, np.float32), np.zeros(128, np.float32), np.zeros(4, np.int64)
 q, corr, ws = np.zeros(4 * cols, np.int8), np.zeros(cols, np.int32), np.zeros(64, np.uint16)
-dots.fp8_tile(w8, 0, cols, a, 0, res)
-dots.fp8_tile_tokens4(w8, 0, cols, a, offs, res)
-dots.bf16_tile(w16, 0, cols, a, 0, res)
-dots.int4_tile(w8, 0, cols, ws, 0, 32, q, 0, corr, a, 0, res)
+dots.fp8_tile(w8, 0, cols, a, 0, res, 4096, w8.size)
+dots.fp8_tile_tokens4(w8, 0, cols, a, offs, res, 4096, w8.size)
+dots.bf16_tile(w16, 0, cols, a, 0, res, 4096, w16.size)
+dots.int4_tile(w8, 0, cols, ws, 0, 32, q, 0, corr, a, 0, res, 4096, w8.size)
 moe._fp8_scale_acts(a, 0, cols, a, 0, a, cols)
 print(json.dumps({f.__name__: "\n".join(f.inspect_asm().values()) for f in
                   (dots.fp8_tile, dots.fp8_tile_tokens4, dots.bf16_tile, dots.int4_tile, moe._fp8_scale_acts)}))
@@ -123,6 +141,8 @@ def test_hot_loops_use_512_bit_vectors(tmp_path):
         assert any(any(m in ln for m in mnemonics) for ln in zmm_lines), (name, mnemonics)
     if kjit.has_cpu_feature("avx512vnni"):
         assert any("vpdpbusd" in ln and "zmm" in ln for ln in asm["int4_tile"].splitlines())
+    for name in ("fp8_tile", "fp8_tile_tokens4", "bf16_tile", "int4_tile"):  # the weight stream is prefetched ahead
+        assert "prefetcht0" in asm[name], name
 
 
 def test_cache_dir_is_configurable(tmp_path):
