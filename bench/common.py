@@ -40,7 +40,8 @@ def cpu_flags() -> set[str]:
 
 
 def machine_name() -> str:
-    """Short name of this machine for result files: the GPU's model ("h200", "h100") where one is visible, else "dev"."""
+    """Short name of this machine for result files: the GPU's model ("h200", "h100") where one is visible,
+    else "dev"."""
     try:
         import torch
 
@@ -53,7 +54,8 @@ def machine_name() -> str:
 
 
 def machine() -> dict:
-    """CPU model, cores, caches, memory, SIMD features, load, torch and numba versions, GPU if any (every bench's header)."""
+    """CPU model, cores, caches, memory, SIMD features, load, torch and numba versions, GPU if any (every
+    bench's header)."""
     from hmoe.kernels import jit
     from hmoe.kernels.moe import physical_cores
 
@@ -152,9 +154,16 @@ class ReadBandwidth:
             start = time.perf_counter()
             self.kernel(self.buffer, self.num_threads, self.partial)
             gbs.append(self.buffer.nbytes / (time.perf_counter() - start) / 1e9)
-        reading = {"t_s": round(self.now_s(), 3), "label": label, "threads": self.num_threads, "passes": passes,
-                   "buffer_mib": self.buffer.nbytes >> 20, "best_gbs": max(gbs), "median_gbs": float(np.median(gbs)),
-                   "worst_gbs": min(gbs)}
+        reading = {
+            "t_s": round(self.now_s(), 3),
+            "label": label,
+            "threads": self.num_threads,
+            "passes": passes,
+            "buffer_mib": self.buffer.nbytes >> 20,
+            "best_gbs": max(gbs),
+            "median_gbs": float(np.median(gbs)),
+            "worst_gbs": min(gbs),
+        }
         self.readings.append(reading)
         return reading
 
@@ -165,7 +174,12 @@ class ReadBandwidth:
     def spread(self) -> dict:
         """Best readings of the run: best, median and worst (how far the denominator moved)."""
         best = [r["best_gbs"] for r in self.readings]
-        return {"readings": len(best), "best_gbs": max(best), "median_gbs": float(np.median(best)), "worst_gbs": min(best)}
+        return {
+            "readings": len(best),
+            "best_gbs": max(best),
+            "median_gbs": float(np.median(best)),
+            "worst_gbs": min(best),
+        }
 
     def evict(self) -> None:
         """Read the whole buffer once: pushes earlier data out of every cache level (size it past the L3)."""

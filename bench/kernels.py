@@ -3,7 +3,7 @@
     python bench/kernels.py [--quick] [--json PATH] [--threads N] [--worker-threads N] [--no-kt]
     python -m bench.kernels ...   (the same)
     python bench/kernels.py --calls 10 --memory-gib 4 --kt-formats fp8 --kt-max-experts 16 --no-start-times
-                                  (a shorter run for a short device lease: fewer calls, smaller layers, kt-kernel FP8 only)
+        (a shorter run for a short device lease: fewer calls, smaller layers, kt-kernel FP8 only)
 
 In one run: the read bandwidth as STREAM measures it (the best of several passes of a parallel Numba
 sum over a buffer far larger than L3, all threads; kept with its spread, at the start, between shapes
@@ -57,7 +57,8 @@ def _fill_kernel():
 
     @njit(parallel=True, nogil=True, cache=True)
     def fill_random(words, seed, kind):
-        """Random 64-bit words, in parallel (xorshift): kind 0 any bytes, 1 E4M3 codes without NaN, 2 bf16 in ±[2^-7, 2^-3)."""
+        """Random 64-bit words, in parallel (xorshift): kind 0 any bytes, 1 E4M3 codes without NaN,
+        2 bf16 in ±[2^-7, 2^-3)."""
         n = words.size
         chunk = -(-n // 64)
         for c in prange(64):
@@ -72,7 +73,11 @@ def _fill_kernel():
                     nan &= (v >> np.uint64(4)) & (v >> np.uint64(5)) & (v >> np.uint64(6))
                     v &= ~(nan & np.uint64(0x0101010101010101))
                 elif kind == 2:  # per 16 bits: sign, exponent 120..123, 7 random mantissa bits
-                    v = (v & np.uint64(0x807F807F807F807F)) | np.uint64(0x3C003C003C003C00) | ((v >> np.uint64(3)) & np.uint64(0x0180018001800180))
+                    v = (
+                        (v & np.uint64(0x807F807F807F807F))
+                        | np.uint64(0x3C003C003C003C00)
+                        | ((v >> np.uint64(3)) & np.uint64(0x0180018001800180))
+                    )
                 words[i] = v
 
     return fill_random
@@ -123,8 +128,12 @@ def time_calls(fn, calls, bytes_of, evict) -> dict:
         times.append(time.perf_counter() - start)
         nbytes.append(bytes_of(n))
     best = int(np.argmin(times))
-    return {"seconds": times[best], "seconds_median": float(np.median(times)), "bytes": nbytes[best],
-            "gbs": nbytes[best] / times[best] / 1e9}
+    return {
+        "seconds": times[best],
+        "seconds_median": float(np.median(times)),
+        "bytes": nbytes[best],
+        "gbs": nbytes[best] / times[best] / 1e9,
+    }
 
 
 # ---------------------------------------------------------------- engines
@@ -136,7 +145,9 @@ def bench_hmoe(layer, shape: dict, tokens: int, calls, threads: int, evict) -> d
     kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads)
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
-    return time_calls(lambda ids, w: kernel.run(x, ids, w, layer, out), calls, lambda n: n * layer.nbytes_per_expert, evict)
+    return time_calls(
+        lambda ids, w: kernel.run(x, ids, w, layer, out), calls, lambda n: n * layer.nbytes_per_expert, evict
+    )
 
 
 def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
@@ -180,7 +191,8 @@ import json, sys, time, numpy as np, torch
 import kt_kernel
 ext = kt_kernel.kt_kernel_ext
 spec = json.loads(sys.argv[1])
-E, K, H, I, fmt, threads = spec["experts"], spec["top_k"], spec["hidden"], spec["inter"], spec["format"], spec["threads"]
+E, K, H, I = spec["experts"], spec["top_k"], spec["hidden"], spec["inter"]
+fmt, threads = spec["format"], spec["threads"]
 cpu = ext.CPUInfer(threads)
 c = ext.moe.MOEConfig(E, K, H, I, 0)
 c.max_len = 64
@@ -212,20 +224,25 @@ for tokens, calls in spec["calls"]:
     x = torch.randn(tokens, H).bfloat16(); out = torch.empty(tokens, H, dtype=torch.bfloat16)
     qlen = torch.tensor([tokens], dtype=torch.int32)
     times, actives = [], []
-    for ids, w in [(torch.tensor(i, dtype=torch.int64).contiguous(), torch.tensor(w, dtype=torch.float32).contiguous()) for i, w in calls]:
+    for ids, w in [(torch.tensor(i, dtype=torch.int64).contiguous(),
+                    torch.tensor(w, dtype=torch.float32).contiguous()) for i, w in calls]:
         flush.sum()
         t0 = time.perf_counter()
-        cpu.submit(moe.forward_task(qlen.data_ptr(), K, ids.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(), False)); cpu.sync()
+        task = moe.forward_task(qlen.data_ptr(), K, ids.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(), False)
+        cpu.submit(task)
+        cpu.sync()
         times.append(time.perf_counter() - t0); actives.append(len(set(ids.reshape(-1).tolist())))
     rows.append({"tokens": tokens, "times": times[1:], "actives": actives[1:]})
 print("KTJSON" + json.dumps({"variant": kt_kernel.__cpu_variant__, "rows": rows}))
 """
 
 
-def bench_kt(shape: dict, fmt: str, num_experts: int, per_tokens: dict, threads: int, bytes_per_expert: int) -> list[dict]:
+def bench_kt(
+    shape: dict, fmt: str, num_experts: int, per_tokens: dict, threads: int, bytes_per_expert: int
+) -> list[dict]:
     """kt-kernel in a child process (PYTHONPATH=.kt); for int4 its group-quantized class, else its per-channel one."""
     rows = []
-    for kt_class in (["AMXInt4_1KGroup_MOE", "AMXInt4_MOE"] if fmt.startswith("int4") else [None]):
+    for kt_class in ["AMXInt4_1KGroup_MOE", "AMXInt4_MOE"] if fmt.startswith("int4") else [None]:
         rows = _bench_kt_class(shape, fmt, num_experts, per_tokens, threads, bytes_per_expert, kt_class)
         if "error" not in rows[0]:
             break
@@ -233,21 +250,49 @@ def bench_kt(shape: dict, fmt: str, num_experts: int, per_tokens: dict, threads:
 
 
 def _bench_kt_class(shape, fmt, num_experts, per_tokens, threads, bytes_per_expert, kt_class) -> list[dict]:
-    spec = {**shape, "experts": num_experts, "format": fmt, "threads": threads, "kt_class": kt_class, "evict_bytes": EVICT_BYTES,
-            "calls": [[t, [[ids.tolist(), w.tolist()] for ids, w in calls]] for t, calls in per_tokens.items()]}
+    spec = {
+        **shape,
+        "experts": num_experts,
+        "format": fmt,
+        "threads": threads,
+        "kt_class": kt_class,
+        "evict_bytes": EVICT_BYTES,
+        "calls": [[t, [[ids.tolist(), w.tolist()] for ids, w in calls]] for t, calls in per_tokens.items()],
+    }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(KT_DIR), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", KT_CHILD, json.dumps(spec)], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", KT_CHILD, json.dumps(spec)], env=env, capture_output=True, text=True, timeout=900
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("KTJSON")), None)
     if line is None:
-        print(f"  kt-kernel {fmt} ({kt_class}): failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-200:]}", flush=True)
-        return [{"format": fmt, "kt_class": kt_class, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"}]
+        print(
+            f"  kt-kernel {fmt} ({kt_class}): failed (exit {proc.returncode}): "
+            f"{(proc.stderr or proc.stdout).strip()[-200:]}",
+            flush=True,
+        )
+        return [
+            {
+                "format": fmt,
+                "kt_class": kt_class,
+                "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}",
+            }
+        ]
     out = json.loads(line[6:])
     rows = []
     for r in out["rows"]:
         best = int(np.argmin(r["times"]))
         nbytes = r["actives"][best] * bytes_per_expert
-        rows.append({"format": fmt, "tokens": r["tokens"], "seconds": r["times"][best], "seconds_median": float(np.median(r["times"])),
-                     "gbs": nbytes / r["times"][best] / 1e9, "variant": out["variant"], "kt_class": kt_class})
+        rows.append(
+            {
+                "format": fmt,
+                "tokens": r["tokens"],
+                "seconds": r["times"][best],
+                "seconds_median": float(np.median(r["times"])),
+                "gbs": nbytes / r["times"][best] / 1e9,
+                "variant": out["variant"],
+                "kt_class": kt_class,
+            }
+        )
     return rows
 
 
@@ -256,8 +301,13 @@ def kt_available() -> str | None:
     if not KT_DIR.is_dir():
         return f"{KT_DIR} missing (unpack kt_kernel/, kt_kernel.libs/ and gguf/ of the kt-kernel wheel there)"
     env = {**os.environ, "PYTHONPATH": str(KT_DIR)}
-    proc = subprocess.run([sys.executable, "-c", "import kt_kernel; print(kt_kernel.__cpu_variant__)"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import kt_kernel; print(kt_kernel.__cpu_variant__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
 
 
@@ -295,23 +345,42 @@ def region_overhead_us(threads: int) -> dict:
     for _ in range(reps // 4):
         kernel.run(x, ids, w, layer, y)
     per_call = (time.perf_counter() - start) / (reps // 4) * 1e6
-    return {"per_region_us": per_region, "tiny_layer_call_us": per_call, "threads": threads,
-            "note": "tiny_layer_call = Python wrapper + routing + the one region of a call on a 128x128 bf16 expert"}
+    return {
+        "per_region_us": per_region,
+        "tiny_layer_call_us": per_call,
+        "threads": threads,
+        "note": "tiny_layer_call = Python wrapper + routing + the one region of a call on a 128x128 bf16 expert",
+    }
 
 
 def start_times() -> dict:
     """Seconds to import and warm up every kernel signature: cold (empty cache dir) and warm (cache filled)."""
-    code = ("import time; t = time.perf_counter(); from hmoe.kernels.moe import MoeKernel; "
-            "MoeKernel(256, 256, 4, 2).warm_up(); print(time.perf_counter() - t)")
+    code = (
+        "import time; t = time.perf_counter(); from hmoe.kernels.moe import MoeKernel; "
+        "MoeKernel(256, 256, 4, 2).warm_up(); print(time.perf_counter() - t)"
+    )
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        cold = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
-        warm = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
-    return {"cold_s": cold, "warm_s": warm, "note": "import + warm_up() of bf16, fp8, int4-g32, int4-g128 in a fresh process"}
+        cold = float(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        warm = float(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+    return {
+        "cold_s": cold,
+        "warm_s": warm,
+        "note": "import + warm_up() of bf16, fp8, int4-g32, int4-g128 in a fresh process",
+    }
 
 
 def fp8_decode_rate_per_core() -> dict:
-    """One core: FP8 tile kernel over weights that stay in L2 (decode rate) and over DRAM-resident experts (with and without prefetch)."""
+    """One core: FP8 tile kernel over weights that stay in L2 (decode rate) and over DRAM-resident experts
+    (with and without prefetch)."""
     from numba import njit
 
     from hmoe.kernels.dots import fp8_tile
@@ -331,7 +400,14 @@ def fp8_decode_rate_per_core() -> dict:
     rng = np.random.default_rng(3)
     rows, out = 2048, {"hot_l2_gbs": hot_rows * cols / best / 1e9}
     for name, pf in (("dram_one_core_gbs", PREFETCH_BYTES), ("dram_one_core_no_prefetch_gbs", 0)):
-        out[name] = rows * cols / min(_timed(lambda e=e: gemv(w, e * rows, rows, cols, xs, res, pf)) for e in rng.integers(0, 16, 30)) / 1e9
+        out[name] = (
+            rows
+            * cols
+            / min(
+                _timed(lambda e=e, pf=pf: gemv(w, e * rows, rows, cols, xs, res, pf)) for e in rng.integers(0, 16, 30)
+            )
+            / 1e9
+        )
     return out
 
 
@@ -346,18 +422,33 @@ def thread_scaling(counts=(1, 2, 4, 8, 12, 16)) -> list[dict]:
     for fmt_name in ("bf16", "fp8", "int4-g128"):
         layer = random_layer(fmt_name, shape["experts"], shape["hidden"], shape["inter"], seed=3)
         for threads in counts:
-            row = bench_hmoe(layer, shape, 1, routings(rng, 15, 1, shape["experts"], shape["top_k"]), threads, evict.evict)
-            rows.append({"format": fmt_name, "threads": threads, "seconds": row["seconds"], "gbs": row["gbs"],
-                         "read_bw_gbs": ReadBandwidth(2**30, threads).measure(3)})
-            print(f"scaling {fmt_name:9s} threads {threads:2d}: {row['gbs']:6.1f} GB/s (read {rows[-1]['read_bw_gbs']:6.1f})", flush=True)
+            row = bench_hmoe(
+                layer, shape, 1, routings(rng, 15, 1, shape["experts"], shape["top_k"]), threads, evict.evict
+            )
+            rows.append(
+                {
+                    "format": fmt_name,
+                    "threads": threads,
+                    "seconds": row["seconds"],
+                    "gbs": row["gbs"],
+                    "read_bw_gbs": ReadBandwidth(2**30, threads).measure(3),
+                }
+            )
+            print(
+                f"scaling {fmt_name:9s} threads {threads:2d}: {row['gbs']:6.1f} GB/s "
+                f"(read {rows[-1]['read_bw_gbs']:6.1f})",
+                flush=True,
+            )
         del layer
     return rows
 
 
 def omp_wait_policies(threads: int) -> dict:
     """Per-region cost under each OMP_WAIT_POLICY (set before libgomp starts), in fresh processes."""
-    code = ("import json, runpy; k = runpy.run_path(%r, run_name='bench_kernels'); "
-            "print(json.dumps(k['region_overhead_us'](%d)))" % (__file__, threads))
+    code = (
+        f"import json, runpy; k = runpy.run_path({__file__!r}, run_name='bench_kernels'); "
+        f"print(json.dumps(k['region_overhead_us']({threads})))"
+    )
     out = {}
     for policy in ("default", "active", "passive"):
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -384,21 +475,36 @@ def worker_threads() -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer calls, tokens 1 and 8, the 32-expert DeepSeek layer")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer calls, tokens 1 and 8, the 32-expert DeepSeek layer"
+    )
     parser.add_argument("--json", help="output path (default bench/results/kernels-<machine>.json)")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
-    parser.add_argument("--worker-threads", type=int, default=None, help="a worker's threads, for T=1 (default: half the CPUs; 0: skip)")
+    parser.add_argument(
+        "--worker-threads", type=int, default=None, help="a worker's threads, for T=1 (default: half the CPUs; 0: skip)"
+    )
     parser.add_argument("--no-kt", action="store_true", help="skip kt-kernel")
     parser.add_argument("--kt-threads", type=int, default=None, help="kt-kernel threads (default: --threads - 1)")
-    parser.add_argument("--kt-max-experts", type=int, default=64, help="experts kt-kernel holds (its loading is slow); same bytes per token")
-    parser.add_argument("--memory-gib", type=float, default=None, help="bytes one layer may hold (default: 45%% of RAM)")
+    parser.add_argument(
+        "--kt-max-experts",
+        type=int,
+        default=64,
+        help="experts kt-kernel holds (its loading is slow); same bytes per token",
+    )
+    parser.add_argument(
+        "--memory-gib", type=float, default=None, help="bytes one layer may hold (default: 45%% of RAM)"
+    )
     parser.add_argument("--calls", type=int, default=None, help="timed calls per case (default 30, --quick 12)")
     parser.add_argument("--tokens", default=None, help="token counts (default 1,2,4,8,16; --quick 1,8)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--kt-formats", default="bf16,fp8,int4-g32", help="formats kt-kernel runs")
-    parser.add_argument("--no-side", action="store_true", help="skip the side measurements (region cost, start times, per-core decode)")
-    parser.add_argument("--no-start-times", action="store_true", help="skip the cold/warm start measurement (two fresh compiles)")
+    parser.add_argument(
+        "--no-side", action="store_true", help="skip the side measurements (region cost, start times, per-core decode)"
+    )
+    parser.add_argument(
+        "--no-start-times", action="store_true", help="skip the cold/warm start measurement (two fresh compiles)"
+    )
     parser.add_argument("--diagnose", action="store_true", help="also: thread scaling and OMP wait policies")
     args = parser.parse_args(argv)
 
@@ -420,9 +526,12 @@ def main(argv=None) -> None:
     bw = ReadBandwidth(stream_bytes(), threads)
     bw_worker = ReadBandwidth(stream_bytes(), w_threads) if w_threads else None
     first = bw.read(10, "start")
-    print(f"threads {threads} (worker {w_threads or '-'}); read bandwidth best {first['best_gbs']:.1f} GB/s "
-          f"(median {first['median_gbs']:.1f}, worst {first['worst_gbs']:.1f}) over {first['buffer_mib']} MiB; "
-          f"L3 {l3_bytes() >> 20} MiB", flush=True)
+    print(
+        f"threads {threads} (worker {w_threads or '-'}); read bandwidth best {first['best_gbs']:.1f} GB/s "
+        f"(median {first['median_gbs']:.1f}, worst {first['worst_gbs']:.1f}) over {first['buffer_mib']} MiB; "
+        f"L3 {l3_bytes() >> 20} MiB",
+        flush=True,
+    )
     if bw_worker:
         r = bw_worker.read(10, "start")
         print(f"read bandwidth with {w_threads} threads: best {r['best_gbs']:.1f} GB/s", flush=True)
@@ -437,11 +546,21 @@ def main(argv=None) -> None:
     def timed_case(layer, shape, shape_name, fmt_name, tokens, calls, routing, n_threads, meter):
         t0 = meter.now_s()
         row = bench_hmoe(layer, shape, tokens, calls, n_threads, evict)
-        row.update(shape=shape_name, format=fmt_name, tokens=tokens, routing=routing, threads=n_threads,
-                   experts_in_memory=layer.num_experts, t_s=round((t0 + meter.now_s()) / 2, 3))
+        row.update(
+            shape=shape_name,
+            format=fmt_name,
+            tokens=tokens,
+            routing=routing,
+            threads=n_threads,
+            experts_in_memory=layer.num_experts,
+            t_s=round((t0 + meter.now_s()) / 2, 3),
+        )
         reading = meter.read(3, f"after {shape_name} {fmt_name} T={tokens} {routing} {n_threads}t")
-        print(f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:6s} {n_threads:2d}t {row['seconds'] * 1e3:8.3f} ms "
-              f"{row['gbs']:6.1f} GB/s (read bw now {reading['best_gbs']:5.1f})", flush=True)
+        print(
+            f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:6s} {n_threads:2d}t {row['seconds'] * 1e3:8.3f} ms "
+            f"{row['gbs']:6.1f} GB/s (read bw now {reading['best_gbs']:5.1f})",
+            flush=True,
+        )
         return row
 
     for shape_name in args.shapes.split(","):
@@ -461,25 +580,44 @@ def main(argv=None) -> None:
                 shared = routings(rng, num_calls, 8, num_experts, top_k, shared=True)
                 results.append(timed_case(layer, shape, shape_name, fmt_name, 8, shared, "shared", threads, bw))
             if w_threads and 1 in per_tokens:
-                results.append(timed_case(layer, shape, shape_name, fmt_name, 1, per_tokens[1], "random", w_threads, bw_worker))
+                results.append(
+                    timed_case(layer, shape, shape_name, fmt_name, 1, per_tokens[1], "random", w_threads, bw_worker)
+                )
             if fmt_name == "fp8" and 1 in per_tokens:
                 row = bench_hmoe(layer, shape, 1, per_tokens[1], 1, evict)
-                row.update(shape=shape_name, format=fmt_name, tokens=1, routing="random", threads=1, experts_in_memory=num_experts)
+                row.update(
+                    shape=shape_name,
+                    format=fmt_name,
+                    tokens=1,
+                    routing="random",
+                    threads=1,
+                    experts_in_memory=num_experts,
+                )
                 notes.setdefault("one_thread", []).append(row)
             if kt_reason is None and fmt_name in args.kt_formats.split(","):
                 kt_experts = min(num_experts, args.kt_max_experts)
                 kt_per_tokens = {t: routings(rng, min(num_calls, 16), t, kt_experts, top_k) for t in tokens_list}
                 t0 = bw.now_s()
                 for r in bench_kt(shape, fmt_name, kt_experts, kt_per_tokens, kt_threads, per_expert):
-                    r.update(shape=shape_name, threads=kt_threads, experts_in_memory=kt_experts, t_s=round((t0 + bw.now_s()) / 2, 3))
+                    r.update(
+                        shape=shape_name,
+                        threads=kt_threads,
+                        experts_in_memory=kt_experts,
+                        t_s=round((t0 + bw.now_s()) / 2, 3),
+                    )
                     kt_rows.append(r)
                     if "gbs" in r:
-                        print(f"{shape_name:14s} {fmt_name:9s} T={r['tokens']:2d} kt-kernel {r['seconds'] * 1e3:8.3f} ms {r['gbs']:6.1f} GB/s", flush=True)
+                        print(
+                            f"{shape_name:14s} {fmt_name:9s} T={r['tokens']:2d} kt-kernel "
+                            f"{r['seconds'] * 1e3:8.3f} ms {r['gbs']:6.1f} GB/s",
+                            flush=True,
+                        )
                 bw.read(3, f"after {shape_name} {fmt_name} kt-kernel")
             del layer
             if args.json:  # partial results, in case the run is cut short
-                Path(args.json + ".partial").write_text(json.dumps({"read_bw": bw.readings, "results": results,
-                                                                    "torch": torch_rows, "kt_kernel": kt_rows}))
+                Path(args.json + ".partial").write_text(
+                    json.dumps({"read_bw": bw.readings, "results": results, "torch": torch_rows, "kt_kernel": kt_rows})
+                )
         num_torch = int(min(shape["experts"], max(4 * top_k, budget // (3 * hidden * inter * 2))))
         if args.quick:
             num_torch = min(num_torch, 32)
@@ -487,10 +625,19 @@ def main(argv=None) -> None:
         for tokens in tokens_list:
             t0 = bw.now_s()
             row = bench_torch(weights, tokens, routings(rng, num_calls, tokens, num_torch, top_k), threads, evict)
-            row.update(shape=shape_name, format="bf16", tokens=tokens, threads=threads, experts_in_memory=num_torch,
-                       t_s=round((t0 + bw.now_s()) / 2, 3))
+            row.update(
+                shape=shape_name,
+                format="bf16",
+                tokens=tokens,
+                threads=threads,
+                experts_in_memory=num_torch,
+                t_s=round((t0 + bw.now_s()) / 2, 3),
+            )
             torch_rows.append(row)
-            print(f"{shape_name:14s} torch bf16 T={tokens:2d} {row['seconds'] * 1e3:8.3f} ms {row['gbs']:6.1f} GB/s", flush=True)
+            print(
+                f"{shape_name:14s} torch bf16 T={tokens:2d} {row['seconds'] * 1e3:8.3f} ms {row['gbs']:6.1f} GB/s",
+                flush=True,
+            )
         del weights
     bw.read(5, "end")
 
@@ -503,7 +650,11 @@ def main(argv=None) -> None:
                 row["roofline_frac_nearest"] = row["gbs"] / meter.nearest(row["t_s"])["best_gbs"]
             if meter is not bw:
                 row["roofline_frac_all_cores"] = row["gbs"] / bw.best_gbs
-    extra = {} if args.no_side else {"region_overhead": region_overhead_us(threads), "fp8_decode_per_core": fp8_decode_rate_per_core()}
+    extra = (
+        {}
+        if args.no_side
+        else {"region_overhead": region_overhead_us(threads), "fp8_decode_per_core": fp8_decode_rate_per_core()}
+    )
     if not (args.no_side or args.no_start_times):
         extra["start"] = start_times()
     if args.diagnose:
@@ -511,27 +662,52 @@ def main(argv=None) -> None:
         extra["omp_wait_policy"] = omp_wait_policies(threads)
     for shape_name in args.shapes.split(","):
         for fmt_name in args.formats.split(","):
-            by_t = {(r["tokens"], r["routing"]): r["seconds"] for r in results
-                    if r["shape"] == shape_name and r["format"] == fmt_name and r["threads"] == threads}
+            by_t = {
+                (r["tokens"], r["routing"]): r["seconds"]
+                for r in results
+                if r["shape"] == shape_name and r["format"] == fmt_name and r["threads"] == threads
+            }
             if (1, "random") in by_t and (8, "random") in by_t:
                 extra.setdefault("t8_over_t1", {})[f"{shape_name}/{fmt_name}"] = {
                     "random": by_t[(8, "random")] / by_t[(1, "random")],
-                    "shared": by_t.get((8, "shared"), float("nan")) / by_t[(1, "random")]}
+                    "shared": by_t.get((8, "shared"), float("nan")) / by_t[(1, "random")],
+                }
     name = f"kernels-{machine_name()}"
-    payload = {"read_bw_gbs": bw.best_gbs, "read_bw": {"spread": bw.spread(), "readings": bw.readings},
-               "read_bw_worker": {"spread": bw_worker.spread(), "readings": bw_worker.readings} if bw_worker else None,
-               "threads": threads, "worker_threads": w_threads, "quick": args.quick, "calls": num_calls, "results": results,
-               "torch": torch_rows, "kt_kernel": kt_rows if kt_reason is None else {"not_run": kt_reason},
-               "kt_threads": kt_threads, **notes, **extra,
-               "targets": targets(results, kt_rows, threads, name),
-               "note": "seconds = best of the calls (fresh random routing each); gbs = bytes of the experts that call read / seconds; "
-                       "roofline_frac = gbs / the best read bandwidth of the run at the row's thread count; roofline_frac_nearest = "
-                       "gbs / the reading taken nearest the row in time (read_bw.readings); read bandwidth = best of several passes "
-                       "of a parallel sum over a buffer far larger than L3, as STREAM measures"}
+    payload = {
+        "read_bw_gbs": bw.best_gbs,
+        "read_bw": {"spread": bw.spread(), "readings": bw.readings},
+        "read_bw_worker": {"spread": bw_worker.spread(), "readings": bw_worker.readings} if bw_worker else None,
+        "threads": threads,
+        "worker_threads": w_threads,
+        "quick": args.quick,
+        "calls": num_calls,
+        "results": results,
+        "torch": torch_rows,
+        "kt_kernel": kt_rows if kt_reason is None else {"not_run": kt_reason},
+        "kt_threads": kt_threads,
+        **notes,
+        **extra,
+        "targets": targets(results, kt_rows, threads, name),
+        "note": "seconds = best of the calls (fresh random routing each); "
+        "gbs = bytes of the experts that call read / seconds; "
+        "roofline_frac = gbs / the best read bandwidth of the run at the row's thread count; roofline_frac_nearest = "
+        "gbs / the reading taken nearest the row in time (read_bw.readings); read bandwidth = best of several passes "
+        "of a parallel sum over a buffer far larger than L3, as STREAM measures",
+    }
     path = write_results(name, payload, plot=plot, json_path=args.json)
     for t in payload["targets"]:
-        print(f"target {t['name']:60s} {t['value']:6.3f} (goal {t['op']} {t['goal']}): {'met' if t['met'] else 'NOT met'}")
-    print(json.dumps({"read_bw": payload["read_bw"]["spread"], **{k: extra[k] for k in ("region_overhead", "fp8_decode_per_core") if k in extra}}, indent=1))
+        print(
+            f"target {t['name']:60s} {t['value']:6.3f} (goal {t['op']} {t['goal']}): {'met' if t['met'] else 'NOT met'}"
+        )
+    print(
+        json.dumps(
+            {
+                "read_bw": payload["read_bw"]["spread"],
+                **{k: extra[k] for k in ("region_overhead", "fp8_decode_per_core") if k in extra},
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {path}")
 
 
@@ -541,18 +717,40 @@ def targets(results: list[dict], kt_rows: list[dict], threads: int, name: str) -
 
     def check(label, value, op, goal):
         if value is not None and np.isfinite(value):
-            out.append({"name": label, "value": float(value), "op": op, "goal": goal, "met": bool(value >= goal if op == ">=" else value <= goal)})
+            out.append(
+                {
+                    "name": label,
+                    "value": float(value),
+                    "op": op,
+                    "goal": goal,
+                    "met": bool(value >= goal if op == ">=" else value <= goal),
+                }
+            )
 
     rows = {(r["shape"], r["format"], r["tokens"], r["routing"]): r for r in results if r["threads"] == threads}
     for (shape, fmt, tokens, routing), r in rows.items():
         if tokens == 1 and routing == "random":
-            goal = {"deepseek-v3": 0.85, "qwen3-30b-a3b": 0.75}[shape] if name != "kernels-dev" else (0.65 if fmt == "fp8" else None)
+            goal = (
+                {"deepseek-v3": 0.85, "qwen3-30b-a3b": 0.75}[shape]
+                if name != "kernels-dev"
+                else (0.65 if fmt == "fp8" else None)
+            )
             if goal:
                 check(f"{shape} {fmt} T=1 roofline_frac_nearest", r.get("roofline_frac_nearest"), ">=", goal)
         elif routing == "random" and (shape, fmt, 1, "random") in rows:
-            check(f"{shape} {fmt} T={tokens} random GB/s over T=1's", r["gbs"] / rows[(shape, fmt, 1, "random")]["gbs"], ">=", 0.8)
+            check(
+                f"{shape} {fmt} T={tokens} random GB/s over T=1's",
+                r["gbs"] / rows[(shape, fmt, 1, "random")]["gbs"],
+                ">=",
+                0.8,
+            )
         elif routing == "shared" and (shape, fmt, 1, "random") in rows:
-            check(f"{shape} {fmt} T=8 shared time over T=1's", r["seconds"] / rows[(shape, fmt, 1, "random")]["seconds"], "<=", 1.5)
+            check(
+                f"{shape} {fmt} T=8 shared time over T=1's",
+                r["seconds"] / rows[(shape, fmt, 1, "random")]["seconds"],
+                "<=",
+                1.5,
+            )
     for r in kt_rows:
         mine = rows.get((r.get("shape"), r.get("format"), r.get("tokens"), "random"))
         if mine and "seconds" in r and r["format"] == "fp8" and r["tokens"] == 1:
@@ -570,9 +768,15 @@ def plot(payload: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for fmt in FORMATS:
-            rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["results"]
-                          if r["shape"] == shape and r["format"] == fmt and r["routing"] == "random" and "roofline_frac" in r
-                          and r["threads"] == payload["threads"])
+            rows = sorted(
+                (r["tokens"], r["roofline_frac"])
+                for r in payload["results"]
+                if r["shape"] == shape
+                and r["format"] == fmt
+                and r["routing"] == "random"
+                and "roofline_frac" in r
+                and r["threads"] == payload["threads"]
+            )
             if rows:
                 ax.plot(*zip(*rows), marker="o", label=f"hmoe {fmt}")
         rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["torch"] if r["shape"] == shape)
@@ -580,15 +784,21 @@ def plot(payload: dict, path: Path) -> None:
             ax.plot(*zip(*rows), marker="x", linestyle="--", color="gray", label="torch bf16")
         if isinstance(payload["kt_kernel"], list):
             for fmt in FORMATS:
-                rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["kt_kernel"]
-                              if r.get("shape") == shape and r["format"] == fmt and "roofline_frac" in r)
+                rows = sorted(
+                    (r["tokens"], r["roofline_frac"])
+                    for r in payload["kt_kernel"]
+                    if r.get("shape") == shape and r["format"] == fmt and "roofline_frac" in r
+                )
                 if rows:
                     ax.plot(*zip(*rows), marker="s", linestyle=":", label=f"kt-kernel {fmt}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per call (top-8, random routing)")
         spread = payload["read_bw"]["spread"]
-        ax.set_ylabel(f"expert bytes read / s  ÷  {spread['best_gbs']:.0f} GB/s (readings {spread['worst_gbs']:.0f}-{spread['best_gbs']:.0f})")
+        ax.set_ylabel(
+            f"expert bytes read / s  ÷  {spread['best_gbs']:.0f} GB/s "
+            f"(readings {spread['worst_gbs']:.0f}-{spread['best_gbs']:.0f})"
+        )
         ax.set_title(f"{shape} ({payload['machine']['cpu_model'][:40]}, {payload['threads']} threads)")
         ax.set_ylim(0, 1.15)
         ax.legend(fontsize=7)

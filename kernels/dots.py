@@ -31,8 +31,28 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .simd import (dpbusd, load_bf16x16, load_f16, load_f16_pair, load_fp8x64, load_i32x16, load_u8x64,
-                   nibbles_hi, nibbles_lo, prefetch, prefetch_l2, vcvt, vfma, vload, vmul, vsplat, vstore, vsum, vsums16, vzero)
+from .simd import (
+    dpbusd,
+    load_bf16x16,
+    load_f16,
+    load_f16_pair,
+    load_fp8x64,
+    load_i32x16,
+    load_u8x64,
+    nibbles_hi,
+    nibbles_lo,
+    prefetch,
+    prefetch_l2,
+    vcvt,
+    vfma,
+    vload,
+    vmul,
+    vsplat,
+    vstore,
+    vsum,
+    vsums16,
+    vzero,
+)
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # no nnan/ninf: silu(-inf) stays defined
 TILE_ROWS = 16
@@ -113,11 +133,31 @@ def fp8_tile_tokens4(w, row, cols, a, offs, res, pf, end):
             x0, x1, y0, y1 = vload(a, a0 + j), vload(a, a0 + j + 16), vload(a, a1 + j), vload(a, a1 + j + 16)
             z0, z1, t0, t1 = vload(a, a2 + j), vload(a, a2 + j + 16), vload(a, a3 + j), vload(a, a3 + j + 16)
             e0, o0, e1, o1 = load_fp8x64(w, b)
-            p0, p1, p2, p3 = vfma(o0, x1, vfma(e0, x0, p0)), vfma(o0, y1, vfma(e0, y0, p1)), vfma(o0, z1, vfma(e0, z0, p2)), vfma(o0, t1, vfma(e0, t0, p3))
-            q0, q1, q2, q3 = vfma(o1, x1, vfma(e1, x0, q0)), vfma(o1, y1, vfma(e1, y0, q1)), vfma(o1, z1, vfma(e1, z0, q2)), vfma(o1, t1, vfma(e1, t0, q3))
+            p0, p1, p2, p3 = (
+                vfma(o0, x1, vfma(e0, x0, p0)),
+                vfma(o0, y1, vfma(e0, y0, p1)),
+                vfma(o0, z1, vfma(e0, z0, p2)),
+                vfma(o0, t1, vfma(e0, t0, p3)),
+            )
+            q0, q1, q2, q3 = (
+                vfma(o1, x1, vfma(e1, x0, q0)),
+                vfma(o1, y1, vfma(e1, y0, q1)),
+                vfma(o1, z1, vfma(e1, z0, q2)),
+                vfma(o1, t1, vfma(e1, t0, q3)),
+            )
             e0, o0, e1, o1 = load_fp8x64(w, b + 64)
-            u0, u1, u2, u3 = vfma(o0, x1, vfma(e0, x0, u0)), vfma(o0, y1, vfma(e0, y0, u1)), vfma(o0, z1, vfma(e0, z0, u2)), vfma(o0, t1, vfma(e0, t0, u3))
-            v0, v1, v2, v3 = vfma(o1, x1, vfma(e1, x0, v0)), vfma(o1, y1, vfma(e1, y0, v1)), vfma(o1, z1, vfma(e1, z0, v2)), vfma(o1, t1, vfma(e1, t0, v3))
+            u0, u1, u2, u3 = (
+                vfma(o0, x1, vfma(e0, x0, u0)),
+                vfma(o0, y1, vfma(e0, y0, u1)),
+                vfma(o0, z1, vfma(e0, z0, u2)),
+                vfma(o0, t1, vfma(e0, t0, u3)),
+            )
+            v0, v1, v2, v3 = (
+                vfma(o1, x1, vfma(e1, x0, v0)),
+                vfma(o1, y1, vfma(e1, y0, v1)),
+                vfma(o1, z1, vfma(e1, z0, v2)),
+                vfma(o1, t1, vfma(e1, t0, v3)),
+            )
         _sub_sums(res, sub, p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3)
 
 
@@ -147,10 +187,30 @@ def bf16_tile(w, row, cols, a, a0, res, pf, end):
         x0, x1 = vload(a, a0 + j), vload(a, a0 + j + 16)
         b = row + 16 * j
         _prefetch_ahead(w, b, pf // 2, 16, 32, end)
-        s0, s1, s2, s3 = _bf16(w, b, x0, x1, s0), _bf16(w, b + 32, x0, x1, s1), _bf16(w, b + 64, x0, x1, s2), _bf16(w, b + 96, x0, x1, s3)
-        s4, s5, s6, s7 = _bf16(w, b + 128, x0, x1, s4), _bf16(w, b + 160, x0, x1, s5), _bf16(w, b + 192, x0, x1, s6), _bf16(w, b + 224, x0, x1, s7)
-        s8, s9, s10, s11 = _bf16(w, b + 256, x0, x1, s8), _bf16(w, b + 288, x0, x1, s9), _bf16(w, b + 320, x0, x1, s10), _bf16(w, b + 352, x0, x1, s11)
-        s12, s13, s14, s15 = _bf16(w, b + 384, x0, x1, s12), _bf16(w, b + 416, x0, x1, s13), _bf16(w, b + 448, x0, x1, s14), _bf16(w, b + 480, x0, x1, s15)
+        s0, s1, s2, s3 = (
+            _bf16(w, b, x0, x1, s0),
+            _bf16(w, b + 32, x0, x1, s1),
+            _bf16(w, b + 64, x0, x1, s2),
+            _bf16(w, b + 96, x0, x1, s3),
+        )
+        s4, s5, s6, s7 = (
+            _bf16(w, b + 128, x0, x1, s4),
+            _bf16(w, b + 160, x0, x1, s5),
+            _bf16(w, b + 192, x0, x1, s6),
+            _bf16(w, b + 224, x0, x1, s7),
+        )
+        s8, s9, s10, s11 = (
+            _bf16(w, b + 256, x0, x1, s8),
+            _bf16(w, b + 288, x0, x1, s9),
+            _bf16(w, b + 320, x0, x1, s10),
+            _bf16(w, b + 352, x0, x1, s11),
+        )
+        s12, s13, s14, s15 = (
+            _bf16(w, b + 384, x0, x1, s12),
+            _bf16(w, b + 416, x0, x1, s13),
+            _bf16(w, b + 448, x0, x1, s14),
+            _bf16(w, b + 480, x0, x1, s15),
+        )
     _sums(res, 0, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
 
 
@@ -170,13 +230,33 @@ def bf16_tile_tokens4(w, row, cols, a, offs, res, pf, end):
             x0, x1, y0, y1 = vload(a, a0 + j), vload(a, a0 + j + 16), vload(a, a1 + j), vload(a, a1 + j + 16)
             z0, z1, t0, t1 = vload(a, a2 + j), vload(a, a2 + j + 16), vload(a, a3 + j), vload(a, a3 + j + 16)
             lo, hi = load_bf16x16(w, b), load_bf16x16(w, b + 16)
-            p0, p1, p2, p3 = vfma(hi, x1, vfma(lo, x0, p0)), vfma(hi, y1, vfma(lo, y0, p1)), vfma(hi, z1, vfma(lo, z0, p2)), vfma(hi, t1, vfma(lo, t0, p3))
+            p0, p1, p2, p3 = (
+                vfma(hi, x1, vfma(lo, x0, p0)),
+                vfma(hi, y1, vfma(lo, y0, p1)),
+                vfma(hi, z1, vfma(lo, z0, p2)),
+                vfma(hi, t1, vfma(lo, t0, p3)),
+            )
             lo, hi = load_bf16x16(w, b + 32), load_bf16x16(w, b + 48)
-            q0, q1, q2, q3 = vfma(hi, x1, vfma(lo, x0, q0)), vfma(hi, y1, vfma(lo, y0, q1)), vfma(hi, z1, vfma(lo, z0, q2)), vfma(hi, t1, vfma(lo, t0, q3))
+            q0, q1, q2, q3 = (
+                vfma(hi, x1, vfma(lo, x0, q0)),
+                vfma(hi, y1, vfma(lo, y0, q1)),
+                vfma(hi, z1, vfma(lo, z0, q2)),
+                vfma(hi, t1, vfma(lo, t0, q3)),
+            )
             lo, hi = load_bf16x16(w, b + 64), load_bf16x16(w, b + 80)
-            u0, u1, u2, u3 = vfma(hi, x1, vfma(lo, x0, u0)), vfma(hi, y1, vfma(lo, y0, u1)), vfma(hi, z1, vfma(lo, z0, u2)), vfma(hi, t1, vfma(lo, t0, u3))
+            u0, u1, u2, u3 = (
+                vfma(hi, x1, vfma(lo, x0, u0)),
+                vfma(hi, y1, vfma(lo, y0, u1)),
+                vfma(hi, z1, vfma(lo, z0, u2)),
+                vfma(hi, t1, vfma(lo, t0, u3)),
+            )
             lo, hi = load_bf16x16(w, b + 96), load_bf16x16(w, b + 112)
-            v0, v1, v2, v3 = vfma(hi, x1, vfma(lo, x0, v0)), vfma(hi, y1, vfma(lo, y0, v1)), vfma(hi, z1, vfma(lo, z0, v2)), vfma(hi, t1, vfma(lo, t0, v3))
+            v0, v1, v2, v3 = (
+                vfma(hi, x1, vfma(lo, x0, v0)),
+                vfma(hi, y1, vfma(lo, y0, v1)),
+                vfma(hi, z1, vfma(lo, z0, v2)),
+                vfma(hi, t1, vfma(lo, t0, v3)),
+            )
         _sub_sums(res, sub, p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3)
 
 
@@ -214,7 +294,9 @@ def int4_tile(w, row, cols, ws, srow, group, q, q0, corr, ascale, l0, res, pf, e
         slo, shi = vload(ascale, l0 + 32 * c), vload(ascale, l0 + 32 * c + 16)
         b, sb = row + 1024 * c, srow + 16 * gs * c
         _prefetch_ahead(w, b, pf, 16, 64, end)
-        _prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group)  # scales: 32 * gs bytes per 1 KiB of codes
+        _prefetch_ahead(
+            ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group
+        )  # scales: 32 * gs bytes per 1 KiB of codes
         s0 = _int4_row(w, b, ws, sb, group, alo, ahi, clo, chi, slo, shi, s0)
         s1 = _int4_row(w, b + 64, ws, sb + gs, group, alo, ahi, clo, chi, slo, shi, s1)
         s2 = _int4_row(w, b + 128, ws, sb + 2 * gs, group, alo, ahi, clo, chi, slo, shi, s2)
@@ -236,19 +318,32 @@ def int4_tile(w, row, cols, ws, srow, group, q, q0, corr, ascale, l0, res, pf, e
 
 @jit
 def _int4_token(nlo, nhi, ws, s_at, group, q, qo, corr, ascale, lo, c, acc):
-    return _int4(nlo, nhi, ws, s_at, group, load_u8x64(q, qo + 128 * c), load_u8x64(q, qo + 128 * c + 64),
-                 load_i32x16(corr, lo + 32 * c), load_i32x16(corr, lo + 32 * c + 16),
-                 vload(ascale, lo + 32 * c), vload(ascale, lo + 32 * c + 16), acc)
+    return _int4(
+        nlo,
+        nhi,
+        ws,
+        s_at,
+        group,
+        load_u8x64(q, qo + 128 * c),
+        load_u8x64(q, qo + 128 * c + 64),
+        load_i32x16(corr, lo + 32 * c),
+        load_i32x16(corr, lo + 32 * c + 16),
+        vload(ascale, lo + 32 * c),
+        vload(ascale, lo + 32 * c + 16),
+        acc,
+    )
 
 
 @jit
 def _int4_row_tokens4(w, at, ws, s_at, group, q, qa, corr, ascale, la, c, p0, p1, p2, p3):
     v = load_u8x64(w, at)
     nlo, nhi = nibbles_lo(v), nibbles_hi(v)
-    return (_int4_token(nlo, nhi, ws, s_at, group, q, qa[0], corr, ascale, la[0], c, p0),
-            _int4_token(nlo, nhi, ws, s_at, group, q, qa[1], corr, ascale, la[1], c, p1),
-            _int4_token(nlo, nhi, ws, s_at, group, q, qa[2], corr, ascale, la[2], c, p2),
-            _int4_token(nlo, nhi, ws, s_at, group, q, qa[3], corr, ascale, la[3], c, p3))
+    return (
+        _int4_token(nlo, nhi, ws, s_at, group, q, qa[0], corr, ascale, la[0], c, p0),
+        _int4_token(nlo, nhi, ws, s_at, group, q, qa[1], corr, ascale, la[1], c, p1),
+        _int4_token(nlo, nhi, ws, s_at, group, q, qa[2], corr, ascale, la[2], c, p2),
+        _int4_token(nlo, nhi, ws, s_at, group, q, qa[3], corr, ascale, la[3], c, p3),
+    )
 
 
 @jit
@@ -266,9 +361,15 @@ def int4_tile_tokens4(w, row, cols, ws, srow, group, q, qa, corr, ascale, la, re
                 _prefetch_ahead(w, b, pf, 16, 64, end)
                 _prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group)
             p0, p1, p2, p3 = _int4_row_tokens4(w, b, ws, sb, group, q, qa, corr, ascale, la, c, p0, p1, p2, p3)
-            q0, q1, q2, q3 = _int4_row_tokens4(w, b + 64, ws, sb + gs, group, q, qa, corr, ascale, la, c, q0, q1, q2, q3)
-            u0, u1, u2, u3 = _int4_row_tokens4(w, b + 128, ws, sb + 2 * gs, group, q, qa, corr, ascale, la, c, u0, u1, u2, u3)
-            v0, v1, v2, v3 = _int4_row_tokens4(w, b + 192, ws, sb + 3 * gs, group, q, qa, corr, ascale, la, c, v0, v1, v2, v3)
+            q0, q1, q2, q3 = _int4_row_tokens4(
+                w, b + 64, ws, sb + gs, group, q, qa, corr, ascale, la, c, q0, q1, q2, q3
+            )
+            u0, u1, u2, u3 = _int4_row_tokens4(
+                w, b + 128, ws, sb + 2 * gs, group, q, qa, corr, ascale, la, c, u0, u1, u2, u3
+            )
+            v0, v1, v2, v3 = _int4_row_tokens4(
+                w, b + 192, ws, sb + 3 * gs, group, q, qa, corr, ascale, la, c, v0, v1, v2, v3
+            )
         _sub_sums(res, sub, p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3)
 
 

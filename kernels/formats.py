@@ -82,7 +82,9 @@ def proj_shape(proj: str, hidden: int, inter: int) -> tuple[int, int]:
     return (hidden, inter) if proj == "down" else (inter, hidden)
 
 
-def layer_arrays(fmt: ExpertFormat, num_experts: int, hidden: int, inter: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+def layer_arrays(
+    fmt: ExpertFormat, num_experts: int, hidden: int, inter: int
+) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of every array one layer's routed experts occupy (see the table above)."""
     arrays = {}
     for proj in PROJS:
@@ -112,7 +114,9 @@ def untile(t: np.ndarray) -> np.ndarray:
 
 
 def layer_nbytes(fmt: ExpertFormat, num_experts: int, hidden: int, inter: int) -> int:
-    return sum(dt.itemsize * int(np.prod(shape)) for dt, shape in layer_arrays(fmt, num_experts, hidden, inter).values())
+    return sum(
+        dt.itemsize * int(np.prod(shape)) for dt, shape in layer_arrays(fmt, num_experts, hidden, inter).values()
+    )
 
 
 def expert_nbytes(fmt: ExpertFormat, hidden: int, inter: int) -> int:
@@ -133,16 +137,24 @@ class LayerExperts:
     def __post_init__(self):
         want = layer_arrays(self.fmt, self.num_experts, self.hidden, self.inter)
         if set(want) != set(self.arrays):
-            raise ValueError(f"layer arrays {sorted(self.arrays)} do not match format {self.fmt.name}: want {sorted(want)}")
+            raise ValueError(
+                f"layer arrays {sorted(self.arrays)} do not match format {self.fmt.name}: want {sorted(want)}"
+            )
         for name, (dtype, shape) in want.items():
             a = self.arrays[name]
             if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
-                raise ValueError(f"array {name}: {a.dtype}{list(a.shape)} (contiguous={a.flags.c_contiguous}), want {dtype}{list(shape)} contiguous")
+                raise ValueError(
+                    f"array {name}: {a.dtype}{list(a.shape)} (contiguous={a.flags.c_contiguous}), "
+                    f"want {dtype}{list(shape)} contiguous"
+                )
 
     @classmethod
     def allocate(cls, fmt: ExpertFormat, num_experts: int, hidden: int, inter: int) -> LayerExperts:
         """Zeroed arrays in ordinary memory (tests, and runs without a weight pack)."""
-        arrays = {name: np.zeros(shape, dtype) for name, (dtype, shape) in layer_arrays(fmt, num_experts, hidden, inter).items()}
+        arrays = {
+            name: np.zeros(shape, dtype)
+            for name, (dtype, shape) in layer_arrays(fmt, num_experts, hidden, inter).items()
+        }
         return cls(fmt, num_experts, hidden, inter, arrays)
 
     @property
@@ -153,8 +165,14 @@ class LayerExperts:
 # ---------------------------------------------------------------- encoding
 
 
-def encode_expert(fmt: ExpertFormat, arrays: dict[str, np.ndarray], expert: int, proj: str,
-                  weight: np.ndarray, scale_inv: np.ndarray | None = None) -> None:
+def encode_expert(
+    fmt: ExpertFormat,
+    arrays: dict[str, np.ndarray],
+    expert: int,
+    proj: str,
+    weight: np.ndarray,
+    scale_inv: np.ndarray | None = None,
+) -> None:
     """Write one expert's projection, in checkpoint form [out, in], into `arrays` (views; in place).
 
     `weight`: uint16 bf16 bit patterns, float32, or uint8 E4M3 codes with float32 `scale_inv`
@@ -167,14 +185,22 @@ def encode_expert(fmt: ExpertFormat, arrays: dict[str, np.ndarray], expert: int,
         raise ValueError(f"projection {proj!r}: choose one of {PROJS}")
     out_dim, in_dim = weight.shape
     dst = arrays[proj][expert]
-    if dst.shape[0] * TILE_ROWS != padded(out_dim) or dst.shape[1] * dst.shape[3] * (2 if fmt.kind == "int4" else 1) != padded(in_dim):
-        raise ValueError(f"expert {expert} {proj}: weight [{out_dim}, {in_dim}] does not fit layer array {list(dst.shape)}")
+    if dst.shape[0] * TILE_ROWS != padded(out_dim) or dst.shape[1] * dst.shape[3] * (
+        2 if fmt.kind == "int4" else 1
+    ) != padded(in_dim):
+        raise ValueError(
+            f"expert {expert} {proj}: weight [{out_dim}, {in_dim}] does not fit layer array {list(dst.shape)}"
+        )
     if weight.dtype == np.uint8:
         if scale_inv is None or scale_inv.shape != (-(-out_dim // FP8_BLOCK), -(-in_dim // FP8_BLOCK)):
-            raise ValueError(f"fp8 weight [{out_dim}, {in_dim}] needs scale_inv [{-(-out_dim // 128)}, {-(-in_dim // 128)}]")
+            raise ValueError(
+                f"fp8 weight [{out_dim}, {in_dim}] needs scale_inv [{-(-out_dim // 128)}, {-(-in_dim // 128)}]"
+            )
         if fmt.kind == "fp8":
             if _copy_count_nan(np.ascontiguousarray(weight), dst):
-                raise ValueError(f"expert {expert} {proj}: fp8 weight holds NaN codes (0x7F/0xFF): the checkpoint is damaged")
+                raise ValueError(
+                    f"expert {expert} {proj}: fp8 weight holds NaN codes (0x7F/0xFF): the checkpoint is damaged"
+                )
             scale_dst = arrays[f"{proj}_scale"][expert]
             scale_dst[...] = 0.0
             scale_dst[: scale_inv.shape[0], : scale_inv.shape[1]] = scale_inv
@@ -210,8 +236,9 @@ def encode_expert(fmt: ExpertFormat, arrays: dict[str, np.ndarray], expert: int,
         dst[...] = tile(packed, 64)
 
 
-def decode_expert(fmt: ExpertFormat, arrays: dict[str, np.ndarray], expert: int, proj: str,
-                  hidden: int, inter: int) -> np.ndarray:
+def decode_expert(
+    fmt: ExpertFormat, arrays: dict[str, np.ndarray], expert: int, proj: str, hidden: int, inter: int
+) -> np.ndarray:
     """One expert's projection back in checkpoint form [out, in] as float64 (the readable spec)."""
     from . import reference
 
@@ -258,7 +285,7 @@ def _copy_count_nan(src, dst):
     nan_count = 0
     for r in range(rows):
         for c in range(cols // 32):
-            d, s = dst[r // TILE_ROWS, c, r % TILE_ROWS], src[r, c * 32:c * 32 + 32]
+            d, s = dst[r // TILE_ROWS, c, r % TILE_ROWS], src[r, c * 32 : c * 32 + 32]
             for j in range(32):
                 d[j] = s[j]
                 nan_count += (s[j] & 0x7F) == 0x7F

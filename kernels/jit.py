@@ -41,7 +41,7 @@ def _threading_layer() -> str:
     try:
         from numba.np.ufunc import omppool  # noqa: F401  (import fails where libgomp is missing)
     except ImportError:
-        warnings.warn("libgomp not found: Numba falls back to the workqueue layer (~100 µs per region)")
+        warnings.warn("libgomp not found: Numba falls back to the workqueue layer (~100 µs per region)", stacklevel=2)
         return "workqueue"
     return "omp"
 
@@ -51,7 +51,7 @@ def configure_numba() -> None:
     if "_toplevel_target_context" in cpu_target.__dict__:
         # Something compiled before us: our features only apply if they were already in force.
         if NO_PREFER_256 not in (config.CPU_FEATURES or ""):
-            warnings.warn("numba compiled before hmoe.kernels was imported: kernels may use ymm only")
+            warnings.warn("numba compiled before hmoe.kernels was imported: kernels may use ymm only", stacklevel=2)
         return
     if config.CPU_FEATURES is None:
         config.CPU_FEATURES = host_cpu_features()
@@ -75,7 +75,11 @@ def use_cache_dir(path: str | os.PathLike) -> int:
     for name in ("simd", "dots", "formats", "moe"):
         module = importlib.import_module(f"{__package__}.{name}")
         for obj in vars(module).values():
-            if isinstance(obj, Dispatcher) and obj._cache.__class__.__name__ == "FunctionCache" and obj.__module__ == module.__name__:
+            if (
+                isinstance(obj, Dispatcher)
+                and obj._cache.__class__.__name__ == "FunctionCache"
+                and obj.__module__ == module.__name__
+            ):
                 obj.enable_caching()  # re-creates the cache locator, which reads CACHE_DIR
                 count += 1
     return count

@@ -42,10 +42,33 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .dots import (FASTMATH, TILE_ROWS, bf16_tile, bf16_tile_tokens4, fp8_tile, fp8_tile_tokens4, int4_tile,
-                   int4_tile_tokens4, prefetch_head, quantize_int8)
+from .dots import (
+    FASTMATH,
+    TILE_ROWS,
+    bf16_tile,
+    bf16_tile_tokens4,
+    fp8_tile,
+    fp8_tile_tokens4,
+    int4_tile,
+    int4_tile_tokens4,
+    prefetch_head,
+    quantize_int8,
+)
 from .formats import PAD, ExpertFormat, LayerExperts, padded
-from .simd import atomic_add, atomic_read, os_yield, spin_pause, vadd, vdiv, vexp, vload, vmul, vsplat, vsplit_parity, vstore
+from .simd import (
+    atomic_add,
+    atomic_read,
+    os_yield,
+    spin_pause,
+    vadd,
+    vdiv,
+    vexp,
+    vload,
+    vmul,
+    vsplat,
+    vsplit_parity,
+    vstore,
+)
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 parallel_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, parallel=True)
@@ -54,7 +77,9 @@ ITEMS_PER_TASK = 12  # work items per task and phase at least (item_rows), so th
 MIN_STREAM_BYTES = 32 << 10  # ... unless that makes an expert's rows in an item shorter than this
 QUANT_MIN_COLS = 1024  # INT4: activations quantized to int8 in items of at least this many inputs (see quant_chunk)
 SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a waiting task yields its core
-SYNC_STRIDE = 16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
+SYNC_STRIDE = (
+    16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
+)
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
 
@@ -64,8 +89,10 @@ def physical_cores() -> int:
     cores = set()
     for cpu in cpus:
         try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f_core, \
-                 open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f_pkg:
+            with (
+                open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f_core,
+                open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f_pkg,
+            ):
                 cores.add((f_pkg.read().strip(), f_core.read().strip()))
         except OSError:
             cores.add(("cpu", cpu))
@@ -168,7 +195,11 @@ def item_rows(rows, units, num_tasks, row_bytes):
     least ITEMS_PER_TASK items per task (small items balance the tasks), but never so few rows that
     one expert's part of an item (r x row_bytes) is shorter than MIN_STREAM_BYTES (streams ramp up)."""
     r = 128
-    while r > TILE_ROWS and units * (-(-rows // r)) < ITEMS_PER_TASK * num_tasks and (r // 2) * row_bytes >= MIN_STREAM_BYTES:
+    while (
+        r > TILE_ROWS
+        and units * (-(-rows // r)) < ITEMS_PER_TASK * num_tasks
+        and (r // 2) * row_bytes >= MIN_STREAM_BYTES
+    ):
         r //= 2
     return r
 
@@ -230,8 +261,31 @@ def _fp8_scale_acts(src, src0, cols, scale, s0, dst, d0):
 
 
 @jit
-def _fp8_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, gate_s, up, up_s, slot_of, weights, act, h,
-                 xs, x_task, xs_row, res, slots, offs, pf):
+def _fp8_gate_up(
+    e,
+    s0,
+    s1,
+    r0,
+    r1,
+    hp,
+    ip,
+    top_k,
+    gate,
+    gate_s,
+    up,
+    up_s,
+    slot_of,
+    weights,
+    act,
+    h,
+    xs,
+    x_task,
+    xs_row,
+    res,
+    slots,
+    offs,
+    pf,
+):
     """Rows [r0, r1) (inside one 128-row block) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
     nb_in, rb = hp // 128, r0 // 128
     xg, xu, zero = x_task, x_task + 4 * xs_row, x_task + 8 * xs_row
@@ -254,8 +308,30 @@ def _fp8_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, gate_s, up, up_s, slot_
 
 
 @jit
-def _fp8_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id, active_start,
-              slot_of, h, out, xs, x_task, xs_row, res, slots, offs, pf):
+def _fp8_down(
+    r0,
+    r1,
+    hp,
+    ip,
+    hidden,
+    num_tokens,
+    top_k,
+    down,
+    down_s,
+    n_active,
+    active_id,
+    active_start,
+    slot_of,
+    h,
+    out,
+    xs,
+    x_task,
+    xs_row,
+    res,
+    slots,
+    offs,
+    pf,
+):
     """Rows [r0, r1) (inside one 128-row block) of out: every active expert's down, summed in expert order."""
     zero_out_rows(out, num_tokens, hidden, r0, r1)
     nb_in, rb = ip // 128, r0 // 128
@@ -278,8 +354,32 @@ def _fp8_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, down_s, n_active,
 
 
 @parallel_jit
-def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, out,
-            num_threads, pf, act, h, xs, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
+def moe_fp8(
+    x,
+    ids,
+    weights,
+    num_experts,
+    gate,
+    gate_s,
+    up,
+    up_s,
+    down,
+    down_s,
+    out,
+    num_threads,
+    pf,
+    act,
+    h,
+    xs,
+    res,
+    keys,
+    slot_of,
+    active_id,
+    active_start,
+    slots,
+    offsets,
+    sync,
+):
     """FP8 layer. x f32[T, H], ids int64[T, K], weights f32[S], out f32[T*H]; the rest flat."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -295,13 +395,41 @@ def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, 
     items1, items2 = n_active * per_expert, -(-hp // rows2)
     sync[:] = 0
     for task in prange(num_threads):
-        x_task, t_res, t_slots, t_offs = task * 9 * xs_row, res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
+        x_task, t_res, t_slots, t_offs = (
+            task * 9 * xs_row,
+            res[task * 128 : (task + 1) * 128],
+            slots[task * 16 : task * 16 + 4],
+            offsets[task * 16 : (task + 1) * 16],
+        )
         i = take_item(sync, 0)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
         while i < items1:
             a, c = i // per_expert, i % per_expert
-            _fp8_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
-                         gate, gate_s, up, up_s, slot_of, weights, act, h, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
+            _fp8_gate_up(
+                active_id[a],
+                active_start[a],
+                active_start[a + 1],
+                c * rows1,
+                min(ip, (c + 1) * rows1),
+                hp,
+                ip,
+                top_k,
+                gate,
+                gate_s,
+                up,
+                up_s,
+                slot_of,
+                weights,
+                act,
+                h,
+                xs,
+                x_task,
+                xs_row,
+                t_res,
+                t_slots,
+                t_offs,
+                pf,
+            )
             item_done(sync, 0)
             i = take_item(sync, 0)
             _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
@@ -309,8 +437,30 @@ def moe_fp8(x, ids, weights, num_experts, gate, gate_s, up, up_s, down, down_s, 
         _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)  # streams in while the last items of phase 1 end
         wait_phase(sync, 0, items1)
         while i < items2:
-            _fp8_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
-                      active_start, slot_of, h, out, xs, x_task, xs_row, t_res, t_slots, t_offs, pf)
+            _fp8_down(
+                i * rows2,
+                min(hp, (i + 1) * rows2),
+                hp,
+                ip,
+                hidden,
+                num_tokens,
+                top_k,
+                down,
+                down_s,
+                n_active,
+                active_id,
+                active_start,
+                slot_of,
+                h,
+                out,
+                xs,
+                x_task,
+                xs_row,
+                t_res,
+                t_slots,
+                t_offs,
+                pf,
+            )
             i = take_item(sync, 1)
             _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)
     return n_active
@@ -347,8 +497,27 @@ def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, 
 
 
 @jit
-def _bf16_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, n_active, active_id, active_start, slot_of,
-               h, zero, out, res, slots, offs, pf):
+def _bf16_down(
+    r0,
+    r1,
+    hp,
+    ip,
+    hidden,
+    num_tokens,
+    top_k,
+    down,
+    n_active,
+    active_id,
+    active_start,
+    slot_of,
+    h,
+    zero,
+    out,
+    res,
+    slots,
+    offs,
+    pf,
+):
     """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
     zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
@@ -369,8 +538,28 @@ def _bf16_down(r0, r1, hp, ip, hidden, num_tokens, top_k, down, n_active, active
 
 
 @parallel_jit
-def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
-             num_threads, pf, act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
+def moe_bf16(
+    x,
+    ids,
+    weights,
+    num_experts,
+    gate,
+    up,
+    down,
+    out,
+    num_threads,
+    pf,
+    act,
+    h,
+    res,
+    keys,
+    slot_of,
+    active_id,
+    active_start,
+    slots,
+    offsets,
+    sync,
+):
     """BF16 layer. Same contract as moe_fp8."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -386,13 +575,36 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
     items1, items2 = n_active * per_expert, -(-hp // rows2)
     sync[:] = 0
     for task in prange(num_threads):
-        t_res, t_slots, t_offs = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4], offsets[task * 16:(task + 1) * 16]
+        t_res, t_slots, t_offs = (
+            res[task * 128 : (task + 1) * 128],
+            slots[task * 16 : task * 16 + 4],
+            offsets[task * 16 : (task + 1) * 16],
+        )
         i = take_item(sync, 0)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
         while i < items1:
             a, c = i // per_expert, i % per_expert
-            _bf16_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, top_k,
-                          gate, up, slot_of, weights, act, act_zero, h, t_res, t_slots, t_offs, pf)
+            _bf16_gate_up(
+                active_id[a],
+                active_start[a],
+                active_start[a + 1],
+                c * rows1,
+                min(ip, (c + 1) * rows1),
+                hp,
+                ip,
+                top_k,
+                gate,
+                up,
+                slot_of,
+                weights,
+                act,
+                act_zero,
+                h,
+                t_res,
+                t_slots,
+                t_offs,
+                pf,
+            )
             item_done(sync, 0)
             i = take_item(sync, 0)
             _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
@@ -400,8 +612,27 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
         _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)  # streams in while the last items of phase 1 end
         wait_phase(sync, 0, items1)
         while i < items2:
-            _bf16_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, hidden, num_tokens, top_k, down, n_active, active_id,
-                       active_start, slot_of, h, h_zero, out, t_res, t_slots, t_offs, pf)
+            _bf16_down(
+                i * rows2,
+                min(hp, (i + 1) * rows2),
+                hp,
+                ip,
+                hidden,
+                num_tokens,
+                top_k,
+                down,
+                n_active,
+                active_id,
+                active_start,
+                slot_of,
+                h,
+                h_zero,
+                out,
+                t_res,
+                t_slots,
+                t_offs,
+                pf,
+            )
             i = take_item(sync, 1)
             _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)
     return n_active
@@ -411,8 +642,33 @@ def moe_bf16(x, ids, weights, num_experts, gate, up, down, out,
 
 
 @jit
-def _int4_gate_up(e, s0, s1, r0, r1, hp, ip, group, top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale,
-                  zero, h, res, slots, qa, la, pf):
+def _int4_gate_up(
+    e,
+    s0,
+    s1,
+    r0,
+    r1,
+    hp,
+    ip,
+    group,
+    top_k,
+    gate,
+    gate_s,
+    up,
+    up_s,
+    slot_of,
+    weights,
+    q,
+    corr,
+    ascale,
+    zero,
+    h,
+    res,
+    slots,
+    qa,
+    la,
+    pf,
+):
     """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h (int8 activations)."""
     first, end = (e * ip + r0) * (hp // 2), (e * ip + r1) * (hp // 2)  # this item's stream in gate, and the same in up
     prefetch_head(up, first, end, pf, 64)
@@ -437,8 +693,32 @@ def _int4_gate_up(e, s0, s1, r0, r1, hp, ip, group, top_k, gate, gate_s, up, up_
 
 
 @jit
-def _int4_down(r0, r1, hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active, active_id,
-               active_start, slot_of, q, corr, ascale, zero, out, res, slots, qa, la, pf):
+def _int4_down(
+    r0,
+    r1,
+    hp,
+    ip,
+    group,
+    hidden,
+    num_tokens,
+    top_k,
+    down,
+    down_s,
+    n_active,
+    active_id,
+    active_start,
+    slot_of,
+    q,
+    corr,
+    ascale,
+    zero,
+    out,
+    res,
+    slots,
+    qa,
+    la,
+    pf,
+):
     """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
     zero_out_rows(out, num_tokens, hidden, r0, r1)
     for a in range(n_active):
@@ -484,8 +764,35 @@ def quant_chunk(cols, rows, num_tasks):
 
 
 @parallel_jit
-def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, down_s, out,
-             num_threads, pf, act, h, q, corr, ascale, res, keys, slot_of, active_id, active_start, slots, offsets, sync):
+def moe_int4(
+    x,
+    ids,
+    weights,
+    num_experts,
+    group,
+    gate,
+    gate_s,
+    up,
+    up_s,
+    down,
+    down_s,
+    out,
+    num_threads,
+    pf,
+    act,
+    h,
+    q,
+    corr,
+    ascale,
+    res,
+    keys,
+    slot_of,
+    active_id,
+    active_start,
+    slots,
+    offsets,
+    sync,
+):
     """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits).
 
     Four phases in the one region: quantize x (items of `cx` inputs of a token), gate/up, quantize h
@@ -510,8 +817,8 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
     items1, items2 = n_active * per_expert, -(-hp // rows2)
     sync[:] = 0
     for task in prange(num_threads):
-        t_res, t_slots = res[task * 128:(task + 1) * 128], slots[task * 16:task * 16 + 4]
-        t_qa, t_la = offsets[task * 16:task * 16 + 4], offsets[task * 16 + 4:task * 16 + 8]
+        t_res, t_slots = res[task * 128 : (task + 1) * 128], slots[task * 16 : task * 16 + 4]
+        t_qa, t_la = offsets[task * 16 : task * 16 + 4], offsets[task * 16 + 4 : task * 16 + 8]
         i = take_item(sync, 0)
         while i < num_tokens * nx:
             t, c0 = i // nx, i % nx * cx
@@ -523,8 +830,33 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
         _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         while i < items1:
             a, c = i // per_expert, i % per_expert
-            _int4_gate_up(active_id[a], active_start[a], active_start[a + 1], c * rows1, min(ip, (c + 1) * rows1), hp, ip, group,
-                          top_k, gate, gate_s, up, up_s, slot_of, weights, q, corr, ascale, zero, h, t_res, t_slots, t_qa, t_la, pf)
+            _int4_gate_up(
+                active_id[a],
+                active_start[a],
+                active_start[a + 1],
+                c * rows1,
+                min(ip, (c + 1) * rows1),
+                hp,
+                ip,
+                group,
+                top_k,
+                gate,
+                gate_s,
+                up,
+                up_s,
+                slot_of,
+                weights,
+                q,
+                corr,
+                ascale,
+                zero,
+                h,
+                t_res,
+                t_slots,
+                t_qa,
+                t_la,
+                pf,
+            )
             item_done(sync, 1)
             i = take_item(sync, 1)
             _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
@@ -535,15 +867,41 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
                 _zero_row(q, corr, ascale, zero, ip)  # phase 3's padding row (it may overlap x's codes: now unused)
             else:
                 sl, c0 = i // nh, i % nh * ch
-                quantize_int8(h, sl * ip + c0, min(ch, ip - c0), group, q, sl * ip + c0, corr, ascale, (sl * ip + c0) // 4)
+                quantize_int8(
+                    h, sl * ip + c0, min(ch, ip - c0), group, q, sl * ip + c0, corr, ascale, (sl * ip + c0) // 4
+                )
             item_done(sync, 2)
             i = take_item(sync, 2)
         wait_phase(sync, 2, n_slots * nh + 1)
         i = take_item(sync, 3)
         while i < items2:
             _int4_head(down, down_s, active_id[0], hp, i * rows2, min(hp, (i + 1) * rows2), ip, group, pf)
-            _int4_down(i * rows2, min(hp, (i + 1) * rows2), hp, ip, group, hidden, num_tokens, top_k, down, down_s, n_active,
-                       active_id, active_start, slot_of, q, corr, ascale, zero, out, t_res, t_slots, t_qa, t_la, pf)
+            _int4_down(
+                i * rows2,
+                min(hp, (i + 1) * rows2),
+                hp,
+                ip,
+                group,
+                hidden,
+                num_tokens,
+                top_k,
+                down,
+                down_s,
+                n_active,
+                active_id,
+                active_start,
+                slot_of,
+                q,
+                corr,
+                ascale,
+                zero,
+                out,
+                t_res,
+                t_slots,
+                t_qa,
+                t_la,
+                pf,
+            )
             i = take_item(sync, 3)
     return n_active
 
@@ -551,12 +909,15 @@ def moe_int4(x, ids, weights, num_experts, group, gate, gate_s, up, up_s, down, 
 @jit
 def _zero_row(q, corr, ascale, row, cols):
     """The padding row that missing tokens of a group of 4 point at: codes, corrections, scales 0."""
-    q[row * cols:(row + 1) * cols] = 0
-    corr[row * (cols // 4):(row + 1) * (cols // 4)] = 0
-    ascale[row * (cols // 4):(row + 1) * (cols // 4)] = 0.0
+    q[row * cols : (row + 1) * cols] = 0
+    corr[row * (cols // 4) : (row + 1) * (cols // 4)] = 0
+    ascale[row * (cols // 4) : (row + 1) * (cols // 4)] = 0.0
 
 
 # ---------------------------------------------------------------- the Python face
+
+
+WARM_UP_FORMATS = (ExpertFormat("bf16"), ExpertFormat("fp8"), ExpertFormat("int4", 32), ExpertFormat("int4", 128))
 
 
 class MoeKernel:
@@ -565,8 +926,15 @@ class MoeKernel:
     prefetch_bytes: how far ahead the tile loops prefetch (> 0 into L1, < 0 into L2, 0 off); see dots.py.
     """
 
-    def __init__(self, hidden: int, inter: int, max_tokens: int, top_k: int, num_threads: int | None = None,
-                 prefetch_bytes: int = PREFETCH_BYTES):
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        max_tokens: int,
+        top_k: int,
+        num_threads: int | None = None,
+        prefetch_bytes: int = PREFETCH_BYTES,
+    ):
         self.hidden, self.inter, self.max_tokens, self.top_k = hidden, inter, max_tokens, top_k
         self.num_threads = min(num_threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
         self.prefetch_bytes = prefetch_bytes
@@ -592,20 +960,49 @@ class MoeKernel:
         self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
         self._threads_set = threading.local()
 
-    def run(self, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, layer: LayerExperts,
-            out: np.ndarray) -> int:
+    def run(
+        self, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, layer: LayerExperts, out: np.ndarray
+    ) -> int:
         """out[T, H] = the layer's routed experts applied to x[T, H]; returns the number of active experts.
 
         x, out float32 [T, H] C-contiguous; topk_ids int64 [T, K]; topk_weights float32 [T, K].
         """
         num_tokens = x.shape[0]
-        if x.dtype != np.float32 or out.dtype != np.float32 or topk_weights.dtype != np.float32 or topk_ids.dtype != np.int64:
-            raise TypeError(f"dtypes x {x.dtype}, ids {topk_ids.dtype}, weights {topk_weights.dtype}, out {out.dtype}: want f32, i64, f32, f32")
-        if x.shape != (num_tokens, self.hidden) or out.shape != x.shape or layer.hidden != self.hidden or layer.inter != self.inter:
-            raise ValueError(f"x {x.shape}, out {out.shape}, layer H={layer.hidden} I={layer.inter}: kernel made for H={self.hidden} I={self.inter}")
-        if topk_ids.shape != (num_tokens, self.top_k) or topk_weights.shape != topk_ids.shape or num_tokens > self.max_tokens:
-            raise ValueError(f"ids {topk_ids.shape}, weights {topk_weights.shape}: kernel made for at most {self.max_tokens} tokens, top-{self.top_k}")
-        if not (x.flags.c_contiguous and out.flags.c_contiguous and topk_ids.flags.c_contiguous and topk_weights.flags.c_contiguous):
+        if (
+            x.dtype != np.float32
+            or out.dtype != np.float32
+            or topk_weights.dtype != np.float32
+            or topk_ids.dtype != np.int64
+        ):
+            raise TypeError(
+                f"dtypes x {x.dtype}, ids {topk_ids.dtype}, weights {topk_weights.dtype}, out {out.dtype}: "
+                "want f32, i64, f32, f32"
+            )
+        if (
+            x.shape != (num_tokens, self.hidden)
+            or out.shape != x.shape
+            or layer.hidden != self.hidden
+            or layer.inter != self.inter
+        ):
+            raise ValueError(
+                f"x {x.shape}, out {out.shape}, layer H={layer.hidden} I={layer.inter}: "
+                f"kernel made for H={self.hidden} I={self.inter}"
+            )
+        if (
+            topk_ids.shape != (num_tokens, self.top_k)
+            or topk_weights.shape != topk_ids.shape
+            or num_tokens > self.max_tokens
+        ):
+            raise ValueError(
+                f"ids {topk_ids.shape}, weights {topk_weights.shape}: "
+                f"kernel made for at most {self.max_tokens} tokens, top-{self.top_k}"
+            )
+        if not (
+            x.flags.c_contiguous
+            and out.flags.c_contiguous
+            and topk_ids.flags.c_contiguous
+            and topk_weights.flags.c_contiguous
+        ):
             raise ValueError("x, topk_ids, topk_weights and out must be C-contiguous")
         if self._threads_set.__dict__.get("n") != self.num_threads:
             # Per calling thread, once (~3 µs a call otherwise); not callable from cached jitted code. Another
@@ -627,17 +1024,27 @@ class MoeKernel:
         routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots, self.offsets, self.sync)
         run = (self.num_threads, self.prefetch_bytes)
         if fmt.kind == "fp8":
-            args = (moe_fp8, _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
-                    (*run, self.act, self.h, self.xs, self.res, *routing))
+            args = (
+                moe_fp8,
+                _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
+                (*run, self.act, self.h, self.xs, self.res, *routing),
+            )
         elif fmt.kind == "bf16":
             args = (moe_bf16, _flat(a, "gate", "up", "down"), (*run, self.act, self.h, self.res, *routing))
         else:
-            weights = [v.view(np.uint16) if v.dtype == np.float16 else v for v in _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")]
-            args = (moe_int4, (fmt.group_size, *weights), (*run, self.act, self.h, self.q, self.corr, self.ascale, self.res, *routing))
+            weights = [
+                v.view(np.uint16) if v.dtype == np.float16 else v
+                for v in _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")
+            ]
+            args = (
+                moe_int4,
+                (fmt.group_size, *weights),
+                (*run, self.act, self.h, self.q, self.corr, self.ascale, self.res, *routing),
+            )
         self._bound[id(layer)] = (layer, args)
         return args
 
-    def warm_up(self, formats=(ExpertFormat("bf16"), ExpertFormat("fp8"), ExpertFormat("int4", 32), ExpertFormat("int4", 128))) -> None:
+    def warm_up(self, formats=WARM_UP_FORMATS) -> None:
         """Compile (or load from the cache) every kernel signature, so that no request pays for JIT."""
         rng = np.random.default_rng(0)
         for fmt in formats:

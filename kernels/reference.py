@@ -121,14 +121,19 @@ def silu(v: np.ndarray) -> np.ndarray:
     return v / (1 + np.exp(-v))
 
 
-def moe_reference(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, layer: LayerExperts,
-                  int8_activations: bool = False) -> np.ndarray:
+def moe_reference(
+    x: np.ndarray, ids: np.ndarray, weights: np.ndarray, layer: LayerExperts, int8_activations: bool = False
+) -> np.ndarray:
     """y[t] = sum_k weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]), e = ids[t, k]; float64 [T, H].
 
     int8_activations: quantize x and the intermediate per group as the INT4 kernel does.
     """
     hidden, inter = layer.hidden, layer.inter
-    act = (lambda v: quantize_int8_groups(_pad_last(v), layer.fmt.group_size)[..., : v.shape[-1]]) if int8_activations else (lambda v: v)
+    act = (
+        (lambda v: quantize_int8_groups(_pad_last(v), layer.fmt.group_size)[..., : v.shape[-1]])
+        if int8_activations
+        else (lambda v: v)
+    )
     cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     y = np.zeros((x.shape[0], hidden))
     for t in range(x.shape[0]):
@@ -136,7 +141,9 @@ def moe_reference(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, layer: La
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
             if e not in cache:
-                cache[e] = tuple(decode_expert(layer.fmt, layer.arrays, e, p, hidden, inter) for p in ("gate", "up", "down"))
+                cache[e] = tuple(
+                    decode_expert(layer.fmt, layer.arrays, e, p, hidden, inter) for p in ("gate", "up", "down")
+                )
             gate, up, down = cache[e]
             h = silu(gate @ xt) * (up @ xt) * float(weights[t, k])  # [I]
             y[t] += down @ act(h)

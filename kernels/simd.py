@@ -1,8 +1,9 @@
 """Explicit 512-bit vectors for Numba kernels: three value types and the few operations they need.
 
 LLVM's auto-vectorizer decides widths, unrolling and gathers on its own; for the decode loops it
-chose ymm, gathers or per-block reductions (see ../shared/notes/cpu-kernels.md). These intrinsics
-pin the instruction shapes instead, and the loops around them stay plain Numba:
+chose ymm, gathers or per-block reductions (tests/kernels/test_simd.py reads the assembly for
+zmm). These intrinsics pin the instruction shapes instead, and the loops around them stay plain
+Numba:
 
     f32x16   <16 x float>   accumulators, activations
     i32x16   <16 x i32>     integer dot-product accumulators (VNNI)
@@ -10,6 +11,9 @@ pin the instruction shapes instead, and the loops around them stay plain Numba:
 
 Every load reads at `arr.ctypes.data + i * itemsize` with no bounds check: the callers check
 shapes once, in their Python wrappers. Loads are unaligned (vmovups costs the same on aligned data).
+
+Past 400 lines because every intrinsic is an llvmlite codegen body of its own, and they read best
+side by side, grouped by vector type.
 """
 
 from __future__ import annotations
@@ -241,7 +245,9 @@ def load_fp8x64(typingctx, arr, idx):
         v32h = ir.VectorType(I16, 32)
         ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v32h)
         w = builder.load(ptr, align=1)
-        even = builder.and_(builder.ashr(builder.shl(w, _consts(I16, [8] * 32)), _consts(I16, [1] * 32)), _consts(I16, [0xBF80] * 32))
+        even = builder.and_(
+            builder.ashr(builder.shl(w, _consts(I16, [8] * 32)), _consts(I16, [1] * 32)), _consts(I16, [0xBF80] * 32)
+        )
         odd = builder.and_(builder.ashr(w, _consts(I16, [1] * 32)), _consts(I16, [0xBF80] * 32))
         out = []
         for row in (range(16), range(16, 32)):
@@ -400,7 +406,9 @@ def vsums16(typingctx, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s1
                         lo += [off + base + p for p in range(size // 2)]
                         hi += [off + base + size // 2 + p for p in range(size // 2)]
                         labels += [(src[base][0], p) for p in range(size // 2)]
-                s = builder.fadd(builder.shuffle_vector(u, v, _consts(I32, lo)), builder.shuffle_vector(u, v, _consts(I32, hi)))
+                s = builder.fadd(
+                    builder.shuffle_vector(u, v, _consts(I32, lo)), builder.shuffle_vector(u, v, _consts(I32, hi))
+                )
                 merged.append((s, labels))
             vecs = merged
         total, labels = vecs[0]
@@ -418,7 +426,10 @@ def vexp(typingctx, vec):
     def codegen(context, builder, sig, args):
         splat = lambda c: ir.Constant(V16F, [ir.Constant(F32, c)] * 16)  # noqa: E731
         fma = _llvm_fn(builder, "llvm.fma.v16f32", V16F, [V16F] * 3)
-        minf, maxf = _llvm_fn(builder, "llvm.minnum.v16f32", V16F, [V16F] * 2), _llvm_fn(builder, "llvm.maxnum.v16f32", V16F, [V16F] * 2)
+        minf, maxf = (
+            _llvm_fn(builder, "llvm.minnum.v16f32", V16F, [V16F] * 2),
+            _llvm_fn(builder, "llvm.maxnum.v16f32", V16F, [V16F] * 2),
+        )
         x = builder.call(maxf, [builder.call(minf, [args[0], splat(88.0)]), splat(-87.0)])
         rint = _llvm_fn(builder, "llvm.roundeven.v16f32", V16F, [V16F])
         n = builder.call(rint, [builder.fmul(x, splat(1.4426950408889634))])

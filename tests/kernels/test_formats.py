@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 
 from hmoe.kernels import reference as ref
-from hmoe.kernels.formats import (PROJS, ExpertFormat, LayerExperts, decode_expert, e4m3_code, encode_expert, layer_arrays,
-                                  layer_nbytes, padded, proj_shape, tile, untile)
+from hmoe.kernels.formats import (
+    PROJS,
+    ExpertFormat,
+    LayerExperts,
+    decode_expert,
+    e4m3_code,
+    encode_expert,
+    layer_arrays,
+    layer_nbytes,
+    padded,
+    proj_shape,
+    tile,
+    untile,
+)
 
 HIDDEN, INTER = 200, 72  # not multiples of 128: exercises padding
 

@@ -6,12 +6,11 @@ import threading
 
 import numpy as np
 import pytest
+from helpers.kernel_layers import random_layer
 
 from hmoe.kernels import reference as ref
 from hmoe.kernels.formats import ExpertFormat
 from hmoe.kernels.moe import ITEMS_PER_TASK, MIN_STREAM_BYTES, QUANT_MIN_COLS, MoeKernel, item_rows, quant_chunk, route
-
-from helpers.kernel_layers import random_layer
 
 E, H, I = 12, 256, 384
 
@@ -22,14 +21,20 @@ def routing(rng, tokens: int, top_k: int, num_experts: int, kind: str):
         ids = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k]
     else:  # uneven loads: expert 0 in every token, experts 1-3 in most, the rest rarely; neighbours share
         p = np.r_[np.full(3, 8.0), np.ones(num_experts - 4)]
-        ids = np.stack([np.r_[0, 1 + rng.choice(num_experts - 1, top_k - 1, replace=False, p=p / p.sum())] for _ in range(tokens)])
+        ids = np.stack(
+            [np.r_[0, 1 + rng.choice(num_experts - 1, top_k - 1, replace=False, p=p / p.sum())] for _ in range(tokens)]
+        )
     return np.ascontiguousarray(ids, np.int64), rng.random((tokens, top_k), dtype=np.float32) + 0.1
 
 
 @pytest.fixture(scope="module")
 def layers():
-    return {f.name: random_layer(f, E, H, I, seed=i) for i, f in enumerate(
-        [ExpertFormat("bf16"), ExpertFormat("fp8"), ExpertFormat("int4", 32), ExpertFormat("int4", 128)])}
+    return {
+        f.name: random_layer(f, E, H, I, seed=i)
+        for i, f in enumerate(
+            [ExpertFormat("bf16"), ExpertFormat("fp8"), ExpertFormat("int4", 32), ExpertFormat("int4", 128)]
+        )
+    }
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 7, 64])
@@ -74,13 +79,25 @@ def test_route_groups_slots_by_expert():
     active_start = np.zeros(n + 1, np.int64)
     n_active = route(ids, 4, keys, slot_of, active_id, active_start)
     assert n_active == 4 and active_id[:4].tolist() == [0, 1, 2, 3]
-    groups = {int(active_id[a]): sorted(slot_of[active_start[a]:active_start[a + 1]].tolist()) for a in range(n_active)}
+    groups = {
+        int(active_id[a]): sorted(slot_of[active_start[a] : active_start[a + 1]].tolist()) for a in range(n_active)
+    }
     assert groups == {0: [3], 1: [1, 2], 2: [5], 3: [0, 4]}
     assert route(np.array([[4]], np.int64), 4, keys, slot_of, active_id, active_start) == -1
 
 
-@pytest.mark.parametrize("rows,units,tasks,row_bytes", [(768, 8, 16, 2048), (2048, 8, 16, 7168), (7168, 1, 16, 2048), (2048, 1, 16, 768),
-                                                       (2048, 1, 16, 384), (128, 1, 3, 256), (2048, 60, 2, 4096)])
+@pytest.mark.parametrize(
+    "rows,units,tasks,row_bytes",
+    [
+        (768, 8, 16, 2048),
+        (2048, 8, 16, 7168),
+        (7168, 1, 16, 2048),
+        (2048, 1, 16, 768),
+        (2048, 1, 16, 384),
+        (128, 1, 3, 256),
+        (2048, 60, 2, 4096),
+    ],
+)
 def test_item_rows_split_finely_but_keep_streams_long(rows, units, tasks, row_bytes):
     r = item_rows(rows, units, tasks, row_bytes)
     assert r in (16, 32, 64, 128) and 128 % r == 0  # an item never straddles a 128-row FP8 scale block
@@ -90,7 +107,9 @@ def test_item_rows_split_finely_but_keep_streams_long(rows, units, tasks, row_by
     assert r == 128 or units * -(-rows // (2 * r)) < ITEMS_PER_TASK * tasks  # the largest that is fine enough
 
 
-@pytest.mark.parametrize("cols,rows,tasks", [(7168, 1, 16), (2048, 1, 16), (768, 8, 16), (2048, 8, 16), (7168, 16, 16), (1280, 1, 2)])
+@pytest.mark.parametrize(
+    "cols,rows,tasks", [(7168, 1, 16), (2048, 1, 16), (768, 8, 16), (2048, 8, 16), (7168, 16, 16), (1280, 1, 2)]
+)
 def test_quant_chunks_are_whole_128s_within_a_row(cols, rows, tasks):
     c = quant_chunk(cols, rows, tasks)
     assert c % 128 == 0 and 0 < c <= cols
@@ -103,7 +122,11 @@ def test_int4_activations_quantized_in_pieces(group):
     hidden = inter = QUANT_MIN_COLS + 256
     layer = random_layer(ExpertFormat("int4", group), 2, hidden, inter, seed=11)
     rng = np.random.default_rng(2)
-    x, ids, w = rng.standard_normal((1, hidden), dtype=np.float32), np.array([[1]], np.int64), np.array([[0.7]], np.float32)
+    x, ids, w = (
+        rng.standard_normal((1, hidden), dtype=np.float32),
+        np.array([[1]], np.int64),
+        np.array([[0.7]], np.float32),
+    )
     assert quant_chunk(hidden, 1, 2) == QUANT_MIN_COLS  # two items: 1024 + 256 inputs
     out = np.full((1, hidden), np.nan, np.float32)
     MoeKernel(hidden, inter, 1, 1, num_threads=2).run(x, ids, w, layer, out)
@@ -140,7 +163,13 @@ def test_bad_inputs_fail_loudly(layers):
     with pytest.raises(TypeError):
         kernel.run(x, np.array([[0, 1]], np.int32), w, layer, out)
     with pytest.raises(ValueError, match="at most 4 tokens"):
-        kernel.run(np.ones((5, H), np.float32), np.zeros((5, 2), np.int64), np.ones((5, 2), np.float32), layer, np.empty((5, H), np.float32))
+        kernel.run(
+            np.ones((5, H), np.float32),
+            np.zeros((5, 2), np.int64),
+            np.ones((5, 2), np.float32),
+            layer,
+            np.empty((5, H), np.float32),
+        )
 
 
 def test_call_releases_the_gil():

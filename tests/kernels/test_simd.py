@@ -8,8 +8,19 @@ from numba import njit
 
 from hmoe.kernels import jit as kjit
 from hmoe.kernels import reference as ref
-from hmoe.kernels.simd import (dpbusd, load_bf16x16, load_f16_pair, load_fp8x64, load_u8x64, nibbles_hi, nibbles_lo, vcvt, vload,
-                               vsplit_parity, vstore)
+from hmoe.kernels.simd import (
+    dpbusd,
+    load_bf16x16,
+    load_f16_pair,
+    load_fp8x64,
+    load_u8x64,
+    nibbles_hi,
+    nibbles_lo,
+    vcvt,
+    vload,
+    vsplit_parity,
+    vstore,
+)
 
 AVX512 = kjit.has_cpu_feature("avx512f")
 
@@ -133,9 +144,16 @@ def test_hot_loops_use_512_bit_vectors(tmp_path):
     import sys
 
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    asm = json.loads(subprocess.run([sys.executable, "-c", ASM_PROBE], env=env, capture_output=True, text=True, check=True).stdout)
-    wanted = {"fp8_tile": ("vcvtph2ps", "vfmadd"), "fp8_tile_tokens4": ("vcvtph2ps", "vfmadd"), "bf16_tile": ("vfmadd",),
-              "int4_tile": ("vpdpbusd", "vpmaddubsw"), "_fp8_scale_acts": ("vmulps",)}
+    asm = json.loads(
+        subprocess.run([sys.executable, "-c", ASM_PROBE], env=env, capture_output=True, text=True, check=True).stdout
+    )
+    wanted = {
+        "fp8_tile": ("vcvtph2ps", "vfmadd"),
+        "fp8_tile_tokens4": ("vcvtph2ps", "vfmadd"),
+        "bf16_tile": ("vfmadd",),
+        "int4_tile": ("vpdpbusd", "vpmaddubsw"),
+        "_fp8_scale_acts": ("vmulps",),
+    }
     for name, mnemonics in wanted.items():
         zmm_lines = [ln for ln in asm[name].splitlines() if "zmm" in ln]
         assert any(any(m in ln for m in mnemonics) for ln in zmm_lines), (name, mnemonics)
@@ -151,8 +169,12 @@ def test_cache_dir_is_configurable(tmp_path):
     import subprocess
     import sys
 
-    code = ("from hmoe.kernels import jit; n = jit.use_cache_dir(%r); "
-            "from hmoe.kernels.formats import e4m3_code; assert e4m3_code(1.0) == 0x38; print(n)" % str(tmp_path / "cache"))
+    code = (
+        "from hmoe.kernels import jit; n = jit.use_cache_dir({!r}); "
+        "from hmoe.kernels.formats import e4m3_code; assert e4m3_code(1.0) == 0x38; print(n)".format(
+            str(tmp_path / "cache")
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert int(out.split()[-1]) > 20
