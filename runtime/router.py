@@ -213,7 +213,7 @@ class Router:
 
     def _late_tokenizer(self, msg: Register) -> None:
         """No tokenizer at start (its pack was not there yet): take it from the pack a worker attached."""
-        name = self.config.worker.pack or msg.model.get("name", "")  # workers name their model by its pack
+        name = self.config.worker.pack or msg.model.name  # workers name their model by its pack
         if name:
             try:
                 self.scheduler.tokenizer = tokenizer_from_pack(name, self.config)

@@ -46,7 +46,15 @@ log = logging.getLogger("hmoe.worker")
 EXIT_STARTUP_FAILURE = 3
 RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
 STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
-ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
+ACCEPTED = (
+    protocol.Prefill,
+    protocol.Adopt,
+    protocol.Cancel,
+    protocol.WorkerPong,
+    protocol.Drain,
+    protocol.Registered,
+    protocol.Error,
+)
 
 
 class WorkerProcess:
@@ -198,12 +206,7 @@ class WorkerProcess:
             self.role,
             os.getpid(),
             str(self.model.device),
-            {
-                "name": self.config.worker.pack,
-                "vocab_size": c.vocab_size,
-                "eos_token_ids": list(c.eos_token_ids),
-                "max_position_embeddings": c.max_position_embeddings,
-            },
+            protocol.ModelInfo(self.config.worker.pack, c.vocab_size, list(c.eos_token_ids), c.max_position_embeddings),
             self.kv.capacity_tokens,
             self.config.worker.max_batch,
         )
@@ -240,7 +243,11 @@ class WorkerProcess:
                 self._apply(protocol.decode(frame, ACCEPTED))
             except HmoeError as exc:
                 log.warning("bad message from the router: %s", exc)
-                self._send(protocol.Error(exc.code, exc.message))
+                request_id = getattr(exc, "request_id", None)  # a ProtocolError says which request's frame it was
+                if request_id is not None:  # what a request carried (its sampling params) fails that request
+                    self._send(protocol.RequestError(request_id, exc.code, exc.message))
+                else:
+                    self._send(protocol.Error(exc.code, exc.message))
 
     def _apply(self, msg) -> None:
         match msg:
@@ -258,6 +265,10 @@ class WorkerProcess:
                 self.engine.cancel(msg.request_id)
             case protocol.Drain():
                 self.drain()
+            case protocol.Registered(version=version):
+                log.info("registered with the router as %s, protocol version %d", msg.worker_id, version)
+            case protocol.Error():  # the router refused this worker (another model, a protocol too old) or a frame
+                log.error("the router says [%s] %s", msg.code, msg.message)
 
     def _send(self, msg) -> None:
         self.pipe.send(protocol.encode(msg))
