@@ -64,7 +64,7 @@ class PrefillEngine:
         self.passes = {"cpu": 0, "stream": 0}  # passes run, by kind
         self.queue: deque[PrefillJob] = deque()
         self.current: PrefillJob | None = None
-        self.handed: dict[str, tuple[int, int]] = {}  # request_id -> (slot, generation) awaiting adoption
+        self.unadopted: dict[str, tuple[int, int]] = {}  # request_id -> (hand-off slot, generation) not adopted yet
 
     @property
     def busy(self) -> bool:
@@ -91,8 +91,8 @@ class PrefillEngine:
             self.kv.free(request_id)
             self.current = None
             return True
-        if request_id in self.handed:  # cancelled between hand-off and adoption: take the slot back
-            return self.handoff.release_if(*self.handed.pop(request_id))
+        if request_id in self.unadopted:  # cancelled between hand-off and adoption: take the slot back
+            return self.handoff.release_if(*self.unadopted.pop(request_id))
         return False
 
     def drop_all(self) -> None:
@@ -181,9 +181,9 @@ class PrefillEngine:
         self.kv.free(job.request_id)
         self.current = None
         if slot >= 0:
-            if len(self.handed) >= 4 * self.handoff.num_slots:  # forget fills whose slot was reused since
-                self.handed = {r: (s, g) for r, (s, g) in self.handed.items() if self.handoff.generation(s) == g}
-            self.handed[job.request_id] = (slot, self.handoff.generation(slot))
+            if len(self.unadopted) >= 4 * self.handoff.num_slots:  # forget fills whose slot was reused since
+                self.unadopted = {r: (s, g) for r, (s, g) in self.unadopted.items() if self.handoff.generation(s) == g}
+            self.unadopted[job.request_id] = (slot, self.handoff.generation(slot))
         assert job.first_token is not None
         return protocol.Prefilled(
             job.request_id,
