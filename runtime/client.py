@@ -175,6 +175,7 @@ class AsyncStream:
         """Consume the rest of the stream; the Result."""
         async for _ in self:
             pass
+        assert self.result is not None  # a stream ends with its Finished, or raises
         return self.result
 
     async def aclose(self) -> None:
@@ -312,8 +313,9 @@ class AsyncClient:
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._heartbeat())]
 
     def _send(self, msg) -> None:
-        try:
-            self._socket.send(encode(msg), flags=zmq.NOBLOCK).result()
+        assert self._socket is not None, "_open() first"
+        try:  # zmq.asyncio returns a Future, done at once under NOBLOCK (its stub says Awaitable)
+            self._socket.send(encode(msg), flags=zmq.NOBLOCK).result()  # type: ignore[attr-defined]
         except zmq.Again:  # thousands of messages queued for a router that takes none
             raise RouterUnreachable(
                 "router_unreachable", f"{self.endpoint} takes no messages: is the router running?"
@@ -325,8 +327,10 @@ class AsyncClient:
             self._send(Cancel(request_id))
 
     async def _read(self) -> None:
+        sock = self._socket
+        assert sock is not None, "_open() first"
         while True:
-            frame = await self._socket.recv()
+            frame = await sock.recv()
             self._last_heard_s = time.monotonic()
             try:
                 msg = decode(frame, REPLY_TYPES)
@@ -366,7 +370,7 @@ class AsyncClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._socket is not None:
+        if self._socket is not None and self._context is not None:
             self._socket.close(linger=500)  # let the Cancels go out
             self._context.term()
             self._socket = self._context = None
@@ -386,7 +390,7 @@ def status_once(
     endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, server_public_key: str | bytes | None = None
 ) -> dict:
     """One Status from the router, blocking, with no thread and no event loop (health checks, readiness)."""
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket] = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if server_public_key is not None:
@@ -434,6 +438,7 @@ class Stream:
     def final(self) -> Result:
         for _ in self:
             pass
+        assert self.result is not None  # a stream ends with its Finished, or raises
         return self.result
 
     def close(self) -> None:
@@ -491,7 +496,8 @@ class Client:
         if self._loop is not None:
             self._call(self._async.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            if self._thread is not None:
+                self._thread.join()
             self._loop.close()
             self._loop = None
 
