@@ -112,27 +112,47 @@ def record_decoder(cls: type) -> Check:
         return decoder
     hints = typing.get_type_hints(cls, include_extras=True)
     name = getattr(cls, "TAG", cls.__name__)
-    fields = [
-        (
-            f.name,
-            _checker(hints[f.name], f"{name}.{f.name}"),
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-        )
-        for f in dataclasses.fields(cls)
-    ]
-    known = {f for f, _, _ in fields}
+    plan = []  # (field, check, default maker or None when required)
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            make: Callable[[], Any] | None = f.default_factory
+        else:
+            make = None if f.default is dataclasses.MISSING else (lambda default=f.default: default)
+        plan.append((f.name, _checker(hints[f.name], f"{name}.{f.name}"), make))
+    known = {f for f, _, _ in plan}
     strict: str | None = getattr(cls, "STRICT_CODE", None)
+    # A slotted class without __post_init__ gets its checked fields set directly (a frozen dataclass's
+    # __init__ costs as much again); one with its own checks (SamplingParams) is built through __init__.
+    slots = [getattr(cls.__dict__.get(f), "__set__", None) for f, _, _ in plan]
+    setters: list[Callable[[Any, Any], None]] = [s or _no_setter for s in slots]
+    direct = all(slots) and "__slots__" in cls.__dict__ and not hasattr(cls, "__post_init__") and not strict
+    direct_plan = [(f, check, make, setter) for (f, check, make), setter in zip(plan, setters)]
+
+    def build_direct(value: Any) -> Any:
+        if type(value) is not dict:
+            return _fail(name, "a map", value)
+        obj: Any = object.__new__(cls)
+        get = value.get
+        for field_name, check, make, setter in direct_plan:
+            got = get(field_name, _ABSENT)
+            if got is not _ABSENT:
+                setter(obj, check(got))
+            elif make is not None:
+                setter(obj, make())
+            else:
+                raise _bad(name, f"missing field {field_name!r}")
+        return obj
 
     def build(value: Any) -> Any:
         if type(value) is not dict:
             return _fail(name, "a map", value)
         kwargs = {}
         try:
-            for field_name, check, required in fields:
+            for field_name, check, make in plan:
                 got = value.get(field_name, _ABSENT)
                 if got is not _ABSENT:
                     kwargs[field_name] = check(got)
-                elif required:
+                elif make is None:
                     raise _bad(name, f"missing field {field_name!r}")
             if strict and len(kwargs) < len(value):
                 raise ProtocolError(strict, f"unknown {name} fields {sorted(map(str, set(value) - known))}")
@@ -144,8 +164,13 @@ def record_decoder(cls: type) -> Check:
         except HmoeError as exc:  # the class's own checks (SamplingParams' ranges)
             raise ProtocolError(exc.code, exc.message) from None
 
-    _DECODERS[cls] = build
-    return build
+    decoder = build_direct if direct else build
+    _DECODERS[cls] = decoder
+    return decoder
+
+
+def _no_setter(obj: Any, value: Any) -> None:
+    raise AssertionError(f"{type(obj).__name__} has no slot for a field")
 
 
 def _checker(hint: Any, where: str) -> Check:

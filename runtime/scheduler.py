@@ -30,6 +30,7 @@ from typing import Protocol
 
 import structlog
 
+from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.detokenizer import Decoder
 from hmoe.runtime.errors import HmoeError
@@ -172,7 +173,7 @@ class Scheduler:
                 f"{self.config.max_prompt_tokens}",
             )
         else:
-            ids = self.tokenizer.encode(msg.prompt).ids
+            ids = TokenIds(self.tokenizer.encode(msg.prompt).ids)  # packed once: Prefill and Adopt send it as it is
         if not ids:
             raise HmoeError("invalid_prompt", "the prompt is empty")
         return ids
