@@ -37,7 +37,7 @@ class _NoText:
 class Request:
     request_id: str
     client: bytes  # the client's ZeroMQ routing id
-    prompt_ids: Sequence[int]  # a list (tokenized here) or the TokenIds of the Generate that brought it
+    prompt_ids: Sequence[int]  # TokenIds (packed once: Prefill and Adopt send them as they are) or a list
     params: SamplingParams
     stream: bool
     arrival_s: float
