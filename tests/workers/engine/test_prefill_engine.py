@@ -223,7 +223,7 @@ def test_handed_bookkeeping_stays_bounded_while_slots_cycle(make_rig, adopter):
     for i in range(20):
         rig.engine.add(prefill_msg(f"r{i}", [i + 1, 2]))
         adopter(prefilled(rig.engine))
-        assert len(rig.engine.handed) <= 4 * rig.pool.num_slots
+        assert len(rig.engine.unadopted) <= 4 * rig.pool.num_slots
     assert not rig.engine.cancel("r0") and not rig.engine.cancel("r19")  # adopted: nothing to take back
 
 
