@@ -298,6 +298,7 @@ class Prefilled:
     prompt_len: Count
     finish_reason: FinishReason | None = None
     logprobs: TokenLogprob | None = None  # asked for: the first token's
+    generation: Annotated[int, Range(-1)] = -1  # the slot's fill (HandoffPool generation); -1: no slot
 
 
 @message("adopt")
@@ -310,6 +311,7 @@ class Adopt:
     slot: Count
     segment: str
     params: SamplingParams
+    generation: Annotated[int, Range(-1)] = -1  # the fill Prefilled named: a slot refilled since is handoff_lost
 
 
 @message("tokens")

@@ -326,6 +326,7 @@ class Scheduler:
                 prefilled.slot,
                 prefilled.segment,
                 request.params,
+                prefilled.generation,
             ),
         )
         return True

@@ -153,7 +153,13 @@ def prefill_msg(request_id: str, token_ids: Sequence[int], **params) -> protocol
 def adopt_msg(prefilled: protocol.Prefilled, prompt: Sequence[int], **params) -> protocol.Adopt:
     """The Adopt the router sends for a Prefilled (same sampling params as the Prefill)."""
     return protocol.Adopt(
-        prefilled.request_id, list(prompt), prefilled.first_token, prefilled.slot, prefilled.segment, sampling(**params)
+        prefilled.request_id,
+        list(prompt),
+        prefilled.first_token,
+        prefilled.slot,
+        prefilled.segment,
+        sampling(**params),
+        prefilled.generation,
     )
 
 

@@ -89,7 +89,7 @@ def to(out: list, identity: bytes, kind: type) -> list:
 
 
 def run_to_decode(s: Scheduler, rid: str, first: int = ord("a"), now: float = 0.0) -> list:
-    s.on_worker(P, Prefilled(rid, first, 0, "slots", 2), now)
+    s.on_worker(P, Prefilled(rid, first, 0, "slots", 2, generation=5), now)
     s.tick(now)
     return s.take_outbox()
 
@@ -103,6 +103,7 @@ def test_request_goes_prefill_then_decode_and_finishes_once_with_usage():
     assert to(out, C1, Delta) == [Delta("r1", [ord("O")], "O")]
     (adopt,) = to(out, D, Adopt)
     assert (adopt.first_token, adopt.slot, adopt.segment, adopt.token_ids) == (ord("O"), 0, "slots", [104, 105])
+    assert adopt.generation == 5  # the slot's fill, passed on so a refilled slot is never adopted
     s.on_worker(D, tokens(("r1", ord("k"), None)), 2.0)
     s.on_worker(D, tokens(("r1", ord("!"), "length")), 2.5)
     out = s.take_outbox()

@@ -43,6 +43,7 @@ class DecodeRequest:
     slot: int
     segment: str
     output: list[int] = field(default_factory=list)  # generated tokens, the prefill's first one included
+    generation: int = -1  # the hand-off slot's fill it adopts (-1: unchecked)
 
     @property
     def ctx_len(self) -> int:
@@ -108,6 +109,7 @@ class DecodeEngine:
             msg.slot,
             msg.segment,
             [msg.first_token],
+            msg.generation,
         )
         need = kv_need(req.prompt_len, req.params)
         if need > self.kv.capacity_tokens:
@@ -237,7 +239,7 @@ class DecodeEngine:
             self.waiting.popleft()
             self.kv.reserve(req.request_id, need)
             try:
-                self._pool(req.segment).adopt(req.slot, self.kv, req.request_id, req.prompt_len)
+                self._pool(req.segment).adopt(req.slot, self.kv, req.request_id, req.prompt_len, req.generation)
             except HmoeError as exc:
                 self.kv.free(req.request_id)
                 out.append(protocol.RequestError(req.request_id, exc.code, exc.message))

@@ -185,6 +185,7 @@ class PrefillEngine:
                 self.unadopted = {r: (s, g) for r, (s, g) in self.unadopted.items() if self.handoff.generation(s) == g}
             self.unadopted[job.request_id] = (slot, self.handoff.generation(slot))
         assert job.first_token is not None
+        generation = self.handoff.generation(slot) if slot >= 0 else -1
         return protocol.Prefilled(
             job.request_id,
             job.first_token,
@@ -193,6 +194,7 @@ class PrefillEngine:
             len(job.token_ids),
             reason,
             logprobs=job.logprobs,
+            generation=generation,
         )
 
 

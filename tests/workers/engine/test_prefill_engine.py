@@ -3,6 +3,7 @@ pool), a real KVPool and a real HandoffPool under a private shm prefix. Millisec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -95,7 +96,8 @@ def test_a_long_prompt_runs_chunk_by_chunk_and_hands_off_its_whole_kv(make_rig, 
     (msg,) = out
     assert quiet_steps == 3 * (LAYERS + 1) - 1
     assert rig.model.tokens == [[4], [4], [2]]  # one pass per chunk on the default experts
-    assert msg == protocol.Prefilled("a", next_token(PROMPT), msg.slot, rig.pool.name, len(PROMPT))
+    expected = protocol.Prefilled("a", next_token(PROMPT), msg.slot, rig.pool.name, len(PROMPT))
+    assert msg == dataclasses.replace(expected, generation=rig.pool.generation(msg.slot))  # the fill Adopt names
     assert 0 <= msg.slot < rig.pool.num_slots and rig.pool.free_slots() == rig.pool.num_slots - 1
     assert rig.kv.free_blocks == rig.kv.num_blocks and not rig.kv.block_tables  # its KV lives in the slot now
     assert not rig.engine.busy and rig.engine.step() == []

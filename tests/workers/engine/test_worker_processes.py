@@ -110,6 +110,7 @@ class Harness:
                 prefilled.slot,
                 prefilled.segment,
                 params,
+                prefilled.generation,
             ),
         )
 
