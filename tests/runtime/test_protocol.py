@@ -44,6 +44,8 @@ WORKER = p.WorkerStatus(
     draining=True,
     last_seen_s=0.25,
     uptime_s=12.5,
+    steps=17,
+    step_s=0.5,
 )
 # One example of every message type, every field away from its default.
 EXAMPLES = {
@@ -60,19 +62,28 @@ EXAMPLES = {
         p.Throughput(31.5, 60.0, {"stop": 3, "length": 1}),
         True,
     ),
-    p.Delta: p.Delta("req-1", [104, 105], "hi ✓"),
+    p.Delta: p.Delta("req-1", [104, 105], "hi ✓", [[-0.5, [[104, -0.5], [7, -1.5]]], None]),
     p.Finished: p.Finished(
-        "req-1", "error", [1, 2, 3], "abc", p.Usage(5, 3, 0.125, 0.5), p.Failure("worker_lost", "gone; retry")
+        "req-1",
+        "error",
+        [1, 2, 3],
+        "abc",
+        p.Usage(5, 3, 0.125, 0.5, 0.0625),
+        p.Failure("worker_lost", "gone; retry"),
+        [[-0.5, [[1, -0.5]]], None, [-0.25, []]],
     ),
     p.Error: p.Error("queue_full", "retry later", "req-1"),
     p.Register: p.Register("prefill-h-1-1", "prefill", 77, "cuda:0", MODEL, 65536, 1, 2, 5),
     p.Registered: p.Registered("prefill-h-1-1", 2),
-    p.WorkerPing: p.WorkerPing("decode-h-1-1", 1024, 3, 2),
+    p.WorkerPing: p.WorkerPing("decode-h-1-1", 1024, 3, 2, 17, 0.5),
     p.WorkerPong: p.WorkerPong(),
     p.Prefill: p.Prefill("req-1", list(range(300)), PARAMS),
-    p.Prefilled: p.Prefilled("req-1", 42, -1, "hmoe-kv-handoff.prefill-1", 300, "length", 11),
+    p.Prefilled: p.Prefilled("req-1", 42, -1, "hmoe-kv-handoff.prefill-1", 300, "length", [-0.1, [[42, -0.1]]], 11),
     p.Adopt: p.Adopt("req-1", list(range(300)), 42, 3, "hmoe-kv-handoff.prefill-1", PARAMS, 11),
-    p.Tokens: p.Tokens([p.TokenItem("a", 1), p.TokenItem("b", 2, "stop"), p.TokenItem("c", 3, "length")]),
+    p.Tokens: p.Tokens(
+        [p.TokenItem("a", 1), p.TokenItem("b", 2, "stop"), p.TokenItem("c", 3, "length")],
+        [[-1.0, [[1, -1.0], [5, -2.0]]], None, [-0.5, []]],
+    ),
     p.RequestError: p.RequestError("req-1", "kv_capacity", "needs 4 GiB, has 3"),
     p.Drain: p.Drain(30.0),
 }
@@ -140,7 +151,7 @@ def test_type_hints_are_resolved_once_per_class(monkeypatch):
         ({"t": "generate", "request_id": "r", "prompt": "hi", "params": {"max_tokens": 0}}, "invalid_sampling"),
         ({"t": "generate", "request_id": "r", "prompt": "hi", "params": {"top_k": 1.5}}, "invalid_sampling"),
         ({"t": "generate", "request_id": "r", "prompt": "hi", "params": {"stop": "x"}}, "invalid_sampling"),
-        ({"t": "generate", "request_id": "r", "prompt": "hi", "params": {"logprobs": 5}}, "invalid_sampling"),
+        ({"t": "generate", "request_id": "r", "prompt": "hi", "params": {"best_of": 5}}, "invalid_sampling"),
         (
             {
                 "t": "register",
@@ -163,8 +174,8 @@ def test_types_and_declared_bounds_are_checked_before_a_message_exists(body, cod
 
 
 def test_evolution_unknown_fields_are_ignored_missing_optional_ones_default():
-    newer = {**msgpack.unpackb(p.encode(EXAMPLES[p.Tokens])), "logprobs": [0.5], "v": p.VERSION + 1}
-    newer["items"] = [{**item, "logprob": -0.1} for item in newer["items"]]  # a newer peer's fields, in records too
+    newer = {**msgpack.unpackb(p.encode(EXAMPLES[p.Tokens])), "entropies": [0.5], "v": p.VERSION + 1}
+    newer["items"] = [{**item, "entropy": 0.1} for item in newer["items"]]  # a newer peer's fields, in records too
     assert p.decode(msgpack.packb(newer)) == EXAMPLES[p.Tokens]
     older = frame(t="worker_ping", worker_id="w", kv_free_tokens=5, running=1)  # no `waiting` yet
     assert p.decode(older) == p.WorkerPing("w", 5, 1, 0)

@@ -46,15 +46,8 @@ log = logging.getLogger("hmoe.worker")
 EXIT_STARTUP_FAILURE = 3
 RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
 STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
-ACCEPTED = (
-    protocol.Prefill,
-    protocol.Adopt,
-    protocol.Cancel,
-    protocol.WorkerPong,
-    protocol.Drain,
-    protocol.Registered,
-    protocol.Error,
-)
+ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.Drain)  # and the router's answers:
+ACCEPTED += (protocol.WorkerPong, protocol.Registered, protocol.Error)
 
 
 class WorkerProcess:
@@ -243,11 +236,9 @@ class WorkerProcess:
                 self._apply(protocol.decode(frame, ACCEPTED))
             except HmoeError as exc:
                 log.warning("bad message from the router: %s", exc)
-                request_id = getattr(exc, "request_id", None)  # a ProtocolError says which request's frame it was
-                if request_id is not None:  # what a request carried (its sampling params) fails that request
-                    self._send(protocol.RequestError(request_id, exc.code, exc.message))
-                else:
-                    self._send(protocol.Error(exc.code, exc.message))
+                request_id = getattr(exc, "request_id", None)  # what a request carried fails that request only
+                reply = protocol.RequestError(request_id, exc.code, exc.message) if request_id else None
+                self._send(reply or protocol.Error(exc.code, exc.message))
 
     def _apply(self, msg) -> None:
         match msg:
