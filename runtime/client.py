@@ -18,6 +18,7 @@ one, and the result and error types are theirs; one module keeps the whole SDK i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 import zmq
 import zmq.asyncio
 
+from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.protocol import (
     Cancel,
@@ -41,9 +43,11 @@ from hmoe.runtime.protocol import (
     ProtocolError,
     Status,
     StatusRequest,
+    Usage,
     decode,
     encode,
 )
+from hmoe.runtime.sampling_params import SamplingParams
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 REPLY_TYPES = (Delta, Finished, Error, Pong, Status)
@@ -59,21 +63,12 @@ class Chunk:
 
 
 @dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    output_tokens: int
-    ttft_s: float | None  # arrival at the router -> first token
-    tpot_s: float | None  # mean time per output token after the first
-    queue_s: float | None = None  # arrival at the router -> sent to a prefill worker
-
-
-@dataclass(frozen=True)
 class Result:
     request_id: str
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str  # stop | length | cancelled | timeout | error
-    usage: Usage
+    usage: Usage  # prompt_tokens, output_tokens, ttft_s, tpot_s, queue_s (arrival -> sent to prefill)
     logprobs: tuple | None = None  # when asked: per generated token, as in Chunk
 
 
@@ -113,13 +108,12 @@ def router_error(code: str, message: str, result: Result | None = None) -> Route
 
 
 def _result(msg: Finished) -> Result:
-    u = msg.usage
     return Result(
         msg.request_id,
         msg.text,
         tuple(msg.token_ids),
         msg.finish_reason,
-        Usage(u.get("prompt_tokens", 0), u.get("output_tokens", 0), u.get("ttft_s"), u.get("tpot_s"), u.get("queue_s")),
+        msg.usage,
         tuple(msg.logprobs) if msg.logprobs is not None else None,
     )
 
@@ -166,8 +160,8 @@ class AsyncStream:
                 self._end()
                 self.result = _result(msg)
                 if msg.finish_reason == "error":
-                    error = msg.error or {}
-                    raise router_error(error.get("code", "error"), error.get("message", "request failed"), self.result)
+                    code, message = (msg.error.code, msg.error.message) if msg.error else ("error", "request failed")
+                    raise router_error(code, message, self.result)
                 raise StopAsyncIteration
             case Error():
                 self._end()
@@ -181,6 +175,7 @@ class AsyncStream:
         """Consume the rest of the stream; the Result."""
         async for _ in self:
             pass
+        assert self.result is not None  # a stream ends with its Finished, or raises
         return self.result
 
     async def aclose(self) -> None:
@@ -245,19 +240,24 @@ class AsyncClient:
         stream: bool = True,
     ) -> AsyncStream:
         """Start a request: `async for chunk in client.generate(...)`; stream=False sends only the end."""
-        params = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "seed": seed,
-            "stop": list(stop),
-            "stop_token_ids": list(stop_token_ids),
-            "ignore_eos": ignore_eos,
-        }
-        if logprobs is not None:  # each token's logprob and the `logprobs` most likely alternatives
-            params["logprobs"] = logprobs
-        msg = Generate(request_id or next(self._ids), prompt, token_ids, params, stream, timeout)
+        try:  # refused here, with the code the router would give
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                stop_token_ids=tuple(stop_token_ids),
+                stop=tuple(stop),
+                ignore_eos=ignore_eos,
+                logprobs=logprobs,  # each token's logprob and the `logprobs` most likely alternatives
+            )
+            ids = TokenIds(token_ids) if token_ids is not None else None
+        except HmoeError as exc:
+            raise RequestRefused(exc.code, exc.message) from None
+        except (OverflowError, TypeError):
+            raise RequestRefused("invalid_prompt", "token_ids must be integers in [0, 2**32)") from None
+        msg = Generate(request_id or next(self._ids), prompt, ids, params, stream, timeout)
         self._open()
         if msg.request_id in self._pending:
             raise HmoeError("duplicate_request", f"request id {msg.request_id!r} is already in flight from this client")
@@ -313,8 +313,9 @@ class AsyncClient:
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._heartbeat())]
 
     def _send(self, msg) -> None:
-        try:
-            self._socket.send(encode(msg), flags=zmq.NOBLOCK).result()
+        assert self._socket is not None, "_open() first"
+        try:  # zmq.asyncio returns a Future, done at once under NOBLOCK (its stub says Awaitable)
+            self._socket.send(encode(msg), flags=zmq.NOBLOCK).result()  # type: ignore[attr-defined]
         except zmq.Again:  # thousands of messages queued for a router that takes none
             raise RouterUnreachable(
                 "router_unreachable", f"{self.endpoint} takes no messages: is the router running?"
@@ -326,8 +327,10 @@ class AsyncClient:
             self._send(Cancel(request_id))
 
     async def _read(self) -> None:
+        sock = self._socket
+        assert sock is not None, "_open() first"
         while True:
-            frame = await self._socket.recv()
+            frame = await sock.recv()
             self._last_heard_s = time.monotonic()
             try:
                 msg = decode(frame, REPLY_TYPES)
@@ -367,7 +370,7 @@ class AsyncClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._socket is not None:
+        if self._socket is not None and self._context is not None:
             self._socket.close(linger=500)  # let the Cancels go out
             self._context.term()
             self._socket = self._context = None
@@ -379,15 +382,15 @@ class AsyncClient:
         await self.close()
 
 
-def _fields(msg) -> dict:
-    return {name: getattr(msg, name) for name in msg.__slots__}
+def _fields(msg: Status) -> dict:
+    return dataclasses.asdict(msg)
 
 
 def status_once(
     endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 1.0, server_public_key: str | bytes | None = None
 ) -> dict:
     """One Status from the router, blocking, with no thread and no event loop (health checks, readiness)."""
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket] = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if server_public_key is not None:
@@ -435,6 +438,7 @@ class Stream:
     def final(self) -> Result:
         for _ in self:
             pass
+        assert self.result is not None  # a stream ends with its Finished, or raises
         return self.result
 
     def close(self) -> None:
@@ -492,7 +496,8 @@ class Client:
         if self._loop is not None:
             self._call(self._async.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            if self._thread is not None:
+                self._thread.join()
             self._loop.close()
             self._loop = None
 

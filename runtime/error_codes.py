@@ -9,11 +9,14 @@ kv_capacity, prompt_too_long, draining), passed through unchanged.
 from __future__ import annotations
 
 REFUSALS = {
-    "bad_message": "the frame is not a valid message (not msgpack, wrong field types, extra fields, several frames)",
+    "bad_message": "the frame is not a valid message (not msgpack, a missing field, a wrong type or a value out of "
+    "bounds, several frames)",
     "unknown_message": "a message type this side does not take",
     "message_too_large": "the message exceeds protocol.MAX_MESSAGE_BYTES: send a shorter prompt",
-    "version_mismatch": "the peer speaks another protocol version: upgrade the older side",
-    "invalid_sampling": "a sampling parameter is unknown or out of range",
+    "version_mismatch": "the frame carries no readable protocol version: not an hmoe peer",
+    "version_too_old": "the peer speaks only protocol versions older than this side reads (protocol.MIN_VERSION), or "
+    "a worker and the router share no version: upgrade the side the message names",
+    "invalid_sampling": "a sampling parameter is unknown (never silently ignored) or out of range",
     "invalid_prompt": "no prompt, both prompt and token_ids, an empty prompt or token ids outside the vocabulary",
     "invalid_request": "a request field is out of range (e.g. timeout_s <= 0)",
     "tokenizer_missing": "the router has no tokenizer.json: send token_ids, or set [router] model_dir",

@@ -10,6 +10,7 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import Processor
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -18,7 +19,7 @@ def configure_logging(level: str = "info", json_lines: bool = True, process: str
     """Route structlog and stdlib logging (the shm modules use it) to stderr as JSON lines."""
     if level not in LEVELS:
         raise ValueError(f"log level {level!r}: choose one of {', '.join(LEVELS)}")
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

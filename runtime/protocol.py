@@ -1,39 +1,64 @@
 """The wire protocol: every message between clients, router and workers, defined once.
 
-A message is one ZeroMQ frame holding a msgpack map {"v": VERSION, "t": type tag, ...fields}.
-Each type is a frozen slotted dataclass; `encode` and `decode` are the one codec and the one
-validation path: decode checks size, version, tag and every field's type and bounds before a
-message object exists, and raises ProtocolError (code "bad_message" / "unknown_message" /
-"message_too_large" / "version_mismatch") that the receiver turns into an error reply.
+A message is one ZeroMQ frame holding a msgpack map {"v": sender's VERSION, "t": type tag, ...fields}.
+Each type is a frozen slotted dataclass whose fields have concrete types (scalars, Literal choices,
+bounded ints, request ids, token ids, lists and records: SamplingParams, Usage, Failure, ModelInfo,
+TokenItem, WorkerStatus, ...). `encode` and `decode` are the one codec and the one validation path
+(runtime/codec.py): decode checks size, version, tag, every field's type and the bounds its type
+declares (Range, the request-id format, SamplingParams' own ranges) before a message object exists,
+and raises ProtocolError with a code listed in error_codes.py that the receiver turns into an error
+reply. Token ids travel packed, so a 128K-token prompt decodes as one copy.
 No pickle anywhere; bulk data (KV caches) never rides in a message: a handle to shared memory does.
+
+Evolution: a router and its workers are upgraded one at a time, so
+1. A new field is optional (it has a default) and an older peer ignores it: decode drops fields it
+   does not know, in messages and records alike; a frame from an older peer gets the default.
+   A field's type and meaning never change and a field a peer may still send is never removed:
+   such a change is a new field. SamplingParams alone is strict (an unknown key is refused with
+   "invalid_sampling"), so a sampling option a peer would not honour is never silently dropped.
+2. Every frame carries its sender's VERSION. A frame from a version below MIN_VERSION is refused
+   with "version_too_old"; newer versions are read by rule 1. VERSION goes up with each set of new
+   fields or message types; MIN_VERSION goes up only for a change rule 1 cannot absorb (as version 2
+   did: packed token ids, typed token items) and then refuses every older peer.
+3. Versions are negotiated at Register: a worker sends the range it speaks (min_version..max_version);
+   the router answers Registered with the highest version both speak, or refuses a worker with no
+   common version with Error "version_too_old" saying which side to upgrade. A new message type is
+   sent only to a peer whose negotiated version has it.
 
 Sockets: clients (DEALER) -> router frontend (ROUTER); workers (DEALER) -> router backend (ROUTER).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import msgpack
 
-from hmoe.runtime.errors import HmoeError
-from hmoe.runtime.sampling_params import SamplingParams
+from hmoe.runtime.codec import (
+    MAX_LIST_LEN,
+    PACKED,
+    ProtocolError,
+    Range,
+    record_decoder,
+    record_encoder,
+)
+from hmoe.runtime.sampling_params import FinishReason, SamplingParams
 
-VERSION = 1
-MAX_MESSAGE_BYTES = 4 << 20  # a 128K-token prompt as ids is ~0.6 MB; text prompts are capped by this
-MAX_LIST_LEN = 1 << 20
+VERSION = 2  # what this side speaks
+MIN_VERSION = 2  # the oldest peer version this side reads (2: token ids packed, token items typed)
+MAX_MESSAGE_BYTES = 4 << 20  # a 128K-token prompt as ids is 0.5 MB; text prompts are capped by this
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}\Z")
 
-
-class ProtocolError(HmoeError):
-    """A frame that is not a valid message: the receiver replies with this code and keeps serving."""
-
-    request_id: str | None = None  # the frame's request_id when it had a valid one (for the error reply)
-
+Count = Annotated[int, Range(0)]
+TokenId = Annotated[int, Range(0, 2**32 - 1)]
+Ids = Annotated[Sequence[int], PACKED]  # token ids: any sequence of ints when built, TokenIds when decoded
+RequestId = Annotated[str, REQUEST_ID]
+Version = Annotated[int, Range(1)]
+TopLogprob = tuple[TokenId, float]  # [token id, its logprob]
+TokenLogprob = tuple[float, list[TopLogprob]]  # [the sampled token's logprob, the most likely alternatives]
 
 _TYPES: dict[str, type] = {}
 
@@ -51,6 +76,88 @@ def message(tag: str):
     return wrap
 
 
+def record(cls):
+    """A frozen slotted dataclass that rides inside messages (a msgpack map, evolved as messages are)."""
+    return dataclass(frozen=True, slots=True)(cls)
+
+
+# -- records ----------------------------------------------------------------------------------------
+
+
+@record
+class Usage:
+    prompt_tokens: Count
+    output_tokens: Count
+    ttft_s: float | None = None  # arrival at the router -> first token
+    tpot_s: float | None = None  # mean time per output token after the first
+    queue_s: float | None = None  # arrival at the router -> sent to a prefill worker
+
+
+@record
+class Failure:
+    """Why a request failed after it started (Finished.error): a stable code and what to do."""
+
+    code: str
+    message: str
+
+
+@record
+class ModelInfo:
+    """What a worker serves (Register.model); the router checks prompts against it."""
+
+    name: str
+    vocab_size: Count
+    eos_token_ids: list[Count]
+    max_position_embeddings: Count
+
+
+@record
+class TokenItem:
+    """One request's token of a decode step."""
+
+    request_id: RequestId
+    token: TokenId
+    finish_reason: FinishReason | None = None  # set on the request's last token
+
+
+@record
+class WorkerStatus:
+    worker_id: str
+    role: str
+    pid: int
+    device: str
+    model: str
+    max_batch: int
+    kv_capacity_tokens: int
+    kv_reserved_tokens: int  # what the router reserved there (prompt + max_tokens per request)
+    kv_free_tokens: int  # what the worker last reported free
+    running: int
+    waiting: int
+    requests: int
+    busy: str | None  # prefill: the request it is running
+    draining: bool
+    last_seen_s: float  # seconds since its last message
+    uptime_s: float
+    steps: int = 0  # engine steps since the worker started (its last heartbeat)
+    step_s: float = 0.0  # their total time
+
+
+@record
+class KVStatus:
+    """KV cache of the decode workers, in tokens."""
+
+    capacity_tokens: int
+    used_tokens: int  # reserved by the router
+    free_tokens_reported: int  # free as the workers last reported it
+
+
+@record
+class Throughput:
+    tokens_per_s: float
+    window_s: float
+    finished: dict[str, int]  # finish_reason -> requests finished since start
+
+
 # -- client <-> router ----------------------------------------------------------------------------
 
 
@@ -58,17 +165,17 @@ def message(tag: str):
 class Generate:
     """Start a request. Exactly one of prompt / token_ids; the client makes request_id."""
 
-    request_id: str
+    request_id: RequestId
     prompt: str | None = None
-    token_ids: list[int] | None = None
-    params: dict = field(default_factory=dict)  # SamplingParams fields
+    token_ids: Ids | None = None
+    params: SamplingParams = SamplingParams()
     stream: bool = True
     timeout_s: float | None = None  # deadline from arrival; the request ends with "timeout"
 
 
 @message("cancel")
 class Cancel:
-    request_id: str
+    request_id: RequestId
 
 
 @message("ping")
@@ -90,11 +197,11 @@ class StatusRequest:
 
 @message("status")
 class Status:
-    workers: list[dict]
-    queued: int
-    running: int
-    kv: dict  # used_tokens, capacity_tokens
-    throughput: dict  # tokens/s over the last minute etc.
+    workers: list[WorkerStatus]
+    queued: Count
+    running: Count
+    kv: KVStatus
+    throughput: Throughput
     draining: bool = False
 
 
@@ -102,21 +209,21 @@ class Status:
 class Delta:
     """New tokens of a streaming request and the text they complete (UTF-8-safe)."""
 
-    request_id: str
-    token_ids: list[int]
+    request_id: RequestId
+    token_ids: Ids
     text: str
-    logprobs: list | None = None  # asked for (params.logprobs): per token, [logprob, [[id, logprob], ...]]
+    logprobs: list[TokenLogprob | None] | None = None  # asked for (params.logprobs): per token
 
 
 @message("finished")
 class Finished:
-    request_id: str
-    finish_reason: str  # stop | length | cancelled | timeout | error
-    token_ids: list[int]  # every generated token (the non-streaming answer)
+    request_id: RequestId
+    finish_reason: Literal["stop", "length", "cancelled", "timeout", "error"]
+    token_ids: Ids  # every generated token (the non-streaming answer)
     text: str
-    usage: dict  # prompt_tokens, output_tokens, ttft_s, tpot_s
-    error: dict | None = None  # {code, message} when finish_reason is "error"
-    logprobs: list | None = None  # asked for: per generated token, as in Delta
+    usage: Usage
+    error: Failure | None = None  # when finish_reason is "error"
+    logprobs: list[TokenLogprob | None] | None = None  # asked for: per generated token, as in Delta
 
 
 @message("error")
@@ -125,7 +232,7 @@ class Error:
 
     code: str
     message: str
-    request_id: str | None = None
+    request_id: RequestId | None = None
 
 
 # -- router <-> workers -----------------------------------------------------------------------------
@@ -133,15 +240,26 @@ class Error:
 
 @message("register")
 class Register:
-    """A worker is ready to serve (weights attached, kernels compiled)."""
+    """A worker is ready to serve (weights attached, kernels compiled), speaking protocol versions
+    min_version..max_version; the router answers Registered or refuses with Error."""
 
     worker_id: str
     role: str  # "prefill" | "decode"
-    pid: int
+    pid: Annotated[int, Range(1)]
     device: str
-    model: dict  # name, vocab_size, eos_token_ids, max_position_embeddings
-    kv_capacity_tokens: int
-    max_batch: int
+    model: ModelInfo
+    kv_capacity_tokens: Count
+    max_batch: Annotated[int, Range(1)]
+    min_version: Version = MIN_VERSION
+    max_version: Version = VERSION
+
+
+@message("registered")
+class Registered:
+    """The router took a worker's Register; `version` is the protocol version they agreed on."""
+
+    worker_id: str
+    version: Version
 
 
 @message("worker_ping")
@@ -149,11 +267,11 @@ class WorkerPing:
     """Worker heartbeat with its load; the router answers WorkerPong."""
 
     worker_id: str
-    kv_free_tokens: int
-    running: int
-    waiting: int = 0
-    steps: int = 0  # engine steps (forward passes) since the worker started
-    step_s: float = 0.0  # their total time: the mean step time is a rate of the two
+    kv_free_tokens: Count
+    running: Count
+    waiting: Count = 0
+    steps: Count = 0  # engine steps (forward passes) since the worker started
+    step_s: Annotated[float, Range(0)] = 0.0  # their total time: the mean step time is a rate of the two
 
 
 @message("worker_pong")
@@ -163,49 +281,52 @@ class WorkerPong:
 
 @message("prefill")
 class Prefill:
-    request_id: str
-    token_ids: list[int]
-    params: dict
-    handoff: bool = True  # False: the prefill worker only samples (max_tokens == 1)
+    request_id: RequestId
+    token_ids: Ids
+    params: SamplingParams
 
 
 @message("prefilled")
 class Prefilled:
-    """The prompt's KV sits in hand-off slot `slot` (a handle, not data); first token sampled."""
+    """The prompt's KV sits in hand-off slot `slot` of `segment` (a handle, not data); first token
+    sampled. slot -1: the first token ended the request (finish_reason says why), no KV was kept."""
 
-    request_id: str
-    first_token: int
-    slot: int
+    request_id: RequestId
+    first_token: TokenId
+    slot: Annotated[int, Range(-1)]
     segment: str
-    prompt_len: int
-    logprobs: list | None = None  # asked for: the first token's [logprob, [[id, logprob], ...]]
+    prompt_len: Count
+    finish_reason: FinishReason | None = None
+    logprobs: TokenLogprob | None = None  # asked for: the first token's
+    generation: Annotated[int, Range(-1)] = -1  # the slot's fill (HandoffPool generation); -1: no slot
 
 
 @message("adopt")
 class Adopt:
     """Decode worker: take a prefilled request (copy its KV from the slot, free the slot)."""
 
-    request_id: str
-    token_ids: list[int]  # prompt ids (the decode worker needs the length and stop context)
-    first_token: int
-    slot: int
+    request_id: RequestId
+    token_ids: Ids  # prompt ids (the decode worker uses their count today)
+    first_token: TokenId
+    slot: Count
     segment: str
-    params: dict
+    params: SamplingParams
+    generation: Annotated[int, Range(-1)] = -1  # the fill Prefilled named: a slot refilled since is handoff_lost
 
 
 @message("tokens")
 class Tokens:
-    """One decode step's output: (request_id, token, finish_reason or None) per running request."""
+    """One decode step's output: a token for every running request."""
 
-    items: list[list]
-    logprobs: list | None = None  # when any request asked: per item, [logprob, [[id, logprob], ...]] or None
+    items: list[TokenItem]
+    logprobs: list[TokenLogprob | None] | None = None  # when any request asked: per item (None: not asked)
 
 
 @message("request_error")
 class RequestError:
     """A worker could not run one request (e.g. KV capacity); others are unaffected."""
 
-    request_id: str
+    request_id: RequestId
     code: str
     message: str
 
@@ -214,7 +335,7 @@ class RequestError:
 class Drain:
     """Stop admitting; finish or cancel running requests within grace_s; then exit."""
 
-    grace_s: float
+    grace_s: Annotated[float, Range(0)]
 
 
 # -- codec ------------------------------------------------------------------------------------------
@@ -222,8 +343,7 @@ class Drain:
 
 def encode(msg) -> bytes:
     body = {"v": VERSION, "t": msg.TAG}
-    for f in dataclasses.fields(msg):
-        body[f.name] = getattr(msg, f.name)
+    body.update(record_encoder(type(msg))(msg))
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -237,7 +357,7 @@ def decode(frame: bytes, allowed: tuple[type, ...] | None = None):
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_MESSAGE_BYTES,
-            max_bin_len=0,
+            max_bin_len=MAX_MESSAGE_BYTES,
             max_array_len=MAX_LIST_LEN,
             max_map_len=64,
             max_ext_len=0,
@@ -255,70 +375,15 @@ def decode(frame: bytes, allowed: tuple[type, ...] | None = None):
 
 
 def _build(body: dict, allowed: tuple[type, ...] | None):
-    if body.get("v") != VERSION:
-        raise ProtocolError("version_mismatch", f"protocol version {body.get('v')!r}, this side speaks {VERSION}")
-    cls = _TYPES.get(body.get("t")) if isinstance(body.get("t"), str) else None
+    version = body.get("v")
+    if type(version) is not int:
+        raise ProtocolError("version_mismatch", f"the frame carries no protocol version (got {version!r})")
+    if version < MIN_VERSION:
+        raise ProtocolError(
+            "version_too_old", f"protocol version {version} is older than {MIN_VERSION}: upgrade the sender"
+        )
+    tag = body.get("t")
+    cls = _TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None or (allowed is not None and cls not in allowed):
-        raise ProtocolError("unknown_message", f"unknown or unexpected message type {body.get('t')!r}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in body:
-            kwargs[f.name] = _check(body[f.name], hints[f.name], f.name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError("bad_message", f"{cls.TAG}: missing field {f.name!r}")
-    extra = set(body) - {"v", "t"} - {f.name for f in dataclasses.fields(cls)}
-    if extra:
-        raise ProtocolError("bad_message", f"{cls.TAG}: unknown fields {sorted(extra)}")
-    msg = cls(**kwargs)
-    if hasattr(msg, "request_id") and msg.request_id is not None and not REQUEST_ID.match(msg.request_id):
-        raise ProtocolError("bad_message", "request_id must be 1-64 characters of [A-Za-z0-9._:-]")
-    return msg
-
-
-def _check(value, hint, name: str):
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        return _check(value, next(o for o in options if o is not type(None)), name)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError("bad_message", f"field {name!r} must be a list")
-        (item,) = typing.get_args(hint) or (typing.Any,)
-        return [_check(v, item, name) for v in value] if item is not typing.Any else value
-    if hint is typing.Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    if not ok:
-        raise ProtocolError("bad_message", f"field {name!r} must be {hint.__name__}, got {type(value).__name__}")
-    return value
-
-
-def sampling_params(params: dict, seeded: bool = False) -> SamplingParams:
-    """Generate.params -> SamplingParams; unknown keys and bad values are 'invalid_sampling'. Workers
-    pass seeded=True: a sampled request reaches them with the seed the router gave it."""
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    unknown = set(params) - known
-    if unknown:
-        raise HmoeError("invalid_sampling", f"unknown sampling parameters {sorted(unknown)}")
-    fixed = dict(params)
-    for key in ("stop_token_ids", "stop"):
-        if key in fixed:
-            if not isinstance(fixed[key], (list, tuple)):
-                raise HmoeError("invalid_sampling", f"{key}: must be a list")
-            fixed[key] = tuple(fixed[key])
-    try:
-        result = SamplingParams(**fixed)
-    except TypeError as exc:
-        raise HmoeError("invalid_sampling", str(exc)) from None
-    if seeded and result.temperature > 0 and result.seed is None:
-        raise HmoeError("invalid_sampling", "a sampled request needs a seed here (the router assigns one)")
-    return result
-
-
-def params_dict(params: SamplingParams) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
+        raise ProtocolError("unknown_message", f"unknown or unexpected message type {tag!r}")
+    return record_decoder(cls)(body)

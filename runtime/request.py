@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hmoe.runtime.detokenizer import Decoder, Detokenizer
-from hmoe.runtime.protocol import Prefilled
-from hmoe.runtime.sampling_params import SamplingParams
+from hmoe.runtime.protocol import Prefilled, Usage
+from hmoe.runtime.sampling_params import SamplingParams, kv_need
 from hmoe.runtime.stop_strings import StopStrings
 
 
@@ -36,7 +37,7 @@ class _NoText:
 class Request:
     request_id: str
     client: bytes  # the client's ZeroMQ routing id
-    prompt_ids: list[int]
+    prompt_ids: Sequence[int]  # TokenIds (packed once: Prefill and Adopt send them as they are) or a list
     params: SamplingParams
     stream: bool
     arrival_s: float
@@ -45,7 +46,7 @@ class Request:
     phase: Phase = Phase.QUEUED
     prefill_worker: bytes | None = None  # routing id of the prefill worker that has (had) it
     decode_worker: bytes | None = None  # routing id of the decode worker it is (or will be) at
-    handoff: Prefilled | None = None  # where its KV waits while in HANDOFF
+    prefilled: Prefilled | None = None  # its first token and the hand-off slot its KV waits in (from HANDOFF on)
     retried: bool = False  # sent to prefill again after its prefill worker died
     output_ids: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
@@ -63,11 +64,7 @@ class Request:
     @property
     def kv_tokens(self) -> int:
         """KV the decode worker reserves for it: the prompt and every token it may generate."""
-        return len(self.prompt_ids) + self.params.max_tokens
-
-    @property
-    def stopped_by_string(self) -> bool:
-        return self.stop_strings.stopped
+        return kv_need(len(self.prompt_ids), self.params)
 
     def add_tokens(self, token_ids: list[int], now: float, logprobs: list | None = None) -> str:
         """Record generated tokens (and their logprobs, when asked); the text they make visible (stops at a
@@ -95,12 +92,12 @@ class Request:
     def text(self) -> str:
         return "".join(self.text_parts)
 
-    def usage(self) -> dict:
+    def usage(self) -> Usage:
         n = len(self.output_ids)
-        return {
-            "prompt_tokens": len(self.prompt_ids),
-            "output_tokens": n,
-            "ttft_s": round(self.first_token_s - self.arrival_s, 6) if n else None,
-            "tpot_s": round((self.last_token_s - self.first_token_s) / (n - 1), 6) if n > 1 else None,
-            "queue_s": round(self.prefill_start_s - self.arrival_s, 6) if self.prefill_start_s is not None else None,
-        }
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            output_tokens=n,
+            ttft_s=round(self.first_token_s - self.arrival_s, 6) if n else None,
+            tpot_s=round((self.last_token_s - self.first_token_s) / (n - 1), 6) if n > 1 else None,
+            queue_s=round(self.prefill_start_s - self.arrival_s, 6) if self.prefill_start_s is not None else None,
+        )

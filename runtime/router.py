@@ -104,15 +104,16 @@ class Router:
         self.notify.ready(f"listening on {r.frontend}; waiting for workers")
 
     async def main_loop(self) -> None:
+        frontend, backend = self._sockets()
         poller = zmq.asyncio.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
+        poller.register(frontend, zmq.POLLIN)
+        poller.register(backend, zmq.POLLIN)
         while not self.scheduler.stopped:
             ready = dict(await poller.poll(int(self.tick_s * 1000)))  # receive: block only when idle
-            if self.backend in ready:
-                self._receive(self.backend, self._on_worker_frames)
-            if self.frontend in ready:
-                self._receive(self.frontend, self._on_client_frames)
+            if backend in ready:
+                self._receive(backend, self._on_worker_frames)
+            if frontend in ready:
+                self._receive(frontend, self._on_client_frames)
             self.scheduler.tick(time.monotonic())  # liveness, deadlines, drain, then schedule
             self._send(self.scheduler.take_outbox())
             self.notify.tick()
@@ -129,12 +130,18 @@ class Router:
 
     # -- sockets ---------------------------------------------------------------------------------
 
+    def _sockets(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        """(frontend, backend), bound by startup()."""
+        assert self.frontend is not None and self.backend is not None, "startup() binds them first"
+        return self.frontend, self.backend
+
     def _socket(self, endpoint: str, curve_secret_key: str = "") -> zmq.asyncio.Socket:
         if endpoint.startswith("ipc://") and _ipc_in_use(endpoint[len("ipc://") :]):
             raise HmoeError(
                 "startup_failed", f"{endpoint} is in use by a running router: stop it or set another endpoint"
             )
         keys = _load_curve_keys(curve_secret_key) if curve_secret_key else None
+        assert self.context is not None
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -155,20 +162,21 @@ class Router:
     def _receive(self, sock: zmq.asyncio.Socket, handle) -> None:
         for _ in range(RECV_BATCH):
             try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK).result()  # done at once under NOBLOCK
+                # zmq.asyncio returns a Future, done at once under NOBLOCK (its stub says Awaitable)
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK).result()  # type: ignore[attr-defined]
             except zmq.Again:
                 return
             handle(frames, time.monotonic())
 
     def _on_client_frames(self, frames: list[bytes], now: float) -> None:
-        msg = self._decode(frames, CLIENT_TYPES, self.frontend)
+        msg = self._decode(frames, CLIENT_TYPES, self._sockets()[0])
         if msg is not None:
             self.scheduler.on_client(frames[0], msg, now)
             if isinstance(msg, Drain):
                 self._begin_drain(msg.grace_s)
 
     def _on_worker_frames(self, frames: list[bytes], now: float) -> None:
-        msg = self._decode(frames, WORKER_TYPES, self.backend)
+        msg = self._decode(frames, WORKER_TYPES, self._sockets()[1])
         if msg is not None:
             self.scheduler.on_worker(frames[0], msg, now)
             if isinstance(msg, Register) and self.scheduler.tokenizer is None:
@@ -186,12 +194,13 @@ class Router:
             return None
 
     def _send(self, outbox: list) -> None:
+        frontend, backend = self._sockets()
         for peer, identity, msg in outbox:
-            self._send_one(self.frontend if peer == CLIENT else self.backend, identity, msg)
+            self._send_one(frontend if peer == CLIENT else backend, identity, msg)
 
     def _send_one(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
         try:
-            sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK).result()
+            sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK).result()  # type: ignore[attr-defined]
         except zmq.Again:  # the peer stopped reading; its heartbeat will say whether it is gone
             log.warning("send_dropped", peer=identity.hex(), message=type(msg).__name__)
 
@@ -213,7 +222,7 @@ class Router:
 
     def _late_tokenizer(self, msg: Register) -> None:
         """No tokenizer at start (its pack was not there yet): take it from the pack a worker attached."""
-        name = self.config.worker.pack or msg.model.get("name", "")  # workers name their model by its pack
+        name = self.config.worker.pack or msg.model.name  # workers name their model by its pack
         if name:
             try:
                 self.scheduler.tokenizer = tokenizer_from_pack(name, self.config)

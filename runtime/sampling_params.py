@@ -1,11 +1,18 @@
-"""SamplingParams: how one request picks its tokens and when it stops; validated once, at the edge."""
+"""SamplingParams: how one request picks its tokens and when it stops; validated once, at the edge.
+
+It rides in messages as it is (Generate, Prefill, Adopt), so its checks run where a frame is decoded.
+The rules that follow from it are spelled here once: why a sequence ends (`finish_reason`) and the
+KV a request needs (`kv_need`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from hmoe.runtime.errors import HmoeError
 
@@ -13,6 +20,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
+
+FinishReason = Literal["stop", "length"]  # how a worker ends a sequence (the router adds cancelled, ...)
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized text by the router
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
+
+    STRICT_CODE: ClassVar[str] = "invalid_sampling"  # the codec refuses unknown keys: never drop an option
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> HmoeError:
@@ -69,3 +80,26 @@ def with_seed(params: SamplingParams) -> SamplingParams:
     """Fix a fresh random seed where none was given: once, where a request enters the service (the
     router, or `generate` offline), so the prefill and decode workers sample alike."""
     return params if params.seed is not None else dataclasses.replace(params, seed=secrets.randbits(63))
+
+
+def require_seed(params: SamplingParams) -> SamplingParams:
+    """Workers: a sampled request reaches them with the seed the router gave it, or it is refused."""
+    if params.temperature > 0 and params.seed is None:
+        raise HmoeError("invalid_sampling", "a sampled request needs a seed here (the router assigns one)")
+    return params
+
+
+def finish_reason(
+    token_id: int, num_generated: int, params: SamplingParams, eos_ids: Iterable[int]
+) -> FinishReason | None:
+    """Why a sequence ends after emitting token_id as its num_generated-th token, or None."""
+    if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_ids):
+        return "stop"
+    if num_generated >= params.max_tokens:
+        return "length"
+    return None
+
+
+def kv_need(prompt_len: int, params: SamplingParams) -> int:
+    """Tokens of KV a request reserves at its decode worker: the prompt and every token it may generate."""
+    return prompt_len + params.max_tokens

@@ -22,39 +22,49 @@ state and one clock; the policy seam the scheduling work adds takes the choices 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
 
+from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.detokenizer import Decoder
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.protocol import (
+    MIN_VERSION,
+    VERSION,
     Adopt,
     Cancel,
     Delta,
     Drain,
     Error,
+    Failure,
     Finished,
     Generate,
+    KVStatus,
+    ModelInfo,
     Ping,
     Pong,
     Prefill,
     Prefilled,
     Register,
+    Registered,
     RequestError,
     Status,
     StatusRequest,
+    Throughput,
+    TokenItem,
+    TokenLogprob,
     Tokens,
     WorkerPing,
     WorkerPong,
-    params_dict,
-    sampling_params,
 )
 from hmoe.runtime.request import Phase, Request
-from hmoe.runtime.sampling_params import with_seed
+from hmoe.runtime.sampling_params import SamplingParams, kv_need, with_seed
 from hmoe.runtime.worker_pool import ROLES, WorkerEntry, WorkerPool
 
 log = structlog.get_logger("hmoe.router")
@@ -74,15 +84,15 @@ class Scheduler:
         self.tokenizer = tokenizer  # None: prompts must be token ids; text is empty
         self.requests: dict[str, Request] = {}  # every admitted, unfinished request
         self.queue: deque[str] = deque()  # QUEUED request ids, head first
-        self.handoff: list[str] = []  # HANDOFF request ids waiting for a decode worker
+        self.awaiting_decode: list[str] = []  # HANDOFF request ids no decode worker had room for yet
         self.workers = WorkerPool(config.heartbeat_interval_s * config.heartbeat_liveness)
         self.clients: dict[bytes, float] = {}  # clients with requests -> when last heard
-        self.model: dict = {}  # from Register: name, vocab_size, eos_token_ids, max_position_embeddings
+        self.model: ModelInfo | None = None  # from the first worker's Register
         self.outbox: list[tuple[str, bytes, object]] = []
         self.draining_until: float | None = None
         self.stopped = False  # drained: nothing left to do, the router may exit
         self.token_times: deque[tuple[float, int]] = deque()  # (when, tokens) in the throughput window
-        self.finished = Counter()  # finish_reason -> requests
+        self.finished: Counter[str] = Counter()  # finish_reason -> requests
 
     # -- clients ---------------------------------------------------------------------------------
 
@@ -127,7 +137,7 @@ class Scheduler:
             )
         if msg.request_id in self.requests:
             raise HmoeError("duplicate_request", f"request id {msg.request_id!r} is already running; make ids unique")
-        params = with_seed(sampling_params(msg.params))  # prefill and decode then sample alike
+        params = with_seed(msg.params)  # prefill and decode then sample alike
         timeout_s = msg.timeout_s if msg.timeout_s is not None else c.request_timeout_s or math.inf
         if not timeout_s > 0:
             raise HmoeError("invalid_request", f"timeout_s must be > 0, got {msg.timeout_s!r}")
@@ -142,12 +152,12 @@ class Scheduler:
             raise HmoeError(
                 "no_worker", f"no {' or '.join(missing)} worker is registered; start one (hmoe serve) or retry"
             )
-        self._check_fits(prompt_ids, params.max_tokens)
+        self._check_fits(prompt_ids, params)
         if len(self.queue) >= c.max_queued:
             raise HmoeError("queue_full", f"{len(self.queue)} requests are already queued (max_queued); retry later")
         return Request(msg.request_id, client, prompt_ids, params, msg.stream, now, now + timeout_s, self.tokenizer)
 
-    def _prompt_ids(self, msg: Generate) -> list[int]:
+    def _prompt_ids(self, msg: Generate) -> Sequence[int]:
         if (msg.prompt is None) == (msg.token_ids is None):
             raise HmoeError("invalid_prompt", "give exactly one of prompt (text) or token_ids")
         if msg.token_ids is not None:
@@ -156,24 +166,25 @@ class Scheduler:
             raise HmoeError(
                 "tokenizer_missing", "the router has no tokenizer.json for this model; send token_ids instead of text"
             )
-        elif len(msg.prompt) > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
+        elif len(msg.prompt or "") > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
             raise HmoeError(
                 "prompt_too_long",
-                f"prompt of {len(msg.prompt)} characters is far beyond max_prompt_tokens = "
+                f"prompt of {len(msg.prompt or '')} characters is far beyond max_prompt_tokens = "
                 f"{self.config.max_prompt_tokens}",
             )
         else:
-            ids = self.tokenizer.encode(msg.prompt).ids
+            ids = TokenIds(self.tokenizer.encode(msg.prompt).ids)  # packed once: Prefill and Adopt send it as it is
         if not ids:
             raise HmoeError("invalid_prompt", "the prompt is empty")
         return ids
 
-    def _check_fits(self, prompt_ids: list[int], max_tokens: int) -> None:
-        vocab = self.model.get("vocab_size", 0)
-        if vocab and any(not 0 <= t < vocab for t in prompt_ids):
+    def _check_fits(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        max_tokens = params.max_tokens
+        vocab = self.model.vocab_size if self.model else 0
+        if vocab and not (0 <= min(prompt_ids) and max(prompt_ids) < vocab):
             raise HmoeError("invalid_prompt", f"token ids must be in [0, {vocab}) for this model")
-        need = len(prompt_ids) + max_tokens
-        context = self.model.get("max_position_embeddings", 0)
+        need = kv_need(len(prompt_ids), params)
+        context = self.model.max_position_embeddings if self.model else 0
         if context and need > context:
             raise HmoeError(
                 "context_too_long",
@@ -225,34 +236,45 @@ class Scheduler:
             if request
             else None
         )
-        if held_by != worker.identity:
+        if request is None or held_by != worker.identity:
             return
         if msg.code == "draining" and request.phase is Phase.PREFILL:  # refused, not failed: first in line again
             request.phase, request.prefill_worker = Phase.QUEUED, None
             self.queue.appendleft(request.request_id)
             return
-        self._finish(request, "error", now, {"code": msg.code, "message": msg.message}, notify=False)
+        self._finish(request, "error", now, Failure(msg.code, msg.message), notify=False)
 
     def _register(self, identity: bytes, msg: Register, now: float) -> None:
         others = [w for w in self.workers.by_identity.values() if w.identity != identity]
-        mismatch = next((w for w in others if w.info.model.get("name") != msg.model.get("name")), None)
+        mismatch = next((w for w in others if w.info.model.name != msg.model.name), None)
+        version = min(msg.max_version, VERSION)  # the highest both speak, if both speak it
+        if version < max(msg.min_version, MIN_VERSION):
+            older = "worker" if msg.max_version < MIN_VERSION else "router"
+            why = (
+                f"the worker speaks protocol versions {msg.min_version}-{msg.max_version}, this router "
+                f"{MIN_VERSION}-{VERSION}: upgrade the {older}"
+            )
+            log.error("worker_rejected", worker_id=msg.worker_id, reason=why)
+            self._send(WORKER, identity, Error("version_too_old", f"registration refused: {why}"))
+            return
         if msg.role not in ROLES or mismatch is not None:
             why = (
                 f"role {msg.role!r} is not one of {ROLES}"
-                if msg.role not in ROLES
+                if mismatch is None
                 else (
-                    f"it serves {msg.model.get('name')!r} but worker {mismatch.info.worker_id} "
-                    f"serves {mismatch.info.model.get('name')!r}"
+                    f"it serves {msg.model.name!r} but worker {mismatch.info.worker_id} "
+                    f"serves {mismatch.info.model.name!r}"
                 )
             )
             log.error("worker_rejected", worker_id=msg.worker_id, reason=why)
             self._send(WORKER, identity, Error("worker_rejected", f"registration refused: {why}"))
             return
-        if self.workers.get(identity) is not None:  # the same socket registering again: it restarted its state
-            self._lose_worker(self.workers.get(identity), now, "registered again")
+        known = self.workers.get(identity)
+        if known is not None:  # the same socket registering again: it restarted its state
+            self._lose_worker(known, now, "registered again")
         if not others:
-            self.model = dict(msg.model)
-        self.workers.add(identity, msg, now)
+            self.model = msg.model
+        self.workers.add(identity, msg, version, now)
         log.info(
             "worker_registered",
             worker_id=msg.worker_id,
@@ -261,8 +283,9 @@ class Scheduler:
             device=msg.device,
             kv_capacity_tokens=msg.kv_capacity_tokens,
             max_batch=msg.max_batch,
+            protocol=version,
         )
-        self._send(WORKER, identity, WorkerPong())
+        self._send(WORKER, identity, Registered(msg.worker_id, version))
 
     def _prefilled(self, worker: WorkerEntry, msg: Prefilled, now: float) -> None:
         if worker.busy == msg.request_id:
@@ -272,21 +295,15 @@ class Scheduler:
             if msg.slot >= 0:  # it ended meanwhile (cancel, deadline): let the prefill worker free the slot
                 self._send(WORKER, worker.identity, Cancel(msg.request_id))
             return
-        request.phase, request.handoff = Phase.HANDOFF, msg
+        request.phase, request.prefilled = Phase.HANDOFF, msg
         logprobs = [msg.logprobs] if msg.logprobs is not None else None
         self._delta(request, [msg.first_token], request.add_tokens([msg.first_token], now, logprobs), logprobs)
-        if msg.slot < 0:  # the first token ended it; the worker freed the slot
-            self._finish(request, self._first_token_reason(request, msg.first_token), now, notify=False)
+        if msg.slot < 0:  # the first token ended it (the worker says why); the worker kept no KV
+            self._finish(request, msg.finish_reason or "stop", now, notify=False)
         elif request.stop_strings.stopped:
             self._finish(request, "stop", now)
         elif not self._adopt(request):
-            self.handoff.append(request.request_id)
-
-    def _first_token_reason(self, request: Request, token: int) -> str:
-        stops = request.params.stop_token_ids + (
-            () if request.params.ignore_eos else tuple(self.model.get("eos_token_ids", ()))
-        )
-        return "length" if request.params.max_tokens == 1 and token not in stops else "stop"
+            self.awaiting_decode.append(request.request_id)
 
     def _adopt(self, request: Request) -> bool:
         """Send a HANDOFF request to a decode worker; False while none has room."""
@@ -296,30 +313,31 @@ class Scheduler:
             if decode is None:
                 return False
             decode.reserve(request.request_id, request.kv_tokens)
-        h = request.handoff
+        prefilled = request.prefilled
+        assert prefilled is not None, request.request_id
         request.phase, request.decode_worker = Phase.DECODE, decode.identity
         self._send(
             WORKER,
             decode.identity,
             Adopt(
-                request.request_id, request.prompt_ids, h.first_token, h.slot, h.segment, params_dict(request.params)
+                request.request_id,
+                request.prompt_ids,
+                prefilled.first_token,
+                prefilled.slot,
+                prefilled.segment,
+                request.params,
+                prefilled.generation,
             ),
         )
         return True
 
-    def _tokens(self, worker: WorkerEntry, items: list[list], now: float, logprobs: list | None = None) -> None:
+    def _tokens(
+        self, worker: WorkerEntry, items: list[TokenItem], now: float, logprobs: list[TokenLogprob | None] | None = None
+    ) -> None:
         count = 0
-        for n, item in enumerate(items):
-            if not (
-                len(item) == 3
-                and isinstance(item[0], str)
-                and isinstance(item[1], int)
-                and item[2] in (None, "stop", "length")
-            ):
-                log.error("bad_tokens_item", worker_id=worker.info.worker_id, item=repr(item)[:200])
-                continue
-            request_id, token, reason = item
-            request = self.requests.get(request_id)
+        for n, item in enumerate(items):  # decode checked each item's types and finish_reason
+            token, reason = item.token, item.finish_reason
+            request = self.requests.get(item.request_id)
             if request is None or request.phase is not Phase.DECODE or request.decode_worker != worker.identity:
                 continue  # ended here already (cancel, stop string, deadline); the worker drops it
             count += 1
@@ -334,10 +352,9 @@ class Scheduler:
     def _lose_worker(self, worker: WorkerEntry, now: float, why: str) -> None:
         self.workers.remove(worker.identity, now)
         log.warning("worker_lost", worker_id=worker.info.worker_id, role=worker.role, pid=worker.info.pid, why=why)
-        lost = {
-            "code": "worker_lost",
-            "message": f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry",
-        }
+        lost = Failure(
+            "worker_lost", f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry"
+        )
         for request in list(self.requests.values()):
             if request.prefill_worker == worker.identity and request.phase in (Phase.PREFILL, Phase.HANDOFF):
                 if request.output_ids or request.retried:
@@ -364,30 +381,29 @@ class Scheduler:
                     self._finish(request, "cancelled", now)
         for request in [r for r in self.requests.values() if now >= r.deadline_s]:
             self._finish(request, "timeout", now)
-        waiting = [self.requests[i] for i in (*self.queue, *self.handoff) if i in self.requests]
+        waiting = [self.requests[i] for i in (*self.queue, *self.awaiting_decode) if i in self.requests]
         missing = [r for r in ROLES if (self.workers.missing_since(r, now) or 0) > self.config.worker_wait_s]
         for request in waiting if missing else ():
             self._finish(
                 request,
                 "error",
                 now,
-                {
-                    "code": "no_worker",
-                    "message": f"no {missing[0]} worker came back within worker_wait_s = {self.config.worker_wait_s} s",
-                },
+                Failure(
+                    "no_worker",
+                    f"no {missing[0]} worker came back within worker_wait_s = {self.config.worker_wait_s} s",
+                ),
             )
         if self.draining_until is not None and (not self.requests or now >= self.draining_until):
-            shutdown = {
-                "code": "server_shutdown",
-                "message": "the router shut down before this request finished; retry it",
-            }
+            shutdown = Failure("server_shutdown", "the router shut down before this request finished; retry it")
             for request in list(self.requests.values()):
                 self._finish(request, "error", now, shutdown)
             self.stopped = True
         self._schedule(now)
 
     def _schedule(self, now: float) -> None:
-        self.handoff = [i for i in self.handoff if i in self.requests and not self._adopt(self.requests[i])]
+        self.awaiting_decode = [
+            i for i in self.awaiting_decode if i in self.requests and not self._adopt(self.requests[i])
+        ]
         while self.queue and (prefill := self.workers.idle_prefill()) is not None:
             request = self.requests[self.queue[0]]
             decode = self.workers.get(request.decode_worker) if request.decode_worker else None
@@ -407,12 +423,7 @@ class Scheduler:
             self._send(
                 WORKER,
                 prefill.identity,
-                Prefill(
-                    request.request_id,
-                    request.prompt_ids,
-                    params_dict(request.params),
-                    handoff=request.params.max_tokens > 1,
-                ),
+                Prefill(request.request_id, request.prompt_ids, request.params),
             )
 
     def drain(self, grace_s: float, now: float) -> None:
@@ -425,7 +436,7 @@ class Scheduler:
     # -- ending ----------------------------------------------------------------------------------
 
     def _finish(
-        self, request: Request, reason: str, now: float, error: dict | None = None, notify: bool = True
+        self, request: Request, reason: str, now: float, error: Failure | None = None, notify: bool = True
     ) -> None:
         """The one way a request ends: its holders let go, the client gets the rest of the text and Finished."""
         del self.requests[request.request_id]
@@ -443,21 +454,18 @@ class Scheduler:
         decode = self.workers.get(request.decode_worker) if request.decode_worker else None
         if decode is not None:
             decode.release(request.request_id, request.kv_tokens)
-        handoff_slot = request.phase is not Phase.HANDOFF or request.handoff.slot >= 0
-        if notify and holder is not None and self.workers.get(holder) is not None and handoff_slot:
+        holds_slot = request.phase is not Phase.HANDOFF or (
+            request.prefilled is not None and request.prefilled.slot >= 0
+        )
+        if notify and holder is not None and self.workers.get(holder) is not None and holds_slot:
             self._send(WORKER, holder, Cancel(request.request_id))
         self._delta(request, [], request.flush_text())
+        usage = request.usage()
         self._send(
             CLIENT,
             request.client,
             Finished(
-                request.request_id,
-                reason,
-                request.output_ids,
-                request.text,
-                request.usage(),
-                error,
-                request.output_logprobs,
+                request.request_id, reason, request.output_ids, request.text, usage, error, request.output_logprobs
             ),
         )
         if not any(r.client == request.client for r in self.requests.values()):
@@ -467,8 +475,8 @@ class Scheduler:
             "finished",
             request_id=request.request_id,
             reason=reason,
-            **request.usage(),
-            **({"error": error["code"]} if error else {}),
+            **dataclasses.asdict(usage),
+            **({"error": error.code} if error else {}),
         )
 
     def _delta(self, request: Request, token_ids: list[int], text: str, logprobs: list | None = None) -> None:
@@ -477,7 +485,7 @@ class Scheduler:
             logprobs = (logprobs or [None] * len(token_ids)) if asked else None
             self._send(CLIENT, request.client, Delta(request.request_id, token_ids, text, logprobs))
 
-    def _send(self, peer: str, identity: bytes, msg) -> None:
+    def _send(self, peer: str, identity: bytes, msg: object) -> None:
         self.outbox.append((peer, identity, msg))
 
     def take_outbox(self) -> list[tuple[str, bytes, object]]:
@@ -499,17 +507,17 @@ class Scheduler:
             workers=[w.describe(now) for w in self.workers.by_identity.values()],
             queued=len(self.queue),
             running=len(self.requests) - len(self.queue),
-            kv={
-                "capacity_tokens": sum(w.info.kv_capacity_tokens for w in decode),
-                "used_tokens": sum(w.kv_reserved_tokens for w in decode),
-                "free_tokens_reported": sum(
+            kv=KVStatus(
+                capacity_tokens=sum(w.info.kv_capacity_tokens for w in decode),
+                used_tokens=sum(w.kv_reserved_tokens for w in decode),
+                free_tokens_reported=sum(
                     w.ping.kv_free_tokens if w.ping else w.info.kv_capacity_tokens for w in decode
                 ),
-            },
-            throughput={
-                "tokens_per_s": round(sum(n for _, n in self.token_times) / window_s, 2),
-                "window_s": THROUGHPUT_WINDOW_S,
-                "finished": dict(self.finished),
-            },
+            ),
+            throughput=Throughput(
+                tokens_per_s=round(sum(n for _, n in self.token_times) / window_s, 2),
+                window_s=THROUGHPUT_WINDOW_S,
+                finished=dict(self.finished),
+            ),
             draining=self.draining_until is not None,
         )

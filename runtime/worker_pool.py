@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from hmoe.runtime.protocol import Register, WorkerPing
+from hmoe.runtime.protocol import Register, WorkerPing, WorkerStatus
 
 ROLES = ("prefill", "decode")
 
@@ -20,6 +20,7 @@ ROLES = ("prefill", "decode")
 class WorkerEntry:
     identity: bytes  # ZeroMQ routing id on the backend socket
     info: Register
+    version: int  # the protocol version agreed at Register
     last_seen_s: float
     registered_s: float
     busy: str | None = None  # prefill: the one request it is running
@@ -50,28 +51,28 @@ class WorkerEntry:
             self.kv_reserved_tokens -= kv_tokens
             assert self.kv_reserved_tokens >= 0
 
-    def describe(self, now: float) -> dict:
+    def describe(self, now: float) -> WorkerStatus:
         ping = self.ping
-        return {
-            "worker_id": self.info.worker_id,
-            "role": self.role,
-            "pid": self.info.pid,
-            "device": self.info.device,
-            "model": self.info.model.get("name", ""),
-            "max_batch": self.info.max_batch,
-            "kv_capacity_tokens": self.info.kv_capacity_tokens,
-            "kv_reserved_tokens": self.kv_reserved_tokens,
-            "kv_free_tokens": ping.kv_free_tokens if ping else self.info.kv_capacity_tokens,
-            "running": ping.running if ping else 0,
-            "waiting": ping.waiting if ping else 0,
-            "steps": ping.steps if ping else 0,
-            "step_s": round(ping.step_s, 6) if ping else 0.0,
-            "requests": len(self.request_ids) + (self.busy is not None),
-            "busy": self.busy,
-            "draining": self.draining,
-            "last_seen_s": round(now - self.last_seen_s, 3),
-            "uptime_s": round(now - self.registered_s, 1),
-        }
+        return WorkerStatus(
+            worker_id=self.info.worker_id,
+            role=self.role,
+            pid=self.info.pid,
+            device=self.info.device,
+            model=self.info.model.name,
+            max_batch=self.info.max_batch,
+            kv_capacity_tokens=self.info.kv_capacity_tokens,
+            kv_reserved_tokens=self.kv_reserved_tokens,
+            kv_free_tokens=ping.kv_free_tokens if ping else self.info.kv_capacity_tokens,
+            running=ping.running if ping else 0,
+            waiting=ping.waiting if ping else 0,
+            requests=len(self.request_ids) + (self.busy is not None),
+            busy=self.busy,
+            draining=self.draining,
+            last_seen_s=round(now - self.last_seen_s, 3),
+            uptime_s=round(now - self.registered_s, 1),
+            steps=ping.steps if ping else 0,
+            step_s=round(ping.step_s, 6) if ping else 0.0,
+        )
 
 
 class WorkerPool:
@@ -80,9 +81,9 @@ class WorkerPool:
         self.by_identity: dict[bytes, WorkerEntry] = {}
         self.last_lost_s: dict[str, float] = {}  # role -> when its last worker was lost (for worker_wait_s)
 
-    def add(self, identity: bytes, info: Register, now: float) -> WorkerEntry:
+    def add(self, identity: bytes, info: Register, version: int, now: float) -> WorkerEntry:
         assert info.role in ROLES, info.role
-        worker = WorkerEntry(identity, info, now, now)
+        worker = WorkerEntry(identity, info, version, now, now)
         self.by_identity[identity] = worker
         return worker
 

@@ -17,7 +17,6 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 4096
 LOADING = 1
 READY = 2
-STATES = {0: "empty", LOADING: "loading", READY: "ready"}
 
 # magic, format_version, state, total_bytes, manifest_offset, manifest_bytes, manifest_sha256, loader_pid, created_ns
 _LAYOUT = struct.Struct("<8sIIQQQ32sqQ")
@@ -35,10 +34,6 @@ class Header:
     manifest_sha256: bytes
     loader_pid: int
     created_ns: int
-
-    @property
-    def state_name(self) -> str:
-        return STATES.get(self.state, f"unknown({self.state})")
 
     def pack(self) -> bytes:
         return _LAYOUT.pack(

@@ -90,7 +90,8 @@ class Manifest:
     @property
     def data_end(self) -> int:
         """First byte after the last array or blob (where the manifest goes)."""
-        return max([HEADER_BYTES] + [e.offset + e.nbytes for e in (*self.tensors, *self.blobs)])
+        entries: tuple[TensorEntry | BlobEntry, ...] = (*self.tensors, *self.blobs)
+        return max([HEADER_BYTES] + [e.offset + e.nbytes for e in entries])
 
     @classmethod
     def decode(cls, data: bytes, data_end: int, where: str) -> Manifest:
@@ -188,7 +189,8 @@ def _validate(raw: object, data_end: int, where: str) -> Manifest:
     for kind, names in (("tensor", [t.name for t in tensors]), ("blob", [b.name for b in blobs])):
         if len(set(names)) != len(names):
             raise _corrupt(where, f"repeats a {kind} name")
-    spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in (*tensors, *blobs) if e.nbytes)
+    entries: tuple[TensorEntry | BlobEntry, ...] = (*tensors, *blobs)
+    spans = sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries if e.nbytes)
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
             raise _corrupt(where, f"lets {first!r} and {second!r} overlap")

@@ -123,7 +123,7 @@ class Segment:
         self.name = name
         self.nbytes = len(mapping)
         self.writable = writable
-        self._mmap = mapping
+        self._mmap: mmap.mmap | None = mapping
         self._config = config
         self._local = threading.local()  # one write fd per loader thread: sendfile writes at its own position
         self._write_fds: list[int] = []
@@ -199,6 +199,7 @@ class Segment:
     @property
     def address(self) -> int:
         """Virtual address of the mapping's first byte (for cudaHostRegister)."""
+        assert self._mmap is not None, "segment is closed"
         return np.frombuffer(self._mmap, np.uint8, count=1).ctypes.data
 
     def copy_from_file(self, offset: int, src_fd: int, src_offset: int, nbytes: int) -> None:

@@ -3,6 +3,7 @@ fraction of a second)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -95,7 +96,7 @@ def generate_cmd(
                     "text": result.text,
                     "token_ids": list(result.token_ids),
                     "finish_reason": result.finish_reason,
-                    "usage": result.usage.__dict__,
+                    "usage": dataclasses.asdict(result.usage),
                 }
             )
         )

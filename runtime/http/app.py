@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 from fastapi import FastAPI, Request
@@ -34,6 +35,9 @@ from hmoe.runtime.http.metrics import Metrics
 from hmoe.runtime.http.reasoning import END, START, opens_reasoning
 from hmoe.runtime.http.schema import ApiError, Sampling, bad, parse_chat, parse_completion
 from hmoe.runtime.protocol import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = structlog.get_logger("hmoe.http")
 
@@ -59,7 +63,7 @@ class Gateway:
     """What the routes share: the router client, the model's tokenizer and template, metrics."""
 
     client: AsyncClient
-    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer: Tokenizer
     template: ChatTemplate | None
     model_name: str
     context_len: int  # max_position_embeddings (0: unknown)

@@ -52,8 +52,9 @@ class ChatTemplate:
         if override:
             with open(override, encoding="utf-8") as f:
                 return cls(f.read(), special)
-        if files.get("chat_template.jinja"):
-            return cls(files["chat_template.jinja"].decode("utf-8"), special)
+        jinja = files.get("chat_template.jinja")
+        if jinja:
+            return cls(jinja.decode("utf-8"), special)
         source = config.get("chat_template")
         if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             source = next((t.get("template") for t in source if t.get("name") == "default"), None)

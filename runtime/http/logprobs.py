@@ -68,7 +68,7 @@ def completion_logprobs(tokens: TokenText, token_ids, logprobs, offset: int = 0)
     """The completions `logprobs` object; text offsets count from `offset` (the text before these)."""
     if logprobs is None:
         return None
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, entry in zip(token_ids, logprobs):
         if entry is None:
             continue

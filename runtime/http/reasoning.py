@@ -29,7 +29,8 @@ class ReasoningParser:
 
     def push(self, text: str) -> tuple[str, str]:
         """New output text -> (reasoning, content) safe to show now."""
-        reasoning, content = [], []
+        reasoning: list[str] = []
+        content: list[str] = []
         buf = self.held + text
         self.held = ""
         while buf:

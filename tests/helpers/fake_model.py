@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from hmoe.runtime import protocol
+from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.weights.model_config import ModelConfig, RopeConfig
@@ -140,17 +141,28 @@ def read_context(kv: KVPool, slots: torch.Tensor) -> list[int]:
 # -- messages --------------------------------------------------------------------------------------
 
 
+def sampling(**params) -> SamplingParams:
+    """SamplingParams from keyword arguments, lists taken as the tuples it holds."""
+    return SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
+
+
 def prefill_msg(request_id: str, token_ids: Sequence[int], **params) -> protocol.Prefill:
-    return protocol.Prefill(request_id, list(token_ids), params)
+    return protocol.Prefill(request_id, list(token_ids), sampling(**params))
 
 
 def adopt_msg(prefilled: protocol.Prefilled, prompt: Sequence[int], **params) -> protocol.Adopt:
     """The Adopt the router sends for a Prefilled (same sampling params as the Prefill)."""
     return protocol.Adopt(
-        prefilled.request_id, list(prompt), prefilled.first_token, prefilled.slot, prefilled.segment, params
+        prefilled.request_id,
+        list(prompt),
+        prefilled.first_token,
+        prefilled.slot,
+        prefilled.segment,
+        sampling(**params),
+        prefilled.generation,
     )
 
 
 def token_items(msg: protocol.Tokens) -> list[tuple[str, int, str | None]]:
     """(request_id, token, finish_reason or None) per request of one decode step."""
-    return [tuple(item) for item in msg.items]
+    return [(item.request_id, item.token, item.finish_reason) for item in msg.items]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from hmoe.runtime.protocol import MAX_MESSAGE_BYTES, VERSION, Generate, encode
+from hmoe.runtime.protocol import MAX_MESSAGE_BYTES, MIN_VERSION, VERSION, Generate, encode
 
 EOS = 256
 
@@ -88,20 +88,28 @@ def start_router(tmp_path, *flags: str, env: dict | None = None, wait: bool = Tr
     return router
 
 
+def with_fields(msg, **fields) -> bytes:
+    """msg's frame with some fields replaced by raw wire values (values its dataclass would not take)."""
+    return msgpack.packb({**msgpack.unpackb(encode(msg)), **fields})
+
+
 # Frames a broken or hostile client may send, and the error code each must get back.
 GARBAGE = [
     ([b"\xc1\xff not msgpack"], "bad_message"),
     ([msgpack.packb([1, 2, 3])], "bad_message"),
     ([msgpack.packb({"v": VERSION, "t": "generate", "request_id": "g1", "prompt": 42})], "bad_message"),
     ([msgpack.packb({"v": VERSION, "t": "generate", "request_id": "g1", "token_ids": "1,2"})], "bad_message"),
-    ([msgpack.packb({"v": VERSION, "t": "generate", "request_id": "g1", "token_ids": [1], "evil": 1})], "bad_message"),
+    ([msgpack.packb({"v": VERSION, "t": "generate", "request_id": "g1", "token_ids": [-1]})], "bad_message"),
+    ([msgpack.packb({"v": VERSION, "t": "generate", "request_id": "g1", "token_ids": b"\x01\x00\x00"})], "bad_message"),
     ([msgpack.packb({"v": VERSION, "t": "generate", "request_id": "bad id!", "token_ids": [1]})], "bad_message"),
     ([msgpack.packb({"v": VERSION, "t": "launch_missiles"})], "unknown_message"),
     ([msgpack.packb({"v": VERSION, "t": "tokens", "items": []})], "unknown_message"),  # a worker message
-    ([msgpack.packb({"v": 99, "t": "ping"})], "version_mismatch"),
+    ([msgpack.packb({"v": "2", "t": "ping"})], "version_mismatch"),
+    ([msgpack.packb({"v": MIN_VERSION - 1, "t": "ping"})], "version_too_old"),
     ([b"x" * (MAX_MESSAGE_BYTES + 1)], "message_too_large"),
     ([encode(Generate("m1", token_ids=[1])), b"extra frame"], "bad_message"),
-    ([encode(Generate("p1", token_ids=[1], params={"temperature": "hot"}))], "invalid_sampling"),
-    ([encode(Generate("p2", token_ids=[1], params={"max_tokens": 0}))], "invalid_sampling"),
+    ([with_fields(Generate("p1", token_ids=[1]), params={"temperature": "hot"})], "invalid_sampling"),
+    ([with_fields(Generate("p2", token_ids=[1]), params={"max_tokens": 0})], "invalid_sampling"),
+    ([with_fields(Generate("p2", token_ids=[1]), params={"best_of": 2})], "invalid_sampling"),  # never ignored
     ([encode(Generate("p3", token_ids=list(range(100)) * 400))], "prompt_too_long"),
 ]

@@ -7,11 +7,12 @@ from helpers.net import ByteTokenizer
 
 from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.http.logprobs import TokenText, chat_logprobs, completion_logprobs
-from hmoe.runtime.protocol import Delta, Finished, Generate, Prefilled, Register, Tokens
+from hmoe.runtime.protocol import Delta, Finished, Generate, ModelInfo, Prefilled, Register, TokenItem, Tokens
+from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.runtime.scheduler import Scheduler
 from hmoe.runtime.tokenizer import load_tokenizer
 
-MODEL = {"name": "tiny", "vocab_size": 257, "eos_token_ids": [256], "max_position_embeddings": 4096}
+MODEL = ModelInfo("tiny", 257, [256], 4096)
 C, P, D = b"client", b"prefill", b"decode"
 
 
@@ -24,16 +25,17 @@ def served_scheduler() -> Scheduler:
 
 def test_the_router_passes_logprobs_through_only_to_requests_that_asked():
     s = served_scheduler()
-    s.on_client(C, Generate("asks", prompt="hi", params={"max_tokens": 3, "logprobs": 1}), 0.0)
-    s.on_client(C, Generate("plain", prompt="hi", params={"max_tokens": 3}), 0.0)
+    s.on_client(C, Generate("asks", prompt="hi", params=SamplingParams(max_tokens=3, logprobs=1)), 0.0)
+    s.on_client(C, Generate("plain", prompt="hi", params=SamplingParams(max_tokens=3)), 0.0)
     s.tick(0.0)
     s.on_worker(P, Prefilled("asks", ord("a"), 0, "slots", 2, logprobs=[-0.5, [[97, -0.5]]]), 0.1)
     s.tick(0.1)
     s.on_worker(P, Prefilled("plain", ord("x"), 1, "slots", 2), 0.2)
     s.tick(0.2)
-    step = Tokens([["asks", ord("b"), None], ["plain", ord("y"), None]], [[-1.0, [[98, -1.0]]], None])
+    step = Tokens([TokenItem("asks", ord("b")), TokenItem("plain", ord("y"))], [[-1.0, [[98, -1.0]]], None])
     s.on_worker(D, step, 0.3)
-    s.on_worker(D, Tokens([["asks", ord("c"), "length"], ["plain", ord("z"), "length"]]), 0.4)  # none sent
+    last = Tokens([TokenItem("asks", ord("c"), "length"), TokenItem("plain", ord("z"), "length")])
+    s.on_worker(D, last, 0.4)  # none sent
     out = [m for _, identity, m in s.take_outbox() if identity == C]
     deltas = {rid: [m.logprobs for m in out if isinstance(m, Delta) and m.request_id == rid and m.token_ids]
               for rid in ("asks", "plain")}  # fmt: skip

@@ -12,10 +12,11 @@ from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.http.app import error_response
 from hmoe.runtime.http.metrics import Metrics
 from hmoe.runtime.http.schema import ApiError
-from hmoe.runtime.protocol import Finished, Generate, Prefilled, Register, Tokens
+from hmoe.runtime.protocol import Finished, Generate, ModelInfo, Prefilled, Register, TokenItem, Tokens
+from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.runtime.scheduler import Scheduler
 
-MODEL = {"name": "tiny", "vocab_size": 257, "eos_token_ids": [256], "max_position_embeddings": 4096}
+MODEL = ModelInfo("tiny", 257, [256], 4096)
 
 
 def test_queue_time_is_arrival_to_prefill_as_the_router_saw_it():
@@ -23,15 +24,15 @@ def test_queue_time_is_arrival_to_prefill_as_the_router_saw_it():
     s.on_worker(b"p", Register("p", "prefill", 1, "cpu", MODEL, 1000, 4), 0.0)
     s.on_worker(b"d", Register("d", "decode", 2, "cpu", MODEL, 1000, 4), 0.0)
     for rid in ("first", "second"):
-        s.on_client(b"c", Generate(rid, token_ids=[5, 6], params={"max_tokens": 2}), 1.0)
+        s.on_client(b"c", Generate(rid, token_ids=[5, 6], params=SamplingParams(max_tokens=2)), 1.0)
     s.tick(1.0)  # one prefill worker: "second" waits for it
     s.on_worker(b"p", Prefilled("first", 7, 0, "slots", 2), 1.5)
     s.tick(1.75)
     s.on_worker(b"p", Prefilled("second", 7, 1, "slots", 2), 2.0)
     s.tick(2.0)
-    s.on_worker(b"d", Tokens([["first", 8, "length"], ["second", 8, "length"]]), 2.5)
+    s.on_worker(b"d", Tokens([TokenItem("first", 8, "length"), TokenItem("second", 8, "length")]), 2.5)
     ends = {m.request_id: m.usage for _, _, m in s.take_outbox() if isinstance(m, Finished)}
-    assert ends["first"]["queue_s"] == 0.0 and ends["second"]["queue_s"] == 0.75
+    assert ends["first"].queue_s == 0.0 and ends["second"].queue_s == 0.75
 
 
 def samples(metrics: Metrics) -> dict:

@@ -4,6 +4,9 @@ Past 400 lines because each rule of the scheduler has its own hand-computed case
 
 from __future__ import annotations
 
+import dataclasses
+
+import msgpack
 import pytest
 from helpers.net import EOS, ByteTokenizer
 from hypothesis import given, settings
@@ -11,30 +14,42 @@ from hypothesis import strategies as st
 
 from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.protocol import (
+    MIN_VERSION,
+    VERSION,
     Adopt,
     Cancel,
     Delta,
     Drain,
     Error,
+    Failure,
     Finished,
     Generate,
+    ModelInfo,
     Ping,
     Pong,
     Prefill,
     Prefilled,
+    ProtocolError,
     Register,
+    Registered,
     RequestError,
     Status,
     StatusRequest,
+    TokenItem,
     Tokens,
+    Usage,
     WorkerPing,
     WorkerPong,
+    decode,
+    encode,
 )
+from hmoe.runtime.router import CLIENT_TYPES
+from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.runtime.scheduler import Scheduler
 
 C1, C2 = b"client-1", b"client-2"
 P, D = b"prefill", b"decode"
-MODEL = {"name": "tiny", "vocab_size": 257, "eos_token_ids": [EOS], "max_position_embeddings": 4096}
+MODEL = ModelInfo("tiny", 257, [EOS], 4096)
 
 
 def register(
@@ -59,9 +74,14 @@ def alive(s: Scheduler, now: float) -> None:
 
 
 def gen(s: Scheduler, rid: str, prompt: str = "hi", client: bytes = C1, now: float = 0.0, **params) -> list:
-    s.on_client(client, Generate(rid, prompt=prompt, params={"max_tokens": 8, **params}), now)
+    s.on_client(client, Generate(rid, prompt=prompt, params=SamplingParams(**{"max_tokens": 8, **params})), now)
     s.tick(now)
     return s.take_outbox()
+
+
+def tokens(*items: tuple) -> Tokens:
+    """Tokens from (request_id, token, finish_reason) triples."""
+    return Tokens([TokenItem(*item) for item in items])
 
 
 def to(out: list, identity: bytes, kind: type) -> list:
@@ -69,7 +89,7 @@ def to(out: list, identity: bytes, kind: type) -> list:
 
 
 def run_to_decode(s: Scheduler, rid: str, first: int = ord("a"), now: float = 0.0) -> list:
-    s.on_worker(P, Prefilled(rid, first, 0, "slots", 2), now)
+    s.on_worker(P, Prefilled(rid, first, 0, "slots", 2, generation=5), now)
     s.tick(now)
     return s.take_outbox()
 
@@ -78,20 +98,21 @@ def test_request_goes_prefill_then_decode_and_finishes_once_with_usage():
     s = make()
     out = gen(s, "r1", "hi", now=1.0)
     (prefill,) = to(out, P, Prefill)
-    assert prefill.token_ids == [104, 105] and prefill.params["max_tokens"] == 8 and prefill.handoff
+    assert prefill.token_ids == [104, 105] and prefill.params.max_tokens == 8
     out = run_to_decode(s, "r1", ord("O"), now=1.5)
     assert to(out, C1, Delta) == [Delta("r1", [ord("O")], "O")]
     (adopt,) = to(out, D, Adopt)
     assert (adopt.first_token, adopt.slot, adopt.segment, adopt.token_ids) == (ord("O"), 0, "slots", [104, 105])
-    s.on_worker(D, Tokens([["r1", ord("k"), None]]), 2.0)
-    s.on_worker(D, Tokens([["r1", ord("!"), "length"]]), 2.5)
+    assert adopt.generation == 5  # the slot's fill, passed on so a refilled slot is never adopted
+    s.on_worker(D, tokens(("r1", ord("k"), None)), 2.0)
+    s.on_worker(D, tokens(("r1", ord("!"), "length")), 2.5)
     out = s.take_outbox()
     (fin,) = to(out, C1, Finished)
     assert (fin.finish_reason, fin.token_ids, fin.text, fin.error) == ("length", [79, 107, 33], "Ok!", None)
-    assert fin.usage == {"prompt_tokens": 2, "output_tokens": 3, "ttft_s": 0.5, "tpot_s": 0.5, "queue_s": 0.0}
+    assert fin.usage == Usage(prompt_tokens=2, output_tokens=3, ttft_s=0.5, tpot_s=0.5, queue_s=0.0)
     assert not to(out, D, Cancel)  # the worker ended it itself
     assert s.requests == {} and s.workers.get(D).kv_reserved_tokens == 0
-    s.on_worker(D, Tokens([["r1", 1, None]]), 3.0)  # late tokens of an ended request are ignored
+    s.on_worker(D, tokens(("r1", 1, None)), 3.0)  # late tokens of an ended request are ignored
     assert s.take_outbox() == []
 
 
@@ -99,10 +120,10 @@ def test_every_admitted_request_carries_a_seed_so_prefill_and_decode_sample_alik
     s = make()
     (prefill,) = to(gen(s, "r1", temperature=0.7), P, Prefill)  # sampled, no seed: the router picks one
     (adopt,) = to(run_to_decode(s, "r1"), D, Adopt)
-    assert isinstance(prefill.params["seed"], int) and 0 <= prefill.params["seed"] < 2**63
-    assert adopt.params["seed"] == prefill.params["seed"]
+    assert isinstance(prefill.params.seed, int) and 0 <= prefill.params.seed < 2**63
+    assert adopt.params.seed == prefill.params.seed
     (prefill,) = to(gen(s, "r2", temperature=0.7, seed=5), P, Prefill)  # a client's seed is kept
-    assert prefill.params["seed"] == 5
+    assert prefill.params.seed == 5
 
 
 @pytest.mark.parametrize(
@@ -122,9 +143,15 @@ def test_every_admitted_request_carries_a_seed_so_prefill_and_decode_sample_alik
 )
 def test_admission_refuses_at_once_with_a_code(generate, params, code):
     s = make(RouterConfig(max_prompt_tokens=4096))
-    generate = Generate(generate.request_id, generate.prompt, generate.token_ids, params, timeout_s=generate.timeout_s)
-    s.on_client(C1, generate, 0.0)
-    ((peer, who, error),) = s.take_outbox()
+    frame = msgpack.packb({**msgpack.unpackb(encode(generate)), "params": params})
+    try:  # as the router takes it: sampling params are checked as the frame is decoded
+        generate = decode(frame, CLIENT_TYPES)
+    except ProtocolError as exc:  # Router._decode replies with exactly this
+        out = [("client", C1, Error(exc.code, exc.message, exc.request_id))]
+    else:
+        s.on_client(C1, generate, 0.0)
+        out = s.take_outbox()
+    ((peer, who, error),) = out
     assert (who, type(error), error.code, error.request_id) == (C1, Error, code, "x") and error.message
     assert s.requests == {}
 
@@ -159,7 +186,7 @@ def test_fifo_one_prefill_at_a_time_and_decode_room_gates_prefill():
     assert to(gen(s, "b"), P, Prefill) == []  # the prefill worker is busy
     out = run_to_decode(s, "a")
     assert to(out, D, Adopt) and not to(out, P, Prefill)  # free prefill, but decode holds max_batch = 1
-    s.on_worker(D, Tokens([["a", 5, "stop"]]), 0.1)
+    s.on_worker(D, tokens(("a", 5, "stop")), 0.1)
     s.tick(0.1)
     (prefill,) = to(s.take_outbox(), P, Prefill)
     assert prefill.request_id == "b"
@@ -171,7 +198,7 @@ def test_kv_accounting_holds_back_what_does_not_fit_yet():
     run_to_decode(s, "a")
     assert to(gen(s, "b", "hi", max_tokens=20), P, Prefill) == []  # 22 + 22 > 30
     assert to(gen(s, "c", "hi", max_tokens=1), P, Prefill) == []  # FIFO: c waits behind b
-    s.on_worker(D, Tokens([["a", 5, "length"]]), 0.1)
+    s.on_worker(D, tokens(("a", 5, "length")), 0.1)
     s.tick(0.1)
     assert [m.request_id for m in to(s.take_outbox(), P, Prefill)] == ["b"]
 
@@ -204,12 +231,12 @@ def test_stop_string_trims_text_and_cancels_at_the_worker():
     run_to_decode(s, "r", ord("h"))
     deltas = []
     for ch in "ello world":
-        s.on_worker(D, Tokens([["r", ord(ch), None]]), 0.1)
+        s.on_worker(D, tokens(("r", ord(ch), None)), 0.1)
         deltas += [m.text for m in to(s.take_outbox(), C1, Delta)]
         if s.requests == {}:
             break
     assert "".join(deltas) == "hell"  # "o" was held back: it could have begun "o w"
-    s.on_worker(D, Tokens([["r", ord("x"), None]]), 0.2)
+    s.on_worker(D, tokens(("r", ord("x"), None)), 0.2)
     assert s.take_outbox() == []
 
 
@@ -219,7 +246,7 @@ def test_stop_string_end_of_stream_and_utf8_split_over_tokens():
     run_to_decode(s, "r", 0xC3)  # first half of "é"
     out = []
     for token, reason in ((0xA9, None), (ord("z"), None), (ord("!"), None), (ord("z"), "length")):
-        s.on_worker(D, Tokens([["r", token, reason]]), 0.1)
+        s.on_worker(D, tokens(("r", token, reason)), 0.1)
         out += s.take_outbox()
     texts = [m.text for m in to(out, C1, Delta)]  # one character is held back: it may begin "zz"
     assert texts == ["", "é", "z", "!", "z"] and to(out, C1, Finished)[0].text == "éz!z"
@@ -228,11 +255,11 @@ def test_stop_string_end_of_stream_and_utf8_split_over_tokens():
 def test_first_token_that_ends_the_request():
     s = make()
     gen(s, "one", max_tokens=1)
-    s.on_worker(P, Prefilled("one", ord("A"), -1, "", 2), 0.1)
+    s.on_worker(P, Prefilled("one", ord("A"), -1, "", 2, "length"), 0.1)  # the worker says why it ended
     (fin,) = to(s.take_outbox(), C1, Finished)
-    assert (fin.finish_reason, fin.text, fin.usage["tpot_s"]) == ("length", "A", None)
+    assert (fin.finish_reason, fin.text, fin.usage.tpot_s) == ("length", "A", None)
     gen(s, "eos")
-    s.on_worker(P, Prefilled("eos", EOS, -1, "", 2), 0.1)
+    s.on_worker(P, Prefilled("eos", EOS, -1, "", 2, "stop"), 0.1)
     out = s.take_outbox()
     assert to(out, C1, Finished)[0].finish_reason == "stop" and not to(out, D, Adopt) and not to(out, P, Cancel)
 
@@ -277,11 +304,11 @@ def test_heartbeats_and_lost_decode_worker_ends_its_requests_with_worker_lost():
     s.tick(3.01)
     out = s.take_outbox()
     (fin,) = to(out, C1, Finished)
-    assert (fin.request_id, fin.finish_reason, fin.error["code"]) == ("a", "error", "worker_lost")
+    assert (fin.request_id, fin.finish_reason, fin.error.code) == ("a", "error", "worker_lost")
     assert "b" in s.requests  # at prefill: it needs a decode worker only after its first token
     s.on_worker(P, Prefilled("b", 7, 1, "slots", 2), 3.1)
     s.tick(3.1)
-    assert not to(s.take_outbox(), D, Adopt) and s.handoff == ["b"]
+    assert not to(s.take_outbox(), D, Adopt) and s.awaiting_decode == ["b"]
     register(s, b"decode-2", "decode", now=3.5)
     s.tick(3.5)
     (adopt,) = to(s.take_outbox(), b"decode-2", Adopt)
@@ -302,12 +329,12 @@ def test_lost_prefill_worker_retries_once_then_worker_lost():
     s.on_worker(D, WorkerPing("decode", 1, 0), 4.6)
     s.tick(4.7)  # lost again: no second retry
     (fin,) = to(s.take_outbox(), C1, Finished)
-    assert fin.request_id == "a" and fin.error["code"] == "worker_lost"
+    assert fin.request_id == "a" and fin.error.code == "worker_lost"
     s.tick(4.7 + 29.0)
     assert not to(s.take_outbox(), C1, Finished)
     s.tick(4.7 + 31.0)  # no prefill worker within worker_wait_s: "b" gives up
     (fin,) = to(s.take_outbox(), C1, Finished)
-    assert fin.request_id == "b" and fin.error["code"] == "no_worker"
+    assert fin.request_id == "b" and fin.error.code == "no_worker"
 
 
 def test_unknown_worker_gets_no_pong_and_bad_registrations_are_refused():
@@ -315,10 +342,22 @@ def test_unknown_worker_gets_no_pong_and_bad_registrations_are_refused():
     s.on_worker(b"stranger", WorkerPing("w9", 1, 0), 0.0)  # its pongs stop, so it registers again
     s.on_worker(b"stranger", Error("unknown_message", "?"), 0.0)
     assert s.take_outbox() == []
-    s.on_worker(b"other", Register("w", "decode", 1, "cpu", {**MODEL, "name": "other"}, 100, 1), 0.0)
+    s.on_worker(b"other", Register("w", "decode", 1, "cpu", dataclasses.replace(MODEL, name="other"), 100, 1), 0.0)
     assert s.take_outbox()[0][2].code == "worker_rejected" and s.workers.get(b"other") is None
     s.on_worker(b"odd", Register("w", "embed", 1, "cpu", MODEL, 100, 1), 0.0)
     assert s.take_outbox()[0][2].code == "worker_rejected"
+
+
+def test_protocol_versions_are_negotiated_at_register_and_a_peer_too_old_is_refused():
+    s = make()
+    s.on_worker(b"new", Register("w-new", "decode", 1, "cpu", MODEL, 100, 1, MIN_VERSION, VERSION + 3), 0.0)
+    assert s.take_outbox() == [("worker", b"new", Registered("w-new", VERSION))]  # the highest both speak
+    assert s.workers.get(b"new").version == VERSION
+    for low, high, upgrade in ((1, MIN_VERSION - 1, "worker"), (VERSION + 1, VERSION + 2, "router")):
+        s.on_worker(b"odd", Register("w-odd", "decode", 1, "cpu", MODEL, 100, 1, low, high), 0.0)
+        ((_, who, error),) = s.take_outbox()
+        assert (who, type(error), error.code) == (b"odd", Error, "version_too_old")
+        assert f"upgrade the {upgrade}" in error.message and s.workers.get(b"odd") is None
 
 
 def test_request_error_from_a_worker_ends_only_that_request():
@@ -328,7 +367,7 @@ def test_request_error_from_a_worker_ends_only_that_request():
     s.tick(0.1)
     out = s.take_outbox()
     (fin,) = to(out, C1, Finished)
-    assert fin.finish_reason == "error" and fin.error == {"code": "kv_capacity", "message": "needs 4 GiB, has 3"}
+    assert fin.finish_reason == "error" and fin.error == Failure("kv_capacity", "needs 4 GiB, has 3")
     assert s.workers.get(P).busy is None
 
 
@@ -341,7 +380,7 @@ def test_a_draining_worker_gets_nothing_new_and_its_refusals_wait_for_another():
     register(s, b"prefill-2", "prefill", now=0.2)
     s.tick(0.2)
     assert [m.request_id for m in to(s.take_outbox(), b"prefill-2", Prefill)] == ["a"]
-    assert [w["draining"] for w in s.status(0.2).workers if w["role"] == "prefill"] == [True, False]
+    assert [w.draining for w in s.status(0.2).workers if w.role == "prefill"] == [True, False]
 
 
 def test_drain_refuses_new_work_finishes_the_rest_then_stops():
@@ -353,7 +392,7 @@ def test_drain_refuses_new_work_finishes_the_rest_then_stops():
     assert status.draining and status.running == 1
     s.on_client(C1, Generate("b", prompt="x"), 1.0)
     assert s.take_outbox()[0][2].code == "draining"
-    s.on_worker(D, Tokens([["a", 5, "stop"]]), 2.0)
+    s.on_worker(D, tokens(("a", 5, "stop")), 2.0)
     s.tick(2.0)
     assert s.stopped and to(s.take_outbox(), C1, Finished)[0].finish_reason == "stop"
     s = make()
@@ -363,7 +402,7 @@ def test_drain_refuses_new_work_finishes_the_rest_then_stops():
     assert not s.stopped
     s.tick(1.0)
     out = s.take_outbox()
-    assert s.stopped and to(out, C1, Finished)[0].error["code"] == "server_shutdown" and to(out, P, Cancel)
+    assert s.stopped and to(out, C1, Finished)[0].error.code == "server_shutdown" and to(out, P, Cancel)
 
 
 def test_status_reports_workers_queue_kv_and_throughput():
@@ -371,13 +410,13 @@ def test_status_reports_workers_queue_kv_and_throughput():
     gen(s, "a")
     run_to_decode(s, "a")
     gen(s, "b")
-    s.on_worker(D, Tokens([["a", 5, None]]), 10.0)
+    s.on_worker(D, tokens(("a", 5, None)), 10.0)
     s.on_client(C2, StatusRequest(), 10.0)
     (st_,) = to(s.take_outbox(), C2, Status)
     assert (st_.queued, st_.running, st_.draining) == (0, 2, False)
-    assert {w["role"] for w in st_.workers} == {"prefill", "decode"}
-    assert st_.kv["capacity_tokens"] == 1000 and st_.kv["used_tokens"] == 20  # two requests of 2 + 8
-    assert st_.throughput["tokens_per_s"] > 0
+    assert {w.role for w in st_.workers} == {"prefill", "decode"}
+    assert st_.kv.capacity_tokens == 1000 and st_.kv.used_tokens == 20  # two requests of 2 + 8
+    assert st_.throughput.tokens_per_s > 0
 
 
 # -- every admitted request ends exactly once, whatever happens ------------------------------------
@@ -420,15 +459,18 @@ def test_exactly_one_finished_per_admitted_request(events):
         if kind == "gen":
             s.on_client(
                 C1 if n % 2 else C2,
-                Generate(rid, token_ids=[1, 2, 3], params={"max_tokens": 1 + n % 3, "stop": ["\x05"]}),
+                Generate(rid, token_ids=[1, 2, 3], params=SamplingParams(max_tokens=1 + n % 3, stop=("\x05",))),
                 now,
             )
         elif kind == "cancel":
             s.on_client(C1 if n % 2 else C2, Cancel(rid), now)
         elif kind.startswith("prefilled"):
-            s.on_worker(identities["prefill"], Prefilled(rid, n, -1 if kind.endswith("end") else n, "slots", 3), now)
+            end = kind.endswith("end")
+            s.on_worker(
+                identities["prefill"], Prefilled(rid, n, -1 if end else n, "slots", 3, "length" if end else None), now
+            )
         elif kind.startswith("token"):
-            s.on_worker(identities["decode"], Tokens([[rid, n, "length" if kind.endswith("end") else None]]), now)
+            s.on_worker(identities["decode"], tokens((rid, n, "length" if kind.endswith("end") else None)), now)
         elif kind == "request_error":
             s.on_worker(identities["prefill" if n % 2 else "decode"], RequestError(rid, "oops", "failed"), now)
         elif kind.startswith("ping"):

@@ -22,13 +22,12 @@ import torch
 
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError
-from hmoe.runtime.sampling_params import SamplingParams
+from hmoe.runtime.sampling_params import SamplingParams, finish_reason, kv_need, require_seed
 from hmoe.shm import ShmConfig
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.model.batch import DecodeRows, ForwardBatch, bucket_for
 from hmoe.workers.model.causal_lm import CausalLM
 from hmoe.workers.model.decode_step import DecodeStep
-from hmoe.workers.model.generate import stop_reason
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.layers import MoE
 from hmoe.workers.model.sampler import sample, token_logprobs
@@ -44,6 +43,7 @@ class DecodeRequest:
     slot: int
     segment: str
     output: list[int] = field(default_factory=list)  # generated tokens, the prefill's first one included
+    generation: int = -1  # the hand-off slot's fill it adopts (-1: unchecked)
 
     @property
     def ctx_len(self) -> int:
@@ -104,13 +104,14 @@ class DecodeEngine:
     def add(self, msg: protocol.Adopt) -> list:
         req = DecodeRequest(
             msg.request_id,
-            protocol.sampling_params(msg.params, seeded=True),
+            require_seed(msg.params),
             len(msg.token_ids),
             msg.slot,
             msg.segment,
             [msg.first_token],
+            msg.generation,
         )
-        need = req.prompt_len + req.params.max_tokens
+        need = kv_need(req.prompt_len, req.params)
         if need > self.kv.capacity_tokens:
             self._release_slot(req)
             return [
@@ -167,8 +168,8 @@ class DecodeEngine:
         items = []
         for req, token in zip(reqs, tokens):
             req.output.append(token)
-            reason = stop_reason(token, len(req.output), req.params, self.model.config.eos_token_ids)
-            items.append([req.request_id, token, reason])
+            reason = finish_reason(token, len(req.output), req.params, self.model.config.eos_token_ids)
+            items.append(protocol.TokenItem(req.request_id, token, reason))
             if reason is not None:
                 self._leave(req.request_id)
         out.append(protocol.Tokens(items, logprobs))
@@ -232,13 +233,13 @@ class DecodeEngine:
         out = []
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
-            need = req.prompt_len + req.params.max_tokens
+            need = kv_need(req.prompt_len, req.params)
             if self.kv.blocks_for(need) > self.kv.free_blocks:
                 break  # wait for running requests to finish; first come, first served
             self.waiting.popleft()
             self.kv.reserve(req.request_id, need)
             try:
-                self._pool(req.segment).adopt(req.slot, self.kv, req.request_id, req.prompt_len)
+                self._pool(req.segment).adopt(req.slot, self.kv, req.request_id, req.prompt_len, req.generation)
             except HmoeError as exc:
                 self.kv.free(req.request_id)
                 out.append(protocol.RequestError(req.request_id, exc.code, exc.message))

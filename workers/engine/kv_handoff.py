@@ -11,8 +11,10 @@ FILLED -> FREE  on the decode side once it has copied the KV (the receiver frees
 nobody adopted within the timeout (the decode worker died, the request was cancelled in flight) is
 reclaimed by the prefill side, so nothing leaks when either side dies. Every slot carries a
 generation number: a receiver that finds it changed after copying knows the slot was reclaimed
-under it and reports the request lost instead of using torn data. The segment is unlinked by its
-creator on close; segments of dead creators are removed at the next prefill start.
+under it and reports the request lost instead of using torn data; and Prefilled/Adopt carry the
+generation of the fill, so a slot reclaimed and refilled before adoption is refused as lost too.
+The segment is unlinked by its creator on close; segments of dead creators are removed at the next
+prefill start.
 """
 
 from __future__ import annotations
@@ -149,12 +151,14 @@ class HandoffPool:
 
     # -- decode side -----------------------------------------------------------------------------
 
-    def adopt(self, slot: int, kv: KVPool, seq_id: str, num_tokens: int) -> None:
-        """Copy the slot's KV into seq_id's (already reserved) pool blocks, then free the slot."""
+    def adopt(self, slot: int, kv: KVPool, seq_id: str, num_tokens: int, expected_generation: int = -1) -> None:
+        """Copy the slot's KV into seq_id's (already reserved) pool blocks, then free the slot. With the
+        generation the prefill side reported (Prefilled.generation), a slot reclaimed and refilled since
+        is refused even when the new prompt has the same length."""
         if not 0 <= slot < self.num_slots:
             raise HandoffError("handoff_invalid", f"slot {slot} is not in {self.name} ({self.num_slots} slots)")
         state, generation, tokens, _ = self._table[slot]
-        if state != FILLED or tokens != num_tokens:
+        if state != FILLED or tokens != num_tokens or expected_generation not in (-1, generation):
             raise HandoffError(
                 "handoff_lost",
                 f"{self.name} slot {slot} holds no KV of {num_tokens} tokens (reclaimed after its timeout?)",

@@ -9,23 +9,22 @@ is chosen on its own (`_open_pass`):
   - CPU kernels (the model's default experts): one chunk.
 Each `step()` runs one layer of the pass, so cancels and heartbeats are seen between layers. When the
 prompt is done the first token is sampled; unless it already ends the request, the prompt's KV is
-written to a hand-off slot and reported with `Prefilled`.
+written to a hand-off slot and reported with `Prefilled` (which says why when the first token ended it).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError
-from hmoe.runtime.sampling_params import SamplingParams
+from hmoe.runtime.sampling_params import FinishReason, SamplingParams, finish_reason, require_seed
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.causal_lm import CausalLM
-from hmoe.workers.model.generate import stop_reason
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.sampler import sample, token_logprobs
 
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PrefillJob:
     request_id: str
-    token_ids: list[int]
+    token_ids: Sequence[int]
     params: SamplingParams
     done: int = 0  # prompt tokens already in the KV cache
     first_token: int | None = None
@@ -65,7 +64,7 @@ class PrefillEngine:
         self.passes = {"cpu": 0, "stream": 0}  # passes run, by kind
         self.queue: deque[PrefillJob] = deque()
         self.current: PrefillJob | None = None
-        self.handed: dict[str, tuple[int, int]] = {}  # request_id -> (slot, generation) awaiting adoption
+        self.unadopted: dict[str, tuple[int, int]] = {}  # request_id -> (hand-off slot, generation) not adopted yet
 
     @property
     def busy(self) -> bool:
@@ -79,9 +78,7 @@ class PrefillEngine:
         return [j.request_id for j in self.queue] + ([self.current.request_id] if self.current else [])
 
     def add(self, msg: protocol.Prefill) -> list:
-        self.queue.append(
-            PrefillJob(msg.request_id, list(msg.token_ids), protocol.sampling_params(msg.params, seeded=True))
-        )
+        self.queue.append(PrefillJob(msg.request_id, msg.token_ids, require_seed(msg.params)))
         return []
 
     def cancel(self, request_id: str) -> bool:
@@ -94,8 +91,8 @@ class PrefillEngine:
             self.kv.free(request_id)
             self.current = None
             return True
-        if request_id in self.handed:  # cancelled between hand-off and adoption: take the slot back
-            return self.handoff.release_if(*self.handed.pop(request_id))
+        if request_id in self.unadopted:  # cancelled between hand-off and adoption: take the slot back
+            return self.handoff.release_if(*self.unadopted.pop(request_id))
         return False
 
     def drop_all(self) -> None:
@@ -140,8 +137,9 @@ class PrefillEngine:
                 return []
             job.first_token = sample(logits, [job.params], [0])[0]
             job.logprobs = (token_logprobs(logits, [job.first_token], [job.params.logprobs]) or [None])[0]
-        if stop_reason(job.first_token, 1, job.params, self.model.config.eos_token_ids) is not None:
-            return [self._finish(job, slot=-1)]
+        reason = finish_reason(job.first_token, 1, job.params, self.model.config.eos_token_ids)
+        if reason is not None:
+            return [self._finish(job, slot=-1, reason=reason)]
         slot = self.handoff.allocate(self.handoff_timeout_s)
         if slot is None:
             return []  # every slot awaits adoption: retry next step
@@ -161,7 +159,9 @@ class PrefillEngine:
         pass_tokens = min(remaining, self.max_pass_tokens if streamed else self.chunk_tokens)
         job.pass_experts = self.streaming.open_pass() if streamed else None
         batches = [
-            ForwardBatch.build(self.kv, [(job.request_id, job.token_ids[start : start + self.chunk_tokens], start)])
+            ForwardBatch.build(
+                self.kv, [(job.request_id, list(job.token_ids[start : start + self.chunk_tokens]), start)]
+            )
             for start in range(job.done, job.done + pass_tokens, self.chunk_tokens)
         ]
         job.pass_end = job.done + pass_tokens
@@ -177,15 +177,24 @@ class PrefillEngine:
             job.pass_experts.close()
             job.pass_experts = None
 
-    def _finish(self, job: PrefillJob, slot: int) -> protocol.Prefilled:
+    def _finish(self, job: PrefillJob, slot: int, reason: FinishReason | None = None) -> protocol.Prefilled:
         self.kv.free(job.request_id)
         self.current = None
         if slot >= 0:
-            if len(self.handed) >= 4 * self.handoff.num_slots:  # forget fills whose slot was reused since
-                self.handed = {r: (s, g) for r, (s, g) in self.handed.items() if self.handoff.generation(s) == g}
-            self.handed[job.request_id] = (slot, self.handoff.generation(slot))
+            if len(self.unadopted) >= 4 * self.handoff.num_slots:  # forget fills whose slot was reused since
+                self.unadopted = {r: (s, g) for r, (s, g) in self.unadopted.items() if self.handoff.generation(s) == g}
+            self.unadopted[job.request_id] = (slot, self.handoff.generation(slot))
+        assert job.first_token is not None
+        generation = self.handoff.generation(slot) if slot >= 0 else -1
         return protocol.Prefilled(
-            job.request_id, job.first_token, slot, self.handoff.name, len(job.token_ids), logprobs=job.logprobs
+            job.request_id,
+            job.first_token,
+            slot,
+            self.handoff.name,
+            len(job.token_ids),
+            reason,
+            logprobs=job.logprobs,
+            generation=generation,
         )
 
 

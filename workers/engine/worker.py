@@ -46,7 +46,8 @@ log = logging.getLogger("hmoe.worker")
 EXIT_STARTUP_FAILURE = 3
 RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
 STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
-ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
+ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.Drain)  # and the router's answers:
+ACCEPTED += (protocol.WorkerPong, protocol.Registered, protocol.Error)
 
 
 class WorkerProcess:
@@ -198,12 +199,7 @@ class WorkerProcess:
             self.role,
             os.getpid(),
             str(self.model.device),
-            {
-                "name": self.config.worker.pack,
-                "vocab_size": c.vocab_size,
-                "eos_token_ids": list(c.eos_token_ids),
-                "max_position_embeddings": c.max_position_embeddings,
-            },
+            protocol.ModelInfo(self.config.worker.pack, c.vocab_size, list(c.eos_token_ids), c.max_position_embeddings),
             self.kv.capacity_tokens,
             self.config.worker.max_batch,
         )
@@ -240,7 +236,9 @@ class WorkerProcess:
                 self._apply(protocol.decode(frame, ACCEPTED))
             except HmoeError as exc:
                 log.warning("bad message from the router: %s", exc)
-                self._send(protocol.Error(exc.code, exc.message))
+                request_id = getattr(exc, "request_id", None)  # what a request carried fails that request only
+                reply = protocol.RequestError(request_id, exc.code, exc.message) if request_id else None
+                self._send(reply or protocol.Error(exc.code, exc.message))
 
     def _apply(self, msg) -> None:
         match msg:
@@ -258,6 +256,10 @@ class WorkerProcess:
                 self.engine.cancel(msg.request_id)
             case protocol.Drain():
                 self.drain()
+            case protocol.Registered(version=version):
+                log.info("registered with the router as %s, protocol version %d", msg.worker_id, version)
+            case protocol.Error():  # the router refused this worker (another model, a protocol too old) or a frame
+                log.error("the router says [%s] %s", msg.code, msg.message)
 
     def _send(self, msg) -> None:
         self.pipe.send(protocol.encode(msg))

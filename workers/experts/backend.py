@@ -20,7 +20,7 @@ class ExpertBackend(Protocol):
 
     Two halves, so the caller can do other work while the experts run (the decode step overlaps
     one micro-batch's attention with the other's experts): submit() starts the layer's experts and
-    returns a handle at once, wait(handle) returns the output. Calling the backend does both.
+    returns a handle at once, wait(handle) returns the output.
     """
 
     def submit(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
@@ -30,10 +30,6 @@ class ExpertBackend(Protocol):
     def wait(self, handle) -> torch.Tensor:
         """-> [T, H] in hidden's dtype, on hidden's device."""
         ...
-
-    def __call__(
-        self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor: ...
 
 
 class TorchExperts:

@@ -21,6 +21,7 @@ from helpers.net import GARBAGE, free_port
 from hmoe.runtime import AsyncClient, Client, RequestFailed, RequestRefused, WorkerLost
 from hmoe.runtime.client import status_once
 from hmoe.runtime.protocol import Cancel, Error, Finished, Generate, decode, encode
+from hmoe.runtime.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 PACK = "serve-test"
@@ -191,7 +192,7 @@ def test_cancel_mid_stream_and_before_the_first_token(served):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, 10000)
     sock.connect(served.endpoint)
-    sock.send(encode(Generate("early", token_ids=list(range(2, 400)), params={"max_tokens": 50})))
+    sock.send(encode(Generate("early", token_ids=list(range(2, 400)), params=SamplingParams(max_tokens=50))))
     sock.send(encode(Cancel("early")))
     finished = decode(sock.recv())
     assert isinstance(finished, Finished) and finished.finish_reason == "cancelled" and finished.token_ids == []
@@ -202,7 +203,7 @@ def test_cancel_mid_stream_and_before_the_first_token(served):
 def test_a_client_that_vanishes_is_cancelled_everywhere(served):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(served.endpoint)
-    sock.send(encode(Generate("vanishing", prompt="Hello", params={"max_tokens": 3000, "ignore_eos": True})))
+    sock.send(encode(Generate("vanishing", prompt="Hello", params=SamplingParams(max_tokens=3000, ignore_eos=True))))
     time.sleep(0.5)
     sock.close(linger=0)  # no cancel, no more pings: gone after client_timeout_s = 2 s
     assert status_once(served.endpoint)["running"] == 1

@@ -63,11 +63,11 @@ def fill(pool: HandoffPool, request_id: str, prompt: list[int], timeout_s: float
     return slot, pool.generation(slot)
 
 
-def adopt(pool: HandoffPool, slot: int, request_id: str, num_tokens: int) -> list[int]:
+def adopt(pool: HandoffPool, slot: int, request_id: str, num_tokens: int, generation: int = -1) -> list[int]:
     """Adopt into a fresh decode pool; the token ids read back from it."""
     kv = make_kv(FakeModel().config, 16, BLOCK)
     kv.reserve(request_id, num_tokens)
-    pool.adopt(slot, kv, request_id, num_tokens)
+    pool.adopt(slot, kv, request_id, num_tokens, generation)
     return read_context(kv, kv.slots(request_id, 0, num_tokens))
 
 
@@ -140,19 +140,16 @@ def test_adopt_after_a_reclaim_is_handoff_lost(pools):
     assert adopt(receiver, slot, "b", 2) == [5, 6]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: Prefilled/Adopt carry no generation, so a slot reclaimed and refilled with a prompt "
-    "of the same length is adopted as if it were the lost request's (needs a protocol field)",
-)
 def test_adopt_after_a_reclaim_and_a_refill_of_the_same_length_is_handoff_lost(pools):
     sender = pools.make(num_slots=1)
     receiver = pools.attach(sender.name)
-    slot, _ = fill(sender, "a", [1, 2, 3])
+    slot, generation = fill(sender, "a", [1, 2, 3])  # Prefilled and Adopt carry this generation
     assert sender.allocate(0.0) == slot
     sender.write(slot, prefilled_kv("b", [4, 5, 6]), "b", 3)
-    with pytest.raises(HandoffError):
-        adopt(receiver, slot, "a", 3)  # today it returns b's prompt, [4, 5, 6], and frees b's slot
+    with pytest.raises(HandoffError) as lost:
+        adopt(receiver, slot, "a", 3, generation)  # without it, b's prompt [4, 5, 6] would be taken for a's
+    assert lost.value.code == "handoff_lost"
+    assert adopt(receiver, slot, "b", 3, sender.generation(slot)) == [4, 5, 6]
 
 
 def test_a_reclaim_during_adoption_is_handoff_lost_and_leaves_the_slot_to_the_writer(pools):

@@ -12,6 +12,7 @@ import torch
 
 from hmoe.kernels.formats import ExpertFormat
 from hmoe.runtime import protocol
+from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
 from hmoe.workers.experts.cpu import CpuExperts
@@ -45,7 +46,7 @@ def engines(tiny_models, shm_config, request):
 
 def first_token(engine: PrefillEngine, request_id: str, prompt: list[int]) -> tuple[int, int]:
     """(first token, steps taken) of one prompt, its hand-off slot given back at once."""
-    engine.add(protocol.Prefill(request_id, prompt, {"max_tokens": 4, "temperature": 0.0}))
+    engine.add(protocol.Prefill(request_id, prompt, SamplingParams(max_tokens=4, temperature=0.0)))
     steps = 0
     while True:
         steps += 1
@@ -90,7 +91,7 @@ def test_a_step_is_a_layer_and_a_cancel_mid_pass_frees_the_prompt(engines):
     _, steps = first_token(streamed, "whole", prompt)
     assert steps == model.config.num_layers + 1  # one step per layer, then the one that samples
     free_blocks = streamed.kv.free_blocks
-    streamed.add(protocol.Prefill("cancelled", prompt, {"max_tokens": 4, "temperature": 0.0}))
+    streamed.add(protocol.Prefill("cancelled", prompt, SamplingParams(max_tokens=4, temperature=0.0)))
     streamed.step()
     streamed.step()
     assert streamed.kv.free_blocks < free_blocks and streamed.busy

@@ -21,6 +21,7 @@ import uuid
 import pytest
 import torch
 import zmq
+from helpers.net import with_fields
 
 from hmoe.runtime import protocol
 from hmoe.runtime.sampling_params import SamplingParams
@@ -94,7 +95,7 @@ class Harness:
         self.outbox.put([self.workers[role], frame])
 
     def prefill(self, request_id: str, token_ids: list[int], params: SamplingParams) -> protocol.Prefilled:
-        self.send("prefill", protocol.Prefill(request_id, token_ids, protocol.params_dict(params)))
+        self.send("prefill", protocol.Prefill(request_id, token_ids, params))
         (done,) = self.pump(bool, (protocol.Prefilled, protocol.RequestError))
         assert isinstance(done, protocol.Prefilled), done
         return done
@@ -108,7 +109,8 @@ class Harness:
                 prefilled.first_token,
                 prefilled.slot,
                 prefilled.segment,
-                protocol.params_dict(params),
+                params,
+                prefilled.generation,
             ),
         )
 
@@ -120,7 +122,7 @@ class Harness:
         def done(got):
             for msg in got[len(done.seen) :]:
                 assert isinstance(msg, protocol.Tokens), msg
-                for rid, token, reason in msg.items:
+                for rid, token, reason in ((i.request_id, i.token, i.finish_reason) for i in msg.items):
                     if rid not in out:
                         continue  # a cancelled request's last tokens, sent before the cancel arrived
                     out[rid].append(token)
@@ -277,7 +279,8 @@ def test_cancel_frees_kv_and_slots_and_bad_frames_get_error_replies(served):
     handed = harness.prefill("handed", [6, 7], params)  # cancelled between hand-off and adoption
     harness.send("prefill", protocol.Cancel("handed"))
     harness.send("prefill", protocol.Cancel("never-seen"))  # a cancel before the request arrives is harmless
-    for role, frame in (("decode", b"\xc1garbage"), ("prefill", protocol.encode(protocol.Status([], 0, 0, {}, {})))):
+    status = protocol.Status([], 0, 0, protocol.KVStatus(0, 0, 0), protocol.Throughput(0.0, 60.0, {}))
+    for role, frame in (("decode", b"\xc1garbage"), ("prefill", protocol.encode(status))):
         harness.send_raw(role, frame)
         (err,) = harness.pump(bool, (protocol.Error,))
         assert err.code in ("bad_message", "unknown_message")
@@ -290,16 +293,21 @@ def test_cancel_frees_kv_and_slots_and_bad_frames_get_error_replies(served):
 
 def test_what_a_request_carries_fails_that_request_never_the_worker(served):
     harness, procs, _, model = served
-    unseeded = {"max_tokens": 4, "temperature": 0.7}  # the router seeds every request; a worker refuses one without
-    for role, msg in (
-        ("prefill", protocol.Prefill("unseeded", [5, 6, 7], unseeded)),
-        ("decode", protocol.Adopt("unseeded", [5, 6, 7], 9, 0, "no-such-segment", unseeded)),
-        ("prefill", protocol.Prefill("bad", [5, 6], {"temperature": "hot"})),
-        ("decode", protocol.Adopt("bad", [5, 6], 9, 0, "no-such-segment", {"top_p": 7})),
+    unseeded = SamplingParams(max_tokens=4, temperature=0.7)  # the router seeds every request; a worker refuses it
+    ok = SamplingParams(max_tokens=4)
+    for role, rid, frame in (
+        ("prefill", "unseeded", protocol.encode(protocol.Prefill("unseeded", [5, 6, 7], unseeded))),
+        (
+            "decode",
+            "unseeded",
+            protocol.encode(protocol.Adopt("unseeded", [5, 6, 7], 9, 0, "no-such-segment", unseeded)),
+        ),
+        ("prefill", "bad", with_fields(protocol.Prefill("bad", [5, 6], ok), params={"temperature": "hot"})),
+        ("decode", "bad", with_fields(protocol.Adopt("bad", [5, 6], 9, 0, "no-such-segment", ok), params={"top_p": 7})),
     ):
-        harness.send(role, msg)
+        harness.send_raw(role, frame)
         (err,) = harness.pump(bool, (protocol.RequestError,))
-        assert (err.request_id, err.code) == (msg.request_id, "invalid_sampling") and err.message
+        assert (err.request_id, err.code) == (rid, "invalid_sampling") and err.message
     assert all(proc.poll() is None for proc in procs.values())
     params = SamplingParams(max_tokens=6, temperature=0.7, seed=11)
     assert _run(harness, {"after": ([7, 8, 9], params)})["after"] == _offline(model, [7, 8, 9], params)
@@ -311,7 +319,7 @@ def test_killing_prefill_mid_prompt_leaves_decode_serving(served):
     prompt = list(range(2, 20))
     done = harness.prefill("survivor", prompt, params)
     harness.adopt(done, prompt, params)
-    harness.send("prefill", protocol.Prefill("victim", list(range(2, 250)), protocol.params_dict(params)))
+    harness.send("prefill", protocol.Prefill("victim", list(range(2, 250)), params))
     procs["prefill"].send_signal(signal.SIGKILL)
     procs["prefill"].wait()
     out = harness.decode_until_done({"survivor": done.first_token})
