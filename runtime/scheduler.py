@@ -61,7 +61,7 @@ log = structlog.get_logger("hmoe.router")
 
 CLIENT, WORKER = "client", "worker"
 THROUGHPUT_WINDOW_S = 60.0
-CHARS_PER_TOKEN_MAX = 64  # a text prompt this many times max_prompt_tokens is refused before tokenizing
+CHARS_PER_TOKEN_MAX = 16  # a text prompt this many times max_prompt_tokens is refused before tokenizing
 
 
 class Tokenizer(Decoder, Protocol):
@@ -147,23 +147,28 @@ class Scheduler:
             raise HmoeError("queue_full", f"{len(self.queue)} requests are already queued (max_queued); retry later")
         return Request(msg.request_id, client, prompt_ids, params, msg.stream, now, now + timeout_s, self.tokenizer)
 
-    def _prompt_ids(self, msg: Generate) -> list[int]:
+    def check_prompt(self, msg: Generate) -> None:
+        """The checks a prompt passes before it is tokenized (the router tokenizes off its loop after them)."""
         if (msg.prompt is None) == (msg.token_ids is None):
             raise HmoeError("invalid_prompt", "give exactly one of prompt (text) or token_ids")
-        if msg.token_ids is not None:
-            ids = msg.token_ids
-        elif self.tokenizer is None:
+        if msg.prompt is None:
+            return
+        if self.tokenizer is None:
             raise HmoeError(
                 "tokenizer_missing", "the router has no tokenizer.json for this model; send token_ids instead of text"
             )
-        elif len(msg.prompt) > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
+        if not msg.prompt:  # before tokenizing: the tokenizer would add BOS and make it one token long
+            raise HmoeError("invalid_prompt", "the prompt is empty")
+        if len(msg.prompt) > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
             raise HmoeError(
                 "prompt_too_long",
                 f"prompt of {len(msg.prompt)} characters is far beyond max_prompt_tokens = "
                 f"{self.config.max_prompt_tokens}",
             )
-        else:
-            ids = self.tokenizer.encode(msg.prompt).ids
+
+    def _prompt_ids(self, msg: Generate) -> list[int]:
+        self.check_prompt(msg)
+        ids = msg.token_ids if msg.token_ids is not None else self.tokenizer.encode(msg.prompt).ids
         if not ids:
             raise HmoeError("invalid_prompt", "the prompt is empty")
         return ids

@@ -129,6 +129,22 @@ def test_admission_refuses_at_once_with_a_code(generate, params, code):
     assert s.requests == {}
 
 
+def test_an_empty_text_prompt_is_refused_even_where_the_tokenizer_adds_bos():
+    class BosTokenizer(ByteTokenizer):
+        def encode(self, text: str):
+            encoding = super().encode(text)
+            encoding.ids.insert(0, 1)
+            return encoding
+
+    s = make()
+    s.tokenizer = BosTokenizer()
+    s.on_client(C1, Generate("x", prompt=""), 0.0)
+    ((_, _, error),) = s.take_outbox()
+    assert isinstance(error, Error) and error.code == "invalid_prompt" and "empty" in error.message
+    s.on_client(C1, Generate("y", prompt="hi"), 0.0)
+    assert s.requests["y"].prompt_ids == [1, 104, 105]
+
+
 def test_refusals_that_depend_on_the_moment():
     s = Scheduler(RouterConfig(max_queued=1), ByteTokenizer())
     s.on_client(C1, Generate("a", prompt="hi"), 0.0)
