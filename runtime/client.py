@@ -7,7 +7,9 @@
 
 The client makes each request id. While requests are in flight it pings the router every
 heartbeat_interval_s (the router cancels the requests of a client silent past client_timeout_s) and
-gives up with RouterUnreachable after router_timeout_s without a word from it. Refusals and failures
+gives up with RouterUnreachable after router_timeout_s without a word from it. Each ping names the
+requests in flight; a router that answers from another incarnation (it restarted) and does not
+know some of them fails those with RouterRestarted ("router_restarted") within one heartbeat. Refusals and failures
 raise typed HmoeError subclasses that carry the router's stable code. `Client` runs an
 AsyncClient on its own event-loop thread, started on first use.
 
@@ -101,6 +103,12 @@ class WorkerLost(RequestFailed):
 
 class RouterUnreachable(HmoeError):
     """No word from the router within router_timeout_s."""
+
+
+class RouterRestarted(RequestFailed):
+    """The router restarted while the request ran and the new one does not know it; a retry runs there."""
+
+    retryable = True
 
 
 def router_error(code: str, message: str, result: Result | None = None) -> RouterError:
@@ -223,6 +231,7 @@ class AsyncClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_heard_s = 0.0
+        self.incarnation = ""  # the router process last heard from
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -333,12 +342,29 @@ class AsyncClient:
                 msg = decode(frame, REPLY_TYPES)
             except ProtocolError:
                 continue  # a newer router speaking a message we do not know; nothing to route it to
+            self.incarnation = msg.incarnation or self.incarnation
+            if isinstance(msg, Pong):
+                self._lost(msg.unknown)
             if isinstance(msg, Status):
                 waiter = self._status_waiters.pop(0) if self._status_waiters else None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)
             elif isinstance(msg, (Delta, Finished, Error)) and msg.request_id in self._pending:
                 self._pending[msg.request_id].queue.put_nowait(msg)
+
+    def _lost(self, request_ids: list[str]) -> None:
+        """The router does not hold these requests (it restarted since they were sent): fail them, retryable.
+        Replies reach us in the order they were sent, so a request that ended before the Pong is gone already."""
+        for request_id in request_ids:
+            stream = self._pending.get(request_id)
+            if stream is not None:
+                stream.queue.put_nowait(
+                    RouterRestarted(
+                        "router_restarted",
+                        f"the router at {self.endpoint} restarted (now {self.incarnation or 'unknown'}) and does not "
+                        f"know request {request_id}: retry it",
+                    )
+                )
 
     async def _heartbeat(self) -> None:
         """Ping while requests are in flight; fail them if the router has been silent too long."""
@@ -356,7 +382,7 @@ class AsyncClient:
                     stream.queue.put_nowait(error)
                 continue
             try:
-                self._send(Ping(time.monotonic()))
+                self._send(Ping(time.monotonic(), list(self._pending)))
             except RouterUnreachable:
                 pass  # the silence check above ends the requests
 

@@ -76,11 +76,14 @@ class Ping:
     """Liveness both ways: clients with requests in flight and workers send it; the router answers Pong."""
 
     sent_s: float = 0.0
+    request_ids: list[str] = field(default_factory=list)  # the client's requests in flight: which are unknown?
 
 
 @message("pong")
 class Pong:
     sent_s: float = 0.0
+    unknown: list[str] = field(default_factory=list)  # of Ping.request_ids, those this router does not hold
+    incarnation: str = ""  # the router process that answers (a new one after a restart)
 
 
 @message("status_request")
@@ -96,6 +99,7 @@ class Status:
     kv: dict  # used_tokens, capacity_tokens
     throughput: dict  # tokens/s over the last minute etc.
     draining: bool = False
+    incarnation: str = ""
 
 
 @message("delta")
@@ -106,6 +110,7 @@ class Delta:
     token_ids: list[int]
     text: str
     logprobs: list | None = None  # asked for (params.logprobs): per token, [logprob, [[id, logprob], ...]]
+    incarnation: str = ""
 
 
 @message("finished")
@@ -117,6 +122,7 @@ class Finished:
     usage: dict  # prompt_tokens, output_tokens, ttft_s, tpot_s
     error: dict | None = None  # {code, message} when finish_reason is "error"
     logprobs: list | None = None  # asked for: per generated token, as in Delta
+    incarnation: str = ""
 
 
 @message("error")
@@ -126,6 +132,7 @@ class Error:
     code: str
     message: str
     request_id: str | None = None
+    incarnation: str = ""
 
 
 # -- router <-> workers -----------------------------------------------------------------------------
@@ -158,7 +165,7 @@ class WorkerPing:
 
 @message("worker_pong")
 class WorkerPong:
-    pass
+    incarnation: str = ""  # the router process that answers: a worker registers again when it changes
 
 
 @message("prefill")

@@ -96,8 +96,10 @@ class Scheduler:
                 request = self.requests.get(request_id)
                 if request is not None and request.client == client:
                     self._finish(request, "cancelled", now)
-            case Ping(sent_s=sent_s):
-                self._send(CLIENT, client, Pong(sent_s))
+            case Ping(sent_s=sent_s, request_ids=request_ids):
+                held = self.requests
+                unknown = [r for r in request_ids if r not in held or held[r].client != client]
+                self._send(CLIENT, client, Pong(sent_s, unknown))
             case StatusRequest():
                 self._send(CLIENT, client, self.status(now))
             case Drain(grace_s=grace_s):
@@ -137,8 +139,9 @@ class Scheduler:
                 "prompt_too_long",
                 f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens = {c.max_prompt_tokens}",
             )
-        if not self.workers.of_role("prefill") or not self.workers.of_role("decode"):
-            missing = [r for r in ROLES if not self.workers.of_role(r)]
+        # A role whose worker is restarting queues requests for up to worker_wait_s; one never seen refuses them.
+        missing = [r for r in ROLES if not self.workers.of_role(r) and not self._coming_back(r, now)]
+        if missing:
             raise HmoeError(
                 "no_worker", f"no {' or '.join(missing)} worker is registered; start one (hmoe serve) or retry"
             )
@@ -173,6 +176,10 @@ class Scheduler:
             raise HmoeError("invalid_prompt", "the prompt is empty")
         return ids
 
+    def _coming_back(self, role: str, now: float) -> bool:
+        gone_s = self.workers.missing_since(role, now)
+        return gone_s is not None and gone_s <= self.config.worker_wait_s
+
     def _check_fits(self, prompt_ids: list[int], max_tokens: int) -> None:
         vocab = self.model.get("vocab_size", 0)
         if vocab and any(not 0 <= t < vocab for t in prompt_ids):
@@ -185,8 +192,7 @@ class Scheduler:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                 f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
             )
-        decode_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("decode"))
-        prefill_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("prefill"))
+        decode_kv, prefill_kv = self.workers.kv_capacity("decode"), self.workers.kv_capacity("prefill")
         if need > decode_kv or len(prompt_ids) > prefill_kv:
             raise HmoeError(
                 "kv_capacity",
@@ -202,8 +208,10 @@ class Scheduler:
             self._register(identity, msg, now)
             return
         worker = self.workers.seen(identity, now)
-        if worker is None:  # registered with a router that has since restarted: no pongs, so it registers again
+        if worker is None:  # registered with a router that has since restarted, or was declared lost
             log.debug("unregistered_worker", message=type(msg).__name__, peer=identity.hex())
+            if not isinstance(msg, Error):  # it registers again at once on this
+                self._send(WORKER, identity, Error("not_registered", "this router does not know you: register again"))
             return
         match msg:
             case WorkerPing():
@@ -255,6 +263,8 @@ class Scheduler:
             return
         if self.workers.get(identity) is not None:  # the same socket registering again: it restarted its state
             self._lose_worker(self.workers.get(identity), now, "registered again")
+        for stale in self.workers.same_process(msg):  # it registered again on a new socket: the old one is gone
+            self._lose_worker(stale, now, "registered again")
         if not others:
             self.model = dict(msg.model)
         self.workers.add(identity, msg, now)
@@ -353,6 +363,9 @@ class Scheduler:
             elif request.decode_worker == worker.identity:
                 if request.phase is Phase.DECODE:
                     self._finish(request, "error", now, lost)
+                    prefill = self.workers.get(request.prefill_worker) if request.prefill_worker else None
+                    if prefill is not None and request.handoff.slot >= 0:  # the slot, if the decode worker died
+                        self._send(WORKER, prefill.identity, Cancel(request.request_id))  # before adopting it
                 else:
                     request.decode_worker = None  # its reservation went with the worker; another is found later
 

@@ -79,6 +79,7 @@ class WorkerPool:
         self.silence_limit_s = silence_limit_s  # heartbeat interval * liveness
         self.by_identity: dict[bytes, WorkerEntry] = {}
         self.last_lost_s: dict[str, float] = {}  # role -> when its last worker was lost (for worker_wait_s)
+        self.last_lost: dict[str, Register] = {}  # role -> its last worker, whose limits hold while it restarts
 
     def add(self, identity: bytes, info: Register, now: float) -> WorkerEntry:
         assert info.role in ROLES, info.role
@@ -90,6 +91,7 @@ class WorkerPool:
         worker = self.by_identity.pop(identity)
         if not self.of_role(worker.role):
             self.last_lost_s[worker.role] = now
+            self.last_lost[worker.role] = worker.info
         return worker
 
     def get(self, identity: bytes) -> WorkerEntry | None:
@@ -100,6 +102,18 @@ class WorkerPool:
         if worker is not None:
             worker.last_seen_s = now
         return worker
+
+    def same_process(self, info: Register) -> list[WorkerEntry]:
+        """Registrations of the process that sends `info` (a worker registers again on a new socket when
+        it stops hearing the router; its old registration is stale from then on)."""
+        return [
+            w
+            for w in self.by_identity.values()
+            if w.info.pid == info.pid
+            and w.role == info.role
+            and w.info.worker_id != info.worker_id
+            and _host(w.info) == _host(info)
+        ]
 
     def of_role(self, role: str) -> list[WorkerEntry]:
         return [w for w in self.by_identity.values() if w.role == role]
@@ -116,8 +130,19 @@ class WorkerPool:
         fits = [w for w in self.of_role("decode") if w.has_room(kv_tokens) and not w.draining]
         return min(fits, key=lambda w: (len(w.request_ids), w.kv_reserved_tokens), default=None)
 
+    def kv_capacity(self, role: str) -> int:
+        """The largest KV capacity among `role`'s workers (its last worker's while none is registered)."""
+        workers = [w.info for w in self.of_role(role)] or [self.last_lost[role]]
+        return max(info.kv_capacity_tokens for info in workers)
+
     def missing_since(self, role: str, now: float) -> float | None:
         """How long no worker of `role` has been registered since its last one was lost (None while one is)."""
         if self.of_role(role) or role not in self.last_lost_s:
             return None
         return now - self.last_lost_s[role]
+
+
+def _host(info: Register) -> str:
+    """The host part of a worker id `role-host-pid-generation` (pids repeat across machines)."""
+    parts = info.worker_id.split("-")
+    return "-".join(parts[1:-2]) if len(parts) >= 4 else info.worker_id

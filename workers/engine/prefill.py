@@ -99,7 +99,11 @@ class PrefillEngine:
         return False
 
     def drop_all(self) -> None:
+        """Forget every request, and free the hand-off slots nobody adopted (the router that asked is gone)."""
         self.queue.clear()
+        for slot, generation in self.handed.values():
+            self.handoff.release_if(slot, generation)
+        self.handed.clear()
         if self.current is not None:
             self._close_pass(self.current)
             self.kv.free(self.current.request_id)

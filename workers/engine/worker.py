@@ -269,11 +269,14 @@ class WorkerProcess:
         pipe = self.context.socket(zmq.PAIR)
         pipe.connect(address)
         sock, generation, outage, last_heard, next_ping = None, 0, False, 0.0, 0.0
+        incarnation, register_now = "", False
         while True:
             now = time.monotonic()
-            if sock is None or now - last_heard > dead_after_s:
+            if sock is None or now - last_heard > dead_after_s or register_now:
                 if sock is not None:
-                    if not outage:  # one line per outage, not one per attempt
+                    if register_now:
+                        log.warning("the router does not know this worker (it restarted?): registering again")
+                    elif not outage:  # one line per outage, not one per attempt
                         log.warning(
                             "router silent for %.1f s: dropping requests and registering again", now - last_heard
                         )
@@ -286,7 +289,7 @@ class WorkerProcess:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(self.router)
                 sock.send(protocol.encode(self._register()))
-                last_heard = now
+                last_heard, incarnation, register_now = now, "", False
             if now >= next_ping:
                 running, waiting = self.engine.load()
                 free = self.kv.free_blocks * self.kv.block_size
@@ -304,10 +307,16 @@ class WorkerProcess:
                     return
                 if ready is pipe:
                     sock.send(frame)
-                elif not _is_pong(frame):
-                    pipe.send(frame)
-                if ready is sock:
-                    last_heard, outage = time.monotonic(), False  # any message proves the router alive
+                    continue
+                last_heard, outage = time.monotonic(), False  # any message proves the router alive
+                match _control(frame):
+                    case protocol.WorkerPong(incarnation=seen):  # a new router behind the same endpoint
+                        register_now = bool(incarnation and seen and seen != incarnation)
+                        incarnation = incarnation or seen
+                    case protocol.Error(code="not_registered"):
+                        register_now = True
+                    case _:
+                        pipe.send(frame)
 
     def _cancel_all(self, code: str, message: str) -> None:
         ids = self.engine.request_ids()
@@ -351,11 +360,15 @@ class WorkerProcess:
             self.source.close()
 
 
-def _is_pong(frame: bytes) -> bool:
+def _control(frame: bytes):
+    """The I/O thread's own messages (a WorkerPong, a not_registered Error), else None (for the main thread)."""
+    if len(frame) > 256:  # Prefill, Adopt: not a control message; the main thread decodes it
+        return None
     try:
-        return isinstance(protocol.decode(frame), protocol.WorkerPong)
+        msg = protocol.decode(frame, (protocol.WorkerPong, protocol.Error))
     except HmoeError:
-        return False
+        return None
+    return msg if isinstance(msg, protocol.WorkerPong) or msg.code == "not_registered" else None
 
 
 @click.command()
