@@ -10,6 +10,7 @@ start (bad config, endpoint in use, unreadable tokenizer or key) — restarting 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import os
 import signal
@@ -66,6 +67,7 @@ MAX_FRAME_BYTES = (
 RECV_BATCH = 256  # messages taken from one socket per turn, so neither socket starves the other
 SEND_HWM = 100_000  # queued outgoing messages per peer before sends to it are dropped (a stalled client)
 STAMPED = (Delta, Finished, Error, Pong, Status, WorkerPong)  # answers that carry the router's incarnation
+LARGE_FRAME_BYTES = 64 << 10  # after frames this big, free memory goes back to the system (at most once a second)
 MAX_TOKENIZING = 64  # text prompts waiting for the tokenizer thread before more are refused with queue_full
 
 
@@ -86,6 +88,8 @@ class Router:
         # a 1 MB prompt takes seconds, and heartbeats must be answered meanwhile.
         self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request id) -> its encoding
+        self.large_frames = False  # since the last trim
+        self.trimmed_s = 0.0
 
     async def serve(self) -> int:
         try:
@@ -131,6 +135,9 @@ class Router:
                 self._receive(self.frontend, self._on_client_frames)
             self._step()
             self.notify.tick()
+            if self.large_frames and time.monotonic() - self.trimmed_s > 1.0:
+                self.large_frames, self.trimmed_s = False, time.monotonic()
+                _release_free_memory()
 
     def _step(self) -> None:
         self.scheduler.tick(time.monotonic())  # liveness, deadlines, drain, then schedule
@@ -178,6 +185,7 @@ class Router:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK).result()  # done at once under NOBLOCK
             except zmq.Again:
                 return
+            self.large_frames |= sum(len(f) for f in frames) > LARGE_FRAME_BYTES
             handle(frames, time.monotonic())
 
     def _on_client_frames(self, frames: list[bytes], now: float) -> None:
@@ -220,6 +228,7 @@ class Router:
 
     def _tokenized(self, client: bytes, msg: Generate, future: asyncio.Future) -> None:
         self.tokenizing.pop((client, msg.request_id), None)
+        self.large_frames |= len(msg.prompt) > LARGE_FRAME_BYTES  # the tokenizer's memory goes back too
         if future.cancelled():
             usage = {"prompt_tokens": 0, "output_tokens": 0, "ttft_s": None, "tpot_s": None}
             self._send_one(self.frontend, client, Finished(msg.request_id, "cancelled", [], "", usage))
@@ -287,6 +296,14 @@ class Router:
                 log.info("tokenizer_loaded", pack=name)
             except HmoeError as exc:
                 log.warning("tokenizer_unavailable", pack=name, code=exc.code, reason=exc.message)
+
+
+def _release_free_memory() -> None:
+    """glibc keeps freed memory of large frames and tokenizings in its arenas; give it back (bounded RSS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _encode(tokenizer, text: str) -> list[int]:
