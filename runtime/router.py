@@ -206,6 +206,7 @@ class Router:
         self.scheduler.on_client(client, msg, now)
         if isinstance(msg, Drain):
             self._begin_drain(msg.grace_s)
+            self.notify.send("X_HMOE_STOP=1")  # asked to stop, not to restart: `hmoe serve` stops the service
 
     # -- tokenizing off the loop -------------------------------------------------------------------
 

@@ -215,7 +215,7 @@ class Scheduler:
             return
         match msg:
             case WorkerPing():
-                worker.ping = msg
+                self.workers.pinged(worker, msg, now)
                 self._send(WORKER, identity, WorkerPong())
             case Prefilled():
                 self._prefilled(worker, msg, now)
@@ -346,11 +346,11 @@ class Scheduler:
                 self._finish(request, "stop", now)
         self.token_times.append((now, count))
 
-    def _lose_worker(self, worker: WorkerEntry, now: float, why: str) -> None:
+    def _lose_worker(self, worker: WorkerEntry, now: float, why: str, code: str = "worker_lost") -> None:
         self.workers.remove(worker.identity, now)
         log.warning("worker_lost", worker_id=worker.info.worker_id, role=worker.role, pid=worker.info.pid, why=why)
         lost = {
-            "code": "worker_lost",
+            "code": code,
             "message": f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry",
         }
         for request in list(self.requests.values()):
@@ -375,6 +375,10 @@ class Scheduler:
         """Liveness, deadlines, drain; then move queued work to workers that can take it."""
         for worker in self.workers.expired(now):
             self._lose_worker(worker, now, f"silent for {now - worker.last_seen_s:.1f} s")
+        for worker in self.workers.stuck(now, self.config.stuck_after_s):
+            why = f"busy without progress for {now - worker.progress_s:.1f} s"
+            self._send(WORKER, worker.identity, Error("worker_stuck", f"{why}: restart"))  # its I/O thread exits
+            self._lose_worker(worker, now, why, "worker_stuck")
         for client, seen in list(self.clients.items()):
             if now - seen > self.config.client_timeout_s:
                 log.warning("client_gone", client=client.hex(), silent_s=round(now - seen, 1))

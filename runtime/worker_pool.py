@@ -27,6 +27,7 @@ class WorkerEntry:
     kv_reserved_tokens: int = 0  # decode: sum of kv_tokens of request_ids
     ping: WorkerPing | None = None
     draining: bool = False  # it refused work with "draining": it is shutting down, send it nothing new
+    progress_s: float = 0.0  # when its heartbeat's step counter last moved
 
     @property
     def role(self) -> str:
@@ -113,6 +114,23 @@ class WorkerPool:
             and w.role == info.role
             and w.info.worker_id != info.worker_id
             and _host(w.info) == _host(info)
+        ]
+
+    def pinged(self, worker: WorkerEntry, ping: WorkerPing, now: float) -> None:
+        if worker.ping is None or ping.steps != worker.ping.steps:
+            worker.progress_s = now
+        worker.ping = ping
+
+    def stuck(self, now: float, stuck_after_s: float) -> list[WorkerEntry]:
+        """Busy workers whose step counter stood still for stuck_after_s: their main thread is hung (a
+        kernel, a deadlock) while the I/O thread still answers heartbeats. Pings without steps are not judged."""
+        return [
+            w
+            for w in self.by_identity.values()
+            if (w.busy is not None or w.request_ids)
+            and w.ping is not None
+            and w.ping.steps > 0
+            and now - max(w.progress_s, w.registered_s) > stuck_after_s
         ]
 
     def of_role(self, role: str) -> list[WorkerEntry]:

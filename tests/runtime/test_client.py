@@ -96,3 +96,64 @@ def test_every_error_code_the_runtime_raises_is_documented():
     raised = {a or b or c for path in sources for a, b, c in pattern.findall(path.read_text())}
     raised -= {"config_invalid", "config_missing"}  # config errors: hmoe.runtime.config, reported at start-up
     assert raised and raised <= set(ERROR_CODES), sorted(raised - set(ERROR_CODES))
+
+
+@pytest.fixture
+def short_dir():
+    """A folder with a short path: unix socket paths hold at most 107 bytes."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="hmoe-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _child(tmp_path, name: str, body: str) -> list[str]:
+    """A tiny child process that speaks sd_notify like the router and the workers."""
+    script = tmp_path / f"{name}.py"
+    script.write_text("import sys, time\nfrom hmoe.runtime.sd_notify import SdNotify\nn = SdNotify.from_env()\n" + body)
+    return [sys.executable, str(script)]
+
+
+def test_supervisor_kills_and_restarts_a_child_that_stops_making_progress(tmp_path, short_dir):
+    """READY=1, a second of watchdog pings, then a hang (a stuck main loop): killed after watchdog_s, restarted."""
+    from hmoe.runtime.supervisor import ChildSpec, Supervisor
+
+    hang = "n.ready()\nt = time.monotonic()\nwhile time.monotonic() - t < 1:\n    n.tick()\n    time.sleep(0.05)\n"
+    hang += "time.sleep(600)\n"
+    said: list[str] = []
+    with open(tmp_path / "out.log", "wb") as out:
+        sup = Supervisor(
+            [ChildSpec("worker", tuple(_child(tmp_path, "w", hang)), 1.0, watchdog_s=0.5)],
+            out,
+            say=said.append,
+            notify_dir=short_dir,
+        )
+        sup.start()
+        first = sup.pids()["worker"]
+        sup.run(on_tick=lambda: sup.signals or (sup.pids()["worker"] != first and sup._on_signal(2, None)))
+    assert any("made no progress" in line and "watchdog" in line for line in said), said
+    assert any("worker exited with status -9; restarting it" in line for line in said), said
+
+
+def test_supervisor_stops_the_service_when_a_child_drained_on_request(tmp_path, short_dir):
+    from hmoe.runtime.supervisor import ChildSpec, Supervisor
+
+    drained = "n.ready()\ntime.sleep(0.3)\nn.send('X_HMOE_STOP=1')\nsys.exit(0)\n"
+    idle = "import signal\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\nn.ready()\ntime.sleep(600)\n"
+    said: list[str] = []
+    with open(tmp_path / "out.log", "wb") as out:
+        sup = Supervisor(
+            [
+                ChildSpec("router", tuple(_child(tmp_path, "r", drained)), 5.0),
+                ChildSpec("worker", tuple(_child(tmp_path, "w", idle)), 5.0),
+            ],
+            out,
+            say=said.append,
+            notify_dir=short_dir,
+        )
+        sup.start()
+        code = sup.run()
+    assert code == 0
+    assert said[0] == "router drained on request: stopping the service" and not any("restarting" in s for s in said)

@@ -533,3 +533,22 @@ def test_requests_queue_through_a_worker_restart_up_to_worker_wait_s():
     s2.on_client(C1, Generate("late", prompt="hi"), 8.0)  # gone for 5.4 s > worker_wait_s
     ((_, _, error),) = s2.take_outbox()
     assert error.code == "no_worker"
+
+
+def test_a_busy_worker_whose_steps_stand_still_is_stuck_its_requests_fail_and_it_is_told_to_restart():
+    s = make(RouterConfig(stuck_after_s=5.0))
+    gen(s, "r1")
+    run_to_decode(s, "r1")
+    s.take_outbox()
+    for t in range(1, 12):  # both keep pinging (their I/O threads are fine); the decode worker's steps stop at 3
+        s.on_worker(P, WorkerPing("prefill", 1000, 0, steps=100 + t), float(t))
+        s.on_worker(D, WorkerPing("decode", 1000, 1, steps=min(t, 3)), float(t))
+        s.tick(float(t))
+        out = s.take_outbox()
+        if s.workers.get(D) is None:
+            break
+    assert t == 9  # steps last moved at 3: stuck once more than 5 s later
+    assert s.workers.get(P) is not None  # the idle prefill worker is not judged
+    assert (D, "worker_stuck") in [(who, m.code) for _, who, m in out if isinstance(m, Error)]
+    (finished,) = [m for _, _, m in out if isinstance(m, Finished)]
+    assert finished.error["code"] == "worker_stuck"

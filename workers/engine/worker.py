@@ -15,6 +15,7 @@ tells the main thread, which drops its requests (the router has failed them).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -33,7 +34,6 @@ from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
 from hmoe.runtime.sd_notify import SdNotify
 from hmoe.shm import ShmError
-from hmoe.shm.segment import unlink_segment
 from hmoe.workers.engine.decode import DecodeEngine
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
@@ -43,7 +43,7 @@ from hmoe.workers.weights.pack_source import PackSource
 
 log = logging.getLogger("hmoe.worker")
 
-EXIT_STARTUP_FAILURE = 3
+EXIT_FAILURE, EXIT_STARTUP_FAILURE = 1, 3
 RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
 STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
 ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
@@ -77,8 +77,8 @@ class WorkerProcess:
         # slowed decode down 20x on 2 cores).
         self.threads = w.cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
         torch.set_num_threads(self.threads)
+        device = _check_device(w.device)  # before anything slow: a restart cannot fix a missing GPU
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
-        device = torch.device(w.device)
         self.experts = self._experts(device)
         self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
         self.kv = KVPool.from_budget(
@@ -213,6 +213,8 @@ class WorkerProcess:
     def run(self) -> int:
         while True:
             self._receive(wait=not self.engine.busy)
+            if self.signals and self.draining_since is None:  # the handler only counts; the drain starts here
+                self.drain()
             if self.draining_since is not None:
                 if not self.engine.busy:
                     break
@@ -315,6 +317,10 @@ class WorkerProcess:
                         incarnation = incarnation or seen
                     case protocol.Error(code="not_registered"):
                         register_now = True
+                    case protocol.Error(code="worker_stuck", message=why):  # the main thread is hung: restart
+                        log.error("the router found this worker stuck (%s): exiting for a restart", why)
+                        faulthandler.dump_traceback(all_threads=True)  # where it hangs, into the log
+                        os._exit(EXIT_FAILURE)
                     case _:
                         pipe.send(frame)
 
@@ -335,12 +341,9 @@ class WorkerProcess:
 
     def on_signal(self, signum, frame) -> None:
         self.signals += 1
-        if self.signals > 1:  # runs between any two bytecodes of the main thread: no locks, no mappings
+        if self.signals > 1:  # runs between any two bytecodes of the main thread: touches nothing shared
             os.write(2, b"hmoe-worker: second signal: exiting now\n")
-            if self.handoff is not None:  # unlink the hand-off segment's name only; its pages die with us
-                unlink_segment(self.handoff.name, self.config.shm)
-            os._exit(1)
-        self.drain()
+            os._exit(EXIT_FAILURE)  # the hand-off segment's name goes at the next prefill start (dead creator)
 
     def close(self) -> None:
         if self.io_thread is not None:
@@ -360,6 +363,23 @@ class WorkerProcess:
             self.source.close()
 
 
+def _check_device(name: str) -> torch.device:
+    """The worker's device, or HmoeError "startup_failed" (exit 3, not restarted) when this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HmoeError("startup_failed", f"device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise HmoeError(
+                "startup_failed",
+                f"device {name}: this machine has {count} usable CUDA device(s) (torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}): use --device cpu or another index",
+            )
+    return device
+
+
 def _control(frame: bytes):
     """The I/O thread's own messages (a WorkerPong, a not_registered Error), else None (for the main thread)."""
     if len(frame) > 256:  # Prefill, Adopt: not a control message; the main thread decodes it
@@ -368,7 +388,7 @@ def _control(frame: bytes):
         msg = protocol.decode(frame, (protocol.WorkerPong, protocol.Error))
     except HmoeError:
         return None
-    return msg if isinstance(msg, protocol.WorkerPong) or msg.code == "not_registered" else None
+    return msg if isinstance(msg, protocol.WorkerPong) or msg.code in ("not_registered", "worker_stuck") else None
 
 
 @click.command()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import zmq
@@ -269,3 +270,29 @@ def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(se
         [*hmoe, "generate", "--port", str(free_port()), "Hi"], capture_output=True, text=True, timeout=60
     )
     assert down.returncode == 1 and "router_unreachable" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_serve_on_a_device_this_machine_lacks_stops_at_once_with_the_reason(tiny_models, tmp_path):
+    """A start-up failure no restart can fix (here: no CUDA) exits 3 at once; serve says why and stops."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
+    env = dict(os.environ, HMOE_SHM_PREFIX=prefix, HMOE_ROUTER_RUNTIME_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hmoe.runtime.cli", "serve", str(tiny_models("deepseek_v3", "fp32"))]
+            + ["--port", str(free_port()), "--pack", "serve-nocuda", "--device", "cuda"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        from hmoe.shm import ShmConfig, remove_pack
+
+        remove_pack("serve-nocuda", ShmConfig(prefix=prefix), force=True)
+    assert done.returncode == 1, done.stderr
+    assert "exited with status 3; not restarting it" in done.stderr and "restarting it\n" not in done.stderr
+    assert "a child could not start" in done.stderr and "CUDA device" in done.stderr, done.stderr
