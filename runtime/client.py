@@ -9,7 +9,9 @@ The client makes each request id. While requests are in flight it pings the rout
 heartbeat_interval_s (the router cancels the requests of a client silent past client_timeout_s) and
 gives up with RouterUnreachable after router_timeout_s without a word from it. Each ping names the
 requests in flight; a router that answers from another incarnation (it restarted) and does not
-know some of them fails those with RouterRestarted ("router_restarted") within one heartbeat. Refusals and failures
+know some of them fails those with RouterRestarted ("router_restarted") within one heartbeat; a
+dropped connection to the router fails every request in flight with it at once (the router sends
+a disconnected client nothing, so no stream could go on whole). Refusals and failures
 raise typed HmoeError subclasses that carry the router's stable code. `Client` runs an
 AsyncClient on its own event-loop thread, started on first use.
 
@@ -231,6 +233,7 @@ class AsyncClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_heard_s = 0.0
+        self._monitor: zmq.asyncio.Socket | None = None
         self.incarnation = ""  # the router process last heard from
 
     # -- requests --------------------------------------------------------------------------------
@@ -319,7 +322,8 @@ class AsyncClient:
             sock.curve_serverkey = _curve_key(self.server_public_key)
         sock.connect(self.endpoint)
         self._socket = sock
-        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._heartbeat())]
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tasks = [asyncio.ensure_future(f()) for f in (self._read, self._heartbeat, self._watch_connection)]
 
     def _send(self, msg) -> None:
         try:
@@ -352,19 +356,25 @@ class AsyncClient:
             elif isinstance(msg, (Delta, Finished, Error)) and msg.request_id in self._pending:
                 self._pending[msg.request_id].queue.put_nowait(msg)
 
-    def _lost(self, request_ids: list[str]) -> None:
+    def _lost(self, request_ids: list[str], why: str = "") -> None:
         """The router does not hold these requests (it restarted since they were sent): fail them, retryable.
         Replies reach us in the order they were sent, so a request that ended before the Pong is gone already."""
+        why = (
+            why or f"the router at {self.endpoint} restarted (now {self.incarnation or 'unknown'}) and does not know it"
+        )
         for request_id in request_ids:
-            stream = self._pending.get(request_id)
+            stream = self._pending.pop(request_id, None)
             if stream is not None:
-                stream.queue.put_nowait(
-                    RouterRestarted(
-                        "router_restarted",
-                        f"the router at {self.endpoint} restarted (now {self.incarnation or 'unknown'}) and does not "
-                        f"know request {request_id}: retry it",
-                    )
-                )
+                stream.queue.put_nowait(RouterRestarted("router_restarted", f"request {request_id}: {why}; retry it"))
+
+    async def _watch_connection(self) -> None:
+        """A dropped connection loses what the router sends meanwhile: fail every request in flight at once."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._pending:
+                self._lost(list(self._pending), f"the connection to {self.endpoint} dropped (the router exited?)")
 
     async def _heartbeat(self) -> None:
         """Ping while requests are in flight; fail them if the router has been silent too long."""
@@ -394,6 +404,8 @@ class AsyncClient:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=500)  # let the Cancels go out
             self._context.term()
             self._socket = self._context = None

@@ -157,3 +157,41 @@ def test_supervisor_stops_the_service_when_a_child_drained_on_request(tmp_path, 
         code = sup.run()
     assert code == 0
     assert said[0] == "router drained on request: stopping the service" and not any("restarting" in s for s in said)
+
+
+def test_a_router_that_goes_away_fails_requests_in_flight_with_router_restarted():
+    """SDK against a stand-in router socket: a dropped connection fails what is in flight at once; a new
+    router whose Pong says it does not know a request fails that one (both typed, retryable)."""
+    from helpers.net import free_port
+
+    from hmoe.runtime import RouterRestarted
+    from hmoe.runtime.protocol import Generate, Ping, Pong, decode, encode
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    context = zmq.Context.instance()
+
+    def stand_in() -> zmq.Socket:
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        return sock
+
+    router = stand_in()
+    with Client(endpoint, heartbeat_interval_s=0.1) as client:
+        stream = client.generate(token_ids=[1, 2], max_tokens=4)
+        assert isinstance(decode(router.recv_multipart()[1]), Generate)  # accepted, then the router dies
+        router.close(linger=0)
+        with pytest.raises(RouterRestarted) as dropped:
+            next(stream)
+        assert dropped.value.code == "router_restarted" and "dropped" in dropped.value.message
+        router = stand_in()
+        lost = client.generate(token_ids=[1, 2], max_tokens=4, request_id="sent-in-the-gap")
+        while True:  # the new router never got the Generate (say it went to the old one): its Pong says so
+            identity, frame = router.recv_multipart()
+            if isinstance(msg := decode(frame), Ping) and "sent-in-the-gap" in msg.request_ids:
+                router.send_multipart([identity, encode(Pong(msg.sent_s, ["sent-in-the-gap"], "new"))])
+                break
+        with pytest.raises(RouterRestarted):
+            next(lost)
+    router.close(linger=0)

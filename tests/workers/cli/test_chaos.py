@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 PACK = "chaos-test"
 STREAMS = 16
 END_WITHIN_S = 3.0
+TOKENS = 80
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +64,15 @@ def _wait(predicate, what: str, timeout_s: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def _streams_through(served: Served, kill) -> list[tuple[float, object]]:
+def _streams_through(served: Served, kill, after_kill=None) -> list[tuple[float, object]]:
     """16 streaming clients; once each has a token, `kill()`; each stream's (seconds after the kill it
-    ended, its Result or the error it raised)."""
+    ended, its Result or the error it raised); then what `after_kill` (a coroutine function, started
+    right after the kill) returned, if given."""
     killed_at: list[float] = []
 
     async def one(i: int, started: asyncio.Event, counter: list[int]):
         async with AsyncClient(served.endpoint) as client:
-            stream = client.generate(f"Stream {i} tells a long story", max_tokens=150, ignore_eos=True)
+            stream = client.generate(f"Stream {i} tells a long story", max_tokens=TOKENS, ignore_eos=True)
             first = True
             try:
                 async for _ in stream:
@@ -90,10 +92,13 @@ def _streams_through(served: Served, kill) -> list[tuple[float, object]]:
         await asyncio.wait_for(started.wait(), 120)
         kill()
         killed_at.append(time.monotonic())
+        if after_kill is not None:
+            tasks.append(asyncio.ensure_future(after_kill()))
         return await asyncio.gather(*tasks)
 
     ended = asyncio.run(main())
-    return [(t - killed_at[0], outcome) for t, outcome in ended]
+    streams = [(t - killed_at[0], outcome) for t, outcome in ended[:STREAMS]]
+    return streams + ended[STREAMS:]
 
 
 def _serves_again(served: Served) -> None:
@@ -109,6 +114,7 @@ def test_kill_9_of_the_router_ends_every_stream_with_router_restarted_then_serve
     ended = _streams_through(served, lambda: os.kill(router, signal.SIGKILL))
     late = [(round(t, 2), o) for t, o in ended if t > END_WITHIN_S or not isinstance(o, RouterRestarted)]
     assert not late, late
+    print(f"router kill -9: {STREAMS} streams ended with router_restarted within {max(t for t, _ in ended):.2f} s")
     assert served.wait_ready() == before  # the same workers registered with the new router
     _serves_again(served)
 
@@ -118,16 +124,23 @@ def test_kill_9_of_the_decode_worker_ends_every_stream_with_worker_lost_then_ser
     ended = _streams_through(served, lambda: os.kill(before["decode"], signal.SIGKILL))
     late = [(round(t, 2), o) for t, o in ended if t > END_WITHIN_S or not isinstance(o, WorkerLost)]
     assert not late, late
+    print(f"decode kill -9: {STREAMS} streams ended with worker_lost within {max(t for t, _ in ended):.2f} s")
     served.wait_ready(since_pids={"decode": before["decode"]})
     _serves_again(served)
 
 
-def test_kill_9_of_the_prefill_worker_loses_no_stream(served):
-    """Streams already decoding go on; the one being prefilled is prefilled again on the replacement."""
+def test_kill_9_of_the_prefill_worker_loses_no_stream_and_new_requests_wait_for_its_restart(served):
+    """Streams already decoding go on to their end; a request sent right after the kill waits in the queue
+    (worker_wait_s) and is served by the replacement instead of being refused with no_worker."""
     before = served.wait_ready()
-    ended = _streams_through(served, lambda: os.kill(before["prefill"], signal.SIGKILL))
-    assert all(getattr(o, "finish_reason", None) == "length" and len(o.token_ids) == 150 for _, o in ended), ended
-    assert sorted(t for t, _ in ended)[STREAMS - 2] < END_WITHIN_S * 4  # the decoding ones were not held up
-    served.wait_ready(since_pids={"prefill": before["prefill"]})
+
+    async def during_restart():
+        async with AsyncClient(served.endpoint) as client:
+            return await client.complete("Sent while prefill restarts", max_tokens=4, ignore_eos=True)
+
+    *ended, queued = _streams_through(served, lambda: os.kill(before["prefill"], signal.SIGKILL), during_restart)
+    assert all(getattr(o, "finish_reason", None) == "length" and len(o.token_ids) == TOKENS for _, o in ended), ended
+    assert queued.finish_reason == "length" and len(queued.token_ids) == 4
+    assert served.wait_ready(since_pids={"prefill": before["prefill"]})["decode"] == before["decode"]
     _serves_again(served)
     assert status_once(served.endpoint)["running"] == 0
