@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -144,3 +145,23 @@ def test_kill_9_of_the_prefill_worker_loses_no_stream_and_new_requests_wait_for_
     assert served.wait_ready(since_pids={"prefill": before["prefill"]})["decode"] == before["decode"]
     _serves_again(served)
     assert status_once(served.endpoint)["running"] == 0
+
+
+def test_hmoe_drain_stops_hmoe_serve_instead_of_restarting_its_router(served):
+    """Last in this module: it stops the service."""
+    with Client(served.endpoint) as client:
+        stream = client.generate("Finish me first", max_tokens=30, ignore_eos=True)
+        next(stream)
+        env = dict(os.environ, HMOE_ROUTER_FRONTEND=served.endpoint)
+        drain = subprocess.run(
+            [sys.executable, "-m", "hmoe.runtime.cli", "drain", "--grace-s", "20"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert drain.returncode == 0 and "drained: the router has exited" in drain.stdout, drain.stdout + drain.stderr
+        assert sum(len(c.token_ids) for c in stream) == 29 and stream.result.finish_reason == "length"
+    assert served.proc.wait(60) == 0
+    out = served.out_path.read_text()
+    assert "router drained on request: stopping the service" in out and "router exited with status 0" not in out
