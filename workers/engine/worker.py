@@ -45,6 +45,7 @@ log = logging.getLogger("hmoe.worker")
 
 EXIT_FAILURE, EXIT_STARTUP_FAILURE = 1, 3
 RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
+DROPPED = b"dropped"  # main thread -> I/O thread: requests dropped; what came before this was for the old registration
 STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
 ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
 
@@ -237,6 +238,7 @@ class WorkerProcess:
             frame = self.pipe.recv()
             if frame == RECONNECTED:
                 self.engine.drop_all()  # the router failed them when it lost us
+                self.pipe.send(DROPPED)
                 continue
             try:
                 self._apply(protocol.decode(frame, ACCEPTED))
@@ -272,6 +274,7 @@ class WorkerProcess:
         pipe.connect(address)
         sock, generation, outage, last_heard, next_ping = None, 0, False, 0.0, 0.0
         incarnation, register_now = "", False
+        stale = False  # between RECONNECTED and DROPPED: the main thread's output is about the old registration
         while True:
             now = time.monotonic()
             if sock is None or now - last_heard > dead_after_s or register_now:
@@ -285,6 +288,7 @@ class WorkerProcess:
                     outage = True
                     sock.close(linger=0)
                     pipe.send(RECONNECTED)
+                    stale = True
                 generation += 1
                 self.worker_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}-{generation}"
                 sock = self.context.socket(zmq.DEALER)
@@ -308,7 +312,10 @@ class WorkerProcess:
                     pipe.close(linger=0)
                     return
                 if ready is pipe:
-                    sock.send(frame)
+                    if frame == DROPPED:
+                        stale = False
+                    elif not stale:  # a stale Prefilled on the new socket would hand off a slot drop_all frees
+                        sock.send(frame)
                     continue
                 last_heard, outage = time.monotonic(), False  # any message proves the router alive
                 match _control(frame):
