@@ -250,17 +250,26 @@ def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(se
     )
     assert shown.returncode == 0 and shown.stdout.rstrip("\n") == answer["text"] and "tokens, " in shown.stderr
     long = subprocess.Popen(
-        [*hmoe, "generate", "--endpoint", served.endpoint, "Go on", "--max-tokens", "3000"],
+        [sys.executable, "-X", "faulthandler", *hmoe[1:], "generate", "--endpoint", served.endpoint, "Go on"]
+        + ["--max-tokens", "3000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job ignores SIGINT, and children inherit that: give it a terminal's Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 30
     while status_once(served.endpoint)["running"] == 0:
         assert time.monotonic() < deadline and long.poll() is None
         time.sleep(0.05)
     long.send_signal(signal.SIGINT)  # Ctrl-C
-    assert long.wait(30) == 130 and "[cancelled]" in long.stderr.read()
+    try:
+        code = long.wait(30)
+    except subprocess.TimeoutExpired:
+        long.send_signal(signal.SIGABRT)  # -X faulthandler: every thread's stack, for the failure message
+        long.wait(10)
+        raise AssertionError(f"hmoe generate ignored Ctrl-C:\n{long.stderr.read()[-6000:]}") from None
+    assert code == 130 and "[cancelled]" in long.stderr.read()
     served.wait_kv_free()
     status = subprocess.run(
         [*hmoe, "status", "--endpoint", served.endpoint, "--json"], capture_output=True, text=True, timeout=60
