@@ -122,13 +122,13 @@ class WorkerPool:
         worker.ping = ping
 
     def stuck(self, now: float, stuck_after_s: float) -> list[WorkerEntry]:
-        """Busy workers whose step counter stood still for stuck_after_s: their main thread is hung (a
+        """Workers with work whose step counter stood still for stuck_after_s: their main thread is hung (a
         kernel, a deadlock) while the I/O thread still answers heartbeats. Pings without steps are not judged."""
         return [
             w
             for w in self.by_identity.values()
-            if (w.busy is not None or w.request_ids)
-            and w.ping is not None
+            if w.ping is not None
+            and w.ping.running + w.ping.waiting > 0  # its own word: it has work (router reservations are not)
             and w.ping.steps > 0
             and now - max(w.progress_s, w.registered_s) > stuck_after_s
         ]

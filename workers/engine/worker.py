@@ -11,6 +11,10 @@ router and the main thread over an inproc pipe, and does the Paranoid Pirate hea
 so a long prefill chunk never looks like a dead worker and no socket is shared between threads.
 When the router's pongs stop for interval x liveness, it registers again under a new worker id and
 tells the main thread, which drops its requests (the router has failed them).
+
+Past 400 lines because start-up (with the streaming-prefill choice), the main loop and the I/O
+thread's liveness protocol (re-registration, incarnations, stuck exits) share one object's state;
+the I/O thread is the part to move out next.
 """
 
 from __future__ import annotations
