@@ -98,12 +98,16 @@ class PrefillEngine:
             return self.handoff.release_if(*self.handed.pop(request_id))
         return False
 
-    def drop_all(self) -> None:
-        """Forget every request, and free the hand-off slots nobody adopted (the router that asked is gone)."""
-        self.queue.clear()
+    def release_handed(self) -> None:
+        """Free the hand-off slots nobody adopted yet: the router that asked for them restarted, so no
+        Adopt for them will come (the decode worker dropped its requests too). Not on drop_all: after a
+        mere re-registration a decode worker may still be adopting one."""
         for slot, generation in self.handed.values():
             self.handoff.release_if(slot, generation)
         self.handed.clear()
+
+    def drop_all(self) -> None:
+        self.queue.clear()
         if self.current is not None:
             self._close_pass(self.current)
             self.kv.free(self.current.request_id)

@@ -49,6 +49,7 @@ log = logging.getLogger("hmoe.worker")
 
 EXIT_FAILURE, EXIT_STARTUP_FAILURE = 1, 3
 RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
+ROUTER_RESTARTED = b"router-restarted"  # I/O thread -> main thread: a new router incarnation answered
 DROPPED = b"dropped"  # main thread -> I/O thread: requests dropped; what came before this was for the old registration
 STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
 ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.WorkerPong, protocol.Drain)
@@ -244,6 +245,10 @@ class WorkerProcess:
                 self.engine.drop_all()  # the router failed them when it lost us
                 self.pipe.send(DROPPED)
                 continue
+            if frame == ROUTER_RESTARTED:
+                if isinstance(self.engine, PrefillEngine):
+                    self.engine.release_handed()  # nobody will adopt what the old router's requests left
+                continue
             try:
                 self._apply(protocol.decode(frame, ACCEPTED))
             except HmoeError as exc:
@@ -277,7 +282,8 @@ class WorkerProcess:
         pipe = self.context.socket(zmq.PAIR)
         pipe.connect(address)
         sock, generation, outage, last_heard, next_ping = None, 0, False, 0.0, 0.0
-        incarnation, register_now = "", False
+        incarnation, register_now = "", False  # of the router this registration talks to
+        known_router = ""  # the incarnation heard last, across registrations
         stale = False  # between RECONNECTED and DROPPED: the main thread's output is about the old registration
         while True:
             now = time.monotonic()
@@ -326,6 +332,9 @@ class WorkerProcess:
                     case protocol.WorkerPong(incarnation=seen):  # a new router behind the same endpoint
                         register_now = bool(incarnation and seen and seen != incarnation)
                         incarnation = incarnation or seen
+                        if seen and known_router and seen != known_router:
+                            pipe.send(ROUTER_RESTARTED)
+                        known_router = seen or known_router
                     case protocol.Error(code="not_registered"):
                         register_now = True
                     case protocol.Error(code="worker_stuck", message=why):  # the main thread is hung: restart

@@ -9,11 +9,12 @@ CUDA's generator (Philox) would pick other tokens than the CPU's for the same se
 Numerical contract (tests/workers/model/test_sampler.py checks it against a float64 reference):
 - temperature below MIN_TEMPERATURE is greedy (1e-40 is a float32 subnormal and 1e-300 is 0 there:
   dividing by either gave NaN probabilities and the last vocabulary id);
-- logits are shifted by their row max before scaling, so no temperature overflows the softmax;
+- from MIN_TEMPERATURE up, no finite logit overflows (softmax subtracts the row max itself);
 - top_k keeps at least one token (ties with the k-th are kept); top_p always keeps the most likely
-  token (a top_p that rounds to 0 in float32 is "the most likely token");
-- the draw lands on a token of non-zero probability (the target stays strictly below the total mass),
-  and a row with no finite mass (NaN logits) falls back to its argmax instead of the last id.
+  token (top_p is raised to MIN_TOP_P on the host: 1e-50 is 0 in float32, and "mass before >= 0"
+  dropped even the first token);
+- the draw lands on a token of non-zero probability: the uniform is capped below 1 on the host, so
+  the target stays under the total mass. All three cost no device work.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from hmoe.runtime.sampling_params import SamplingParams
 
 MIN_TEMPERATURE = 1e-5  # below: greedy. A logit gap of 1e-3 at this temperature is a 1e-87 probability ratio
+MIN_TOP_P = 1e-30  # a normal float32: "the first token's mass before it (0) >= top_p" is then never true
+MAX_UNIFORM = 1.0 - 2.0**-23  # u * total rounds below total in float32
 _MIX_A, _MIX_B, _MASK = 6364136223846793005, 1442695040888963407, (1 << 63) - 1
 
 
@@ -37,7 +40,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     if rows:
         chosen = [params[i] for i in rows]
         knobs = torch.tensor(
-            [[p.temperature, p.top_k, p.top_p, draw_uniform(p.seed, steps[i])] for i, p in zip(rows, chosen)],
+            [
+                [p.temperature, p.top_k, max(p.top_p, MIN_TOP_P), min(draw_uniform(p.seed, steps[i]), MAX_UNIFORM)]
+                for i, p in zip(rows, chosen)
+            ],
             dtype=torch.float64,
         ).to(logits.device, non_blocking=True)  # [R, 4]: one transfer
         index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
@@ -56,9 +62,8 @@ def draw_uniform(seed: int, step: int) -> float:
 def _sample_rows(logits: torch.Tensor, knobs: torch.Tensor, max_k: int, any_top_p: bool) -> torch.Tensor:
     """logits [R, V]; knobs [R, 4] float64 (temperature, top_k or 0, top_p, uniform) -> token ids [R]."""
     vocab = logits.shape[-1]
-    best = logits.argmax(dim=-1)  # [R]
     knobs = knobs.to(logits.dtype)
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / knobs[:, :1]  # <= 0, the best 0: exp never overflows
+    logits = logits / knobs[:, :1]
     if 0 < max_k:
         top_k = knobs[:, 1].long()
         kth = torch.topk(logits, min(max_k, vocab), dim=-1).values  # [R, max_k], descending
@@ -71,14 +76,10 @@ def _sample_rows(logits: torch.Tensor, knobs: torch.Tensor, max_k: int, any_top_
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = (sorted_probs.cumsum(-1) - sorted_probs >= top_p) & (top_p < 1.0)
-        drop[:, 0] = False  # a top_p that rounds to 0 in float32 still keeps the most likely token
         probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)  # [R, V]
-    total = cdf[:, -1:]  # [R, 1]
-    # Strictly below the total, so the first cdf entry above it belongs to a token of non-zero probability.
-    target = torch.minimum(knobs[:, 3:4] * total, torch.nextafter(total, torch.zeros_like(total)))
-    token = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]
-    return torch.where(torch.isfinite(total[:, 0]) & (total[:, 0] > 0), token, best)
+    target = knobs[:, 3:4] * cdf[:, -1:]  # < the total (uniform <= MAX_UNIFORM): lands on a token with mass
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top_ks: list[int | None]) -> list | None:
