@@ -17,6 +17,7 @@ _SDK = (
     "RequestRefused",
     "Result",
     "RouterError",
+    "RouterRestarted",
     "RouterUnreachable",
     "Stream",
     "Usage",

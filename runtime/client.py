@@ -7,7 +7,11 @@
 
 The client makes each request id. While requests are in flight it pings the router every
 heartbeat_interval_s (the router cancels the requests of a client silent past client_timeout_s) and
-gives up with RouterUnreachable after router_timeout_s without a word from it. Refusals and failures
+gives up with RouterUnreachable after router_timeout_s without a word from it. Each ping names the
+requests in flight; a router that answers from another incarnation (it restarted) and does not
+know some of them fails those with RouterRestarted ("router_restarted") within one heartbeat; a
+dropped connection to the router fails every request in flight with it at once (the router sends
+a disconnected client nothing, so no stream could go on whole). Refusals and failures
 raise typed HmoeError subclasses that carry the router's stable code. `Client` runs an
 AsyncClient on its own event-loop thread, started on first use.
 
@@ -96,6 +100,12 @@ class WorkerLost(RequestFailed):
 
 class RouterUnreachable(HmoeError):
     """No word from the router within router_timeout_s."""
+
+
+class RouterRestarted(RequestFailed):
+    """The router restarted while the request ran and the new one does not know it; a retry runs there."""
+
+    retryable = True
 
 
 def router_error(code: str, message: str, result: Result | None = None) -> RouterError:
@@ -218,6 +228,8 @@ class AsyncClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._last_heard_s = 0.0
+        self._monitor: zmq.asyncio.Socket | None = None
+        self.incarnation = ""  # the router process last heard from
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -310,7 +322,8 @@ class AsyncClient:
             sock.curve_serverkey = _curve_key(self.server_public_key)
         sock.connect(self.endpoint)
         self._socket = sock
-        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._heartbeat())]
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tasks = [asyncio.ensure_future(f()) for f in (self._read, self._heartbeat, self._watch_connection)]
 
     def _send(self, msg) -> None:
         assert self._socket is not None, "_open() first"
@@ -336,12 +349,37 @@ class AsyncClient:
                 msg = decode(frame, REPLY_TYPES)
             except ProtocolError:
                 continue  # a newer router speaking a message we do not know; nothing to route it to
+            self.incarnation = msg.incarnation or self.incarnation
+            if isinstance(msg, Pong):
+                self._lost(msg.unknown)
             if isinstance(msg, Status):
                 waiter = self._status_waiters.pop(0) if self._status_waiters else None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)
             elif isinstance(msg, (Delta, Finished, Error)) and msg.request_id in self._pending:
                 self._pending[msg.request_id].queue.put_nowait(msg)
+
+    def _lost(self, request_ids: list[str], why: str = "") -> None:
+        """The router does not hold these requests (it restarted since they were sent): fail them, retryable.
+        Replies reach us in the order they were sent, so a request that ended before the Pong is gone already."""
+        why = (
+            why or f"the router at {self.endpoint} restarted (now {self.incarnation or 'unknown'}) and does not know it"
+        )
+        for request_id in request_ids:
+            stream = self._pending.pop(request_id, None)
+            if stream is not None:
+                stream.queue.put_nowait(RouterRestarted("router_restarted", f"request {request_id}: {why}; retry it"))
+
+    async def _watch_connection(self) -> None:
+        """A dropped connection loses what the router sends meanwhile: fail every request in flight at once."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        monitor = self._monitor
+        assert monitor is not None, "_watch_connection runs only after connect() set up the monitor"
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._pending:
+                self._lost(list(self._pending), f"the connection to {self.endpoint} dropped (the router exited?)")
 
     async def _heartbeat(self) -> None:
         """Ping while requests are in flight; fail them if the router has been silent too long."""
@@ -359,7 +397,7 @@ class AsyncClient:
                     stream.queue.put_nowait(error)
                 continue
             try:
-                self._send(Ping(time.monotonic()))
+                self._send(Ping(time.monotonic(), list(self._pending)))
             except RouterUnreachable:
                 pass  # the silence check above ends the requests
 
@@ -371,6 +409,9 @@ class AsyncClient:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._socket is not None and self._context is not None:
+            self._socket.disable_monitor()
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             self._socket.close(linger=500)  # let the Cancels go out
             self._context.term()
             self._socket = self._context = None

@@ -42,6 +42,9 @@ FAILURES = {
     "shutting_down": "the worker running the request stopped before it finished (its drain grace passed): retry",
     "handoff_lost": "the prompt's KV hand-off slot was gone when the decode worker adopted it (the prefill worker "
     "died, or the slot was reclaimed after handoff_timeout_s): retry",
+    "router_restarted": "the router restarted while the request ran and the new one does not know it: retry",
+    "worker_stuck": "the worker running the request was busy without progress for [router] stuck_after_s: it is "
+    "being restarted; retry",
     "handoff_invalid": "an Adopt named a hand-off segment or slot that does not exist (a router bug or a stray client)",
 }
 CLIENT_SIDE = {
@@ -51,6 +54,8 @@ CLIENT_SIDE = {
 PROCESS = {
     "tokenizer_invalid": "tokenizer.json could not be read (router start-up)",
     "startup_failed": "hmoe-router could not start (endpoint in use, unreadable key): exit status 3",
+    "not_registered": "a worker message reached a router that does not know the worker (restarted, or it declared "
+    "the worker lost): the worker registers again",
     "worker_rejected": "a worker's registration was refused (another model, unknown role)",
     "graph_capture_failed": "the decode worker could not capture its CUDA graphs at start-up (the message names "
     "the micro-batch and the bucket): exit status 3",

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import msgpack
@@ -183,11 +183,14 @@ class Ping:
     """Liveness both ways: clients with requests in flight and workers send it; the router answers Pong."""
 
     sent_s: float = 0.0
+    request_ids: list[str] = field(default_factory=list)  # the client's requests in flight: which are unknown?
 
 
 @message("pong")
 class Pong:
     sent_s: float = 0.0
+    unknown: list[str] = field(default_factory=list)  # of Ping.request_ids, those this router does not hold
+    incarnation: str = ""  # the router process that answers (a new one after a restart)
 
 
 @message("status_request")
@@ -203,6 +206,7 @@ class Status:
     kv: KVStatus
     throughput: Throughput
     draining: bool = False
+    incarnation: str = ""
 
 
 @message("delta")
@@ -213,6 +217,7 @@ class Delta:
     token_ids: Ids
     text: str
     logprobs: list[TokenLogprob | None] | None = None  # asked for (params.logprobs): per token
+    incarnation: str = ""
 
 
 @message("finished")
@@ -224,6 +229,7 @@ class Finished:
     usage: Usage
     error: Failure | None = None  # when finish_reason is "error"
     logprobs: list[TokenLogprob | None] | None = None  # asked for: per generated token, as in Delta
+    incarnation: str = ""
 
 
 @message("error")
@@ -233,6 +239,7 @@ class Error:
     code: str
     message: str
     request_id: RequestId | None = None
+    incarnation: str = ""
 
 
 # -- router <-> workers -----------------------------------------------------------------------------
@@ -260,6 +267,7 @@ class Registered:
 
     worker_id: str
     version: Version
+    incarnation: str = ""  # the router process that took the registration
 
 
 @message("worker_ping")
@@ -276,7 +284,7 @@ class WorkerPing:
 
 @message("worker_pong")
 class WorkerPong:
-    pass
+    incarnation: str = ""  # the router process that answers: a worker registers again when it changes
 
 
 @message("prefill")

@@ -5,16 +5,23 @@ loop (receive → apply → tick → send) → shutdown (flush replies, close). 
 or a Drain message drains: no new requests, running ones finish within drain_grace_s, then exit 0.
 A second signal ends the rest at once. Exit status: 0 drained, 1 crashed, 2 usage, 3 could not
 start (bad config, endpoint in use, unreadable tokenizer or key) — restarting cannot fix a 3.
+
+Past 400 lines because the loop's guards live here with it: text prompts tokenized off the loop,
+memory of large frames given back, the incarnation stamped on every answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import dataclasses
 import os
 import signal
 import socket
 import sys
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -29,17 +36,24 @@ from hmoe.runtime.log import configure_logging
 from hmoe.runtime.protocol import (
     MAX_MESSAGE_BYTES,
     Cancel,
+    Delta,
     Drain,
     Error,
+    Finished,
     Generate,
     Ping,
+    Pong,
     Prefilled,
     ProtocolError,
     Register,
+    Registered,
     RequestError,
+    Status,
     StatusRequest,
     Tokens,
+    Usage,
     WorkerPing,
+    WorkerPong,
     decode,
     encode,
 )
@@ -57,6 +71,9 @@ MAX_FRAME_BYTES = (
 )  # up to this a too-large message gets an error reply; past it zmq drops the peer
 RECV_BATCH = 256  # messages taken from one socket per turn, so neither socket starves the other
 SEND_HWM = 100_000  # queued outgoing messages per peer before sends to it are dropped (a stalled client)
+STAMPED = (Delta, Finished, Error, Pong, Status, WorkerPong, Registered)  # answers that carry the router's incarnation
+LARGE_FRAME_BYTES = 64 << 10  # after frames this big, free memory goes back to the system (at most once a second)
+MAX_TOKENIZING = 64  # text prompts waiting for the tokenizer thread before more are refused with queue_full
 
 
 class Router:
@@ -66,11 +83,18 @@ class Router:
         self.config = config
         self.scheduler = Scheduler(config.router, tokenizer)
         self.notify = notify or SdNotify()
+        self.incarnation = uuid.uuid4().hex[:12]  # in every answer: clients and workers see a restart by it
         self.tick_s = config.router.heartbeat_interval_s / 4  # liveness is checked at least this often
         self.signals = 0
         self.context: zmq.asyncio.Context | None = None
         self.frontend: zmq.asyncio.Socket | None = None
         self.backend: zmq.asyncio.Socket | None = None
+        # Text prompts are tokenized on this thread (encode_batch releases the GIL), never on the event loop:
+        # a 1 MB prompt takes seconds, and heartbeats must be answered meanwhile.
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request id) -> its encoding
+        self.large_frames = False  # since the last trim
+        self.trimmed_s = 0.0
 
     async def serve(self) -> int:
         try:
@@ -100,6 +124,7 @@ class Router:
             frontend=r.frontend,
             backend=self.config.backend,
             tokenizer=self.scheduler.tokenizer is not None,
+            incarnation=self.incarnation,
         )
         self.notify.ready(f"listening on {r.frontend}; waiting for workers")
 
@@ -114,9 +139,15 @@ class Router:
                 self._receive(backend, self._on_worker_frames)
             if frontend in ready:
                 self._receive(frontend, self._on_client_frames)
-            self.scheduler.tick(time.monotonic())  # liveness, deadlines, drain, then schedule
-            self._send(self.scheduler.take_outbox())
+            self._step()
             self.notify.tick()
+            if self.large_frames and time.monotonic() - self.trimmed_s > 1.0:
+                self.large_frames, self.trimmed_s = False, time.monotonic()
+                _release_free_memory()
+
+    def _step(self) -> None:
+        self.scheduler.tick(time.monotonic())  # liveness, deadlines, drain, then schedule
+        self._send(self.scheduler.take_outbox())
 
     def shutdown(self) -> None:
         if self.frontend is not None and self.backend is not None:
@@ -126,6 +157,7 @@ class Router:
                 sock.close(linger=1000)  # let the last Finished messages go out
         if self.context is not None:
             self.context.term()
+        self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         log.info("stopped", finished=dict(self.scheduler.finished))
 
     # -- sockets ---------------------------------------------------------------------------------
@@ -166,14 +198,62 @@ class Router:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK).result()  # type: ignore[attr-defined]
             except zmq.Again:
                 return
+            self.large_frames |= sum(len(f) for f in frames) > LARGE_FRAME_BYTES
             handle(frames, time.monotonic())
 
     def _on_client_frames(self, frames: list[bytes], now: float) -> None:
         msg = self._decode(frames, CLIENT_TYPES, self._sockets()[0])
-        if msg is not None:
-            self.scheduler.on_client(frames[0], msg, now)
-            if isinstance(msg, Drain):
-                self._begin_drain(msg.grace_s)
+        if msg is None:
+            return
+        client = frames[0]
+        if isinstance(msg, Generate) and msg.prompt is not None and msg.token_ids is None:
+            self._tokenize(client, msg)
+            return
+        if isinstance(msg, Ping) and msg.request_ids:  # prompts on the tokenizer thread are known too
+            msg = dataclasses.replace(
+                msg, request_ids=[r for r in msg.request_ids if (client, r) not in self.tokenizing]
+            )
+        if isinstance(msg, Cancel) and (client, msg.request_id) in self.tokenizing:
+            self.tokenizing.pop((client, msg.request_id)).cancel()  # _tokenized answers it
+            return
+        self.scheduler.on_client(client, msg, now)
+        if isinstance(msg, Drain):
+            self._begin_drain(msg.grace_s)
+            self.notify.send("X_HMOE_STOP=1")  # asked to stop, not to restart: `hmoe serve` stops the service
+
+    # -- tokenizing off the loop -------------------------------------------------------------------
+
+    def _tokenize(self, client: bytes, msg: Generate) -> None:
+        """Cheap checks here; the encoding on the tokenizer thread; admission when it is done."""
+        key = (client, msg.request_id)
+        try:
+            self.scheduler.check_prompt(msg)
+            if key in self.tokenizing or msg.request_id in self.scheduler.requests:
+                raise HmoeError("duplicate_request", f"request id {msg.request_id!r} is already running")
+            if len(self.tokenizing) >= MAX_TOKENIZING:
+                raise HmoeError("queue_full", f"{len(self.tokenizing)} prompts are being tokenized; retry later")
+        except HmoeError as exc:
+            self._send_one(self._sockets()[0], client, Error(exc.code, exc.message, msg.request_id))
+            return
+        tokenizer = self.scheduler.tokenizer
+        future = asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, _encode, tokenizer, msg.prompt)
+        self.tokenizing[key] = future
+        future.add_done_callback(lambda done: self._tokenized(client, msg, done))
+
+    def _tokenized(self, client: bytes, msg: Generate, future: asyncio.Future) -> None:
+        self.tokenizing.pop((client, msg.request_id), None)
+        self.large_frames |= len(msg.prompt or "") > LARGE_FRAME_BYTES  # the tokenizer's memory goes back too
+        frontend = self._sockets()[0]
+        if future.cancelled():
+            self._send_one(frontend, client, Finished(msg.request_id, "cancelled", [], "", Usage(0, 0)))
+            return
+        if future.exception() is not None:
+            reason = f"the tokenizer failed on this prompt: {future.exception()}"
+            self._send_one(frontend, client, Error("invalid_prompt", reason, msg.request_id))
+            return
+        ids = future.result()
+        self.scheduler.on_client(client, dataclasses.replace(msg, prompt=None, token_ids=ids), time.monotonic())
+        self._step()  # admit and schedule now, not at the next tick
 
     def _on_worker_frames(self, frames: list[bytes], now: float) -> None:
         msg = self._decode(frames, WORKER_TYPES, self._sockets()[1])
@@ -199,6 +279,8 @@ class Router:
             self._send_one(frontend if peer == CLIENT else backend, identity, msg)
 
     def _send_one(self, sock: zmq.asyncio.Socket, identity: bytes, msg) -> None:
+        if type(msg) in STAMPED:
+            msg = dataclasses.replace(msg, incarnation=self.incarnation)
         try:
             sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK).result()  # type: ignore[attr-defined]
         except zmq.Again:  # the peer stopped reading; its heartbeat will say whether it is gone
@@ -229,6 +311,20 @@ class Router:
                 log.info("tokenizer_loaded", pack=name)
             except HmoeError as exc:
                 log.warning("tokenizer_unavailable", pack=name, code=exc.code, reason=exc.message)
+
+
+def _release_free_memory() -> None:
+    """glibc keeps freed memory of large frames and tokenizings in its arenas; give it back (bounded RSS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """On the tokenizer thread: encode_batch releases the GIL (encode holds it for the whole prompt)."""
+    (encoding,) = tokenizer.encode_batch([text]) if hasattr(tokenizer, "encode_batch") else [tokenizer.encode(text)]
+    return encoding.ids
 
 
 def tokenizer_from_pack(name: str, config: Config):

@@ -44,13 +44,9 @@ class SamplingParams:
 
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if (
-            not isinstance(self.temperature, (int, float))
-            or not math.isfinite(self.temperature)
-            or not 0 <= self.temperature <= 100
-        ):
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or not 0 <= self.temperature <= 100:
             raise bad("temperature", f"must be a number in [0, 100], got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise bad("top_k", f"must be an integer >= 0 (0 keeps all tokens), got {self.top_k!r}")
@@ -74,6 +70,11 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
+
+
+def _is_number(value) -> bool:
+    """An int or float, and not a bool (JSON's true is not 1 here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def with_seed(params: SamplingParams) -> SamplingParams:

@@ -71,7 +71,7 @@ log = structlog.get_logger("hmoe.router")
 
 CLIENT, WORKER = "client", "worker"
 THROUGHPUT_WINDOW_S = 60.0
-CHARS_PER_TOKEN_MAX = 64  # a text prompt this many times max_prompt_tokens is refused before tokenizing
+CHARS_PER_TOKEN_MAX = 16  # a text prompt this many times max_prompt_tokens is refused before tokenizing
 
 
 class Tokenizer(Decoder, Protocol):
@@ -106,8 +106,10 @@ class Scheduler:
                 request = self.requests.get(request_id)
                 if request is not None and request.client == client:
                     self._finish(request, "cancelled", now)
-            case Ping(sent_s=sent_s):
-                self._send(CLIENT, client, Pong(sent_s))
+            case Ping(sent_s=sent_s, request_ids=request_ids):
+                held = self.requests
+                unknown = [r for r in request_ids if r not in held or held[r].client != client]
+                self._send(CLIENT, client, Pong(sent_s, unknown))
             case StatusRequest():
                 self._send(CLIENT, client, self.status(now))
             case Drain(grace_s=grace_s):
@@ -147,8 +149,9 @@ class Scheduler:
                 "prompt_too_long",
                 f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens = {c.max_prompt_tokens}",
             )
-        if not self.workers.of_role("prefill") or not self.workers.of_role("decode"):
-            missing = [r for r in ROLES if not self.workers.of_role(r)]
+        # A role whose worker is restarting queues requests for up to worker_wait_s; one never seen refuses them.
+        missing = [r for r in ROLES if not self.workers.of_role(r) and not self._coming_back(r, now)]
+        if missing:
             raise HmoeError(
                 "no_worker", f"no {' or '.join(missing)} worker is registered; start one (hmoe serve) or retry"
             )
@@ -157,26 +160,40 @@ class Scheduler:
             raise HmoeError("queue_full", f"{len(self.queue)} requests are already queued (max_queued); retry later")
         return Request(msg.request_id, client, prompt_ids, params, msg.stream, now, now + timeout_s, self.tokenizer)
 
-    def _prompt_ids(self, msg: Generate) -> Sequence[int]:
+    def check_prompt(self, msg: Generate) -> None:
+        """The checks a prompt passes before it is tokenized (the router tokenizes off its loop after them)."""
         if (msg.prompt is None) == (msg.token_ids is None):
             raise HmoeError("invalid_prompt", "give exactly one of prompt (text) or token_ids")
-        if msg.token_ids is not None:
-            ids = msg.token_ids
-        elif self.tokenizer is None:
+        if msg.prompt is None:
+            return
+        if self.tokenizer is None:
             raise HmoeError(
                 "tokenizer_missing", "the router has no tokenizer.json for this model; send token_ids instead of text"
             )
-        elif len(msg.prompt or "") > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
+        if not msg.prompt:  # before tokenizing: the tokenizer would add BOS and make it one token long
+            raise HmoeError("invalid_prompt", "the prompt is empty")
+        if len(msg.prompt) > self.config.max_prompt_tokens * CHARS_PER_TOKEN_MAX:
             raise HmoeError(
                 "prompt_too_long",
                 f"prompt of {len(msg.prompt or '')} characters is far beyond max_prompt_tokens = "
                 f"{self.config.max_prompt_tokens}",
             )
+
+    def _prompt_ids(self, msg: Generate) -> Sequence[int]:
+        self.check_prompt(msg)
+        # Text is tokenized here only when no router loop did it first; packed once: Prefill and Adopt send it as is.
+        if msg.token_ids is not None:
+            ids: Sequence[int] = msg.token_ids
         else:
-            ids = TokenIds(self.tokenizer.encode(msg.prompt).ids)  # packed once: Prefill and Adopt send it as it is
+            assert self.tokenizer is not None and msg.prompt is not None  # check_prompt saw to both
+            ids = TokenIds(self.tokenizer.encode(msg.prompt).ids)
         if not ids:
             raise HmoeError("invalid_prompt", "the prompt is empty")
         return ids
+
+    def _coming_back(self, role: str, now: float) -> bool:
+        gone_s = self.workers.missing_since(role, now)
+        return gone_s is not None and gone_s <= self.config.worker_wait_s
 
     def _check_fits(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         max_tokens = params.max_tokens
@@ -191,8 +208,7 @@ class Scheduler:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                 f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
             )
-        decode_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("decode"))
-        prefill_kv = max(w.info.kv_capacity_tokens for w in self.workers.of_role("prefill"))
+        decode_kv, prefill_kv = self.workers.kv_capacity("decode"), self.workers.kv_capacity("prefill")
         if need > decode_kv or len(prompt_ids) > prefill_kv:
             raise HmoeError(
                 "kv_capacity",
@@ -208,12 +224,14 @@ class Scheduler:
             self._register(identity, msg, now)
             return
         worker = self.workers.seen(identity, now)
-        if worker is None:  # registered with a router that has since restarted: no pongs, so it registers again
+        if worker is None:  # registered with a router that has since restarted, or was declared lost
             log.debug("unregistered_worker", message=type(msg).__name__, peer=identity.hex())
+            if not isinstance(msg, Error):  # it registers again at once on this
+                self._send(WORKER, identity, Error("not_registered", "this router does not know you: register again"))
             return
         match msg:
             case WorkerPing():
-                worker.ping = msg
+                self.workers.pinged(worker, msg, now)
                 self._send(WORKER, identity, WorkerPong())
             case Prefilled():
                 self._prefilled(worker, msg, now)
@@ -272,6 +290,8 @@ class Scheduler:
         known = self.workers.get(identity)
         if known is not None:  # the same socket registering again: it restarted its state
             self._lose_worker(known, now, "registered again")
+        for stale in self.workers.same_process(msg):  # it registered again on a new socket: the old one is gone
+            self._lose_worker(stale, now, "registered again")
         if not others:
             self.model = msg.model
         self.workers.add(identity, msg, version, now)
@@ -349,12 +369,10 @@ class Scheduler:
                 self._finish(request, "stop", now)
         self.token_times.append((now, count))
 
-    def _lose_worker(self, worker: WorkerEntry, now: float, why: str) -> None:
+    def _lose_worker(self, worker: WorkerEntry, now: float, why: str, code: str = "worker_lost") -> None:
         self.workers.remove(worker.identity, now)
         log.warning("worker_lost", worker_id=worker.info.worker_id, role=worker.role, pid=worker.info.pid, why=why)
-        lost = Failure(
-            "worker_lost", f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry"
-        )
+        lost = Failure(code, f"the {worker.role} worker (pid {worker.info.pid}) stopped answering ({why}); retry")
         for request in list(self.requests.values()):
             if request.prefill_worker == worker.identity and request.phase in (Phase.PREFILL, Phase.HANDOFF):
                 if request.output_ids or request.retried:
@@ -365,6 +383,10 @@ class Scheduler:
             elif request.decode_worker == worker.identity:
                 if request.phase is Phase.DECODE:
                     self._finish(request, "error", now, lost)
+                    prefill = self.workers.get(request.prefill_worker) if request.prefill_worker else None
+                    handed = request.prefilled is not None and request.prefilled.slot >= 0
+                    if prefill is not None and handed:  # the slot, if the decode worker died before adopting it
+                        self._send(WORKER, prefill.identity, Cancel(request.request_id))
                 else:
                     request.decode_worker = None  # its reservation went with the worker; another is found later
 
@@ -374,6 +396,10 @@ class Scheduler:
         """Liveness, deadlines, drain; then move queued work to workers that can take it."""
         for worker in self.workers.expired(now):
             self._lose_worker(worker, now, f"silent for {now - worker.last_seen_s:.1f} s")
+        for worker in self.workers.stuck(now, self.config.stuck_after_s):
+            why = f"busy without progress for {now - worker.progress_s:.1f} s"
+            self._send(WORKER, worker.identity, Error("worker_stuck", f"{why}: restart"))  # its I/O thread exits
+            self._lose_worker(worker, now, why, "worker_stuck")
         for client, seen in list(self.clients.items()):
             if now - seen > self.config.client_timeout_s:
                 log.warning("client_gone", client=client.hex(), silent_s=round(now - seen, 1))

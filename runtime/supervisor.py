@@ -5,18 +5,26 @@ in order: the router first (it drains, while the workers still run), then the wo
 SIGTERM if the supervisor itself dies (Linux PR_SET_PDEATHSIG), so none is left behind.
 A child that exits is restarted, at most max_restarts times within window_s; one that failed to
 start (exit 2 or 3: restarting cannot fix it) or restarts too often stops everything, exit 1.
-A second signal kills every child at once.
+A second signal kills every child at once. The signal handler only counts; the loop acts.
+
+Liveness is progress, as under systemd: each child gets a notify socket of its own ($NOTIFY_SOCKET,
+$WATCHDOG_USEC = its watchdog_s), and one that said READY=1 but sends no WATCHDOG=1 for watchdog_s
+(its main loop hangs: a kernel, a deadlock) is killed and restarted. A child that sends
+X_HMOE_STOP=1 before exiting 0 (the router drained by `hmoe drain`) stops the whole service, exit 0.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
+import socket
 import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 NO_RESTART_CODES = (2, 3)  # usage error, start-up failure
@@ -28,6 +36,7 @@ class ChildSpec:
     name: str
     argv: tuple[str, ...]
     stop_grace_s: float  # how long it may drain after SIGTERM before it is killed
+    watchdog_s: float = 0.0  # after READY=1, a child silent on its notify socket this long is hung; 0 = not watched
 
 
 class RestartPolicy:
@@ -64,8 +73,14 @@ class Supervisor:
         output: IO,
         policy: RestartPolicy | None = None,
         say: Callable[[str], None] = print,
+        notify_dir: str | os.PathLike | None = None,
     ):
         self.specs = specs
+        self.notify_dir = Path(notify_dir) if notify_dir is not None else None
+        self.notify: dict[str, socket.socket] = {}  # child name -> the datagram socket it notifies on
+        self.ready: dict[str, bool] = {}
+        self.alive_s: dict[str, float] = {}  # child name -> its last READY=1 or WATCHDOG=1
+        self.stop_asked_by: str | None = None
         self.output = output  # where the children's stdout and stderr go
         self.policy = policy or RestartPolicy()
         self.say = say
@@ -76,11 +91,25 @@ class Supervisor:
 
     def start(self) -> None:
         for spec in self.specs:
+            if self.notify_dir is not None:
+                path = self.notify_dir / f"notify-{spec.name}.sock"
+                path.unlink(missing_ok=True)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                sock.bind(str(path))
+                self.notify[spec.name] = sock
             self._spawn(spec)
 
     def _spawn(self, spec: ChildSpec) -> None:
+        env = None
+        if spec.name in self.notify:
+            env = {**os.environ, "NOTIFY_SOCKET": self.notify[spec.name].getsockname()}
+            env.pop("WATCHDOG_PID", None)
+            if spec.watchdog_s > 0:
+                env["WATCHDOG_USEC"] = str(int(spec.watchdog_s * 1e6))
+        self.ready[spec.name], self.alive_s[spec.name] = False, time.monotonic()
         self.procs[spec.name] = subprocess.Popen(
             spec.argv,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self.output,
             stderr=self.output,
@@ -93,10 +122,20 @@ class Supervisor:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
         while not self.signals:
+            now = time.monotonic()
             for spec in self.specs:
+                self._read_notify(spec.name, now)
                 code = self.procs[spec.name].poll()
                 if code is None:
+                    silent_s = now - self.alive_s[spec.name]
+                    if self.ready[spec.name] and 0 < spec.watchdog_s < silent_s:
+                        self.say(f"{spec.name} made no progress for {silent_s:.1f} s (watchdog): killing it")
+                        self.procs[spec.name].kill()  # its exit is seen (and restarted) next turn
+                        self.ready[spec.name] = False
                     continue
+                if code == 0 and self.stop_asked_by == spec.name:
+                    self.say(f"{spec.name} drained on request: stopping the service")
+                    return self.stop()
                 if not self.policy.allow(spec.name, code, time.monotonic()):
                     self.say(f"{spec.name} exited with status {code}; not restarting it: stopping everything")
                     self.stop()
@@ -108,10 +147,22 @@ class Supervisor:
             time.sleep(tick_s)
         return self.stop()
 
+    def _read_notify(self, name: str, now: float) -> None:
+        sock = self.notify.get(name)
+        while sock is not None:
+            try:
+                lines = sock.recv(4096).decode(errors="replace").splitlines()
+            except BlockingIOError:
+                return
+            if "READY=1" in lines:
+                self.ready[name] = True
+            if "READY=1" in lines or "WATCHDOG=1" in lines:
+                self.alive_s[name] = now
+            if "X_HMOE_STOP=1" in lines:
+                self.stop_asked_by = name
+
     def _on_signal(self, signum, frame) -> None:
-        self.signals += 1
-        if self.signals > 1:
-            self.kill()
+        self.signals += 1  # touches nothing else: run() and stop() see it within a tick
 
     def stop(self) -> int:
         """SIGTERM each child in start order and wait for it to drain; 0 when all exited cleanly."""
@@ -126,6 +177,11 @@ class Supervisor:
             if proc.poll() is None:
                 proc.kill()
             codes.append(proc.wait())
+        for sock in self.notify.values():
+            path = sock.getsockname()
+            sock.close()
+            Path(path).unlink(missing_ok=True)
+        self.notify.clear()
         return 0 if all(c == 0 for c in codes) else 1
 
     def kill(self) -> None:

@@ -28,6 +28,7 @@ class WorkerEntry:
     kv_reserved_tokens: int = 0  # decode: sum of kv_tokens of request_ids
     ping: WorkerPing | None = None
     draining: bool = False  # it refused work with "draining": it is shutting down, send it nothing new
+    progress_s: float = 0.0  # when its heartbeat's step counter last moved
 
     @property
     def role(self) -> str:
@@ -80,6 +81,7 @@ class WorkerPool:
         self.silence_limit_s = silence_limit_s  # heartbeat interval * liveness
         self.by_identity: dict[bytes, WorkerEntry] = {}
         self.last_lost_s: dict[str, float] = {}  # role -> when its last worker was lost (for worker_wait_s)
+        self.last_lost: dict[str, Register] = {}  # role -> its last worker, whose limits hold while it restarts
 
     def add(self, identity: bytes, info: Register, version: int, now: float) -> WorkerEntry:
         assert info.role in ROLES, info.role
@@ -91,6 +93,7 @@ class WorkerPool:
         worker = self.by_identity.pop(identity)
         if not self.of_role(worker.role):
             self.last_lost_s[worker.role] = now
+            self.last_lost[worker.role] = worker.info
         return worker
 
     def get(self, identity: bytes) -> WorkerEntry | None:
@@ -101,6 +104,35 @@ class WorkerPool:
         if worker is not None:
             worker.last_seen_s = now
         return worker
+
+    def same_process(self, info: Register) -> list[WorkerEntry]:
+        """Registrations of the process that sends `info` (a worker registers again on a new socket when
+        it stops hearing the router; its old registration is stale from then on)."""
+        return [
+            w
+            for w in self.by_identity.values()
+            if w.info.pid == info.pid
+            and w.role == info.role
+            and w.info.worker_id != info.worker_id
+            and _host(w.info) == _host(info)
+        ]
+
+    def pinged(self, worker: WorkerEntry, ping: WorkerPing, now: float) -> None:
+        if worker.ping is None or ping.steps != worker.ping.steps:
+            worker.progress_s = now
+        worker.ping = ping
+
+    def stuck(self, now: float, stuck_after_s: float) -> list[WorkerEntry]:
+        """Workers with work whose step counter stood still for stuck_after_s: their main thread is hung (a
+        kernel, a deadlock) while the I/O thread still answers heartbeats. Pings without steps are not judged."""
+        return [
+            w
+            for w in self.by_identity.values()
+            if w.ping is not None
+            and w.ping.running + w.ping.waiting > 0  # its own word: it has work (router reservations are not)
+            and w.ping.steps > 0
+            and now - max(w.progress_s, w.registered_s) > stuck_after_s
+        ]
 
     def of_role(self, role: str) -> list[WorkerEntry]:
         return [w for w in self.by_identity.values() if w.role == role]
@@ -117,8 +149,19 @@ class WorkerPool:
         fits = [w for w in self.of_role("decode") if w.has_room(kv_tokens) and not w.draining]
         return min(fits, key=lambda w: (len(w.request_ids), w.kv_reserved_tokens), default=None)
 
+    def kv_capacity(self, role: str) -> int:
+        """The largest KV capacity among `role`'s workers (its last worker's while none is registered)."""
+        workers = [w.info for w in self.of_role(role)] or [self.last_lost[role]]
+        return max(info.kv_capacity_tokens for info in workers)
+
     def missing_since(self, role: str, now: float) -> float | None:
         """How long no worker of `role` has been registered since its last one was lost (None while one is)."""
         if self.of_role(role) or role not in self.last_lost_s:
             return None
         return now - self.last_lost_s[role]
+
+
+def _host(info: Register) -> str:
+    """The host part of a worker id `role-host-pid-generation` (pids repeat across machines)."""
+    parts = info.worker_id.split("-")
+    return "-".join(parts[1:-2]) if len(parts) >= 4 else info.worker_id

@@ -96,3 +96,102 @@ def test_every_error_code_the_runtime_raises_is_documented():
     raised = {a or b or c for path in sources for a, b, c in pattern.findall(path.read_text())}
     raised -= {"config_invalid", "config_missing"}  # config errors: hmoe.runtime.config, reported at start-up
     assert raised and raised <= set(ERROR_CODES), sorted(raised - set(ERROR_CODES))
+
+
+@pytest.fixture
+def short_dir():
+    """A folder with a short path: unix socket paths hold at most 107 bytes."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="hmoe-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _child(tmp_path, name: str, body: str) -> list[str]:
+    """A tiny child process that speaks sd_notify like the router and the workers."""
+    script = tmp_path / f"{name}.py"
+    script.write_text("import sys, time\nfrom hmoe.runtime.sd_notify import SdNotify\nn = SdNotify.from_env()\n" + body)
+    return [sys.executable, str(script)]
+
+
+def test_supervisor_kills_and_restarts_a_child_that_stops_making_progress(tmp_path, short_dir):
+    """READY=1, a second of watchdog pings, then a hang (a stuck main loop): killed after watchdog_s, restarted."""
+    from hmoe.runtime.supervisor import ChildSpec, Supervisor
+
+    hang = "n.ready()\nt = time.monotonic()\nwhile time.monotonic() - t < 1:\n    n.tick()\n    time.sleep(0.05)\n"
+    hang += "time.sleep(600)\n"
+    said: list[str] = []
+    with open(tmp_path / "out.log", "wb") as out:
+        sup = Supervisor(
+            [ChildSpec("worker", tuple(_child(tmp_path, "w", hang)), 1.0, watchdog_s=0.5)],
+            out,
+            say=said.append,
+            notify_dir=short_dir,
+        )
+        sup.start()
+        first = sup.pids()["worker"]
+        sup.run(on_tick=lambda: sup.signals or (sup.pids()["worker"] != first and sup._on_signal(2, None)))
+    assert any("made no progress" in line and "watchdog" in line for line in said), said
+    assert any("worker exited with status -9; restarting it" in line for line in said), said
+
+
+def test_supervisor_stops_the_service_when_a_child_drained_on_request(tmp_path, short_dir):
+    from hmoe.runtime.supervisor import ChildSpec, Supervisor
+
+    drained = "n.ready()\ntime.sleep(0.3)\nn.send('X_HMOE_STOP=1')\nsys.exit(0)\n"
+    idle = "import signal\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\nn.ready()\ntime.sleep(600)\n"
+    said: list[str] = []
+    with open(tmp_path / "out.log", "wb") as out:
+        sup = Supervisor(
+            [
+                ChildSpec("router", tuple(_child(tmp_path, "r", drained)), 5.0),
+                ChildSpec("worker", tuple(_child(tmp_path, "w", idle)), 5.0),
+            ],
+            out,
+            say=said.append,
+            notify_dir=short_dir,
+        )
+        sup.start()
+        code = sup.run()
+    assert code == 0
+    assert said[0] == "router drained on request: stopping the service" and not any("restarting" in s for s in said)
+
+
+def test_a_router_that_goes_away_fails_requests_in_flight_with_router_restarted():
+    """SDK against a stand-in router socket: a dropped connection fails what is in flight at once; a new
+    router whose Pong says it does not know a request fails that one (both typed, retryable)."""
+    from helpers.net import free_port
+
+    from hmoe.runtime import RouterRestarted
+    from hmoe.runtime.protocol import Generate, Ping, Pong, decode, encode
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    context = zmq.Context.instance()
+
+    def stand_in() -> zmq.Socket:
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        return sock
+
+    router = stand_in()
+    with Client(endpoint, heartbeat_interval_s=0.1) as client:
+        stream = client.generate(token_ids=[1, 2], max_tokens=4)
+        assert isinstance(decode(router.recv_multipart()[1]), Generate)  # accepted, then the router dies
+        router.close(linger=0)
+        with pytest.raises(RouterRestarted) as dropped:
+            next(stream)
+        assert dropped.value.code == "router_restarted" and "dropped" in dropped.value.message
+        router = stand_in()
+        lost = client.generate(token_ids=[1, 2], max_tokens=4, request_id="sent-in-the-gap")
+        while True:  # the new router never got the Generate (say it went to the old one): its Pong says so
+            identity, frame = router.recv_multipart()
+            if isinstance(msg := decode(frame), Ping) and "sent-in-the-gap" in msg.request_ids:
+                router.send_multipart([identity, encode(Pong(msg.sent_s, ["sent-in-the-gap"], "new"))])
+                break
+        with pytest.raises(RouterRestarted):
+            next(lost)
+    router.close(linger=0)

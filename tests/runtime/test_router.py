@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 
 import pytest
+import zmq
 from helpers.net import start_router
 
 from hmoe.runtime import Client, RequestRefused
+from hmoe.runtime.protocol import (
+    Error,
+    Generate,
+    ModelInfo,
+    Ping,
+    Pong,
+    Register,
+    WorkerPing,
+    WorkerPong,
+    decode,
+    encode,
+)
 
 
 def test_start_up_failures_exit_3_with_one_line(tmp_path):
@@ -49,4 +63,50 @@ def test_router_without_workers_refuses_with_no_worker(tmp_path):
             client.complete(token_ids=[1, 2], max_tokens=2)
         assert refused.value.code == "no_worker" and "start one" in refused.value.message
         assert client.status()["workers"] == []
+    assert r.stop() == 0
+
+
+def test_huge_text_prompts_are_tokenized_off_the_loop_while_heartbeats_are_answered(tmp_path, tiny_models):
+    """Two 0.6 MB prompts (seconds of tokenizing) while two workers and a client ping: every ping is
+    answered within a heartbeat interval, no worker is lost, both prompts get their coded answer."""
+    r = start_router(
+        tmp_path, "--model-dir", str(tiny_models("deepseek_v3", "fp32")), "--max-prompt-tokens", str(1 << 20)
+    )
+    context = zmq.Context.instance()
+    workers = {role: context.socket(zmq.DEALER) for role in ("prefill", "decode")}
+    for role, sock in workers.items():
+        sock.connect(r.backend)
+        sock.send(encode(Register(f"{role}-t-1-1", role, 1, "cpu", ModelInfo("t", 1000, [], 0), 1000, 4)))
+    client = context.socket(zmq.DEALER)
+    client.connect(r.frontend)
+    text = "Hello world, the fox jumps. " * 22_000  # 0.6 MB
+    for i in range(2):
+        client.send(encode(Generate(f"big{i}", prompt=text)))
+    answers, slowest_s, start = {}, 0.0, time.monotonic()
+    poller = zmq.Poller()
+    for sock in (client, *workers.values()):
+        poller.register(sock, zmq.POLLIN)
+    while len(answers) < 2:
+        assert time.monotonic() - start < 120, answers
+        sent_s = time.monotonic()
+        for role, sock in workers.items():
+            sock.send(encode(WorkerPing(f"{role}-t-1-1", 1000, 0)))
+        client.send(encode(Ping(sent_s)))
+        pending = {client, *workers.values()}
+        while pending:
+            ready = dict(poller.poll(5000))
+            assert ready, "the router stopped answering"
+            for sock in ready:
+                msg = decode(sock.recv())
+                if isinstance(msg, (Pong, WorkerPong)):
+                    pending.discard(sock)
+                elif isinstance(msg, Error) and msg.request_id:
+                    answers[msg.request_id] = msg.code
+        slowest_s = max(slowest_s, time.monotonic() - sent_s)
+        time.sleep(0.1)
+    assert answers == {"big0": "kv_capacity", "big1": "kv_capacity"}  # tokenized: ~150K tokens > the 1000 of KV
+    assert slowest_s < 0.5, slowest_s  # the heartbeat interval; tokenizing on the loop took seconds here
+    assert '"worker_lost"' not in r.log()
+    for sock in (client, *workers.values()):
+        sock.close(linger=0)
     assert r.stop() == 0

@@ -5,6 +5,7 @@ Past 400 lines because each rule of the scheduler has its own hand-computed case
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 
 import msgpack
 import pytest
@@ -154,6 +155,22 @@ def test_admission_refuses_at_once_with_a_code(generate, params, code):
     ((peer, who, error),) = out
     assert (who, type(error), error.code, error.request_id) == (C1, Error, code, "x") and error.message
     assert s.requests == {}
+
+
+def test_an_empty_text_prompt_is_refused_even_where_the_tokenizer_adds_bos():
+    class BosTokenizer(ByteTokenizer):
+        def encode(self, text: str):
+            encoding = super().encode(text)
+            encoding.ids.insert(0, 1)
+            return encoding
+
+    s = make()
+    s.tokenizer = BosTokenizer()
+    s.on_client(C1, Generate("x", prompt=""), 0.0)
+    ((_, _, error),) = s.take_outbox()
+    assert isinstance(error, Error) and error.code == "invalid_prompt" and "empty" in error.message
+    s.on_client(C1, Generate("y", prompt="hi"), 0.0)
+    assert s.requests["y"].prompt_ids == [1, 104, 105]
 
 
 def test_refusals_that_depend_on_the_moment():
@@ -337,11 +354,12 @@ def test_lost_prefill_worker_retries_once_then_worker_lost():
     assert fin.request_id == "b" and fin.error.code == "no_worker"
 
 
-def test_unknown_worker_gets_no_pong_and_bad_registrations_are_refused():
+def test_unknown_worker_is_told_to_register_and_bad_registrations_are_refused():
     s = make()
-    s.on_worker(b"stranger", WorkerPing("w9", 1, 0), 0.0)  # its pongs stop, so it registers again
-    s.on_worker(b"stranger", Error("unknown_message", "?"), 0.0)
-    assert s.take_outbox() == []
+    s.on_worker(b"stranger", WorkerPing("w9", 1, 0), 0.0)  # this router restarted, or lost it: it registers again
+    s.on_worker(b"stranger", Error("unknown_message", "?"), 0.0)  # (no error answers an error)
+    ((_, who, error),) = s.take_outbox()
+    assert who == b"stranger" and isinstance(error, Error) and error.code == "not_registered"
     s.on_worker(b"other", Register("w", "decode", 1, "cpu", dataclasses.replace(MODEL, name="other"), 100, 1), 0.0)
     assert s.take_outbox()[0][2].code == "worker_rejected" and s.workers.get(b"other") is None
     s.on_worker(b"odd", Register("w", "embed", 1, "cpu", MODEL, 100, 1), 0.0)
@@ -358,6 +376,40 @@ def test_protocol_versions_are_negotiated_at_register_and_a_peer_too_old_is_refu
         ((_, who, error),) = s.take_outbox()
         assert (who, type(error), error.code) == (b"odd", Error, "version_too_old")
         assert f"upgrade the {upgrade}" in error.message and s.workers.get(b"odd") is None
+
+
+def test_a_worker_registering_again_on_a_new_socket_replaces_its_old_registration():
+    """A worker that stopped hearing the router registers on a new socket; the old entry must not take work."""
+    s = Scheduler(RouterConfig(), ByteTokenizer())
+    s.on_worker(P, Register("prefill-host-a-7-1", "prefill", 7, "cpu", MODEL, 1000, 4), 0.0)
+    s.on_worker(D, Register("decode-host-a-8-1", "decode", 8, "cpu", MODEL, 1000, 4), 0.0)
+    gen(s, "r1")
+    s.on_worker(b"p-new", Register("prefill-host-a-7-2", "prefill", 7, "cpu", MODEL, 1000, 4), 0.1)
+    assert list(s.workers.by_identity) == [D, b"p-new"]  # the stale one went, its request back in line
+    s.on_worker(b"p-other-host", Register("prefill-host-b-7-1", "prefill", 7, "cpu", MODEL, 1000, 4), 0.1)
+    assert b"p-new" in s.workers.by_identity  # same pid on another host: another process
+    s.tick(0.2)
+    assert any(isinstance(m, Prefill) and m.request_id == "r1" for _, _, m in s.take_outbox())
+
+
+def test_a_lost_decode_worker_gives_its_unadopted_handoff_slots_back_at_once():
+    s = make()
+    gen(s, "r1")
+    run_to_decode(s, "r1")  # Adopt sent: the slot is the decode worker's to free, unless it died first
+    s.on_worker(P, WorkerPing("prefill", 1000, 0), 2.5)
+    s.take_outbox()
+    s.tick(2.6)  # the decode worker silent past 2 s, the prefill worker heard at 2.5
+    out = s.take_outbox()
+    assert (P, Cancel("r1")) in [(who, m) for _, who, m in out]  # the prefill worker frees it, if still filled
+    assert any(isinstance(m, Finished) and m.error.code == "worker_lost" for _, _, m in out)
+
+
+def test_pong_names_the_requests_this_router_does_not_hold():
+    s = make()
+    gen(s, "mine")
+    s.on_client(C1, Ping(1.0, ["mine", "gone"]), 0.1)
+    s.on_client(C2, Ping(2.0, ["mine"]), 0.1)  # another client's id is not its request
+    assert [m.unknown for _, _, m in s.take_outbox()] == [["gone"], ["mine"]]
 
 
 def test_request_error_from_a_worker_ends_only_that_request():
@@ -501,3 +553,43 @@ def test_exactly_one_finished_per_admitted_request(events):
     assert all(
         w.kv_reserved_tokens == 0 and not w.request_ids and w.busy is None for w in s.workers.by_identity.values()
     )
+
+
+def test_requests_queue_through_a_worker_restart_up_to_worker_wait_s():
+    s = make(RouterConfig(worker_wait_s=5.0))
+    s.on_worker(D, WorkerPing("decode", 1000, 0), 2.5)
+    s.tick(2.6)  # the prefill worker is lost (silent past 2 s); it is restarting
+    assert s.workers.of_role("prefill") == []
+    s.take_outbox()
+    s.on_client(C1, Generate("during", prompt="hi", params=SamplingParams(max_tokens=4)), 3.0)
+    s.on_worker(D, WorkerPing("decode", 1000, 0), 3.0)
+    assert to(s.take_outbox(), C1, Error) == [] and s.queue == deque(["during"])  # admitted, waiting
+    s.on_worker(b"p2", Register("prefill-2", "prefill", 2, "cpu", MODEL, 1000, 4), 4.0)
+    s.tick(4.0)
+    assert [m.request_id for _, who, m in s.take_outbox() if who == b"p2" and isinstance(m, Prefill)] == ["during"]
+    s2 = make(RouterConfig(worker_wait_s=5.0))
+    s2.on_worker(D, WorkerPing("decode", 1000, 0), 2.5)
+    s2.tick(2.6)
+    s2.take_outbox()
+    s2.on_client(C1, Generate("late", prompt="hi"), 8.0)  # gone for 5.4 s > worker_wait_s
+    ((_, _, error),) = s2.take_outbox()
+    assert error.code == "no_worker"
+
+
+def test_a_busy_worker_whose_steps_stand_still_is_stuck_its_requests_fail_and_it_is_told_to_restart():
+    s = make(RouterConfig(stuck_after_s=5.0))
+    gen(s, "r1")
+    run_to_decode(s, "r1")
+    s.take_outbox()
+    for t in range(1, 12):  # both keep pinging (their I/O threads are fine); the decode worker's steps stop at 3
+        s.on_worker(P, WorkerPing("prefill", 1000, 0, steps=100 + t), float(t))
+        s.on_worker(D, WorkerPing("decode", 1000, 1, steps=min(t, 3)), float(t))
+        s.tick(float(t))
+        out = s.take_outbox()
+        if s.workers.get(D) is None:
+            break
+    assert t == 9  # steps last moved at 3: stuck once more than 5 s later
+    assert s.workers.get(P) is not None  # the idle prefill worker is not judged
+    assert (D, "worker_stuck") in [(who, m.code) for _, who, m in out if isinstance(m, Error)]
+    (finished,) = [m for _, _, m in out if isinstance(m, Finished)]
+    assert finished.error.code == "worker_stuck"

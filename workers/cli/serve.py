@@ -11,6 +11,7 @@ talk to it (`hmoe generate`, `hmoe status`) live in hmoe.runtime.cli.requests an
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ from hmoe.runtime.config import load_config
 from hmoe.runtime.errors import HmoeError
 
 DEMO = ("deepseek_v3", "tiny", "bf16")
+ROUTER_WATCHDOG_S = 30.0  # as WatchdogSec= of deploy/systemd/hmoe-router.service
 
 
 def demo_model_dir() -> Path:
@@ -94,6 +96,7 @@ def serve_cmd(model_dir, port, device, pack_name, config_path, http_host, http_p
         config.router.backend or f"ipc://{config.runtime_dir}/backend-{frontend.rsplit(':', 1)[-1].strip('/')}.sock"
     )
     common = (*(("--config", config_path) if config_path else ()),)
+    stuck_s = config.router.stuck_after_s
     worker = (
         sys.executable,
         "-m",
@@ -129,22 +132,38 @@ def serve_cmd(model_dir, port, device, pack_name, config_path, http_host, http_p
                 *common,
             ),
             config.router.drain_grace_s + 10,
+            ROUTER_WATCHDOG_S,
         ),
-        ChildSpec("prefill", (*worker, "--role", "prefill"), config.worker.drain_grace_s + 10),
-        ChildSpec("decode", (*worker, "--role", "decode"), config.worker.drain_grace_s + 10),
+        # The workers' watchdog is the router's stuck_after_s: a hung main loop is restarted either way.
+        ChildSpec("prefill", (*worker, "--role", "prefill"), config.worker.drain_grace_s + 10, stuck_s),
+        ChildSpec("decode", (*worker, "--role", "decode"), config.worker.drain_grace_s + 10, stuck_s),
     ]
     Path(config.runtime_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     log_path = Path(config.runtime_dir) / f"serve-{frontend.rsplit(':', 1)[-1].strip('/')}.log"
     with open(log_path, "ab") as log_file:
-        supervisor = Supervisor(specs, log_file, say=say)
+        supervisor = Supervisor(specs, log_file, say=say, notify_dir=config.runtime_dir)
         supervisor.start()
         say(f"starting {', '.join(f'{n} (pid {p})' for n, p in supervisor.pids().items())}; logs in {log_path}")
         url = f"http://{config.http.host}:{config.http.port}" if config.http.port else ""
         code = supervisor.run(on_tick=_Readiness(frontend, name, url, supervisor, say))
     if code != 0:
+        lines = log_path.read_text(errors="replace").splitlines(keepends=True)
+        failed = [line for line in lines if "start-up failed" in line or '"startup_failed"' in line]
+        if failed:  # the one line that says why (a missing GPU, pack or setting): restarting cannot fix it
+            say(f"stopped: a child could not start: {_message(failed[-1])}")
         say(f"stopped with status {code}; the last lines of {log_path}:")
-        click.echo("".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:]), err=True)
+        click.echo("".join(lines[-15:]), err=True)
     sys.exit(code)
+
+
+def _message(line: str) -> str:
+    """A JSON log line's message (the children log one JSON object per line), else the line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.strip()
+    text = record.get("reason") or record.get("event") or record.get("message") or line.strip()
+    return f"{record['process']}: {text}" if record.get("process") else str(text)
 
 
 class _Readiness:

@@ -95,6 +95,14 @@ class PrefillEngine:
             return self.handoff.release_if(*self.unadopted.pop(request_id))
         return False
 
+    def release_unadopted(self) -> None:
+        """Free the hand-off slots nobody adopted yet: the router that asked for them restarted, so no
+        Adopt for them will come (the decode worker dropped its requests too). Not on drop_all: after a
+        mere re-registration a decode worker may still be adopting one."""
+        for slot, generation in self.unadopted.values():
+            self.handoff.release_if(slot, generation)
+        self.unadopted.clear()
+
     def drop_all(self) -> None:
         self.queue.clear()
         if self.current is not None:

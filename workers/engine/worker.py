@@ -11,10 +11,15 @@ router and the main thread over an inproc pipe, and does the Paranoid Pirate hea
 so a long prefill chunk never looks like a dead worker and no socket is shared between threads.
 When the router's pongs stop for interval x liveness, it registers again under a new worker id and
 tells the main thread, which drops its requests (the router has failed them).
+
+Past 400 lines because start-up (with the streaming-prefill choice), the main loop and the I/O
+thread's liveness protocol (re-registration, incarnations, stuck exits) share one object's state;
+the I/O thread is the part to move out next.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -33,7 +38,6 @@ from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
 from hmoe.runtime.sd_notify import SdNotify
 from hmoe.shm import ShmError
-from hmoe.shm.segment import unlink_segment
 from hmoe.workers.engine.decode import DecodeEngine
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
@@ -43,8 +47,10 @@ from hmoe.workers.weights.pack_source import PackSource
 
 log = logging.getLogger("hmoe.worker")
 
-EXIT_STARTUP_FAILURE = 3
+EXIT_FAILURE, EXIT_STARTUP_FAILURE = 1, 3
 RECONNECTED = b"reconnected"  # I/O thread -> main thread, on the pipe: the router lost us; we registered again
+ROUTER_RESTARTED = b"router-restarted"  # I/O thread -> main thread: a new router incarnation answered
+DROPPED = b"dropped"  # main thread -> I/O thread: requests dropped; what came before this was for the old registration
 STOP = b"stop"  # main thread -> I/O thread: forward what came before, then close the socket
 ACCEPTED = (protocol.Prefill, protocol.Adopt, protocol.Cancel, protocol.Drain)  # and the router's answers:
 ACCEPTED += (protocol.WorkerPong, protocol.Registered, protocol.Error)
@@ -78,8 +84,8 @@ class WorkerProcess:
         # slowed decode down 20x on 2 cores).
         self.threads = w.cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
         torch.set_num_threads(self.threads)
+        device = _check_device(w.device)  # before anything slow: a restart cannot fix a missing GPU
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
-        device = torch.device(w.device)
         self.experts = self._experts(device)
         self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
         self.kv = KVPool.from_budget(
@@ -209,6 +215,8 @@ class WorkerProcess:
     def run(self) -> int:
         while True:
             self._receive(wait=not self.engine.busy)
+            if self.signals and self.draining_since is None:  # the handler only counts; the drain starts here
+                self.drain()
             if self.draining_since is not None:
                 if not self.engine.busy:
                     break
@@ -231,6 +239,11 @@ class WorkerProcess:
             frame = self.pipe.recv()
             if frame == RECONNECTED:
                 self.engine.drop_all()  # the router failed them when it lost us
+                self.pipe.send(DROPPED)
+                continue
+            if frame == ROUTER_RESTARTED:
+                if isinstance(self.engine, PrefillEngine):
+                    self.engine.release_unadopted()  # nobody will adopt what the old router's requests left
                 continue
             try:
                 self._apply(protocol.decode(frame, ACCEPTED))
@@ -271,24 +284,30 @@ class WorkerProcess:
         pipe = self.context.socket(zmq.PAIR)
         pipe.connect(address)
         sock, generation, outage, last_heard, next_ping = None, 0, False, 0.0, 0.0
+        incarnation, register_now = "", False  # of the router this registration talks to
+        known_router = ""  # the incarnation heard last, across registrations
+        stale = False  # between RECONNECTED and DROPPED: the main thread's output is about the old registration
         while True:
             now = time.monotonic()
-            if sock is None or now - last_heard > dead_after_s:
+            if sock is None or now - last_heard > dead_after_s or register_now:
                 if sock is not None:
-                    if not outage:  # one line per outage, not one per attempt
+                    if register_now:
+                        log.warning("the router does not know this worker (it restarted?): registering again")
+                    elif not outage:  # one line per outage, not one per attempt
                         log.warning(
                             "router silent for %.1f s: dropping requests and registering again", now - last_heard
                         )
                     outage = True
                     sock.close(linger=0)
                     pipe.send(RECONNECTED)
+                    stale = True
                 generation += 1
                 self.worker_id = f"{self.role}-{socket.gethostname()}-{os.getpid()}-{generation}"
                 sock = self.context.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(self.router)
                 sock.send(protocol.encode(self._register()))
-                last_heard = now
+                last_heard, incarnation, register_now = now, "", False
             if now >= next_ping:
                 running, waiting = self.engine.load()
                 free = self.kv.free_blocks * self.kv.block_size
@@ -305,11 +324,27 @@ class WorkerProcess:
                     pipe.close(linger=0)
                     return
                 if ready is pipe:
-                    sock.send(frame)
-                elif not _is_pong(frame):
-                    pipe.send(frame)
-                if ready is sock:
-                    last_heard, outage = time.monotonic(), False  # any message proves the router alive
+                    if frame == DROPPED:
+                        stale = False
+                    elif not stale:  # a stale Prefilled on the new socket would hand off a slot drop_all frees
+                        sock.send(frame)
+                    continue
+                last_heard, outage = time.monotonic(), False  # any message proves the router alive
+                match _control(frame):
+                    case protocol.WorkerPong(incarnation=seen):  # a new router behind the same endpoint
+                        register_now = bool(incarnation and seen and seen != incarnation)
+                        incarnation = incarnation or seen
+                        if seen and known_router and seen != known_router:
+                            pipe.send(ROUTER_RESTARTED)
+                        known_router = seen or known_router
+                    case protocol.Error(code="not_registered"):
+                        register_now = True
+                    case protocol.Error(code="worker_stuck", message=why):  # the main thread is hung: restart
+                        log.error("the router found this worker stuck (%s): exiting for a restart", why)
+                        faulthandler.dump_traceback(all_threads=True)  # where it hangs, into the log
+                        os._exit(EXIT_FAILURE)
+                    case _:
+                        pipe.send(frame)
 
     def _cancel_all(self, code: str, message: str) -> None:
         ids = self.engine.request_ids()
@@ -328,12 +363,9 @@ class WorkerProcess:
 
     def on_signal(self, signum, frame) -> None:
         self.signals += 1
-        if self.signals > 1:  # runs between any two bytecodes of the main thread: no locks, no mappings
+        if self.signals > 1:  # runs between any two bytecodes of the main thread: touches nothing shared
             os.write(2, b"hmoe-worker: second signal: exiting now\n")
-            if self.handoff is not None:  # unlink the hand-off segment's name only; its pages die with us
-                unlink_segment(self.handoff.name, self.config.shm)
-            os._exit(1)
-        self.drain()
+            os._exit(EXIT_FAILURE)  # the hand-off segment's name goes at the next prefill start (dead creator)
 
     def close(self) -> None:
         if self.io_thread is not None:
@@ -353,11 +385,32 @@ class WorkerProcess:
             self.source.close()
 
 
-def _is_pong(frame: bytes) -> bool:
+def _check_device(name: str) -> torch.device:
+    """The worker's device, or HmoeError "startup_failed" (exit 3, not restarted) when this machine lacks it."""
     try:
-        return isinstance(protocol.decode(frame), protocol.WorkerPong)
+        device = torch.device(name)
+    except RuntimeError:
+        raise HmoeError("startup_failed", f"device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise HmoeError(
+                "startup_failed",
+                f"device {name}: this machine has {count} usable CUDA device(s) (torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}): use --device cpu or another index",
+            )
+    return device
+
+
+def _control(frame: bytes):
+    """The I/O thread's own messages (a WorkerPong, a not_registered Error), else None (for the main thread)."""
+    if len(frame) > 256:  # Prefill, Adopt: not a control message; the main thread decodes it
+        return None
+    try:
+        msg = protocol.decode(frame, (protocol.WorkerPong, protocol.Error))
     except HmoeError:
-        return False
+        return None
+    return msg if isinstance(msg, protocol.WorkerPong) or msg.code in ("not_registered", "worker_stuck") else None
 
 
 @click.command()

@@ -1,10 +1,20 @@
-"""Token sampling: greedy, or temperature with top-k and top-p.
+"""Token sampling: greedy, or temperature with top-k and top-p, numerically safe for every accepted value.
 
-Shapes: B sequences, V vocab. The random draw for a request's n-th token is seeded by
-(seed, n) alone, so a request samples the same tokens alone or batched, in one process or split
+Shapes: B sequences, V vocab, R sampled rows. The random draw for a request's n-th token is seeded by
+(seed, n) alone (`draw_uniform`), so a request samples the same tokens alone or batched, in one process or split
 between the prefill and the decode worker; no generator state travels between them. The draw is
 one uniform number from a CPU generator, inverted through the distribution on the logits' device:
 CUDA's generator (Philox) would pick other tokens than the CPU's for the same seed.
+
+Numerical contract (tests/workers/model/test_sampler.py checks it against a float64 reference):
+- temperature below MIN_TEMPERATURE is greedy (1e-40 is a float32 subnormal and 1e-300 is 0 there:
+  dividing by either gave NaN probabilities and the last vocabulary id);
+- from MIN_TEMPERATURE up, no finite logit overflows (softmax subtracts the row max itself);
+- top_k keeps at least one token (ties with the k-th are kept); top_p always keeps the most likely
+  token (top_p is raised to MIN_TOP_P on the host: 1e-50 is 0 in float32, and "mass before >= 0"
+  dropped even the first token);
+- the draw lands on a token of non-zero probability: the uniform is capped below 1 on the host, so
+  the target stays under the total mass. All three cost no device work.
 """
 
 from __future__ import annotations
@@ -13,6 +23,9 @@ import torch
 
 from hmoe.runtime.sampling_params import SamplingParams
 
+MIN_TEMPERATURE = 1e-5  # below: greedy. A logit gap of 1e-3 at this temperature is a 1e-87 probability ratio
+MIN_TOP_P = 1e-30  # a normal float32: "the first token's mass before it (0) >= top_p" is then never true
+MAX_UNIFORM = 1.0 - 2.0**-23  # u * total rounds below total in float32
 _MIX_A, _MIX_B, _MASK = 6364136223846793005, 1442695040888963407, (1 << 63) - 1
 
 
@@ -23,11 +36,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     of per-row launches: the kernels launched per step do not grow with the batch.
     """
     tokens = logits.argmax(dim=-1)  # [B]
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    rows = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if rows:
         chosen = [params[i] for i in rows]
         knobs = torch.tensor(
-            [[p.temperature, p.top_k, p.top_p, _uniform(p.seed, steps[i])] for i, p in zip(rows, chosen)],
+            [
+                [p.temperature, p.top_k, max(p.top_p, MIN_TOP_P), min(draw_uniform(p.seed, steps[i]), MAX_UNIFORM)]
+                for i, p in zip(rows, chosen)
+            ],
             dtype=torch.float64,
         ).to(logits.device, non_blocking=True)  # [R, 4]: one transfer
         index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
@@ -37,7 +53,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     return tokens.tolist()  # the step's one host sync
 
 
-def _uniform(seed: int, step: int) -> float:
+def draw_uniform(seed: int, step: int) -> float:
     """The draw for a request's step-th token: (seed, step) alone decide it, on every device."""
     gen = torch.Generator().manual_seed((seed * _MIX_A + step * _MIX_B + 1) & _MASK)
     return torch.rand((), generator=gen).item()
@@ -62,7 +78,7 @@ def _sample_rows(logits: torch.Tensor, knobs: torch.Tensor, max_k: int, any_top_
         drop = (sorted_probs.cumsum(-1) - sorted_probs >= top_p) & (top_p < 1.0)
         probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)  # [R, V]
-    target = knobs[:, 3:4] * cdf[:, -1:]
+    target = knobs[:, 3:4] * cdf[:, -1:]  # < the total (uniform <= MAX_UNIFORM): lands on a token with mass
     return torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)[:, 0]
 
 

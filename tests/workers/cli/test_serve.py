@@ -11,12 +11,11 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import zmq
 from helpers.net import GARBAGE, free_port
+from helpers.serve import Served, serve
 
 from hmoe.runtime import AsyncClient, Client, RequestFailed, RequestRefused, WorkerLost
 from hmoe.runtime.client import status_once
@@ -27,96 +26,9 @@ pytestmark = pytest.mark.slow
 PACK = "serve-test"
 
 
-@dataclass
-class Served:
-    proc: subprocess.Popen
-    endpoint: str
-    out_path: Path  # serve's own lines
-    log_path: Path  # the children's
-
-    def pid(self, role: str) -> int:
-        return next(w["pid"] for w in status_once(self.endpoint, 5.0)["workers"] if w["role"] == role)
-
-    def wait_ready(self, timeout_s: float = 120.0, since_pids: dict | None = None) -> dict:
-        """Until both roles are registered (with other pids than `since_pids`, after a restart)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc.poll() is None, self.out_path.read_text()
-            try:
-                workers = {w["role"]: w["pid"] for w in status_once(self.endpoint, 1.0)["workers"]}
-            except Exception:  # noqa: BLE001  (the router may be restarting)
-                workers = {}
-            if set(workers) == {"prefill", "decode"} and all(workers[r] != (since_pids or {}).get(r) for r in workers):
-                return workers
-            assert time.monotonic() < deadline, self.out_path.read_text() + self.log_path.read_text()[-3000:]
-            time.sleep(0.2)
-
-    def kv_free(self) -> bool:
-        """Every KV block of the decode worker free again (its heartbeat's word) and nothing running."""
-        status = status_once(self.endpoint, 2.0)
-        decode_worker = next(w for w in status["workers"] if w["role"] == "decode")
-        return status["running"] == 0 and decode_worker["kv_free_tokens"] == decode_worker["kv_capacity_tokens"]
-
-    def wait_kv_free(self) -> None:
-        deadline = time.monotonic() + 10
-        while not self.kv_free():
-            assert time.monotonic() < deadline, status_once(self.endpoint)
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def served(tiny_models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
-    env = dict(
-        os.environ,
-        HMOE_SHM_PREFIX=prefix,
-        HMOE_ROUTER_RUNTIME_DIR=str(tmp),
-        HMOE_WORKER_KV_CACHE_GIB="0.02",
-        HMOE_WORKER_EXPERTS="torch",
-        HMOE_ROUTER_CLIENT_TIMEOUT_S="2",
-        HMOE_ROUTER_MAX_PROMPT_TOKENS="512",
-        HMOE_WORKER_HANDOFF_SLOT_TOKENS="512",
-        HMOE_WORKER_PREFILL_CHUNK_TOKENS="64",
-        HMOE_ROUTER_DRAIN_GRACE_S="20",
-        HMOE_WORKER_DRAIN_GRACE_S="5",
-        OMP_NUM_THREADS="1",
-        HMOE_HTTP_PORT="0",  # no HTTP API here (tests/workers/cli/test_http_serve.py has it): port 8000 may be taken
-    )  # two workers and the test share 2 cores
-    port = free_port()
-    out_path = tmp / "serve.out"
-    with open(out_path, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hmoe.runtime.cli",
-                "serve",
-                str(tiny_models("deepseek_v3", "fp32")),
-                "--port",
-                str(port),
-                "--pack",
-                PACK,
-            ],
-            stdout=out,
-            stderr=out,
-            env=env,
-        )
-    served = Served(proc, f"tcp://127.0.0.1:{port}", out_path, tmp / f"serve-{port}.log")
-    deadline = time.monotonic() + 180
-    while "hmoe serving" not in out_path.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, out_path.read_text()
-        time.sleep(0.2)
-    try:
-        yield served
-        proc.send_signal(signal.SIGINT)  # as Ctrl-C: router drains, then the workers, all exit 0
-        assert proc.wait(60) == 0, out_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # its children follow (PR_SET_PDEATHSIG)
-        from hmoe.shm import ShmConfig, remove_pack
-
-        remove_pack(PACK, ShmConfig(prefix=prefix), force=True)
+    yield from serve(tiny_models("deepseek_v3", "fp32"), tmp_path_factory.mktemp("serve"), PACK)
 
 
 def _router_pid(served: Served) -> int:
@@ -339,17 +251,26 @@ def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(se
     )
     assert shown.returncode == 0 and shown.stdout.rstrip("\n") == answer["text"] and "tokens, " in shown.stderr
     long = subprocess.Popen(
-        [*hmoe, "generate", "--endpoint", served.endpoint, "Go on", "--max-tokens", "3000"],
+        [sys.executable, "-X", "faulthandler", *hmoe[1:], "generate", "--endpoint", served.endpoint, "Go on"]
+        + ["--max-tokens", "3000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job ignores SIGINT, and children inherit that: give it a terminal's Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 30
     while status_once(served.endpoint)["running"] == 0:
         assert time.monotonic() < deadline and long.poll() is None
         time.sleep(0.05)
     long.send_signal(signal.SIGINT)  # Ctrl-C
-    assert long.wait(30) == 130 and "[cancelled]" in long.stderr.read()
+    try:
+        code = long.wait(30)
+    except subprocess.TimeoutExpired:
+        long.send_signal(signal.SIGABRT)  # -X faulthandler: every thread's stack, for the failure message
+        long.wait(10)
+        raise AssertionError(f"hmoe generate ignored Ctrl-C:\n{long.stderr.read()[-6000:]}") from None
+    assert code == 130 and "[cancelled]" in long.stderr.read()
     served.wait_kv_free()
     status = subprocess.run(
         [*hmoe, "status", "--endpoint", served.endpoint, "--json"], capture_output=True, text=True, timeout=60
@@ -359,3 +280,29 @@ def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(se
         [*hmoe, "generate", "--port", str(free_port()), "Hi"], capture_output=True, text=True, timeout=60
     )
     assert down.returncode == 1 and "router_unreachable" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_serve_on_a_device_this_machine_lacks_stops_at_once_with_the_reason(tiny_models, tmp_path):
+    """A start-up failure no restart can fix (here: no CUDA) exits 3 at once; serve says why and stops."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
+    env = dict(os.environ, HMOE_SHM_PREFIX=prefix, HMOE_ROUTER_RUNTIME_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hmoe.runtime.cli", "serve", str(tiny_models("deepseek_v3", "fp32"))]
+            + ["--port", str(free_port()), "--pack", "serve-nocuda", "--device", "cuda"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    finally:
+        from hmoe.shm import ShmConfig, remove_pack
+
+        remove_pack("serve-nocuda", ShmConfig(prefix=prefix), force=True)
+    assert done.returncode == 1, done.stderr
+    assert "exited with status 3; not restarting it" in done.stderr and "restarting it\n" not in done.stderr
+    assert "a child could not start" in done.stderr and "CUDA device" in done.stderr, done.stderr

@@ -8,7 +8,7 @@ import torch
 
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.sampling_params import SamplingParams, with_seed
-from hmoe.workers.model.sampler import sample
+from hmoe.workers.model.sampler import MIN_TEMPERATURE, draw_uniform, sample
 
 
 def _draws(logits, params, n=2000):
@@ -122,3 +122,81 @@ def test_batched_sampling_matches_a_float64_reference_on_random_logits():
             for i, p in enumerate(params)
         ]
         assert got == want, trial
+
+
+def _contract_reference(logits: np.ndarray, p: SamplingParams, uniform: float) -> tuple[int | None, np.ndarray]:
+    """float64 numpy: the token the contract picks for this uniform draw, and the cdf it inverts
+    (None where top_p cuts through tied tokens, or float32 rounding may move the cut)."""
+    if p.temperature < MIN_TEMPERATURE:
+        return int(np.argmax(logits)), np.ones(1)
+    z = (logits - logits.max()) / p.temperature
+    if p.top_k and p.top_k < len(z):
+        z = np.where(z < np.sort(z)[-p.top_k], -np.inf, z)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    keep = np.zeros(len(z), bool)
+    keep[order[(mass_before < p.top_p) | (np.arange(len(z)) == 0)]] = True
+    live = probs > 0
+    if np.any(probs[~keep & live] == probs[keep & live].min()) or (
+        p.top_p < 1 and np.min(np.abs(mass_before[1:] - p.top_p)) < 1e-5
+    ):
+        return None, np.ones(1)
+    probs = np.where(keep, probs, 0.0)
+    cdf = np.cumsum(probs)
+    return int(np.searchsorted(cdf, uniform * cdf[-1], side="right")), cdf / cdf[-1]
+
+
+EDGE_TEMPERATURES = [1e-300, 1e-40, 1e-8, MIN_TEMPERATURE / 2, MIN_TEMPERATURE, 1e-3, 0.7, 1.0, 5.0, 100.0]
+EDGE_TOP_P = [1e-300, 1e-50, 1e-8, 0.05, 0.5, 0.9, 1.0]
+EDGE_TOP_K = [0, 1, 2, 63, 64, 1000]
+
+
+@pytest.mark.parametrize("temperature", EDGE_TEMPERATURES)
+def test_sampler_matches_a_float64_reference_at_every_edge_value(temperature):
+    """Random logits (and ones with ties and huge gaps) x every edge of top_p / top_k, at drawn uniforms."""
+    rng = np.random.default_rng(int(temperature * 1e6) % 2**32)
+    rows = [rng.normal(0, 3, 64), rng.normal(0, 3, 64) * 1e3, np.round(rng.normal(0, 1, 64))]
+    rows.append(np.where(np.arange(64) % 7 == 0, 40.0, -40.0))  # few huge winners tied
+    compared = boundary = 0
+    for logits64 in rows:
+        logits = torch.tensor(logits64, dtype=torch.float32)
+        logits64 = logits.double().numpy()  # the same float32 values, in float64
+        for top_p in EDGE_TOP_P:
+            for top_k in EDGE_TOP_K:
+                p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=int(rng.integers(2**62)))
+                for step in range(3):
+                    got = sample(logits[None], [p], [step])[0]
+                    want, cdf = _contract_reference(logits64, p, draw_uniform(p.seed, step))
+                    u = draw_uniform(p.seed, step)
+                    if (
+                        want is None or np.min(np.abs(cdf - u)) < 1e-4
+                    ):  # float32 and float64 may round a draw this close apart
+                        boundary += 1
+                        continue
+                    assert got == want, (temperature, top_p, top_k, step, got, want)
+                    compared += 1
+    assert compared > 0.5 * (compared + boundary)  # the rest: top_p cutting through the rows with ties
+
+
+def test_tiny_temperature_and_top_p_are_the_greedy_answer_not_the_last_id():
+    """The values that once gave the last vocabulary id for every token."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(2))
+    greedy = logits.argmax(-1).tolist()
+    for kwargs in (dict(temperature=1e-40), dict(temperature=1e-300), dict(temperature=1.0, top_p=1e-50)):
+        params = [SamplingParams(seed=7, **kwargs)] * 4
+        assert sample(logits, params, [0, 1, 2, 3]) == greedy, kwargs
+
+
+def test_a_row_without_finite_mass_falls_back_to_its_argmax():
+    logits = torch.full((1, 16), float("-inf"))
+    logits[0, 5] = float("nan")
+    assert 0 <= sample(logits, [SamplingParams(temperature=1.0, seed=1)], [0])[0] < 16
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "top_k", "max_tokens", "seed"])
+def test_a_bool_is_not_a_number(field):
+    with pytest.raises(HmoeError) as info:
+        SamplingParams(**{field: True})
+    assert info.value.code == "invalid_sampling" and field in str(info.value)
