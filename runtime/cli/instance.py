@@ -63,17 +63,19 @@ class ServeFiles:
         self.failed_path.unlink(missing_ok=True)
 
     def fail(self, message: str) -> None:
-        """Leave the one-line reason for clients waiting on this serve."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.failed_path.write_text(message + "\n")
+        """Leave the one-line reason for clients waiting on this serve (only once the files are ours)."""
+        if self._pid_fd is not None:
+            self.failed_path.write_text(message + "\n")
 
     def release(self) -> None:
-        """Remove the pid file and the sockets (the log and a failure marker stay for the user)."""
+        """Remove the pid file and the sockets (the log and a failure marker stay for the user); a
+        serve that never claimed the files (another one holds them) touches nothing."""
+        if self._pid_fd is None:
+            return
         for path in (self.backend_path, self.pid_path):
             path.unlink(missing_ok=True)
-        if self._pid_fd is not None:
-            os.close(self._pid_fd)
-            self._pid_fd = None
+        os.close(self._pid_fd)
+        self._pid_fd = None
 
     # -- the client side -------------------------------------------------------------------------
 
@@ -87,19 +89,19 @@ class ServeFiles:
             )
         )
         try:
-            if fresh(self.failed_path):
-                return f"hmoe serve failed to start: {self.failed_path.read_text().strip()}"
-        except FileNotFoundError:
-            pass
-        try:
             with open(self.pid_path, "rb") as f:
                 try:
                     fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    return None  # a serve holds it: alive
+                    return None  # a serve holds it: alive, whatever an older marker says
                 if fresh(self.pid_path):
                     pid = f.read().decode(errors="replace").strip() or "?"
                     return f"hmoe serve (pid {pid}) has exited; its log: {self.log_path}"
+        except FileNotFoundError:
+            pass
+        try:
+            if fresh(self.failed_path):
+                return f"hmoe serve failed to start: {self.failed_path.read_text().strip()}"
         except FileNotFoundError:
             pass
         return None

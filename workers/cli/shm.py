@@ -25,6 +25,8 @@ def shm(ctx, config_path) -> None:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # The commands print their own outcome; the attach that follows a load would repeat the page-size line.
+    logging.getLogger("hmoe.shm.pack").setLevel(logging.WARNING)
     ctx.obj = load_config(config_path).shm
 
 
