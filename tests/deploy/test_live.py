@@ -162,7 +162,7 @@ port = {http_port}
         services["router"] = Service("router", exec_start("hmoe-router.service", config, env), tmp, env)
         services["router"].wait_for("READY=1", START_TIMEOUT_S)
         deadline = time.monotonic() + 20.0  # workers register: sent before the router bound, or after it came back
-        while hmoectl(ctl_env, "health", "--timeout-s", "1").returncode != 0:
+        while hmoectl(ctl_env, "health", "--timeout", "1").returncode != 0:
             assert time.monotonic() < deadline, "the workers never registered with the router"
             time.sleep(0.2)
 
@@ -245,7 +245,7 @@ def test_hmoectl_drain_finishes_requests_in_flight(stack):
     out, _ = drain[0].communicate(timeout=40)
     assert drain[0].returncode == 0 and out.splitlines()[-1] == "drained: the router has exited", out
     assert services["router"].proc.wait(10) == 0
-    after = hmoectl(env, "health", "--timeout-s", "1")
+    after = hmoectl(env, "health", "--timeout", "1")
     assert after.returncode == 2 and after.stdout.startswith("unhealthy: the router"), after.stdout
 
 
