@@ -24,6 +24,7 @@ from hmoe.runtime.errors import HmoeError
 
 EXIT_TIMEOUT, EXIT_CANCELLED = 124, 130  # as timeout(1) and a shell's Ctrl-C
 WAIT_REPORT_S = 5.0  # --wait says what it is waiting for this often
+SETTLE_S = 1.5  # status waits this long at most for the workers' heartbeats to catch up with the router (3 beats)
 
 
 @click.command("generate")
@@ -149,6 +150,10 @@ def status_cmd(as_json, endpoint, port, server_key, config_path, timeout) -> Non
 
     endpoint, server_key = resolve_endpoint(load_config(config_path), endpoint, port, server_key)
     status = status_once(endpoint, timeout, server_key)
+    deadline = time.monotonic() + SETTLE_S
+    while not _agrees(status) and time.monotonic() < deadline:  # a worker's heartbeat lags the router's count
+        time.sleep(0.1)
+        status = status_once(endpoint, timeout, server_key)
     if as_json:
         click.echo(json.dumps(status))
         return
@@ -167,3 +172,13 @@ def status_cmd(as_json, endpoint, port, server_key, config_path, timeout) -> Non
             f"waiting {w['waiting']}, KV free {w['kv_free_tokens']}/{w['kv_capacity_tokens']}, "
             f"seen {w['last_seen_s']} s ago"
         )
+
+
+def _agrees(status: dict) -> bool:
+    """When the router runs nothing, neither do its workers (by their last heartbeat), and their KV is free."""
+    if status["running"] or status["queued"]:
+        return True  # busy: the workers' view is a moment old by design
+    return all(
+        w["running"] == 0 and w["waiting"] == 0 and w["kv_free_tokens"] == w["kv_capacity_tokens"]
+        for w in status["workers"]
+    )

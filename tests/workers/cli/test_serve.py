@@ -362,3 +362,18 @@ def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(se
         [*hmoe, "generate", "--port", str(free_port()), "Hi"], capture_output=True, text=True, timeout=60
     )
     assert down.returncode == 1 and "router_unreachable" in down.stderr and "Traceback" not in down.stderr
+
+
+def test_status_agrees_with_itself_right_after_a_request_ends(served):
+    from click.testing import CliRunner
+
+    from hmoe.runtime.cli import main
+
+    served.wait_kv_free()
+    with Client(served.endpoint) as client:
+        client.complete("Hello", max_tokens=8)
+    shown = CliRunner().invoke(main, ["status", "--endpoint", served.endpoint, "--json"])  # at once
+    status = json.loads(shown.output)
+    assert status["running"] == 0 and status["queued"] == 0
+    for worker in status["workers"]:  # their heartbeats say the same, not a beat behind
+        assert worker["running"] == 0 and worker["kv_free_tokens"] == worker["kv_capacity_tokens"], status
