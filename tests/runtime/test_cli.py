@@ -232,3 +232,19 @@ def test_a_second_serve_on_the_port_is_refused_and_touches_nothing(tmp_path):
     assert ServeFiles(tmp_path, frontend).gone(time.time() - 1) is None  # alive
     first.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_waiting_for_serve_says_cancelled_once(tmp_path):
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "hmoe.runtime.cli", "generate", "--port", str(free_port()), "--wait", "30", "Hi"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HMOE_ROUTER_RUNTIME_DIR": str(tmp_path)},
+    )
+    said = waiting.stderr.readline()  # its first progress line: it is waiting
+    assert said.startswith("waiting for tcp://127.0.0.1:"), said
+    waiting.send_signal(signal.SIGINT)
+    assert waiting.wait(30) == 130
+    said = waiting.stderr.read()
+    assert said.count("[cancelled]") == 1 and "Aborted" not in said and "Traceback" not in said, said
