@@ -189,3 +189,22 @@ def test_every_preset_vocabulary_matches_its_tokenizer(tmp_path):
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert vocab == 8192 and tokenizer.get_vocab_size() == vocab
     assert all(tokenizer.decode([i]) for i in (2, 600, 5000, vocab - 1))  # every id decodes to visible text
+
+
+def test_a_long_wait_says_what_it_waits_for():
+    """The ticker `hmoe run --experts cpu` puts around the kernel compile (~40 s on a first run)."""
+    import io
+    import threading
+
+    from hmoe.shm.progress import Ticker
+
+    out, said = io.StringIO(), threading.Event()
+    out.write = lambda text, write=out.write: (said.set(), write(text))[1]
+    with Ticker("compiling", out, after_s=0.01, every_s=0.01):
+        said.wait()  # as long as the compile takes: here until its first line
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("compiling... ") and lines[-1].startswith("compiling: done in "), lines
+    quiet = io.StringIO()
+    with Ticker("quick", quiet, after_s=60):
+        pass
+    assert quiet.getvalue() == ""  # a short wait says nothing

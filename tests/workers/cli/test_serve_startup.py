@@ -86,6 +86,7 @@ def test_a_failed_start_removes_the_pack_it_loaded_and_its_files(env, tmp_path):
     assert proc.returncode == 3, said
     assert f"loaded weight pack {demo_pack_name()}" in said and f"removed weight pack {demo_pack_name()}" in said
     assert "cannot read the CURVE secret key" in said  # the cause, from the router's log lines
+    assert f"creating pack {demo_pack_name()}" in said  # the loader's lines reach the user under serve
     assert _packs(env) == []
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.iterdir()) == [f"serve-{port}.failed", f"serve-{port}.log"]
