@@ -1,7 +1,7 @@
 """Client SDK: `Client` (blocking) and `AsyncClient` (asyncio) for an hmoe router. No torch, no numba.
 
     with Client("tcp://127.0.0.1:5555") as client:
-        for chunk in client.generate("Hello", max_tokens=32):   # streams; closing it cancels upstream
+        for chunk in client.generate("Hello", max_tokens=32):   # streams; leaving the loop early cancels upstream
             print(chunk.text, end="", flush=True)
         result = client.complete("Hello", max_tokens=32)        # one answer: text, token_ids, usage
 

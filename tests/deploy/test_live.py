@@ -224,7 +224,7 @@ def _stream_while(config: Path, stop) -> tuple[list[int], str]:
     """Tokens and finish reason of a 60-token request during which `stop()` runs (after its first token)."""
     with Client(f"ipc://{config.parent}/frontend.sock") as client:
         stream = client.generate(token_ids=[5, 9, 2, 44], max_tokens=60, ignore_eos=True)
-        tokens = list(next(iter(stream)).token_ids)  # running: prefilled and decoding
+        tokens = list(next(stream).token_ids)  # running: prefilled and decoding (a for loop left early cancels)
         stop()
         tokens += [t for chunk in stream for t in chunk.token_ids]
         return tokens, stream.final().finish_reason
