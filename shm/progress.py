@@ -61,7 +61,7 @@ class Progress:
         if self._tty:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
-        log.debug(  # the caller reports the outcome (one speed, measured once)
+        log.info(
             "%s: %.2f GB in %.1f s (%.2f GB/s)",
             self.label,
             self.done_bytes / 1e9,

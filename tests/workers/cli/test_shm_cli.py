@@ -25,7 +25,7 @@ def test_load_ls_rm(hmoe_shm, tiny_models):
     path = tiny_models("deepseek_v3", "fp8")
     loaded = hmoe_shm("load", path, "--name", "v3", "--threads", "2")
     assert loaded.exit_code == 0, loaded.output
-    assert "loaded pack v3" in loaded.output and "experts fp8" in loaded.output and "GB/s" in loaded.output
+    assert "loaded pack v3" in loaded.output and "experts fp8" in loaded.output
     assert "already loaded" in hmoe_shm("load", path, "--name", "v3").output
     int4 = hmoe_shm("load", path, "--name", "v3-q", "--experts", "int4", "--group", "32")
     assert int4.exit_code == 0, int4.output
