@@ -107,12 +107,17 @@ def test_benchmark_lines(command):
         assert flag in result.stdout, f"README line {command!r}: no {flag} in its --help"
 
 
-def test_the_sdk_example_parses_and_names_what_the_sdk_exports():
-    (example,) = [body for language, body in BLOCKS if language == "python"]
-    tree = ast.parse(example)
-    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names]
+def test_the_python_examples_parse_and_name_what_the_sdk_exports():
     import hmoe.runtime
 
+    examples = [ast.parse(body) for language, body in BLOCKS if language == "python"]  # (a SyntaxError fails)
+    imported = [
+        alias.name
+        for tree in examples
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "hmoe.runtime"
+        for alias in node.names
+    ]
     assert imported and all(hasattr(hmoe.runtime, name) for name in imported)
 
 

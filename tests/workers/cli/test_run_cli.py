@@ -167,12 +167,8 @@ def test_make_model_refuses_a_non_empty_folder_without_force(tmp_path):
     _one_line(refused, "output_not_empty")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not a byte changed
     assert _invoke("make-model", out, "--seed", "3", "--force").exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == [  # no shard or index of the old model is left
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-    ]
+    assert not [p.name for p in out.iterdir() if p.name.startswith("model-") or p.name.endswith(".index.json")]
+    assert (out / "model.safetensors").is_file()  # one file now: no shard or index of the old model is left
     Checkpoint.open(out).close()
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert len(set(modes.values())) == 1, modes  # the weights as readable as config.json
