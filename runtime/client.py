@@ -1,7 +1,7 @@
 """Client SDK: `Client` (blocking) and `AsyncClient` (asyncio) for an hmoe router. No torch, no numba.
 
     with Client("tcp://127.0.0.1:5555") as client:
-        for chunk in client.generate("Hello", max_tokens=32):   # streams; closing it cancels upstream
+        for chunk in client.generate("Hello", max_tokens=32):   # streams; leaving the loop early cancels upstream
             print(chunk.text, end="", flush=True)
         result = client.complete("Hello", max_tokens=32)        # one answer: text, token_ids, usage
 
@@ -148,12 +148,26 @@ class AsyncStream:
         self.done = False
         self.loop = asyncio.get_running_loop()
 
-    def __del__(self) -> None:  # dropped unfinished (a `break` outside `async with`): cancel upstream
-        if not self.done and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.client._cancel, self.request_id)
+    def __del__(self) -> None:  # dropped unfinished, never iterated: cancel upstream
+        loop = getattr(self, "loop", None)
+        if loop is not None and not self.done and not loop.is_closed():
+            loop.call_soon_threadsafe(self.client._cancel, self.request_id)
 
-    def __aiter__(self) -> AsyncStream:
-        return self
+    def __aiter__(self):
+        """The Chunks; when the iteration stops early (break, an exception, the iterator dropped) the
+        request is cancelled upstream: the generator's `finally` runs as soon as it is closed."""
+        return self._chunks()
+
+    async def _chunks(self):
+        try:
+            while True:
+                try:
+                    chunk = await self.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            await self.aclose()
 
     async def __anext__(self) -> Chunk:
         if self.done:
@@ -252,6 +266,7 @@ class AsyncClient:
         stream: bool = True,
     ) -> AsyncStream:
         """Start a request: `async for chunk in client.generate(...)`; stream=False sends only the end."""
+        _require_loop("AsyncClient.generate")
         try:  # refused here, with the code the router would give
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -314,6 +329,7 @@ class AsyncClient:
     def _open(self) -> None:
         if self._socket is not None:
             return
+        _require_loop("AsyncClient")
         self._context = zmq.asyncio.Context()
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -423,6 +439,17 @@ class AsyncClient:
         await self.close()
 
 
+def _require_loop(what: str) -> None:
+    """A clear error where the asyncio client is used from plain (non-async) code."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise HmoeError(
+            "no_event_loop",
+            f"{what} needs a running event loop: call it from async code (asyncio.run), or use the blocking Client",
+        ) from None
+
+
 def _fields(msg: Status) -> dict:
     return dataclasses.asdict(msg)
 
@@ -464,8 +491,20 @@ class Stream:
     def result(self) -> Result | None:
         return self._stream.result
 
-    def __iter__(self) -> Stream:
-        return self
+    def __iter__(self):
+        """The Chunks; when the iteration stops early (break, an exception) the request is cancelled upstream."""
+        return self._chunks()
+
+    def _chunks(self):
+        try:
+            while True:
+                try:
+                    chunk = self.__next__()
+                except StopIteration:
+                    return
+                yield chunk
+        finally:
+            self.close()
 
     def __next__(self) -> Chunk:
         try:

@@ -9,7 +9,10 @@ starts with a setting it cannot honour.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -17,6 +20,11 @@ from pathlib import Path
 
 from hmoe.runtime.errors import HmoeError
 from hmoe.shm import ShmConfig  # the [shm] section is the weight pack's own config
+
+log = logging.getLogger(__name__)
+# HMOE_* variables that are not options: the deploy scripts' own (install.sh, hmoectl, hmoe-pack.service).
+OTHER_VARIABLES = ("HMOE_ROOT", "HMOE_VENV", "HMOE_CONFIG", "HMOE_ENV_FILE", "HMOE_USER", "HMOE_PACK_ARGS")
+OTHER_PREFIXES = ("HMOE_BENCH_", "HMOE_TEST_")
 
 
 def default_runtime_dir() -> str:
@@ -96,6 +104,7 @@ class WorkerConfig:
         "prefill_experts": ("auto", "cpu", "stream"),
         "dtype": ("auto", "fp32", "bf16"),
     }
+    _patterns = {"device": (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")}
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,7 @@ def _convert(section: str, name: str, raw, hint):
     """A raw value (TOML value or environment string) -> the field's type, or a config_invalid error."""
     target = {"str": str, "int": int, "float": float, "bool": bool}[hint if isinstance(hint, str) else hint.__name__]
     where = f"[{section}] {name}"
+    kind = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[target]
     if isinstance(raw, str) and target is not str:
         text = raw.strip().lower()
         try:
@@ -146,11 +156,11 @@ def _convert(section: str, name: str, raw, hint):
                 else target(text)
             )
         except (KeyError, ValueError):
-            raise HmoeError("config_invalid", f"{where}: {raw!r} is not a {target.__name__}") from None
+            raise HmoeError("config_invalid", f"{where}: {raw!r} is not {kind}") from None
     if target is float and isinstance(raw, int) and not isinstance(raw, bool):
         raw = float(raw)
     if not isinstance(raw, target) or (target is int and isinstance(raw, bool)):
-        raise HmoeError("config_invalid", f"{where}: {raw!r} is not a {target.__name__}")
+        raise HmoeError("config_invalid", f"{where}: {raw!r} is not {kind}")
     return raw
 
 
@@ -161,6 +171,7 @@ def load_config(
 ) -> Config:
     """File < environment < overrides (flags); unknown keys and out-of-range values are errors."""
     env = os.environ if env is None else env
+    _warn_unknown_variables(env)
     layers: dict[str, dict] = {name: {} for name in SECTIONS}
     if path:
         try:
@@ -195,12 +206,29 @@ def load_config(
     return Config(**built)
 
 
+def _warn_unknown_variables(env: typing.Mapping[str, str]) -> None:
+    """A warning (not an error: other tools may own the name) for each HMOE_* variable that no option
+    and no deploy script reads, with the closest known name: a misspelling would otherwise do nothing."""
+    known = [f"HMOE_{section.upper()}_{name.upper()}" for section, cls in SECTIONS.items() for name in _fields(cls)]
+    for key in sorted(env):
+        if not key.startswith("HMOE_") or key in OTHER_VARIABLES or key.startswith(OTHER_PREFIXES):
+            continue
+        if any(key.startswith(f"HMOE_{section.upper()}_") for section in SECTIONS):
+            continue  # an unknown option of a known section is an error below
+        close = difflib.get_close_matches(key, [*known, *OTHER_VARIABLES], n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else " (hmoe config-skeleton lists every variable)"
+        log.warning("warning: %s is not an hmoe setting and is ignored%s", key, hint)
+
+
 def _check_ranges(section: str, cls, values: dict) -> None:
     for name, (low, high) in getattr(cls, "_ranges", {}).items():
         if not low <= values[name] <= high:
             raise HmoeError(
                 "config_invalid", f"[{section}] {name} = {values[name]} is outside its sane range [{low}, {high}]"
             )
+    for name, (pattern, expected) in getattr(cls, "_patterns", {}).items():
+        if not re.fullmatch(pattern, values[name]):
+            raise HmoeError("config_invalid", f"[{section}] {name} = {values[name]!r}; choose {expected}")
     for name, choices in getattr(cls, "_choices", {}).items():
         if values[name] not in choices:
             raise HmoeError(

@@ -49,13 +49,17 @@ FAILURES = {
 }
 CLIENT_SIDE = {
     "router_unreachable": "no answer from the router within the client's router_timeout_s",
-    "not_ready": "hmoe generate --wait: no prefill and decode worker registered in time",
+    "not_ready": "hmoe generate --wait: no prefill and decode worker registered in time, or hmoe serve has exited",
+    "drain_timeout": "hmoe drain: the router still ran 10 s past the drain grace",
+    "usage": "a command-line argument is missing or invalid: see the command's --help",
+    "no_event_loop": "AsyncClient used outside a running event loop: call it from async code or use Client",
 }
 PROCESS = {
     "tokenizer_invalid": "tokenizer.json could not be read (router start-up)",
     "startup_failed": "hmoe-router could not start (endpoint in use, unreadable key): exit status 3",
     "not_registered": "a worker message reached a router that does not know the worker (restarted, or it declared "
     "the worker lost): the worker registers again",
+    "device_unavailable": "the device named (--device, [worker] device) does not exist here: exit status 3",
     "worker_rejected": "a worker's registration was refused (another model, unknown role)",
     "graph_capture_failed": "the decode worker could not capture its CUDA graphs at start-up (the message names "
     "the micro-batch and the bucket): exit status 3",

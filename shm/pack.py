@@ -191,13 +191,13 @@ def _read_manifest(segment: Segment, header: Header, name: str) -> Manifest:
 
 
 def _not_ready(name: str, loader_pid: int, loader_alive: bool) -> ShmError:
+    loader = f"pid {loader_pid}" if loader_pid else "a loader"  # 0: it stopped before writing the header
     if loader_alive:
         return ShmError(
-            "pack_not_ready",
-            f"pack {name!r} is still being loaded by pid {loader_pid}; wait for it (attach with a wait)",
+            "pack_not_ready", f"pack {name!r} is still being loaded by {loader}; wait for it (attach with a wait)"
         )
     return ShmError(
         "pack_not_ready",
-        f"pack {name!r} is incomplete: its loader (pid {loader_pid}) stopped halfway; "
-        f"load it again (hmoe shm load) or remove it (hmoe shm gc)",
+        f"pack {name!r} is incomplete: {f'its loader, pid {loader_pid},' if loader_pid else 'its loader'} stopped "
+        "halfway; load it again (hmoe shm load) or remove it (hmoe shm gc)",
     )

@@ -1,4 +1,5 @@
-"""Progress: bytes done of a known total as GB/s and ETA — one updating line on a terminal, a log line now and then."""
+"""Progress: bytes done of a known total as GB/s and ETA — one updating line on a terminal, a log line now and
+then; Ticker: the seconds spent so far on a wait of unknown length (kernel compile, start-up)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,39 @@ class Progress:
             self.done_bytes / 1e9 / max(elapsed_s, 1e-9),
         )
         return elapsed_s
+
+
+class Ticker:
+    """`with Ticker("compiling the CPU kernels"):` — says what a person is waiting for once it has taken
+    longer than after_s, then every every_s (an updating line on a terminal), and how long it took."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, after_s: float = 2.0, every_s: float = 5.0):
+        self.label, self.after_s, self.every_s = label, after_s, every_s
+        self._stream = stream if stream is not None else sys.stderr
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="hmoe-ticker", daemon=True)
+        self._start = 0.0
+        self._said = False
+
+    def __enter__(self) -> Ticker:
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        if self._said:
+            end = "\r\x1b[K" if self._stream.isatty() else ""
+            self._stream.write(f"{end}{self.label}: done in {time.perf_counter() - self._start:.1f} s\n")
+            self._stream.flush()
+
+    def _tick(self) -> None:
+        wait_s = self.after_s
+        while not self._done.wait(wait_s):
+            tty = self._stream.isatty()
+            line = f"{self.label}... {time.perf_counter() - self._start:.0f} s"
+            self._stream.write("\r\x1b[K" + line if tty else line + "\n")
+            self._stream.flush()
+            self._said = True
+            wait_s = 1.0 if tty else self.every_s

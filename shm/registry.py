@@ -141,7 +141,7 @@ def remove_pack(name: str, config: ShmConfig = ShmConfig(), force: bool = False)
         lock.remove_file()
     finally:
         lock.release()
-    log.info("removed pack %s (%.2f GiB)", name, info.nbytes / 2**30)
+    log.debug("removed pack %s (%.2f GiB)", name, info.nbytes / 2**30)  # the caller says it (`hmoe shm rm`)
     return info
 
 
@@ -153,7 +153,9 @@ def collect_garbage(config: ShmConfig = ShmConfig(), dry_run: bool = False) -> l
             continue
         reason = {
             "ready": "ready but attached by no process",
-            "incomplete": f"incomplete (loader pid {info.loader_pid} died)",
+            "incomplete": "incomplete ("
+            + (f"its loader, pid {info.loader_pid}, died" if info.loader_pid else "its loader stopped before the end")
+            + ")",
         }
         actions.append(GcAction(info.name, reason.get(info.state, f"invalid: {info.problem}"), False, info.nbytes))
     done = []

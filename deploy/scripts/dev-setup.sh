@@ -3,6 +3,13 @@
 # A machine without a GPU gets the CPU build of torch (deploy/constraints-cpu.txt) instead of
 # several GB of CUDA packages; a venv that already has torch keeps it.
 set -euo pipefail
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,4s/^# \{0,1\}//p' "$0"
+    exit 0 ;;
+  "" | test | bench | test,bench | bench,test) ;;
+  *) echo "dev-setup.sh: unknown extra '$1': use test or bench (see --help)" >&2; exit 64 ;;
+esac
 cd "$(dirname "$0")/../.."
 extras="${1:-}"
 [ -x .venv/bin/python ] || python3 -m venv .venv

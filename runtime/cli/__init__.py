@@ -10,7 +10,7 @@ import sys
 import click
 
 from hmoe.runtime.cli.ops import config_skeleton_cmd, drain_cmd, health_cmd
-from hmoe.runtime.cli.requests import generate_cmd, status_cmd
+from hmoe.runtime.cli.requests import EXIT_CANCELLED, generate_cmd, status_cmd
 from hmoe.runtime.errors import HmoeError
 
 # name -> "module:attribute" of the commands that need torch (resolved on use, never at import).
@@ -44,12 +44,29 @@ class HmoeGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(sorted(rows))
 
-    def invoke(self, ctx):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Every error as one line with its code (`error: [code] ...`); Ctrl-C is `[cancelled]`, exit 130."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            return super().invoke(ctx)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except HmoeError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            code = 1
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "hmoe"
+            click.echo(f"error: [usage] {exc.format_message()} (see {command} --help)", err=True)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            code = exc.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("\n[cancelled]", err=True)
+            code = EXIT_CANCELLED
+        except BrokenPipeError:  # `hmoe ... | head`
+            sys.stderr.close()
+            code = 1
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=HmoeGroup)

@@ -4,7 +4,7 @@
 2 unhealthy (a role has no live worker) or unreachable. `hmoe drain` asks the router to stop
 admitting and finish what runs, then waits until it has exited. `hmoe config-skeleton` prints the
 config file with every option commented out (install.sh writes it to /etc/hmoe/hmoe.toml).
-They talk to the router through the SDK `Client`, at the frontend the config names.
+They talk to the router through the SDK `Client`, at --endpoint/--port or the frontend the config names.
 """
 
 from __future__ import annotations
@@ -14,24 +14,12 @@ import time
 
 import click
 
-from hmoe.runtime.config import Config, load_config, skeleton
+from hmoe.runtime.cli.options import resolve_endpoint, router_options, timeout_option
+from hmoe.runtime.config import load_config, skeleton
+from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.worker_pool import ROLES
 
 HEALTHY, DRAINING, UNHEALTHY = 0, 1, 2  # the exit statuses of `hmoe health` (Nagios: OK, WARNING, CRITICAL)
-
-config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
-
-
-def endpoint_of(config: Config) -> str:
-    """The configured frontend as a client reaches it: a wildcard bind address through loopback."""
-    return config.router.frontend.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
-
-
-def status_of(config: Config, timeout_s: float) -> dict:
-    """One Status from the router (RouterUnreachable when it does not answer in time)."""
-    from hmoe.runtime.client import status_once  # (zmq only for the commands that talk)
-
-    return status_once(endpoint_of(config), timeout_s, config.router.curve_secret_key or None)
 
 
 def describe(status: dict) -> str:
@@ -46,17 +34,18 @@ def describe(status: dict) -> str:
 
 
 @click.command("health")
-@config_option
-@click.option("--timeout-s", type=float, default=3.0, show_default=True, help="How long to wait for the router.")
-def health_cmd(config_path, timeout_s) -> None:
+@router_options
+@timeout_option("Seconds to wait for the router.")
+def health_cmd(endpoint, port, server_key, config_path, timeout) -> None:
     """One line and an exit status for monitoring: 0 healthy, 1 draining, 2 unhealthy or unreachable."""
-    from hmoe.runtime.client import RouterUnreachable
+    from hmoe.runtime.client import RouterUnreachable, status_once
 
     config = load_config(config_path)
+    endpoint, server_key = resolve_endpoint(config, endpoint, port, server_key)
     try:
-        status = status_of(config, timeout_s)
+        status = status_once(endpoint, timeout, server_key)
     except RouterUnreachable:
-        click.echo(f"unhealthy: the router at {config.router.frontend} did not answer within {timeout_s:g} s")
+        click.echo(f"unhealthy: the router at {endpoint} did not answer within {timeout:g} s")
         sys.exit(UNHEALTHY)
     missing = [role for role in ROLES if not any(w["role"] == role for w in status["workers"])]
     if missing:
@@ -69,31 +58,36 @@ def health_cmd(config_path, timeout_s) -> None:
 
 
 @click.command("drain")
-@config_option
+@router_options
+@timeout_option("Seconds to wait for the router to answer.")
 @click.option(
-    "--grace-s", type=float, default=None, help="Time running requests get to finish [default: [router] drain_grace_s]."
+    "--grace-s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Time running requests get to finish [default: [router] drain_grace_s].",
 )
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the router has exited.")
-def drain_cmd(config_path, grace_s, wait) -> None:
+def drain_cmd(endpoint, port, server_key, config_path, timeout, grace_s, wait) -> None:
     """Stop admitting; running requests finish within the grace time; then the router exits 0."""
-    from hmoe.runtime.client import Client, RouterUnreachable
+    from hmoe.runtime.client import Client, RouterUnreachable, status_once
 
     config = load_config(config_path)
     grace_s = config.router.drain_grace_s if grace_s is None else grace_s
-    with Client(
-        endpoint_of(config), server_public_key=config.router.curve_secret_key or None, router_timeout_s=3.0
-    ) as client:
+    endpoint, server_key = resolve_endpoint(config, endpoint, port, server_key)
+    with Client(endpoint, server_public_key=server_key, router_timeout_s=max(timeout, 1.5)) as client:
         status = client.drain(grace_s)
         click.echo(f"draining: {describe(status)}; new requests are refused, running ones get up to {grace_s:g} s")
     deadline = time.monotonic() + grace_s + 10.0
     while wait:
         try:
-            status = status_of(config, 1.0)
+            status = status_once(endpoint, 1.0, server_key)
         except RouterUnreachable:
             click.echo("drained: the router has exited")
             return
         if time.monotonic() > deadline:
-            raise click.ClickException(f"the router still runs {grace_s + 10:g} s after the drain: {describe(status)}")
+            raise HmoeError(
+                "drain_timeout", f"the router still runs {grace_s + 10:g} s after the drain: {describe(status)}"
+            )
         time.sleep(0.5)
 
 

@@ -10,34 +10,35 @@ import time
 
 import click
 
-from hmoe.runtime.cli.options import parse_token_ids, sampling_options
+from hmoe.runtime.cli.instance import ServeFiles
+from hmoe.runtime.cli.options import (
+    ROUTER_TIMEOUT_S,
+    parse_token_ids,
+    read_value,
+    resolve_endpoint,
+    router_options,
+    sampling_options,
+    timeout_option,
+)
 from hmoe.runtime.config import load_config
+from hmoe.runtime.errors import HmoeError
 
-ROUTER_TIMEOUT_S = 3.0  # a router that has not answered a ping (sent every second) for this long is gone
-
-
-def _endpoint(config_path: str | None, endpoint: str | None, port: int | None) -> str:
-    if endpoint:
-        return endpoint
-    if port:
-        return f"tcp://127.0.0.1:{port}"
-    return load_config(config_path).router.frontend
+EXIT_TIMEOUT, EXIT_CANCELLED = 124, 130  # as timeout(1) and a shell's Ctrl-C
+WAIT_REPORT_S = 5.0  # --wait says what it is waiting for this often
+SETTLE_S = 1.5  # status waits this long at most for the workers' heartbeats to catch up with the router (3 beats)
 
 
 @click.command("generate")
 @click.argument("prompt", required=False)
-@sampling_options(max_tokens=64)
+@sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text ends before it.")
-@click.option("--timeout", type=float, default=None, help="Deadline in seconds; the request ends with reason timeout.")
-@click.option("--endpoint", help="The router's client endpoint (default: [router] frontend).")
-@click.option("--port", type=int, help="Shorthand for --endpoint tcp://127.0.0.1:PORT.")
-@click.option("--server-key", help="The router's CURVE public key (file or Z85) for an encrypted endpoint.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@timeout_option("Deadline of the request in seconds; it then ends with reason timeout (exit 124).", default=None)
+@router_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming.")
 @click.option(
     "--wait",
     "wait_s",
-    type=float,
+    type=click.FloatRange(min=0),
     default=0.0,
     help="Wait up to this long for the service to be ready (e.g. right after starting hmoe serve).",
 )
@@ -58,15 +59,17 @@ def generate_cmd(
     as_json,
     wait_s,
 ) -> None:
-    """Stream a completion of PROMPT from a running hmoe serve; Ctrl-C cancels it."""
+    """Stream a completion of PROMPT (text, - reads standard input, @FILE) from hmoe serve; Ctrl-C cancels it."""
     from hmoe.runtime.client import Client  # noqa: PLC0415
 
     if (prompt is None) == (token_ids is None):
         raise click.UsageError("give a PROMPT or --token-ids (not both)")
     ids = parse_token_ids(token_ids) if token_ids is not None else None
-    endpoint = _endpoint(config_path, endpoint, port)
+    prompt = read_value(prompt, "PROMPT") if prompt is not None else None
+    config = load_config(config_path)
+    endpoint, server_key = resolve_endpoint(config, endpoint, port, server_key)
     if wait_s > 0:
-        _wait_ready(endpoint, wait_s, server_key)
+        _wait_ready(endpoint, wait_s, server_key, ServeFiles(config.runtime_dir, endpoint))
     with Client(endpoint, server_public_key=server_key, router_timeout_s=ROUTER_TIMEOUT_S) as client:
         stream = client.generate(
             prompt,
@@ -85,8 +88,7 @@ def generate_cmd(
                 click.echo(chunk.text, nl=False)
         except KeyboardInterrupt:
             stream.close()
-            click.echo("\n[cancelled]", err=True)
-            sys.exit(130)
+            raise
         result = stream.result
     if as_json:
         click.echo(
@@ -100,26 +102,39 @@ def generate_cmd(
                 }
             )
         )
-        return
-    u = result.usage
-    click.echo("")
-    speed = f", {1 / u.tpot_s:.1f} tok/s" if u.tpot_s else ""
-    ttft = f", first token {u.ttft_s * 1000:.0f} ms" if u.ttft_s is not None else ""
-    click.echo(f"[{u.output_tokens} tokens, {result.finish_reason}{ttft}{speed}]", err=True)
+    else:
+        u = result.usage
+        click.echo("")
+        speed = f", {1 / u.tpot_s:.1f} tok/s" if u.tpot_s else ""
+        ttft = f", first token {u.ttft_s * 1000:.0f} ms" if u.ttft_s is not None else ""
+        click.echo(f"[{u.output_tokens} tokens, {result.finish_reason}{ttft}{speed}]", err=True)
+    if result.finish_reason == "timeout":
+        sys.exit(EXIT_TIMEOUT)
 
 
-def _wait_ready(endpoint: str, wait_s: float, server_key: str | None) -> None:
-    """Until the router answers with a prefill and a decode worker registered (or wait_s passed)."""
+def _wait_ready(endpoint: str, wait_s: float, server_key: str | None, files: ServeFiles) -> None:
+    """Until the router answers with a prefill and a decode worker registered; not_ready when wait_s passed or
+    the serve behind the endpoint has exited or failed to start (its files in the runtime dir say so)."""
     from hmoe.runtime.client import RouterUnreachable, status_once  # noqa: PLC0415
-    from hmoe.runtime.errors import HmoeError  # noqa: PLC0415
 
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    since_wall, start = time.time(), time.monotonic()
+    next_report = start + WAIT_REPORT_S
+    roles: set[str] | None = None
+    while (waited_s := time.monotonic() - start) < wait_s:
         try:
-            if {w["role"] for w in status_once(endpoint, 1.0, server_key)["workers"]} >= {"prefill", "decode"}:
+            roles = {w["role"] for w in status_once(endpoint, 1.0, server_key)["workers"]}
+            if roles >= {"prefill", "decode"}:
+                if time.monotonic() > start + WAIT_REPORT_S:
+                    click.echo(f"ready after {waited_s:.0f} s", err=True)
                 return
         except RouterUnreachable:
-            pass
+            roles = None
+        if (why := files.gone(since_wall)) is not None:
+            raise HmoeError("not_ready", why)
+        if time.monotonic() >= next_report:
+            next_report += WAIT_REPORT_S
+            state = "no router answers yet" if roles is None else f"workers registered: {sorted(roles) or 'none'}"
+            click.echo(f"waiting for {endpoint}: {state} ({waited_s:.0f} of {wait_s:g} s)", err=True)
         time.sleep(0.5)
     raise HmoeError(
         "not_ready", f"{endpoint} did not get a prefill and a decode worker within {wait_s:g} s: is hmoe serve running?"
@@ -128,17 +143,18 @@ def _wait_ready(endpoint: str, wait_s: float, server_key: str | None) -> None:
 
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="The router's Status as one JSON object.")
-@click.option("--endpoint", help="The router's client endpoint (default: [router] frontend).")
-@click.option("--port", type=int, help="Shorthand for --endpoint tcp://127.0.0.1:PORT.")
-@click.option("--server-key", help="The router's CURVE public key (file or Z85).")
-@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for the router.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
-def status_cmd(as_json, endpoint, port, server_key, timeout, config_path) -> None:
+@router_options
+@timeout_option("Seconds to wait for the router.")
+def status_cmd(as_json, endpoint, port, server_key, config_path, timeout) -> None:
     """Show the router's workers, queue, KV use and throughput."""
     from hmoe.runtime.client import status_once  # noqa: PLC0415
 
-    endpoint = _endpoint(config_path, endpoint, port)
+    endpoint, server_key = resolve_endpoint(load_config(config_path), endpoint, port, server_key)
     status = status_once(endpoint, timeout, server_key)
+    deadline = time.monotonic() + SETTLE_S
+    while not _agrees(status) and time.monotonic() < deadline:  # a worker's heartbeat lags the router's count
+        time.sleep(0.1)
+        status = status_once(endpoint, timeout, server_key)
     if as_json:
         click.echo(json.dumps(status))
         return
@@ -157,3 +173,13 @@ def status_cmd(as_json, endpoint, port, server_key, timeout, config_path) -> Non
             f"waiting {w['waiting']}, KV free {w['kv_free_tokens']}/{w['kv_capacity_tokens']}, "
             f"seen {w['last_seen_s']} s ago"
         )
+
+
+def _agrees(status: dict) -> bool:
+    """When the router runs nothing, neither do its workers (by their last heartbeat), and their KV is free."""
+    if status["running"] or status["queued"]:
+        return True  # busy: the workers' view is a moment old by design
+    return all(
+        w["running"] == 0 and w["waiting"] == 0 and w["kv_free_tokens"] == w["kv_capacity_tokens"]
+        for w in status["workers"]
+    )

@@ -162,7 +162,7 @@ port = {http_port}
         services["router"] = Service("router", exec_start("hmoe-router.service", config, env), tmp, env)
         services["router"].wait_for("READY=1", START_TIMEOUT_S)
         deadline = time.monotonic() + 20.0  # workers register: sent before the router bound, or after it came back
-        while hmoectl(ctl_env, "health", "--timeout-s", "1").returncode != 0:
+        while hmoectl(ctl_env, "health", "--timeout", "1").returncode != 0:
             assert time.monotonic() < deadline, "the workers never registered with the router"
             time.sleep(0.2)
 
@@ -224,7 +224,7 @@ def _stream_while(config: Path, stop) -> tuple[list[int], str]:
     """Tokens and finish reason of a 60-token request during which `stop()` runs (after its first token)."""
     with Client(f"ipc://{config.parent}/frontend.sock") as client:
         stream = client.generate(token_ids=[5, 9, 2, 44], max_tokens=60, ignore_eos=True)
-        tokens = list(next(iter(stream)).token_ids)  # running: prefilled and decoding
+        tokens = list(next(stream).token_ids)  # running: prefilled and decoding (a for loop left early cancels)
         stop()
         tokens += [t for chunk in stream for t in chunk.token_ids]
         return tokens, stream.final().finish_reason
@@ -245,7 +245,7 @@ def test_hmoectl_drain_finishes_requests_in_flight(stack):
     out, _ = drain[0].communicate(timeout=40)
     assert drain[0].returncode == 0 and out.splitlines()[-1] == "drained: the router has exited", out
     assert services["router"].proc.wait(10) == 0
-    after = hmoectl(env, "health", "--timeout-s", "1")
+    after = hmoectl(env, "health", "--timeout", "1")
     assert after.returncode == 2 and after.stdout.startswith("unhealthy: the router"), after.stdout
 
 

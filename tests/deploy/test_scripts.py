@@ -60,10 +60,42 @@ def test_install_stages_everything_and_keeps_edited_config(tmp_path):
     assert not (tmp_path / "etc/hmoe/hmoe.toml.new").exists()
 
 
+@pytest.mark.parametrize("script", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_only_prints_help(script, flag, tmp_path):
+    """--help says what the script does and does nothing: no pip, no files, not even as root."""
+    pip_log = _fake_venv(tmp_path)
+    env = {**os.environ, "HMOE_ROOT": str(tmp_path), "HMOE_VENV": str(tmp_path / "opt/hmoe/venv")}
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = subprocess.run([script, flag], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and script.name in result.stdout, result.stdout + result.stderr
+    assert not pip_log.exists() and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_install_dry_run_says_each_step_and_changes_nothing(tmp_path):
+    pip_log = _fake_venv(tmp_path)
+    result = subprocess.run(
+        [SCRIPTS / "install.sh", "--dry-run", "--root", str(tmp_path), "hmoe==0.1.0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    steps = result.stdout.splitlines()
+    assert all(step.startswith("+ ") for step in steps), steps
+    assert any("-m pip install" in step and "hmoe==0.1.0" in step for step in steps)
+    assert f"+ write {tmp_path}/etc/hmoe/hmoe.toml (hmoe config-skeleton)" in steps
+    assert not any("useradd" in step or "systemctl" in step for step in steps)  # a staging root touches neither
+    assert "pip install" not in (pip_log.read_text() if pip_log.exists() else "")  # (it may probe for torch)
+    assert not (tmp_path / "etc").exists()
+    bad = subprocess.run([SCRIPTS / "install.sh", "--frobnicate"], capture_output=True, text=True)
+    assert bad.returncode == 64 and "unknown option '--frobnicate'" in bad.stderr
+
+
 def test_hmoectl_usage_and_unknown_role():
     hmoectl = SCRIPTS / "hmoectl"
     usage = subprocess.run([hmoectl, "help"], capture_output=True, text=True)
     assert usage.returncode == 0 and "hmoectl health" in usage.stdout
-    assert subprocess.run([hmoectl, "frobnicate"], capture_output=True, text=True).returncode != 0
+    unknown = subprocess.run([hmoectl, "frobnicate"], capture_output=True, text=True)
+    assert unknown.returncode == 64 and "unknown command 'frobnicate'" in unknown.stderr
     bad = subprocess.run([hmoectl, "restart", "nope"], capture_output=True, text=True)
     assert bad.returncode == 64 and "unknown role 'nope'" in bad.stderr

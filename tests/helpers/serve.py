@@ -104,6 +104,8 @@ def serve(model_dir, tmp, pack: str, **env_overrides: str) -> Iterator[Served]:
         yield served
         proc.send_signal(signal.SIGINT)  # as Ctrl-C: router drains, then the workers, all exit 0
         assert proc.wait(60) == 0, out_path.read_text()
+        left = sorted(p.name for p in tmp.iterdir() if p.suffix in (".sock", ".pid"))
+        assert left == [], left  # a clean stop leaves no socket and no pid file
     finally:
         if proc.poll() is None:
             proc.kill()  # its children follow (PR_SET_PDEATHSIG)

@@ -62,7 +62,7 @@ def test_environment_strings_become_numbers(text, value):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"env": {"HMOE_WORKER_MAX_BATCH": "lots"}}, "[worker] max_batch: 'lots' is not a int"),
+        ({"env": {"HMOE_WORKER_MAX_BATCH": "lots"}}, "[worker] max_batch: 'lots' is not an integer"),
         ({"env": {"HMOE_WORKER_MAX_BATCH": "2.5"}}, "[worker] max_batch"),
         ({"overrides": {"worker": {"max_batch": True}}}, "[worker] max_batch"),
         ({"overrides": {"worker": {"kv_cache_gib": "big"}}}, "[worker] kv_cache_gib"),
@@ -74,7 +74,7 @@ def test_values_of_the_wrong_type_are_refused(kwargs, match):
 
 
 def test_a_file_value_of_the_wrong_type_is_refused(toml):
-    refused("[worker] max_batch: 8.5 is not a int", path=toml("[worker]\nmax_batch = 8.5\n"))
+    refused("[worker] max_batch: 8.5 is not an integer", path=toml("[worker]\nmax_batch = 8.5\n"))
 
 
 RANGES = [

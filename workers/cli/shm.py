@@ -25,6 +25,8 @@ def shm(ctx, config_path) -> None:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # The commands print their own outcome; the attach that follows a load would repeat the page-size line.
+    logging.getLogger("hmoe.shm.pack").setLevel(logging.WARNING)
     ctx.obj = load_config(config_path).shm
 
 
@@ -54,9 +56,9 @@ def load_cmd(config: ShmConfig, model_dir, name, experts, group_size, threads, w
         seconds = time.monotonic() - start
         size = pack.segment.nbytes
         if built:
-            click.echo(
+            click.echo(  # (the loader's own last line gave the copy speed: one speed, not two)
                 f"loaded pack {pack.name}: {size / 2**30:.2f} GiB, experts {pack.manifest.experts['name']}, "
-                f"in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)"
+                f"in {seconds:.1f} s"
             )
         else:
             click.echo(

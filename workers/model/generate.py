@@ -25,17 +25,28 @@ def generate(
     params: SamplingParams,
     on_token: Callable[[int], None] | None = None,
     seq_id: str = "offline",
+    prefill_chunk_tokens: int | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
 ) -> Generation:
-    """Generate for one prompt; KV for prompt + max_tokens is reserved up front and freed at the end."""
+    """Generate for one prompt; KV for prompt + max_tokens is reserved up front and freed at the end.
+    With prefill_chunk_tokens the prompt runs in chunks of that many tokens, on_prefill(done, total) after each."""
     if not prompt_ids:
         raise ValueError("prompt is empty")
     kv.reserve(seq_id, kv_need(len(prompt_ids), params))
     params = with_seed(params)
     out: list[int] = []
     try:
-        batch = ForwardBatch.build(kv, [(seq_id, list(prompt_ids), 0)])
+        chunk = prefill_chunk_tokens or len(prompt_ids)
+        for done in range(0, len(prompt_ids) - chunk, chunk):  # every chunk but the last, whose logits we sample
+            model.forward(ForwardBatch.build(kv, [(seq_id, list(prompt_ids[done : done + chunk]), done)]), kv)
+            if on_prefill is not None:
+                on_prefill(done + chunk, len(prompt_ids))
+        last = (len(prompt_ids) - 1) // chunk * chunk
+        batch = ForwardBatch.build(kv, [(seq_id, list(prompt_ids[last:]), last)])
         while True:
             token = sample(model.forward(batch, kv), [params], [len(out)])[0]
+            if not out and on_prefill is not None:
+                on_prefill(len(prompt_ids), len(prompt_ids))
             out.append(token)
             if on_token is not None:
                 on_token(token)

@@ -6,6 +6,7 @@ the family's role and think markers), tokenizer_config.json and the family's cha
 seed. Values are non-trivial on purpose: weights scaled 1/sqrt(fan_in) so activations stay O(1),
 norms around 1, a non-zero expert-score correction bias, YaRN rope scaling and grouped top-k. FP8
 writes E4M3 weights with a float32 weight_scale_inv per 128x128 block, as DeepSeek ships them.
+Past 400 lines because a quarter of it is data (the presets' shapes, the tokenizer's corpus).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hmoe.runtime.errors import HmoeError
 from hmoe.workers.weights.chat_templates import family_template
 from hmoe.workers.weights.checkpoint import FP8_DTYPE
 from hmoe.workers.weights.model_config import parse_model_config
@@ -147,7 +149,7 @@ Numbers, punctuation: commas, periods; colons? and (brackets) [all] {kinds} <tag
 """
 
 
-def build_tokenizer(vocab_size: int, added: tuple[str, ...] = ()):
+def build_tokenizer(vocab_size: int, added: tuple[str, ...] = (), pad_to: int = 0):
     """A deterministic byte-level BPE: every byte is a token, so any text round-trips; `added` markers
     (chat roles, think tags) become single tokens after the trained ones."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -164,6 +166,8 @@ def build_tokenizer(vocab_size: int, added: tuple[str, ...] = ()):
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    # Every id up to pad_to gets a plain-text token, so whatever a random model samples decodes to visible text.
+    tok.add_tokens([AddedToken(f"<|t{i}|>", normalized=False) for i in range(tok.get_vocab_size(), pad_to)])
     return tok
 
 
@@ -312,20 +316,22 @@ def make_model(
     num_layers: int | None = None,
     shard_mb: int = 4096,
     progress=None,
+    force: bool = False,
 ) -> Path:
-    """Write a random checkpoint to `out` and return its path."""
+    """Write a random checkpoint to `out` (new or empty; with force, its model files are replaced); its path."""
     if arch not in PRESETS:
         raise ValueError(f"unknown arch {arch!r} (known: {', '.join(PRESETS)})")
     if preset not in PRESETS[arch]:
         raise ValueError(f"unknown preset {preset!r} for {arch} (known: {', '.join(PRESETS[arch])})")
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise HmoeError("output_not_empty", f"{out} is not empty: use a new folder, or --force to replace its model")
     out.mkdir(parents=True, exist_ok=True)
-    vocab = PRESETS[arch][preset]["vocab_size"] or 1024
+    for stale in {*out.glob("*.safetensors*"), *out.glob("*.json"), *out.glob("*.jinja")}:
+        stale.unlink()  # --force: no shard, index or template of the old model may survive beside the new one
     template, markers, template_file = family_template(arch)
-    tokenizer = build_tokenizer(vocab, markers)
-    if PRESETS[arch][preset]["vocab_size"] == 0:  # tiny: exactly the tokenizer's vocab, so every id decodes
-        vocab = tokenizer.get_vocab_size()
-    cfg = hf_config(arch, preset, dtype, vocab, num_layers)
+    tokenizer = build_tokenizer(1024, markers, pad_to=PRESETS[arch][preset]["vocab_size"])  # tiny: its own vocab
+    cfg = hf_config(arch, preset, dtype, tokenizer.get_vocab_size(), num_layers)
     shapes = _tensor_shapes(cfg)
     gen = torch.Generator().manual_seed(seed)
     store_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -364,6 +370,8 @@ def make_model(
     else:
         (out / template_file).write_text(template)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    for path in out.glob("*.safetensors"):  # safetensors writes 0600: give the weights config.json's mode
+        path.chmod((out / "config.json").stat().st_mode & 0o777)
     return out
 
 

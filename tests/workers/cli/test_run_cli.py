@@ -93,3 +93,114 @@ def test_run_from_a_pack_alone_and_on_the_cpu_kernels(tiny_models, tmp_path):
         assert torch_run["prompt_token_ids"][0] == 0  # tokenized with the pack's own tokenizer.json (BOS first)
     finally:
         assert hmoe("shm", "rm", "cli").returncode == 0
+
+
+def _invoke(*args, input=None):
+    from click.testing import CliRunner
+
+    from hmoe.runtime.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def _one_line(result, code: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: [{code}] ") and result.output.count("\n") == 1, result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_checks_what_the_server_checks_with_its_codes(tiny_models, tmp_path):
+    path = tiny_models("deepseek_v3", "fp32")
+    if not torch.cuda.is_available():
+        _one_line(_invoke("run", path, "--token-ids", "1,2", "--device", "cuda"), "device_unavailable")
+    _one_line(_invoke("run", path, "--token-ids", "1,2", "--device", "cuda:99"), "device_unavailable")
+    _one_line(_invoke("run", path, "--token-ids", "1,2", "--device", "tpu"), "config_invalid")
+    _one_line(_invoke("run", path, "--token-ids", "1,2", "--dtype", "fp16"), "config_invalid")
+    too_long = _invoke("run", path, "--token-ids", ",".join(["5"] * 4090), "--max-tokens", "10")
+    _one_line(too_long, "context_too_long")
+    assert "(4090 tokens) + max_tokens (10) exceeds the model's context of 4096 tokens" in too_long.output
+    no_layers = tmp_path / "no-layers"
+    shutil.copytree(path, no_layers)
+    config = json.loads((no_layers / "config.json").read_text())
+    (no_layers / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 0}))
+    _one_line(_invoke("run", no_layers, "--token-ids", "1,2"), "config_field")
+
+
+def test_run_reads_the_prompt_from_stdin_or_a_file_and_shows_prefill_progress(tiny_models, tmp_path):
+    path = tiny_models("qwen3_moe", "fp32")
+    prompt = "The quick brown fox jumps over the lazy dog. " * 60  # > 512 tokens: prefilled in chunks
+    (tmp_path / "prompt.txt").write_text(prompt)
+    runs = [
+        _invoke("run", path, "--prompt", prompt, "--max-tokens", "3", "--json"),
+        _invoke("run", path, "--prompt", "-", "--max-tokens", "3", "--json", input=prompt),
+        _invoke("run", path, "--prompt", f"@{tmp_path / 'prompt.txt'}", "--max-tokens", "3", "--json"),
+    ]
+    for result in runs:
+        assert result.exit_code == 0, result.output
+    answers = [json.loads(r.stdout) for r in runs]
+    assert len(answers[0]["prompt_token_ids"]) > 512
+    assert answers[0] == {**answers[1], "load_s": answers[0]["load_s"], "generate_s": answers[0]["generate_s"]}
+    assert answers[2]["token_ids"] == answers[0]["token_ids"]
+    assert "prefill 512/" in runs[0].stderr and f"prefill {len(answers[0]['prompt_token_ids'])}/" in runs[0].stderr
+    # chunked prefill gives the tokens a whole-prompt forward gives
+    model = load_model(Checkpoint.open(path), "cpu", "fp32")
+    kv = KVPool(model.config, 64, 16, torch.float32, torch.device("cpu"))
+    expected = generate(model, kv, answers[0]["prompt_token_ids"], SamplingParams(max_tokens=3)).token_ids
+    assert answers[0]["token_ids"] == list(expected)
+
+
+def test_run_warns_about_flags_it_ignores(tiny_models):
+    result = _invoke(
+        "run", tiny_models("qwen3_moe", "fp32"), "--token-ids", "1,2", "--max-tokens", "1", "--expert-format", "int4"
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: --expert-format is ignored with --experts torch" in result.stderr
+
+
+def test_make_model_refuses_a_non_empty_folder_without_force(tmp_path):
+    out = tmp_path / "model"
+    assert _invoke("make-model", out, "--arch", "qwen3_moe", "--shard-mb", "1").exit_code == 0
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    refused = _invoke("make-model", out, "--seed", "3")
+    _one_line(refused, "output_not_empty")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not a byte changed
+    assert _invoke("make-model", out, "--seed", "3", "--force").exit_code == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith("model-") or p.name.endswith(".index.json")]
+    assert (out / "model.safetensors").is_file()  # one file now: no shard or index of the old model is left
+    Checkpoint.open(out).close()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as config.json
+    assert _invoke("make-model", tmp_path / "zero", "--layers", "0").exit_code == 2
+
+
+def test_every_preset_vocabulary_matches_its_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+
+    from hmoe.workers.weights.make_model import make_model
+
+    out = make_model(tmp_path / "small", "deepseek_v3", "small", "bf16", num_layers=1)  # layer 0 is dense: cheap
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert vocab == 8192 and tokenizer.get_vocab_size() == vocab
+    assert all(tokenizer.decode([i]) for i in (2, 600, 5000, vocab - 1))  # every id decodes to visible text
+
+
+def test_a_long_wait_says_what_it_waits_for():
+    """The ticker `hmoe run --experts cpu` puts around the kernel compile (~40 s on a first run)."""
+    import io
+    import threading
+
+    from hmoe.shm.progress import Ticker
+
+    out, said = io.StringIO(), threading.Event()
+    out.write = lambda text, write=out.write: (said.set(), write(text))[1]
+    with Ticker("compiling", out, after_s=0.01, every_s=0.01):
+        said.wait()  # as long as the compile takes: here until its first line
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("compiling... ") and lines[-1].startswith("compiling: done in "), lines
+    quiet = io.StringIO()
+    with Ticker("quick", quiet, after_s=60):
+        pass
+    assert quiet.getvalue() == ""  # a short wait says nothing

@@ -270,7 +270,8 @@ def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(se
         long.send_signal(signal.SIGABRT)  # -X faulthandler: every thread's stack, for the failure message
         long.wait(10)
         raise AssertionError(f"hmoe generate ignored Ctrl-C:\n{long.stderr.read()[-6000:]}") from None
-    assert code == 130 and "[cancelled]" in long.stderr.read()
+    said = long.stderr.read()
+    assert code == 130 and said.count("[cancelled]") == 1 and "Aborted" not in said, said
     served.wait_kv_free()
     status = subprocess.run(
         [*hmoe, "status", "--endpoint", served.endpoint, "--json"], capture_output=True, text=True, timeout=60
@@ -306,3 +307,18 @@ def test_serve_on_a_device_this_machine_lacks_stops_at_once_with_the_reason(tiny
     assert done.returncode == 1, done.stderr
     assert "exited with status 3; not restarting it" in done.stderr and "restarting it\n" not in done.stderr
     assert "a child could not start" in done.stderr and "CUDA device" in done.stderr, done.stderr
+
+
+def test_status_agrees_with_itself_right_after_a_request_ends(served):
+    from click.testing import CliRunner
+
+    from hmoe.runtime.cli import main
+
+    served.wait_kv_free()
+    with Client(served.endpoint) as client:
+        client.complete("Hello", max_tokens=8)
+    shown = CliRunner().invoke(main, ["status", "--endpoint", served.endpoint, "--json"])  # at once
+    status = json.loads(shown.output)
+    assert status["running"] == 0 and status["queued"] == 0
+    for worker in status["workers"]:  # their heartbeats say the same, not a beat behind
+        assert worker["running"] == 0 and worker["kv_free_tokens"] == worker["kv_capacity_tokens"], status
