@@ -7,9 +7,11 @@ message), peer being "client" or "worker". So every rule below is unit-tested in
 Policy:
 - Admission refuses at once, with a stable code, what can never run (prompt_too_long,
   context_too_long, kv_capacity, invalid_*), and what cannot run now (queue_full, no_worker, draining).
-- One FIFO queue. The head goes to an idle prefill worker (one request at a time each) only when a
-  decode worker has room for it (a batch place and prompt + max_tokens of KV, counted here), so
-  prefilled KV never waits in a hand-off slot for long; the decode worker is chosen at that moment.
+- One queue, taken in the order runtime/policy.py gives: shortest prompt first, a request waiting
+  [router] prefill_starve_s (or retried) before all others. A request goes to an idle prefill worker
+  (one request at a time each) only when a decode worker has room for it (a batch place and prompt +
+  max_tokens of KV, counted here), so prefilled KV never waits in a hand-off slot for long; the
+  decode worker is chosen at that moment. A starving request without room holds back the rest.
 - Every admitted request gets exactly one Finished: `_finish` removes it, so later messages about it
   find nothing. Whoever still holds it (a worker) gets a Cancel, unless that worker ended it.
 - A worker silent for heartbeat_interval_s * heartbeat_liveness is lost: requests it was decoding end
@@ -34,6 +36,7 @@ from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.detokenizer import Decoder
 from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.policy import Queued, blocking, prefill_order
 from hmoe.runtime.protocol import (
     MIN_VERSION,
     VERSION,
@@ -431,14 +434,11 @@ class Scheduler:
             i for i in self.awaiting_decode if i in self.requests and not self._adopt(self.requests[i])
         ]
         while self.queue and (prefill := self.workers.idle_prefill()) is not None:
-            request = self.requests[self.queue[0]]
-            decode = self.workers.get(request.decode_worker) if request.decode_worker else None
-            if decode is None:
-                decode = self.workers.decode_with_room(request.kv_tokens)
-                if decode is None:
-                    return  # FIFO: the head waits for decode room
-                decode.reserve(request.request_id, request.kv_tokens)
-            self.queue.popleft()
+            found = self._next_prefill(now)
+            if found is None:
+                return  # the candidates wait for decode room
+            request, decode = found
+            self.queue.remove(request.request_id)
             request.phase, request.prefill_worker, request.decode_worker = (
                 Phase.PREFILL,
                 prefill.identity,
@@ -451,6 +451,25 @@ class Scheduler:
                 prefill.identity,
                 Prefill(request.request_id, request.prompt_ids, request.params),
             )
+
+    def _next_prefill(self, now: float) -> tuple[Request, WorkerEntry] | None:
+        """The queued request to prefill next (policy.prefill_order) with the decode worker that holds its KV
+        reservation, or None while none can go: a due request without decode room blocks those behind it."""
+        starve_s = self.config.prefill_starve_s
+        queued = [self.requests[i] for i in self.queue]
+        items = [Queued(r.request_id, len(r.prompt_ids), r.arrival_s, r.retried) for r in queued]
+        for item in prefill_order(items, now, starve_s):
+            request = self.requests[item.request_id]
+            decode = self.workers.get(request.decode_worker) if request.decode_worker else None
+            if decode is None:
+                decode = self.workers.decode_with_room(request.kv_tokens)
+                if decode is not None:
+                    decode.reserve(request.request_id, request.kv_tokens)
+            if decode is not None:
+                return request, decode
+            if blocking(item, now, starve_s):
+                return None
+        return None
 
     def drain(self, grace_s: float, now: float) -> None:
         """Stop admitting; requests still running after grace_s end with "server_shutdown"."""

@@ -209,15 +209,39 @@ def test_fifo_one_prefill_at_a_time_and_decode_room_gates_prefill():
     assert prefill.request_id == "b"
 
 
-def test_kv_accounting_holds_back_what_does_not_fit_yet():
+def test_kv_accounting_holds_back_what_does_not_fit_yet_and_lets_what_fits_pass():
     s = make(kv=30, max_batch=8)
     gen(s, "a", "hi", max_tokens=20)  # 22 tokens of KV
     run_to_decode(s, "a")
     assert to(gen(s, "b", "hi", max_tokens=20), P, Prefill) == []  # 22 + 22 > 30
-    assert to(gen(s, "c", "hi", max_tokens=1), P, Prefill) == []  # FIFO: c waits behind b
-    s.on_worker(D, tokens(("a", 5, "length")), 0.1)
-    s.tick(0.1)
+    assert [m.request_id for m in to(gen(s, "c", "hi", max_tokens=1), P, Prefill)] == ["c"]  # 3 fits: it goes
+    s.on_worker(P, Prefilled("c", ord("x"), -1, "slots", 2, "length"), 0.2)  # its first token ended it
+    s.tick(0.2)
+    s.take_outbox()
+    s.on_worker(D, tokens(("a", 5, "length")), 0.3)
+    s.tick(0.3)
     assert [m.request_id for m in to(s.take_outbox(), P, Prefill)] == ["b"]
+
+
+def test_a_request_waiting_prefill_starve_s_without_room_holds_back_the_rest():
+    s = make(RouterConfig(prefill_starve_s=5.0), kv=30, max_batch=8)
+    gen(s, "a", "hi", max_tokens=20)
+    run_to_decode(s, "a")
+    gen(s, "b", "hi", max_tokens=20)  # does not fit yet
+    alive(s, 5.9)
+    assert to(gen(s, "c", "hi", max_tokens=1, now=6.0), P, Prefill) == []  # b is due and still waits: c too
+    s.on_worker(D, tokens(("a", 5, "length")), 6.1)
+    s.tick(6.1)
+    assert [m.request_id for m in to(s.take_outbox(), P, Prefill)] == ["b"]
+
+
+def test_a_short_prompt_is_prefilled_before_a_long_one_that_came_first():
+    s = make()
+    gen(s, "busy")  # the prefill worker runs it
+    gen(s, "long", "x" * 300, now=0.1)
+    gen(s, "short", "hi", now=0.2)
+    out = run_to_decode(s, "busy", now=0.3)
+    assert [m.request_id for m in to(out, P, Prefill)] == ["short"]
 
 
 def test_cancel_in_each_phase_tells_the_holder_and_finishes_at_once():

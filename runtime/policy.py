@@ -1,0 +1,48 @@
+"""Scheduling policy: which queued prompt prefills next. Pure functions, no state, no I/O.
+
+The Scheduler owns the queue and the workers; it asks `prefill_order` in which order to try the
+queued requests, and sends the first one a decode worker has room for. The rule:
+
+- A request sent back after its prefill worker died goes first (it has waited longest already).
+- Otherwise shortest prompt first, so a short prompt is not stuck behind a 32K one (SGLang's users
+  measured 50 ms vs 22.9 s p99 TTFT for exactly this), oldest first among equals.
+- No starvation: a request that has waited `starve_s` or longer is "due". Due requests go before
+  everything else, oldest first, and the first due request *blocks* the ones behind it when no
+  decode worker has room for it yet (`blocking`), so a stream of short prompts cannot keep a long
+  one's KV reservation from ever fitting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A queued request as the policy sees it."""
+
+    request_id: str
+    prompt_tokens: int
+    arrival_s: float
+    retried: bool = False
+
+
+def is_due(item: Queued, now: float, starve_s: float) -> bool:
+    return item.retried or now - item.arrival_s >= starve_s
+
+
+def prefill_order(queue: Sequence[Queued], now: float, starve_s: float) -> list[Queued]:
+    """The queue in the order the Scheduler should try it (see the module doc)."""
+
+    def key(item: Queued) -> tuple:
+        if is_due(item, now, starve_s):
+            return (0, not item.retried, item.arrival_s)
+        return (1, item.prompt_tokens, item.arrival_s)
+
+    return sorted(queue, key=key)
+
+
+def blocking(item: Queued, now: float, starve_s: float) -> bool:
+    """Whether nothing behind `item` may go while it waits for decode room (it is due)."""
+    return is_due(item, now, starve_s)

@@ -1,0 +1,68 @@
+"""The prefill order: shortest first, retried and starving requests before everyone (runtime/policy.py)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hmoe.runtime.policy import Queued, blocking, prefill_order
+
+STARVE_S = 10.0
+
+
+def ids(items: list[Queued]) -> list[str]:
+    return [q.request_id for q in items]
+
+
+def test_a_short_prompt_goes_before_a_long_one_that_came_first():
+    queue = [Queued("long", 32768, 0.0), Queued("short", 12, 0.5), Queued("mid", 2000, 0.2)]
+    assert ids(prefill_order(queue, now=1.0, starve_s=STARVE_S)) == ["short", "mid", "long"]
+    assert not any(blocking(q, 1.0, STARVE_S) for q in queue)
+
+
+def test_a_request_waiting_starve_s_goes_first_and_blocks_the_rest():
+    queue = [Queued("long", 32768, 0.0), Queued("short", 12, 9.0), Queued("retry", 500, 9.5, retried=True)]
+    order = prefill_order(queue, now=10.0, starve_s=STARVE_S)
+    assert ids(order) == ["retry", "long", "short"]  # retried first, then due by age, then the rest
+    assert blocking(order[1], 10.0, STARVE_S) and not blocking(order[2], 10.0, STARVE_S)
+
+
+def test_equal_prompts_keep_their_arrival_order():
+    queue = [Queued(f"r{i}", 100, float(i)) for i in range(5)]
+    assert ids(prefill_order(list(reversed(queue)), now=5.0, starve_s=STARVE_S)) == [f"r{i}" for i in range(5)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 5), st.integers(1, 40_000), st.booleans()),  # gap before arrival, tokens, retried
+        min_size=1,
+        max_size=40,
+    ),
+    st.floats(0.5, 20),
+)
+def test_one_prefill_worker_never_starves_anyone(arrivals, starve_s):
+    """Simulate one prefill worker (1 ms per token): whenever a due request waits, the next one started
+    is the oldest due one; so every request starts within starve_s plus the work of those due before it."""
+    now, pending, t = 0.0, [], 0.0
+    for i, (gap, tokens, retried) in enumerate(arrivals):
+        t += gap
+        pending.append(Queued(f"r{i}", tokens, t, retried and i % 3 == 0))
+    queue: list[Queued] = []
+    while pending or queue:
+        while pending and pending[0].arrival_s <= now:
+            queue.append(pending.pop(0))
+        if not queue:
+            now = pending[0].arrival_s
+            continue
+        order = prefill_order(queue, now, starve_s)
+        chosen = order[0]
+        due = [q for q in queue if q.retried or now - q.arrival_s >= starve_s]
+        if due:
+            first_retried = [q for q in due if q.retried]
+            expect = min(first_retried or due, key=lambda q: q.arrival_s)
+            assert chosen == expect
+        else:
+            assert chosen.prompt_tokens == min(q.prompt_tokens for q in queue)
+        queue.remove(chosen)
+        now += chosen.prompt_tokens / 1000
