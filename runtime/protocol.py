@@ -183,13 +183,13 @@ class Ping:
     """Liveness both ways: clients with requests in flight and workers send it; the router answers Pong."""
 
     sent_s: float = 0.0
-    request_ids: list[str] = field(default_factory=list)  # the client's requests in flight: which are unknown?
+    request_ids: list[RequestId] = field(default_factory=list)  # the client's requests in flight: which are unknown?
 
 
 @message("pong")
 class Pong:
     sent_s: float = 0.0
-    unknown: list[str] = field(default_factory=list)  # of Ping.request_ids, those this router does not hold
+    unknown: list[RequestId] = field(default_factory=list)  # of Ping.request_ids, those this router does not hold
     incarnation: str = ""  # the router process that answers (a new one after a restart)
 
 
