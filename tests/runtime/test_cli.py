@@ -115,7 +115,7 @@ def idle_workers(backend: str):
     """A prefill and a decode worker that register and heartbeat but never answer: a request stays running."""
     import zmq
 
-    from hmoe.runtime.protocol import Register, WorkerPing, encode
+    from hmoe.runtime.protocol import ModelInfo, Register, WorkerPing, encode
 
     stop = threading.Event()
 
@@ -126,7 +126,7 @@ def idle_workers(backend: str):
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(backend)
-            sock.send(encode(Register(f"{role}-idle", role, os.getpid(), "cpu", {"name": "idle"}, 4096, 8)))
+            sock.send(encode(Register(f"{role}-idle", role, os.getpid(), "cpu", ModelInfo("idle", 0, [], 0), 4096, 8)))
             sockets.append((sock, f"{role}-idle"))
         while not stop.wait(0.2):
             for sock, worker_id in sockets:
@@ -160,10 +160,12 @@ def test_timeout_exits_124_and_ctrl_c_says_cancelled_once(tmp_path):
 def _wait_running_or_queued(frontend: str, workers: int = 0, busy: bool = False) -> None:
     from hmoe.runtime.client import status_once
 
+    deadline = time.monotonic() + 60
     while True:
         status = status_once(frontend, 5.0)
         if len(status["workers"]) >= workers and (not busy or status["running"] + status["queued"] > 0):
             return
+        assert time.monotonic() < deadline, status
         time.sleep(0.05)
 
 
