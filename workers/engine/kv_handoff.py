@@ -102,7 +102,9 @@ class HandoffPool:
         for slot in range(self.num_slots):
             state, _, _, filled_at = self._table[slot]
             if state == FILLED and now - filled_at > timeout_s * 1e9:
-                log.warning("hand-off slot %d was not adopted within %.0f s: reclaimed", slot, timeout_s)
+                log.warning(
+                    "hand-off slot not adopted in time: reclaimed", extra={"slot": slot, "timeout_s": timeout_s}
+                )
                 state = FREE
             if state == FREE:
                 self._table[slot, 1] += 1  # generation first: a late receiver sees the change

@@ -175,7 +175,8 @@ class PrefillEngine:
         job.pass_end = job.done + pass_tokens
         job.steps = self.model.forward_layer_major(batches, self.kv, experts=job.pass_experts)
         self.passes["stream" if streamed else "cpu"] += 1
-        log.debug("%s: pass of %d tokens on %s", job.request_id, pass_tokens, "streamed experts" if streamed else "cpu")
+        experts = "streamed" if streamed else "cpu"
+        log.debug("prefill pass", extra={"request_id": job.request_id, "tokens": pass_tokens, "experts": experts})
 
     def _close_pass(self, job: PrefillJob) -> None:
         if job.steps is not None:
@@ -207,5 +208,5 @@ class PrefillEngine:
 
 
 def _refuse(job: PrefillJob, code: str, message: str) -> protocol.RequestError:
-    log.info("refused %s: %s", job.request_id, message)
+    log.info("refused: %s", message, extra={"request_id": job.request_id, "code": code})
     return protocol.RequestError(job.request_id, code, message)

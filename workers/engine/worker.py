@@ -423,10 +423,13 @@ def main(role, router_endpoint, config_path, **worker_flags) -> None:
     configure_logging(process=role)
     try:
         config = load_config(config_path, overrides={"worker": worker_flags})
-        configure_logging(config.router.log_level, process=role)
+        configure_logging(config.router.log_level, process=role, context=lambda: {"role": role})
         if not config.worker.pack:
             raise HmoeError("config_invalid", "no weight pack: pass --pack NAME or set [worker] pack")
         worker = WorkerProcess(role, config, router_endpoint or config.backend)
+        configure_logging(  # the id changes each time it registers: read per line
+            config.router.log_level, process=role, context=lambda: {"role": role, "worker_id": worker.worker_id}
+        )
         signal.signal(signal.SIGTERM, worker.on_signal)
         signal.signal(signal.SIGINT, worker.on_signal)
         worker.start()
