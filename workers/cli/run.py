@@ -59,7 +59,8 @@ def make_model_cmd(out, arch, preset, dtype, seed, layers, shard_mb, force) -> N
     type=click.Choice(["torch", "cpu"]),
     default="torch",
     show_default=True,
-    help="Routed experts in torch on the device, or on the CPU kernels.",
+    help="Routed experts in torch on the device (the reference: no kernel compile), or on the CPU kernels "
+    "(what [worker] experts = cpu serves with).",
 )
 @click.option(
     "--expert-format",
@@ -71,7 +72,7 @@ def make_model_cmd(out, arch, preset, dtype, seed, layers, shard_mb, force) -> N
 @click.option(
     "--group", "group_size", type=click.Choice(["32", "128"]), default="128", show_default=True, help="INT4 group size."
 )
-@click.option("--kv-cache-gib", type=float, default=1.0, show_default=True, help="KV cache budget.")
+@click.option("--kv-cache-gib", type=float, default=None, help="KV cache budget [default: [worker] kv_cache_gib].")
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object (token_ids, text, finish_reason, timings)."
 )

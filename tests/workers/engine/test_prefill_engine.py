@@ -319,13 +319,13 @@ def test_a_cancel_mid_pass_closes_the_streamed_pass(make_rig):
 
 
 def test_after_a_router_restart_the_unadopted_slots_are_freed(make_rig):
-    """No Adopt will come for what the old router's requests left in hand-off slots: release_handed frees them."""
+    """No Adopt will come for what the old router's requests left in hand-off slots: release_unadopted frees them."""
     rig = make_rig(num_slots=1)
     rig.engine.add(prefill_msg("a", PROMPT))
     prefilled(rig.engine)
     rig.engine.drop_all()
     assert rig.pool.free_slots() == 0  # a mere re-registration keeps it adoptable
-    rig.engine.release_handed()
+    rig.engine.release_unadopted()
     assert rig.pool.free_slots() == 1
     rig.engine.add(prefill_msg("b", [1, 2, 3]))
     assert prefilled(rig.engine).first_token == continuation([1, 2, 3], 1)[0]
