@@ -99,3 +99,21 @@ def test_hmoectl_usage_and_unknown_role():
     assert unknown.returncode == 64 and "unknown command 'frobnicate'" in unknown.stderr
     bad = subprocess.run([hmoectl, "restart", "nope"], capture_output=True, text=True)
     assert bad.returncode == 64 and "unknown role 'nope'" in bad.stderr
+
+
+def test_hmoectl_roles_name_their_units(tmp_path):
+    """Each role, the HTTP API's included, maps to its systemd unit (a stand-in systemctl prints its args)."""
+    fake = tmp_path / "systemctl"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", HMOE_ENV_FILE=str(tmp_path / "none"))
+    units = {
+        "router": "hmoe-router.service",
+        "prefill": "hmoe-worker@prefill.service",
+        "http": "hmoe-http.service",
+        "pack": "hmoe-pack.service",
+        "all": "hmoe.target",
+    }
+    for role, unit in units.items():
+        done = subprocess.run([SCRIPTS / "hmoectl", "restart", role], capture_output=True, text=True, env=env)
+        assert (done.returncode, done.stdout.strip()) == (0, f"restart {unit}"), done.stderr
