@@ -48,15 +48,16 @@ class Served:
         decode_worker = next(w for w in status["workers"] if w["role"] == "decode")
         return status["running"] == 0 and decode_worker["kv_free_tokens"] == decode_worker["kv_capacity_tokens"]
 
-    def wait_kv_free(self) -> None:
-        deadline = time.monotonic() + 10
+    def wait_kv_free(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
         while not self.kv_free():
             assert time.monotonic() < deadline, status_once(self.endpoint)
             time.sleep(0.1)
 
 
-def serve(model_dir, tmp, pack: str, **env_overrides: str) -> Iterator[Served]:
-    """`hmoe serve MODEL_DIR` on a free port with the test settings (env_overrides on top); stopped with SIGINT."""
+def serve(model_dir, tmp, pack: str, ready_line: str = "hmoe serving", **env_overrides: str) -> Iterator[Served]:
+    """`hmoe serve MODEL_DIR` on a free port with the test settings (env_overrides on top), ready once it prints
+    `ready_line`; stopped with SIGINT."""
     prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
     env = (
         dict(
@@ -97,7 +98,7 @@ def serve(model_dir, tmp, pack: str, **env_overrides: str) -> Iterator[Served]:
         )
     served = Served(proc, f"tcp://127.0.0.1:{port}", out_path, tmp / f"serve-{port}.log", prefix)
     deadline = time.monotonic() + 180
-    while "hmoe serving" not in out_path.read_text():
+    while ready_line not in out_path.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, out_path.read_text()
         time.sleep(0.2)
     try:

@@ -8,17 +8,15 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import openai
 import pytest
 from helpers.net import free_port
+from helpers.serve import Served, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from hmoe.runtime.client import status_once
@@ -30,21 +28,16 @@ PACK = "http-test"
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 
-class Served:
-    def __init__(self, proc, endpoint: str, url: str, out_path: Path, model_dir: Path):
-        self.proc, self.endpoint, self.url, self.out_path, self.model_dir = proc, endpoint, url, out_path, model_dir
+class HttpServed:
+    """`hmoe serve` with its HTTP API on (tests/helpers/serve.py) and an openai client of it."""
+
+    def __init__(self, base: Served, url: str, model_dir: Path):
+        self.base, self.endpoint, self.url, self.model_dir = base, base.endpoint, url, model_dir
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
     def wait_kv_free(self) -> None:
         """Nothing running and every KV block of the decode worker free again (its heartbeat's word)."""
-        deadline = time.monotonic() + 15
-        while True:
-            status = status_once(self.endpoint, 2.0)
-            decode = next(w for w in status["workers"] if w["role"] == "decode")
-            if status["running"] == 0 and decode["kv_free_tokens"] == decode["kv_capacity_tokens"]:
-                return
-            assert time.monotonic() < deadline, status
-            time.sleep(0.1)
+        self.base.wait_kv_free(timeout_s=15.0)
 
     def metrics(self) -> dict:
         """Every sample's value summed over its labels (buckets aside), by sample name."""
@@ -59,45 +52,13 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_models, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("http")
-    prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
-    env = dict(
-        os.environ,
-        HMOE_SHM_PREFIX=prefix,
-        HMOE_ROUTER_RUNTIME_DIR=str(tmp),
-        HMOE_WORKER_KV_CACHE_GIB="0.02",
-        HMOE_WORKER_EXPERTS="torch",
-        HMOE_ROUTER_MAX_PROMPT_TOKENS="512",
-        HMOE_WORKER_HANDOFF_SLOT_TOKENS="512",
-        HMOE_WORKER_PREFILL_CHUNK_TOKENS="64",
-        HMOE_ROUTER_DRAIN_GRACE_S="10",
-        HMOE_WORKER_DRAIN_GRACE_S="5",
-        OMP_NUM_THREADS="1",
-    )  # two workers, the gateway and the test share 2 cores
-    port, http_port = free_port(), free_port()
-    model_dir = tiny_models("deepseek_v3", "fp32")
-    out_path = tmp / "serve.out"
-    argv = ["serve", str(model_dir), "--port", str(port), "--pack", PACK, "--http-port", str(http_port)]
-    with open(out_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hmoe.runtime.cli", *argv], stdout=out, stderr=out, env=env)
-    served = Served(proc, f"tcp://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}", out_path, model_dir)
-    deadline = time.monotonic() + 180
-    while "OpenAI-compatible API at" not in out_path.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, out_path.read_text()
-        time.sleep(0.2)
-    try:
-        yield served
-        proc.send_signal(signal.SIGINT)  # as Ctrl-C: the gateway stops first, then the router drains, then workers
-        assert proc.wait(60) == 0, out_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        from hmoe.shm import ShmConfig, remove_pack
-
-        remove_pack(PACK, ShmConfig(prefix=prefix), force=True)
+    http_port, model_dir = free_port(), tiny_models("deepseek_v3", "fp32")
+    env = {"HMOE_HTTP_PORT": str(http_port), "HMOE_ROUTER_DRAIN_GRACE_S": "10", "HMOE_ROUTER_CLIENT_TIMEOUT_S": "10"}
+    for base in serve(model_dir, tmp_path_factory.mktemp("http"), PACK, "OpenAI-compatible API at", **env):
+        yield HttpServed(base, f"http://127.0.0.1:{http_port}", model_dir)
 
 
-def prompt_ids(served: Served, messages: list[dict], **kwargs) -> list[int]:
+def prompt_ids(served: HttpServed, messages: list[dict], **kwargs) -> list[int]:
     files = {n: (served.model_dir / n).read_bytes() for n in ("tokenizer_config.json",)}
     text = ChatTemplate.from_files(files).render(messages, True, **kwargs)
     return load_tokenizer(served.model_dir).encode(text, add_special_tokens=False).ids
