@@ -3,9 +3,11 @@
 Shapes: L layers, S slots (num_blocks * block_size), W entry width.
 Each cache entry is a tensor [L, S, W]: MLA models keep one entry, the compressed latent
 (kv_lora_rank + qk_rope_head_dim per token); GQA models keep "k" and "v" (kv_heads * head_dim).
-A sequence owns whole blocks; its token at position p lives in slot
-block_table[p // block_size] * block_size + p % block_size. One more block (`scratch_block`) is
-never handed out: padding rows of the static decode batch write and read it.
+A sequence holds whole blocks; its token at position p lives in slot
+block_table[p // block_size] * block_size + p % block_size. A block may have several holders (a
+prefix cache and the sequences that reuse its prompt prefix): each holds one reference, and the
+block is free again when the last lets go. One more block (`scratch_block`) is never handed out:
+padding rows of the static decode batch write and read it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class KVPool:
     data: dict[str, torch.Tensor] = field(init=False)  # name -> [L, S, W]
     block_tables: dict[str, list[int]] = field(init=False, default_factory=dict)
     _free: list[int] = field(init=False)
+    _refs: list[int] = field(init=False)  # per block: its holders (sequences, the prefix cache)
 
     def __post_init__(self) -> None:
         slots = (self.num_blocks + 1) * self.block_size  # + the scratch block
@@ -50,6 +53,7 @@ class KVPool:
             for name, width in kv_entry_widths(self.config).items()
         }
         self._free = list(range(self.num_blocks - 1, -1, -1))
+        self._refs = [0] * self.num_blocks
 
     @classmethod
     def from_budget(
@@ -101,10 +105,33 @@ class KVPool:
                 f"({num_tokens * per_token / GIB:.3f} GiB): raise kv_cache_gib or shorten the request",
             )
         for _ in range(max(need, 0)):
-            table.append(self._free.pop())
+            block = self._free.pop()
+            self._refs[block] = 1
+            table.append(block)
+
+    def share(self, seq_id: str, blocks: list[int]) -> None:
+        """Start seq_id's table with blocks another holder keeps (a cached prompt prefix), read-only:
+        the sequence writes only positions past them, into blocks `reserve` adds after."""
+        assert seq_id not in self.block_tables, seq_id
+        for block in blocks:
+            self.retain(block)
+        self.block_tables[seq_id] = list(blocks)
+
+    def retain(self, block: int) -> None:
+        assert self._refs[block] > 0, block  # only a held block gains holders
+        self._refs[block] += 1
+
+    def release(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._free.append(block)
+
+    def holders(self, block: int) -> int:
+        return self._refs[block]
 
     def free(self, seq_id: str) -> None:
-        self._free.extend(reversed(self.block_tables.pop(seq_id, [])))
+        for block in reversed(self.block_tables.pop(seq_id, [])):
+            self.release(block)
 
     def slots(self, seq_id: str, start: int, end: int) -> torch.Tensor:
         """Flat slot ids of positions [start, end) of seq_id: [end - start] int64 on the pool's device."""
