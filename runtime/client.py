@@ -72,7 +72,7 @@ class Result:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str  # stop | length | cancelled | timeout | error
-    usage: Usage  # prompt_tokens, output_tokens, ttft_s, tpot_s, queue_s (arrival -> sent to prefill)
+    usage: Usage  # prompt_tokens, output_tokens, ttft_s, tpot_s, queue_s (arrival -> sent to prefill), cached_tokens
     logprobs: tuple | None = None  # when asked: per generated token, as in Chunk
 
 

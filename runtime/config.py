@@ -73,6 +73,7 @@ class WorkerConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16
     kv_cache_gib: float = 2.0
+    prefix_cache_gib: float = 2.0  # prefill worker: KV of earlier prompts kept for reuse, beside kv_cache_gib; 0 = off
     kv_block_size: int = 16
     max_batch: int = 32  # decode requests running at once
     micro_batches: int = 2  # decode splits its batch so one half's attention overlaps the other's experts
@@ -89,6 +90,7 @@ class WorkerConfig:
 
     _ranges = {
         "kv_cache_gib": (0.001, 4096.0),
+        "prefix_cache_gib": (0.0, 4096.0),
         "kv_block_size": (1, 1024),
         "max_batch": (1, 4096),
         "micro_batches": (1, 2),

@@ -1,4 +1,5 @@
-"""Scheduling policy: which queued prompt prefills next. Pure functions, no state, no I/O.
+"""Scheduling policy: which queued prompt prefills next, and on which prefill worker. Pure functions,
+no state, no I/O.
 
 The Scheduler owns the queue and the workers; it asks `prefill_order` in which order to try the
 queued requests, and sends the first one a decode worker has room for. The rule:
@@ -10,12 +11,18 @@ queued requests, and sends the first one a decode worker has room for. The rule:
   everything else, oldest first, and the first due request *blocks* the ones behind it when no
   decode worker has room for it yet (`blocking`), so a stream of short prompts cannot keep a long
   one's KV reservation from ever fitting.
+
+Among idle prefill workers, a prompt goes to the one that last prefilled the longest prefix of it (its
+prefix cache likely still holds that KV), else to the first idle one (`prefill_worker_for`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+W = TypeVar("W")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +53,9 @@ def prefill_order(queue: Sequence[Queued], now: float, starve_s: float) -> list[
 def blocking(item: Queued, now: float, starve_s: float) -> bool:
     """Whether nothing behind `item` may go while it waits for decode room (it is due)."""
     return is_due(item, now, starve_s)
+
+
+def prefill_worker_for(idle: Sequence[W], matched: Mapping[W, int]) -> W:
+    """Of the idle prefill workers (in the pool's order), the one with the most prompt tokens matched
+    (PrefixAffinity.matched), the first one among equals."""
+    return max(idle, key=lambda w: (matched.get(w, 0), -idle.index(w)))

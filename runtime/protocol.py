@@ -26,6 +26,9 @@ Evolution: a router and its workers are upgraded one at a time, so
    sent only to a peer whose negotiated version has it.
 
 Sockets: clients (DEALER) -> router frontend (ROUTER); workers (DEALER) -> router backend (ROUTER).
+
+Past 400 lines because the whole wire contract (every message and record, the version rule) is read
+in one place; the codec's machinery lives in codec.py.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from hmoe.runtime.codec import (
 )
 from hmoe.runtime.sampling_params import FinishReason, SamplingParams
 
-VERSION = 2  # what this side speaks
+VERSION = 3  # what this side speaks (3: prefix-cache fields in Prefilled, Usage, WorkerPing, WorkerStatus)
 MIN_VERSION = 2  # the oldest peer version this side reads (2: token ids packed, token items typed)
 MAX_MESSAGE_BYTES = 4 << 20  # a 128K-token prompt as ids is 0.5 MB; text prompts are capped by this
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}\Z")
@@ -91,6 +94,17 @@ class Usage:
     ttft_s: float | None = None  # arrival at the router -> first token
     tpot_s: float | None = None  # mean time per output token after the first
     queue_s: float | None = None  # arrival at the router -> sent to a prefill worker
+    cached_tokens: Count = 0  # prompt tokens whose KV the prefix cache had (not prefilled again)
+
+
+@record
+class PrefixStats:
+    """A prefill worker's prefix cache: its size, and its lookups since the worker started (in tokens)."""
+
+    cached_tokens: Count
+    capacity_tokens: Count
+    query_tokens: Count  # prompt tokens looked up
+    hit_tokens: Count  # of those, found cached
 
 
 @record
@@ -140,6 +154,7 @@ class WorkerStatus:
     uptime_s: float
     steps: int = 0  # engine steps since the worker started (its last heartbeat)
     step_s: float = 0.0  # their total time
+    prefix: PrefixStats | None = None  # a prefill worker's prefix cache, as its last heartbeat said
 
 
 @record
@@ -280,6 +295,7 @@ class WorkerPing:
     waiting: Count = 0
     steps: Count = 0  # engine steps (forward passes) since the worker started
     step_s: Annotated[float, Range(0)] = 0.0  # their total time: the mean step time is a rate of the two
+    prefix: PrefixStats | None = None  # a prefill worker with a prefix cache
 
 
 @message("worker_pong")
@@ -307,6 +323,7 @@ class Prefilled:
     finish_reason: FinishReason | None = None
     logprobs: TokenLogprob | None = None  # asked for: the first token's
     generation: Annotated[int, Range(-1)] = -1  # the slot's fill (HandoffPool generation); -1: no slot
+    cached_tokens: Count = 0  # of the prompt, tokens the prefix cache had
 
 
 @message("adopt")

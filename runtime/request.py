@@ -100,4 +100,5 @@ class Request:
             ttft_s=round(self.first_token_s - self.arrival_s, 6) if n else None,
             tpot_s=round((self.last_token_s - self.first_token_s) / (n - 1), 6) if n > 1 else None,
             queue_s=round(self.prefill_start_s - self.arrival_s, 6) if self.prefill_start_s is not None else None,
+            cached_tokens=self.prefilled.cached_tokens if self.prefilled else 0,
         )

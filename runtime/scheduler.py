@@ -36,7 +36,7 @@ from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.detokenizer import Decoder
 from hmoe.runtime.errors import HmoeError
-from hmoe.runtime.policy import Queued, blocking, prefill_order
+from hmoe.runtime.policy import Queued, blocking, prefill_order, prefill_worker_for
 from hmoe.runtime.protocol import (
     MIN_VERSION,
     VERSION,
@@ -68,7 +68,7 @@ from hmoe.runtime.protocol import (
 )
 from hmoe.runtime.request import Phase, Request
 from hmoe.runtime.sampling_params import SamplingParams, kv_need, with_seed
-from hmoe.runtime.worker_pool import ROLES, WorkerEntry, WorkerPool
+from hmoe.runtime.worker_pool import ROLES, PrefixAffinity, WorkerEntry, WorkerPool
 
 log = structlog.get_logger("hmoe.router")
 
@@ -89,6 +89,7 @@ class Scheduler:
         self.queue: deque[str] = deque()  # QUEUED request ids, head first
         self.awaiting_decode: list[str] = []  # HANDOFF request ids no decode worker had room for yet
         self.workers = WorkerPool(config.heartbeat_interval_s * config.heartbeat_liveness)
+        self.affinity = PrefixAffinity()
         self.clients: dict[bytes, float] = {}  # clients with requests -> when last heard
         self.model: ModelInfo | None = None  # from the first worker's Register
         self.outbox: list[tuple[str, bytes, object]] = []
@@ -433,11 +434,12 @@ class Scheduler:
         self.awaiting_decode = [
             i for i in self.awaiting_decode if i in self.requests and not self._adopt(self.requests[i])
         ]
-        while self.queue and (prefill := self.workers.idle_prefill()) is not None:
+        while self.queue and (idle := self.workers.idle_prefills()):
             found = self._next_prefill(now)
             if found is None:
                 return  # the candidates wait for decode room
             request, decode = found
+            prefill = self._prefill_worker_for(request, idle)
             self.queue.remove(request.request_id)
             request.phase, request.prefill_worker, request.decode_worker = (
                 Phase.PREFILL,
@@ -451,6 +453,15 @@ class Scheduler:
                 prefill.identity,
                 Prefill(request.request_id, request.prompt_ids, request.params),
             )
+
+    def _prefill_worker_for(self, request: Request, idle: list[WorkerEntry]) -> WorkerEntry:
+        """The idle prefill worker likely to hold the prompt's prefix in its cache (one: no hashing)."""
+        if len(self.workers.of_role("prefill")) == 1:
+            return idle[0]
+        by_identity = {w.identity: w for w in idle}
+        identity = prefill_worker_for(list(by_identity), self.affinity.matched(request.prompt_ids))
+        self.affinity.record(identity, request.prompt_ids)
+        return by_identity[identity]
 
     def _next_prefill(self, now: float) -> tuple[Request, WorkerEntry] | None:
         """The queued request to prefill next (policy.prefill_order) with the decode worker that holds its KV

@@ -4,13 +4,19 @@ Liveness is the zguide's Paranoid Pirate: every message from a worker (a WorkerP
 heartbeat interval) renews it; a worker silent for interval * liveness is dead. The router counts
 KV itself (a decode worker reserves prompt + max_tokens per request), so admission never waits for
 a stale heartbeat; the worker's own figures are shown in status.
+
+`PrefixAffinity` remembers which prefill worker last prefilled which prompt prefixes, so a prompt
+can go where its prefix is likely cached (policy.prefill_worker_for chooses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.protocol import Register, WorkerPing, WorkerStatus
 
 ROLES = ("prefill", "decode")
@@ -73,6 +79,7 @@ class WorkerEntry:
             uptime_s=round(now - self.registered_s, 1),
             steps=ping.steps if ping else 0,
             step_s=round(ping.step_s, 6) if ping else 0.0,
+            prefix=ping.prefix if ping else None,
         )
 
 
@@ -141,8 +148,8 @@ class WorkerPool:
         """Workers silent past the limit (the caller removes them)."""
         return iter([w for w in self.by_identity.values() if now - w.last_seen_s > self.silence_limit_s])
 
-    def idle_prefill(self) -> WorkerEntry | None:
-        return next((w for w in self.of_role("prefill") if w.busy is None and not w.draining), None)
+    def idle_prefills(self) -> list[WorkerEntry]:
+        return [w for w in self.of_role("prefill") if w.busy is None and not w.draining]
 
     def decode_with_room(self, kv_tokens: int) -> WorkerEntry | None:
         """The least loaded decode worker that can take the request, or None."""
@@ -165,3 +172,40 @@ def _host(info: Register) -> str:
     """The host part of a worker id `role-host-pid-generation` (pids repeat across machines)."""
     parts = info.worker_id.split("-")
     return "-".join(parts[1:-2]) if len(parts) >= 4 else info.worker_id
+
+
+class PrefixAffinity:
+    """Prompt prefixes -> the prefill worker that prefilled them last, as chain keys every SPAN tokens
+    (the router knows no worker's KV block size: a coarser grid of its own), least recently used
+    forgotten past max_keys. A guess, never the truth: a worker may have evicted them since."""
+
+    SPAN = 256
+
+    def __init__(self, max_keys: int = 1 << 16):
+        self.max_keys = max_keys
+        self.owner: OrderedDict[bytes, bytes] = OrderedDict()  # chain key -> worker identity
+
+    def keys(self, token_ids: Sequence[int]) -> list[bytes]:
+        ids = token_ids if isinstance(token_ids, TokenIds) else TokenIds(token_ids)
+        key, keys = b"", []
+        for start in range(0, len(ids) - self.SPAN + 1, self.SPAN):
+            key = hashlib.blake2b(key + ids[start : start + self.SPAN].tobytes(), digest_size=16).digest()
+            keys.append(key)
+        return keys
+
+    def matched(self, token_ids: Sequence[int]) -> dict[bytes, int]:
+        """worker identity -> prompt tokens of its longest remembered prefix of token_ids."""
+        found: dict[bytes, int] = {}
+        for i, key in enumerate(self.keys(token_ids)):
+            identity = self.owner.get(key)
+            if identity is None:
+                break
+            found[identity] = (i + 1) * self.SPAN
+        return found
+
+    def record(self, identity: bytes, token_ids: Sequence[int]) -> None:
+        for key in reversed(self.keys(token_ids)):  # a prefix's first key ends most recent: forgotten last
+            self.owner[key] = identity
+            self.owner.move_to_end(key)
+        while len(self.owner) > self.max_keys:
+            self.owner.popitem(last=False)

@@ -173,6 +173,12 @@ def status_cmd(as_json, endpoint, port, server_key, config_path, timeout) -> Non
             f"waiting {w['waiting']}, KV free {w['kv_free_tokens']}/{w['kv_capacity_tokens']}, "
             f"seen {w['last_seen_s']} s ago"
         )
+        if prefix := w.get("prefix"):
+            rate = f"{prefix['hit_tokens'] / prefix['query_tokens']:.0%}" if prefix["query_tokens"] else "-"
+            click.echo(
+                f"           prefix cache {prefix['cached_tokens']}/{prefix['capacity_tokens']} tokens, "
+                f"hit rate {rate} ({prefix['hit_tokens']} of {prefix['query_tokens']} prompt tokens)"
+            )
 
 
 def _agrees(status: dict) -> bool:

@@ -19,8 +19,14 @@ from hmoe.runtime.http.reasoning import ReasoningParser, split_reasoning
 def usage_of(results: list[Result | None], n: int) -> dict:
     """One prompt per n consecutive choices: its tokens count once."""
     prompt = sum(r.usage.prompt_tokens for r in results[::n] if r is not None)
+    cached = sum(r.usage.cached_tokens for r in results[::n] if r is not None)
     completion = sum(r.usage.output_tokens for r in results if r is not None)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def finish_reason(result: Result | None) -> str:

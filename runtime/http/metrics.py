@@ -5,14 +5,16 @@ time to first token, inter-token latency (per token), time per output token (per
 latency, prompt and generation tokens, finish reasons. Per scrape, from the router's Status: requests
 running and waiting, KV cache use per decode worker, tokens/s, registered workers, and each worker's
 engine steps and their time (counters from its heartbeat: rate(seconds) / rate(steps) is the mean
-prefill or decode step time).
+prefill or decode step time), and each prefill worker's prefix cache (queries and hits in tokens, as
+vLLM counts them: rate(hits) / rate(queries) is the hit rate; its size). Cached prompt tokens per
+request are counted too (`hmoe:prompt_tokens_cached`).
 Every series carries model_name; the registry is the gateway's own (no process-global state).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (
     0.001,
@@ -117,6 +119,9 @@ class Metrics:
         self.prompt_hist = histogram("request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
         self.gen_hist = histogram("request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
         self.prompt_tokens = Counter("hmoe:prompt_tokens", "Prompt tokens processed.", labels, registry=registry)
+        self.cached_tokens = Counter(
+            "hmoe:prompt_tokens_cached", "Prompt tokens whose KV came from the prefix cache.", labels, registry=registry
+        )
         self.generation_tokens = Counter("hmoe:generation_tokens", "Tokens generated.", labels, registry=registry)
         self.success = Counter(
             "hmoe:request_success",
@@ -143,7 +148,7 @@ class Metrics:
             registry=registry,
         )
         self.worker_rows: list[dict] = []
-        registry.register(_WorkerSteps(self))
+        registry.register(_WorkerCounters(self))
         self.router_up = Gauge(
             "hmoe:router_up", "1 when the router answered the last scrape.", labels, registry=registry
         )
@@ -160,6 +165,7 @@ class Metrics:
         m = self.model_name
         self.e2e.labels(m).observe(e2e_s)
         self.prompt_tokens.labels(m).inc(usage.prompt_tokens)
+        self.cached_tokens.labels(m).inc(usage.cached_tokens)
         self.generation_tokens.labels(m).inc(usage.output_tokens)
         self.prompt_hist.labels(m).observe(usage.prompt_tokens)
         self.gen_hist.labels(m).observe(usage.output_tokens)
@@ -194,8 +200,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _WorkerSteps:
-    """Each worker's cumulative step count and time, as its last heartbeat said (a restart resets them)."""
+class _WorkerCounters:
+    """Each worker's cumulative counters, as its last heartbeat said (a restart resets them): engine steps
+    and their time; a prefill worker's prefix-cache lookups and hits (tokens) and its size."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -204,8 +211,17 @@ class _WorkerSteps:
         labels = ["model_name", "role", "worker_id"]
         steps = CounterMetricFamily("hmoe:worker_steps", "Engine steps (forward passes) of a worker.", labels=labels)
         seconds = CounterMetricFamily("hmoe:worker_step_seconds", "Time in those steps.", labels=labels)
+        queries = CounterMetricFamily(
+            "hmoe:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=labels
+        )
+        hits = CounterMetricFamily("hmoe:prefix_cache_hits", "Of those, tokens found cached.", labels=labels)
+        size = GaugeMetricFamily("hmoe:prefix_cache_tokens", "Tokens of KV the prefix cache holds.", labels=labels)
         for w in self.metrics.worker_rows:
             key = [self.metrics.model_name, w["role"], w["worker_id"]]
             steps.add_metric(key, w.get("steps", 0))
             seconds.add_metric(key, w.get("step_s", 0.0))
-        return [steps, seconds]
+            if prefix := w.get("prefix"):
+                queries.add_metric(key, prefix["query_tokens"])
+                hits.add_metric(key, prefix["hit_tokens"])
+                size.add_metric(key, prefix["cached_tokens"])
+        return [steps, seconds, queries, hits, size]

@@ -217,7 +217,12 @@ def test_the_http_api_serves_what_its_unit_runs(stack):
     body = json.dumps({"prompt": [5, 9, 2], "max_tokens": 4, "ignore_eos": True, "temperature": 0}).encode()
     answer = urllib.request.urlopen(urllib.request.Request(f"{env['HTTP_URL']}/v1/completions", body), timeout=60)
     usage = json.loads(answer.read())["usage"]
-    assert usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert usage == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def _stream_while(config: Path, stop) -> tuple[list[int], str]:

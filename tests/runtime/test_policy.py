@@ -1,11 +1,13 @@
-"""The prefill order: shortest first, retried and starving requests before everyone (runtime/policy.py)."""
+"""The prefill order: shortest first, retried and starving requests before everyone; the prefill worker:
+the one that prefilled the prompt's prefix last (runtime/policy.py, worker_pool.PrefixAffinity)."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hmoe.runtime.policy import Queued, blocking, prefill_order
+from hmoe.runtime.policy import Queued, blocking, prefill_order, prefill_worker_for
+from hmoe.runtime.worker_pool import PrefixAffinity
 
 STARVE_S = 10.0
 
@@ -66,3 +68,34 @@ def test_one_prefill_worker_never_starves_anyone(arrivals, starve_s):
             assert chosen.prompt_tokens == min(q.prompt_tokens for q in queue)
         queue.remove(chosen)
         now += chosen.prompt_tokens / 1000
+
+
+# -- which prefill worker ---------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 9), min_size=1, max_size=6, unique=True),
+    st.dictionaries(st.integers(0, 12), st.integers(0, 4096)),
+)
+def test_the_idle_worker_with_the_longest_matched_prefix_wins_else_the_first(idle, matched):
+    chosen = prefill_worker_for(idle, matched)
+    assert chosen in idle
+    best = max(matched.get(w, 0) for w in idle)
+    assert matched.get(chosen, 0) == best
+    assert chosen == next(w for w in idle if matched.get(w, 0) == best)  # the pool's order among equals
+
+
+def test_affinity_remembers_the_worker_that_prefilled_a_prefix_last_and_forgets_the_oldest():
+    affinity = PrefixAffinity(max_keys=8)
+    span = PrefixAffinity.SPAN
+    doc = list(range(3 * span))
+    affinity.record(b"a", doc)
+    assert affinity.matched(doc + [1, 2]) == {b"a": 3 * span}
+    assert affinity.matched(doc[:span] + [7] * span) == {b"a": span}  # the first span only
+    assert affinity.matched(doc[: span - 1]) == {}  # shorter than a span: nothing to go by
+    affinity.record(b"b", doc[: 2 * span])  # b prefilled the first two spans since
+    assert affinity.matched(doc) == {b"b": 2 * span, b"a": 3 * span}
+    for i in range(8):  # eight other prompts' spans push the oldest keys out
+        affinity.record(b"c", [1000 + i] * span)
+    assert len(affinity.owner) == 8 and affinity.matched(doc) == {}

@@ -617,3 +617,16 @@ def test_a_busy_worker_whose_steps_stand_still_is_stuck_its_requests_fail_and_it
     assert (D, "worker_stuck") in [(who, m.code) for _, who, m in out if isinstance(m, Error)]
     (finished,) = [m for _, _, m in out if isinstance(m, Finished)]
     assert finished.error.code == "worker_stuck"
+
+
+def test_with_two_prefill_workers_a_prompt_goes_where_its_prefix_was_prefilled():
+    s = make(kv=4000)
+    register(s, b"prefill-2", "prefill", name="prefill-2")
+    s.take_outbox()
+    document = "".join(chr(97 + i % 26) for i in range(600))  # the byte tokenizer: 600 tokens, two spans
+    assert to(gen(s, "other", "something else entirely"), P, Prefill)  # both idle: the first in the pool
+    assert to(gen(s, "first", document + " one?"), b"prefill-2", Prefill)  # P is busy
+    s.on_worker(P, Prefilled("other", ord("a"), 1, "slots", 23, generation=1), 1.0)
+    s.on_worker(b"prefill-2", Prefilled("first", ord("a"), 0, "slots", 605, generation=1), 1.0)
+    s.take_outbox()
+    assert to(gen(s, "again", document + " two?", now=1.0), b"prefill-2", Prefill)  # it holds the document

@@ -1,6 +1,8 @@
 """PrefillEngine: whole prompts in layer-major passes, then the first token and the KV hand-off.
 
-One prompt runs at a time (the router keeps the queue). A prompt is prefilled in passes; each pass
+One prompt runs at a time (the router keeps the queue). With a PrefixCache, a prompt first takes the
+KV blocks of its longest cached prefix and prefills only the rest; once prefilled, its full blocks
+are cached for the prompts after it. A prompt is prefilled in passes; each pass
 is chosen on its own (`_open_pass`):
   - streamed: when the engine has StreamingExperts and the rest of the prompt is at least
     stream_min_tokens long, up to max_pass_tokens (the activations that fit the device) in chunks of
@@ -26,6 +28,7 @@ from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.causal_lm import CausalLM
 from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.model.prefix_cache import PrefixCache
 from hmoe.workers.model.sampler import sample, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class PrefillJob:
     token_ids: Sequence[int]
     params: SamplingParams
     done: int = 0  # prompt tokens already in the KV cache
+    cached: int = 0  # of those, the ones the prefix cache had
     first_token: int | None = None
     logprobs: list | None = None  # the first token's [logprob, top alternatives] when asked
     steps: Generator | None = None  # the running pass: one layer per next()
@@ -55,9 +59,11 @@ class PrefillEngine:
         streaming=None,
         stream_min_tokens: int = 0,
         max_pass_tokens: int = 1 << 30,
+        prefix: PrefixCache | None = None,
     ):
-        """streaming: a StreamingExperts for long passes (None: every pass on the model's default experts)."""
-        self.model, self.kv, self.handoff = model, kv, handoff
+        """streaming: a StreamingExperts for long passes (None: every pass on the model's default experts);
+        prefix: the prefix cache over `kv` (None: every prompt prefilled whole)."""
+        self.model, self.kv, self.handoff, self.prefix = model, kv, handoff, prefix
         self.chunk_tokens, self.handoff_timeout_s = chunk_tokens, handoff_timeout_s
         self.streaming, self.stream_min_tokens = streaming, stream_min_tokens
         self.max_pass_tokens = max(chunk_tokens, max_pass_tokens // chunk_tokens * chunk_tokens)
@@ -73,6 +79,14 @@ class PrefillEngine:
     def load(self) -> tuple[int, int]:
         """(running, waiting) for heartbeats."""
         return int(self.current is not None), len(self.queue)
+
+    def free_tokens(self) -> int:
+        """KV token slots a new prompt can have: free blocks and cached ones only the cache holds (read
+        by the heartbeat thread: plain counts, no iteration)."""
+        job, reclaimable = self.current, 0
+        if self.prefix is not None:
+            reclaimable = len(self.prefix.blocks) - (job.cached // self.kv.block_size if job is not None else 0)
+        return (self.kv.free_blocks + max(reclaimable, 0)) * self.kv.block_size
 
     def request_ids(self) -> list[str]:
         return [j.request_id for j in self.queue] + ([self.current.request_id] if self.current else [])
@@ -126,7 +140,7 @@ class PrefillEngine:
                     )
                 ]
             try:
-                self.kv.reserve(job.request_id, len(job.token_ids))
+                self._reserve(job)
             except HmoeError as exc:
                 return [_refuse(job, exc.code, exc.message)]
             self.current = job
@@ -160,6 +174,24 @@ class PrefillEngine:
             return [_refuse(job, exc.code, exc.message)]
         return [self._finish(job, slot)]
 
+    def _reserve(self, job: PrefillJob) -> None:
+        """KV for the whole prompt: the cached prefix's blocks shared, new blocks for the rest (cached
+        blocks nobody uses evicted for them if the pool is short); raises KVCapacityError."""
+        if self.prefix is None:
+            self.kv.reserve(job.request_id, len(job.token_ids))
+            return
+        shared = self.prefix.match(job.token_ids)
+        self.kv.share(job.request_id, shared)
+        self.prefix.make_room(self.kv.blocks_for(len(job.token_ids)) - len(shared))
+        try:
+            self.kv.reserve(job.request_id, len(job.token_ids))
+        except HmoeError:
+            self.kv.free(job.request_id)
+            raise
+        job.done = job.cached = len(shared) * self.kv.block_size
+        if job.cached:
+            log.debug("prefix cache hit", extra={"request_id": job.request_id, "cached_tokens": job.cached})
+
     def _open_pass(self, job: PrefillJob) -> None:
         """Choose the pass's experts and length; its chunks go in as the layer-major forward's batches."""
         remaining = len(job.token_ids) - job.done
@@ -187,6 +219,8 @@ class PrefillEngine:
             job.pass_experts = None
 
     def _finish(self, job: PrefillJob, slot: int, reason: FinishReason | None = None) -> protocol.Prefilled:
+        if self.prefix is not None:
+            self.prefix.insert(job.request_id, job.token_ids)
         self.kv.free(job.request_id)
         self.current = None
         if slot >= 0:
@@ -204,6 +238,7 @@ class PrefillEngine:
             reason,
             logprobs=job.logprobs,
             generation=generation,
+            cached_tokens=job.cached,
         )
 
 

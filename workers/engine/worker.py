@@ -43,6 +43,7 @@ from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
 from hmoe.workers.model.causal_lm import CausalLM, load_model
 from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.model.prefix_cache import PrefixCache
 from hmoe.workers.weights.pack_source import PackSource
 
 log = logging.getLogger("hmoe.worker")
@@ -88,8 +89,9 @@ class WorkerProcess:
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
         self.experts = self._experts(device)
         self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
+        kv_gib = w.kv_cache_gib + (w.prefix_cache_gib if self.role == "prefill" else 0.0)
         self.kv = KVPool.from_budget(
-            self.model.config, int(w.kv_cache_gib * (1 << 30)), w.kv_block_size, self.model.dtype, device
+            self.model.config, int(kv_gib * (1 << 30)), w.kv_block_size, self.model.dtype, device
         )
         if self.role == "prefill":
             slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
@@ -107,6 +109,7 @@ class WorkerProcess:
                 self.streaming,
                 stream_min_tokens,
                 max_pass_tokens,
+                self._prefix_cache(),
             )
         else:
             self.handoff = None
@@ -126,6 +129,19 @@ class WorkerProcess:
             self.model.dtype,
             self.kv.capacity_tokens,
         )
+
+    def _prefix_cache(self) -> PrefixCache | None:
+        """The prefill worker's prefix cache: prefix_cache_gib of the KV pool's blocks (0: none)."""
+        w = self.config.worker
+        per_block = self.kv.bytes_per_token * self.kv.block_size
+        budget_blocks = min(int(w.prefix_cache_gib * (1 << 30)) // per_block, self.kv.num_blocks)
+        if budget_blocks == 0:
+            return None
+        identity = f"{sorted(self.source.identity().items())}|{self.source.expert_format}"  # the model and format
+        log.info(
+            "prefix cache: %d blocks of %d tokens (%.2f GiB)", budget_blocks, self.kv.block_size, w.prefix_cache_gib
+        )
+        return PrefixCache(self.kv, budget_blocks, identity)
 
     def _experts(self, device: torch.device):
         if self.config.worker.experts == "torch":
@@ -309,9 +325,7 @@ class WorkerProcess:
                 sock.send(protocol.encode(self._register()))
                 last_heard, incarnation, register_now = now, "", False
             if now >= next_ping:
-                running, waiting = self.engine.load()
-                free = self.kv.free_blocks * self.kv.block_size
-                ping = protocol.WorkerPing(self.worker_id, free, running, waiting, self.steps, self.step_s)
+                ping = self._ping()
                 sock.send(protocol.encode(ping))
                 next_ping = now + r.heartbeat_interval_s
             poller = zmq.Poller()
@@ -345,6 +359,18 @@ class WorkerProcess:
                         os._exit(EXIT_FAILURE)
                     case _:
                         pipe.send(frame)
+
+    def _ping(self) -> protocol.WorkerPing:
+        """The heartbeat, built on the I/O thread from counts the main thread keeps (no iteration)."""
+        running, waiting = self.engine.load()
+        free, stats = self.kv.free_blocks * self.kv.block_size, None
+        if isinstance(self.engine, PrefillEngine):
+            free = self.engine.free_tokens()
+            if (prefix := self.engine.prefix) is not None:
+                stats = protocol.PrefixStats(
+                    prefix.cached_tokens, prefix.capacity_tokens, prefix.query_tokens, prefix.hit_tokens
+                )
+        return protocol.WorkerPing(self.worker_id, free, running, waiting, self.steps, self.step_s, stats)
 
     def _cancel_all(self, code: str, message: str) -> None:
         ids = self.engine.request_ids()

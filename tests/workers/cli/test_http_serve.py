@@ -11,6 +11,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import openai
@@ -79,7 +80,9 @@ def test_chat_streaming_and_not_agree_with_exact_usage(served):
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant" and all(c.id == chunks[0].id for c in chunks)
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, 8)
+    assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens  # the same prompt again: cached
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 2) + ["length"]
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == choice.message.content
     assert all(c.usage is None for c in chunks[:-1]) and chunks[1].object == "chat.completion.chunk"
@@ -237,6 +240,27 @@ def test_metrics_move_and_errors_are_coded(served):
             urllib.request.urlopen(urllib.request.Request(f"{served.url}{path}", body), timeout=10)
         assert raw.value.code == status and json.loads(raw.value.read())["error"]["code"] == code
     assert urllib.request.urlopen(f"{served.url}/health", timeout=10).status == 200
+
+
+def test_a_repeated_long_system_prompt_is_reported_cached_and_counted(served):
+    system = {"role": "system", "content": f"{uuid.uuid4().hex} " + "You answer in rhymes about rivers. " * 14}
+    first, second = (
+        served.client.chat.completions.create(
+            model=PACK, messages=[system, {"role": "user", "content": question}], max_tokens=4, **GREEDY
+        )
+        for question in ("Where does the Rhine begin?", "And the Danube?")
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0.5 * second.usage.prompt_tokens < cached < second.usage.prompt_tokens  # the system prompt's blocks
+    deadline, after = time.monotonic() + 5, served.metrics()
+    while after.get("hmoe:prefix_cache_hits_total", 0) < cached:  # the prefill worker's next heartbeat
+        assert time.monotonic() < deadline, after
+        time.sleep(0.2)
+        after = served.metrics()
+    assert after["hmoe:prompt_tokens_cached_total"] >= cached
+    assert after["hmoe:prefix_cache_queries_total"] >= first.usage.prompt_tokens + second.usage.prompt_tokens
+    assert after["hmoe:prefix_cache_tokens"] >= cached
 
 
 def test_a_worker_lost_mid_stream_is_an_error_event_then_health_recovers(served):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import zmq
@@ -295,6 +296,26 @@ def test_status_agrees_with_itself_right_after_a_request_ends(served):
     assert status["running"] == 0 and status["queued"] == 0
     for worker in status["workers"]:  # their heartbeats say the same, not a beat behind
         assert worker["running"] == 0 and worker["kv_free_tokens"] == worker["kv_capacity_tokens"], status
+
+
+def test_a_repeated_long_prefix_comes_from_the_prefix_cache_with_the_same_tokens(served):
+    from click.testing import CliRunner
+
+    from hmoe.runtime.cli import main
+
+    prefix = f"{uuid.uuid4().hex} " + "The river runs under seven stone bridges to the sea. " * 12
+    greedy = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    with Client(served.endpoint) as client:
+        first = client.complete(prefix + "Tell me more.", **greedy)
+        again = client.complete(prefix + "Tell me more.", **greedy)
+        other = client.complete(prefix + "Now the bridges.", **greedy)
+    assert first.usage.cached_tokens == 0
+    assert again.token_ids == first.token_ids  # computed from cached KV: the same greedy answer
+    assert first.usage.prompt_tokens - 16 <= again.usage.cached_tokens < first.usage.prompt_tokens
+    assert 0.5 * other.usage.prompt_tokens < other.usage.cached_tokens <= again.usage.cached_tokens
+    served.wait_kv_free()
+    shown = CliRunner().invoke(main, ["status", "--endpoint", served.endpoint])
+    assert shown.exit_code == 0 and "prefix cache " in shown.output and "hit rate " in shown.output, shown.output
 
 
 def test_serve_with_device_cuda_on_a_machine_without_it_stops_at_once_with_the_reason(tiny_models, tmp_path):

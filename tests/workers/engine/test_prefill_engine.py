@@ -4,80 +4,13 @@ pool), a real KVPool and a real HandoffPool under a private shm prefix. Millisec
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import pytest
-from helpers.fake_model import LAYERS, FakeModel, continuation, make_kv, next_token, prefill_msg, read_context
+from helpers.fake_model import LAYERS, continuation, next_token, prefill_msg
+from helpers.prefill_rig import SLOT_TOKENS, prefilled, run
 
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError
-from hmoe.workers.engine.kv_handoff import HandoffPool
-from hmoe.workers.engine.prefill import PrefillEngine
-
-BLOCK = 4
-SLOT_TOKENS = 16  # 16 tokens * 256 bytes = one 4 KiB page, so no rounding up
-
-
-@dataclass
-class Rig:
-    engine: PrefillEngine
-    model: FakeModel
-    pool: HandoffPool
-
-    @property
-    def kv(self):
-        return self.engine.kv
-
-
-@pytest.fixture
-def make_rig(handoff_config):
-    pools = []
-
-    def make(num_slots=2, num_blocks=16, chunk_tokens=4, timeout_s=60.0, eos=(), **streaming) -> Rig:
-        model = FakeModel(eos)
-        kv = make_kv(model.config, num_blocks, BLOCK)
-        pool = HandoffPool.create(f"prefill-{len(pools)}", num_slots, kv.bytes_per_token * SLOT_TOKENS, handoff_config)
-        pools.append(pool)
-        return Rig(PrefillEngine(model, kv, pool, chunk_tokens, timeout_s, **streaming), model, pool)
-
-    yield make
-    for pool in pools:
-        pool.close()
-
-
-@pytest.fixture
-def adopter(handoff_config):
-    """The decode side: adopt a Prefilled's slot into a fresh pool and return the prompt read back from it."""
-    attached = []
-
-    def adopt(msg: protocol.Prefilled) -> list[int]:
-        pool = HandoffPool.attach(msg.segment, handoff_config)
-        attached.append(pool)
-        model = FakeModel()
-        kv = make_kv(model.config, 8, BLOCK)
-        kv.reserve(msg.request_id, msg.prompt_len)
-        pool.adopt(msg.slot, kv, msg.request_id, msg.prompt_len)
-        return read_context(kv, kv.slots(msg.request_id, 0, msg.prompt_len))
-
-    yield adopt
-    for pool in attached:
-        pool.close()
-
-
-def run(engine: PrefillEngine, max_steps: int = 100) -> tuple[list, int]:
-    """Step until the engine says something; (messages, steps taken)."""
-    for steps in range(1, max_steps + 1):
-        out = engine.step()
-        if out:
-            return out, steps
-    raise AssertionError(f"no message after {max_steps} steps")
-
-
-def prefilled(engine: PrefillEngine) -> protocol.Prefilled:
-    (msg,), _ = run(engine)
-    assert isinstance(msg, protocol.Prefilled), msg
-    return msg
-
 
 PROMPT = [5, 9, 2, 7, 1, 3, 8, 4, 6, 11]
 
