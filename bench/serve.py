@@ -26,14 +26,16 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from hmoe.runtime import AsyncClient
-from hmoe.runtime.client import status_once
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port  # noqa: E402
+
+from hmoe.runtime import AsyncClient  # noqa: E402
+from hmoe.runtime.client import status_once  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -178,12 +180,6 @@ def machine() -> dict:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "load_average_at_start": os.getloadavg(),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_serve(args) -> tuple[subprocess.Popen, str]:
