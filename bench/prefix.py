@@ -80,7 +80,9 @@ def run_mode(args, mode: str, rng: random.Random) -> dict:
     try:
         with Client(endpoint) as client:
             words = lambda n: [rng.randrange(2, args.vocab_size) for _ in range(n)]  # noqa: E731
-            ask(client, words(64), args)  # warm-up: first-request costs aside
+            ask(
+                client, words(args.prefix_tokens + args.new_tokens), args
+            )  # warm-up: one-time costs of this length aside
             prefix = words(args.prefix_tokens)
             shared = [ask(client, prefix + words(args.new_tokens), args) for _ in range(args.shared_requests + 1)]
             print(f"{mode} shared: ttft {[round(r['ttft_s'], 3) for r in shared]}", file=sys.stderr)
@@ -182,7 +184,8 @@ def main() -> None:
         longest = context - args.new_tokens - args.output_tokens - 1
         args.prefix_tokens = min(args.prefix_tokens or longest, longest)
         args.turn_tokens = args.turn_tokens or args.prefix_tokens // 4
-        args.max_prompt = context
+        conversation = args.turn_tokens + args.turns * (args.new_tokens + args.output_tokens)
+        args.max_prompt = max(args.prefix_tokens + args.new_tokens, conversation) + 64  # sizes the hand-off slots
         args.model_dir = [args.model_dir] if args.model_dir else []
         rng = random.Random(args.seed)
         runs = [run_mode(args, mode, rng) for mode in args.modes.split(",")]

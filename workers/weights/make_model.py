@@ -135,6 +135,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             num_experts_per_tok=8,
             mlp_only_layers=[],
             vocab_size=151936,
+            max_position_embeddings=40960,
         ),
     },
 }
