@@ -76,6 +76,12 @@ class PrefillEngine:
     def busy(self) -> bool:
         return self.current is not None or bool(self.queue)
 
+    @property
+    def awaiting_slot(self) -> bool:
+        """The running prompt is done and waits for a free hand-off slot (every one awaits adoption): the
+        worker loop sleeps between tries instead of spinning."""
+        return self.current is not None and self.current.first_token is not None
+
     def load(self) -> tuple[int, int]:
         """(running, waiting) for heartbeats."""
         return int(self.current is not None), len(self.queue)
@@ -164,7 +170,7 @@ class PrefillEngine:
             return [self._finish(job, slot=-1, reason=reason)]
         slot = self.handoff.allocate(self.handoff_timeout_s)
         if slot is None:
-            return []  # every slot awaits adoption: retry next step
+            return []  # every slot awaits adoption: retry next step (awaiting_slot)
         try:
             self.handoff.write(slot, self.kv, job.request_id, len(job.token_ids))
         except HmoeError as exc:

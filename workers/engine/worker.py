@@ -230,7 +230,7 @@ class WorkerProcess:
 
     def run(self) -> int:
         while True:
-            self._receive(wait=not self.engine.busy)
+            self._receive(self._wait_ms())
             if self.signals and self.draining_since is None:  # the handler only counts; the drain starts here
                 self.drain()
             if self.draining_since is not None:
@@ -247,9 +247,16 @@ class WorkerProcess:
             self.notify.tick()
         return 0
 
-    def _receive(self, wait: bool) -> None:
-        """Apply every message the I/O thread passed on; when idle, wait up to 50 ms for one."""
-        timeout_ms = 50 if wait else 0
+    def _wait_ms(self) -> int:
+        """How long the loop may wait for a message before its next step: 50 ms idle, 5 ms while a
+        prefilled prompt waits for a hand-off slot (the decode worker frees it in shared memory, no
+        message says so), else not at all."""
+        if not self.engine.busy:
+            return 50
+        return 5 if isinstance(self.engine, PrefillEngine) and self.engine.awaiting_slot else 0
+
+    def _receive(self, timeout_ms: int) -> None:
+        """Apply every message the I/O thread passed on, waiting up to timeout_ms for the first."""
         while self.pipe.poll(timeout_ms):
             timeout_ms = 0
             frame = self.pipe.recv()

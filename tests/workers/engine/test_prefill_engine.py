@@ -172,23 +172,24 @@ def test_a_hand_off_waiting_long_is_still_cancellable_while_the_other_slot_cycle
     assert rig.engine.cancel("waits") and rig.pool.free_slots() == 2  # its slot is free at once, not at the timeout
 
 
-def test_full_slots_make_step_spin_without_recomputing_then_hand_off(make_rig, adopter):
-    """Documents today's behaviour: with every slot awaiting adoption, step() returns [] while the
-    engine stays busy (the worker loop spins) and the prompt's KV stays held; nothing is recomputed.
-    The scheduling work replaces this spin."""
+def test_full_slots_make_the_engine_wait_for_one_without_recomputing_then_hand_off(make_rig, adopter):
+    """With every slot awaiting adoption, step() returns [] while the engine stays busy and says it
+    awaits a slot (the worker loop sleeps between tries); the prompt's KV stays held, nothing is recomputed."""
     rig = make_rig(num_slots=1)
     rig.engine.add(prefill_msg("a", PROMPT))
     rig.engine.add(prefill_msg("b", [1, 2, 3]))
     held = prefilled(rig.engine)
     calls = len(rig.model.calls)
+    assert not rig.engine.awaiting_slot
     for _ in range(5):
         assert rig.engine.step() == [] and rig.engine.busy and rig.engine.load() == (1, 0)
+    assert rig.engine.awaiting_slot
     assert len(rig.model.calls) == calls + 1  # b's one forward; spinning runs nothing
     assert rig.kv.block_tables.keys() == {"b"}
     adopter(held)
     (msg,) = rig.engine.step()
     assert msg.request_id == "b" and msg.first_token == next_token([1, 2, 3]) and len(rig.model.calls) == calls + 1
-    assert not rig.kv.block_tables
+    assert not rig.kv.block_tables and not rig.engine.awaiting_slot
 
 
 def test_drop_all_forgets_queued_and_current_and_frees_their_kv(make_rig):
