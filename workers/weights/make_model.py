@@ -201,8 +201,7 @@ def hf_config(arch: str, preset: str, dtype: str, vocab_size: int, num_layers: i
             rope_scaling=dict(_YARN),
             rope_interleave=True,
             num_key_value_heads=shape["num_attention_heads"],
-            **common,
-            **shape,
+            **(common | shape),  # a preset's own values (its context) win
         )
     else:
         cfg = dict(
@@ -214,8 +213,7 @@ def hf_config(arch: str, preset: str, dtype: str, vocab_size: int, num_layers: i
             rope_scaling=None,
             sliding_window=None,
             use_sliding_window=False,
-            **common,
-            **shape,
+            **(common | shape),  # a preset's own values (its context) win
         )
     if dtype == "fp8":
         cfg["quantization_config"] = {
