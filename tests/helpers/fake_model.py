@@ -154,7 +154,7 @@ def adopt_msg(prefilled: protocol.Prefilled, prompt: Sequence[int], **params) ->
     """The Adopt the router sends for a Prefilled (same sampling params as the Prefill)."""
     return protocol.Adopt(
         prefilled.request_id,
-        list(prompt),
+        len(prompt),
         prefilled.first_token,
         prefilled.slot,
         prefilled.segment,

@@ -105,7 +105,7 @@ class DecodeEngine:
         req = DecodeRequest(
             msg.request_id,
             require_seed(msg.params),
-            len(msg.token_ids),
+            msg.prompt_len,
             msg.slot,
             msg.segment,
             [msg.first_token],

@@ -247,7 +247,7 @@ def test_a_slot_freed_before_adoption_ends_with_handoff_lost_and_others_run(make
 def test_an_adopt_naming_a_bad_segment_ends_with_a_clean_error(make_rig, segment):
     rig = make_rig()
     adopt = rig.hand_off("a", PROMPTS["a"], max_tokens=4)
-    bad = protocol.Adopt(adopt.request_id, adopt.token_ids, adopt.first_token, adopt.slot, segment, adopt.params)
+    bad = protocol.Adopt(adopt.request_id, adopt.prompt_len, adopt.first_token, adopt.slot, segment, adopt.params)
     rig.collect(rig.engine.add(bad))
     rig.step()
     expected = "handoff_lost" if segment == "kv-handoff.nobody" else "handoff_invalid"
