@@ -100,13 +100,24 @@ def test_on_a_gpu_pieces_go_out_on_the_side_stream_from_the_registered_segment_a
     receiver.pin()
     assert receiver.pinned and receiver.slot_kv(slot, kv, len(PROMPT))["k"].is_pinned()
     side = torch.cuda.Stream()
+    # NOTE: a kernel's first launch may load its module, which can wait for the whole device (the sleep
+    # below): a first adoption and main-stream sum load them.
+    warm = Adoption("a", receiver, slot, kv, len(PROMPT), stream=side)
+    warm.copy(1 << 20)
+    side.synchronize()
+    warm.finish()
+    assert read_context(kv, kv.slots("a", 0, len(PROMPT))) == PROMPT
+    assert (torch.arange(8, device="cuda") * 2).sum().item() == 56
+    kv.free("a")
+    kv.reserve("b", len(PROMPT))
+    slot, _ = fill(sender, "b", PROMPT[::-1])
     with torch.cuda.stream(side):
         torch.cuda._sleep(1 << 30)  # ~0.5 s of GPU cycles: the side stream is busy, the main one is not
-    adoption = Adoption("a", receiver, slot, kv, len(PROMPT), stream=side)
+    adoption = Adoption("b", receiver, slot, kv, len(PROMPT), stream=side)
     assert [adoption.copy(LAYER) for _ in range(4)] == [LAYER] * 4 and adoption.issued
     assert (torch.arange(8, device="cuda") * 2).sum().item() == 56  # the main stream runs meanwhile
-    assert not adoption.landed()  # the pieces wait behind the sleep, on the side stream
+    assert not adoption.landed() and sender.free_slots() == 1  # the pieces wait behind the sleep
     side.synchronize()
     assert adoption.landed()
     adoption.finish()
-    assert read_context(kv, kv.slots("a", 0, len(PROMPT))) == PROMPT and sender.free_slots() == 2
+    assert read_context(kv, kv.slots("b", 0, len(PROMPT))) == PROMPT[::-1] and sender.free_slots() == 2
