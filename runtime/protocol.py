@@ -19,7 +19,8 @@ Evolution: a router and its workers are upgraded one at a time, so
 2. Every frame carries its sender's VERSION. A frame from a version below MIN_VERSION is refused
    with "version_too_old"; newer versions are read by rule 1. VERSION goes up with each set of new
    fields or message types; MIN_VERSION goes up only for a change rule 1 cannot absorb (as version 2
-   did: packed token ids, typed token items) and then refuses every older peer.
+   did: packed token ids, typed token items; and version 3: Adopt's required token_ids became
+   prompt_len) and then refuses every older peer.
 3. Versions are negotiated at Register: a worker sends the range it speaks (min_version..max_version);
    the router answers Registered with the highest version both speak, or refuses a worker with no
    common version with Error "version_too_old" saying which side to upgrade. A new message type is
@@ -50,8 +51,9 @@ from hmoe.runtime.codec import (
 )
 from hmoe.runtime.sampling_params import FinishReason, SamplingParams
 
-VERSION = 3  # what this side speaks (3: prefix-cache fields in Prefilled, Usage, WorkerPing, WorkerStatus)
-MIN_VERSION = 2  # the oldest peer version this side reads (2: token ids packed, token items typed)
+VERSION = 3  # what this side speaks
+MIN_VERSION = 3  # the oldest peer version this side reads (3: Adopt carries prompt_len, not the prompt's ids;
+# Prefilled, Usage, WorkerPing and WorkerStatus gained the prefix cache's fields)
 MAX_MESSAGE_BYTES = 4 << 20  # a 128K-token prompt as ids is 0.5 MB; text prompts are capped by this
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}\Z")
 
@@ -328,10 +330,11 @@ class Prefilled:
 
 @message("adopt")
 class Adopt:
-    """Decode worker: take a prefilled request (copy its KV from the slot, free the slot)."""
+    """Decode worker: take a prefilled request (copy its KV from the slot, free the slot). The prompt's ids
+    stay with the router: the decode worker needs only their count."""
 
     request_id: RequestId
-    token_ids: Ids  # prompt ids (the decode worker uses their count today)
+    prompt_len: Annotated[int, Range(1)]  # tokens of KV the slot holds
     first_token: TokenId
     slot: Count
     segment: str

@@ -37,7 +37,7 @@ class _NoText:
 class Request:
     request_id: str
     client: bytes  # the client's ZeroMQ routing id
-    prompt_ids: Sequence[int]  # TokenIds (packed once: Prefill and Adopt send them as they are) or a list
+    prompt_ids: Sequence[int]  # TokenIds (packed once: Prefill sends them as they are) or a list
     params: SamplingParams
     stream: bool
     arrival_s: float

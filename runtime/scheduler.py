@@ -185,7 +185,7 @@ class Scheduler:
 
     def _prompt_ids(self, msg: Generate) -> Sequence[int]:
         self.check_prompt(msg)
-        # Text is tokenized here only when no router loop did it first; packed once: Prefill and Adopt send it as is.
+        # Text is tokenized here only when no router loop did it first; packed once: Prefill sends it as is.
         if msg.token_ids is not None:
             ids: Sequence[int] = msg.token_ids
         else:
@@ -345,7 +345,7 @@ class Scheduler:
             decode.identity,
             Adopt(
                 request.request_id,
-                request.prompt_ids,
+                len(request.prompt_ids),
                 prefilled.first_token,
                 prefilled.slot,
                 prefilled.segment,

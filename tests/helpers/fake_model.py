@@ -69,8 +69,8 @@ def continuation(prompt: Sequence[int], n: int) -> list[int]:
     return context[len(prompt) :]
 
 
-def make_kv(config: ModelConfig, num_blocks: int, block_size: int) -> KVPool:
-    return KVPool(config, num_blocks, block_size, torch.float32, torch.device("cpu"))
+def make_kv(config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu") -> KVPool:
+    return KVPool(config, num_blocks, block_size, torch.float32, torch.device(device))
 
 
 class FakeModel:
@@ -125,7 +125,7 @@ def _context_slots(batch: ForwardBatch) -> dict[int, torch.Tensor]:
 
 def read_context(kv: KVPool, slots: torch.Tensor) -> list[int]:
     """The token ids whose KV sits at slots (in position order); KVCorrupted if it is not what a forward wrote."""
-    k, v = kv.data["k"][:, slots], kv.data["v"][:, slots]  # [L, n, W]
+    k, v = kv.data["k"][:, slots].cpu(), kv.data["v"][:, slots].cpu()  # [L, n, W]
     tokens = k[0, :, 0]
     positions = torch.arange(len(slots), dtype=torch.float32)
     layer_tags = 1000 * torch.arange(1, LAYERS + 1, dtype=torch.float32)[:, None]
@@ -154,7 +154,7 @@ def adopt_msg(prefilled: protocol.Prefilled, prompt: Sequence[int], **params) ->
     """The Adopt the router sends for a Prefilled (same sampling params as the Prefill)."""
     return protocol.Adopt(
         prefilled.request_id,
-        list(prompt),
+        len(prompt),
         prefilled.first_token,
         prefilled.slot,
         prefilled.segment,

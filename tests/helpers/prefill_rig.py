@@ -1,6 +1,6 @@
 """A PrefillEngine over the fake model, a real KVPool (with or without a PrefixCache) and a real
 HandoffPool; and the steps that run it until it speaks (fixtures `make_rig` and `adopter` in
-tests/workers/engine/conftest.py build them)."""
+tests/workers/engine/conftest.py build them; sizes as in helpers/handoff.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from helpers.fake_model import FakeModel
 from hmoe.runtime import protocol
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
-
-BLOCK = 4
-SLOT_TOKENS = 16  # 16 tokens * 256 bytes = one 4 KiB page, so no rounding up
 
 
 @dataclass

@@ -79,7 +79,7 @@ EXAMPLES = {
     p.WorkerPong: p.WorkerPong(),
     p.Prefill: p.Prefill("req-1", list(range(300)), PARAMS),
     p.Prefilled: p.Prefilled("req-1", 42, -1, "hmoe-kv-handoff.prefill-1", 300, "length", [-0.1, [[42, -0.1]]], 11),
-    p.Adopt: p.Adopt("req-1", list(range(300)), 42, 3, "hmoe-kv-handoff.prefill-1", PARAMS, 11),
+    p.Adopt: p.Adopt("req-1", 300, 42, 3, "hmoe-kv-handoff.prefill-1", PARAMS, 11),
     p.Tokens: p.Tokens(
         [p.TokenItem("a", 1), p.TokenItem("b", 2, "stop"), p.TokenItem("c", 3, "length")],
         [[-1.0, [[1, -1.0], [5, -2.0]]], None, [-0.5, []]],
@@ -109,9 +109,9 @@ def test_every_message_type_round_trips():
 
 
 def test_token_ids_travel_packed_and_decode_without_a_python_int_each():
-    body = msgpack.unpackb(p.encode(EXAMPLES[p.Adopt]))
+    body = msgpack.unpackb(p.encode(EXAMPLES[p.Prefill]))
     assert body["token_ids"] == b"".join(i.to_bytes(4, "little") for i in range(300))
-    msg = p.decode(p.encode(EXAMPLES[p.Adopt]))
+    msg = p.decode(p.encode(EXAMPLES[p.Prefill]))
     assert isinstance(msg.token_ids, codec.TokenIds) and msg.token_ids == list(range(300)) == msg.token_ids
     assert msg.token_ids != list(range(299)) and msg.token_ids == tuple(range(300))
     hand_written = p.decode(frame(t="prefill", request_id="r", token_ids=[3, 4], params={}))  # a plain array works too

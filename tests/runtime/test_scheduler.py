@@ -103,7 +103,7 @@ def test_request_goes_prefill_then_decode_and_finishes_once_with_usage():
     out = run_to_decode(s, "r1", ord("O"), now=1.5)
     assert to(out, C1, Delta) == [Delta("r1", [ord("O")], "O")]
     (adopt,) = to(out, D, Adopt)
-    assert (adopt.first_token, adopt.slot, adopt.segment, adopt.token_ids) == (ord("O"), 0, "slots", [104, 105])
+    assert (adopt.first_token, adopt.slot, adopt.segment, adopt.prompt_len) == (ord("O"), 0, "slots", 2)
     assert adopt.generation == 5  # the slot's fill, passed on so a refilled slot is never adopted
     s.on_worker(D, tokens(("r1", ord("k"), None)), 2.0)
     s.on_worker(D, tokens(("r1", ord("!"), "length")), 2.5)

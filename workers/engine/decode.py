@@ -2,9 +2,11 @@
 
 Requests join between steps: an adopted request waits until the batch has room and the KV pool
 can hold its prompt plus max_tokens (reserved whole, so a running request never runs out of
-KV), then its KV is copied from the hand-off slot and the slot freed. Each `step()` decodes one
-token for every running request and returns them in one `Tokens` message; finished and cancelled
-requests leave between steps and free their KV.
+KV), first come first served; then its KV is copied from the hand-off slot as an Adoption, one
+bounded slice (adopt_slice_bytes, shared by at most MAX_ADOPTING adoptions in order) per step: on a
+GPU on a side stream, overlapping the step. It joins the batch once its KV has landed, and the slot
+is freed. Each `step()` decodes one token for every running request and returns them in one `Tokens`
+message; finished and cancelled requests leave between steps and free their KV.
 
 With the CPU experts, a running request keeps a row of a static micro-batch (DecodeRows) and the step
 runs DecodeStep's segments, as CUDA graphs on a GPU; the legacy path rebuilds a ForwardBatch.
@@ -23,7 +25,8 @@ import torch
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.sampling_params import SamplingParams, finish_reason, kv_need, require_seed
-from hmoe.shm import ShmConfig
+from hmoe.shm import ShmConfig, ShmError
+from hmoe.workers.engine.adoption import Adoption
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.model.batch import DecodeRows, ForwardBatch, bucket_for
 from hmoe.workers.model.causal_lm import CausalLM
@@ -33,6 +36,10 @@ from hmoe.workers.model.layers import MoE
 from hmoe.workers.model.sampler import sample, token_logprobs
 
 log = logging.getLogger(__name__)
+# Adoptions copying at once: the next one's blocks are reserved and it takes what is left of the slice
+# in the step the first one's last piece went out, so no step's budget goes unused; more would only
+# reserve KV early.
+MAX_ADOPTING = 2
 
 
 @dataclass
@@ -44,6 +51,7 @@ class DecodeRequest:
     segment: str
     output: list[int] = field(default_factory=list)  # generated tokens, the prefill's first one included
     generation: int = -1  # the hand-off slot's fill it adopts (-1: unchecked)
+    adoption: Adoption | None = None  # while its KV is being copied in
 
     @property
     def ctx_len(self) -> int:
@@ -54,7 +62,8 @@ class DecodeRequest:
 class DecodeEngine:
     """mode: "graphs" (static rows, CUDA graphs captured here, before the worker reports READY; eager
     static segments on a CPU), "static" (static rows, eager), "legacy" (a ForwardBatch rebuilt per step;
-    also what runs when the experts backend has no static staging, e.g. the torch reference)."""
+    also what runs when the experts backend has no static staging, e.g. the torch reference).
+    adopt_slice_bytes: KV copied from hand-off slots per step (at least one token row of one layer)."""
 
     def __init__(
         self,
@@ -65,9 +74,14 @@ class DecodeEngine:
         shm: ShmConfig | None,
         mode: str = "graphs",
         split: str = "auto",
+        adopt_slice_bytes: int = 64 << 20,
     ):
         self.model, self.kv, self.max_batch, self.micro_batches, self.shm = model, kv, max_batch, micro_batches, shm
+        assert adopt_slice_bytes >= max(t.shape[-1] * t.element_size() for t in kv.data.values()), adopt_slice_bytes
+        self.adopt_slice_bytes = adopt_slice_bytes
+        self._adopt_stream = torch.cuda.Stream(kv.device) if kv.device.type == "cuda" else None
         self.waiting: deque[DecodeRequest] = deque()
+        self.adopting: deque[DecodeRequest] = deque()  # reserved, their KV on its way in (FIFO)
         self.running: dict[str, DecodeRequest] = {}
         self._pools: dict[str, HandoffPool] = {}
         self.static: DecodeStep | None = None
@@ -92,20 +106,20 @@ class DecodeEngine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.running) or bool(self.waiting)
+        return bool(self.running or self.adopting or self.waiting)
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) for heartbeats."""
-        return len(self.running), len(self.waiting)
+        """(running, waiting: adopting ones included) for heartbeats."""
+        return len(self.running), len(self.adopting) + len(self.waiting)
 
     def request_ids(self) -> list[str]:
-        return list(self.running) + [r.request_id for r in self.waiting]
+        return list(self.running) + [r.request_id for r in (*self.adopting, *self.waiting)]
 
     def add(self, msg: protocol.Adopt) -> list:
         req = DecodeRequest(
             msg.request_id,
             require_seed(msg.params),
-            len(msg.token_ids),
+            msg.prompt_len,
             msg.slot,
             msg.segment,
             [msg.first_token],
@@ -129,6 +143,11 @@ class DecodeEngine:
         if request_id in self.running:
             self._leave(request_id)
             return True
+        for req in self.adopting:
+            if req.request_id == request_id:
+                self.adopting.remove(req)
+                self._abandon(req)
+                return True
         for req in self.waiting:
             if req.request_id == request_id:
                 self.waiting.remove(req)
@@ -139,11 +158,15 @@ class DecodeEngine:
     def drop_all(self) -> None:
         for request_id in list(self.running):
             self.cancel(request_id)
+        while self.adopting:
+            self._abandon(self.adopting.popleft())
         while self.waiting:
             self._release_slot(self.waiting.popleft())
 
     def close(self) -> None:
         self.drop_all()
+        if self._adopt_stream is not None:
+            self._adopt_stream.synchronize()  # no DMA from a segment may outlive its registration and mapping
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
@@ -230,8 +253,39 @@ class DecodeEngine:
             self._part_of[moved] = small
 
     def _admit(self) -> list:
+        """Start adoptions in order while rows and KV allow, copy this step's slice, let the landed ones join."""
+        out, budget = [], self.adopt_slice_bytes
+        while True:
+            out += self._start_adoptions()
+            ended = 0
+            for req in list(self.adopting):
+                try:
+                    if budget and not req.adoption.issued:
+                        budget -= req.adoption.copy(budget)
+                    if not req.adoption.landed():
+                        continue
+                    req.adoption.finish()
+                except HmoeError as exc:  # its slot was reclaimed under the copy: this request only
+                    self.adopting.remove(req)
+                    self._abandon(req)
+                    out.append(protocol.RequestError(req.request_id, exc.code, exc.message))
+                else:
+                    self.adopting.remove(req)
+                    req.adoption = None
+                    self.join(req)
+                ended += 1
+            if not (ended and self.waiting):  # an adoption that ended makes room for the next one
+                return out
+
+    def _start_adoptions(self) -> list:
+        """Waiting requests reserve their KV and start copying in, first come first served; errors for the
+        ones whose slot is gone."""
         out = []
-        while self.waiting and len(self.running) < self.max_batch:
+        while (
+            self.waiting
+            and len(self.adopting) < MAX_ADOPTING
+            and len(self.running) + len(self.adopting) < self.max_batch
+        ):
             req = self.waiting[0]
             need = kv_need(req.prompt_len, req.params)
             if self.kv.blocks_for(need) > self.kv.free_blocks:
@@ -239,12 +293,15 @@ class DecodeEngine:
             self.waiting.popleft()
             self.kv.reserve(req.request_id, need)
             try:
-                self._pool(req.segment).adopt(req.slot, self.kv, req.request_id, req.prompt_len, req.generation)
+                pool = self._pool(req.segment)
+                req.adoption = Adoption(
+                    req.request_id, pool, req.slot, self.kv, req.prompt_len, req.generation, self._adopt_stream
+                )
             except HmoeError as exc:
                 self.kv.free(req.request_id)
                 out.append(protocol.RequestError(req.request_id, exc.code, exc.message))
                 continue
-            self.join(req)
+            self.adopting.append(req)
         return out
 
     def _pool(self, segment: str) -> HandoffPool:
@@ -252,18 +309,36 @@ class DecodeEngine:
         if pool is None:
             self._close_vanished_pools()
             pool = self._pools[segment] = HandoffPool.attach(segment, self.shm)
+            if self._adopt_stream is not None:
+                try:  # once per prefill-worker incarnation: the whole segment
+                    pool.pin()
+                except ShmError as exc:
+                    log.warning("KV hand-off from %s copies from pageable memory (slower): %s", segment, exc.message)
         return pool
+
+    def _abandon(self, req: DecodeRequest) -> None:
+        """An adopting request leaves (cancelled, or its slot lost): its KV blocks freed, its slot if still its fill."""
+        req.adoption.abandon()
+        req.adoption = None
+        self.kv.free(req.request_id)
 
     def _close_vanished_pools(self) -> None:
         """Unmap the segments of prefill workers that are gone (their names unlinked) once no waiting
         request needs them: a mapping keeps all of a segment's /dev/shm pages allocated."""
-        live = set(self.shm.handoff_names()) | {r.segment for r in self.waiting}
-        for name in [n for n in self._pools if n not in live]:
+        live = set(self.shm.handoff_names()) | {r.segment for r in (*self.adopting, *self.waiting)}
+        vanished = [n for n in self._pools if n not in live]
+        if vanished and self._adopt_stream is not None:
+            self._adopt_stream.synchronize()  # an abandoned adoption's last piece may still read one
+        for name in vanished:
             self._pools.pop(name).close()
 
     def _release_slot(self, req: DecodeRequest) -> None:
         try:
-            self._pool(req.segment).release(req.slot)
+            pool = self._pool(req.segment)
+            if req.generation < 0:
+                pool.release(req.slot)
+            else:  # a slot reclaimed and refilled since is another request's now
+                pool.release_if(req.slot, req.generation)
         except HmoeError:
             pass  # the segment is gone with its prefill worker: nothing left to free
 

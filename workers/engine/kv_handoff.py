@@ -7,12 +7,14 @@ fixed-size slots. A slot holds one request's KV as
 [entry][layer][token][width] in the pool's dtype (entries as in kv_cache.kv_entry_widths).
 
 Slot states move  FREE -> WRITING -> FILLED  on the prefill side (its one owner), and
-FILLED -> FREE  on the decode side once it has copied the KV (the receiver frees it). A filled slot
-nobody adopted within the timeout (the decode worker died, the request was cancelled in flight) is
-reclaimed by the prefill side, so nothing leaks when either side dies. Every slot carries a
-generation number: a receiver that finds it changed after copying knows the slot was reclaimed
-under it and reports the request lost instead of using torn data; and Prefilled/Adopt carry the
-generation of the fill, so a slot reclaimed and refilled before adoption is refused as lost too.
+FILLED -> FREE  on the decode side once the KV has landed in its pool (the receiver frees it; the
+copy itself, a slice per decode step, is an Adoption; on a GPU the decode side registers the
+segment with CUDA, so those copies DMA from it). A filled slot nobody adopted within the timeout
+(the decode worker died, the request was cancelled in flight) is reclaimed by the prefill side, so
+nothing leaks when either side dies. Every slot carries a generation number: a receiver that finds
+it changed during or after copying knows the slot was reclaimed under it and reports the request
+lost instead of using torn data; and Prefilled/Adopt carry the generation of the fill, so a slot
+reclaimed and refilled before adoption is refused as lost too.
 The segment is unlinked by its creator on close; segments of dead creators are removed at the next
 prefill start.
 """
@@ -32,6 +34,7 @@ from hmoe.shm.config import HANDOFF_PREFIX
 from hmoe.shm.layout import HUGE_PAGE_BYTES
 from hmoe.shm.segment import Segment, read_segment, unlink_segment
 from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.weights.pinned import HostRegistration
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class HandoffPool:
         self.num_slots, self.slot_bytes = int(words[2]), int(words[3])
         self._table = words[_HEAD : _HEAD + _SLOT * self.num_slots].reshape(self.num_slots, _SLOT)
         self._data = np.frombuffer(segment.buffer(HEADER_BYTES, self.num_slots * self.slot_bytes), np.uint8)
+        self._registration: HostRegistration | None = None
 
     @classmethod
     def create(cls, worker_id: str, num_slots: int, slot_bytes: int, config: ShmConfig) -> HandoffPool:
@@ -85,6 +89,9 @@ class HandoffPool:
         """Unmap (deferred while a view is alive); the creator also unlinks the name."""
         if self._segment is None:
             return
+        if self._registration is not None:  # NOTE: no copy from the mapping may still be in flight
+            self._registration.unregister()
+            self._registration = None
         self._table = self._data = None
         self._segment.close()
         self._segment = None
@@ -153,8 +160,17 @@ class HandoffPool:
 
     # -- decode side -----------------------------------------------------------------------------
 
-    def adopt(self, slot: int, kv: KVPool, seq_id: str, num_tokens: int, expected_generation: int = -1) -> None:
-        """Copy the slot's KV into seq_id's (already reserved) pool blocks, then free the slot. With the
+    def pin(self) -> None:
+        """Register the mapping with CUDA (decode side, on a GPU), so an adoption's copies DMA straight from it."""
+        assert self._registration is None, "already pinned"
+        self._registration = HostRegistration.register(self._segment.address, self._segment.nbytes, read_only=False)
+
+    @property
+    def pinned(self) -> bool:
+        return self._registration is not None
+
+    def open_adoption(self, slot: int, num_tokens: int, expected_generation: int = -1) -> int:
+        """The generation of the slot's fill of num_tokens, which an adoption copies (Adoption). With the
         generation the prefill side reported (Prefilled.generation), a slot reclaimed and refilled since
         is refused even when the new prompt has the same length."""
         if not 0 <= slot < self.num_slots:
@@ -165,18 +181,36 @@ class HandoffPool:
                 "handoff_lost",
                 f"{self.name} slot {slot} holds no KV of {num_tokens} tokens (reclaimed after its timeout?)",
             )
-        positions = kv.slots(seq_id, 0, num_tokens)
-        offset = slot * self.slot_bytes
-        for entry in kv.data.values():
+        return int(generation)
+
+    def slot_kv(self, slot: int, kv: KVPool, num_tokens: int) -> dict[str, torch.Tensor]:
+        """The slot's first num_tokens of KV, per entry of kv, as views of the mapping: name -> [L, n, W]."""
+        out, offset = {}, slot * self.slot_bytes
+        for name, entry in kv.data.items():
             layers, _, width = entry.shape
             nbytes = layers * num_tokens * width * entry.element_size()
-            src = (
-                torch.from_numpy(self._data[offset : offset + nbytes]).view(entry.dtype).view(layers, num_tokens, width)
-            )
-            entry[:, positions] = src.to(entry.device)
+            view = torch.from_numpy(self._data[offset : offset + nbytes]).view(entry.dtype)
+            out[name] = view.view(layers, num_tokens, width)
             offset += nbytes
+        return out
+
+    def adopt(self, slot: int, kv: KVPool, seq_id: str, num_tokens: int, expected_generation: int = -1) -> None:
+        """Copy the slot's KV into seq_id's (already reserved) pool blocks at once, then free the slot: an
+        Adoption in one piece (the decode engine copies a slice per step), for tests and tools."""
+        generation = self.open_adoption(slot, num_tokens, expected_generation)
+        positions = kv.slots(seq_id, 0, num_tokens)
+        for name, src in self.slot_kv(slot, kv, num_tokens).items():
+            kv.data[name][:, positions] = src.to(kv.device)
+        self.close_adoption(slot, generation)
+
+    def check_adopting(self, slot: int, generation: int) -> None:
+        """HandoffError handoff_lost when the slot no longer holds the fill an adoption copies (reclaimed)."""
         if self._table[slot, 1] != generation:
             raise HandoffError("handoff_lost", f"{self.name} slot {slot} was reclaimed while being adopted")
+
+    def close_adoption(self, slot: int, generation: int) -> None:
+        """Its KV has landed: free the slot, unless it was reclaimed meanwhile (then handoff_lost)."""
+        self.check_adopting(slot, generation)
         self._table[slot, 0] = FREE
 
 

@@ -113,7 +113,10 @@ class WorkerProcess:
             )
         else:
             self.handoff = None
-            self.engine = DecodeEngine(self.model, self.kv, w.max_batch, w.micro_batches, self.config.shm)
+            slice_bytes = w.adopt_slice_mib << 20
+            self.engine = DecodeEngine(
+                self.model, self.kv, w.max_batch, w.micro_batches, self.config.shm, adopt_slice_bytes=slice_bytes
+            )
         self._warm_up()
         address = f"inproc://hmoe-worker-{id(self)}"
         self.pipe = self.context.socket(zmq.PAIR)

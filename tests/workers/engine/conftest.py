@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 from helpers.fake_model import FakeModel, make_kv, read_context
-from helpers.prefill_rig import BLOCK, SLOT_TOKENS, Rig
+from helpers.handoff import BLOCK, SLOT_TOKENS
+from helpers.prefill_rig import Rig
 
 from hmoe.runtime import protocol
 from hmoe.shm.segment import unlink_segment
@@ -56,4 +57,27 @@ def adopter(handoff_config):
 
     yield adopt
     for pool in attached:
+        pool.close()
+
+
+@pytest.fixture
+def pools(handoff_config):
+    """make(worker_id, num_slots) -> a created pool; attach(name) -> an attached one; all closed afterwards."""
+    opened = []
+
+    class Pools:
+        config = handoff_config
+
+        def make(self, worker_id: str = "w", num_slots: int = 2) -> HandoffPool:
+            pool = HandoffPool.create(worker_id, num_slots, SLOT_TOKENS * 256, handoff_config)
+            opened.append(pool)
+            return pool
+
+        def attach(self, name: str) -> HandoffPool:
+            pool = HandoffPool.attach(name, handoff_config)
+            opened.append(pool)
+            return pool
+
+    yield Pools()
+    for pool in reversed(opened):
         pool.close()

@@ -4,95 +4,20 @@ it reads back from the pool (so a token is right only if the adopted KV is). Mil
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
-from helpers.fake_model import FakeModel, adopt_msg, continuation, make_kv, prefill_msg, token_items
+from helpers.decode_rig import BLOCK, Rig, rigs
+from helpers.fake_model import FakeModel, continuation, make_kv
 
 from hmoe.runtime import protocol
 from hmoe.runtime.sampling_params import SamplingParams
-from hmoe.workers.engine.decode import DecodeEngine
 from hmoe.workers.engine.kv_handoff import HandoffPool
-from hmoe.workers.engine.prefill import PrefillEngine
 from hmoe.workers.model.generate import generate
-
-BLOCK = 4
-
-
-@dataclass
-class Rig:
-    prefill: PrefillEngine
-    pool: HandoffPool
-    engine: DecodeEngine
-    model: FakeModel
-    tokens: dict[str, list[int]] = field(default_factory=dict)  # request_id -> tokens so far (first one included)
-    reasons: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)  # request_id -> code
-    steps: list[list[str]] = field(default_factory=list)  # request ids decoded in each step, sorted
-
-    @property
-    def kv(self):
-        return self.engine.kv
-
-    def hand_off(self, request_id: str, prompt: list[int], **params) -> protocol.Adopt:
-        """Prefill one request for real and return the router's Adopt for it."""
-        self.prefill.add(prefill_msg(request_id, prompt, **params))
-        while not (out := self.prefill.step()):
-            pass
-        (msg,) = out
-        assert isinstance(msg, protocol.Prefilled) and msg.slot >= 0, msg
-        self.tokens[request_id] = [msg.first_token]
-        return adopt_msg(msg, prompt, **params)
-
-    def add(self, request_id: str, prompt: list[int], **params) -> None:
-        self.collect(self.engine.add(self.hand_off(request_id, prompt, **params)))
-
-    def step(self) -> list[str]:
-        """One decode step; the request ids that got a token, sorted (the batch's order is the engine's)."""
-        self.steps.append([])
-        self.collect(self.engine.step())
-        self.steps[-1].sort()
-        return self.steps[-1]
-
-    def collect(self, messages: list) -> None:
-        for msg in messages:
-            if isinstance(msg, protocol.RequestError):
-                assert msg.request_id not in self.errors
-                self.errors[msg.request_id] = msg.code
-                continue
-            assert isinstance(msg, protocol.Tokens)
-            for request_id, token, reason in token_items(msg):
-                assert request_id not in self.reasons, f"{request_id} got a token after it finished"
-                self.tokens[request_id].append(token)
-                self.steps[-1].append(request_id)
-                if reason is not None:
-                    self.reasons[request_id] = reason
-
-    def run_until_idle(self, max_steps: int = 100) -> None:
-        for _ in range(max_steps):
-            if not self.engine.busy:
-                return
-            self.step()
-        raise AssertionError("still busy")
 
 
 @pytest.fixture
 def make_rig(handoff_config):
-    made = []
-
-    def make(num_blocks=16, max_batch=8, micro_batches=2, num_slots=8, eos=()) -> Rig:
-        prefill_model = FakeModel(eos)
-        prefill_kv = make_kv(prefill_model.config, 64, BLOCK)
-        pool = HandoffPool.create(f"decode-{len(made)}", num_slots, prefill_kv.bytes_per_token * 16, handoff_config)
-        model = FakeModel(eos)
-        engine = DecodeEngine(model, make_kv(model.config, num_blocks, BLOCK), max_batch, micro_batches, handoff_config)
-        made.append((engine, pool))
-        return Rig(PrefillEngine(prefill_model, prefill_kv, pool, 8, 60.0), pool, engine, model)
-
-    yield make
-    for engine, pool in made:
-        engine.close()
-        pool.close()
+    with rigs(handoff_config) as make:
+        yield make
 
 
 PROMPTS = {"a": [5, 9, 2, 7, 1, 3], "b": [4, 4, 8], "c": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "d": [13]}
@@ -247,7 +172,7 @@ def test_a_slot_freed_before_adoption_ends_with_handoff_lost_and_others_run(make
 def test_an_adopt_naming_a_bad_segment_ends_with_a_clean_error(make_rig, segment):
     rig = make_rig()
     adopt = rig.hand_off("a", PROMPTS["a"], max_tokens=4)
-    bad = protocol.Adopt(adopt.request_id, adopt.token_ids, adopt.first_token, adopt.slot, segment, adopt.params)
+    bad = protocol.Adopt(adopt.request_id, adopt.prompt_len, adopt.first_token, adopt.slot, segment, adopt.params)
     rig.collect(rig.engine.add(bad))
     rig.step()
     expected = "handoff_lost" if segment == "kv-handoff.nobody" else "handoff_invalid"

@@ -1,10 +1,12 @@
 """A hypothesis state machine over DecodeEngine + KVPool (+ the real PrefillEngine and HandoffPool
 that feed it): add, cancel, step and drop_all in any order.
 
-Some requests come from a prefill worker that dies before their adoption (they end handoff_lost).
+Some requests come from a prefill worker that dies before their adoption (they end handoff_lost). The
+machine runs twice: with whole prompts adopted in one step, and with a slice of a few token rows per step
+(adoptions spanning many steps, cancelled and dropped midway).
 Invariants after every rule: KV is conserved (free + held blocks == all blocks) and no block is held
-by two sequences; only running requests hold KV, each exactly what it reserved; the engine's
-requests are exactly the live ones; each waiting request (of a live prefill worker) holds its slot; every
+by two sequences; only running and adopting requests hold KV, each exactly what it reserved; the engine's
+requests are exactly the live ones; each waiting or adopting request (of a live prefill worker) holds its slot; every
 token is the fake model's greedy choice after the request's own context (read back from the KV, so an
 aliased or torn block shows up as a wrong token). At the end, every added request ended exactly once.
 """
@@ -33,6 +35,8 @@ NUM_SLOTS = 6
 
 
 class DecodeMachine(RuleBasedStateMachine):
+    adopt_slice_bytes = 64 << 20
+
     def __init__(self):
         super().__init__()
         self.config = ShmConfig(prefix=f"hmoe.test-{uuid.uuid4().hex[:8]}.")
@@ -42,7 +46,7 @@ class DecodeMachine(RuleBasedStateMachine):
         self.prefill = PrefillEngine(prefill_model, prefill_kv, self.pool, 8, 3600.0)
         self.model = FakeModel(EOS)
         self.kv = make_kv(self.model.config, NUM_BLOCKS, BLOCK)
-        self.engine = DecodeEngine(self.model, self.kv, 3, 2, self.config)
+        self.engine = DecodeEngine(self.model, self.kv, 3, 2, self.config, adopt_slice_bytes=self.adopt_slice_bytes)
         self.count = 0
         self.context: dict[str, list[int]] = {}  # live request -> prompt + tokens so far
         self.need: dict[str, int] = {}  # live request -> prompt + max_tokens
@@ -139,11 +143,11 @@ class DecodeMachine(RuleBasedStateMachine):
         assert len(set(held)) == len(held) and all(0 <= b < self.kv.num_blocks for b in held)
 
     @invariant()
-    def only_running_requests_hold_kv_each_what_it_reserved(self):
+    def only_running_and_adopting_requests_hold_kv_each_what_it_reserved(self):
         running, waiting = self.engine.load()
         assert running + waiting == len(self.context)
         assert set(self.engine.request_ids()) == set(self.context)
-        assert len(self.kv.block_tables) == running
+        assert len(self.kv.block_tables) == running + len(self.engine.adopting)
         for request_id, table in self.kv.block_tables.items():
             assert len(table) == self.kv.blocks_for(self.need[request_id])
 
@@ -168,5 +172,11 @@ class DecodeMachine(RuleBasedStateMachine):
                 unlink_segment(name, self.config)
 
 
+class SlicedDecodeMachine(DecodeMachine):
+    adopt_slice_bytes = 200  # 3 token rows of 64 bytes: a 12-token prompt's 3 KiB of KV takes 16 steps
+
+
 DecodeMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+SlicedDecodeMachine.TestCase.settings = DecodeMachine.TestCase.settings
 TestDecodeEngineStates = DecodeMachine.TestCase
+TestSlicedDecodeEngineStates = SlicedDecodeMachine.TestCase

@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 from helpers.fake_model import LAYERS, continuation, next_token, prefill_msg
-from helpers.prefill_rig import SLOT_TOKENS, prefilled, run
+from helpers.handoff import SLOT_TOKENS
+from helpers.prefill_rig import prefilled, run
 
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError

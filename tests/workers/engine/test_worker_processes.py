@@ -105,7 +105,7 @@ class Harness:
             "decode",
             protocol.Adopt(
                 prefilled.request_id,
-                token_ids,
+                len(token_ids),
                 prefilled.first_token,
                 prefilled.slot,
                 prefilled.segment,
@@ -300,10 +300,10 @@ def test_what_a_request_carries_fails_that_request_never_the_worker(served):
         (
             "decode",
             "unseeded",
-            protocol.encode(protocol.Adopt("unseeded", [5, 6, 7], 9, 0, "no-such-segment", unseeded)),
+            protocol.encode(protocol.Adopt("unseeded", 3, 9, 0, "no-such-segment", unseeded)),
         ),
         ("prefill", "bad", with_fields(protocol.Prefill("bad", [5, 6], ok), params={"temperature": "hot"})),
-        ("decode", "bad", with_fields(protocol.Adopt("bad", [5, 6], 9, 0, "no-such-segment", ok), params={"top_p": 7})),
+        ("decode", "bad", with_fields(protocol.Adopt("bad", 2, 9, 0, "no-such-segment", ok), params={"top_p": 7})),
     ):
         harness.send_raw(role, frame)
         (err,) = harness.pump(bool, (protocol.RequestError,))
