@@ -355,6 +355,11 @@ class WorkerProcess:
                     continue
                 last_heard, outage = time.monotonic(), False  # any message proves the router alive
                 match _control(frame):
+                    case protocol.Registered(incarnation=seen):  # before any request of that router: say so first
+                        if seen and known_router and seen != known_router:
+                            pipe.send(ROUTER_RESTARTED)  # the main thread frees only what the old one left
+                        known_router = seen or known_router
+                        pipe.send(frame)
                     case protocol.WorkerPong(incarnation=seen):  # a new router behind the same endpoint
                         register_now = bool(incarnation and seen and seen != incarnation)
                         incarnation = incarnation or seen
@@ -439,14 +444,17 @@ def _check_device(name: str) -> torch.device:
 
 
 def _control(frame: bytes):
-    """The I/O thread's own messages (a WorkerPong, a not_registered Error), else None (for the main thread)."""
+    """The messages the I/O thread acts on (a WorkerPong, a Registered, a not_registered or worker_stuck
+    Error), else None (for the main thread alone)."""
     if len(frame) > 256:  # Prefill, Adopt: not a control message; the main thread decodes it
         return None
     try:
-        msg = protocol.decode(frame, (protocol.WorkerPong, protocol.Error))
+        msg = protocol.decode(frame, (protocol.WorkerPong, protocol.Registered, protocol.Error))
     except HmoeError:
         return None
-    return msg if isinstance(msg, protocol.WorkerPong) or msg.code in ("not_registered", "worker_stuck") else None
+    if isinstance(msg, protocol.Error) and msg.code not in ("not_registered", "worker_stuck"):
+        return None
+    return msg
 
 
 @click.command()
