@@ -145,7 +145,7 @@ class WorkerStatus:
     model: str
     max_batch: int
     kv_capacity_tokens: int
-    kv_reserved_tokens: int  # what the router reserved there (prompt + max_tokens per request)
+    kv_reserved_tokens: int  # what the router reserved there (prompt + max_tokens per request, in whole blocks)
     kv_free_tokens: int  # what the worker last reported free
     running: int
     waiting: int
@@ -276,6 +276,7 @@ class Register:
     max_batch: Annotated[int, Range(1)]
     min_version: Version = MIN_VERSION
     max_version: Version = VERSION
+    kv_block_size: Annotated[int, Range(1)] = 1  # its KV pool's block: a request takes whole blocks
 
 
 @message("registered")

@@ -2,8 +2,9 @@
 
 Liveness is the zguide's Paranoid Pirate: every message from a worker (a WorkerPing at least every
 heartbeat interval) renews it; a worker silent for interval * liveness is dead. The router counts
-KV itself (a decode worker reserves prompt + max_tokens per request), so admission never waits for
-a stale heartbeat; the worker's own figures are shown in status.
+KV itself (a decode worker reserves prompt + max_tokens per request, rounded up to whole blocks of
+the worker's KV pool as the worker allocates them: one ledger), so admission never waits for a stale
+heartbeat; the worker's own figures are shown in status.
 
 `PrefixAffinity` remembers which prefill worker last prefilled which prompt prefixes, so a prompt
 can go where its prefix is likely cached (policy.prefill_worker_for chooses).
@@ -31,7 +32,7 @@ class WorkerEntry:
     registered_s: float
     busy: str | None = None  # prefill: the one request it is running
     request_ids: set[str] = field(default_factory=set)  # decode: requests adopted or reserved here
-    kv_reserved_tokens: int = 0  # decode: sum of kv_tokens of request_ids
+    kv_reserved_tokens: int = 0  # decode: what request_ids take there, in whole blocks (kv_cost)
     ping: WorkerPing | None = None
     draining: bool = False  # it refused work with "draining": it is shutting down, send it nothing new
     progress_s: float = 0.0  # when its heartbeat's step counter last moved
@@ -40,22 +41,27 @@ class WorkerEntry:
     def role(self) -> str:
         return self.info.role
 
+    def kv_cost(self, kv_tokens: int) -> int:
+        """Decode: the KV token slots a request of kv_tokens takes there, whole blocks as the worker counts."""
+        block = self.info.kv_block_size
+        return -(-kv_tokens // block) * block
+
     def has_room(self, kv_tokens: int) -> bool:
         """Decode: can it take one more request of this size now?"""
         return (
             len(self.request_ids) < self.info.max_batch
-            and self.kv_reserved_tokens + kv_tokens <= self.info.kv_capacity_tokens
+            and self.kv_reserved_tokens + self.kv_cost(kv_tokens) <= self.info.kv_capacity_tokens
         )
 
     def reserve(self, request_id: str, kv_tokens: int) -> None:
         assert request_id not in self.request_ids, request_id
         self.request_ids.add(request_id)
-        self.kv_reserved_tokens += kv_tokens
+        self.kv_reserved_tokens += self.kv_cost(kv_tokens)
 
     def release(self, request_id: str, kv_tokens: int) -> None:
         if request_id in self.request_ids:
             self.request_ids.remove(request_id)
-            self.kv_reserved_tokens -= kv_tokens
+            self.kv_reserved_tokens -= self.kv_cost(kv_tokens)
             assert self.kv_reserved_tokens >= 0
 
     def describe(self, now: float) -> WorkerStatus:

@@ -630,3 +630,18 @@ def test_with_two_prefill_workers_a_prompt_goes_where_its_prefix_was_prefilled()
     s.on_worker(b"prefill-2", Prefilled("first", ord("a"), 0, "slots", 605, generation=1), 1.0)
     s.take_outbox()
     assert to(gen(s, "again", document + " two?", now=1.0), b"prefill-2", Prefill)  # it holds the document
+
+
+def test_the_router_reserves_decode_kv_in_the_workers_whole_blocks():
+    s = Scheduler(RouterConfig(), ByteTokenizer())
+    register(s, P, "prefill")
+    s.on_worker(D, Register("decode", "decode", 1, "cpu", MODEL, 64, 8, kv_block_size=16), 0.0)
+    s.take_outbox()
+    for rid in ("a", "b", "c"):  # 2 + 8 = 10 tokens each: one block of 16 apiece at the worker
+        gen(s, rid, max_tokens=8)
+        run_to_decode(s, rid)
+    (worker,) = s.status(0.0).workers[1:]
+    assert worker.kv_reserved_tokens == 3 * 16  # not 3 * 10: the ledger the worker keeps
+    gen(s, "d", max_tokens=8)
+    assert run_to_decode(s, "d") and s.status(0.0).workers[1].kv_reserved_tokens == 64
+    assert not to(gen(s, "e", max_tokens=8), P, Prefill)  # a fifth block does not exist: it waits

@@ -227,6 +227,7 @@ class WorkerProcess:
             protocol.ModelInfo(self.config.worker.pack, c.vocab_size, list(c.eos_token_ids), c.max_position_embeddings),
             self.kv.capacity_tokens,
             self.config.worker.max_batch,
+            kv_block_size=self.kv.block_size,
         )
 
     # -- main loop -------------------------------------------------------------------------------
