@@ -49,6 +49,7 @@ class RouterConfig:
     worker_wait_s: float = 30.0  # queued requests end with "no_worker" once a role has had no worker this long
     stuck_after_s: float = 60.0  # a busy worker whose step counter stands still this long is stuck: restarted
     prefill_starve_s: float = 10.0  # shortest prompt prefills first; one queued this long goes first (policy.py)
+    interleave_max_tokens: int = 128  # a prompt this short runs between the layers of a longer one's prefill; 0 = off
     drain_grace_s: float = 30.0  # on SIGTERM: finish running requests for this long, then cancel
     curve_secret_key: str = ""  # path of a CURVE secret key file: encrypts the frontend (non-localhost use)
     log_level: str = "info"
@@ -63,6 +64,7 @@ class RouterConfig:
         "worker_wait_s": (1.0, 3600.0),
         "stuck_after_s": (1.0, 3600.0),
         "prefill_starve_s": (0.0, 3600.0),
+        "interleave_max_tokens": (0, 1 << 20),
         "drain_grace_s": (0.0, 3600.0),
     }
 

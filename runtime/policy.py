@@ -14,6 +14,11 @@ queued requests, and sends the first one a decode worker has room for. The rule:
 
 Among idle prefill workers, a prompt goes to the one that last prefilled the longest prefix of it (its
 prefix cache likely still holds that KV), else to the first idle one (`prefill_worker_for`).
+
+A short prompt need not wait for a long one to finish prefilling: when no prefill worker is idle, a
+prompt of at most `interleave_max_tokens` goes to a worker running a longer one, which runs it
+between two of the long one's layers (`interleaves`): the long one is delayed by the short one's
+prefill, the short one's TTFT no longer includes the long one's.
 """
 
 from __future__ import annotations
@@ -59,3 +64,9 @@ def prefill_worker_for(idle: Sequence[W], matched: Mapping[W, int]) -> W:
     """Of the idle prefill workers (in the pool's order), the one with the most prompt tokens matched
     (PrefixAffinity.matched), the first one among equals."""
     return max(idle, key=lambda w: (matched.get(w, 0), -idle.index(w)))
+
+
+def interleaves(prompt_tokens: int, running_tokens: int, max_tokens: int) -> bool:
+    """Whether a prompt may run between the layers of a prefill of running_tokens: it is short (at most
+    max_tokens; 0 turns interleaving off) and the running one is not."""
+    return 0 < prompt_tokens <= max_tokens < running_tokens

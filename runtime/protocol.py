@@ -311,6 +311,7 @@ class Prefill:
     request_id: RequestId
     token_ids: Ids
     params: SamplingParams
+    interleave: bool = False  # run it between the layers of the prompt the worker is prefilling (it is short)
 
 
 @message("prefilled")

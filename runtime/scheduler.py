@@ -36,7 +36,7 @@ from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.config import RouterConfig
 from hmoe.runtime.detokenizer import Decoder
 from hmoe.runtime.errors import HmoeError
-from hmoe.runtime.policy import Queued, blocking, prefill_order, prefill_worker_for
+from hmoe.runtime.policy import Queued, blocking, interleaves, prefill_order, prefill_worker_for
 from hmoe.runtime.protocol import (
     MIN_VERSION,
     VERSION,
@@ -249,8 +249,7 @@ class Scheduler:
                 self._send(WORKER, identity, Error("unknown_message", f"{type(msg).__name__} is not a worker message"))
 
     def _request_error(self, worker: WorkerEntry, msg: RequestError, now: float) -> None:
-        if worker.busy == msg.request_id:
-            worker.busy = None
+        worker.let_go(msg.request_id)
         worker.draining = worker.draining or msg.code == "draining"
         request = self.requests.get(msg.request_id)
         held_by = (
@@ -312,8 +311,7 @@ class Scheduler:
         self._send(WORKER, identity, Registered(msg.worker_id, version))
 
     def _prefilled(self, worker: WorkerEntry, msg: Prefilled, now: float) -> None:
-        if worker.busy == msg.request_id:
-            worker.busy = None
+        worker.let_go(msg.request_id)
         request = self.requests.get(msg.request_id)
         if request is None or request.phase is not Phase.PREFILL or request.prefill_worker != worker.identity:
             if msg.slot >= 0:  # it ended meanwhile (cancel, deadline): let the prefill worker free the slot
@@ -439,20 +437,38 @@ class Scheduler:
             if found is None:
                 return  # the candidates wait for decode room
             request, decode = found
-            prefill = self._prefill_worker_for(request, idle)
-            self.queue.remove(request.request_id)
-            request.phase, request.prefill_worker, request.decode_worker = (
-                Phase.PREFILL,
-                prefill.identity,
-                decode.identity,
-            )
+            self._send_prefill(request, self._prefill_worker_for(request, idle), decode, now)
+        self._interleave(now)
+
+    def _interleave(self, now: float) -> None:
+        """A short queued prompt goes to a prefill worker running a long one, which runs it between two of
+        the long one's layers (policy.interleaves), so it does not wait out a 32K prefill."""
+        limit = self.config.interleave_max_tokens
+        for prefill in self.workers.of_role("prefill"):
+            if not self.queue or prefill.draining or prefill.interleaved is not None or prefill.busy is None:
+                continue
+            running = self.requests.get(prefill.busy)
+            if running is None or not interleaves(1, len(running.prompt_ids), limit):
+                continue
+            found = self._next_prefill(now, beside=len(running.prompt_ids))
+            if found is None:
+                return
+            request, decode = found
+            self._send_prefill(request, prefill, decode, now, interleave=True)
+
+    def _send_prefill(
+        self, request: Request, prefill: WorkerEntry, decode: WorkerEntry, now: float, interleave: bool = False
+    ) -> None:
+        self.queue.remove(request.request_id)
+        request.phase, request.prefill_worker, request.decode_worker = Phase.PREFILL, prefill.identity, decode.identity
+        if interleave:
+            prefill.interleaved = request.request_id
+        else:
             prefill.busy = request.request_id
-            request.prefill_start_s = now
-            self._send(
-                WORKER,
-                prefill.identity,
-                Prefill(request.request_id, request.prompt_ids, request.params),
-            )
+        request.prefill_start_s = now
+        self._send(
+            WORKER, prefill.identity, Prefill(request.request_id, request.prompt_ids, request.params, interleave)
+        )
 
     def _prefill_worker_for(self, request: Request, idle: list[WorkerEntry]) -> WorkerEntry:
         """The idle prefill worker likely to hold the prompt's prefix in its cache (one: no hashing)."""
@@ -463,13 +479,18 @@ class Scheduler:
         self.affinity.record(identity, request.prompt_ids)
         return by_identity[identity]
 
-    def _next_prefill(self, now: float) -> tuple[Request, WorkerEntry] | None:
-        """The queued request to prefill next (policy.prefill_order) with the decode worker that holds its KV
-        reservation, or None while none can go: a due request without decode room blocks those behind it."""
+    def _next_prefill(self, now: float, beside: int = 0) -> tuple[Request, WorkerEntry] | None:
+        """The queued request to prefill next (policy.prefill_order; with `beside`, only one that interleaves
+        with a running prefill of that many tokens) with the decode worker that holds its KV reservation, or
+        None while none can go: a due request without decode room blocks those behind it."""
         starve_s = self.config.prefill_starve_s
         queued = [self.requests[i] for i in self.queue]
         items = [Queued(r.request_id, len(r.prompt_ids), r.arrival_s, r.retried) for r in queued]
         for item in prefill_order(items, now, starve_s):
+            if beside and not interleaves(item.prompt_tokens, beside, self.config.interleave_max_tokens):
+                if blocking(item, now, starve_s):
+                    return None  # a due request keeps its claim on decode room
+                continue
             request = self.requests[item.request_id]
             decode = self.workers.get(request.decode_worker) if request.decode_worker else None
             if decode is None:
@@ -505,8 +526,8 @@ class Scheduler:
         if request.phase is Phase.QUEUED:
             self.queue.remove(request.request_id)
         prefill = self.workers.get(request.prefill_worker) if request.prefill_worker else None
-        if prefill is not None and prefill.busy == request.request_id:
-            prefill.busy = None  # it handles the Cancel before any next Prefill
+        if prefill is not None:
+            prefill.let_go(request.request_id)  # it handles the Cancel before any next Prefill
         decode = self.workers.get(request.decode_worker) if request.decode_worker else None
         if decode is not None:
             decode.release(request.request_id, request.kv_tokens)

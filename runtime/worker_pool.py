@@ -31,6 +31,7 @@ class WorkerEntry:
     last_seen_s: float
     registered_s: float
     busy: str | None = None  # prefill: the one request it is running
+    interleaved: str | None = None  # prefill: a short one it runs between the layers of `busy` (policy.interleaves)
     request_ids: set[str] = field(default_factory=set)  # decode: requests adopted or reserved here
     kv_reserved_tokens: int = 0  # decode: what request_ids take there, in whole blocks (kv_cost)
     ping: WorkerPing | None = None
@@ -40,6 +41,13 @@ class WorkerEntry:
     @property
     def role(self) -> str:
         return self.info.role
+
+    def let_go(self, request_id: str) -> None:
+        """Prefill: it is done with request_id (prefilled, refused, cancelled)."""
+        if self.busy == request_id:
+            self.busy = None
+        if self.interleaved == request_id:
+            self.interleaved = None
 
     def kv_cost(self, kv_tokens: int) -> int:
         """Decode: the KV token slots a request of kv_tokens takes there, whole blocks as the worker counts."""
@@ -78,7 +86,7 @@ class WorkerEntry:
             kv_free_tokens=ping.kv_free_tokens if ping else self.info.kv_capacity_tokens,
             running=ping.running if ping else 0,
             waiting=ping.waiting if ping else 0,
-            requests=len(self.request_ids) + (self.busy is not None),
+            requests=len(self.request_ids) + (self.busy is not None) + (self.interleaved is not None),
             busy=self.busy,
             draining=self.draining,
             last_seen_s=round(now - self.last_seen_s, 3),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hmoe.runtime.policy import Queued, blocking, prefill_order, prefill_worker_for
+from hmoe.runtime.policy import Queued, blocking, interleaves, prefill_order, prefill_worker_for
 from hmoe.runtime.worker_pool import PrefixAffinity
 
 STARVE_S = 10.0
@@ -99,3 +99,11 @@ def test_affinity_remembers_the_worker_that_prefilled_a_prefix_last_and_forgets_
     for i in range(8):  # eight other prompts' spans push the oldest keys out
         affinity.record(b"c", [1000 + i] * span)
     assert len(affinity.owner) == 8 and affinity.matched(doc) == {}
+
+
+@given(st.integers(0, 4096), st.integers(0, 65536), st.integers(0, 1024))
+def test_only_a_short_prompt_interleaves_and_only_with_a_longer_one(prompt, running, limit):
+    if interleaves(prompt, running, limit):
+        assert 0 < prompt <= limit < running and limit > 0
+    else:
+        assert prompt == 0 or prompt > limit or running <= limit

@@ -645,3 +645,29 @@ def test_the_router_reserves_decode_kv_in_the_workers_whole_blocks():
     gen(s, "d", max_tokens=8)
     assert run_to_decode(s, "d") and s.status(0.0).workers[1].kv_reserved_tokens == 64
     assert not to(gen(s, "e", max_tokens=8), P, Prefill)  # a fifth block does not exist: it waits
+
+
+def test_a_short_prompt_is_interleaved_into_a_long_prefill_one_at_a_time():
+    s = make(kv=4000)
+    long = "x" * 300  # the byte tokenizer: 300 tokens, past interleave_max_tokens = 128
+    (first,) = to(gen(s, "long", long), P, Prefill)
+    assert not first.interleave
+    (short,) = to(gen(s, "short", "hello"), P, Prefill)  # the worker is busy, yet it goes: between layers
+    assert short.interleave
+    assert to(gen(s, "short-2", "again"), P, Prefill) == []  # one interleaved at a time
+    assert to(gen(s, "long-2", long), P, Prefill) == []  # a long one is never interleaved
+    s.on_worker(P, Prefilled("short", ord("a"), 1, "slots", 5, generation=1), 0.5)
+    s.tick(0.5)
+    (next_short,) = to(s.take_outbox(), P, Prefill)
+    assert next_short.request_id == "short-2" and next_short.interleave
+    s.on_worker(P, Prefilled("long", ord("a"), 0, "slots", 300, generation=1), 1.0)
+    s.on_worker(P, Prefilled("short-2", ord("a"), 2, "slots", 5, generation=1), 1.0)
+    s.tick(1.0)
+    (after,) = to(s.take_outbox(), P, Prefill)
+    assert after.request_id == "long-2" and not after.interleave
+
+
+def test_interleaving_off_keeps_one_prompt_per_prefill_worker():
+    s = make(RouterConfig(interleave_max_tokens=0), kv=4000)
+    to(gen(s, "long", "x" * 300), P, Prefill)
+    assert to(gen(s, "short", "hello"), P, Prefill) == []

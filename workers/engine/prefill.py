@@ -1,6 +1,10 @@
 """PrefillEngine: whole prompts in layer-major passes, then the first token and the KV hand-off.
 
-One prompt runs at a time (the router keeps the queue). With a PrefixCache, a prompt first takes the
+One prompt runs at a time (the router keeps the queue), save one: a Prefill marked `interleave` (a
+short prompt, policy.interleaves) runs ahead of the running prompt, which is suspended between two of
+its layers when its pass streams (the short one then runs on the CPU kernels: nothing of the
+suspended pass is in flight there) or between two passes otherwise, and resumes once the short one
+is done. With a PrefixCache, a prompt first takes the
 KV blocks of its longest cached prefix and prefills only the rest; once prefilled, its full blocks
 are cached for the prompts after it. A prompt is prefilled in passes; each pass
 is chosen on its own (`_open_pass`):
@@ -69,12 +73,14 @@ class PrefillEngine:
         self.max_pass_tokens = max(chunk_tokens, max_pass_tokens // chunk_tokens * chunk_tokens)
         self.passes = {"cpu": 0, "stream": 0}  # passes run, by kind
         self.queue: deque[PrefillJob] = deque()
+        self.urgent: deque[PrefillJob] = deque()  # interleaved prompts: they go before the running one
         self.current: PrefillJob | None = None
+        self.suspended: PrefillJob | None = None  # the prompt an interleaved one interrupted
         self.unadopted: dict[str, tuple[int, int]] = {}  # request_id -> (hand-off slot, generation) not adopted yet
 
     @property
     def busy(self) -> bool:
-        return self.current is not None or bool(self.queue)
+        return self.current is not None or self.suspended is not None or bool(self.queue) or bool(self.urgent)
 
     @property
     def awaiting_slot(self) -> bool:
@@ -84,33 +90,36 @@ class PrefillEngine:
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) for heartbeats."""
-        return int(self.current is not None), len(self.queue)
+        return int(self.current is not None) + int(self.suspended is not None), len(self.queue) + len(self.urgent)
 
     def free_tokens(self) -> int:
         """KV token slots a new prompt can have: free blocks and cached ones only the cache holds (read
         by the heartbeat thread: plain counts, no iteration)."""
-        job, reclaimable = self.current, 0
+        reclaimable = 0
         if self.prefix is not None:
-            reclaimable = len(self.prefix.blocks) - (job.cached // self.kv.block_size if job is not None else 0)
+            in_use = sum(job.cached for job in (self.current, self.suspended) if job is not None)
+            reclaimable = len(self.prefix.blocks) - in_use // self.kv.block_size
         return (self.kv.free_blocks + max(reclaimable, 0)) * self.kv.block_size
 
     def request_ids(self) -> list[str]:
-        return [j.request_id for j in self.queue] + ([self.current.request_id] if self.current else [])
+        held = [j for j in (self.current, self.suspended) if j is not None]
+        return [j.request_id for j in (*self.urgent, *self.queue, *held)]
 
     def add(self, msg: protocol.Prefill) -> list:
-        self.queue.append(PrefillJob(msg.request_id, msg.token_ids, require_seed(msg.params)))
+        job = PrefillJob(msg.request_id, msg.token_ids, require_seed(msg.params))
+        (self.urgent if msg.interleave else self.queue).append(job)
         return []
 
     def cancel(self, request_id: str) -> bool:
-        for job in self.queue:
-            if job.request_id == request_id:
-                self.queue.remove(job)
+        for waiting in (self.urgent, self.queue):
+            for job in waiting:
+                if job.request_id == request_id:
+                    waiting.remove(job)
+                    return True
+        for job in (self.current, self.suspended):
+            if job is not None and job.request_id == request_id:
+                self._drop(job)
                 return True
-        if self.current is not None and self.current.request_id == request_id:
-            self._close_pass(self.current)
-            self.kv.free(request_id)
-            self.current = None
-            return True
         if request_id in self.unadopted:  # cancelled between hand-off and adoption: take the slot back
             return self.handoff.release_if(*self.unadopted.pop(request_id))
         return False
@@ -125,17 +134,30 @@ class PrefillEngine:
 
     def drop_all(self) -> None:
         self.queue.clear()
-        if self.current is not None:
-            self._close_pass(self.current)
-            self.kv.free(self.current.request_id)
+        self.urgent.clear()
+        for job in (self.current, self.suspended):
+            if job is not None:
+                self._drop(job)
+
+    def _drop(self, job: PrefillJob) -> None:
+        """Let go of a running or suspended prompt: its pass closed, its KV freed."""
+        self._close_pass(job)
+        self.kv.free(job.request_id)
+        if job is self.current:
             self.current = None
+        else:
+            self.suspended = None
 
     def step(self) -> list:
         """Run one layer of the running pass; return the messages for the router (Prefilled or RequestError)."""
+        if self.urgent and self.current is not None and self.suspended is None and self._suspendable(self.current):
+            self.suspended, self.current = self.current, None  # between two of its layers or passes
+        if self.current is None and not self.urgent and self.suspended is not None:
+            self.current, self.suspended = self.suspended, None  # the interleaved one is done: resume
         if self.current is None:
-            if not self.queue:
+            if not self.queue and not self.urgent:
                 return []
-            job = self.queue.popleft()
+            job = (self.urgent or self.queue).popleft()
             if len(job.token_ids) > self.handoff.capacity_tokens(self.kv):
                 return [
                     _refuse(
@@ -148,6 +170,10 @@ class PrefillEngine:
             try:
                 self._reserve(job)
             except HmoeError as exc:
+                if self.suspended is not None:  # the suspended prompt holds the KV it lacks: after it, then
+                    self.queue.appendleft(job)
+                    self.current, self.suspended = self.suspended, None
+                    return []
                 return [_refuse(job, exc.code, exc.message)]
             self.current = job
         job = self.current
@@ -198,10 +224,16 @@ class PrefillEngine:
         if job.cached:
             log.debug("prefix cache hit", extra={"request_id": job.request_id, "cached_tokens": job.cached})
 
+    def _suspendable(self, job: PrefillJob) -> bool:
+        """Whether another prompt may run now, before job's next layer: job is still prefilling and either
+        between passes or in a streamed one (the CPU kernels, which the other will use, hold none of it)."""
+        return job.first_token is None and (job.steps is None or job.pass_experts is not None)
+
     def _open_pass(self, job: PrefillJob) -> None:
         """Choose the pass's experts and length; its chunks go in as the layer-major forward's batches."""
         remaining = len(job.token_ids) - job.done
-        streamed = self.streaming is not None and remaining >= self.stream_min_tokens
+        ring_free = self.suspended is None or self.suspended.pass_experts is None  # one streamed pass at a time
+        streamed = self.streaming is not None and remaining >= self.stream_min_tokens and ring_free
         pass_tokens = min(remaining, self.max_pass_tokens if streamed else self.chunk_tokens)
         job.pass_experts = self.streaming.open_pass() if streamed else None
         batches = [
