@@ -10,6 +10,8 @@ import json
 import os
 import platform
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +46,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_serve(model_dir: str | None, env: dict[str, str], http_port: int = 0) -> tuple[subprocess.Popen, str]:
+    """`hmoe serve` (the demo model unless model_dir) on a free port with env on top of ours; returns
+    (process, frontend endpoint) once it says both workers (and the HTTP API, if http_port) serve."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "hmoe.runtime.cli", "serve", *([model_dir] if model_dir else [])]
+    cmd += ["--port", str(port), "--http-port", str(http_port)]
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    deadline = time.monotonic() + 900
+    for line in proc.stdout:
+        print(line, end="", file=sys.stderr)
+        if line.startswith("hmoe serving"):
+            return proc, f"tcp://127.0.0.1:{port}"
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise SystemExit(f"hmoe serve did not come up (exit {proc.poll()}); run it by hand to see why")
 
 
 def machine_name() -> str:

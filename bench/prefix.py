@@ -19,40 +19,18 @@ Writes bench/results/prefix-TAG.json and a PNG beside it.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, machine_name, write_results  # noqa: E402
+from common import machine_name, start_serve, write_results  # noqa: E402
 
 from hmoe.runtime import Client  # noqa: E402
 from hmoe.runtime.client import status_once  # noqa: E402
-
-
-def start_serve(args, prefix_cache_gib: float | None) -> tuple[subprocess.Popen, str]:
-    """`hmoe serve` on a free port with the cache's size (None: the default); returns once both workers serve."""
-    port = free_port()
-    env = {**os.environ, "HMOE_ROUTER_MAX_PROMPT_TOKENS": str(args.max_prompt), "HMOE_WORKER_DEVICE": args.device}
-    env["HMOE_WORKER_KV_CACHE_GIB"] = str(args.kv_cache_gib)
-    if prefix_cache_gib is not None:
-        env["HMOE_WORKER_PREFIX_CACHE_GIB"] = str(prefix_cache_gib)
-    cmd = [sys.executable, "-m", "hmoe.runtime.cli", "serve", *args.model_dir, "--port", str(port), "--http-port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-    deadline = time.monotonic() + 900
-    for line in proc.stdout:
-        print(line, end="", file=sys.stderr)
-        if line.startswith("hmoe serving"):
-            return proc, f"tcp://127.0.0.1:{port}"
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise SystemExit(f"hmoe serve did not come up (exit {proc.poll()})")
 
 
 def ask(client: Client, prompt: list[int], args) -> dict:
@@ -76,7 +54,11 @@ def prefix_stats(endpoint: str) -> dict:
 
 
 def run_mode(args, mode: str, rng: random.Random) -> dict:
-    proc, endpoint = start_serve(args, None if mode == "on" else 0.0)
+    env = {"HMOE_ROUTER_MAX_PROMPT_TOKENS": str(args.max_prompt), "HMOE_WORKER_DEVICE": args.device}
+    env["HMOE_WORKER_KV_CACHE_GIB"] = str(args.kv_cache_gib)
+    if mode == "off":
+        env["HMOE_WORKER_PREFIX_CACHE_GIB"] = "0"
+    proc, endpoint = start_serve(args.model_dir, env)
     try:
         with Client(endpoint) as client:
             words = lambda n: [rng.randrange(2, args.vocab_size) for _ in range(n)]  # noqa: E731
@@ -186,7 +168,6 @@ def main() -> None:
         args.turn_tokens = args.turn_tokens or args.prefix_tokens // 4
         conversation = args.turn_tokens + args.turns * (args.new_tokens + args.output_tokens)
         args.max_prompt = max(args.prefix_tokens + args.new_tokens, conversation) + 64  # sizes the hand-off slots
-        args.model_dir = [args.model_dir] if args.model_dir else []
         rng = random.Random(args.seed)
         runs = [run_mode(args, mode, rng) for mode in args.modes.split(",")]
     on = next((r for r in runs if r["mode"] == "on"), None)

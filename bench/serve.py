@@ -26,13 +26,12 @@ import os
 import platform
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port  # noqa: E402
+from common import free_port, start_serve  # noqa: E402
 
 from hmoe.runtime import AsyncClient  # noqa: E402
 from hmoe.runtime.client import status_once  # noqa: E402
@@ -182,32 +181,6 @@ def machine() -> dict:
     }
 
 
-def start_serve(args) -> tuple[subprocess.Popen, str]:
-    """`hmoe serve` (the demo model unless --model-dir) on a free port; waits until both workers serve."""
-    port, http_port = free_port(), free_port()
-    env = {**os.environ, "HMOE_WORKER_KV_CACHE_GIB": str(args.kv_cache_gib)}
-    args.http_url = f"http://127.0.0.1:{http_port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "hmoe.runtime.cli",
-        "serve",
-        *([args.model_dir] if args.model_dir else []),
-        "--port",
-        str(port),
-        "--http-port",
-        str(http_port if args.http or args.compare else 0),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    endpoint, deadline = f"tcp://127.0.0.1:{port}", time.monotonic() + 600
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"hmoe serve did not come up (exit {proc.poll()}); run it by hand to see why")
-        line = proc.stdout.readline()  # "hmoe serving ..." once both workers (and the HTTP API) serve
-        if line.startswith("hmoe serving"):
-            return proc, endpoint
-
-
 def plot(payload: dict, png: Path) -> None:
     import matplotlib
 
@@ -265,7 +238,12 @@ def main() -> None:
     p.add_argument("--json", dest="json_path", help="Where to write (default bench/results/serve-TAG.json).")
     args = p.parse_args()
 
-    proc, endpoint = (None, args.endpoint) if args.endpoint else start_serve(args)
+    if args.endpoint:
+        proc, endpoint = None, args.endpoint
+    else:
+        http_port = free_port() if args.http or args.compare else 0
+        args.http_url = f"http://127.0.0.1:{http_port}" if http_port else args.http_url
+        proc, endpoint = start_serve(args.model_dir, {"HMOE_WORKER_KV_CACHE_GIB": str(args.kv_cache_gib)}, http_port)
     try:
         status = status_once(endpoint, 5.0)
         model = next((w["model"] for w in status["workers"]), "?")
