@@ -318,6 +318,29 @@ def test_a_repeated_long_prefix_comes_from_the_prefix_cache_with_the_same_tokens
     assert shown.exit_code == 0 and "prefix cache " in shown.output and "hit rate " in shown.output, shown.output
 
 
+def test_a_short_prompt_is_served_between_the_passes_of_a_long_one(served):
+    """The long prompt prefills in 8 passes of 64 tokens; the short one, sent while it runs, is interleaved
+    at the next pass boundary and ends before the long one's first token (without interleaving it waits
+    for all eight)."""
+    events: list[str] = []
+
+    async def long_request(client: AsyncClient) -> None:
+        async for _ in client.generate(token_ids=[(7 * i) % 200 + 2 for i in range(500)], max_tokens=2):
+            events.append("long token")
+
+    async def main() -> None:
+        async with AsyncClient(served.endpoint) as client:
+            long = asyncio.ensure_future(long_request(client))
+            while not any(w["busy"] for w in (await client.status())["workers"] if w["role"] == "prefill"):
+                await asyncio.sleep(0.005)
+            await client.complete(token_ids=[5, 6, 7, 8, 9], max_tokens=1)
+            events.append("short done")
+            await long
+
+    asyncio.run(main())
+    assert events[0] == "short done", events
+
+
 def test_serve_with_device_cuda_on_a_machine_without_it_stops_at_once_with_the_reason(tiny_models, tmp_path):
     """The issue's case: `hmoe serve --device cuda` without CUDA used to crash-loop its workers 7 times;
     now it stops before loading anything: exit 3, one line with the code, no pack left behind."""
