@@ -221,6 +221,7 @@ class PrefillEngine:
             self.kv.free(job.request_id)
             raise
         job.done = job.cached = len(shared) * self.kv.block_size
+        self.prefix.count(len(job.token_ids), job.cached)  # once per prompt, also when it had to wait
         if job.cached:
             log.debug("prefix cache hit", extra={"request_id": job.request_id, "cached_tokens": job.cached})
 

@@ -60,9 +60,12 @@ class PrefixCache:
         while found < len(keys) and keys[found] in self.blocks:
             found += 1
         self._touch(keys[:found])
-        self.query_tokens += len(token_ids)
-        self.hit_tokens += found * self.kv.block_size
         return [self.blocks[k] for k in keys[:found]]
+
+    def count(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A prompt that got its KV: prompt_tokens looked up, cached_tokens of them found."""
+        self.query_tokens += prompt_tokens
+        self.hit_tokens += cached_tokens
 
     def insert(self, seq_id: str, token_ids: Sequence[int]) -> None:
         """Keep the full blocks of seq_id's prompt (its KV written up to len(token_ids)), as far as the

@@ -45,6 +45,7 @@ def start(cache: PrefixCache, seq: str, token_ids: list[int]) -> int:
     except KVCapacityError:
         cache.kv.free(seq)
         raise
+    cache.count(len(token_ids), len(shared) * cache.kv.block_size)
     return len(shared) * cache.kv.block_size
 
 
