@@ -34,6 +34,8 @@ import zmq.asyncio
 from hmoe.runtime import AsyncClient, RouterError
 from hmoe.runtime.client import RouterUnreachable, status_once
 from hmoe.runtime.protocol import Generate, encode
+from hmoe.runtime.worker_pool import ROLES as WORKER_ROLES
+from hmoe.runtime.worker_pool import roles_served
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
@@ -90,7 +92,7 @@ def start_serve(model_dir: Path, runtime_dir: Path, prefix: str) -> tuple[subpro
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"hmoe serve did not come up (exit {proc.poll()}); logs in {runtime_dir}")
         try:
-            if {w["role"] for w in status_once(endpoint, 1.0)["workers"]} >= {"prefill", "decode"}:
+            if {r for w in status_once(endpoint, 1.0)["workers"] for r in roles_served(w["role"])} >= set(WORKER_ROLES):
                 return proc, endpoint
         except RouterUnreachable:
             pass

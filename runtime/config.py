@@ -90,6 +90,7 @@ class WorkerConfig:
     stream_min_tokens: int = 0  # prefill passes at least this long stream; 0 = measured at start-up
     stream_ring_layers: int = 2  # MoE layers of experts on the GPU at once while streaming (2: copy one, use one)
     drain_grace_s: float = 30.0
+    layout: str = "disaggregated"  # hmoe serve: a prefill and a decode worker | colocated: one worker doing both
 
     _ranges = {
         "kv_cache_gib": (0.001, 4096.0),
@@ -110,6 +111,7 @@ class WorkerConfig:
     _choices = {
         "experts": ("cpu", "torch"),
         "prefill_experts": ("auto", "cpu", "stream"),
+        "layout": ("disaggregated", "colocated"),
         "dtype": ("auto", "fp32", "bf16"),
     }
     _patterns = {"device": (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")}

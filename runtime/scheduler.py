@@ -68,7 +68,7 @@ from hmoe.runtime.protocol import (
 )
 from hmoe.runtime.request import Phase, Request
 from hmoe.runtime.sampling_params import SamplingParams, kv_need, with_seed
-from hmoe.runtime.worker_pool import ROLES, PrefixAffinity, WorkerEntry, WorkerPool
+from hmoe.runtime.worker_pool import COLOCATED, ROLES, PrefixAffinity, WorkerEntry, WorkerPool
 
 log = structlog.get_logger("hmoe.router")
 
@@ -278,9 +278,9 @@ class Scheduler:
             log.error("worker_rejected", worker_id=msg.worker_id, reason=why)
             self._send(WORKER, identity, Error("version_too_old", f"registration refused: {why}"))
             return
-        if msg.role not in ROLES or mismatch is not None:
+        if msg.role not in (*ROLES, COLOCATED) or mismatch is not None:
             why = (
-                f"role {msg.role!r} is not one of {ROLES}"
+                f"role {msg.role!r} is not one of {(*ROLES, COLOCATED)}"
                 if mismatch is None
                 else (
                     f"it serves {msg.model.name!r} but worker {mismatch.info.worker_id} "

@@ -21,6 +21,7 @@ from hmoe.runtime.codec import TokenIds
 from hmoe.runtime.protocol import Register, WorkerPing, WorkerStatus
 
 ROLES = ("prefill", "decode")
+COLOCATED = "colocated"  # one worker process that prefills and decodes: both roles to the router
 
 
 @dataclass(eq=False, slots=True)
@@ -41,6 +42,9 @@ class WorkerEntry:
     @property
     def role(self) -> str:
         return self.info.role
+
+    def serves(self, role: str) -> bool:
+        return role in roles_served(self.info.role)
 
     def let_go(self, request_id: str) -> None:
         """Prefill: it is done with request_id (prefilled, refused, cancelled)."""
@@ -97,6 +101,11 @@ class WorkerEntry:
         )
 
 
+def roles_served(role: str) -> tuple[str, ...]:
+    """The roles a worker registered as `role` takes on (a colocated one: both)."""
+    return ROLES if role == COLOCATED else (role,)
+
+
 class WorkerPool:
     def __init__(self, silence_limit_s: float):
         self.silence_limit_s = silence_limit_s  # heartbeat interval * liveness
@@ -105,16 +114,17 @@ class WorkerPool:
         self.last_lost: dict[str, Register] = {}  # role -> its last worker, whose limits hold while it restarts
 
     def add(self, identity: bytes, info: Register, version: int, now: float) -> WorkerEntry:
-        assert info.role in ROLES, info.role
+        assert info.role in (*ROLES, COLOCATED), info.role
         worker = WorkerEntry(identity, info, version, now, now)
         self.by_identity[identity] = worker
         return worker
 
     def remove(self, identity: bytes, now: float) -> WorkerEntry:
         worker = self.by_identity.pop(identity)
-        if not self.of_role(worker.role):
-            self.last_lost_s[worker.role] = now
-            self.last_lost[worker.role] = worker.info
+        for role in ROLES:
+            if worker.serves(role) and not self.of_role(role):
+                self.last_lost_s[role] = now
+                self.last_lost[role] = worker.info
         return worker
 
     def get(self, identity: bytes) -> WorkerEntry | None:
@@ -156,7 +166,8 @@ class WorkerPool:
         ]
 
     def of_role(self, role: str) -> list[WorkerEntry]:
-        return [w for w in self.by_identity.values() if w.role == role]
+        """The workers that take `role`'s work (colocated ones take both)."""
+        return [w for w in self.by_identity.values() if w.serves(role)]
 
     def expired(self, now: float) -> Iterator[WorkerEntry]:
         """Workers silent past the limit (the caller removes them)."""

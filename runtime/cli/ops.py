@@ -17,14 +17,14 @@ import click
 from hmoe.runtime.cli.options import resolve_endpoint, router_options, timeout_option
 from hmoe.runtime.config import load_config, skeleton
 from hmoe.runtime.errors import HmoeError
-from hmoe.runtime.worker_pool import ROLES
+from hmoe.runtime.worker_pool import ROLES, roles_served
 
 HEALTHY, DRAINING, UNHEALTHY = 0, 1, 2  # the exit statuses of `hmoe health` (Nagios: OK, WARNING, CRITICAL)
 
 
 def describe(status: dict) -> str:
     """A Status in a few words: workers per role, running, queued, KV use, tokens/s."""
-    roles = [sum(w["role"] == role for w in status["workers"]) for role in ROLES]
+    roles = [sum(role in roles_served(w["role"]) for w in status["workers"]) for role in ROLES]
     kv = status["kv"]
     used = kv.get("used_tokens", 0) / kv["capacity_tokens"] if kv.get("capacity_tokens") else 0.0
     return (
@@ -47,7 +47,7 @@ def health_cmd(endpoint, port, server_key, config_path, timeout) -> None:
     except RouterUnreachable:
         click.echo(f"unhealthy: the router at {endpoint} did not answer within {timeout:g} s")
         sys.exit(UNHEALTHY)
-    missing = [role for role in ROLES if not any(w["role"] == role for w in status["workers"])]
+    missing = [role for role in ROLES if not any(role in roles_served(w["role"]) for w in status["workers"])]
     if missing:
         click.echo(f"unhealthy: no live {' or '.join(missing)} worker; {describe(status)}")
         sys.exit(UNHEALTHY)

@@ -22,6 +22,7 @@ from hmoe.runtime.cli.options import (
 )
 from hmoe.runtime.config import load_config
 from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.worker_pool import ROLES, roles_served
 
 EXIT_TIMEOUT, EXIT_CANCELLED = 124, 130  # as timeout(1) and a shell's Ctrl-C
 WAIT_REPORT_S = 5.0  # --wait says what it is waiting for this often
@@ -122,8 +123,8 @@ def _wait_ready(endpoint: str, wait_s: float, server_key: str | None, files: Ser
     roles: set[str] | None = None
     while (waited_s := time.monotonic() - start) < wait_s:
         try:
-            roles = {w["role"] for w in status_once(endpoint, 1.0, server_key)["workers"]}
-            if roles >= {"prefill", "decode"}:
+            roles = {r for w in status_once(endpoint, 1.0, server_key)["workers"] for r in roles_served(w["role"])}
+            if roles >= set(ROLES):
                 if time.monotonic() > start + WAIT_REPORT_S:
                     click.echo(f"ready after {waited_s:.0f} s", err=True)
                 return

@@ -35,6 +35,7 @@ from hmoe.runtime.http.metrics import Metrics
 from hmoe.runtime.http.reasoning import END, START, opens_reasoning
 from hmoe.runtime.http.schema import ApiError, Sampling, bad, parse_chat, parse_completion
 from hmoe.runtime.protocol import MAX_MESSAGE_BYTES
+from hmoe.runtime.worker_pool import ROLES, roles_served
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -147,8 +148,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         status = await gateway.status()
         if status is None:
             return JSONResponse({"status": "unhealthy", "reason": "the router does not answer"}, status_code=503)
-        roles = {w["role"] for w in status["workers"]}
-        missing = sorted({"prefill", "decode"} - roles)
+        roles = {r for w in status["workers"] for r in roles_served(w["role"])}
+        missing = sorted(set(ROLES) - roles)
         if missing or status["draining"]:
             reason = "draining" if status["draining"] else f"no {' or '.join(missing)} worker registered"
             return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)

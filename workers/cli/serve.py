@@ -26,6 +26,7 @@ import click
 
 from hmoe.runtime.config import load_config
 from hmoe.runtime.errors import HmoeError
+from hmoe.runtime.worker_pool import roles_served
 
 DEMO = ("deepseek_v3", "tiny", "bf16")
 ROUTER_WATCHDOG_S = 30.0  # as WatchdogSec= of deploy/systemd/hmoe-router.service
@@ -74,7 +75,14 @@ def ensure_demo_model(say) -> Path:
 )
 @click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), help="[http] chat_template file.")
 @click.option("--served-model-name", help="[http] served_model_name (default: the weight pack's name).")
-def serve_cmd(model_dir, port, device, pack_name, config_path, http_host, http_port, chat_template, served_model_name):
+@click.option(
+    "--layout",
+    type=click.Choice(["disaggregated", "colocated"]),
+    help="[worker] layout: a prefill and a decode worker (default), or one worker that does both.",
+)
+def serve_cmd(
+    model_dir, port, device, pack_name, config_path, http_host, http_port, chat_template, served_model_name, layout
+):
     """Serve MODEL_DIR (default: a tiny random demo model) with a router and two workers on this machine."""
     from hmoe.runtime.cli.instance import ServeFiles
 
@@ -88,7 +96,11 @@ def serve_cmd(model_dir, port, device, pack_name, config_path, http_host, http_p
     try:
         config = load_config(
             config_path,
-            overrides={"router": {"frontend": frontend}, "worker": {"device": device, "pack": pack_name}, "http": http},
+            overrides={
+                "router": {"frontend": frontend},
+                "worker": {"device": device, "pack": pack_name, "layout": layout},
+                "http": http,
+            },
         )
         files = ServeFiles(config.runtime_dir, config.router.frontend)
         files.claim()
@@ -208,9 +220,9 @@ def _supervise(config, name: str, files, config_path, http: dict, say) -> tuple[
             ROUTER_WATCHDOG_S,
         ),
         # The workers' watchdog is the router's stuck_after_s: a hung main loop is restarted either way.
-        ChildSpec("prefill", (*worker, "--role", "prefill"), config.worker.drain_grace_s + 10, stuck_s),
-        ChildSpec("decode", (*worker, "--role", "decode"), config.worker.drain_grace_s + 10, stuck_s),
     ]
+    roles = ("colocated",) if config.worker.layout == "colocated" else ("prefill", "decode")
+    specs += [ChildSpec(role, (*worker, "--role", role), config.worker.drain_grace_s + 10, stuck_s) for role in roles]
     with open(files.log_path, "ab") as log_file:
         supervisor = Supervisor(specs, log_file, say=say, notify_dir=config.runtime_dir)
         supervisor.start()
@@ -255,7 +267,7 @@ class _Readiness:
             return
         self.next_s = time.monotonic() + (0.5 if not self.ready else 2.0)
         try:
-            roles = {w["role"] for w in status_once(self.frontend, 0.5)["workers"]}
+            roles = {r for w in status_once(self.frontend, 0.5)["workers"] for r in roles_served(w["role"])}
         except RouterUnreachable:
             roles = set()
         ready = roles >= {"prefill", "decode"} and (not self.url or _listens(self.url))

@@ -1,4 +1,4 @@
-"""`hmoe-worker`: one prefill or decode process, from start-up to drain.
+"""`hmoe-worker`: one prefill, decode or colocated (both, ColocatedEngine) process, from start-up to drain.
 
 start:  attach the weight pack (no copy of the experts) -> model on the device -> KV pool ->
         hand-off pool -> warm-up forward (kernels compiled) -> connect, Register, READY=1
@@ -38,11 +38,12 @@ from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
 from hmoe.runtime.sd_notify import SdNotify
 from hmoe.shm import ShmError
+from hmoe.workers.engine.colocated import ColocatedEngine
 from hmoe.workers.engine.decode import DecodeEngine
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
 from hmoe.workers.model.causal_lm import CausalLM, load_model
-from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.model.kv_cache import KVPool, bytes_per_token
 from hmoe.workers.model.prefix_cache import PrefixCache
 from hmoe.workers.weights.pack_source import PackSource
 
@@ -59,7 +60,7 @@ ACCEPTED += (protocol.WorkerPong, protocol.Registered, protocol.Error)
 
 class WorkerProcess:
     def __init__(self, role: str, config: Config, router: str):
-        assert role in ("prefill", "decode"), role
+        assert role in ("prefill", "decode", "colocated"), role
         self.role, self.config, self.router = role, config, router
         self.notify = SdNotify.from_env()
         self.context = zmq.Context.instance()
@@ -74,7 +75,8 @@ class WorkerProcess:
         self.experts = None
         self.streaming = None  # StreamingExperts of a prefill worker that streams long passes
         self.handoff: HandoffPool | None = None
-        self.engine: PrefillEngine | DecodeEngine | None = None
+        self.engine: PrefillEngine | DecodeEngine | ColocatedEngine | None = None
+        self.prefill_room = 0  # colocated: KV token slots kept beside the decode share for the prompt prefilling
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -83,24 +85,34 @@ class WorkerProcess:
         # The prefill and the decode worker share the machine's CPU: by default each takes half of it,
         # for torch and for the expert kernels alike (two OpenMP pools spinning on the same cores
         # slowed decode down 20x on 2 cores).
-        self.threads = w.cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        # A colocated worker takes all but one (the router, the HTTP API and clients need a core: with both
+        # of 2 cores its decode steps took 2.2x as long as with one).
+        cpus = len(os.sched_getaffinity(0))
+        self.threads = w.cpu_threads or max(1, cpus - 1 if self.role == "colocated" else cpus // 2)
         torch.set_num_threads(self.threads)
         device = _check_device(w.device)  # before anything slow: a restart cannot fix a missing GPU
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
         self.experts = self._experts(device)
         self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
-        kv_gib = w.kv_cache_gib + (w.prefix_cache_gib if self.role == "prefill" else 0.0)
-        self.kv = KVPool.from_budget(
-            self.model.config, int(kv_gib * (1 << 30)), w.kv_block_size, self.model.dtype, device
-        )
+        slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
+        kv_bytes = int(w.kv_cache_gib * (1 << 30))
         if self.role == "prefill":
-            slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
-            slot_tokens = min(slot_tokens, self.kv.capacity_tokens)
+            kv_bytes += int(w.prefix_cache_gib * (1 << 30))
+        if self.role == "colocated":  # room for the prompt being prefilled beside what the router reserves
+            self.prefill_room = -(-slot_tokens // w.kv_block_size) * w.kv_block_size
+            kv_bytes += self.prefill_room * bytes_per_token(self.model.config, self.model.dtype)
+        self.kv = KVPool.from_budget(self.model.config, kv_bytes, w.kv_block_size, self.model.dtype, device)
+        if self.role == "decode":
+            self.engine = self._decode_engine()
+        else:
             self.handoff = HandoffPool.create(
-                f"{self.role}-{os.getpid()}", w.handoff_slots, self.kv.bytes_per_token * slot_tokens, self.config.shm
+                f"{self.role}-{os.getpid()}",
+                w.handoff_slots,
+                self.kv.bytes_per_token * min(slot_tokens, self.kv.capacity_tokens),
+                self.config.shm,
             )
             self.streaming, stream_min_tokens, max_pass_tokens = self._streaming(device)
-            self.engine = PrefillEngine(
+            prefill = PrefillEngine(
                 self.model,
                 self.kv,
                 self.handoff,
@@ -109,14 +121,9 @@ class WorkerProcess:
                 self.streaming,
                 stream_min_tokens,
                 max_pass_tokens,
-                self._prefix_cache(),
+                self._prefix_cache() if self.role == "prefill" else None,  # colocated: decode needs every block
             )
-        else:
-            self.handoff = None
-            slice_bytes = w.adopt_slice_mib << 20
-            self.engine = DecodeEngine(
-                self.model, self.kv, w.max_batch, w.micro_batches, self.config.shm, adopt_slice_bytes=slice_bytes
-            )
+            self.engine = prefill if self.role == "prefill" else ColocatedEngine(prefill, self._decode_engine())
         self._warm_up()
         address = f"inproc://hmoe-worker-{id(self)}"
         self.pipe = self.context.socket(zmq.PAIR)
@@ -131,6 +138,17 @@ class WorkerProcess:
             device,
             self.model.dtype,
             self.kv.capacity_tokens,
+        )
+
+    def _decode_engine(self) -> DecodeEngine:
+        w = self.config.worker
+        return DecodeEngine(
+            self.model,
+            self.kv,
+            w.max_batch,
+            w.micro_batches,
+            self.config.shm,
+            adopt_slice_bytes=w.adopt_slice_mib << 20,
         )
 
     def _prefix_cache(self) -> PrefixCache | None:
@@ -225,7 +243,7 @@ class WorkerProcess:
             os.getpid(),
             str(self.model.device),
             protocol.ModelInfo(self.config.worker.pack, c.vocab_size, list(c.eos_token_ids), c.max_position_embeddings),
-            self.kv.capacity_tokens,
+            self.kv.capacity_tokens - self.prefill_room,  # what the router may reserve for decoding
             self.config.worker.max_batch,
             kv_block_size=self.kv.block_size,
         )
@@ -257,7 +275,8 @@ class WorkerProcess:
         message says so), else not at all."""
         if not self.engine.busy:
             return 50
-        return 5 if isinstance(self.engine, PrefillEngine) and self.engine.awaiting_slot else 0
+        awaiting = isinstance(self.engine, (PrefillEngine, ColocatedEngine)) and self.engine.awaiting_slot
+        return 5 if awaiting else 0
 
     def _receive(self, timeout_ms: int) -> None:
         """Apply every message the I/O thread passed on, waiting up to timeout_ms for the first."""
@@ -269,7 +288,7 @@ class WorkerProcess:
                 self.pipe.send(DROPPED)
                 continue
             if frame == ROUTER_RESTARTED:
-                if isinstance(self.engine, PrefillEngine):
+                if isinstance(self.engine, (PrefillEngine, ColocatedEngine)):
                     self.engine.release_unadopted()  # nobody will adopt what the old router's requests left
                 continue
             try:
@@ -284,7 +303,10 @@ class WorkerProcess:
         match msg:
             case protocol.Prefill() | protocol.Adopt() if self.draining_since is not None:
                 self._send(protocol.RequestError(msg.request_id, "draining", "the worker is shutting down"))
-            case protocol.Prefill() | protocol.Adopt() if (self.role == "prefill") == isinstance(msg, protocol.Prefill):
+            case protocol.Prefill() | protocol.Adopt() if self.role in (
+                "colocated",
+                "prefill" if isinstance(msg, protocol.Prefill) else "decode",
+            ):
                 try:  # what a request carries fails that request, never the worker
                     for out in self.engine.add(msg):
                         self._send(out)
@@ -379,7 +401,7 @@ class WorkerProcess:
     def _ping(self) -> protocol.WorkerPing:
         """The heartbeat, built on the I/O thread from counts the main thread keeps (no iteration)."""
         running, waiting = self.engine.load()
-        free, stats = self.kv.free_blocks * self.kv.block_size, None
+        free, stats = max(0, self.kv.free_blocks * self.kv.block_size - self.prefill_room), None
         if isinstance(self.engine, PrefillEngine):
             free = self.engine.free_tokens()
             if (prefix := self.engine.prefix) is not None:
@@ -421,7 +443,7 @@ class WorkerProcess:
             self.experts.close()
         if self.handoff is not None:
             self.handoff.close()
-        if isinstance(self.engine, DecodeEngine):
+        if isinstance(self.engine, (DecodeEngine, ColocatedEngine)):
             self.engine.close()
         if self.source is not None:
             self.source.close()
@@ -459,7 +481,7 @@ def _control(frame: bytes):
 
 
 @click.command()
-@click.option("--role", type=click.Choice(["prefill", "decode"]), required=True)
+@click.option("--role", type=click.Choice(["prefill", "decode", "colocated"]), required=True)
 @click.option("--router", "router_endpoint", default=None, help="The router's backend endpoint (default from config).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="TOML config file.")
 @config_options("worker", ["pack", "device", "dtype", "kv_cache_gib", "max_batch", "experts", "cpu_threads"])

@@ -212,9 +212,11 @@ def test_metrics_move_and_errors_are_coded(served):
         assert after[key] > before.get(key, 0), (key, label)
     assert after["hmoe:generation_tokens_total"] >= before.get("hmoe:generation_tokens_total", 0) + 5
     assert after["hmoe:request_success_total"] > before.get("hmoe:request_success_total", 0)
-    assert after["hmoe:kv_cache_usage_perc"] == 0.0 and after["hmoe:num_requests_waiting"] == 0
+    assert after["hmoe:num_requests_waiting"] == 0
     deadline = time.monotonic() + 5
-    while after["hmoe:worker_steps_total"] <= before.get("hmoe:worker_steps_total", 0):  # the next heartbeats
+    while after["hmoe:kv_cache_usage_perc"] != 0.0 or after["hmoe:worker_steps_total"] <= before.get(
+        "hmoe:worker_steps_total", 0
+    ):  # the decode worker's next heartbeat: its KV free again, its steps counted
         assert time.monotonic() < deadline
         time.sleep(0.2)
         after = served.metrics()
