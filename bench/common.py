@@ -66,6 +66,26 @@ def start_serve(model_dir: str | None, env: dict[str, str], http_port: int = 0) 
     raise SystemExit(f"hmoe serve did not come up (exit {proc.poll()}); run it by hand to see why")
 
 
+def add_model_options(p) -> None:
+    """--model-dir, --make, --device: what a bench's `hmoe serve` serves, and where."""
+    p.add_argument("--model-dir", help="What hmoe serve serves (default: the demo model).")
+    p.add_argument("--make", metavar="ARCH:PRESET:DTYPE:LAYERS", help="Make a random model first (in a temp dir).")
+    p.add_argument("--device", default="cpu")
+
+
+def prepare_model(args, tmp: str | os.PathLike) -> str:
+    """With --make, make that model under tmp and point args.model_dir at it; the model's name for results."""
+    if not args.make:
+        return args.model_dir or "demo"
+    from hmoe.workers.weights.make_model import make_model
+
+    arch, preset, dtype, layers = args.make.split(":")
+    started = time.perf_counter()
+    args.model_dir = str(make_model(Path(tmp) / "model", arch, preset, dtype, seed=0, num_layers=int(layers)))
+    print(f"made {args.make} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return args.make
+
+
 def machine_name() -> str:
     """Short name of this machine for result files: the GPU's model ("h200", "h100") where one is visible,
     else "dev"."""

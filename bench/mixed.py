@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_name, start_serve, write_results  # noqa: E402
+from common import add_model_options, machine_name, prepare_model, start_serve, write_results  # noqa: E402
 from serve import percentiles  # noqa: E402
 
 from hmoe.runtime import AsyncClient  # noqa: E402
@@ -146,9 +146,7 @@ def plot(payload: dict, png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", help="What hmoe serve serves (default: the demo model).")
-    p.add_argument("--make", metavar="ARCH:PRESET:DTYPE:LAYERS", help="Make a random model first (in a temp dir).")
-    p.add_argument("--device", default="cpu")
+    add_model_options(p)
     p.add_argument(
         "--settings", default="overlap,no-overlap,colocated", help=f"Comma-separated, of {', '.join(SETTINGS)}."
     )
@@ -163,14 +161,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default=None, help="Result name: serve-mixed-TAG.json (default: this machine's name).")
     args = p.parse_args()
-    model = args.model_dir or "demo"
     with tempfile.TemporaryDirectory(prefix="hmoe-bench-") as tmp:
-        if args.make:
-            from hmoe.workers.weights.make_model import make_model
-
-            arch, preset, dtype, layers = args.make.split(":")
-            args.model_dir, model = str(make_model(Path(tmp) / "model", arch, preset, dtype, seed=0,
-                                                   num_layers=int(layers))), args.make  # fmt: skip
+        model = prepare_model(args, tmp)
         runs = [run_setting(args, name) for name in args.settings.split(",")]
     by_name = {r["setting"]: r for r in runs}
     gain = None

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_name, start_serve, write_results  # noqa: E402
+from common import add_model_options, machine_name, prepare_model, start_serve, write_results  # noqa: E402
 
 from hmoe.runtime import Client  # noqa: E402
 from hmoe.runtime.client import status_once  # noqa: E402
@@ -131,9 +131,7 @@ def plot(payload: dict, png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", help="What hmoe serve serves (default: the demo model).")
-    p.add_argument("--make", metavar="ARCH:PRESET:DTYPE:LAYERS", help="Make a random model first (in a temp dir).")
-    p.add_argument("--device", default="cpu")
+    add_model_options(p)
     p.add_argument("--modes", default="on,off", help="on, off or both: serve runs with the cache on / off.")
     p.add_argument("--prefix-tokens", type=int, default=0, help="Default: the longest the model takes.")
     p.add_argument("--new-tokens", type=int, default=100)
@@ -146,18 +144,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default=None, help="Result name: prefix-TAG.json (default: this machine's name).")
     args = p.parse_args()
-    model = "demo"
     with tempfile.TemporaryDirectory(prefix="hmoe-bench-") as tmp:
-        if args.make:
-            from hmoe.workers.weights.make_model import make_model
-
-            arch, preset, dtype, layers = args.make.split(":")
-            started = time.perf_counter()
-            args.model_dir = str(make_model(Path(tmp) / "model", arch, preset, dtype, num_layers=int(layers), seed=0))
-            print(f"made {args.make} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-            model = args.make
-        elif args.model_dir:
-            model = args.model_dir
+        model = prepare_model(args, tmp)
         context = 4096  # the demo model's max_position_embeddings
         if args.model_dir:
             import json
