@@ -1,6 +1,6 @@
 """A PrefillEngine over the fake model, a real KVPool (with or without a PrefixCache) and a real
-HandoffPool; and the steps that run it until it speaks (fixtures `make_rig` and `adopter` in
-tests/workers/engine/conftest.py build them; sizes as in helpers/handoff.py)."""
+HandoffPool; the steps that run it until it speaks, and a stand-in for StreamingExperts (fixtures
+`make_rig` and `adopter` in tests/workers/engine/conftest.py build them; sizes as in helpers/handoff.py)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,17 @@ def prefilled(engine: PrefillEngine) -> protocol.Prefilled:
     (msg,), _ = run(engine)
     assert isinstance(msg, protocol.Prefilled), msg
     return msg
+
+
+class FakeStreaming:
+    """Stands in for StreamingExperts: counts the passes it opens and closes (the fake model ignores experts)."""
+
+    def __init__(self):
+        self.opened = self.closed = 0
+
+    def open_pass(self):
+        self.opened += 1
+        return self
+
+    def close(self):
+        self.closed += 1

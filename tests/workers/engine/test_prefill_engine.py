@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from helpers.fake_model import LAYERS, continuation, next_token, prefill_msg
 from helpers.handoff import SLOT_TOKENS
-from helpers.prefill_rig import prefilled, run
+from helpers.prefill_rig import FakeStreaming, prefilled, run
 
 from hmoe.runtime import protocol
 from hmoe.runtime.errors import HmoeError
@@ -215,20 +215,6 @@ def test_drop_all_while_waiting_for_a_slot_keeps_handed_kv_adoptable(make_rig, a
     assert adopter(held) == PROMPT
     rig.engine.add(prefill_msg("c", [4, 5]))
     assert prefilled(rig.engine).first_token == continuation([4, 5], 1)[0]
-
-
-class FakeStreaming:
-    """Stands in for StreamingExperts: counts the passes it opens and closes (the fake model ignores experts)."""
-
-    def __init__(self):
-        self.opened = self.closed = 0
-
-    def open_pass(self):
-        self.opened += 1
-        return self
-
-    def close(self):
-        self.closed += 1
 
 
 def test_long_rests_of_a_prompt_go_in_streamed_layer_major_passes_and_short_ones_on_the_cpu(make_rig, adopter):

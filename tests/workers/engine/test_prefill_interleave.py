@@ -7,24 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 from helpers.fake_model import LAYERS, next_token, prefill_msg
-from helpers.prefill_rig import prefilled
+from helpers.prefill_rig import FakeStreaming, prefilled
 
 from hmoe.runtime import protocol
-
-
-class FakeStreaming:
-    """Stands in for StreamingExperts (the fake model ignores experts): counts passes opened and closed."""
-
-    def __init__(self):
-        self.opened = self.closed = 0
-
-    def open_pass(self):
-        self.opened += 1
-        return self
-
-    def close(self):
-        self.closed += 1
-
 
 LONG = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]  # 12 tokens
 SHORT = [2, 7, 1]
