@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import hashlib
 import re
 import sys
 import types
@@ -76,6 +77,18 @@ class TokenIds(_IdArray):
 
 
 assert TokenIds().itemsize == 4
+
+
+def chain_keys(token_ids: Sequence[int], span: int, count: int, root: bytes = b"") -> list[bytes]:
+    """The keys of the first `count` spans of `span` token ids, each naming all the ids up to its span's
+    end: key(i) = blake2b(key(i - 1) + span i as uint32), key(-1) = root. The prefill worker's prefix
+    cache keys its KV blocks so; the router keys which worker prefilled what the same way."""
+    ids = token_ids if isinstance(token_ids, TokenIds) else TokenIds(token_ids[: count * span])
+    key, keys = root, []
+    for start in range(0, count * span, span):
+        key = hashlib.blake2b(key + ids[start : start + span].tobytes(), digest_size=16).digest()
+        keys.append(key)
+    return keys
 
 
 def pack_token_ids(ids: Sequence[int]) -> bytes:

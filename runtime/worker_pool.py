@@ -12,12 +12,11 @@ can go where its prefix is likely cached (policy.prefill_worker_for chooses).
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from hmoe.runtime.codec import TokenIds
+from hmoe.runtime.codec import chain_keys
 from hmoe.runtime.protocol import Register, WorkerPing, WorkerStatus
 
 ROLES = ("prefill", "decode")
@@ -211,12 +210,7 @@ class PrefixAffinity:
         self.owner: OrderedDict[bytes, bytes] = OrderedDict()  # chain key -> worker identity
 
     def keys(self, token_ids: Sequence[int]) -> list[bytes]:
-        ids = token_ids if isinstance(token_ids, TokenIds) else TokenIds(token_ids)
-        key, keys = b"", []
-        for start in range(0, len(ids) - self.SPAN + 1, self.SPAN):
-            key = hashlib.blake2b(key + ids[start : start + self.SPAN].tobytes(), digest_size=16).digest()
-            keys.append(key)
-        return keys
+        return chain_keys(token_ids, self.SPAN, len(token_ids) // self.SPAN)
 
     def matched(self, token_ids: Sequence[int]) -> dict[bytes, int]:
         """worker identity -> prompt tokens of its longest remembered prefix of token_ids."""

@@ -23,8 +23,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import numpy as np
-
+from hmoe.runtime.codec import chain_keys
 from hmoe.workers.model.kv_cache import KVPool
 
 
@@ -46,12 +45,7 @@ class PrefixCache:
 
     def keys(self, token_ids: Sequence[int], num_blocks: int) -> list[bytes]:
         """The chain keys of the first num_blocks full blocks of token_ids."""
-        size, key, keys = self.kv.block_size, self.root, []
-        ids = np.asarray(token_ids[: num_blocks * size], dtype=np.uint32)
-        for i in range(num_blocks):
-            key = hashlib.blake2b(key + ids[i * size : (i + 1) * size].tobytes(), digest_size=16).digest()
-            keys.append(key)
-        return keys
+        return chain_keys(token_ids, self.kv.block_size, num_blocks, self.root)
 
     def match(self, token_ids: Sequence[int]) -> list[int]:
         """The blocks of the longest cached prefix of token_ids (at most len - 1 tokens), touched."""
