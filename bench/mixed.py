@@ -1,7 +1,8 @@
 """Mixed workload: does a running generation keep its pace while long prompts prefill beside it?
 
     python bench/mixed.py                                              # the demo model, 4 streams
-    python bench/mixed.py --make qwen3_moe:30b-a3b:fp8:48 --device cuda --streams 16 --long-tokens 32768
+    python bench/mixed.py --make qwen3_moe:30b-a3b:fp8:48 --device cuda --streams 16 --long-tokens 32768 \
+        --kv-cache-gib 12
 
 For each setting (--settings; overlap: dual-batch attention/expert overlap on, [worker] micro_batches
 2 with the engine's timed choice; no-overlap: micro_batches 1; colocated: one worker that prefills a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from common import add_model_options, machine_name, prepare_model, start_serve, 
 from serve import percentiles  # noqa: E402
 
 from hmoe.runtime import AsyncClient  # noqa: E402
+from hmoe.runtime.policy import cpu_threads  # noqa: E402
 
 SETTINGS = {
     "overlap": {"HMOE_WORKER_MICRO_BATCHES": "2"},
@@ -87,6 +90,7 @@ async def phase(endpoint: str, args, rng, mixed: bool) -> dict:
 def run_setting(args, name: str) -> dict:
     env = {"HMOE_WORKER_DEVICE": args.device, **SETTINGS[name]}
     env["HMOE_ROUTER_MAX_PROMPT_TOKENS"] = str(max(args.long_tokens, args.prompt_tokens) + 64)
+    env["HMOE_WORKER_KV_CACHE_GIB"] = str(args.kv_cache_gib)
     proc, endpoint = start_serve(args.model_dir, env)
     rng = random.Random(args.seed)
     try:
@@ -160,10 +164,18 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default=None, help="Result name: serve-mixed-TAG.json (default: this machine's name).")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="[worker] kv_cache_gib: a long prompt's KV fits.")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="hmoe-bench-") as tmp:
         model = prepare_model(args, tmp)
-        runs = [run_setting(args, name) for name in args.settings.split(",")]
+        runs = []
+        for name in args.settings.split(","):  # results written after each: a later setting may not finish
+            runs.append(run_setting(args, name))
+            path = write_results(f"serve-mixed-{args.tag or machine_name()}", summary(args, model, runs), plot)
+    print(f"wrote {path}")
+
+
+def summary(args, model: str, runs: list[dict]) -> dict:
     by_name = {r["setting"]: r for r in runs}
     gain = None
     if {"overlap", "no-overlap"} <= by_name.keys():
@@ -171,10 +183,14 @@ def main() -> None:
             by_name["overlap"]["alone"]["decode_tokens_per_s"] / by_name["no-overlap"]["alone"]["decode_tokens_per_s"]
         )
     first = by_name.get("overlap") or runs[0]
-    payload = {
+    cpus = len(os.sched_getaffinity(0))
+    return {
         "model": model,
         "device": args.device,
         "args": {k: v for k, v in vars(args).items() if k != "model_dir"},
+        "cpu_threads": {  # the workers' default split on this machine (policy.cpu_threads)
+            role: cpu_threads(role, cpus, args.device != "cpu") for role in ("prefill", "decode", "colocated")
+        },
         "runs": runs,
         "tpot_p99_increase": first["tpot_p99_increase"],
         "throughput_gain_overlap": gain,
@@ -183,8 +199,6 @@ def main() -> None:
         "targets": "tpot_p99_increase <= 0.10; throughput_gain_overlap >= 1.5 where GPU and CPU time balance; "
         "short_behind_long_ttft <= 2 s behind a 32K prompt",
     }
-    path = write_results(f"serve-mixed-{args.tag or machine_name()}", payload, plot)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class WorkerConfig:
     handoff_slot_tokens: int = 0  # tokens per slot; 0 = router.max_prompt_tokens
     handoff_timeout_s: float = 60.0  # a filled slot nobody adopted is reclaimed after this
     adopt_slice_mib: int = 64  # KV a decode step copies in from hand-off slots: what an adoption may delay a step by
-    cpu_threads: int = 0  # CPU threads for torch and the expert kernels; 0 = half the CPUs (two workers share them)
+    cpu_threads: int = 0  # threads for torch and the expert kernels; 0 = by role and work (policy.cpu_threads)
     experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
     prefill_experts: str = "auto"  # auto (long passes stream the pack's experts to a GPU) | cpu | stream
     stream_min_tokens: int = 0  # prefill passes at least this long stream; 0 = measured at start-up

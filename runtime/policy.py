@@ -19,6 +19,14 @@ A short prompt need not wait for a long one to finish prefilling: when no prefil
 prompt of at most `interleave_max_tokens` goes to a worker running a longer one, which runs it
 between two of the long one's layers (`interleaves`): the long one is delayed by the short one's
 prefill, the short one's TTFT no longer includes the long one's.
+
+CPU cores follow the work (`cpu_threads`): a prefill and a decode worker split the cores half and half
+while both run their experts on the CPU kernels; when the prefill worker streams long prompts' experts
+to a GPU, the decode worker takes most of them (its kernels read the experts every step) and the
+prefill worker keeps an eighth, enough for the passes too short to stream (its streaming threshold is
+measured with those threads, so fewer of them make more passes stream). Cores are not lent back and
+forth at run time: two processes' kernel pools on the same cores spin against each other (decode
+was 20x slower so on 2 cores).
 """
 
 from __future__ import annotations
@@ -64,6 +72,19 @@ def prefill_worker_for(idle: Sequence[W], matched: Mapping[W, int]) -> W:
     """Of the idle prefill workers (in the pool's order), the one with the most prompt tokens matched
     (PrefixAffinity.matched), the first one among equals."""
     return max(idle, key=lambda w: (matched.get(w, 0), -idle.index(w)))
+
+
+def cpu_threads(role: str, cpus: int, prefill_streams: bool) -> int:
+    """Threads (torch and the expert kernels) for a worker of `role` ("prefill", "decode" or
+    "colocated") on `cpus` cores, when [worker] cpu_threads is 0. One core is left to the router, the
+    HTTP API and the launching threads where there are cores to spare: 16 cores, streaming -> prefill
+    2, decode 13; not streaming -> 8 and 8; colocated 15."""
+    if role == "colocated":
+        return max(1, cpus - 1)
+    if not prefill_streams:
+        return max(1, cpus // 2)
+    prefill = max(1, cpus // 8)
+    return prefill if role == "prefill" else max(1, cpus - prefill - 1)
 
 
 def interleaves(prompt_tokens: int, running_tokens: int, max_tokens: int) -> bool:

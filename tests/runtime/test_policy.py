@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hmoe.runtime.policy import Queued, blocking, interleaves, prefill_order, prefill_worker_for
+from hmoe.runtime.policy import Queued, blocking, cpu_threads, interleaves, prefill_order, prefill_worker_for
 from hmoe.runtime.worker_pool import PrefixAffinity
 
 STARVE_S = 10.0
@@ -107,3 +107,16 @@ def test_only_a_short_prompt_interleaves_and_only_with_a_longer_one(prompt, runn
         assert 0 < prompt <= limit < running and limit > 0
     else:
         assert prompt == 0 or prompt > limit or running <= limit
+
+
+@given(st.integers(1, 512), st.booleans())
+def test_the_cores_follow_the_work(cpus, streams):
+    prefill, decode = (cpu_threads(role, cpus, streams) for role in ("prefill", "decode"))
+    assert prefill >= 1 and decode >= 1
+    assert prefill + decode <= max(2, cpus)  # two kernel pools never spin on more cores than there are
+    if streams:  # the GPU runs long prompts' experts: decode reads its experts on most of the cores
+        assert decode >= prefill and decode >= cpus // 2
+    else:
+        assert prefill == decode == max(1, cpus // 2)
+    assert cpu_threads("colocated", cpus, streams) == max(1, cpus - 1)
+    assert (cpu_threads("prefill", 16, True), cpu_threads("decode", 16, True)) == (2, 13)

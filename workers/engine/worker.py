@@ -32,7 +32,7 @@ import click
 import torch
 import zmq
 
-from hmoe.runtime import protocol
+from hmoe.runtime import policy, protocol
 from hmoe.runtime.config import Config, config_options, load_config
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
@@ -82,13 +82,11 @@ class WorkerProcess:
 
     def start(self) -> None:
         w = self.config.worker
-        # The prefill and the decode worker share the machine's CPU: by default each takes half of it,
-        # for torch and for the expert kernels alike (two OpenMP pools spinning on the same cores
-        # slowed decode down 20x on 2 cores).
-        # A colocated worker takes all but one (the router, the HTTP API and clients need a core: with both
-        # of 2 cores its decode steps took 2.2x as long as with one).
+        # The cores follow the work (policy.cpu_threads): half each, unless the prefill worker streams long
+        # prompts to a GPU, then mostly the decode worker's; a colocated worker takes all but one.
         cpus = len(os.sched_getaffinity(0))
-        self.threads = w.cpu_threads or max(1, cpus - 1 if self.role == "colocated" else cpus // 2)
+        streams = w.device != "cpu" and w.experts == "cpu" and w.prefill_experts != "cpu"
+        self.threads = w.cpu_threads or policy.cpu_threads(self.role, cpus, streams)
         torch.set_num_threads(self.threads)
         device = _check_device(w.device)  # before anything slow: a restart cannot fix a missing GPU
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
@@ -132,12 +130,13 @@ class WorkerProcess:
         self.io_thread.start()
         self.notify.ready(f"{self.role} worker serving {w.pack} on {w.device}")
         log.info(
-            "%s worker ready: pack %s, %s %s, KV %d tokens",
+            "%s worker ready: pack %s, %s %s, KV %d tokens, %d CPU threads",
             self.role,
             w.pack,
             device,
             self.model.dtype,
             self.kv.capacity_tokens,
+            self.threads,
         )
 
     def _decode_engine(self) -> DecodeEngine:
@@ -192,7 +191,12 @@ class WorkerProcess:
             except HmoeError as exc:
                 if w.prefill_experts == "stream":  # forced: refuse to start
                     raise
-                log.warning("prefill stays on the CPU kernels: %s", exc.message)
+                log.warning(
+                    "prefill stays on the CPU kernels, with %d threads (the share of a streaming prefill worker; "
+                    "set [worker] cpu_threads for more): %s",
+                    self.threads,
+                    exc.message,
+                )
                 return None, 0, 1 << 30
             try:
                 self.source.pin()
