@@ -6,7 +6,8 @@
 
 For each setting (--settings; overlap: dual-batch attention/expert overlap on, [worker] micro_batches
 2 with the engine's timed choice; no-overlap: micro_batches 1; colocated: one worker that prefills a
-layer between decode steps, the peers' way, the baseline), through a real `hmoe serve` and the SDK:
+layer between decode steps, the peers' way, the baseline; overlap-halves: overlap with the cores split
+half and half, not by policy.cpu_threads), through a real `hmoe serve` and the SDK:
     alone   --streams generations of --output-tokens each run back to back for --seconds; their
             inter-token gaps (TPOT) p50/p99 and the decode tokens/s;
     mixed   the same load while long prompts of --long-tokens arrive one after another, each followed
@@ -36,10 +37,13 @@ from serve import percentiles  # noqa: E402
 from hmoe.runtime import AsyncClient  # noqa: E402
 from hmoe.runtime.policy import cpu_threads  # noqa: E402
 
+CPUS = len(os.sched_getaffinity(0))
 SETTINGS = {
     "overlap": {"HMOE_WORKER_MICRO_BATCHES": "2"},
     "no-overlap": {"HMOE_WORKER_MICRO_BATCHES": "1"},
     "colocated": {"HMOE_WORKER_MICRO_BATCHES": "2", "HMOE_WORKER_LAYOUT": "colocated"},
+    # overlap with the cores split half and half whatever the prefill worker does (before policy.cpu_threads)
+    "overlap-halves": {"HMOE_WORKER_MICRO_BATCHES": "2", "HMOE_WORKER_CPU_THREADS": str(max(1, CPUS // 2))},
 }
 
 
@@ -183,13 +187,12 @@ def summary(args, model: str, runs: list[dict]) -> dict:
             by_name["overlap"]["alone"]["decode_tokens_per_s"] / by_name["no-overlap"]["alone"]["decode_tokens_per_s"]
         )
     first = by_name.get("overlap") or runs[0]
-    cpus = len(os.sched_getaffinity(0))
     return {
         "model": model,
         "device": args.device,
         "args": {k: v for k, v in vars(args).items() if k != "model_dir"},
         "cpu_threads": {  # the workers' default split on this machine (policy.cpu_threads)
-            role: cpu_threads(role, cpus, args.device != "cpu") for role in ("prefill", "decode", "colocated")
+            role: cpu_threads(role, CPUS, args.device != "cpu") for role in ("prefill", "decode", "colocated")
         },
         "runs": runs,
         "tpot_p99_increase": first["tpot_p99_increase"],
