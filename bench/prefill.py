@@ -1,7 +1,7 @@
 """Prefill speed: today's CPU-kernel path, stream-loading prefill and the resident-experts floor, one run.
 
     python bench/prefill.py --make ARCH:PRESET:DTYPE:LAYERS [--device cuda] [--lengths 1024,4096,...]
-                            [--cpu-max 8192] [--chunk 2048] [--ring 2] [--json PATH]
+                            [--cpu-max 8192] [--chunk 2048] [--ring 2] [--json PATH] [--profile DIR]
 
 Per prompt length, in-process, the worker's code paths:
     cpu        chunk-major, routed experts on the CPU kernels over the pack (today's path; stops at --cpu-max)
@@ -13,6 +13,11 @@ Per prompt length, in-process, the worker's code paths:
     ratio            (slp rows) seconds / floor_s
 Also: the threshold the worker would choose (one layer's copy time / the CPU kernels' time per token
 and layer) and the GPU memory each mode peaked at.
+
+--profile DIR: per length, one more pass of slp and resident inside torch.profiler (CPU and CUDA activities);
+DIR/MODE-TOKENS.txt holds key_averages by device time and by CPU time (top 40, with call counts) under a line
+of kernel launches and host synchronizations per MoE layer, DIR/MODE-TOKENS.json the trace (chrome://tracing).
+On a CPU the first table sorts by CPU time too.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,6 +68,39 @@ def _prefill(model, kv, prompt: list[int], chunk: int, experts, layer_major: boo
         return time.perf_counter() - start
     finally:
         kv.free("bench")
+
+
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_OPS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profile_pass(run_pass, device: torch.device, moe_layers: int, out_dir: Path, name: str) -> None:
+    """run_pass() once inside torch.profiler; its op tables to out_dir/NAME.txt, its trace to NAME.json."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        seconds = run_pass()
+    ops = prof.key_averages()
+    counts = {e.key: e.count for e in ops}
+    launches = sum(counts.get(k, 0) for k in LAUNCH_OPS)
+    aten_calls = sum(n for k, n in counts.items() if k.startswith("aten::"))  # nested calls included
+    syncs = ", ".join(f"{k} {counts[k] / moe_layers:g}" for k in SYNC_OPS if k in counts) or "none"
+    first = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    head = (
+        f"# {name}: {seconds:.3f} s profiled, {moe_layers} MoE layers; per layer: "
+        f"{aten_calls / moe_layers:.0f} aten calls, "
+        f"{launches / moe_layers:.0f} kernel launches, host syncs: {syncs}\n"
+    )
+    tables = [
+        f"\n## by {key}\n{ops.table(sort_by=key, row_limit=40, max_name_column_width=60)}\n"
+        for key in dict.fromkeys((first, "self_cpu_time_total"))
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.txt").write_text(head + "".join(tables))
+    prof.export_chrome_trace(str(out_dir / f"{name}.json"))
+    print(f"  profiled {name}: {seconds:.3f} s -> {out_dir / name}.txt", flush=True)
 
 
 class Resident:
@@ -134,6 +173,9 @@ def run(args) -> dict:
             seconds = _prefill(model, kv, prompt, args.chunk, experts, layer_major)
             results.append({"tokens": tokens, "mode": mode, "seconds": seconds, "tok_s": tokens / seconds})
             print(f"{mode:9s} {tokens:6d} tokens: {seconds:8.3f} s  {tokens / seconds:10.1f} tok/s", flush=True)
+            if args.profile and mode != "cpu":
+                again = partial(_prefill, model, kv, prompt, args.chunk, experts, layer_major)
+                profile_pass(again, device, moe_layers, Path(args.profile), f"{mode}-{tokens}")
         if device.type == "cuda":
             memory[mode] = torch.cuda.max_memory_allocated(device)
     floors = {}
@@ -235,6 +277,7 @@ def main() -> None:
     p.add_argument("--kv-gib", type=float, default=8.0)
     p.add_argument("--tag", default="dev", help="results name: prefill-TAG.json")
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, metavar="DIR", help="op tables and traces of slp/resident passes here")
     args = p.parse_args()
     args.lengths = [int(n) for n in args.lengths.split(",")]
     path = write_results(f"prefill-{args.tag}", run(args), plot, args.json)

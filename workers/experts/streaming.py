@@ -235,8 +235,10 @@ def grouped_experts(
     num_tokens, hidden_size = hidden.shape
     top_k, num_experts, ip, hp = ids.shape[1], gate_up.shape[0], down.shape[2], down.shape[1]
     flat = ids.reshape(-1)  # [TK]
-    order = torch.argsort(flat, stable=True)  # [TK] pair index, grouped by expert
-    offsets = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)  # [E] end of each group
+    sorted_ids, order = flat.sort(stable=True)  # [TK] pair index, grouped by expert
+    # [E] end of each group; NOTE: not bincount, which reads its input's min and max back to the host on a GPU
+    experts = torch.arange(num_experts, device=flat.device)
+    offsets = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)
     x = hidden[order // top_k].to(gate_up.dtype)  # [TK, H]
     if hp != hidden_size:  # tiny models only: real widths are multiples of 128
         x = F.pad(x, (0, hp - hidden_size))

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from hmoe.workers.model.kv_cache import KVPool
 
@@ -77,12 +79,23 @@ class ForwardBatch:
         )
 
 
-def causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor | None:
-    """[T, S] bool, True where query i (at position ctx_len - q_len + i) may attend key j."""
-    if q_len == 1:
-        return None
-    rows = torch.arange(q_len, device=device)[:, None] + (ctx_len - q_len)
-    return torch.arange(ctx_len, device=device)[None, :] <= rows
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """One sequence's new tokens attending their context: q [h, T, d], k [g, S, d], v [g, S, dv] -> [h, T, dv];
+    query i (at position S - T + i) sees keys 0 .. S - T + i (g divides h).
+
+    NOTE: SDPA runs a fused kernel (flash, memory-efficient) only on 4-D inputs and never with a
+    materialized mask; 3-D inputs or a [T, S] bool mask take its math kernel, which on a GPU scores
+    in float32 [h, T, S] and made a long prompt's chunks cost O(T * S) memory traffic. So: 4-D, and
+    the mask as `is_causal` (T == S) or a lower-right causal bias (a later chunk), which flash reads
+    as the bottom-right-aligned causal mask without building it.
+    """
+    t, s = q.shape[1], k.shape[1]
+    mask = causal_lower_right(t, s) if 1 < t < s else None
+    is_causal = t == s and t > 1
+    o = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+    )
+    return o[0]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hmoe.workers.model.batch import DecodeView, ForwardBatch, causal_mask
+from hmoe.workers.model.batch import DecodeView, ForwardBatch, causal_attention
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.layers import RMSNorm, Rotary
 from hmoe.workers.model.paged_attention import mla_decode
@@ -81,20 +81,20 @@ class MLAttention:
             ctx = cache[seq.ctx_slots].to(x.dtype)  # [S, r + dr]
             absorb = self.absorb == "always" or (self.absorb == "auto" and seq.q_len * 4 <= seq.ctx_len)
             attend = self._absorbed if absorb else self._plain
-            out[rows] = attend(q_nope[rows], q_rope[rows], ctx, causal_mask(seq.q_len, seq.ctx_len, x.device))
+            out[rows] = attend(q_nope[rows], q_rope[rows], ctx)
         if batch.decode is not None:  # one-token sequences together, in the absorbed form (or plain, one by one)
             group = batch.decode
             if self.absorb == "never":
                 for row, slots, mask in zip(group.rows.tolist(), group.slots, group.mask):
                     ctx = cache[slots[mask[0, 0]]].to(x.dtype)
-                    out[row : row + 1] = self._plain(q_nope[row : row + 1], q_rope[row : row + 1], ctx, None)
+                    out[row : row + 1] = self._plain(q_nope[row : row + 1], q_rope[row : row + 1], ctx)
             else:
                 out[group.rows] = self._absorbed_group(
                     q_nope[group.rows], q_rope[group.rows], cache[group.slots].to(x.dtype), group.mask
                 )
         return F.linear(out.reshape(n, -1), self.o_proj)
 
-    def _plain(self, q_nope, q_rope, ctx, mask):
+    def _plain(self, q_nope, q_rope, ctx):
         c = self.config
         s = ctx.shape[0]
         latent, k_rope = ctx.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
@@ -102,18 +102,14 @@ class MLAttention:
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, None, :].expand(s, self.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale
-        )  # [h, T, dv]
+        o = causal_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.scale)  # [h, T, dv]
         return o.transpose(0, 1)
 
-    def _absorbed(self, q_nope, q_rope, ctx, mask):
+    def _absorbed(self, q_nope, q_rope, ctx):
         q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [h, T, r]
         q = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1)  # [h, T, r + dr]
         latent = ctx[:, : self.config.kv_lora_rank]
-        o_latent = F.scaled_dot_product_attention(
-            q, ctx[None], latent[None], attn_mask=mask, scale=self.scale, enable_gqa=True
-        )  # [h, T, r]
+        o_latent = causal_attention(q, ctx[None], latent[None], self.scale)  # [h, T, r]
         return torch.einsum("htr,hvr->thv", o_latent, self.w_uv)
 
     def _absorbed_group(self, q_nope, q_rope, ctx, mask):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hmoe.workers.model.batch import DecodeView, ForwardBatch, causal_mask
+from hmoe.workers.model.batch import DecodeView, ForwardBatch, causal_attention
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.layers import RMSNorm, Rotary
 from hmoe.workers.model.paged_attention import gqa_decode
@@ -64,13 +64,7 @@ class GQAttention:
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
             keys = k_cache[seq.ctx_slots].to(x.dtype).view(-1, g, d).transpose(0, 1)  # [g, S, d]
             values = v_cache[seq.ctx_slots].to(x.dtype).view(-1, g, d).transpose(0, 1)
-            o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1),
-                keys,
-                values,
-                attn_mask=causal_mask(seq.q_len, seq.ctx_len, x.device),
-                enable_gqa=True,
-            )  # [h, T, d]
+            o = causal_attention(q[rows].transpose(0, 1), keys, values)  # [h, T, d]
             out[rows] = o.transpose(0, 1)
         if batch.decode is not None:
             group = batch.decode

@@ -3,10 +3,11 @@ against answers worked out by hand (block size 4; a fresh pool hands out blocks 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers.fake_model import make_kv, tiny_config
 
-from hmoe.workers.model.batch import ForwardBatch, causal_mask
+from hmoe.workers.model.batch import ForwardBatch, causal_attention
 
 
 def pool_with(*reservations: tuple[str, int]):
@@ -67,7 +68,42 @@ def test_sequences_freed_and_reserved_again_get_the_recycled_blocks():
     assert ints(batch.positions) == [3, 0, 1, 2, 3, 4] and ints(batch.last_rows) == [0, 5]
 
 
-def test_causal_mask_lets_each_query_see_its_past_and_itself():
-    mask = causal_mask(q_len=2, ctx_len=4, device=torch.device("cpu"))  # queries at positions 2 and 3
-    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
-    assert causal_mask(q_len=1, ctx_len=4, device=torch.device("cpu")) is None
+def reference_attention(q, k, v, scale):
+    """Plain float64 softmax(q k^T) v with query i of T at position S - T + i, kv heads repeated."""
+    t, s = q.shape[1], k.shape[1]
+    k, v = (x.repeat_interleave(q.shape[0] // k.shape[0], 0).double() for x in (k, v))
+    scores = q.double() @ k.transpose(1, 2) * scale  # [h, T, S]
+    visible = torch.arange(s)[None, :] <= torch.arange(t)[:, None] + (s - t)
+    return (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v).to(q.dtype)
+
+
+@pytest.mark.parametrize("q_len, ctx_len", [(1, 7), (7, 7), (3, 7), (6, 7)])
+def test_causal_attention_lets_each_query_see_its_past_and_itself(q_len, ctx_len):
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(4, q_len, 8, generator=g)  # 4 query heads over 2 kv heads
+    k, v = torch.randn(2, ctx_len, 8, generator=g), torch.randn(2, ctx_len, 6, generator=g)
+    out = causal_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out, reference_attention(q, k, v, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_takes_a_fused_kernel_not_the_math_one():
+    """The math kernel scores in float32 [h, T, S] on a GPU; SDPA picks it for 3-D inputs."""
+    q, k, v = torch.randn(4, 16, 8), torch.randn(2, 48, 8), torch.randn(2, 48, 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        causal_attention(q, k, v)  # a later chunk: lower-right causal
+        causal_attention(q, k[:, :16], v[:, :16])  # the first chunk: is_causal
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in ops, sorted(ops)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, ctx_len", [(256, 256), (256, 1024)])  # a first chunk, a later one
+def test_causal_attention_on_a_gpu_is_fused_and_right(q_len, ctx_len):
+    """bf16, Qwen3-30B-A3B's heads (32 over 4, d 128): the reference's numbers, without the math kernel."""
+    g = torch.Generator().manual_seed(ctx_len)
+    q = torch.randn(32, q_len, 128, generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(4, ctx_len, 128, generator=g, dtype=torch.bfloat16) for _ in range(2))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = causal_attention(q.cuda(), k.cuda(), v.cuda(), scale=128**-0.5).cpu()
+    assert "aten::_scaled_dot_product_attention_math" not in {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(out, reference_attention(q, k, v, 128**-0.5), rtol=2e-2, atol=2e-2)
