@@ -18,7 +18,10 @@ prefix cache likely still holds that KV), else to the first idle one (`prefill_w
 A short prompt need not wait for a long one to finish prefilling: when no prefill worker is idle, a
 prompt of at most `interleave_max_tokens` goes to a worker running a longer one, which runs it
 between two of the long one's layers (`interleaves`): the long one is delayed by the short one's
-prefill, the short one's TTFT no longer includes the long one's.
+prefill, the short one's TTFT no longer includes the long one's. Short prompts that keep coming must
+not starve the long one: after an interleaved prompt took t seconds, the long one runs at least
+t * (1 - INTERLEAVE_SHARE) / INTERLEAVE_SHARE before the next may interrupt it (`next_interleave_s`),
+so interleaving delays it by at most a third.
 
 CPU cores follow the work (`cpu_threads`): a prefill and a decode worker split the cores half and half
 while both run their experts on the CPU kernels; when the prefill worker streams long prompts' experts
@@ -72,6 +75,17 @@ def prefill_worker_for(idle: Sequence[W], matched: Mapping[W, int]) -> W:
     """Of the idle prefill workers (in the pool's order), the one with the most prompt tokens matched
     (PrefixAffinity.matched), the first one among equals."""
     return max(idle, key=lambda w: (matched.get(w, 0), -idle.index(w)))
+
+
+INTERLEAVE_SHARE = 0.25  # of a prefill worker's time, at most, goes to prompts interleaved into a running one
+
+
+def next_interleave_s(resumed_s: float, took_s: float) -> float:
+    """When a prompt resumed at resumed_s, after an interleaved prompt that took took_s, may be
+    interrupted again: its own layers get at least 1 - INTERLEAVE_SHARE of the worker's time. (Without
+    it, 16 streams' 32-token prompts, ~1.7 s each on a streaming prefill worker's two CPU threads, could
+    interleave one after another into a 32K prompt's 2.6 s pass for as long as they kept coming.)"""
+    return resumed_s + took_s * (1 - INTERLEAVE_SHARE) / INTERLEAVE_SHARE
 
 
 def cpu_threads(role: str, cpus: int, prefill_streams: bool) -> int:

@@ -4,7 +4,8 @@ One prompt runs at a time (the router keeps the queue), save one: a Prefill mark
 short prompt, policy.interleaves) runs ahead of the running prompt, which is suspended between two of
 its layers when its pass streams (the short one then runs on the CPU kernels: nothing of the
 suspended pass is in flight there) or between two passes otherwise, and resumes once the short one
-is done. With a PrefixCache, a prompt first takes the
+is done; the next short one may interrupt it only after it ran three times as long as the last did
+(policy.next_interleave_s: a stream of short prompts cannot starve it). With a PrefixCache, a prompt first takes the
 KV blocks of its longest cached prefix and prefills only the rest; once prefilled, its full blocks
 are cached for the prompts after it. A prompt is prefilled in passes; each pass
 is chosen on its own (`_open_pass`):
@@ -21,11 +22,12 @@ written to a hand-off slot and reported with `Prefilled` (which says why when th
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
-from hmoe.runtime import protocol
+from hmoe.runtime import policy, protocol
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.sampling_params import FinishReason, SamplingParams, finish_reason, require_seed
 from hmoe.workers.engine.kv_handoff import HandoffPool
@@ -64,9 +66,11 @@ class PrefillEngine:
         stream_min_tokens: int = 0,
         max_pass_tokens: int = 1 << 30,
         prefix: PrefixCache | None = None,
+        clock=time.monotonic,
     ):
         """streaming: a StreamingExperts for long passes (None: every pass on the model's default experts);
-        prefix: the prefix cache over `kv` (None: every prompt prefilled whole)."""
+        prefix: the prefix cache over `kv` (None: every prompt prefilled whole); clock: seconds, for the
+        interleaving's share of the time."""
         self.model, self.kv, self.handoff, self.prefix = model, kv, handoff, prefix
         self.chunk_tokens, self.handoff_timeout_s = chunk_tokens, handoff_timeout_s
         self.streaming, self.stream_min_tokens = streaming, stream_min_tokens
@@ -76,6 +80,9 @@ class PrefillEngine:
         self.urgent: deque[PrefillJob] = deque()  # interleaved prompts: they go before the running one
         self.current: PrefillJob | None = None
         self.suspended: PrefillJob | None = None  # the prompt an interleaved one interrupted
+        self.clock = clock
+        self.suspended_at = 0.0  # when it was interrupted
+        self.interleave_after = 0.0  # when the running prompt may be interrupted again (policy.next_interleave_s)
         self.unadopted: dict[str, tuple[int, int]] = {}  # request_id -> (hand-off slot, generation) not adopted yet
 
     @property
@@ -150,10 +157,13 @@ class PrefillEngine:
 
     def step(self) -> list:
         """Run one layer of the running pass; return the messages for the router (Prefilled or RequestError)."""
+        if self.current is None and self.suspended is not None:
+            self.current, self.suspended = self.suspended, None  # the interleaved one is done: resume
+            now = self.clock()
+            self.interleave_after = policy.next_interleave_s(now, now - self.suspended_at)
         if self.urgent and self.current is not None and self.suspended is None and self._suspendable(self.current):
             self.suspended, self.current = self.current, None  # between two of its layers or passes
-        if self.current is None and not self.urgent and self.suspended is not None:
-            self.current, self.suspended = self.suspended, None  # the interleaved one is done: resume
+            self.suspended_at = self.clock()
         if self.current is None:
             if not self.queue and not self.urgent:
                 return []
@@ -226,9 +236,14 @@ class PrefillEngine:
             log.debug("prefix cache hit", extra={"request_id": job.request_id, "cached_tokens": job.cached})
 
     def _suspendable(self, job: PrefillJob) -> bool:
-        """Whether another prompt may run now, before job's next layer: job is still prefilling and either
-        between passes or in a streamed one (the CPU kernels, which the other will use, hold none of it)."""
-        return job.first_token is None and (job.steps is None or job.pass_experts is not None)
+        """Whether another prompt may run now, before job's next layer: job is still prefilling, either
+        between passes or in a streamed one (the CPU kernels, which the other will use, hold none of it),
+        and has had its share of the time since the last interruption."""
+        return (
+            job.first_token is None
+            and (job.steps is None or job.pass_experts is not None)
+            and self.clock() >= self.interleave_after
+        )
 
     def _open_pass(self, job: PrefillJob) -> None:
         """Choose the pass's experts and length; its chunks go in as the layer-major forward's batches."""

@@ -86,3 +86,31 @@ def test_a_short_prompt_the_kv_pool_cannot_hold_beside_the_long_one_waits_for_it
     assert adopter(long) == LONG
     short, _ = steps_until(rig.engine, "short")
     assert adopter(short) == [1, 2, 3, 4, 5, 6]  # served, not refused
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_short_prompts_one_after_another_do_not_starve_the_long_one(make_rig, adopter):
+    """After an interleaved prompt took t, the long one runs 3t before the next may interrupt it."""
+    clock, streaming = Clock(), FakeStreaming()
+    rig = make_rig(num_blocks=32, chunk_tokens=4, streaming=streaming, stream_min_tokens=1, max_pass_tokens=4)
+    rig.engine.clock = clock  # LONG: three streamed passes of 4 tokens, LAYERS steps each
+    rig.engine.add(prefill_msg("long", LONG))
+    rig.engine.step()
+    rig.engine.add(short_msg())
+    steps_until(rig.engine, "short")  # interrupted at 0 s ...
+    clock.now = 1.0  # ... resumed at 1 s: not again before 1 + 3 * 1 = 4 s
+    rig.engine.add(short_msg("short-2"))
+    for clock.now in (1.0, 2.0, 3.9):
+        assert rig.engine.step() == [] and rig.engine.load() == (1, 1)  # the long one's layers
+    assert rig.model.tokens == [[4], [3], [4]]  # long, short, long again: short-2 has not started
+    clock.now = 4.0
+    short_2, steps = steps_until(rig.engine, "short-2")
+    assert steps == LAYERS + 1 and adopter(short_2) == SHORT
+    assert adopter(prefilled(rig.engine)) == LONG and rig.kv.free_blocks == rig.kv.num_blocks
