@@ -83,7 +83,9 @@ class WorkerConfig:
     handoff_slots: int = 4  # KV hand-off slots between prefill and decode
     handoff_slot_tokens: int = 0  # tokens per slot; 0 = router.max_prompt_tokens
     handoff_timeout_s: float = 60.0  # a filled slot nobody adopted is reclaimed after this
-    adopt_slice_mib: int = 64  # KV a decode step copies in from hand-off slots: what an adoption may delay a step by
+    # KV a decode step copies in from hand-off slots; 0 = by device: 1024 on a GPU (a DMA beside the step),
+    # 64 on a CPU (a copy inside it: what an adoption may delay a step by)
+    adopt_slice_mib: int = 0
     cpu_threads: int = 0  # threads for torch and the expert kernels; 0 = by role and work (policy.cpu_threads)
     experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
     prefill_experts: str = "auto"  # auto (long passes stream the pack's experts to a GPU) | cpu | stream
@@ -102,7 +104,7 @@ class WorkerConfig:
         "handoff_slots": (1, 256),
         "handoff_slot_tokens": (0, 1 << 22),
         "handoff_timeout_s": (1.0, 3600.0),
-        "adopt_slice_mib": (1, 16384),
+        "adopt_slice_mib": (0, 16384),
         "cpu_threads": (0, 4096),
         "stream_min_tokens": (0, 1 << 22),
         "stream_ring_layers": (1, 64),
