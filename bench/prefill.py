@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import machine_name, write_results  # noqa: E402
 
 from hmoe.shm import ShmConfig, ShmError  # noqa: E402
 from hmoe.shm.registry import remove_pack  # noqa: E402
@@ -275,12 +275,12 @@ def main() -> None:
     p.add_argument("--ring", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="CPU kernel threads (0: all physical cores)")
     p.add_argument("--kv-gib", type=float, default=8.0)
-    p.add_argument("--tag", default="dev", help="results name: prefill-TAG.json")
+    p.add_argument("--tag", default=None, help="results name: prefill-TAG.json (default: this machine's name)")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, metavar="DIR", help="op tables and traces of slp/resident passes here")
     args = p.parse_args()
     args.lengths = [int(n) for n in args.lengths.split(",")]
-    path = write_results(f"prefill-{args.tag}", run(args), plot, args.json)
+    path = write_results(f"prefill-{args.tag or machine_name()}", run(args), plot, args.json)
     print(f"wrote {path}")
 
 
