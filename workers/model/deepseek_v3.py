@@ -23,6 +23,17 @@ from hmoe.workers.model.paged_attention import mla_decode
 from hmoe.workers.weights.model_config import ModelConfig
 
 
+def absorbed_is_cheaper(c: ModelConfig, q_len: int) -> bool:
+    """Whether q_len queries attend their context in fewer FLOPs in the absorbed form (over the latents,
+    r + dr wide) than in the plain one (the context expanded to per-head keys and values first). Per
+    key and head: absorbed 2 q (2r + dr), plain 2 (r (dn + dv) + q (dn + dr + dv)), so the context's
+    length cancels out: DeepSeek-V3 (r 512, dn = dv = 128) crosses at q = 170. A long chunk in the
+    absorbed form also takes SDPA's math kernel (heads r + dr = 576 wide are too wide for the fused
+    ones): float32 scores [128 heads, 2048, S] would be 34 GB for the last 2K chunk of a 32K prompt."""
+    r, width = c.kv_lora_rank, c.qk_nope_head_dim + c.v_head_dim
+    return q_len * (2 * r - width) < r * width
+
+
 class MLAttention:
     def __init__(self, config: ModelConfig, layer_id: int, load, absorb: str = "auto"):
         """load(name, shape) -> tensor on the model's device; absorb: "auto" | "always" | "never"."""
@@ -79,7 +90,7 @@ class MLAttention:
         for seq in batch.seqs:
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
             ctx = cache[seq.ctx_slots].to(x.dtype)  # [S, r + dr]
-            absorb = self.absorb == "always" or (self.absorb == "auto" and seq.q_len * 4 <= seq.ctx_len)
+            absorb = self.absorb == "always" or (self.absorb == "auto" and absorbed_is_cheaper(c, seq.q_len))
             attend = self._absorbed if absorb else self._plain
             out[rows] = attend(q_nope[rows], q_rope[rows], ctx)
         if batch.decode is not None:  # one-token sequences together, in the absorbed form (or plain, one by one)

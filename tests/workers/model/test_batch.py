@@ -107,3 +107,16 @@ def test_causal_attention_on_a_gpu_is_fused_and_right(q_len, ctx_len):
         out = causal_attention(q.cuda(), k.cuda(), v.cuda(), scale=128**-0.5).cpu()
     assert "aten::_scaled_dot_product_attention_math" not in {e.key for e in prof.key_averages()}
     torch.testing.assert_close(out, reference_attention(q, k, v, 128**-0.5), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_mla_plain_prefill_on_a_gpu_is_fused_and_right():
+    """bf16, DeepSeek-V3's plain form (128 heads, keys 192 wide, values 128), a later 512-token chunk."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(128, 512, 192, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(128, 2048, 192, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(128, 2048, 128, generator=g, dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = causal_attention(q.cuda(), k.cuda(), v.cuda(), scale=192**-0.5).cpu()
+    assert "aten::_scaled_dot_product_attention_math" not in {e.key for e in prof.key_averages()}
+    torch.testing.assert_close(out, reference_attention(q, k, v, 192**-0.5), rtol=2e-2, atol=2e-2)

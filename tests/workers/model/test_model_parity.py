@@ -6,6 +6,8 @@ random expert-score correction bias, and save_pretrained()s it; hmoe loads the s
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
 from hmoe.workers.model.causal_lm import load_model  # noqa: E402
+from hmoe.workers.model.deepseek_v3 import absorbed_is_cheaper  # noqa: E402
 from hmoe.workers.model.generate import generate  # noqa: E402
 from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
 from hmoe.workers.weights.checkpoint import Checkpoint  # noqa: E402
@@ -263,3 +266,11 @@ def test_cuda_matches_transformers(hf_pair):
         generate(model, kv, ids[:7], params).token_ids
         == generate(cpu_model, _pool(cpu_model), ids[:7], params).token_ids
     )
+
+
+def test_mla_attends_in_the_absorbed_form_only_where_it_costs_fewer_flops():
+    """DeepSeek-V3's widths cross at 170 queries, whatever the context: a long prompt's 2K chunks attend
+    in the plain form (which SDPA's fused kernels take), decode and short chunks in the absorbed one."""
+    v3 = SimpleNamespace(kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128)
+    assert absorbed_is_cheaper(v3, 1) and absorbed_is_cheaper(v3, 170)
+    assert not absorbed_is_cheaper(v3, 171) and not absorbed_is_cheaper(v3, 2048)
