@@ -161,6 +161,12 @@ class LayerExperts:
     def nbytes_per_expert(self) -> int:
         return expert_nbytes(self.fmt, self.hidden, self.inter)
 
+    def share(self, first: int, end: int) -> LayerExperts:
+        """Experts [first, end) of the layer, as views of the same arrays (each one's first axis is the expert)."""
+        assert 0 <= first < end <= self.num_experts, (first, end, self.num_experts)
+        arrays = {name: a[first:end] for name, a in self.arrays.items()}
+        return LayerExperts(self.fmt, end - first, self.hidden, self.inter, arrays)
+
 
 # ---------------------------------------------------------------- encoding
 

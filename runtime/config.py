@@ -73,6 +73,9 @@ class RouterConfig:
 class WorkerConfig:
     pack: str = ""  # weight pack name in shared memory ("" = the one `hmoe serve` made)
     device: str = "cpu"  # cpu | cuda | cuda:N
+    # a prefill worker on several devices ("cuda:0,cuda:1"): each streams its share of every layer's experts
+    # (expert parallelism; one process per device, the first one the worker); "" = device
+    devices: str = ""
     dtype: str = "auto"  # auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16
     kv_cache_gib: float = 2.0
     prefix_cache_gib: float = 2.0  # prefill worker: KV of earlier prompts kept for reuse, beside kv_cache_gib; 0 = off
@@ -116,7 +119,13 @@ class WorkerConfig:
         "layout": ("disaggregated", "colocated"),
         "dtype": ("auto", "fp32", "bf16"),
     }
-    _patterns = {"device": (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N")}
+    _patterns = {
+        "device": (r"cpu|cuda(:\d+)?", "cpu, cuda or cuda:N"),
+        "devices": (
+            r"((cpu|cuda(:\d+)?)(,(cpu|cuda(:\d+)?))*)?",
+            'empty, or devices joined by commas: "cuda:0,cuda:1"',
+        ),
+    }
 
 
 @dataclass(frozen=True)

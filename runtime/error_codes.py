@@ -46,6 +46,8 @@ FAILURES = {
     "worker_stuck": "the worker running the request was busy without progress for [router] stuck_after_s: it is "
     "being restarted; retry",
     "handoff_invalid": "an Adopt named a hand-off segment or slot that does not exist (a router bug or a stray client)",
+    "rank_lost": "a rank of a prefill worker spanning several GPUs died or stopped answering mid-pass: the worker "
+    "restarts whole; retry",
 }
 CLIENT_SIDE = {
     "router_unreachable": "no answer from the router within the client's router_timeout_s",

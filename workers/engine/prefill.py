@@ -14,13 +14,16 @@ is chosen on its own (`_open_pass`):
     prefill_chunk_tokens, layer-major: every chunk passes layer L before any passes L+1, so each
     layer's experts cross PCIe once per pass;
   - CPU kernels (the model's default experts): one chunk.
-Each `step()` runs one layer of the pass, so cancels and heartbeats are seen between layers. When the
+Each `step()` runs one layer of the pass, so cancels and heartbeats are seen between layers. On a
+worker spanning several devices (ranks.py) the other ranks run each streamed pass with it, step for
+step, each with its share of every layer's experts. When the
 prompt is done the first token is sampled; unless it already ends the request, the prompt's KV is
 written to a hand-off slot and reported with `Prefilled` (which says why when the first token ended it).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -52,6 +55,8 @@ class PrefillJob:
     steps: Generator | None = None  # the running pass: one layer per next()
     pass_end: int = 0  # prompt tokens in the KV cache once the running pass is done
     pass_experts: object = None  # the running pass's StreamPass, if streamed
+    key: int = 0  # the prompt's number for the other ranks of a worker spanning several devices (ranks.py)
+    on_ranks: bool = False  # they hold KV of it (it had a streamed pass)
 
 
 class PrefillEngine:
@@ -67,11 +72,15 @@ class PrefillEngine:
         max_pass_tokens: int = 1 << 30,
         prefix: PrefixCache | None = None,
         clock=time.monotonic,
+        ranks=None,
     ):
         """streaming: a StreamingExperts for long passes (None: every pass on the model's default experts);
         prefix: the prefix cache over `kv` (None: every prompt prefilled whole); clock: seconds, for the
-        interleaving's share of the time."""
-        self.model, self.kv, self.handoff, self.prefix = model, kv, handoff, prefix
+        interleaving's share of the time; ranks: the other ranks of a worker spanning several devices
+        (ranks.Ranks; they run every streamed pass with this one, so no prefix cache beside them)."""
+        assert ranks is None or (prefix is None and streaming is not None), "ranks run streamed passes, no prefix"
+        self.model, self.kv, self.handoff, self.prefix, self.ranks = model, kv, handoff, prefix, ranks
+        self._keys = itertools.count()
         self.chunk_tokens, self.handoff_timeout_s = chunk_tokens, handoff_timeout_s
         self.streaming, self.stream_min_tokens = streaming, stream_min_tokens
         self.max_pass_tokens = max(chunk_tokens, max_pass_tokens // chunk_tokens * chunk_tokens)
@@ -113,7 +122,7 @@ class PrefillEngine:
         return [j.request_id for j in (*self.urgent, *self.queue, *held)]
 
     def add(self, msg: protocol.Prefill) -> list:
-        job = PrefillJob(msg.request_id, msg.token_ids, require_seed(msg.params))
+        job = PrefillJob(msg.request_id, msg.token_ids, require_seed(msg.params), key=next(self._keys))
         (self.urgent if msg.interleave else self.queue).append(job)
         return []
 
@@ -149,7 +158,7 @@ class PrefillEngine:
     def _drop(self, job: PrefillJob) -> None:
         """Let go of a running or suspended prompt: its pass closed, its KV freed."""
         self._close_pass(job)
-        self.kv.free(job.request_id)
+        self._free(job)
         if job is self.current:
             self.current = None
         else:
@@ -191,6 +200,8 @@ class PrefillEngine:
             if job.steps is None:
                 self._open_pass(job)
             try:
+                if job.pass_experts is not None and self.ranks is not None:
+                    self.ranks.layer()  # the other ranks take the same step
                 next(job.steps)
                 return []
             except StopIteration as finished:
@@ -211,7 +222,7 @@ class PrefillEngine:
             self.handoff.write(slot, self.kv, job.request_id, len(job.token_ids))
         except HmoeError as exc:
             self.handoff.release(slot)
-            self.kv.free(job.request_id)
+            self._free(job)
             self.current = None
             return [_refuse(job, exc.code, exc.message)]
         return [self._finish(job, slot)]
@@ -252,6 +263,10 @@ class PrefillEngine:
         streamed = self.streaming is not None and remaining >= self.stream_min_tokens and ring_free
         pass_tokens = min(remaining, self.max_pass_tokens if streamed else self.chunk_tokens)
         job.pass_experts = self.streaming.open_pass() if streamed else None
+        if streamed and self.ranks is not None:
+            ids = job.token_ids[job.done : job.done + pass_tokens]
+            self.ranks.open(job.key, job.done, ids, len(job.token_ids))
+            job.on_ranks = True
         batches = [
             ForwardBatch.build(
                 self.kv, [(job.request_id, list(job.token_ids[start : start + self.chunk_tokens]), start)]
@@ -271,11 +286,19 @@ class PrefillEngine:
         if job.pass_experts is not None:
             job.pass_experts.close()
             job.pass_experts = None
+            if self.ranks is not None:
+                self.ranks.close_pass(job.key)
+
+    def _free(self, job: PrefillJob) -> None:
+        self.kv.free(job.request_id)
+        if job.on_ranks:
+            job.on_ranks = False
+            self.ranks.free(job.key)
 
     def _finish(self, job: PrefillJob, slot: int, reason: FinishReason | None = None) -> protocol.Prefilled:
         if self.prefix is not None:
             self.prefix.insert(job.request_id, job.token_ids)
-        self.kv.free(job.request_id)
+        self._free(job)
         self.current = None
         if slot >= 0:
             if len(self.unadopted) >= 4 * self.handoff.num_slots:  # forget fills whose slot was reused since

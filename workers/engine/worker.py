@@ -42,6 +42,7 @@ from hmoe.workers.engine.colocated import ColocatedEngine
 from hmoe.workers.engine.decode import DecodeEngine
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
+from hmoe.workers.engine.ranks import Ranks, parse_devices, streamed_prefill
 from hmoe.workers.model.causal_lm import CausalLM, load_model
 from hmoe.workers.model.kv_cache import KVPool, bytes_per_token
 from hmoe.workers.model.prefix_cache import PrefixCache
@@ -77,6 +78,7 @@ class WorkerProcess:
         self.handoff: HandoffPool | None = None
         self.engine: PrefillEngine | DecodeEngine | ColocatedEngine | None = None
         self.prefill_room = 0  # colocated: KV token slots kept beside the decode share for the prompt prefilling
+        self.ranks: Ranks | None = None  # a prefill worker's other devices ([worker] devices)
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -88,13 +90,24 @@ class WorkerProcess:
         streams = w.device != "cpu" and w.experts == "cpu" and w.prefill_experts != "cpu"
         self.threads = w.cpu_threads or policy.cpu_threads(self.role, cpus, streams)
         torch.set_num_threads(self.threads)
-        device = _check_device(w.device)  # before anything slow: a restart cannot fix a missing GPU
+        devices = parse_devices(w.devices) if self.role == "prefill" else []
+        device = _check_device(devices[0] if devices else w.device)  # before anything slow: a restart cannot fix it
+        if len(devices) > 1:
+            for name in devices[1:]:
+                _check_device(name)
+            if w.prefill_experts == "cpu" or w.experts != "cpu":
+                raise HmoeError(
+                    "config_invalid",
+                    f"[worker] devices = {w.devices!r} spans devices for streamed prefill: "
+                    'set prefill_experts = "auto" or "stream" and experts = "cpu"',
+                )
+            self.ranks = Ranks(self.config, devices)  # the followers load beside this process
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
         self.experts = self._experts(device)
         self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
         slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
         kv_bytes = int(w.kv_cache_gib * (1 << 30))
-        if self.role == "prefill":
+        if self.role == "prefill" and self.ranks is None:
             kv_bytes += int(w.prefix_cache_gib * (1 << 30))
         if self.role == "colocated":  # room for the prompt being prefilled beside what the router reserves
             self.prefill_room = -(-slot_tokens // w.kv_block_size) * w.kv_block_size
@@ -119,7 +132,9 @@ class WorkerProcess:
                 self.streaming,
                 stream_min_tokens,
                 max_pass_tokens,
-                self._prefix_cache() if self.role == "prefill" else None,  # colocated: decode needs every block
+                # colocated: decode needs every block; ranks: a cached prefix would be on this one alone
+                self._prefix_cache() if self.role == "prefill" and self.ranks is None else None,
+                ranks=self.ranks,
             )
             self.engine = prefill if self.role == "prefill" else ColocatedEngine(prefill, self._decode_engine())
         self._warm_up()
@@ -189,7 +204,7 @@ class WorkerProcess:
                     layer, c, self.model.dtype, w.stream_ring_layers, torch.cuda.mem_get_info(device)[0]
                 )
             except HmoeError as exc:
-                if w.prefill_experts == "stream":  # forced: refuse to start
+                if w.prefill_experts == "stream" or self.ranks is not None:  # forced: refuse to start
                     raise
                 log.warning(
                     "prefill stays on the CPU kernels, with %d threads (the share of a streaming prefill worker; "
@@ -202,7 +217,8 @@ class WorkerProcess:
                 self.source.pin()
             except ShmError as exc:
                 log.warning("streaming prefill from pageable memory: %s", exc.message)
-        streaming = slp.StreamingExperts.from_source(self.source, device, self.model.dtype, w.stream_ring_layers)
+        share = self.ranks.share(c.num_experts) if self.ranks is not None else None
+        streaming = slp.StreamingExperts.from_source(self.source, device, self.model.dtype, w.stream_ring_layers, share)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             max_pass_tokens = int(free * 0.8) // per_token  # activations of a pass stay on the GPU
@@ -233,11 +249,9 @@ class WorkerProcess:
 
         self.kv.reserve("warm-up", 2)
         self.model.forward(ForwardBatch.build(self.kv, [("warm-up", [0, 1], 0)]), self.kv)
-        if self.streaming is not None:
-            stream_pass = self.streaming.open_pass()
-            self.model.forward(ForwardBatch.build(self.kv, [("warm-up", [0, 1], 0)]), self.kv, experts=stream_pass)
-            stream_pass.close()
         self.kv.free("warm-up")
+        if self.streaming is not None:  # on every rank
+            streamed_prefill(self.model, self.kv, self.streaming, self.ranks, -1, [0, 1], 2)
 
     def _register(self) -> protocol.Register:
         c = self.model.config
@@ -266,8 +280,17 @@ class WorkerProcess:
                     self._cancel_all("shutting_down", "the worker is shutting down")
                     break
             busy, start_s = self.engine.busy, time.perf_counter()
-            for msg in self.engine.step():
-                self._send(msg)
+            try:
+                for msg in self.engine.step():
+                    self._send(msg)
+                if self.ranks is not None:  # the other ranks wait on the next command within the group's timeout
+                    self.ranks.ping_if_idle()
+            except HmoeError as exc:
+                if exc.code != "rank_lost":
+                    raise
+                log.error("%s: exiting for a restart", exc.message)  # the router sends our requests elsewhere
+                self.ranks.broken = True
+                return EXIT_FAILURE
             if busy:  # a forward pass ran: its time goes out with the heartbeat (read by the I/O thread)
                 self.steps, self.step_s = self.steps + 1, self.step_s + time.perf_counter() - start_s
             self.notify.tick()
@@ -449,6 +472,8 @@ class WorkerProcess:
             self.handoff.close()
         if isinstance(self.engine, (DecodeEngine, ColocatedEngine)):
             self.engine.close()
+        if self.ranks is not None:
+            self.ranks.stop()
         if self.source is not None:
             self.source.close()
 

@@ -101,21 +101,9 @@ class CpuExperts:
     def from_checkpoint(
         cls, source, fmt: ExpertFormat, device: torch.device | str = "cpu", num_threads: int | None = None
     ) -> CpuExperts:
-        """Every MoE layer of a checkpoint (anything with .config/.raw/.is_fp8), encoded into `fmt` in memory.
-
-        FP8 checkpoints stay FP8 when fmt is fp8 (codes copied, no rounding); anything converts to anything.
-        """
-        c = source.config
-        layers = {}
-        for layer_id in c.moe_layer_ids:
-            layer = LayerExperts.allocate(fmt, c.num_experts, c.hidden_size, c.moe_intermediate_size)
-            for e in range(c.num_experts):
-                for proj in PROJS:
-                    name = f"model.layers.{layer_id}.mlp.experts.{e}.{proj}_proj.weight"
-                    scale_inv = source.raw(name + "_scale_inv").float().numpy() if source.is_fp8(name) else None
-                    encode_expert(fmt, layer.arrays, e, proj, _as_numpy(source.raw(name)), scale_inv)
-            layers[layer_id] = layer
-        return cls(layers, c.num_experts_per_tok, num_threads, pin=torch.device(device).type == "cuda")
+        """Every MoE layer of a checkpoint, encoded into `fmt` in memory (encode_layers)."""
+        layers = encode_layers(source, fmt)
+        return cls(layers, source.config.num_experts_per_tok, num_threads, pin=torch.device(device).type == "cuda")
 
     # -- the static path (decode graphs) ----------------------------------------------------------
 
@@ -250,6 +238,22 @@ class CpuExperts:
             for lo in range(0, x_np.shape[0], MAX_TOKENS):
                 hi = min(x_np.shape[0], lo + MAX_TOKENS)
                 self.kernel.run(x_np[lo:hi], ids_np[lo:hi], w_np[lo:hi], layer, out_np[lo:hi])
+
+
+def encode_layers(source, fmt: ExpertFormat) -> dict[int, LayerExperts]:
+    """Every MoE layer of a checkpoint (anything with .config/.raw/.is_fp8), encoded into `fmt` in memory.
+    FP8 checkpoints stay FP8 when fmt is fp8 (codes copied, no rounding); anything converts to anything."""
+    c = source.config
+    layers = {}
+    for layer_id in c.moe_layer_ids:
+        layer = LayerExperts.allocate(fmt, c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        for e in range(c.num_experts):
+            for proj in PROJS:
+                name = f"model.layers.{layer_id}.mlp.experts.{e}.{proj}_proj.weight"
+                scale_inv = source.raw(name + "_scale_inv").float().numpy() if source.is_fp8(name) else None
+                encode_expert(fmt, layer.arrays, e, proj, _as_numpy(source.raw(name)), scale_inv)
+        layers[layer_id] = layer
+    return layers
 
 
 def layer_from_torch(

@@ -14,6 +14,9 @@ pass meets its experts in two grouped GEMMs (tokens sorted by expert: gate+up [T
 The pass is layer-major (CausalLM.forward_layer_major): every chunk submits layer L before any waits
 on it, so the first wait() of a layer computes all the chunks' tokens at once, and the layer's bytes
 cross PCIe once per pass. On the CPU the same code runs with a plain copy into the ring (tests).
+
+With an ExpertShare (parallel.py) the object streams and computes only experts [first, end) of every
+layer, and each layer's partial output is summed over the ranks before the chunks take theirs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 
 from hmoe.kernels.formats import FP8_BLOCK, TILE_ROWS, LayerExperts, layer_arrays, padded
 from hmoe.runtime.errors import HmoeError
+from hmoe.workers.experts.parallel import ExpertShare
 
 # Pack dtype -> the torch dtype its bytes travel as: bf16 bit patterns as int16 (copies of uint16 are not
 # implemented everywhere), reinterpreted on the device.
@@ -49,7 +53,12 @@ class StreamingExperts:
         device: torch.device | str,
         dtype: torch.dtype,
         ring_layers: int = 2,
+        share: ExpertShare | None = None,
     ):
+        """layers: {layer_id: LayerExperts} of every MoE layer; share: this rank's part of each (None: all)."""
+        self.share = share
+        if share is not None:
+            layers = {layer_id: lay.share(share.first, share.end) for layer_id, lay in layers.items()}
         first = next(iter(layers.values()))
         assert all(
             (lay.fmt, lay.hidden, lay.inter) == (first.fmt, first.hidden, first.inter) for lay in layers.values()
@@ -82,11 +91,13 @@ class StreamingExperts:
         self.grouped_gemm = _grouped_mm_works(self.device, dtype)  # else one GEMM per expert (a host sync per layer)
 
     @classmethod
-    def from_source(cls, source, device, dtype: torch.dtype, ring_layers: int = 2) -> StreamingExperts:
+    def from_source(
+        cls, source, device, dtype: torch.dtype, ring_layers: int = 2, share: ExpertShare | None = None
+    ) -> StreamingExperts:
         """Every MoE layer of a PackSource; pin the source first for DMA speed (pageable copies crawl)."""
         c = source.config
         layers = {layer_id: source.layer_experts(layer_id) for layer_id in c.moe_layer_ids}
-        return cls(layers, c.num_experts_per_tok, device, dtype, ring_layers)
+        return cls(layers, c.num_experts_per_tok, device, dtype, ring_layers, share)
 
     @property
     def layer_bytes(self) -> int:
@@ -215,8 +226,11 @@ class StreamPass:
         hidden = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
         ids = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
         weights = torch.cat([c[2] for c in chunks]) if len(chunks) > 1 else chunks[0][2]
-        out = grouped_experts(hidden, ids, weights, owner.gate_up, owner.down, owner.grouped_gemm)
-        self.outputs[layer_id] = list(out.split([c[0].shape[0] for c in chunks]))
+        first = owner.share.first if owner.share is not None else None
+        out = grouped_experts(hidden, ids, weights, owner.gate_up, owner.down, owner.grouped_gemm, first)
+        if owner.share is not None:
+            owner.share.reduce(out)
+        self.outputs[layer_id] = list(out.to(hidden.dtype).split([c[0].shape[0] for c in chunks]))
 
 
 def grouped_experts(
@@ -226,15 +240,23 @@ def grouped_experts(
     gate_up: torch.Tensor,
     down: torch.Tensor,
     grouped_gemm: bool = True,
+    first_expert: int | None = None,
 ) -> torch.Tensor:
-    """hidden [T, H], ids [T, K], weights [T, K] float32, gate_up [E, 2Ip, Hp], down [E, Hp, Ip] -> [T, H].
+    """hidden [T, H], ids [T, K], weights [T, K] float32, gate_up [E, 2Ip, Hp], down [E, Hp, Ip] -> [T, H]
+    float32 (summed over each token's K experts).
 
     (token, expert) pairs sorted by expert, so each expert's rows meet its weights in one grouped GEMM;
-    no host synchronization (the group offsets stay on the device).
+    no host synchronization (the group offsets stay on the device). With first_expert, gate_up and down
+    hold experts [first_expert, first_expert + E) only: the other pairs sort last, past every group, are
+    not computed, and add nothing.
     """
     num_tokens, hidden_size = hidden.shape
     top_k, num_experts, ip, hp = ids.shape[1], gate_up.shape[0], down.shape[2], down.shape[1]
     flat = ids.reshape(-1)  # [TK]
+    if first_expert is not None:
+        local = flat - first_expert
+        mine = (local >= 0) & (local < num_experts)
+        flat = torch.where(mine, local, num_experts)  # the other ranks' pairs: past the last group
     sorted_ids, order = flat.sort(stable=True)  # [TK] pair index, grouped by expert
     # [E] end of each group; NOTE: not bincount, which reads its input's min and max back to the host on a GPU
     experts = torch.arange(num_experts, device=flat.device)
@@ -246,9 +268,11 @@ def grouped_experts(
     h = F.silu(gu[:, :ip]) * gu[:, ip:]  # [TK, Ip]
     y = _grouped_mm(h, down.transpose(1, 2), offsets, grouped_gemm)[:, :hidden_size]  # [TK, H]
     y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    if first_expert is not None:  # rows past the last group hold whatever the GEMMs left there
+        y = torch.where(mine[order, None], y, 0)
     pairs = torch.empty_like(y)
     pairs[order] = y  # back to (token, k) order: summing over k is deterministic, unlike index_add
-    return pairs.view(num_tokens, top_k, hidden_size).sum(1, dtype=torch.float32).to(hidden.dtype)
+    return pairs.view(num_tokens, top_k, hidden_size).sum(1, dtype=torch.float32)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped_gemm: bool) -> torch.Tensor:

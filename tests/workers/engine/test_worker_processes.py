@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,10 +142,11 @@ class Harness:
         self.sock.close(linger=0)
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(scope="module", params=["cpu", "cpu,cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def served(request, tiny_models, tmp_path_factory):
     """A pack of the tiny DeepSeek model, a harness router, and one prefill + one decode worker
-    (on the CPU, and on a GPU where there is one: the same tokens either way, fp32)."""
+    (on the CPU; on the CPU with the prefill worker spanning two ranks, each streaming half of every
+    layer's experts; and on a GPU where there is one: the same tokens every way, fp32)."""
     model_dir = tiny_models("deepseek_v3", "fp32")
     prefix = f"hmoe-test-{uuid.uuid4().hex[:8]}."
     shm = ShmConfig(prefix=prefix)
@@ -160,7 +162,8 @@ def served(request, tiny_models, tmp_path_factory):
         HMOE_WORKER_PREFILL_CHUNK_TOKENS="16",
         HMOE_WORKER_HANDOFF_SLOTS="3",
         HMOE_WORKER_HANDOFF_SLOT_TOKENS="256",
-        HMOE_WORKER_DEVICE=request.param,
+        HMOE_WORKER_DEVICE=request.param.split(",")[0],
+        HMOE_WORKER_DEVICES=request.param,
         HMOE_WORKER_DTYPE="fp32",
         HMOE_WORKER_PREFILL_EXPERTS="stream",  # prompts of >= 20 tokens stream their experts, shorter ones don't
         HMOE_WORKER_STREAM_MIN_TOKENS="20",
@@ -344,3 +347,35 @@ def test_a_silent_router_makes_workers_register_again(served):
     _all_free(harness)  # the decode worker dropped "orphan" and freed its KV
     out = _run(harness, {"after": ([7, 8], SamplingParams(max_tokens=4, ignore_eos=True))})
     assert out["after"] == _offline(model, [7, 8], SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+def _follower(pid: int) -> int:
+    """The pid of the prefill worker's rank-1 process (a spawned child; the other child is multiprocessing's
+    resource tracker)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return next(c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_lost_prefill_rank_restarts_the_worker_whole_and_a_lost_worker_ends_its_ranks(served, request):
+    if request.node.callspec.params["served"] != "cpu,cpu":
+        pytest.skip("a prefill worker on one device has no other ranks")
+    harness, procs, start, model = served
+    os.kill(_follower(procs["prefill"].pid), signal.SIGKILL)
+    assert procs["prefill"].wait(timeout=30) == 1  # rank_lost at its next command (a ping when idle): restart
+    start("prefill")
+    prompt, params = list(range(3, 40)), SamplingParams(max_tokens=4, ignore_eos=True)  # 37 tokens: streamed
+    assert _run(harness, {"again": (prompt, params)})["again"] == _offline(model, prompt, params)
+    follower = _follower(procs["prefill"].pid)
+    procs["prefill"].send_signal(signal.SIGKILL)
+    procs["prefill"].wait()
+    assert _gone(follower, 30)  # its broadcast fails once rank 0 is gone
+    start("prefill")

@@ -13,6 +13,7 @@ import torch
 from hmoe.kernels.formats import ExpertFormat
 from hmoe.kernels.reference import moe_reference
 from hmoe.workers.experts.cpu import layer_from_torch
+from hmoe.workers.experts.parallel import ExpertShare, expert_shares
 from hmoe.workers.experts.streaming import StreamingExperts
 
 FORMATS = ["bf16", "fp8", "int4-g32", "int4-g128"]
@@ -92,3 +93,21 @@ def test_the_rings_device_memory_is_counted_and_refused_with_a_hint(tiny_models)
     with pytest.raises(HmoeError) as refused:
         check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=need)  # no room left for a pass
     assert refused.value.code == "config_invalid" and "stream_ring_layers" in refused.value.message
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_expert_shares_add_up_to_the_whole_layer(fmt_name):
+    """Expert parallelism's arithmetic: three ranks' shares of 8 experts (2, 3, 3), each computing only
+    its pairs, sum to what all the experts compute (the all-reduce is that sum)."""
+    g = torch.Generator().manual_seed(4)
+    fmt, experts, hidden, inter, top_k = ExpertFormat.parse(fmt_name), 8, 192, 160, 3
+    layers = {1: random_layer(fmt, g, experts, hidden, inter), 3: random_layer(fmt, g, experts, hidden, inter)}
+    shares = expert_shares(experts, 3)
+    assert shares == [(0, 2), (2, 5), (5, 8)]
+    passes = [StreamingExperts(layers, top_k, "cpu", torch.float32, 1, ExpertShare(*s)).open_pass() for s in shares]
+    assert sum(p.owner.layer_bytes for p in passes) == StreamingExperts(layers, top_k, "cpu", torch.float32).layer_bytes
+    for layer_id, layer in layers.items():
+        x, ids, w = random_inputs(g, 9, hidden, experts, top_k)
+        got = sum(p(layer_id, x, ids, w).double() for p in passes)
+        want = moe_reference(x.numpy(), ids.numpy(), w.numpy(), layer)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)

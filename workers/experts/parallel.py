@@ -1,0 +1,63 @@
+"""Expert parallelism for streamed prefill (SmallEP): N ranks, one per GPU, each streaming its share of
+every MoE layer's experts over its own PCIe link, so each link carries 1/N of the bytes.
+
+Every rank runs the same pass (attention replicated: its cost is small beside the experts' bytes at
+the lengths that stream); a rank computes, for every token, only the (token, expert) pairs of its
+experts, and the ranks' partial outputs are summed with one all-reduce per layer (torch.distributed:
+NCCL on GPUs, gloo on CPUs). With attention replicated every rank already holds every token, so the
+all-reduce is the whole exchange: no dispatch, one collective of [T, H] float32 per layer.
+
+Rank 0 takes the prompts; the others follow each pass's inputs, sent as tensors (`broadcast_tokens`;
+nothing is pickled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hmoe.runtime.errors import HmoeError
+
+
+@dataclass(frozen=True)
+class ExpertShare:
+    """This rank's experts [first, end) of every MoE layer; the partial outputs are summed over `group`
+    (None: a single process computing one share, as the tests do)."""
+
+    first: int
+    end: int
+    group: dist.ProcessGroup | None = None
+
+    def reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """Sum the ranks' partial outputs of a layer, in place; HmoeError rank_lost when a rank is gone (its
+        connection closed, or the group's timeout passed)."""
+        if self.group is not None:
+            try:
+                dist.all_reduce(out, group=self.group)
+            except (RuntimeError, dist.DistError) as exc:
+                raise HmoeError("rank_lost", f"expert-parallel all-reduce failed: {exc}") from exc
+        return out
+
+
+def expert_shares(num_experts: int, ranks: int) -> list[tuple[int, int]]:
+    """Contiguous [first, end) per rank, balanced by bytes: a layer's experts are all one size, so the
+    counts differ by at most one."""
+    assert 1 <= ranks <= num_experts, (ranks, num_experts)
+    bounds = [num_experts * r // ranks for r in range(ranks + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def broadcast_tokens(token_ids: list[int] | None, group: dist.ProcessGroup | None = None, src: int = 0) -> list[int]:
+    """A pass's token ids from rank `src` (which gives them) to every rank (the others give None)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    length = torch.tensor([len(token_ids) if token_ids is not None else 0], dtype=torch.int64, device=device)
+    dist.broadcast(length, src, group=group)
+    ids = (
+        torch.tensor(token_ids, dtype=torch.int64, device=device)
+        if token_ids is not None
+        else torch.empty(int(length.item()), dtype=torch.int64, device=device)
+    )
+    dist.broadcast(ids, src, group=group)
+    return ids.tolist()
