@@ -7,10 +7,14 @@ Per prompt length, in-process, the worker's code paths:
     cpu        chunk-major, routed experts on the CPU kernels over the pack (today's path; stops at --cpu-max)
     slp        one layer-major pass over all chunks, experts streamed from the pinned pack (StreamingExperts)
     resident   the same pass with every layer's stored experts already on the GPU: no copies (the compute floor)
+    dslp       with --devices (e.g. cuda:0,cuda:1): the streamed pass expert-parallel over those devices, each
+               streaming its share of every layer over its own link (the prefill worker's [worker] devices)
 
     stream_floor_s   MoE layers x one layer's expert bytes / the pinned H2D bandwidth measured in this run
     floor_s          max(stream_floor_s, resident seconds)
-    ratio            (slp rows) seconds / floor_s
+    ratio            (slp rows) seconds / floor_s; (dslp rows) seconds / (stream_floor_s / devices), the floor
+                     of N links each carrying 1/N of the bytes
+    dslp_gain        slp seconds / dslp seconds at the longest length (the issue asks it at 32K)
 Also: the threshold the worker would choose (one layer's copy time / the CPU kernels' time per token
 and layer) and the GPU memory each mode peaked at.
 
@@ -33,8 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_name, write_results  # noqa: E402
 
+from hmoe.runtime.config import load_config  # noqa: E402
 from hmoe.shm import ShmConfig, ShmError  # noqa: E402
 from hmoe.shm.registry import remove_pack  # noqa: E402
+from hmoe.workers.engine.ranks import Ranks, streamed_prefill  # noqa: E402
 from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
 from hmoe.workers.experts.streaming import StreamingExperts, measure_copy_s, measure_cpu_s_per_token  # noqa: E402
 from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
@@ -152,9 +158,15 @@ def run(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     warm = torch.randint(0, cfg.vocab_size, (args.chunk + 7,), generator=gen).tolist()
     modes = {"cpu": (cpu, False), "slp": (streaming, True)}
-    results, memory = [], {}
-    for mode in ("cpu", "slp", "resident"):
-        if mode == "resident":  # the ring grows to every layer: give the streaming ring back first
+    results, memory, ranks = [], {}, None
+    for mode in ("cpu", "slp", "dslp", "resident"):
+        if mode == "dslp":
+            if not args.devices:
+                continue
+            ranks = Ranks(_follower_config(args), args.devices)  # rank 0: this process, on args.device
+            ranked = StreamingExperts.from_source(source, device, model.dtype, args.ring, ranks.share(cfg.num_experts))
+            run_once = partial(_ranked_prefill, model, kv, ranked, ranks, args.chunk)
+        elif mode == "resident":  # the ring grows to every layer: give the streaming ring back first
             del streaming, modes["slp"]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -162,22 +174,26 @@ def run(args) -> dict:
             resident.open_pass()(cfg.moe_layer_ids[0], *_one_token(cfg, device, model.dtype))  # copies every layer
             _sync(device)
             modes["resident"] = (Resident(resident), True)
-        experts, layer_major = modes[mode]
-        _prefill(model, kv, warm, args.chunk, experts, layer_major)  # warm-up: compilation, first touches
+        if mode != "dslp":
+            experts, layer_major = modes[mode]
+            run_once = partial(_prefill, model, kv, chunk=args.chunk, experts=experts, layer_major=layer_major)
+        run_once(warm)  # warm-up: compilation, first touches
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for tokens in args.lengths:
             if mode == "cpu" and tokens > args.cpu_max:
                 continue
             prompt = torch.randint(0, cfg.vocab_size, (tokens,), generator=gen).tolist()
-            seconds = _prefill(model, kv, prompt, args.chunk, experts, layer_major)
+            seconds = run_once(prompt)
             results.append({"tokens": tokens, "mode": mode, "seconds": seconds, "tok_s": tokens / seconds})
             print(f"{mode:9s} {tokens:6d} tokens: {seconds:8.3f} s  {tokens / seconds:10.1f} tok/s", flush=True)
             if args.profile and mode != "cpu":
-                again = partial(_prefill, model, kv, prompt, args.chunk, experts, layer_major)
-                profile_pass(again, device, moe_layers, Path(args.profile), f"{mode}-{tokens}")
+                profile_pass(partial(run_once, prompt), device, moe_layers, Path(args.profile), f"{mode}-{tokens}")
         if device.type == "cuda":
             memory[mode] = torch.cuda.max_memory_allocated(device)
+        if mode == "dslp":
+            ranks.stop()
+            del ranked
     floors = {}
     for tokens in args.lengths:
         stream_floor_s = moe_layers * streaming_bytes(source) / (h2d_gbs * 1e9)
@@ -187,6 +203,13 @@ def run(args) -> dict:
         row.update(floors[row["tokens"]])
         if row["mode"] == "slp":
             row["ratio"] = row["seconds"] / row["floor_s"]
+        if row["mode"] == "dslp":
+            row["ratio"] = row["seconds"] / (row["stream_floor_s"] / len(args.devices))
+    dslp_gain = None
+    if args.devices:
+        longest = max(r["tokens"] for r in results if r["mode"] == "dslp")
+        by_mode = {r["mode"]: r["seconds"] for r in results if r["tokens"] == longest}
+        dslp_gain = by_mode["slp"] / by_mode["dslp"]
     layer_bytes = streaming_bytes(source)
     cpu.close()
     del resident, modes
@@ -207,6 +230,8 @@ def run(args) -> dict:
             "expert_format": source.expert_format.name,
             "dtype": str(model.dtype),
         },
+        "devices": args.devices or [args.device],
+        "dslp_gain": dslp_gain,
         "chunk_tokens": args.chunk,
         "ring_layers": args.ring,
         "layer_bytes": layer_bytes,
@@ -219,6 +244,22 @@ def run(args) -> dict:
         "gpu_peak_bytes": memory,
         "results": results,
     }
+
+
+def _ranked_prefill(model, kv, ranked, ranks, chunk: int, prompt: list[int]) -> float:
+    """Seconds to prefill `prompt` in one streamed pass on every rank."""
+    _sync(model.device)
+    start = time.perf_counter()
+    streamed_prefill(model, kv, ranked, ranks, len(prompt), prompt, chunk)
+    _sync(model.device)
+    return time.perf_counter() - start
+
+
+def _follower_config(args):
+    """What the other ranks load: this bench's pack, KV budget, ring and chunk."""
+    worker = {"pack": args.pack, "device": args.device, "kv_cache_gib": args.kv_gib}
+    worker |= {"stream_ring_layers": args.ring, "prefill_chunk_tokens": args.chunk}
+    return load_config(None, env={}, overrides={"worker": worker})
 
 
 def streaming_bytes(source) -> int:
@@ -243,7 +284,7 @@ def plot(payload: dict, path) -> None:
 
     rows = payload["results"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, style in (("cpu", "o-"), ("slp", "s-"), ("resident", "^--")):
+    for mode, style in (("cpu", "o-"), ("slp", "s-"), ("dslp", "d-"), ("resident", "^--")):
         points = [(r["tokens"], r["tok_s"]) for r in rows if r["mode"] == mode]
         if points:
             ax.plot(*zip(*points), style, label=mode)
@@ -278,8 +319,12 @@ def main() -> None:
     p.add_argument("--tag", default=None, help="results name: prefill-TAG.json (default: this machine's name)")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, metavar="DIR", help="op tables and traces of slp/resident passes here")
+    p.add_argument("--devices", default="", help="dslp mode over these devices, the first --device: cuda:0,cuda:1")
     args = p.parse_args()
     args.lengths = [int(n) for n in args.lengths.split(",")]
+    args.devices = [d for d in args.devices.split(",") if d]
+    if args.devices and args.devices[0] != args.device:
+        p.error(f"--devices starts with this process's device, --device {args.device}")
     path = write_results(f"prefill-{args.tag or machine_name()}", run(args), plot, args.json)
     print(f"wrote {path}")
 
