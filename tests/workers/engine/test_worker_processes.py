@@ -142,7 +142,18 @@ class Harness:
         self.sock.close(linger=0)
 
 
-@pytest.fixture(scope="module", params=["cpu", "cpu,cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cpu",
+        "cpu,cpu",
+        pytest.param("cuda", marks=pytest.mark.gpu),
+        pytest.param("cuda:0,cuda:1", marks=[pytest.mark.gpu, TWO_GPUS]),
+    ],
+)
 def served(request, tiny_models, tmp_path_factory):
     """A pack of the tiny DeepSeek model, a harness router, and one prefill + one decode worker
     (on the CPU; on the CPU with the prefill worker spanning two ranks, each streaming half of every
@@ -366,7 +377,7 @@ def _gone(pid: int, timeout_s: float) -> bool:
 
 
 def test_a_lost_prefill_rank_restarts_the_worker_whole_and_a_lost_worker_ends_its_ranks(served, request):
-    if request.node.callspec.params["served"] != "cpu,cpu":
+    if "," not in request.node.callspec.params["served"]:
         pytest.skip("a prefill worker on one device has no other ranks")
     harness, procs, start, model = served
     os.kill(_follower(procs["prefill"].pid), signal.SIGKILL)
