@@ -469,8 +469,13 @@ def _timed(fn) -> float:
 
 
 def worker_threads() -> int:
-    """Threads a worker gives the expert kernels by default: half the CPUs (prefill and decode share them)."""
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    """Threads the decode worker gives the expert kernels by default here (policy.cpu_threads): most of the
+    CPUs where prefill streams to a GPU, half of them where the two workers share them."""
+    import torch
+
+    from hmoe.runtime.policy import cpu_threads
+
+    return cpu_threads("decode", len(os.sched_getaffinity(0)), prefill_streams=torch.cuda.is_available())
 
 
 def main(argv=None) -> None:
@@ -481,7 +486,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="output path (default bench/results/kernels-<machine>.json)")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
     parser.add_argument(
-        "--worker-threads", type=int, default=None, help="a worker's threads, for T=1 (default: half the CPUs; 0: skip)"
+        "--worker-threads", type=int, default=None, help="a worker's threads, for T=1 (default: decode's; 0: skip)"
     )
     parser.add_argument("--no-kt", action="store_true", help="skip kt-kernel")
     parser.add_argument("--kt-threads", type=int, default=None, help="kt-kernel threads (default: --threads - 1)")
