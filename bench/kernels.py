@@ -16,7 +16,7 @@ weights come from DRAM; `gbs` counts the bytes of the experts actually read. Whe
 layer holds fewer experts than the model but reads the same bytes per token (`experts_in_memory`).
 Every row carries `roofline_frac` (its GB/s over the run's best reading at its thread count) and
 `roofline_frac_nearest` (over the reading taken nearest it in time). T=1 also runs with the thread
-count a worker uses (half the CPUs: two workers share the machine), against its own readings.
+count the decode worker uses (policy.cpu_threads), against its own readings.
 Also: per parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1, and the
 issue's targets checked (`targets`). Writes bench/results/kernels-<machine>.json (machine: the GPU's
 model, e.g. h200, or "dev" without one; or --json) and a PNG beside it.
