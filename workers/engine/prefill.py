@@ -177,6 +177,8 @@ class PrefillEngine:
             if not self.queue and not self.urgent:
                 return []
             job = (self.urgent or self.queue).popleft()
+            if self.suspended is None:  # a fresh prompt: nothing interrupted it yet
+                self.interleave_after = 0.0
             if len(job.token_ids) > self.handoff.capacity_tokens(self.kv):
                 return [
                     _refuse(
@@ -260,7 +262,9 @@ class PrefillEngine:
         """Choose the pass's experts and length; its chunks go in as the layer-major forward's batches."""
         remaining = len(job.token_ids) - job.done
         ring_free = self.suspended is None or self.suspended.pass_experts is None  # one streamed pass at a time
-        streamed = self.streaming is not None and remaining >= self.stream_min_tokens and ring_free
+        # with other ranks, only a prompt whose earlier passes all streamed (they hold no KV of CPU passes)
+        on_ranks = self.ranks is None or job.done == 0 or job.on_ranks
+        streamed = self.streaming is not None and remaining >= self.stream_min_tokens and ring_free and on_ranks
         pass_tokens = min(remaining, self.max_pass_tokens if streamed else self.chunk_tokens)
         job.pass_experts = self.streaming.open_pass() if streamed else None
         if streamed and self.ranks is not None:

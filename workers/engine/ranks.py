@@ -19,13 +19,21 @@ rank 0 alone: a prompt streams first and only then, if ever, finishes on the CPU
 always holds the KV its next streamed pass needs. A cached prefix would exist on rank 0 alone, so
 the prefix cache is off on such a worker.
 
-Faults: a rank that dies makes the next collective fail at once (a hung one: after the group's
-timeout, [router] stuck_after_s); rank 0 then raises rank_lost, the worker exits and is restarted
-whole, and the router sends its requests to the new one. Followers exit when rank 0 is gone.
+Groups (`_Groups`, made alike on every rank right after joining): the experts' all-reduce (NCCL on
+GPUs, gloo on CPUs) and the commands (gloo, CPU tensors: a lost rank fails a command at once, and a
+follower never syncs its GPU to read one) time out after max(20 s, [router] stuck_after_s); a
+start group with a long timeout carries one barrier, once every rank has loaded, so a slow start-up
+(kernel compiles, pinning a big pack) times nothing out.
+
+Faults: a rank that dies makes the next command or gloo collective fail at once, a hung one the next
+collective after the timeout (on NCCL, its watchdog ends the process; the router's stuck_after_s
+catches the rest); rank 0 then raises rank_lost, the worker exits and is restarted whole, and the
+router sends its requests to the new one. Followers die with rank 0 (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -45,6 +53,7 @@ log = logging.getLogger(__name__)
 
 OPEN, LAYER, CLOSE, FREE, PING, STOP = range(6)
 PING_EVERY_S = 5.0
+START_TIMEOUT = timedelta(minutes=30)  # joining, loading and the start barrier
 
 
 def parse_devices(devices: str) -> list[str]:
@@ -57,6 +66,23 @@ def _backend(device: str) -> str:
 
 def _group_timeout(config: Config) -> timedelta:
     return timedelta(seconds=max(PING_EVERY_S * 4, config.router.stuck_after_s))
+
+
+class _Groups:
+    """Join the ranks (rendezvous on port) and make the groups every rank makes, in the same order."""
+
+    def __init__(self, config: Config, devices: list[str], rank: int, port: int):
+        backend, timeout = _backend(devices[0]), _group_timeout(config)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(devices), timeout=START_TIMEOUT
+        )
+        self.start = dist.new_group(backend="gloo", timeout=START_TIMEOUT)
+        self.commands = dist.new_group(backend="gloo", timeout=timeout)
+        self.experts = dist.new_group(backend=backend, timeout=timeout)
+
+    def started(self) -> None:
+        """Wait until every rank has loaded (rank 0: just before its first command)."""
+        dist.barrier(group=self.start)
 
 
 class Ranks:
@@ -77,24 +103,26 @@ class Ranks:
             )
             process.start()
             self.processes.append(process)
-        dist.init_process_group(
-            _backend(devices[0]),
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=0,
-            world_size=len(devices),
-            timeout=_group_timeout(config),
-        )
-        self.group = dist.group.WORLD
+        self.groups = _Groups(config, devices, 0, port)
         self.broken = False  # a collective failed: no more commands (the worker exits)
         self.last_command_s = time.monotonic()
         log.info("prefill ranks: %s (pids %s)", ", ".join(devices), [p.pid for p in self.processes])
 
     def share(self, num_experts: int) -> ExpertShare:
-        return ExpertShare(*expert_shares(num_experts, len(self.devices))[0], self.group)
+        return ExpertShare(*expert_shares(num_experts, len(self.devices))[0], self.groups.experts)
+
+    def started(self) -> None:
+        """Every rank has loaded: commands may flow (their timeout starts counting now)."""
+        try:
+            self.groups.started()
+        except (RuntimeError, dist.DistError) as exc:
+            self.broken = True
+            raise HmoeError("rank_lost", f"a prefill rank did not start: {exc}") from exc
+        self.last_command_s = time.monotonic()
 
     def open(self, key: int, start: int, token_ids, prompt_len: int) -> None:
         self._send(OPEN, key, start, len(token_ids), prompt_len)
-        self._broadcast(torch.tensor(list(token_ids), dtype=torch.int64, device=self._tensor_device))
+        self._broadcast(torch.tensor(list(token_ids), dtype=torch.int64))
 
     def layer(self) -> None:
         self._send(LAYER)
@@ -124,20 +152,16 @@ class Ranks:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    @property
-    def _tensor_device(self):
-        return self.device if self.device.type == "cuda" else None
-
     def _send(self, op: int, *args: int) -> None:
         command = [op, *args] + [0] * (4 - len(args))
-        self._broadcast(torch.tensor(command, dtype=torch.int64, device=self._tensor_device))
+        self._broadcast(torch.tensor(command, dtype=torch.int64))
         self.last_command_s = time.monotonic()
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         if self.broken:
             raise HmoeError("rank_lost", "a prefill rank was lost earlier")
         try:
-            dist.broadcast(tensor, 0, group=self.group)
+            dist.broadcast(tensor, 0, group=self.groups.commands)
         except (RuntimeError, dist.DistError) as exc:
             self.broken = True
             raise HmoeError("rank_lost", f"a prefill rank is gone: {exc}") from exc
@@ -160,7 +184,8 @@ def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> 
     from hmoe.workers.model.kv_cache import KVPool
     from hmoe.workers.weights.pack_source import PackSource
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 drains and sends STOP; a lost rank 0 ends us too
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with rank 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 drains and sends STOP
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config.router.log_level, process=f"prefill-rank{rank}")
     w = config.worker
@@ -168,26 +193,21 @@ def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(1)
-    dist.init_process_group(
-        _backend(devices[0]),
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=len(devices),
-        timeout=_group_timeout(config),
-    )
+    groups = _Groups(config, devices, rank, port)
     source = PackSource.attach(w.pack, config.shm, wait_s=60.0)
     try:
         if device.type == "cuda":
             source.pin()
         model = load_model(source, device, w.dtype, experts=_StreamedOnly())
         c = model.config
-        share = ExpertShare(*expert_shares(c.num_experts, len(devices))[rank], dist.group.WORLD)
+        share = ExpertShare(*expert_shares(c.num_experts, len(devices))[rank], groups.experts)
         streaming = StreamingExperts.from_source(source, device, model.dtype, w.stream_ring_layers, share)
         kv_bytes = int(w.kv_cache_gib * (1 << 30))
         kv = KVPool.from_budget(c, kv_bytes, w.kv_block_size, model.dtype, device)
         log.info("prefill rank %d of %d on %s: experts %d..%d", rank, len(devices), device, share.first, share.end)
-        follow(model, kv, streaming, w.prefill_chunk_tokens, device)
-    except HmoeError as exc:
+        groups.started()
+        follow(model, kv, streaming, w.prefill_chunk_tokens, groups.commands)
+    except (HmoeError, RuntimeError, dist.DistError) as exc:
         log.error("prefill rank %d stops: %s", rank, exc)
     finally:
         source.close()
@@ -225,17 +245,17 @@ def streamed_prefill(model, kv, streaming, ranks: Ranks | None, key: int, token_
             ranks.free(key)
 
 
-def follow(model, kv, streaming, chunk_tokens: int, device: torch.device) -> None:
-    """Run rank 0's commands until STOP; HmoeError rank_lost when rank 0 is gone."""
+def follow(model, kv, streaming, chunk_tokens: int, commands) -> None:
+    """Run rank 0's commands (broadcast over the gloo group `commands`) until STOP; HmoeError rank_lost
+    when rank 0 is gone."""
     from hmoe.workers.model.batch import ForwardBatch
 
-    tensor_device = device if device.type == "cuda" else None
     steps, stream_pass = None, None
 
     def receive(n: int) -> list[int]:
-        tensor = torch.empty(n, dtype=torch.int64, device=tensor_device)
+        tensor = torch.empty(n, dtype=torch.int64)
         try:
-            dist.broadcast(tensor, 0)
+            dist.broadcast(tensor, 0, group=commands)
         except (RuntimeError, dist.DistError) as exc:
             raise HmoeError("rank_lost", f"prefill rank 0 is gone: {exc}") from exc
         return tensor.tolist()

@@ -87,19 +87,21 @@ class WorkerProcess:
         # The cores follow the work (policy.cpu_threads): half each, unless the prefill worker streams long
         # prompts to a GPU, then mostly the decode worker's; a colocated worker takes all but one.
         cpus = len(os.sched_getaffinity(0))
-        streams = w.device != "cpu" and w.experts == "cpu" and w.prefill_experts != "cpu"
+        devices = parse_devices(w.devices) if self.role == "prefill" else []
+        prefill_device = (parse_devices(w.devices) or [w.device])[0]
+        streams = prefill_device != "cpu" and w.experts == "cpu" and w.prefill_experts != "cpu"
         self.threads = w.cpu_threads or policy.cpu_threads(self.role, cpus, streams)
         torch.set_num_threads(self.threads)
-        devices = parse_devices(w.devices) if self.role == "prefill" else []
         device = _check_device(devices[0] if devices else w.device)  # before anything slow: a restart cannot fix it
         if len(devices) > 1:
             for name in devices[1:]:
                 _check_device(name)
-            if w.prefill_experts == "cpu" or w.experts != "cpu":
+            streamed = w.prefill_experts == "stream" or (w.prefill_experts == "auto" and device.type == "cuda")
+            if not streamed or w.experts != "cpu":
                 raise HmoeError(
                     "config_invalid",
                     f"[worker] devices = {w.devices!r} spans devices for streamed prefill: "
-                    'set prefill_experts = "auto" or "stream" and experts = "cpu"',
+                    'set prefill_experts = "auto" (on GPUs) or "stream", and experts = "cpu"',
                 )
             self.ranks = Ranks(self.config, devices)  # the followers load beside this process
         self.source = PackSource.attach(w.pack, self.config.shm, wait_s=60.0)
@@ -137,6 +139,8 @@ class WorkerProcess:
                 ranks=self.ranks,
             )
             self.engine = prefill if self.role == "prefill" else ColocatedEngine(prefill, self._decode_engine())
+        if self.ranks is not None:
+            self.ranks.started()  # every rank has loaded: the warm-up is the first command
         self._warm_up()
         address = f"inproc://hmoe-worker-{id(self)}"
         self.pipe = self.context.socket(zmq.PAIR)
@@ -269,6 +273,16 @@ class WorkerProcess:
     # -- main loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            return self._loop()
+        except HmoeError as exc:  # from a step, a cancel or a drain alike
+            if exc.code != "rank_lost":
+                raise
+            log.error("%s: exiting for a restart", exc.message)  # the router sends our requests elsewhere
+            self.ranks.broken = True
+            return EXIT_FAILURE
+
+    def _loop(self) -> int:
         while True:
             self._receive(self._wait_ms())
             if self.signals and self.draining_since is None:  # the handler only counts; the drain starts here
@@ -280,17 +294,10 @@ class WorkerProcess:
                     self._cancel_all("shutting_down", "the worker is shutting down")
                     break
             busy, start_s = self.engine.busy, time.perf_counter()
-            try:
-                for msg in self.engine.step():
-                    self._send(msg)
-                if self.ranks is not None:  # the other ranks wait on the next command within the group's timeout
-                    self.ranks.ping_if_idle()
-            except HmoeError as exc:
-                if exc.code != "rank_lost":
-                    raise
-                log.error("%s: exiting for a restart", exc.message)  # the router sends our requests elsewhere
-                self.ranks.broken = True
-                return EXIT_FAILURE
+            for msg in self.engine.step():
+                self._send(msg)
+            if self.ranks is not None:  # the other ranks wait on the next command within the group's timeout
+                self.ranks.ping_if_idle()
             if busy:  # a forward pass ran: its time goes out with the heartbeat (read by the I/O thread)
                 self.steps, self.step_s = self.steps + 1, self.step_s + time.perf_counter() - start_s
             self.notify.tick()
@@ -321,6 +328,8 @@ class WorkerProcess:
             try:
                 self._apply(protocol.decode(frame, ACCEPTED))
             except HmoeError as exc:
+                if exc.code == "rank_lost":  # not the message's fault: the worker restarts (run)
+                    raise
                 log.warning("bad message from the router: %s", exc)
                 request_id = getattr(exc, "request_id", None)  # what a request carried fails that request only
                 reply = protocol.RequestError(request_id, exc.code, exc.message) if request_id else None
@@ -541,7 +550,12 @@ def main(role, router_endpoint, config_path, **worker_flags) -> None:
         log.error("start-up failed: %s", exc)
         if "worker" in locals():
             worker.close()
-        sys.exit(EXIT_STARTUP_FAILURE)
+        # a lost rank may be passing trouble (restart); anything else a restart cannot fix
+        sys.exit(EXIT_FAILURE if exc.code == "rank_lost" else EXIT_STARTUP_FAILURE)
+    except BaseException:
+        if "worker" in locals():
+            worker.close()  # its other ranks too, or the exit waits for them
+        raise
     try:
         code = worker.run()
     finally:

@@ -114,3 +114,20 @@ def test_short_prompts_one_after_another_do_not_starve_the_long_one(make_rig, ad
     short_2, steps = steps_until(rig.engine, "short-2")
     assert steps == LAYERS + 1 and adopter(short_2) == SHORT
     assert adopter(prefilled(rig.engine)) == LONG and rig.kv.free_blocks == rig.kv.num_blocks
+
+
+def test_a_fresh_prompt_is_not_protected_by_the_last_ones_share(make_rig, adopter):
+    clock, streaming = Clock(), FakeStreaming()
+    rig = make_rig(num_blocks=32, chunk_tokens=4, streaming=streaming, stream_min_tokens=1, max_pass_tokens=4)
+    rig.engine.clock = clock
+    rig.engine.add(prefill_msg("long", LONG))
+    rig.engine.step()
+    rig.engine.add(short_msg())
+    steps_until(rig.engine, "short")
+    clock.now = 10.0  # the long one resumes: not interruptible before 40 s
+    assert adopter(prefilled(rig.engine)) == LONG
+    rig.engine.add(prefill_msg("next", LONG))
+    rig.engine.step()
+    rig.engine.add(short_msg("short-2"))
+    _, steps = steps_until(rig.engine, "short-2")
+    assert steps == LAYERS + 1  # at once: "next" was never interrupted
