@@ -80,6 +80,12 @@ class _Groups:
         self.commands = dist.new_group(backend="gloo", timeout=timeout)
         self.experts = dist.new_group(backend=backend, timeout=timeout)
 
+    def least_free_bytes(self, free: int) -> int:
+        """The least of every rank's free device memory (each gives its own, once its ring is allocated)."""
+        tensor = torch.tensor([free], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.start)
+        return int(tensor.item())
+
     def started(self) -> None:
         """Wait until every rank has loaded (rank 0: just before its first command)."""
         dist.barrier(group=self.start)
@@ -111,14 +117,21 @@ class Ranks:
     def share(self, num_experts: int) -> ExpertShare:
         return ExpertShare(*expert_shares(num_experts, len(self.devices))[0], self.groups.experts)
 
+    def least_free_bytes(self, free: int) -> int:
+        """The least free device memory of any rank, this one's `free` included (sizes the passes)."""
+        return self._starting(self.groups.least_free_bytes, free)
+
     def started(self) -> None:
         """Every rank has loaded: commands may flow (their timeout starts counting now)."""
+        self._starting(self.groups.started)
+        self.last_command_s = time.monotonic()
+
+    def _starting(self, step, *args):
         try:
-            self.groups.started()
+            return step(*args)
         except (RuntimeError, dist.DistError) as exc:
             self.broken = True
             raise HmoeError("rank_lost", f"a prefill rank did not start: {exc}") from exc
-        self.last_command_s = time.monotonic()
 
     def open(self, key: int, start: int, token_ids, prompt_len: int) -> None:
         self._send(OPEN, key, start, len(token_ids), prompt_len)
@@ -205,6 +218,7 @@ def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> 
         kv_bytes = int(w.kv_cache_gib * (1 << 30))
         kv = KVPool.from_budget(c, kv_bytes, w.kv_block_size, model.dtype, device)
         log.info("prefill rank %d of %d on %s: experts %d..%d", rank, len(devices), device, share.first, share.end)
+        groups.least_free_bytes(torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62)
         groups.started()
         follow(model, kv, streaming, w.prefill_chunk_tokens, groups.commands)
     except (HmoeError, RuntimeError, dist.DistError) as exc:

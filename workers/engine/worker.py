@@ -223,11 +223,11 @@ class WorkerProcess:
                 log.warning("streaming prefill from pageable memory: %s", exc.message)
         share = self.ranks.share(c.num_experts) if self.ranks is not None else None
         streaming = slp.StreamingExperts.from_source(self.source, device, self.model.dtype, w.stream_ring_layers, share)
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            max_pass_tokens = int(free * 0.8) // per_token  # activations of a pass stay on the GPU
-        else:
-            max_pass_tokens = 1 << 30
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
+        if self.ranks is not None:  # every rank runs the same passes: the least free memory bounds them
+            free = self.ranks.least_free_bytes(free)
+        # activations of a pass stay on the GPU
+        max_pass_tokens = int(free * 0.8) // per_token if device.type == "cuda" else 1 << 30
         copy_s, cpu_s_per_token = slp.measure_copy_s(streaming), slp.measure_cpu_s_per_token(self.experts, c)
         measured = max(1, int(copy_s / cpu_s_per_token))  # shorter passes finish on the CPU before one layer copies
         min_tokens = w.stream_min_tokens or measured

@@ -3,9 +3,10 @@ every MoE layer's experts over its own PCIe link, so each link carries 1/N of th
 
 Every rank runs the same pass (attention replicated: its cost is small beside the experts' bytes at
 the lengths that stream); a rank computes, for every token, only the (token, expert) pairs of its
-experts, and the ranks' partial outputs are summed with one all-reduce per layer (torch.distributed:
-NCCL on GPUs, gloo on CPUs). With attention replicated every rank already holds every token, so the
-all-reduce is the whole exchange: no dispatch, one collective of [T, H] float32 per layer.
+experts, routed as rank 0 routed them (its ids and weights broadcast, [T, K] each), and the ranks'
+partial outputs are summed with one all-reduce per layer (torch.distributed: NCCL on GPUs, gloo on
+CPUs). With attention replicated every rank already holds every token, so that is the whole
+exchange: no dispatch, one collective of [T, H] float32 per layer.
 
 Rank 0 takes the prompts; the others follow each pass's inputs, sent as tensors (`broadcast_tokens`;
 nothing is pickled).
@@ -29,6 +30,17 @@ class ExpertShare:
     first: int
     end: int
     group: dist.ProcessGroup | None = None
+
+    def agree(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Every rank takes rank 0's routing of the layer's tokens, in place: each rank routes its own copy of
+        the hidden states, and a last-bit difference between them would count a (token, expert) pair
+        twice or not at all."""
+        if self.group is not None:
+            try:
+                dist.broadcast(ids, dist.get_global_rank(self.group, 0), group=self.group)
+                dist.broadcast(weights, dist.get_global_rank(self.group, 0), group=self.group)
+            except (RuntimeError, dist.DistError) as exc:
+                raise HmoeError("rank_lost", f"expert-parallel broadcast failed: {exc}") from exc
 
     def reduce(self, out: torch.Tensor) -> torch.Tensor:
         """Sum the ranks' partial outputs of a layer, in place; HmoeError rank_lost when a rank is gone (its

@@ -226,6 +226,9 @@ class StreamPass:
         hidden = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
         ids = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
         weights = torch.cat([c[2] for c in chunks]) if len(chunks) > 1 else chunks[0][2]
+        if owner.share is not None:
+            ids, weights = ids.contiguous(), weights.contiguous()
+            owner.share.agree(ids, weights)
         first = owner.share.first if owner.share is not None else None
         out = grouped_experts(hidden, ids, weights, owner.gate_up, owner.down, owner.grouped_gemm, first)
         if owner.share is not None:
