@@ -73,9 +73,7 @@ class RouterConfig:
 class WorkerConfig:
     pack: str = ""  # weight pack name in shared memory ("" = the one `hmoe serve` made)
     device: str = "cpu"  # cpu | cuda | cuda:N
-    # a prefill worker on several devices ("cuda:0,cuda:1"): each streams its share of every layer's experts
-    # (expert parallelism; one process per device, the first one the worker); "" = device
-    devices: str = ""
+    devices: str = ""  # a prefill worker on several devices, "cuda:0,cuda:1" (expert-parallel streaming); "" = device
     dtype: str = "auto"  # auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16
     kv_cache_gib: float = 2.0
     prefix_cache_gib: float = 2.0  # prefill worker: KV of earlier prompts kept for reuse, beside kv_cache_gib; 0 = off
@@ -86,9 +84,7 @@ class WorkerConfig:
     handoff_slots: int = 4  # KV hand-off slots between prefill and decode
     handoff_slot_tokens: int = 0  # tokens per slot; 0 = router.max_prompt_tokens
     handoff_timeout_s: float = 60.0  # a filled slot nobody adopted is reclaimed after this
-    # KV a decode step copies in from hand-off slots; 0 = by device: 1024 on a GPU (a DMA beside the step),
-    # 64 on a CPU (a copy inside it: what an adoption may delay a step by)
-    adopt_slice_mib: int = 0
+    adopt_slice_mib: int = 0  # KV a decode step copies in from hand-off slots; 0 = 1024 on a GPU, 64 on a CPU
     cpu_threads: int = 0  # threads for torch and the expert kernels; 0 = by role and work (policy.cpu_threads)
     experts: str = "cpu"  # cpu (kernels over the pack) | torch (reference, all on device)
     prefill_experts: str = "auto"  # auto (long passes stream the pack's experts to a GPU) | cpu | stream
