@@ -11,7 +11,8 @@ half and half, not by policy.cpu_threads), through a real `hmoe serve` and the S
     alone   --streams generations of --output-tokens each run back to back for --seconds; their
             inter-token gaps (TPOT) p50/p99 and the decode tokens/s;
     mixed   the same load while long prompts of --long-tokens arrive one after another, each followed
-            at once by a short one (--short-tokens): TTFT of both, the streams' TPOT again.
+            at once by a short one (--short-tokens): TTFT of both, the long one's gap to its second
+            token (its KV adopted by the decode worker), the streams' TPOT again.
 
     tpot_p99_increase        (overlap) mixed TPOT p99 / alone TPOT p99 - 1; per setting in its row
     throughput_gain_overlap  alone decode tokens/s with overlap / without
@@ -64,29 +65,33 @@ async def decode_load(client, args, rng, until: float, gaps: list[float], tokens
         tokens.append(len(stamps))
 
 
-async def long_prompts(client, args, rng, until: float, long_ttft: list, short_ttft: list) -> None:
+async def long_prompts(client, args, rng, until: float, long_ttft: list, long_gap: list, short_ttft: list) -> None:
     while time.perf_counter() < until:
         long = [rng.randrange(2, args.vocab_size) for _ in range(args.long_tokens)]
         short = [rng.randrange(2, args.vocab_size) for _ in range(args.short_tokens)]
         pending = asyncio.ensure_future(stream_once(client, long, 2))
         await asyncio.sleep(args.short_after_s)  # the long one is prefilling by now
         short_ttft.append((await stream_once(client, short, 2))[0])
-        long_ttft.append((await pending)[0])
+        ttft, stamps = await pending
+        long_ttft.append(ttft)
+        if len(stamps) > 1:  # the wait for its KV's adoption shows here
+            long_gap.append(stamps[1] - stamps[0])
 
 
 async def phase(endpoint: str, args, rng, mixed: bool) -> dict:
     async with AsyncClient(endpoint) as client:
-        gaps, tokens, long_ttft, short_ttft = [], [], [], []
+        gaps, tokens, long_ttft, long_gap, short_ttft = [], [], [], [], []
         start = time.perf_counter()
         until = start + args.seconds
         jobs = [decode_load(client, args, rng, until, gaps, tokens) for _ in range(args.streams)]
         if mixed:
-            jobs.append(long_prompts(client, args, rng, until, long_ttft, short_ttft))
+            jobs.append(long_prompts(client, args, rng, until, long_ttft, long_gap, short_ttft))
         await asyncio.gather(*jobs)
         elapsed = time.perf_counter() - start
     row = {"tpot_s": percentiles(gaps), "decode_tokens_per_s": sum(tokens) / elapsed, "generations": len(tokens)}
     if mixed:
         row |= {"long_ttft_s": percentiles(long_ttft), "short_behind_long_ttft_s": percentiles(short_ttft)}
+        row["long_second_token_gap_s"] = percentiles(long_gap)  # first token (prefill) -> second (decode)
         row["short_behind_long_ttft_max_s"] = max(short_ttft) if short_ttft else None
     return row
 

@@ -461,20 +461,27 @@ def status_once(
     context: zmq.Context[zmq.Socket] = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    # A DEALER's send blocks while it has no peer: after a failed handshake (a CURVE router asked
+    # without its key) it has none, and a send with no timeout hung there for good.
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
     if server_public_key is not None:
         sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.curve_serverkey = _curve_key(server_public_key)
+    unreachable = RouterUnreachable(
+        "router_unreachable", f"no answer from {endpoint} in {timeout_s} s: is the router running?"
+    )
     try:
         sock.connect(endpoint)
-        sock.send(encode(StatusRequest()))
         deadline = time.monotonic() + timeout_s
+        try:
+            sock.send(encode(StatusRequest()))
+        except zmq.Again:
+            raise unreachable from None
         while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0 and sock.poll(left_ms):
             msg = decode(sock.recv(), REPLY_TYPES)
             if isinstance(msg, Status):
                 return _fields(msg)
-        raise RouterUnreachable(
-            "router_unreachable", f"no answer from {endpoint} in {timeout_s} s: is the router running?"
-        )
+        raise unreachable
     finally:
         sock.close()
 
