@@ -114,7 +114,7 @@ def run_cmd(
     from hmoe.workers.cli.checks import check_device, check_fits, check_model
     from hmoe.workers.model.causal_lm import load_model
     from hmoe.workers.model.generate import generate
-    from hmoe.workers.model.kv_cache import KVPool
+    from hmoe.workers.model.kv_cache import KVPool, kv_budget_bytes
 
     # The server's checks, with its codes: config ranges, the device, the model, prompt vs context.
     config = load_config(
@@ -144,7 +144,7 @@ def run_cmd(
     model = load_model(source, config.worker.device, config.worker.dtype, experts=backend)
     kv = KVPool.from_budget(
         model.config,
-        int(config.worker.kv_cache_gib * (1 << 30)),
+        kv_budget_bytes(config.worker.kv_cache_gib, len(ids), max_tokens, model.config, model.dtype),
         config.worker.kv_block_size,
         model.dtype,
         model.device,

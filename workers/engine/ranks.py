@@ -194,7 +194,7 @@ def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> 
     from hmoe.runtime.log import configure_logging
     from hmoe.workers.experts.streaming import StreamingExperts
     from hmoe.workers.model.causal_lm import load_model
-    from hmoe.workers.model.kv_cache import KVPool
+    from hmoe.workers.model.kv_cache import KVPool, kv_budget_bytes
     from hmoe.workers.weights.pack_source import PackSource
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with rank 0
@@ -215,8 +215,10 @@ def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> 
         c = model.config
         share = ExpertShare(*expert_shares(c.num_experts, len(devices))[rank], groups.experts)
         streaming = StreamingExperts.from_source(source, device, model.dtype, w.stream_ring_layers, share)
-        kv_bytes = int(w.kv_cache_gib * (1 << 30))
-        kv = KVPool.from_budget(c, kv_bytes, w.kv_block_size, model.dtype, device)
+        budget = kv_budget_bytes(
+            w.kv_cache_gib, config.router.max_prompt_tokens, config.http.default_max_tokens, c, model.dtype
+        )
+        kv = KVPool.from_budget(c, budget, w.kv_block_size, model.dtype, device)
         log.info("prefill rank %d of %d on %s: experts %d..%d", rank, len(devices), device, share.first, share.end)
         groups.least_free_bytes(torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62)
         groups.started()

@@ -44,7 +44,7 @@ from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
 from hmoe.workers.engine.ranks import Ranks, parse_devices, streamed_prefill
 from hmoe.workers.model.causal_lm import CausalLM, load_model
-from hmoe.workers.model.kv_cache import KVPool, bytes_per_token
+from hmoe.workers.model.kv_cache import KVPool, bytes_per_token, kv_budget_bytes
 from hmoe.workers.model.prefix_cache import PrefixCache
 from hmoe.workers.weights.pack_source import PackSource
 
@@ -108,7 +108,13 @@ class WorkerProcess:
         self.experts = self._experts(device)
         self.model: CausalLM = load_model(self.source, device, w.dtype, experts=self.experts)
         slot_tokens = w.handoff_slot_tokens or self.config.router.max_prompt_tokens
-        kv_bytes = int(w.kv_cache_gib * (1 << 30))
+        kv_bytes = kv_budget_bytes(
+            w.kv_cache_gib,
+            self.config.router.max_prompt_tokens,
+            self.config.http.default_max_tokens,
+            self.model.config,
+            self.model.dtype,
+        )
         if self.role == "prefill" and self.ranks is None:
             kv_bytes += int(w.prefix_cache_gib * (1 << 30))
         if self.role == "colocated":  # room for the prompt being prefilled beside what the router reserves

@@ -143,3 +143,12 @@ class KVPool:
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     width = sum(kv_entry_widths(config).values())
     return config.num_layers * width * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_budget_bytes(kv_cache_gib: float, max_prompt_tokens: int, max_tokens: int, config: ModelConfig, dtype) -> int:
+    """[worker] kv_cache_gib in bytes; 0 (the default) = room for one longest prompt with `max_tokens` to
+    generate, and at least 2 GiB: a 32K prompt of Qwen3-30B-A3B in bf16 is 3 GiB of KV, of DeepSeek-V3
+    2.3 GiB, more than a fixed 2 GiB default held."""
+    if kv_cache_gib:
+        return int(kv_cache_gib * (1 << 30))
+    return max(2 << 30, (max_prompt_tokens + max_tokens) * bytes_per_token(config, dtype))

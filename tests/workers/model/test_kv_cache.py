@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from hmoe.workers.model.kv_cache import KVCapacityError, KVPool, bytes_per_token
+from hmoe.workers.model.kv_cache import KVCapacityError, KVPool, bytes_per_token, kv_budget_bytes
 from hmoe.workers.weights.checkpoint import Checkpoint
 
 
@@ -43,3 +45,15 @@ def test_budget_reserve_refuse_free(tiny_models):
     assert pool.free_blocks == 10 and not pool.block_tables
     with pytest.raises(KVCapacityError):
         KVPool.from_budget(cfg, per_block - 1, 16, torch.float32, torch.device("cpu"))
+
+
+def test_the_default_budget_holds_a_longest_prompt_with_its_answer(tiny_models):
+    """kv_cache_gib 0: a 32K prompt of Qwen3-30B-A3B's KV shape in bf16 (48 layers x 4 KV heads x 128) and
+    2048 tokens to generate fit, where a fixed 2 GiB did not; a tiny model keeps 2 GiB; a set size wins."""
+    qw = Checkpoint.open(tiny_models("qwen3_moe", "fp32")).config
+    big = dataclasses.replace(qw, num_layers=48, num_kv_heads=4, head_dim=128)
+    per_token = bytes_per_token(big, torch.bfloat16)
+    assert per_token == 48 * 2 * 4 * 128 * 2 and 32768 * per_token > 2 << 30
+    assert kv_budget_bytes(0.0, 32768, 2048, big, torch.bfloat16) == (32768 + 2048) * per_token
+    assert kv_budget_bytes(0.0, 32768, 2048, qw, torch.float32) == 2 << 30
+    assert kv_budget_bytes(0.5, 32768, 2048, big, torch.bfloat16) == 1 << 29
