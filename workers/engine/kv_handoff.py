@@ -158,16 +158,17 @@ class HandoffPool:
     def free_slots(self) -> int:
         return int((self._table[:, 0] == FREE).sum())
 
-    # -- decode side -----------------------------------------------------------------------------
-
     def pin(self) -> None:
-        """Register the mapping with CUDA (decode side, on a GPU), so an adoption's copies DMA straight from it."""
+        """Register the mapping with CUDA (on a GPU), so a prefill's KV is DMA'd straight into it and an
+        adoption's copies straight out of it."""
         assert self._registration is None, "already pinned"
         self._registration = HostRegistration.register(self._segment.address, self._segment.nbytes, read_only=False)
 
     @property
     def pinned(self) -> bool:
         return self._registration is not None
+
+    # -- decode side -----------------------------------------------------------------------------
 
     def open_adoption(self, slot: int, num_tokens: int, expected_generation: int = -1) -> int:
         """The generation of the slot's fill of num_tokens, which an adoption copies (Adoption). With the

@@ -130,6 +130,11 @@ class WorkerProcess:
                 self.kv.bytes_per_token * min(slot_tokens, self.kv.capacity_tokens),
                 self.config.shm,
             )
+            if device.type == "cuda":  # the KV's copy out of the GPU is then a DMA (pageable: ~5x slower)
+                try:
+                    self.handoff.pin()
+                except ShmError as exc:
+                    log.warning("KV hand-off written through pageable memory (slower): %s", exc.message)
             self.streaming, stream_min_tokens, max_pass_tokens = self._streaming(device)
             prefill = PrefillEngine(
                 self.model,
