@@ -33,7 +33,7 @@ import torch
 import zmq
 
 from hmoe.runtime import policy, protocol
-from hmoe.runtime.config import Config, config_options, load_config
+from hmoe.runtime.config import Config, WorkerConfig, config_options, load_config
 from hmoe.runtime.errors import HmoeError
 from hmoe.runtime.log import configure_logging
 from hmoe.runtime.sd_notify import SdNotify
@@ -87,17 +87,16 @@ class WorkerProcess:
         # The cores follow the work (policy.cpu_threads): half each, unless the prefill worker streams long
         # prompts to a GPU, then mostly the decode worker's; a colocated worker takes all but one.
         cpus = len(os.sched_getaffinity(0))
-        devices = parse_devices(w.devices) if self.role == "prefill" else []
-        prefill_device = (parse_devices(w.devices) or [w.device])[0]
-        streams = prefill_device != "cpu" and w.experts == "cpu" and w.prefill_experts != "cpu"
-        self.threads = w.cpu_threads or policy.cpu_threads(self.role, cpus, streams)
+        prefill_devices = parse_devices(w.devices) or [w.device]
+        devices = prefill_devices if self.role == "prefill" else [w.device]
+        on_gpu = prefill_devices[0] != "cpu" and prefill_streams(w, prefill_devices[0])
+        self.threads = w.cpu_threads or policy.cpu_threads(self.role, cpus, on_gpu)
         torch.set_num_threads(self.threads)
-        device = _check_device(devices[0] if devices else w.device)  # before anything slow: a restart cannot fix it
+        device = _check_device(devices[0])  # before anything slow: a restart cannot fix it
         if len(devices) > 1:
             for name in devices[1:]:
                 _check_device(name)
-            streamed = w.prefill_experts == "stream" or (w.prefill_experts == "auto" and device.type == "cuda")
-            if not streamed or w.experts != "cpu":
+            if not prefill_streams(w, devices[0]):
                 raise HmoeError(
                     "config_invalid",
                     f"[worker] devices = {w.devices!r} spans devices for streamed prefill: "
@@ -207,8 +206,7 @@ class WorkerProcess:
         from hmoe.workers.experts import streaming as slp
 
         w = self.config.worker
-        off = w.prefill_experts == "cpu" or (w.prefill_experts == "auto" and device.type != "cuda")
-        if off or w.experts != "cpu":
+        if not prefill_streams(w, device.type):
             return None, 0, 1 << 30
         c = self.model.config
         per_token = slp.pass_bytes_per_token(c, self.model.dtype)
@@ -496,6 +494,13 @@ class WorkerProcess:
             self.ranks.stop()
         if self.source is not None:
             self.source.close()
+
+
+def prefill_streams(w: WorkerConfig, device: str) -> bool:
+    """Whether a prefill worker on `device` ("cpu", "cuda", "cuda:1") streams its long passes' experts:
+    forced ("stream"), or by default ("auto") on a GPU; the CPU kernels must be the experts' backend."""
+    auto = w.prefill_experts == "auto" and device.startswith("cuda")
+    return w.experts == "cpu" and (w.prefill_experts == "stream" or auto)
 
 
 def adopt_slice_mib(device: torch.device) -> int:

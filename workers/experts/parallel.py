@@ -8,8 +8,7 @@ partial outputs are summed with one all-reduce per layer (torch.distributed: NCC
 CPUs). With attention replicated every rank already holds every token, so that is the whole
 exchange: no dispatch, one collective of [T, H] float32 per layer.
 
-Rank 0 takes the prompts; the others follow each pass's inputs, sent as tensors (`broadcast_tokens`;
-nothing is pickled).
+Rank 0 takes the prompts; the others follow each pass's inputs (workers/engine/ranks.py).
 """
 
 from __future__ import annotations
@@ -59,17 +58,3 @@ def expert_shares(num_experts: int, ranks: int) -> list[tuple[int, int]]:
     assert 1 <= ranks <= num_experts, (ranks, num_experts)
     bounds = [num_experts * r // ranks for r in range(ranks + 1)]
     return list(zip(bounds, bounds[1:]))
-
-
-def broadcast_tokens(token_ids: list[int] | None, group: dist.ProcessGroup | None = None, src: int = 0) -> list[int]:
-    """A pass's token ids from rank `src` (which gives them) to every rank (the others give None)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    length = torch.tensor([len(token_ids) if token_ids is not None else 0], dtype=torch.int64, device=device)
-    dist.broadcast(length, src, group=group)
-    ids = (
-        torch.tensor(token_ids, dtype=torch.int64, device=device)
-        if token_ids is not None
-        else torch.empty(int(length.item()), dtype=torch.int64, device=device)
-    )
-    dist.broadcast(ids, src, group=group)
-    return ids.tolist()

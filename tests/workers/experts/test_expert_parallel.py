@@ -2,8 +2,9 @@
 MoE layer's experts, give the one-process pass's logits and greedy token for both families and every
 format; a rank that dies mid-pass is reported as rank_lost by the other, not waited for.
 
-The ranks are spawned processes over TCP on localhost; rank 0 sends the prompt (as tensors), every
-rank runs the same layer-major pass, and each writes its last-token logits for the parent to compare.
+The ranks are spawned processes over TCP on localhost; every rank runs the same layer-major pass of the
+same prompt (the worker's ranks get theirs from rank 0: test_worker_processes.py), and each writes its
+last-token logits for the parent to compare.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from helpers.net import free_port
 from hmoe.kernels.formats import ExpertFormat
 from hmoe.runtime.errors import HmoeError
 from hmoe.workers.experts.cpu import encode_layers
-from hmoe.workers.experts.parallel import ExpertShare, broadcast_tokens, expert_shares
+from hmoe.workers.experts.parallel import ExpertShare, expert_shares
 from hmoe.workers.experts.streaming import StreamingExperts
 from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.causal_lm import load_model
@@ -51,20 +52,19 @@ def last_logits(path: str, fmt: str, prompt: list[int], share: ExpertShare | Non
     return model.forward_overlapped(batches, kv, experts=streaming.open_pass())[-1][-1].numpy()
 
 
-def rank_main(rank: int, port: int, cases: list[tuple[str, str]], out: str, die_after_prompt: bool) -> None:
+def rank_main(rank: int, port: int, cases: list[tuple[str, str]], out: str, dies: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=20)
     )
     for path, fmt in cases:
-        prompt = broadcast_tokens(PROMPT if rank == 0 else None)
-        if die_after_prompt and rank == 1:
-            os._exit(0)  # gone mid-pass: no goodbye to the group
+        if dies and rank == 1:
+            os._exit(0)  # gone while rank 0 runs the pass: no goodbye to the group
         num_experts = Checkpoint.open(path).config.num_experts
         share = ExpertShare(*expert_shares(num_experts, 2)[rank], dist.group.WORLD)
         name = f"{Path(path).name}-{fmt}-rank{rank}"
         try:
-            np.save(f"{out}/{name}.npy", last_logits(path, fmt, prompt, share))
+            np.save(f"{out}/{name}.npy", last_logits(path, fmt, PROMPT, share))
         except HmoeError as exc:
             Path(f"{out}/{name}.error").write_text(exc.code)
             return
