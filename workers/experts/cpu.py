@@ -68,16 +68,20 @@ class CpuExperts:
         self.layers, self.top_k = layers, top_k
         self.hidden = first.hidden
         self.kernel = MoeKernel(first.hidden, first.inter, MAX_TOKENS, top_k, num_threads)
-        self.kernel.warm_up(formats=(first.fmt,))
         self.slots = [self._slot(pin) for _ in range(NUM_SLOTS)]
         # One kernel thread: MoeKernel's scratch serves one call at a time, and calls run in launch order.
+        # Every parallel region of the kernels starts from it, warm-up included, so the process holds one
+        # OpenMP team for them (a second master thread would bring a second team onto the same cores).
         self._ring: list[_Slot | None] = [None] * NUM_SLOTS
         self._head = self._tail = 0
         self._pending = threading.Semaphore(0)
         self._closed = False
-        self._kernel_lock = threading.Lock()  # run_now on the caller's thread and the kernel thread share it
-        self._thread = threading.Thread(target=self._serve, name="cpu-experts", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(first.fmt,), name="cpu-experts", daemon=True)
+        self._warmed, self._warm_error = threading.Event(), None
         self._thread.start()
+        self._warmed.wait()
+        if self._warm_error is not None:
+            raise self._warm_error
 
     def _slot(self, pin: bool) -> _Slot:
         h, k = self.hidden, self.top_k
@@ -123,23 +127,6 @@ class CpuExperts:
             s.ready.record()
         n = num_tokens
         self._start(s, (self.layers[layer_id], s.x_np[:n], s.ids_np[:n], s.w_np[:n], s.out_np[:n]))
-
-    def run_now(self, slot: int, layer_id: int, num_tokens: int) -> None:
-        """launch() without the kernel thread, for when the caller has nothing to overlap: waits for the
-        staged copies and runs the kernel on this thread (two thread hand-offs fewer per call)."""
-        s = self.slots[slot]
-        if s.busy:
-            raise RuntimeError(f"expert slot {slot} launched twice without collect")
-        if s.ready is not None:
-            s.ready.record()
-            s.ready.synchronize()  # the copies landed; the last output copy, enqueued before them, too
-        n, s.busy, s.error = num_tokens, True, None
-        s.done.clear()
-        try:
-            self._run_chunks(self.layers[layer_id], s.x_np[:n], s.ids_np[:n], s.w_np[:n], s.out_np[:n])
-        except BaseException as exc:  # handed to the caller of collect
-            s.error = exc
-        s.done.set()
 
     def collect(self, slot: int, into: torch.Tensor) -> None:
         """Wait for slot's call; copy its output rows into the device buffer `into` (float32 [T, H])."""
@@ -216,7 +203,14 @@ class CpuExperts:
             raise s.error
         return s
 
-    def _serve(self) -> None:
+    def _serve(self, fmt: ExpertFormat) -> None:
+        try:
+            self.kernel.warm_up(formats=(fmt,))  # compiled (or loaded from the cache) before the first call
+        except BaseException as exc:  # raised by __init__
+            self._warm_error = exc
+        self._warmed.set()
+        if self._warm_error is not None:
+            return
         while True:
             self._pending.acquire()
             if self._closed and self._head == self._tail:
@@ -233,11 +227,10 @@ class CpuExperts:
             s.done.set()
 
     def _run_chunks(self, layer: LayerExperts, x_np, ids_np, w_np, out_np) -> None:
-        """The kernel on numpy arrays (GIL released inside), MAX_TOKENS at a time; one call at a time."""
-        with self._kernel_lock:
-            for lo in range(0, x_np.shape[0], MAX_TOKENS):
-                hi = min(x_np.shape[0], lo + MAX_TOKENS)
-                self.kernel.run(x_np[lo:hi], ids_np[lo:hi], w_np[lo:hi], layer, out_np[lo:hi])
+        """The kernel on numpy arrays (GIL released inside), MAX_TOKENS at a time."""
+        for lo in range(0, x_np.shape[0], MAX_TOKENS):
+            hi = min(x_np.shape[0], lo + MAX_TOKENS)
+            self.kernel.run(x_np[lo:hi], ids_np[lo:hi], w_np[lo:hi], layer, out_np[lo:hi])
 
 
 def encode_layers(source, fmt: ExpertFormat) -> dict[int, LayerExperts]:

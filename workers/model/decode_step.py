@@ -102,9 +102,7 @@ class DecodeStep:
                     g[k].replay()
                 else:
                     self._segment(p, k, b)
-                if k < last and len(active) == 1:
-                    self.experts.run_now(p.slot, self.moe_ids[k], n)  # nothing to overlap: no thread hand-off
-                elif k < last:
+                if k < last:
                     self.experts.launch(p.slot, self.moe_ids[k], n)
         return [p.logits[:n] for p, n, _ in active]
 

@@ -6,11 +6,14 @@ experts; the reference is the torch backend over exactly the weights the kernels
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 from hmoe.kernels.formats import PROJS, ExpertFormat, decode_expert
+from hmoe.kernels.moe import MoeKernel
 from hmoe.kernels.reference import quantize_int8_groups
 from hmoe.runtime.sampling_params import SamplingParams
 from hmoe.workers.experts.backend import TorchExperts
@@ -161,3 +164,45 @@ def test_backend_is_chosen_per_forward(tiny_models):
         cpu.close()
     torch.testing.assert_close(logits["cpu"], logits["default"], rtol=1e-4, atol=1e-4)
     assert (logits["silent"] - logits["default"]).abs().max() > 1e-2  # the experts handed in did run
+
+
+def _small_layer():
+    g = torch.Generator().manual_seed(2)
+    gate, up = (torch.randn(4, 128, 128, generator=g) * 0.1 for _ in range(2))
+    return layer_from_torch(ExpertFormat("bf16"), gate, up, torch.randn(4, 128, 128, generator=g) * 0.1)
+
+
+def test_every_kernel_region_starts_on_the_expert_thread(monkeypatch):
+    """Warm-up and calls run on the one expert thread: a second thread starting parallel regions would bring
+    a second OpenMP team onto the same cores (hmoe/workers/__init__.py has the numbers)."""
+    seen = []  # (method, thread)
+
+    def spy(name: str):
+        original = getattr(MoeKernel, name)
+
+        def method(self, *args, **kwargs):
+            seen.append((name, threading.get_ident()))
+            return original(self, *args, **kwargs)
+
+        return method
+
+    for name in ("warm_up", "run"):
+        monkeypatch.setattr(MoeKernel, name, spy(name))
+    cpu = CpuExperts({0: _small_layer()}, top_k=2, num_threads=2)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(3)])
+    out = cpu(0, torch.randn(3, 128, generator=g), ids, torch.rand(3, 2, generator=g))
+    expert_thread = cpu._thread.ident
+    cpu.close()
+    assert out.shape == (3, 128) and out.abs().sum() > 0
+    assert {name for name, _ in seen} == {"warm_up", "run"}
+    assert {thread for _, thread in seen} == {expert_thread} != {threading.get_ident()}
+
+
+def test_a_failed_warm_up_is_raised_by_the_constructor(monkeypatch):
+    def broken(self, formats):
+        raise RuntimeError("no code generator for this CPU")
+
+    monkeypatch.setattr(MoeKernel, "warm_up", broken)
+    with pytest.raises(RuntimeError, match="no code generator"):
+        CpuExperts({0: _small_layer()}, top_k=2, num_threads=2)
