@@ -236,6 +236,16 @@ class ReadBandwidth:
         self.kernel(self.buffer, self.num_threads, self.partial)
 
 
+def decode_worker_threads() -> int:
+    """Threads the decode worker gives the expert kernels by default here (policy.cpu_threads): most of the
+    CPUs where prefill streams to a GPU, half of them where the two workers share them."""
+    import torch
+
+    from hmoe.runtime.policy import cpu_threads
+
+    return cpu_threads("decode", len(os.sched_getaffinity(0)), prefill_streams=torch.cuda.is_available())
+
+
 def l3_bytes() -> int:
     """The last-level cache size from sysfs (0 where unknown)."""
     try:

@@ -22,15 +22,19 @@ device's part of a step, hand-off round trips included.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+import hmoe.workers  # noqa: F401  (before torch: the workers' OpenMP wait policy, read when libgomp loads)
+
+# isort: split
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ReadBandwidth, write_results  # noqa: E402
+from common import ReadBandwidth, decode_worker_threads, write_results  # noqa: E402
 
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
@@ -155,12 +159,13 @@ def run(args) -> dict:
     pack, built = load_pack(model_dir, args.pack, experts=args.experts, config=shm, stream=sys.stderr)
     print(f"pack {pack.name} {'built' if built else 'attached'} in {time.perf_counter() - start:.0f} s", flush=True)
     source = PackSource.attach(pack.name, shm)
-    bw = ReadBandwidth(num_threads=args.threads or None)
+    threads = args.threads or decode_worker_threads()
+    bw = ReadBandwidth(num_threads=threads)
     read_bw = bw.measure()
     hbm_bw = _hbm_bandwidth(device)
     print(f"read bandwidth {read_bw:.1f} GB/s, HBM {hbm_bw or 0:.0f} GB/s", flush=True)
 
-    experts = CpuExperts.from_source(source, device, args.threads or None)
+    experts = CpuExperts.from_source(source, device, threads)
     recorder = experts.kernel = TimedKernel(experts.kernel)
     model = load_model(source, device, "auto", experts=experts)
     cfg = model.config
@@ -241,6 +246,8 @@ def run(args) -> dict:
     pack.close()
     return {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "read_bw_gbs": read_bw,
         "hbm_bw_gbs": hbm_bw,
         "device_resident_bytes": resident,
@@ -308,7 +315,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--kv-gib", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="kernel threads (0: the decode worker's, policy.cpu_threads)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

@@ -40,7 +40,14 @@ import numpy as np
 
 if __package__ in (None, ""):  # `python bench/kernels.py`: this folder is sys.path[0], `bench` is not importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ReadBandwidth, l3_bytes, machine_name, stream_bytes, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    ReadBandwidth,
+    decode_worker_threads,
+    l3_bytes,
+    machine_name,
+    stream_bytes,
+    write_results,
+)
 
 SHAPES = {
     "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, top_k=8),
@@ -468,16 +475,6 @@ def _timed(fn) -> float:
 # ---------------------------------------------------------------- main
 
 
-def worker_threads() -> int:
-    """Threads the decode worker gives the expert kernels by default here (policy.cpu_threads): most of the
-    CPUs where prefill streams to a GPU, half of them where the two workers share them."""
-    import torch
-
-    from hmoe.runtime.policy import cpu_threads
-
-    return cpu_threads("decode", len(os.sched_getaffinity(0)), prefill_streams=torch.cuda.is_available())
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -519,7 +516,7 @@ def main(argv=None) -> None:
     from hmoe.kernels.moe import MoeKernel, physical_cores
 
     threads = min(args.threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
-    w_threads = worker_threads() if args.worker_threads is None else args.worker_threads
+    w_threads = decode_worker_threads() if args.worker_threads is None else args.worker_threads
     w_threads = w_threads if 0 < w_threads < threads else 0
     kt_threads = args.kt_threads or max(1, threads - 1)
     num_calls = args.calls or (12 if args.quick else 30)

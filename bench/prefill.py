@@ -32,6 +32,9 @@ import time
 from functools import partial
 from pathlib import Path
 
+import hmoe.workers  # noqa: F401  (before torch: the workers' OpenMP wait policy, read when libgomp loads)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
