@@ -11,7 +11,8 @@ are timed. The same steps are timed again with a null expert backend (zeros, no 
 device's part of a step, hand-off round trips included.
 
     expert_bytes      bytes of the distinct experts the step's routing touched (read by the kernels)
-    physical_floor_s  expert_bytes / read_bw (same run)  +  device_bytes / hbm_bw (measured here), where
+    physical_floor_s  expert_bytes / read_bw (same run)  +  device_bytes / hbm_bw (measured here; on a CPU
+                      device_bytes / read_bw), where
                       device_bytes = device-resident weights read per step + the KV the step reads
     floor_ratio       tpot_s / physical_floor_s
     roofline_s        expert_bytes / read_bw + device part (batch 1 cannot overlap them); ratio = tpot / it
@@ -87,14 +88,14 @@ def _time_steps(engine: DecodeEngine, steps: int, device: torch.device) -> float
 
 
 def _device_bytes(model) -> int:
-    """Bytes of the device-resident weights a decode step reads: every tensor the blocks hold on the
-    device (attention, norms, routers, shared experts, dense MLPs, lm_head), the embedding table
-    excepted (a step reads B rows of it) unless it is the tied lm_head."""
+    """Bytes of the device-resident weights a decode step reads: every tensor the blocks hold on the model's
+    device, the CPU too (attention, norms, routers, shared experts, dense MLPs, lm_head), the embedding
+    table excepted (a step reads B rows of it) unless it is the tied lm_head."""
     seen: dict[int, int] = {}
 
     def walk(obj, depth=0):
         if isinstance(obj, torch.Tensor):
-            if obj.device.type != "cpu" and obj is not model.embed:
+            if obj.device == model.device and obj is not model.embed:
                 seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
         elif depth < 3 and hasattr(obj, "__dict__") and not isinstance(obj, CpuExperts):
             for v in vars(obj).values():
@@ -160,6 +161,7 @@ def run(args) -> dict:
     print(f"pack {pack.name} {'built' if built else 'attached'} in {time.perf_counter() - start:.0f} s", flush=True)
     source = PackSource.attach(pack.name, shm)
     threads = args.threads or decode_worker_threads()
+    torch.set_num_threads(threads)  # as the decode worker does
     bw = ReadBandwidth(num_threads=threads)
     read_bw = bw.measure()
     hbm_bw = _hbm_bandwidth(device)
@@ -207,7 +209,10 @@ def run(args) -> dict:
             del engine
             read_bw = max(read_bw, bw.measure(repeats=2))  # re-measured between points: the best of the run
             alone = _kernel_alone(recorder.kernel, experts.layers, batch, cfg, gen)
-            floor = expert_bytes / (read_bw * 1e9) + ((resident + kv_bytes) / (hbm_bw * 1e9) if hbm_bw else 0.0)
+            # On a CPU the "device" weights and the KV are read from the same memory as the experts.
+            floor = (expert_bytes + (0 if hbm_bw else resident + kv_bytes)) / (read_bw * 1e9) + (
+                (resident + kv_bytes) / (hbm_bw * 1e9) if hbm_bw else 0.0
+            )
             roofline = expert_bytes / (read_bw * 1e9) + device_s
             row = {
                 "mode": mode,
