@@ -40,7 +40,7 @@ from common import ReadBandwidth, decode_worker_threads, write_results  # noqa: 
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
 from hmoe.workers.engine.decode import DecodeEngine, DecodeRequest  # noqa: E402
-from hmoe.workers.experts.cpu import MAX_TOKENS, CpuExperts  # noqa: E402
+from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
 from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
 from hmoe.workers.model.causal_lm import load_model  # noqa: E402
 from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
@@ -128,21 +128,18 @@ def _hbm_bandwidth(device: torch.device) -> float | None:
     return 2 * (1 << 30) / best / 1e9
 
 
-def _kernel_alone(kernel, layers: dict, batch: int, cfg, gen) -> float:
-    """GB/s of the kernels on `batch` tokens per call, one call per MoE layer, nothing around them."""
-    x = np.random.default_rng(0).standard_normal((batch, cfg.hidden_size)).astype(np.float32)
-    w = np.full((batch, cfg.num_experts_per_tok), 1.0 / cfg.num_experts_per_tok, dtype=np.float32)
-    out = np.empty_like(x)
-    touched, total = 0, 0.0
-    for _ in range(2):
-        touched, total = 0, 0.0
-        for layer in layers.values():
-            ids = np.stack([np.random.permutation(cfg.num_experts)[: cfg.num_experts_per_tok] for _ in range(batch)])
-            touched += np.unique(ids).size
-            start = time.perf_counter()
-            kernel.run(x[:MAX_TOKENS], ids.astype(np.int64), w, layer, out)
-            total += time.perf_counter() - start
-    return touched * next(iter(layers.values())).nbytes_per_expert / total / 1e9
+def _kernel_alone(experts: CpuExperts, recorder: TimedKernel, batch: int, cfg) -> float:
+    """GB/s of the kernels on `batch` tokens per call, one call per MoE layer, nothing around them: CPU inputs
+    through the backend, timed on its expert thread (the OpenMP team the step's calls use)."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch, cfg.hidden_size), dtype=np.float32))
+    w = torch.full((batch, cfg.num_experts_per_tok), 1.0 / cfg.num_experts_per_tok)
+    for _ in range(2):  # the first round warms up
+        recorder.reset()
+        for layer_id in experts.layers:
+            ids = np.stack([rng.permutation(cfg.num_experts)[: cfg.num_experts_per_tok] for _ in range(batch)])
+            experts(layer_id, x, torch.from_numpy(ids), w)
+    return sum(recorder.touched) * next(iter(experts.layers.values())).nbytes_per_expert / recorder.kernel_s / 1e9
 
 
 def run(args) -> dict:
@@ -208,7 +205,7 @@ def run(args) -> dict:
                 engine.cancel(rid)
             del engine
             read_bw = max(read_bw, bw.measure(repeats=2))  # re-measured between points: the best of the run
-            alone = _kernel_alone(recorder.kernel, experts.layers, batch, cfg, gen)
+            alone = _kernel_alone(experts, recorder, batch, cfg)
             # On a CPU the "device" weights and the KV are read from the same memory as the experts.
             floor = (expert_bytes + (0 if hbm_bw else resident + kv_bytes)) / (read_bw * 1e9) + (
                 (resident + kv_bytes) / (hbm_bw * 1e9) if hbm_bw else 0.0
