@@ -2,6 +2,7 @@
 
     python bench/decode.py [--model DIR | --make ARCH:PRESET:DTYPE[:LAYERS]] [--device cuda]
                            [--batches 1,2,4,8,16,32] [--modes legacy,static,graphs] [--steps 24] [--json PATH]
+                           [--variants "default;OMP_WAIT_POLICY=active"]
 
 Per batch size B and engine mode (legacy: a ForwardBatch rebuilt per step, SDPA over gathered
 contexts; static: persistent rows, paged attention, eager segments; graphs: the same replayed as CUDA
@@ -23,8 +24,11 @@ device's part of a step, hand-off round trips included.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -297,6 +301,61 @@ def plot(payload: dict, path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """argv less each of `flags` and its value (`--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in flags)):
+            out.append(arg)
+    return out
+
+
+def run_variants(variants: str, name: str, json_path: str | None) -> Path:
+    """This bench once per environment variant, each in a fresh process (libgomp and Numba read their
+    settings when they load), every variant's results in one file: NAME-variants.json and its PNG."""
+    argv = _without(sys.argv[1:], "--variants", "--json")
+    runs: list[dict] = []
+    path = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate(v.strip() for v in variants.split(";")):
+            env = dict(os.environ)  # "default" is the workers' default: hmoe.workers set it in this process
+            if spec != "default":
+                env.update(item.split("=", 1) for item in spec.split())
+            out = Path(tmp) / f"{i}.json"
+            print(f"== variant {spec}", flush=True)
+            subprocess.run([sys.executable, __file__, *argv, "--json", str(out)], env=env, check=False)
+            if out.exists():  # a variant cut short still leaves the rows it finished
+                runs.append({"variant": spec, **json.loads(out.read_text())})
+            path = write_results(f"{name}-variants", {"argv": argv, "variants": runs}, plot_variants, json_path)
+    return path
+
+
+def plot_variants(payload: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in payload["variants"]:
+        for mode in dict.fromkeys(r["mode"] for r in run["results"]):
+            mine = [r for r in run["results"] if r["mode"] == mode]
+            label = f"{run['variant']} ({mode})"
+            ax.plot([r["batch"] for r in mine], [r["tpot_s"] * 1e3 for r in mine], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode batch")
+    ax.set_ylabel("ms per step")
+    ax.set_title("hmoe decode, one run per environment variant")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Hugging Face model folder")
@@ -319,6 +378,12 @@ def main() -> None:
     p.add_argument("--kv-gib", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=0, help="kernel threads (0: the decode worker's, policy.cpu_threads)")
     p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument(
+        "--variants",
+        default="",
+        help='environments to compare, ";" between them, each "default" or NAME=VALUE ... '
+        '(e.g. "default;OMP_WAIT_POLICY=active"): one fresh process each, one file for all',
+    )
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.modes = args.modes.split(",")
@@ -326,6 +391,9 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     gpu = next((g for g in ("H200", "H100", "A100", "L40S", "4090", "5090") if g in device), "gpu")
     name = "decode-" + ("dev" if device == "cpu" else gpu.lower())
+    if args.variants:
+        print(run_variants(args.variants, name, args.json_path))
+        return
     # Every finished row is written at once, so a run cut short still leaves what it measured.
     args.on_row = lambda rows: write_results(
         name, {"device": device, "partial": True, "results": rows}, None, args.json_path
