@@ -246,6 +246,43 @@ def decode_worker_threads() -> int:
     return cpu_threads("decode", len(os.sched_getaffinity(0)), prefill_streams=torch.cuda.is_available())
 
 
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """argv less each of `flags` and its value (`--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in flags)):
+            out.append(arg)
+    return out
+
+
+def run_variants(variants: str, name: str, json_path: str | os.PathLike | None, plot) -> Path:
+    """The running bench (sys.argv) once per environment variant, each in a fresh process (libgomp and Numba
+    read their settings when they load), all in one file: NAME-variants.json with {"variant", the run's
+    payload...} per variant, drawn by `plot`. `variants`: ";" between them, each "default" (this process's
+    environment) or NAME=VALUE ...; the bench's --variants and --json flags are not passed on."""
+    import tempfile
+
+    argv = _without(sys.argv[1:], "--variants", "--json")
+    runs: list[dict] = []
+    path = RESULTS_DIR / f"{name}-variants.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate(v.strip() for v in variants.split(";")):
+            env = dict(os.environ)
+            if spec != "default":
+                env.update(item.split("=", 1) for item in spec.split())
+            out = Path(tmp) / f"{i}.json"
+            print(f"== variant {spec}", flush=True)
+            subprocess.run([sys.executable, sys.argv[0], *argv, "--json", str(out)], env=env, check=False)
+            if out.exists():  # a variant cut short still leaves the rows it finished
+                runs.append({"variant": spec, **json.loads(out.read_text())})
+            path = write_results(f"{name}-variants", {"argv": argv, "variants": runs}, plot, json_path)
+    return path
+
+
 def l3_bytes() -> int:
     """The last-level cache size from sysfs (0 where unknown)."""
     try:

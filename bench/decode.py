@@ -24,11 +24,8 @@ device's part of a step, hand-off round trips included.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ReadBandwidth, decode_worker_threads, write_results  # noqa: E402
+from common import ReadBandwidth, decode_worker_threads, run_variants, write_results  # noqa: E402
 
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
@@ -301,39 +298,6 @@ def plot(payload: dict, path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _without(argv: list[str], *flags: str) -> list[str]:
-    """argv less each of `flags` and its value (`--flag V` or `--flag=V`)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in flags:
-            skip = True
-        elif not arg.startswith(tuple(f + "=" for f in flags)):
-            out.append(arg)
-    return out
-
-
-def run_variants(variants: str, name: str, json_path: str | None) -> Path:
-    """This bench once per environment variant, each in a fresh process (libgomp and Numba read their
-    settings when they load), every variant's results in one file: NAME-variants.json and its PNG."""
-    argv = _without(sys.argv[1:], "--variants", "--json")
-    runs: list[dict] = []
-    path = None
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, spec in enumerate(v.strip() for v in variants.split(";")):
-            env = dict(os.environ)  # "default" is the workers' default: hmoe.workers set it in this process
-            if spec != "default":
-                env.update(item.split("=", 1) for item in spec.split())
-            out = Path(tmp) / f"{i}.json"
-            print(f"== variant {spec}", flush=True)
-            subprocess.run([sys.executable, __file__, *argv, "--json", str(out)], env=env, check=False)
-            if out.exists():  # a variant cut short still leaves the rows it finished
-                runs.append({"variant": spec, **json.loads(out.read_text())})
-            path = write_results(f"{name}-variants", {"argv": argv, "variants": runs}, plot_variants, json_path)
-    return path
-
-
 def plot_variants(payload: dict, path) -> None:
     import matplotlib
 
@@ -392,7 +356,7 @@ def main() -> None:
     gpu = next((g for g in ("H200", "H100", "A100", "L40S", "4090", "5090") if g in device), "gpu")
     name = "decode-" + ("dev" if device == "cpu" else gpu.lower())
     if args.variants:
-        print(run_variants(args.variants, name, args.json_path))
+        print(run_variants(args.variants, name, args.json_path, plot_variants))
         return
     # Every finished row is written at once, so a run cut short still leaves what it measured.
     args.on_row = lambda rows: write_results(
