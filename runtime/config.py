@@ -74,7 +74,7 @@ class WorkerConfig:
     pack: str = ""  # weight pack name in shared memory ("" = the one `hmoe serve` made)
     device: str = "cpu"  # cpu | cuda | cuda:N
     devices: str = ""  # a prefill worker on several devices, "cuda:0,cuda:1" (expert-parallel streaming); "" = device
-    dtype: str = "auto"  # auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16
+    dtype: str = "auto"  # auto (bf16 on cpu and cuda) | fp32 | bf16
     kv_cache_gib: float = 0.0  # GiB; 0: room for one longest prompt plus [http] default_max_tokens, at least 2
     prefix_cache_gib: float = 2.0  # prefill worker: KV of earlier prompts kept for reuse, beside kv_cache_gib; 0 = off
     kv_block_size: int = 16

@@ -52,7 +52,7 @@ def make_model_cmd(out, arch, preset, dtype, seed, layers, shard_mb, force) -> N
 @click.option("--prompt", help="Text to continue, - for standard input or @FILE (tokenized with tokenizer.json).")
 @sampling_options
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N")
-@click.option("--dtype", default="auto", show_default=True, help="auto (fp32 on cpu, bf16 on cuda) | fp32 | bf16")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on cpu and cuda) | fp32 | bf16")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file ([shm], [worker]).")
 @click.option(
     "--experts",

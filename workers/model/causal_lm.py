@@ -110,12 +110,16 @@ class CausalLM:
         return logits
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto" is float32 on the CPU (exact, and fast without AVX512-BF16) and bfloat16 on a GPU."""
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """ "auto" is bfloat16 on every device. On the CPU too: on the 2-core machine (AVX-512 without
+    AVX512-BF16, torch 2.13) Qwen3-30B-A3B FP8 (2 layers, experts on the kernels) decoded 21.3-21.9 tok/s in
+    bf16 against 16.7-17.1 in float32, prefilled 2.7K tokens in 3.5 s against 5.0, loaded in 3.2-3.5 s
+    against 5.1-8.5, and the dense weights and the KV take half the memory. "fp32" stays for exact
+    comparisons."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        return torch.bfloat16
     return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]
 
 
@@ -153,7 +157,7 @@ def load_model(
     forward is handed another backend."""
     c: ModelConfig = source.config
     device = torch.device(device)
-    dtype = resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype)
     family = importlib.import_module(f"hmoe.workers.model.{c.family}")
     if experts is None:
         experts = load_torch_experts(source, device, dtype)
