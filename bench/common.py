@@ -266,19 +266,24 @@ def run_variants(variants: str, name: str, json_path: str | os.PathLike | None, 
     environment) or NAME=VALUE ...; the bench's --variants and --json flags are not passed on."""
     import tempfile
 
-    argv = _without(sys.argv[1:], "--variants", "--json")
+    argv = _without(sys.argv[1:], "--variants", "--json")  # the bench's parser must not take abbreviations
+    specs = [v.strip() for v in variants.split(";")]
+    for item in (item for spec in specs if spec != "default" for item in spec.split()):
+        if "=" not in item:
+            raise SystemExit(f'--variants: {item!r} is not NAME=VALUE (variants: "default;NAME=VALUE ...;...")')
     runs: list[dict] = []
     path = RESULTS_DIR / f"{name}-variants.json"
     with tempfile.TemporaryDirectory() as tmp:
-        for i, spec in enumerate(v.strip() for v in variants.split(";")):
+        for i, spec in enumerate(specs):
             env = dict(os.environ)
             if spec != "default":
                 env.update(item.split("=", 1) for item in spec.split())
             out = Path(tmp) / f"{i}.json"
             print(f"== variant {spec}", flush=True)
-            subprocess.run([sys.executable, sys.argv[0], *argv, "--json", str(out)], env=env, check=False)
-            if out.exists():  # a variant cut short still leaves the rows it finished
-                runs.append({"variant": spec, **json.loads(out.read_text())})
+            rc = subprocess.run([sys.executable, sys.argv[0], *argv, "--json", str(out)], env=env).returncode
+            # A variant cut short still leaves the rows it finished; one that failed first is listed with no rows.
+            payload = json.loads(out.read_text()) if out.exists() else {"results": []}
+            runs.append({"variant": spec, "returncode": rc, **payload})
             path = write_results(f"{name}-variants", {"argv": argv, "variants": runs}, plot, json_path)
     return path
 
@@ -296,6 +301,17 @@ def l3_bytes() -> int:
 def read_bandwidth_gbs(nbytes: int | None = None, num_threads: int | None = None, passes: int = 5) -> float:
     """Best-of-N parallel read bandwidth in GB/s (see ReadBandwidth)."""
     return ReadBandwidth(nbytes, num_threads).measure(passes)
+
+
+def read_bandwidth_elsewhere(num_threads: int, passes: int = 5) -> float:
+    """read_bandwidth_gbs in a child process, so the measurement's OpenMP team never joins this one's (a bench
+    of a worker's expert kernels must hold only the teams a worker holds)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from common import "
+        f"read_bandwidth_gbs; print(read_bandwidth_gbs(num_threads={int(num_threads)}, passes={int(passes)}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
 
 
 def write_results(name: str, payload: dict, plot=None, json_path: str | os.PathLike | None = None) -> Path:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ReadBandwidth, decode_worker_threads, run_variants, write_results  # noqa: E402
+from common import decode_worker_threads, read_bandwidth_elsewhere, run_variants, write_results  # noqa: E402
 
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
@@ -96,7 +96,7 @@ def _device_bytes(model) -> int:
 
     def walk(obj, depth=0):
         if isinstance(obj, torch.Tensor):
-            if obj.device == model.device and obj is not model.embed:
+            if obj.device.type == model.device.type and obj is not model.embed:  # cuda:0 != cuda
                 seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
         elif depth < 3 and hasattr(obj, "__dict__") and not isinstance(obj, CpuExperts):
             for v in vars(obj).values():
@@ -160,8 +160,9 @@ def run(args) -> dict:
     source = PackSource.attach(pack.name, shm)
     threads = args.threads or decode_worker_threads()
     torch.set_num_threads(threads)  # as the decode worker does
-    bw = ReadBandwidth(num_threads=threads)
-    read_bw = bw.measure()
+    # Measured in a child process: a parallel region on this thread would leave an OpenMP team beside the
+    # expert thread's, which a worker never has.
+    read_bw = read_bandwidth_elsewhere(threads)
     hbm_bw = _hbm_bandwidth(device)
     print(f"read bandwidth {read_bw:.1f} GB/s, HBM {hbm_bw or 0:.0f} GB/s", flush=True)
 
@@ -205,7 +206,7 @@ def run(args) -> dict:
             for rid in list(engine.running):
                 engine.cancel(rid)
             del engine
-            read_bw = max(read_bw, bw.measure(repeats=2))  # re-measured between points: the best of the run
+            read_bw = max(read_bw, read_bandwidth_elsewhere(threads, passes=2))  # the best of the run
             alone = _kernel_alone(experts, recorder, batch, cfg)
             # On a CPU the "device" weights and the KV are read from the same memory as the experts.
             floor = (expert_bytes + (0 if hbm_bw else resident + kv_bytes)) / (read_bw * 1e9) + (
@@ -321,7 +322,9 @@ def plot_variants(payload: dict, path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--model", help="a Hugging Face model folder")
     p.add_argument(
         "--make", default="qwen3_moe:30b-a3b:fp8", help="ARCH:PRESET:DTYPE[:LAYERS] made with hmoe make-model"

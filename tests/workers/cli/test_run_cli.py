@@ -27,8 +27,8 @@ def test_run_json_matches_in_process_generation(tiny_models):
     proc = _hmoe("run", str(path), "--token-ids", "5,9,2,44", "--max-tokens", "12", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    model = load_model(Checkpoint.open(path), "cpu", "fp32")
-    kv = KVPool(model.config, 4, 16, torch.float32, torch.device("cpu"))
+    model = load_model(Checkpoint.open(path), "cpu", "auto")  # the dtype `hmoe run` gets by default
+    kv = KVPool(model.config, 4, 16, model.dtype, torch.device("cpu"))
     expected = generate(model, kv, [5, 9, 2, 44], SamplingParams(max_tokens=12)).token_ids
     assert out["token_ids"] == list(expected) and out["finish_reason"] in ("length", "stop")
     assert isinstance(out["text"], str)
@@ -143,8 +143,8 @@ def test_run_reads_the_prompt_from_stdin_or_a_file_and_shows_prefill_progress(ti
     assert answers[2]["token_ids"] == answers[0]["token_ids"]
     assert "prefill 512/" in runs[0].stderr and f"prefill {len(answers[0]['prompt_token_ids'])}/" in runs[0].stderr
     # chunked prefill gives the tokens a whole-prompt forward gives
-    model = load_model(Checkpoint.open(path), "cpu", "fp32")
-    kv = KVPool(model.config, 64, 16, torch.float32, torch.device("cpu"))
+    model = load_model(Checkpoint.open(path), "cpu", "auto")
+    kv = KVPool(model.config, 64, 16, model.dtype, torch.device("cpu"))
     expected = generate(model, kv, answers[0]["prompt_token_ids"], SamplingParams(max_tokens=3)).token_ids
     assert answers[0]["token_ids"] == list(expected)
 
