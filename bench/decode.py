@@ -36,7 +36,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import decode_worker_threads, read_bandwidth_elsewhere, run_variants, write_results  # noqa: E402
+from common import (  # noqa: E402
+    decode_worker_threads,
+    machine_name,
+    read_bandwidth_elsewhere,
+    run_variants,
+    write_results,
+)
 
 from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
@@ -356,8 +362,7 @@ def main() -> None:
     args.modes = args.modes.split(",")
     args.legacy_batches = [int(b) for b in args.legacy_batches.split(",")]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    gpu = next((g for g in ("H200", "H100", "A100", "L40S", "4090", "5090") if g in device), "gpu")
-    name = "decode-" + ("dev" if device == "cpu" else gpu.lower())
+    name = f"decode-{machine_name()}"
     if args.variants:
         print(run_variants(args.variants, name, args.json_path, plot_variants))
         return

@@ -40,6 +40,8 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -47,7 +49,7 @@ import torch.distributed as dist
 
 from hmoe.runtime.config import Config
 from hmoe.runtime.errors import HmoeError
-from hmoe.workers.experts.parallel import ExpertShare, expert_shares
+from hmoe.workers.experts.parallel import ExpertShare, expert_shares, rank_lost_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ START_TIMEOUT = timedelta(minutes=30)  # joining, loading and the start barrier
 
 def parse_devices(devices: str) -> list[str]:
     return [d.strip() for d in devices.split(",") if d.strip()]
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory on a GPU; no bound (1 << 62) on a CPU."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
 
 
 def _backend(device: str) -> str:
@@ -127,11 +134,18 @@ class Ranks:
         self.last_command_s = time.monotonic()
 
     def _starting(self, step, *args):
-        try:
+        with self._collective("a prefill rank did not start"):
             return step(*args)
-        except (RuntimeError, dist.DistError) as exc:
+
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """rank_lost when the collective fails, and no command after it."""
+        try:
+            with rank_lost_on_failure(what):
+                yield
+        except HmoeError:
             self.broken = True
-            raise HmoeError("rank_lost", f"a prefill rank did not start: {exc}") from exc
+            raise
 
     def open(self, key: int, start: int, token_ids, prompt_len: int) -> None:
         self._send(OPEN, key, start, len(token_ids), prompt_len)
@@ -173,11 +187,8 @@ class Ranks:
     def _broadcast(self, tensor: torch.Tensor) -> None:
         if self.broken:
             raise HmoeError("rank_lost", "a prefill rank was lost earlier")
-        try:
+        with self._collective("a prefill rank is gone"):
             dist.broadcast(tensor, 0, group=self.groups.commands)
-        except (RuntimeError, dist.DistError) as exc:
-            self.broken = True
-            raise HmoeError("rank_lost", f"a prefill rank is gone: {exc}") from exc
 
 
 class _StreamedOnly:
@@ -220,7 +231,7 @@ def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> 
         )
         kv = KVPool.from_budget(c, budget, w.kv_block_size, model.dtype, device)
         log.info("prefill rank %d of %d on %s: experts %d..%d", rank, len(devices), device, share.first, share.end)
-        groups.least_free_bytes(torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62)
+        groups.least_free_bytes(device_free_bytes(device))
         groups.started()
         follow(model, kv, streaming, w.prefill_chunk_tokens, groups.commands)
     except (HmoeError, RuntimeError, dist.DistError) as exc:
@@ -270,10 +281,8 @@ def follow(model, kv, streaming, chunk_tokens: int, commands) -> None:
 
     def receive(n: int) -> list[int]:
         tensor = torch.empty(n, dtype=torch.int64)
-        try:
+        with rank_lost_on_failure("prefill rank 0 is gone"):
             dist.broadcast(tensor, 0, group=commands)
-        except (RuntimeError, dist.DistError) as exc:
-            raise HmoeError("rank_lost", f"prefill rank 0 is gone: {exc}") from exc
         return tensor.tolist()
 
     while True:

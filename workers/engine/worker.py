@@ -42,7 +42,7 @@ from hmoe.workers.engine.colocated import ColocatedEngine
 from hmoe.workers.engine.decode import DecodeEngine
 from hmoe.workers.engine.kv_handoff import HandoffPool
 from hmoe.workers.engine.prefill import PrefillEngine
-from hmoe.workers.engine.ranks import Ranks, parse_devices, streamed_prefill
+from hmoe.workers.engine.ranks import Ranks, device_free_bytes, parse_devices, streamed_prefill
 from hmoe.workers.model.causal_lm import CausalLM, load_model
 from hmoe.workers.model.kv_cache import KVPool, bytes_per_token, kv_budget_bytes
 from hmoe.workers.model.prefix_cache import PrefixCache
@@ -232,7 +232,7 @@ class WorkerProcess:
                 log.warning("streaming prefill from pageable memory: %s", exc.message)
         share = self.ranks.share(c.num_experts) if self.ranks is not None else None
         streaming = slp.StreamingExperts.from_source(self.source, device, self.model.dtype, w.stream_ring_layers, share)
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
+        free = device_free_bytes(device)
         if self.ranks is not None:  # every rank runs the same passes: the least free memory bounds them
             free = self.ranks.least_free_bytes(free)
         # activations of a pass stay on the GPU

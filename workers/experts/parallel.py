@@ -13,12 +13,24 @@ Rank 0 takes the prompts; the others follow each pass's inputs (workers/engine/r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from hmoe.runtime.errors import HmoeError
+
+
+@contextmanager
+def rank_lost_on_failure(what: str) -> Iterator[None]:
+    """A collective that fails (a rank's connection closed, or the group's timeout passed) as HmoeError
+    rank_lost, "what: why"."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        raise HmoeError("rank_lost", f"{what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -35,20 +47,16 @@ class ExpertShare:
         the hidden states, and a last-bit difference between them would count a (token, expert) pair
         twice or not at all."""
         if self.group is not None:
-            try:
+            with rank_lost_on_failure("expert-parallel broadcast failed"):
                 dist.broadcast(ids, dist.get_global_rank(self.group, 0), group=self.group)
                 dist.broadcast(weights, dist.get_global_rank(self.group, 0), group=self.group)
-            except (RuntimeError, dist.DistError) as exc:
-                raise HmoeError("rank_lost", f"expert-parallel broadcast failed: {exc}") from exc
 
     def reduce(self, out: torch.Tensor) -> torch.Tensor:
         """Sum the ranks' partial outputs of a layer, in place; HmoeError rank_lost when a rank is gone (its
         connection closed, or the group's timeout passed)."""
         if self.group is not None:
-            try:
+            with rank_lost_on_failure("expert-parallel all-reduce failed"):
                 dist.all_reduce(out, group=self.group)
-            except (RuntimeError, dist.DistError) as exc:
-                raise HmoeError("rank_lost", f"expert-parallel all-reduce failed: {exc}") from exc
         return out
 
 
