@@ -43,7 +43,7 @@ from common import machine_name, write_results  # noqa: E402
 from hmoe.runtime.config import load_config  # noqa: E402
 from hmoe.shm import ShmConfig, ShmError  # noqa: E402
 from hmoe.shm.registry import remove_pack  # noqa: E402
-from hmoe.workers.engine.ranks import Ranks, streamed_prefill  # noqa: E402
+from hmoe.workers.engine.ranks import Ranks, device_free_bytes, parse_devices, streamed_prefill  # noqa: E402
 from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
 from hmoe.workers.experts.streaming import StreamingExperts, measure_copy_s, measure_cpu_s_per_token  # noqa: E402
 from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
@@ -168,6 +168,8 @@ def run(args) -> dict:
                 continue
             ranks = Ranks(_follower_config(args), args.devices)  # rank 0: this process, on args.device
             ranked = StreamingExperts.from_source(source, device, model.dtype, args.ring, ranks.share(cfg.num_experts))
+            ranks.least_free_bytes(device_free_bytes(device))  # the start-up steps every follower takes, as the
+            ranks.started()  # worker does: without them the first command waits on followers still starting
             run_once = partial(_ranked_prefill, model, kv, ranked, ranks, args.chunk)
         elif mode == "resident":  # the ring grows to every layer: give the streaming ring back first
             del streaming, modes["slp"]
@@ -325,7 +327,7 @@ def main() -> None:
     p.add_argument("--devices", default="", help="dslp mode over these devices, the first --device: cuda:0,cuda:1")
     args = p.parse_args()
     args.lengths = [int(n) for n in args.lengths.split(",")]
-    args.devices = [d for d in args.devices.split(",") if d]
+    args.devices = parse_devices(args.devices)
     if args.devices and args.devices[0] != args.device:
         p.error(f"--devices starts with this process's device, --device {args.device}")
     path = write_results(f"prefill-{args.tag or machine_name()}", run(args), plot, args.json)
