@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from hmoe.runtime.errors import HmoeError
 from hmoe.workers.model.batch import BUCKETS, DecodeRows
+from hmoe.workers.model.fused import add_rms_norm
 from hmoe.workers.model.layers import MoE
 
 log = logging.getLogger(__name__)
@@ -109,31 +110,33 @@ class DecodeStep:
     def _segment(self, p: _Part, k: int, b: int) -> None:
         m = self.model
         view = p.rows.view(b, full_width=self.graphed or m.device.type == "cuda")
+        lo = self.moe_ids[k - 1] + 1 if k else 0
+        hi = self.moe_ids[k] if k < len(self.moe_ids) else len(m.layers) - 1
+        first_norm = m.layers[lo].input_norm if lo <= hi else m.norm
         if k == 0:
             x = F.embedding(p.rows.input_ids[:b], m.embed)
+            normed = first_norm(x)
             cos, sin = m.rotary.cos_sin(p.rows.positions[:b], m.dtype)
             p.cos[:b].copy_(cos)
             p.sin[:b].copy_(sin)
-            lo = 0
-        else:
-            x = p.h[:b] + (p.routed[:b].to(m.dtype) + p.shared[:b])
-            lo = self.moe_ids[k - 1] + 1
+        else:  # finish the previous MoE layer and norm for the next layer in one pass
+            x, normed = add_rms_norm(first_norm, p.h[:b], p.routed[:b], p.shared[:b])
         cos, sin = p.cos[:b], p.sin[:b]
-        hi = self.moe_ids[k] if k < len(self.moe_ids) else len(m.layers) - 1
         for layer_id in range(lo, hi + 1):
             layer = m.layers[layer_id]
-            h = x + layer.attn.decode(layer.input_norm(x), view, self.kv, m.rotary, cos, sin)
-            t = layer.post_attention_norm(h)
-            if k < len(self.moe_ids) and layer_id == hi:  # the MoE layer that ends this segment
+            ends_segment = k < len(self.moe_ids) and layer_id == hi  # the MoE layer that ends this segment
+            attn = layer.attn.decode(normed, view, self.kv, m.rotary, cos, sin)
+            h, t = add_rms_norm(layer.post_attention_norm, x, attn, out=p.h[:b] if ends_segment else None)
+            if ends_segment:
                 moe = layer.mlp
                 topk_ids, topk_weights = moe.router(t)
                 self.experts.stage(p.slot, t, topk_ids, topk_weights)
-                p.h[:b].copy_(h)
                 if moe.shared is not None:
                     p.shared[:b].copy_(moe.shared(t))
                 return
-            x = h + layer.mlp(t)
-        p.logits[:b].copy_(F.linear(m.norm(x), m.lm_head).to(torch.float32))
+            next_norm = m.layers[layer_id + 1].input_norm if layer_id < hi else m.norm
+            x, normed = add_rms_norm(next_norm, h, layer.mlp(t))
+        p.logits[:b].copy_(F.linear(normed, m.lm_head).to(torch.float32))
 
     # -- start-up ------------------------------------------------------------------------------------
 

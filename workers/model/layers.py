@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hmoe.workers.experts.backend import ExpertBackend
+from hmoe.workers.model.fused import softmax_topk
 from hmoe.workers.weights.model_config import ModelConfig, RopeConfig, yarn_mscale
 
 
@@ -116,6 +117,10 @@ class Router:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> topk_ids [T, K] int64, topk_weights [T, K] float32."""
         cfg = self.config
+        if cfg.scoring == "softmax" and cfg.n_group <= 1 and self.correction_bias is None:  # Qwen3
+            return softmax_topk(
+                F.linear(x, self.weight), cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor
+            )
         if cfg.scoring == "softmax":
             scores = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)  # [T, E]
         else:

@@ -24,7 +24,7 @@ try:  # CUDA builds of torch ship Triton; CPU-only installs run the reference
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised on CPU-only machines
-    triton = None
+    triton = tl = None
 
 
 def use_kernels(t: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hmoe.workers.model.batch import DecodeView, ForwardBatch, causal_attention
+from hmoe.workers.model.fused import qk_norm_rope_store
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.layers import RMSNorm, Rotary
 from hmoe.workers.model.paged_attention import gqa_decode
@@ -34,17 +35,27 @@ class GQAttention:
             self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
         self.q_norm = RMSNorm(load("q_norm.weight", (d,)), c.rms_norm_eps)
         self.k_norm = RMSNorm(load("k_norm.weight", (d,)), c.rms_norm_eps)
+        self.qkv_proj = self.qkv_bias = None
+        if self.q_proj.device.type == "cuda":  # one GEMM instead of three; q/k/v_proj become its views
+            self.qkv_proj = torch.cat([self.q_proj, self.k_proj, self.v_proj])
+            self.q_proj, self.k_proj, self.v_proj = self.qkv_proj.split([h * d, g * d, g * d])
+            if c.attention_bias:
+                self.qkv_bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])
+                self.q_bias, self.k_bias, self.v_bias = self.qkv_bias.split([h * d, g * d, g * d])
 
     def _project(self, x, write_slots, kv: KVPool, rotary: Rotary, cos, sin):
         """-> rotated queries [N, h, d] and this layer's caches, with the new keys and values written."""
         c = self.config
-        n, h, g, d = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        q = rotary.apply(self.q_norm(F.linear(x, self.q_proj, self.q_bias).view(n, h, d)), cos, sin)
-        k = rotary.apply(self.k_norm(F.linear(x, self.k_proj, self.k_bias).view(n, g, d)), cos, sin)
-        v = F.linear(x, self.v_proj, self.v_bias)
+        h, g, d = c.num_heads, c.num_kv_heads, c.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = F.linear(x, self.qkv_proj, self.qkv_bias).split([h * d, g * d, g * d], dim=-1)
+        else:  # on the CPU the weights stay where the source put them (the pack's, zero-copy)
+            q, k, v = (
+                F.linear(x, w, b)
+                for w, b in ((self.q_proj, self.q_bias), (self.k_proj, self.k_bias), (self.v_proj, self.v_bias))
+            )
         k_cache, v_cache = kv.data["k"][self.layer_id], kv.data["v"][self.layer_id]  # [slots, g * d]
-        k_cache[write_slots] = k.reshape(n, g * d).to(k_cache.dtype)
-        v_cache[write_slots] = v.to(v_cache.dtype)
+        q = qk_norm_rope_store(q, k, v, self.q_norm, self.k_norm, rotary, cos, sin, write_slots, k_cache, v_cache)
         return q, k_cache, v_cache
 
     def decode(self, x: torch.Tensor, view: DecodeView, kv: KVPool, rotary: Rotary, cos, sin) -> torch.Tensor:
