@@ -17,7 +17,8 @@ device's part of a step, hand-off round trips included.
                       device_bytes = device-resident weights read per step + the KV the step reads
     floor_ratio       tpot_s / physical_floor_s
     roofline_s        expert_bytes / read_bw + device part (batch 1 cannot overlap them); ratio = tpot / it
-    breakdown         device (null-expert step), cpu_experts (kernel time in place, its GB/s), the rest
+    breakdown         device (null-expert step; device_graphs_only: its graphs replayed back to back, the
+                      device's own time), cpu_experts (kernel time in place, its GB/s), the rest
     kernel_alone_gbs  the same kernels on the same number of tokens, called directly (no step around them)
 """
 
@@ -48,7 +49,7 @@ from hmoe.runtime.sampling_params import SamplingParams  # noqa: E402
 from hmoe.shm import ShmConfig  # noqa: E402
 from hmoe.workers.engine.decode import DecodeEngine, DecodeRequest  # noqa: E402
 from hmoe.workers.experts.cpu import CpuExperts  # noqa: E402
-from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
+from hmoe.workers.model.batch import ForwardBatch, bucket_for  # noqa: E402
 from hmoe.workers.model.causal_lm import load_model  # noqa: E402
 from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
 from hmoe.workers.model.layers import MoE  # noqa: E402
@@ -92,6 +93,26 @@ def _time_steps(engine: DecodeEngine, steps: int, device: torch.device) -> float
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def _graphs_only_s(engine: DecodeEngine) -> float | None:
+    """Seconds per step of the step's CUDA graphs replayed back to back with no hand-off between them: the
+    device's own share of the device part (the rest is the host's turnaround at each MoE layer)."""
+    step = engine.static
+    if step is None or not step.graphed:
+        return None
+    graphs = [g for p in step.parts if len(p.rows) for g in p.graphs[bucket_for(len(p.rows), p.rows.capacity)]]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for g in graphs:  # the rows prepared for the last step: the same inputs, the same KV slots rewritten
+        g.replay()
+    reps = 5
+    start.record()
+    for _ in range(reps):
+        for g in graphs:
+            g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
 
 
 def _device_bytes(model) -> int:
@@ -207,6 +228,7 @@ def run(args) -> dict:
             recorder.null = True
             device_s = _time_steps(engine, args.steps, device)
             recorder.null = False
+            graphs_s = _graphs_only_s(engine)
             ctx = args.prompt_len + args.steps + 3  # mean context over the timed steps, about
             kv_bytes = batch * ctx * kv.bytes_per_token
             for rid in list(engine.running):
@@ -237,6 +259,7 @@ def run(args) -> dict:
                 "breakdown": {
                     "device_s": device_s,
                     "device_per_moe_layer_s": device_s / max(num_moe, 1),
+                    "device_graphs_only_s": graphs_s,
                     "cpu_experts_s": kernel_s,
                     "handoff_python_s": max(tpot - device_s - kernel_s, 0.0),
                 },
@@ -247,7 +270,9 @@ def run(args) -> dict:
             print(
                 f"{mode:7s} batch {batch:3d}: tpot {tpot * 1e3:8.2f} ms {batch / tpot:8.1f} tok/s  "
                 f"floor {floor * 1e3:6.2f} ms (x{tpot / floor:5.1f})  device {device_s * 1e3:.2f} ms "
-                f"= {device_s / max(num_moe, 1) * 1e3:.3f} ms/MoE layer, kernels {kernel_s * 1e3:.2f} ms "
+                f"= {device_s / max(num_moe, 1) * 1e3:.3f} ms/MoE layer"
+                + (f" (graphs alone {graphs_s * 1e3:.2f} ms)" if graphs_s is not None else "")
+                + f", kernels {kernel_s * 1e3:.2f} ms "
                 f"{expert_bytes / 1e9:.3f} GB at {row['kernel_gbs'] or 0:.0f} GB/s (alone {alone:.0f})",
                 flush=True,
             )
