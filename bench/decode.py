@@ -305,51 +305,47 @@ def run(args) -> dict:
     }
 
 
-def plot(payload: dict, path) -> None:
+def _plot(path, title: str, lines: list[tuple[str, str, list, list]]) -> None:
+    """ms per step against the decode batch, log-log; lines are (label, style, batches, ms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = payload["results"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, style, batches, ms in lines:
+        ax.plot(batches, ms, style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode batch")
+    ax.set_ylabel("ms per step")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot(payload: dict, path) -> None:
+    rows, lines = payload["results"], []
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]
         batches = [r["batch"] for r in mine]
-        ax.plot(batches, [r["tpot_s"] * 1e3 for r in mine], "o-", label=f"{mode}: time per step")
-        ax.plot(batches, [r["breakdown"]["device_s"] * 1e3 for r in mine], "^:", label=f"{mode}: device part")
+        lines.append((f"{mode}: time per step", "o-", batches, [r["tpot_s"] * 1e3 for r in mine]))
+        lines.append((f"{mode}: device part", "^:", batches, [r["breakdown"]["device_s"] * 1e3 for r in mine]))
     floor = [r for r in rows if r["mode"] == rows[-1]["mode"]]
-    ax.plot([r["batch"] for r in floor], [r["physical_floor_s"] * 1e3 for r in floor], "k--", label="physical floor")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("decode batch")
-    ax.set_ylabel("ms per step")
-    ax.set_title(f"hmoe decode, {payload['device']}, {payload['model']['arch']} {payload['model']['expert_format']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    lines.append(("physical floor", "k--", [r["batch"] for r in floor], [r["physical_floor_s"] * 1e3 for r in floor]))
+    model = payload["model"]
+    _plot(path, f"hmoe decode, {payload['device']}, {model['arch']} {model['expert_format']}", lines)
 
 
 def plot_variants(payload: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run in payload["variants"]:
-        for mode in dict.fromkeys(r["mode"] for r in run["results"]):
-            mine = [r for r in run["results"] if r["mode"] == mode]
-            label = f"{run['variant']} ({mode})"
-            ax.plot([r["batch"] for r in mine], [r["tpot_s"] * 1e3 for r in mine], "o-", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("decode batch")
-    ax.set_ylabel("ms per step")
-    ax.set_title("hmoe decode, one run per environment variant")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    lines = [
+        (f"{run['variant']} ({mode})", "o-", [r["batch"] for r in mine], [r["tpot_s"] * 1e3 for r in mine])
+        for run in payload["variants"]
+        for mode in dict.fromkeys(r["mode"] for r in run["results"])
+        for mine in [[r for r in run["results"] if r["mode"] == mode]]
+    ]
+    _plot(path, "hmoe decode, one run per environment variant", lines)
 
 
 def main() -> None:
