@@ -7,12 +7,16 @@ The layers are `LayerExperts` (kernels/formats.py): zero-copy views into a weigh
 `submit()` copies the inputs into one of a few staging slots made once (pinned buffers and CUDA events
 when the model is on a GPU) and hands the call to one kernel thread; the kernel releases the GIL, so
 the caller keeps launching GPU work meanwhile. `wait()` returns the output on the caller's device and
-dtype. The decode step's graphs use the same slots through stage/launch/collect.
+dtype. The decode step runs on the kernel thread whole (`call`) and uses the same slots through
+stage/staged/run_staged: each layer's kernels start on the thread that saw the GPU's inputs land, so
+no thread wakes another between two segments.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,31 +53,53 @@ class _Slot:
         self.x_np, self.ids_np, self.w_np, self.out_np = (t.numpy() for t in (self.x, self.ids, self.weights, self.out))
 
 
+@dataclass(eq=False)
+class _Call:
+    """A function the kernel thread runs for another thread (CpuExperts.call), on the caller's stream."""
+
+    fn: Callable
+    args: tuple
+    stream: torch.cuda.Stream | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
+
+
 class CpuExperts:
     """ExpertBackend over `layers` ({layer_id: LayerExperts}, one shape for all), on `num_threads` cores.
 
     Two ways in. The contract (`submit`/`wait`) works for any input. The decode step's static path
-    splits it so a CUDA graph can hold the device half: `stage(slot, ...)` only enqueues copies into
-    the slot's pinned buffers (capturable), `launch(slot, layer, n)` records the slot's event and
-    wakes the kernel thread, `collect(slot, into)` waits and copies the output into a device buffer.
-    Nothing is allocated, no event created and no queue touched per call: the kernel thread takes
-    slots from a fixed ring in launch order.
+    runs on the kernel thread (`call(step, ...)`) and splits a call so a CUDA graph can hold the device
+    half: `stage(slot, ...)` only enqueues copies into the slot's pinned buffers (capturable),
+    `staged(slot)` marks them in the stream, `run_staged(slot, layer, n, into)` waits for them, runs the
+    kernels there and then enqueues the output's copy into a device buffer. Nothing is allocated, no
+    event created and no thread woken per layer.
     """
 
     max_stage_rows = MAX_TOKENS  # the most rows stage() takes (a decode micro-batch's bucket)
 
-    def __init__(self, layers: dict[int, LayerExperts], top_k: int, num_threads: int | None = None, pin: bool = False):
+    def __init__(
+        self,
+        layers: dict[int, LayerExperts],
+        top_k: int,
+        num_threads: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        """`device`: where the callers' tensors live; on a GPU the slots are pinned and the kernel thread
+        uses that device (it replays the decode step's graphs)."""
         first = next(iter(layers.values()))
         assert all((lay.hidden, lay.inter) == (first.hidden, first.inter) for lay in layers.values())
         self.layers, self.top_k = layers, top_k
         self.hidden = first.hidden
         self.kernel = MoeKernel(first.hidden, first.inter, MAX_TOKENS, top_k, num_threads)
-        self.slots = [self._slot(pin) for _ in range(NUM_SLOTS)]
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.slots = [self._slot(self.device.type == "cuda") for _ in range(NUM_SLOTS)]
         # One kernel thread: MoeKernel's scratch serves one call at a time, and calls run in launch order.
         # Every parallel region of the kernels starts from it, warm-up included, so the process holds one
         # OpenMP team for them (a second master thread would bring a second team onto the same cores).
-        self._ring: list[_Slot | None] = [None] * NUM_SLOTS
-        self._head = self._tail = 0
+        self._queue: deque[_Slot | _Call] = deque()  # what the kernel thread runs next, in order
         self._pending = threading.Semaphore(0)
         self._closed = False
         self._thread = threading.Thread(target=self._serve, args=(first.fmt,), name="cpu-experts", daemon=True)
@@ -99,7 +125,7 @@ class CpuExperts:
         """Every MoE layer of a weight pack (PackSource.layer_experts: zero-copy views)."""
         c = source.config
         layers = {layer_id: source.layer_experts(layer_id) for layer_id in c.moe_layer_ids}
-        return cls(layers, c.num_experts_per_tok, num_threads, pin=torch.device(device).type == "cuda")
+        return cls(layers, c.num_experts_per_tok, num_threads, device)
 
     @classmethod
     def from_checkpoint(
@@ -107,9 +133,25 @@ class CpuExperts:
     ) -> CpuExperts:
         """Every MoE layer of a checkpoint, encoded into `fmt` in memory (encode_layers)."""
         layers = encode_layers(source, fmt)
-        return cls(layers, source.config.num_experts_per_tok, num_threads, pin=torch.device(device).type == "cuda")
+        return cls(layers, source.config.num_experts_per_tok, num_threads, device)
 
     # -- the static path (decode graphs) ----------------------------------------------------------
+
+    def call(self, fn: Callable, *args):
+        """fn(*args) on the kernel thread, after the calls launched before it; its result, or its error raised.
+
+        The decode step runs there whole. Each MoE layer's kernels then start on the thread that waited
+        for the layer's inputs, and the next segment is launched by the thread that ran them: before, two
+        threads woke each other twice per layer and micro-batch (~55 us per MoE layer on the H200 box,
+        device part minus its graphs alone, bench/results/decode-h200.json)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        c = _Call(fn, args, torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
+        self._enqueue(c)
+        c.done.wait()
+        if c.error is not None:
+            raise c.error
+        return c.result
 
     def stage(self, slot: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """Enqueue the copies of a GPU call's inputs ([T <= MAX_TOKENS] rows) into slot's pinned buffers."""
@@ -118,19 +160,25 @@ class CpuExperts:
         s.ids[:n].copy_(topk_ids, non_blocking=True)
         s.weights[:n].copy_(topk_weights.to(torch.float32), non_blocking=True)
 
-    def launch(self, slot: int, layer_id: int, num_tokens: int) -> None:
-        """Run the staged call on its first num_tokens rows once the copies (enqueued so far) land."""
+    def staged(self, slot: int) -> None:
+        """Mark the copies stage() enqueued so far (after the segment that staged them is launched)."""
         s = self.slots[slot]
-        if s.busy:
-            raise RuntimeError(f"expert slot {slot} launched twice without collect")
         if s.ready is not None:
             s.ready.record()
-        n = num_tokens
-        self._start(s, (self.layers[layer_id], s.x_np[:n], s.ids_np[:n], s.w_np[:n], s.out_np[:n]))
 
-    def collect(self, slot: int, into: torch.Tensor) -> None:
-        """Wait for slot's call; copy its output rows into the device buffer `into` (float32 [T, H])."""
-        s = self._finish(self.slots[slot])
+    def run_staged(self, slot: int, layer_id: int, num_tokens: int, into: torch.Tensor) -> None:
+        """On the kernel thread (inside `call`): once the staged copies have landed, the layer's experts on
+        slot's first num_tokens rows; then the copy of the output into the device buffer `into`
+        (float32 [>= num_tokens, H]) is enqueued."""
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("run_staged runs on the kernel thread: call it inside CpuExperts.call")
+        s, n = self.slots[slot], num_tokens
+        if s.busy:
+            raise RuntimeError(f"expert slot {slot} is in use by a submitted call")
+        if s.ready is not None:
+            s.ready.synchronize()  # the input copies have landed
+            s.consumed.synchronize()  # the previous output was copied out of this slot
+        self._run_chunks(self.layers[layer_id], s.x_np[:n], s.ids_np[:n], s.w_np[:n], s.out_np[:n])
         into.copy_(s.out[: into.shape[0]], non_blocking=True)
         if s.consumed is not None:
             s.consumed.record()
@@ -192,8 +240,10 @@ class CpuExperts:
         s.busy, s.error, s.job = True, None, job
         s.sync = ready and s.ready is not None
         s.done.clear()
-        self._ring[self._tail % NUM_SLOTS] = s
-        self._tail += 1
+        self._enqueue(s)
+
+    def _enqueue(self, item: _Slot | _Call) -> None:
+        self._queue.append(item)
         self._pending.release()
 
     def _finish(self, s: _Slot) -> _Slot:
@@ -211,12 +261,16 @@ class CpuExperts:
         self._warmed.set()
         if self._warm_error is not None:
             return
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the decode step's graphs replay from here
         while True:
             self._pending.acquire()
-            if self._closed and self._head == self._tail:
+            if self._closed and not self._queue:
                 return
-            s = self._ring[self._head % NUM_SLOTS]
-            self._head += 1
+            s = self._queue.popleft()
+            if isinstance(s, _Call):
+                self._run_call(s)
+                continue
             try:
                 if s.sync:
                     s.ready.synchronize()  # the input copies from the GPU have landed
@@ -225,6 +279,18 @@ class CpuExperts:
             except BaseException as exc:  # handed to the caller of collect/wait
                 s.error = exc
             s.done.set()
+
+    @staticmethod
+    def _run_call(c: _Call) -> None:
+        try:
+            if c.stream is None:
+                c.result = c.fn(*c.args)
+            else:
+                with torch.cuda.stream(c.stream):
+                    c.result = c.fn(*c.args)
+        except BaseException as exc:  # raised by call() in the caller's thread
+            c.error = exc
+        c.done.set()
 
     def _run_chunks(self, layer: LayerExperts, x_np, ids_np, w_np, out_np) -> None:
         """The kernel on numpy arrays (GIL released inside), MAX_TOKENS at a time."""

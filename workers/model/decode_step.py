@@ -8,9 +8,10 @@ Segment k of micro-batch i (k = 0..M):
     -> every layer up to MoE layer k: norm, paged attention, (dense MLPs), router, shared experts
     -> stage the routed experts' inputs into expert slot i (pinned, fixed addresses)
 The last segment finishes the last MoE layer, runs the layers after it, and writes the logits.
-Between segments the host does only: collect slot i (wait for the kernel thread, one copy into the
-device buffer the next segment reads), replay, launch slot i (record an event, wake the kernel
-thread). While micro-batch i's experts run on the CPU, the device runs micro-batch i+1's segment.
+The step runs on the experts' kernel thread. Between segments it does only: wait for slot i's staged
+inputs, run the layer's experts on the CPU kernels, enqueue one copy of their output into the device
+buffer the next segment reads, replay, mark slot i's next inputs (record an event). While micro-batch
+i's experts run on the CPU, the device runs micro-batch i+1's segment.
 """
 
 from __future__ import annotations
@@ -83,9 +84,15 @@ class DecodeStep:
 
     # -- one step ------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def run(self, buckets: list[int]) -> list[torch.Tensor]:
-        """Every part with rows (their inputs prepared for `buckets[i]` rows) -> logits [n_i, V] each."""
+        """Every part with rows (their inputs prepared for `buckets[i]` rows) -> logits [n_i, V] each.
+
+        Runs on the experts' kernel thread (CpuExperts.call): the thread that runs a layer's experts is
+        the one that launches the next segment, so no thread waits for another between two segments."""
+        return self.experts.call(self._run, buckets)
+
+    @torch.inference_mode()
+    def _run(self, buckets: list[int]) -> list[torch.Tensor]:
         active = [(p, len(p.rows), b) for p, b in zip(self.parts, buckets) if len(p.rows)]
         graphs = []
         for p, _, b in active:
@@ -97,14 +104,14 @@ class DecodeStep:
         last = self.num_segments - 1
         for k in range(self.num_segments):
             for (p, n, b), g in zip(active, graphs):
-                if k:
-                    self.experts.collect(p.slot, p.routed[:b])
+                if k:  # meanwhile the device runs the other micro-batch's segment
+                    self.experts.run_staged(p.slot, self.moe_ids[k - 1], n, p.routed[:b])
                 if g is not None:
                     g[k].replay()
                 else:
                     self._segment(p, k, b)
                 if k < last:
-                    self.experts.launch(p.slot, self.moe_ids[k], n)
+                    self.experts.staged(p.slot)
         return [p.logits[:n] for p, n, _ in active]
 
     def _segment(self, p: _Part, k: int, b: int) -> None:

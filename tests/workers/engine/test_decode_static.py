@@ -4,6 +4,8 @@ requests join and leave, greedy and sampled."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from hmoe.workers.engine.decode import DecodeEngine, DecodeRequest, SplitChooser
 from hmoe.workers.experts.cpu import CpuExperts
 from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.causal_lm import load_model
+from hmoe.workers.model.decode_step import DecodeStep
 from hmoe.workers.model.kv_cache import KVPool
 from hmoe.workers.model.sampler import sample
 from hmoe.workers.weights.checkpoint import Checkpoint
@@ -68,6 +71,24 @@ def test_static_rows_give_the_legacy_tokens_as_requests_join_and_leave(tiny):
     assert decode_all(model, "static", split="always") == legacy
     assert {rid: len(t) for rid, t in static.items()} == {rid: p.max_tokens for rid, (_, p) in _requests().items()}
     assert len({t for tokens in static.values() for t in tokens}) > 5  # real continuations
+
+
+def test_the_static_step_runs_whole_on_the_experts_kernel_thread(tiny, monkeypatch):
+    """Segments and expert calls on one thread: nothing wakes another thread between two segments."""
+    checkpoint, experts = tiny
+    model = load_model(checkpoint, "cpu", "fp32", experts=experts)
+    threads = set()
+    for name in ("_segment", "run_staged"):
+        owner = DecodeStep if name == "_segment" else CpuExperts
+        original = getattr(owner, name)
+
+        def spy(self, *args, _original=original):
+            threads.add(threading.get_ident())
+            return _original(self, *args)
+
+        monkeypatch.setattr(owner, name, spy)
+    assert decode_all(model, "static", split="always")
+    assert threads == {experts._thread.ident}
 
 
 @pytest.mark.gpu

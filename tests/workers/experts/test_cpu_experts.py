@@ -199,6 +199,33 @@ def test_every_kernel_region_starts_on_the_expert_thread(monkeypatch):
     assert {thread for _, thread in seen} == {expert_thread} != {threading.get_ident()}
 
 
+def test_a_call_runs_on_the_kernel_thread_its_error_reaches_the_caller_and_the_thread_serves_on():
+    cpu = CpuExperts({0: _small_layer()}, top_k=2, num_threads=2)
+    g = torch.Generator().manual_seed(4)
+    x, ids = torch.randn(3, 128, generator=g), torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(3)])
+    w = torch.rand(3, 2, generator=g)
+    try:
+        before = cpu(0, x, ids, w)
+        assert cpu.call(threading.get_ident) == cpu._thread.ident != threading.get_ident()
+        assert cpu.call(cpu.call, lambda a, b: a + b, 2, 3) == 5  # from the kernel thread itself: inline
+        with pytest.raises(ZeroDivisionError):
+            cpu.call(lambda: 1 / 0)
+        with pytest.raises(RuntimeError, match="kernel thread"):
+            cpu.run_staged(0, 0, 3, torch.zeros(3, 128))
+        assert torch.equal(cpu(0, x, ids, w), before)  # the thread survived both and still serves
+
+        def staged_on_the_thread():  # the decode step's path: stage, mark, run there, copy out
+            cpu.stage(1, x, ids, w)
+            cpu.staged(1)
+            out = torch.full((3, 128), float("nan"))
+            cpu.run_staged(1, 0, 3, out)
+            return out
+
+        assert torch.equal(cpu.call(staged_on_the_thread), before)
+    finally:
+        cpu.close()
+
+
 def test_a_failed_warm_up_is_raised_by_the_constructor(monkeypatch):
     def broken(self, formats):
         raise RuntimeError("no code generator for this CPU")

@@ -21,7 +21,7 @@ def test_gpu_inputs_give_the_cpu_answer_with_micro_batches_in_flight():
     ]
     layer = layer_from_torch(ExpertFormat("bf16"), *stacks)
     on_cpu = CpuExperts({0: layer}, top_k)
-    on_gpu = CpuExperts({0: layer}, top_k, pin=True)
+    on_gpu = CpuExperts({0: layer}, top_k, device="cuda")
     try:
         for tokens in (1, 7, 64, 200):  # 200: more than one kernel call's worth of tokens
             xs = [torch.randn(tokens, hidden, generator=g) for _ in range(2)]
