@@ -146,10 +146,10 @@ def time_calls(fn, calls, bytes_of, evict) -> dict:
 # ---------------------------------------------------------------- engines
 
 
-def bench_hmoe(layer, shape: dict, tokens: int, calls, threads: int, evict) -> dict:
+def bench_hmoe(layer, shape: dict, tokens: int, calls, threads: int, evict, amx: bool | None = None) -> dict:
     from hmoe.kernels.moe import MoeKernel
 
-    kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads)
+    kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx)
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
     return time_calls(
@@ -513,6 +513,7 @@ def main(argv=None) -> None:
     import numba
 
     from hmoe.kernels.formats import ExpertFormat, expert_nbytes
+    from hmoe.kernels.jit import amx_usable
     from hmoe.kernels.moe import MoeKernel, physical_cores
 
     threads = min(args.threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
@@ -578,9 +579,17 @@ def main(argv=None) -> None:
             per_tokens = {t: routings(rng, num_calls, t, num_experts, top_k) for t in tokens_list}
             for tokens, calls in per_tokens.items():
                 results.append(timed_case(layer, shape, shape_name, fmt_name, tokens, calls, "random", threads, bw))
-            if 8 in tokens_list:
-                shared = routings(rng, num_calls, 8, num_experts, top_k, shared=True)
+            shared = routings(rng, num_calls, 8, num_experts, top_k, shared=True) if 8 in tokens_list else None
+            if shared is not None:
                 results.append(timed_case(layer, shape, shape_name, fmt_name, 8, shared, "shared", threads, bw))
+            if fmt_name == "bf16" and amx_usable():  # the same calls on the AVX-512 tiles: what AMX buys
+                for tokens, routing, calls in ((8, "shared", shared), (16, "random", per_tokens.get(16))):
+                    if calls is not None:
+                        row = bench_hmoe(layer, shape, tokens, calls, threads, evict, amx=False)
+                        row.update(shape=shape_name, format=fmt_name, tokens=tokens, routing=routing, threads=threads)
+                        notes.setdefault("bf16_without_amx", []).append(row)
+                        ms = row["seconds"] * 1e3
+                        print(f"{'':14s} {fmt_name:9s} T={tokens:2d} {routing:6s} without AMX {ms:8.3f} ms", flush=True)
             if w_threads and 1 in per_tokens:
                 results.append(
                     timed_case(layer, shape, shape_name, fmt_name, 1, per_tokens[1], "random", w_threads, bw_worker)
@@ -681,6 +690,7 @@ def main(argv=None) -> None:
         "read_bw_worker": {"spread": bw_worker.spread(), "readings": bw_worker.readings} if bw_worker else None,
         "threads": threads,
         "worker_threads": w_threads,
+        "amx": amx_usable(),  # bf16 experts with AMX_MIN_SLOTS or more slots run on AMX tiles (bf16_without_amx: A/B)
         "quick": args.quick,
         "calls": num_calls,
         "results": results,

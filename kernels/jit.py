@@ -37,6 +37,24 @@ def has_cpu_feature(name: str) -> bool:
     return f"+{name}" in features.split(",")
 
 
+_AMX: bool | None = None
+
+
+def amx_usable() -> bool:
+    """True if the kernels may use AMX tiles (bf16): the code generator targets amx-tile and amx-bf16, and
+    Linux granted this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once)."""
+    global _AMX
+    if _AMX is None:
+        _AMX = False
+        if has_cpu_feature("amx-tile") and has_cpu_feature("amx-bf16"):
+            import ctypes
+
+            sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+            libc = ctypes.CDLL(None, use_errno=True)
+            _AMX = libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    return _AMX
+
+
 def _threading_layer() -> str:
     try:
         from numba.np.ufunc import omppool  # noqa: F401  (import fails where libgomp is missing)
@@ -72,7 +90,7 @@ def use_cache_dir(path: str | os.PathLike) -> int:
     os.makedirs(path, exist_ok=True)
     config.CACHE_DIR = os.fspath(path)
     count = 0
-    for name in ("simd", "dots", "formats", "moe"):
+    for name in ("simd", "dots", "amx", "formats", "moe"):
         module = importlib.import_module(f"{__package__}.{name}")
         for obj in vars(module).values():
             if (

@@ -20,6 +20,12 @@ Within an item, all groups of 4 slots of an expert run over the same rows, so an
 than 4 tokens rereads its rows from L2, not DRAM. INT4 quantizes its activations to int8 in two
 short phases of their own (x before phase 1, h before phase 2).
 
+BF16 reads its activations (x and h) rounded to bf16, as a bf16 model holds them. On CPUs with AMX
+(jit.amx_usable) an expert holding AMX_MIN_SLOTS or more of the call's slots runs on AMX tiles, 16 slots
+a pass (the pack layout of bf16 weights is already the A tile; the tokens are packed as B tiles in a
+short phase 0, and phase 1 writes h packed for phase 2); fewer slots, and other CPUs, on the AVX-512
+tiles, with the same products (bf16 x bf16 is exact in float32): only the order of the sums differs.
+
 Every weight stream is prefetched PREFETCH_BYTES ahead into L2 up to its end, and the next stream's
 head is prefetched before it starts (dots.py): a core streams at its share of the bandwidth only
 with many lines in flight, and the hardware prefetchers restart at each 4 KiB page.
@@ -42,6 +48,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .amx import AMX_CONFIG, amx_pair
 from .dots import (
     FASTMATH,
     TILE_ROWS,
@@ -55,16 +62,23 @@ from .dots import (
     quantize_int8,
 )
 from .formats import PAD, ExpertFormat, LayerExperts, padded
+from .jit import amx_usable
 from .simd import (
     atomic_add,
     atomic_read,
     os_yield,
     spin_pause,
+    store_bf16_interleaved,
+    store_bf16_pairs,
+    tile_config,
+    tile_release,
+    transpose16,
     vadd,
     vdiv,
     vexp,
     vload,
     vmul,
+    vround_bf16,
     vsplat,
     vsplit_parity,
     vstore,
@@ -80,6 +94,7 @@ SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a w
 SYNC_STRIDE = (
     16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 )
+AMX_MIN_SLOTS = 4  # bf16: an expert with this many of a call's slots runs on AMX tiles (where usable), 16 a pass
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
 
@@ -138,6 +153,13 @@ def load_activations(x, act, hp):
             act[t * hp + j] = x[t, j]
         for j in range(hidden, hp):
             act[t * hp + j] = 0.0
+
+
+@jit
+def round_bf16(v, n):
+    """v[:n] rounded to bf16 in place (n a multiple of 16): the BF16 layer's activations, on every path."""
+    for i in range(0, n, 16):
+        vstore(v, i, vround_bf16(vload(v, i)))
 
 
 @jit
@@ -475,6 +497,79 @@ def padded_in(n):
 
 
 @jit
+def amx_groups(n_active, active_start, amx, gfirst, gexp):
+    """Number the AMX passes (groups of up to 16 slots of one expert): gfirst[a] = active expert a's first
+    group, -1 where it runs on the AVX-512 tiles (fewer than AMX_MIN_SLOTS slots, or no AMX); gexp[g] =
+    group g's active expert. Returns the number of groups."""
+    ng = 0
+    for a in range(n_active):
+        c = active_start[a + 1] - active_start[a]
+        gfirst[a] = ng if amx and c >= AMX_MIN_SLOTS else -1
+        if gfirst[a] >= 0:
+            for _ in range(-(-c // 16)):
+                gexp[ng] = a
+                ng += 1
+    return ng
+
+
+@jit
+def _amx_slots(g, gfirst, gexp, active_start):
+    """(first slot index into slot_of, number of slots) of AMX group g."""
+    a = gexp[g]
+    first = active_start[a] + 16 * (g - gfirst[a])
+    return first, min(16, active_start[a + 1] - first)
+
+
+@jit
+def _amx_pack_x(g, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
+    """Group g's tokens as the AMX B tiles of gate and up: bx[16 * hp * g:], one 512-value block per
+    32 columns (lanes of missing tokens keep stale values: they only feed output columns nobody reads)."""
+    first, n = _amx_slots(g, gfirst, gexp, active_start)
+    for i in range(n):
+        t = slot_of[first + i] // top_k
+        for j in range(0, hp, 32):
+            store_bf16_pairs(bx, 16 * hp * g + 16 * j + 2 * i, 32, vload(act, t * hp + j), vload(act, t * hp + j + 16))
+
+
+@jit
+def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, gexp, active_start, slot_of, weights, gate, up, bx, bh, res):
+    """Rows [r0, r1) of expert e's gate and up for all its slots on AMX tiles; h = w * silu(gate x) * up x
+    goes, rounded to bf16, straight into bh as the B tiles of the down projection."""
+    for g in range(gfirst[a], gfirst[a] + -(-(active_start[a + 1] - active_start[a]) // 16)):
+        first, n = _amx_slots(g, gfirst, gexp, active_start)
+        for i in range(16):
+            res[512 + i] = weights[slot_of[first + i]] if i < n else 0.0
+        w = vload(res, 512)
+        for r in range(r0, r1, TILE_ROWS):
+            row = (e * ip + r) * hp
+            amx_pair(gate, row, up, row, hp, bx, 16 * hp * g, res)  # res[16 * row + token]: gate, then up
+            at = 16 * ip * g + 16 * r  # bh: the column step of rows r..r+15 (r is a multiple of 16), its pair
+            for q in range(8):
+                m = 2 * q
+                ge, go = vload(res, 16 * m), vload(res, 16 * m + 16)
+                he = vmul(vmul(vdiv(ge, vadd(vsplat(1.0), vexp(vmul(ge, vsplat(-1.0))))), vload(res, 256 + 16 * m)), w)
+                ho = vmul(vmul(vdiv(go, vadd(vsplat(1.0), vexp(vmul(go, vsplat(-1.0))))), vload(res, 272 + 16 * m)), w)
+                store_bf16_interleaved(bh, at + 32 * q, he, ho)
+
+
+@jit
+def _bf16_down_amx(a, e, r0, r1, hp, ip, hidden, top_k, gfirst, gexp, active_start, slot_of, down, bh, out, res, slots):
+    """out[t, r0:r1] += expert e's down rows [r0, r1) . h for all its slots, on AMX tiles, two tile-rows a pass."""
+    for g in range(gfirst[a], gfirst[a] + -(-(active_start[a + 1] - active_start[a]) // 16)):
+        first, n = _amx_slots(g, gfirst, gexp, active_start)
+        for i in range(n):
+            slots[i] = slot_of[first + i]
+        for r in range(r0, r1, 2 * TILE_ROWS):
+            rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
+            amx_pair(down, (e * hp + r) * ip, down, (e * hp + rb) * ip, ip, bh, 16 * ip * g, res)
+            transpose16(res, 0)  # -> res[16 * token + row], as accumulate_out reads
+            accumulate_out(res, n, slots, top_k, out, hidden, r)
+            if rb != r:
+                transpose16(res, 256)
+                accumulate_out(res[256:], n, slots, top_k, out, hidden, rb)
+
+
+@jit
 def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, act, zero, h, res, slots, offs, pf):
     """Rows [r0, r1) of expert e's gate and up for its slots slot_of[s0:s1] → h."""
     first, end = (e * ip + r0) * hp, (e * ip + r1) * hp  # this item's stream in gate, and the same in up
@@ -494,6 +589,8 @@ def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, 
                     store_gate(res, n, slots, h, ip, r)
                 else:
                     finish_up(res, n, slots, weights, h, ip, r)
+                    for i in range(n):
+                        round_bf16(h[slots[i] * ip + r :], TILE_ROWS)
 
 
 @jit
@@ -517,6 +614,9 @@ def _bf16_down(
     slots,
     offs,
     pf,
+    gfirst,
+    gexp,
+    bh,
 ):
     """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
     zero_out_rows(out, num_tokens, hidden, r0, r1)
@@ -524,6 +624,11 @@ def _bf16_down(
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
         if a + 1 < n_active:
             prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf // 2, 32)
+        if gfirst[a] >= 0:
+            _bf16_down_amx(
+                a, e, r0, r1, hp, ip, hidden, top_k, gfirst, gexp, active_start, slot_of, down, bh, out, res, slots
+            )
+            continue
         end = (e * hp + r1) * ip
         for g0 in range(s0, s1, 4):
             n = group_offsets(slot_of, g0, s1, slots, offs, 0, 0, zero)
@@ -559,8 +664,17 @@ def moe_bf16(
     slots,
     offsets,
     sync,
+    amx,
+    bx,
+    bh,
+    gfirst,
+    gexp,
+    cfg,
 ):
-    """BF16 layer. Same contract as moe_fp8."""
+    """BF16 layer. Same contract as moe_fp8, but x and h are read rounded to bf16 on every path (the same
+    products everywhere; a path changes only the order of sums). Where `amx`, experts with at least AMX_MIN_SLOTS of the
+    call's slots run on AMX tiles (phase 0 packs x for them, phase 1 writes their h packed for phase 2);
+    the others on the AVX-512 tiles."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -569,6 +683,8 @@ def moe_bf16(
     if n_active < 0:
         return -1
     load_activations(x, act, hp)
+    round_bf16(act, num_tokens * hp)
+    ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     act_zero, h_zero = (act.size // hp - 1) * hp, (h.size // ip - 1) * ip  # last rows stay zero
     rows1, rows2 = item_rows(ip, n_active, num_threads, 2 * hp), item_rows(hp, 1, num_threads, 2 * ip)
     per_expert = -(-ip // rows1)
@@ -576,14 +692,45 @@ def moe_bf16(
     sync[:] = 0
     for task in prange(num_threads):
         t_res, t_slots, t_offs = (
-            res[task * 128 : (task + 1) * 128],
-            slots[task * 16 : task * 16 + 4],
+            res[task * 1024 : (task + 1) * 1024],
+            slots[task * 16 : (task + 1) * 16],
             offsets[task * 16 : (task + 1) * 16],
         )
+        if ng:
+            tile_config(cfg)
         i = take_item(sync, 0)
+        while i < ng:
+            _amx_pack_x(i, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+            item_done(sync, 0)
+            i = take_item(sync, 0)
+        i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
+        wait_phase(sync, 0, ng)
         while i < items1:
             a, c = i // per_expert, i % per_expert
+            if gfirst[a] >= 0:
+                _bf16_gate_up_amx(
+                    a,
+                    active_id[a],
+                    c * rows1,
+                    min(ip, (c + 1) * rows1),
+                    hp,
+                    ip,
+                    gfirst,
+                    gexp,
+                    active_start,
+                    slot_of,
+                    weights,
+                    gate,
+                    up,
+                    bx,
+                    bh,
+                    t_res,
+                )
+                item_done(sync, 1)
+                i = take_item(sync, 1)
+                _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
+                continue
             _bf16_gate_up(
                 active_id[a],
                 active_start[a],
@@ -605,12 +752,12 @@ def moe_bf16(
                 t_offs,
                 pf,
             )
-            item_done(sync, 0)
-            i = take_item(sync, 0)
+            item_done(sync, 1)
+            i = take_item(sync, 1)
             _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
-        i = take_item(sync, 1)
+        i = take_item(sync, 2)
         _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)  # streams in while the last items of phase 1 end
-        wait_phase(sync, 0, items1)
+        wait_phase(sync, 1, items1)
         while i < items2:
             _bf16_down(
                 i * rows2,
@@ -632,9 +779,14 @@ def moe_bf16(
                 t_slots,
                 t_offs,
                 pf,
+                gfirst,
+                gexp,
+                bh,
             )
-            i = take_item(sync, 1)
+            i = take_item(sync, 2)
             _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)
+        if ng:
+            tile_release()
     return n_active
 
 
@@ -924,6 +1076,8 @@ class MoeKernel:
     """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released).
 
     prefetch_bytes: how far ahead the tile loops prefetch (> 0 into L1, < 0 into L2, 0 off); see dots.py.
+    amx: let bf16 layers use AMX tiles for experts with AMX_MIN_SLOTS or more slots (None: wherever the
+    CPU and the kernel allow it, jit.amx_usable).
     """
 
     def __init__(
@@ -934,10 +1088,12 @@ class MoeKernel:
         top_k: int,
         num_threads: int | None = None,
         prefetch_bytes: int = PREFETCH_BYTES,
+        amx: bool | None = None,
     ):
         self.hidden, self.inter, self.max_tokens, self.top_k = hidden, inter, max_tokens, top_k
         self.num_threads = min(num_threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
         self.prefetch_bytes = prefetch_bytes
+        self.amx = amx_usable() if amx is None else amx and amx_usable()
         hp, ip = padded(hidden), padded(inter)
         cols = max(hp, ip)
         n_slots = max_tokens * top_k
@@ -949,7 +1105,7 @@ class MoeKernel:
         self.q = np.zeros(rows_q * cols, np.int8)  # int4: int8 activations (x, then h)
         self.corr = np.zeros(rows_q * cols // 4, np.int32)
         self.ascale = np.zeros(rows_q * cols // 4, np.float32)
-        self.res = np.zeros(nt * 128, np.float32)
+        self.res = np.zeros(nt * 1024, np.float32)  # per task: 2 AMX tiles' results (512) and the group's weights
         self.keys = np.zeros(n_slots, np.int64)
         self.slot_of = np.zeros(n_slots, np.int64)
         self.active_id = np.zeros(n_slots, np.int64)
@@ -957,6 +1113,12 @@ class MoeKernel:
         self.slots = np.zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
         self.offsets = np.zeros(nt * 16, np.int64)
         self.sync = np.zeros(8 * SYNC_STRIDE, np.int64)  # per phase: next item, items done
+        # bf16 on AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
+        groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
+        self.gfirst = np.zeros(n_slots, np.int64)
+        self.gexp = np.zeros(groups, np.int64)
+        self.bx = np.zeros(groups * 16 * hp if self.amx else 32, np.uint16)  # packed x per group (pages touched lazily)
+        self.bh = np.zeros(groups * 16 * ip if self.amx else 32, np.uint16)  # packed h per group
         self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
         self._threads_set = threading.local()
 
@@ -1030,7 +1192,8 @@ class MoeKernel:
                 (*run, self.act, self.h, self.xs, self.res, *routing),
             )
         elif fmt.kind == "bf16":
-            args = (moe_bf16, _flat(a, "gate", "up", "down"), (*run, self.act, self.h, self.res, *routing))
+            amx = (self.amx, self.bx, self.bh, self.gfirst, self.gexp, AMX_CONFIG)
+            args = (moe_bf16, _flat(a, "gate", "up", "down"), (*run, self.act, self.h, self.res, *routing, *amx))
         else:
             weights = [
                 v.view(np.uint16) if v.dtype == np.float16 else v

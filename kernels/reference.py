@@ -122,18 +122,21 @@ def silu(v: np.ndarray) -> np.ndarray:
 
 
 def moe_reference(
-    x: np.ndarray, ids: np.ndarray, weights: np.ndarray, layer: LayerExperts, int8_activations: bool = False
+    x: np.ndarray, ids: np.ndarray, weights: np.ndarray, layer: LayerExperts, kernel_activations: bool = False
 ) -> np.ndarray:
     """y[t] = sum_k weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]), e = ids[t, k]; float64 [T, H].
 
-    int8_activations: quantize x and the intermediate per group as the INT4 kernel does.
+    kernel_activations: round x and the intermediate (weight included) as the format's kernel reads them:
+    int8 per group of G inputs for INT4, bf16 for BF16 (FP8 reads float32: unchanged).
     """
     hidden, inter = layer.hidden, layer.inter
-    act = (
-        (lambda v: quantize_int8_groups(_pad_last(v), layer.fmt.group_size)[..., : v.shape[-1]])
-        if int8_activations
-        else (lambda v: v)
-    )
+    kind = layer.fmt.kind if kernel_activations else None
+    if kind == "int4":
+        act = lambda v: quantize_int8_groups(_pad_last(v), layer.fmt.group_size)[..., : v.shape[-1]]  # noqa: E731
+    elif kind == "bf16":
+        act = lambda v: dequantize_bf16(quantize_bf16(v))  # noqa: E731
+    else:
+        act = lambda v: v  # noqa: E731
     cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     y = np.zeros((x.shape[0], hidden))
     for t in range(x.shape[0]):

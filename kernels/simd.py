@@ -9,6 +9,8 @@ Numba:
     i32x16   <16 x i32>     integer dot-product accumulators (VNNI)
     u8x64    <64 x i8>      raw weight / activation bytes
 
+and the AMX tile operations (tile_*), by tile register number (a compile-time constant).
+
 Every load reads at `arr.ctypes.data + i * itemsize` with no bounds check: the callers check
 shapes once, in their Python wrappers. Loads are unaligned (vmovups costs the same on aligned data).
 
@@ -451,3 +453,172 @@ def vdiv(typingctx, a, b):
         return builder.fdiv(*args)
 
     return f32x16(a, b), codegen
+
+
+# ---------------------------------------------------------------- AMX tiles
+# Tile registers are named by literal ints. On a code generator without amx-tile / amx-bf16 every tile
+# operation compiles to nothing: callers reach them only where jit.amx_usable() said yes.
+
+_I8P, _VOID = I8.as_pointer(), ir.VoidType()
+
+
+def _amx() -> bool:
+    return has_cpu_feature("amx-tile") and has_cpu_feature("amx-bf16")
+
+
+def _tile_number(t) -> int | None:
+    return t.literal_value if isinstance(t, types.IntegerLiteral) else None
+
+
+@intrinsic
+def tile_config(typingctx, cfg):
+    """ldtilecfg from the 64-byte configuration cfg (uint8 array); per thread, before its first tile op."""
+
+    def codegen(context, builder, sig, args):
+        if _amx():
+            at = _ptr(context, builder, sig.args[0], args[0], context.get_constant(types.intp, 0), types.intp, I8)
+            builder.call(_llvm_fn(builder, "llvm.x86.ldtilecfg", _VOID, [_I8P]), [at])
+        return context.get_dummy_value()
+
+    return types.void(cfg), codegen
+
+
+@intrinsic
+def tile_release(typingctx):
+    def codegen(context, builder, sig, args):
+        if _amx():
+            builder.call(_llvm_fn(builder, "llvm.x86.tilerelease", _VOID, []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def tile_zero(typingctx, tile):
+    t = _tile_number(tile)
+    if t is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if _amx():
+            builder.call(_llvm_fn(builder, "llvm.x86.tilezero", _VOID, [I8]), [ir.Constant(I8, t)])
+        return context.get_dummy_value()
+
+    return types.void(tile), codegen
+
+
+def _tile_memory(name: str):
+    def typer(typingctx, tile, arr, idx, stride_bytes):
+        t = _tile_number(tile)
+        if t is None:
+            return None
+
+        def codegen(context, builder, sig, args):
+            if _amx():
+                at = _ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2], I8)
+                stride = context.cast(builder, args[3], sig.args[3], types.int64)
+                builder.call(_llvm_fn(builder, name, _VOID, [I8, _I8P, I64]), [ir.Constant(I8, t), at, stride])
+            return context.get_dummy_value()
+
+        return types.void(tile, arr, idx, stride_bytes), codegen
+
+    return typer
+
+
+tile_load = intrinsic(_tile_memory("llvm.x86.tileloadd64"))
+tile_load.__doc__ = "tileloadd: the tile's rows from arr[idx:], `stride_bytes` apart."
+tile_store = intrinsic(_tile_memory("llvm.x86.tilestored64"))
+tile_store.__doc__ = "tilestored: the tile's rows to arr[idx:], `stride_bytes` apart."
+
+
+@intrinsic
+def tile_dp_bf16(typingctx, c, a, b):
+    """C += A . B over bf16 pairs (tdpbf16ps): A rows of 32 bf16, B rows of 16 pairs, C float32."""
+    tiles = [_tile_number(v) for v in (c, a, b)]
+    if None in tiles:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if _amx():
+            fn = _llvm_fn(builder, "llvm.x86.tdpbf16ps", _VOID, [I8, I8, I8])
+            builder.call(fn, [ir.Constant(I8, t) for t in tiles])
+        return context.get_dummy_value()
+
+    return types.void(c, a, b), codegen
+
+
+def _bf16_round(builder, v):
+    """float32 lanes -> their bf16 bit patterns (round to nearest even) in the low 16 bits of i32 lanes."""
+    b = builder.bitcast(v, V16I)
+    odd = builder.and_(builder.lshr(b, _consts(I32, [16] * 16)), _consts(I32, [1] * 16))
+    return builder.lshr(builder.add(builder.add(b, _consts(I32, [0x7FFF] * 16)), odd), _consts(I32, [16] * 16))
+
+
+@intrinsic
+def store_bf16_pairs(typingctx, dst, idx, stride, lo, hi):
+    """The 32 values lo ++ hi rounded to bf16, as 16 pairs (2p, 2p+1): pair p goes to dst[idx + p * stride]
+    and the next element (dst: uint16; one AMX B-tile column per call)."""
+
+    def codegen(context, builder, sig, args):
+        a, b = _bf16_round(builder, args[3]), _bf16_round(builder, args[4])
+        even = builder.shuffle_vector(a, b, _consts(I32, range(0, 32, 2)))
+        odd = builder.shuffle_vector(a, b, _consts(I32, range(1, 32, 2)))
+        pairs = builder.or_(even, builder.shl(odd, _consts(I32, [16] * 16)))
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        base = context.cast(builder, args[1], sig.args[1], types.intp)
+        step = context.cast(builder, args[2], sig.args[2], types.intp)
+        for p in range(16):
+            at = builder.add(base, builder.mul(step, context.get_constant(types.intp, p)))
+            ptr = builder.bitcast(builder.gep(data, [at]), I32.as_pointer())
+            builder.store(builder.extract_element(pairs, ir.Constant(I32, p)), ptr, align=2)
+        return context.get_dummy_value()
+
+    return types.void(dst, idx, stride, lo, hi), codegen
+
+
+@intrinsic
+def store_bf16_interleaved(typingctx, dst, idx, even, odd):
+    """dst[idx + 2l], dst[idx + 2l + 1] = bf16(even[l]), bf16(odd[l]) for the 16 lanes l (dst: uint16;
+    one AMX B-tile row: 16 columns of one pair)."""
+
+    def codegen(context, builder, sig, args):
+        odd = builder.shl(_bf16_round(builder, args[3]), _consts(I32, [16] * 16))
+        pairs = builder.or_(_bf16_round(builder, args[2]), odd)
+        builder.store(pairs, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], V16I), align=2)
+        return context.get_dummy_value()
+
+    return types.void(dst, idx, even, odd), codegen
+
+
+@intrinsic
+def transpose16(typingctx, arr, idx):
+    """Transpose the 16 x 16 float32 block arr[idx : idx+256] in place (rows of 16): four stages of
+    two-source shuffles, each swapping one bit of the row number with the same bit of the lane."""
+
+    def codegen(context, builder, sig, args):
+        rows_at = [builder.add(args[1], ir.Constant(args[1].type, 16 * r)) for r in range(16)]
+        at = [_ptr(context, builder, sig.args[0], args[0], i, sig.args[1], V16F) for i in rows_at]
+        rows = [builder.load(a, align=4) for a in at]
+        for k in (8, 4, 2, 1):
+            lo = [lane if not lane & k else 16 + lane - k for lane in range(16)]
+            hi = [lane + k if not lane & k else 16 + lane for lane in range(16)]
+            for i in range(16):
+                if not i & k:
+                    a, b = rows[i], rows[i + k]
+                    rows[i] = builder.shuffle_vector(a, b, _consts(I32, lo))
+                    rows[i + k] = builder.shuffle_vector(a, b, _consts(I32, hi))
+        for a, v in zip(at, rows):
+            builder.store(v, a, align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
+@intrinsic
+def vround_bf16(typingctx, vec):
+    """The 16 float32 lanes rounded to bf16 (nearest even), as float32: what a bf16 activation holds."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.shl(_bf16_round(builder, args[0]), _consts(I32, [16] * 16)), V16F)
+
+    return f32x16(vec), codegen

@@ -10,7 +10,17 @@ from helpers.kernel_layers import random_layer
 
 from hmoe.kernels import reference as ref
 from hmoe.kernels.formats import ExpertFormat
-from hmoe.kernels.moe import ITEMS_PER_TASK, MIN_STREAM_BYTES, QUANT_MIN_COLS, MoeKernel, item_rows, quant_chunk, route
+from hmoe.kernels.jit import amx_usable
+from hmoe.kernels.moe import (
+    AMX_MIN_SLOTS,
+    ITEMS_PER_TASK,
+    MIN_STREAM_BYTES,
+    QUANT_MIN_COLS,
+    MoeKernel,
+    item_rows,
+    quant_chunk,
+    route,
+)
 
 E, H, I = 12, 256, 384
 
@@ -50,13 +60,41 @@ def test_layer_matches_reference(layers, fmt, tokens, kind):
     n_active = kernel.run(x, ids, w, layer, out)
     assert n_active == len(np.unique(ids))
     if fmt.kind == "int4":  # int8 activations: compare with the reference that quantizes them the same way
-        want = ref.moe_reference(x, ids, w, layer, int8_activations=True)
+        want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
         assert np.linalg.norm(out - want) / np.linalg.norm(want) < 2e-3
         exact = ref.moe_reference(x, ids, w, layer)
         assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < 3e-2  # what int8 activations cost
+    elif fmt.kind == "bf16":  # bf16 activations
+        want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
+        assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-4  # h's rounding may differ by an ulp
+        exact = ref.moe_reference(x, ids, w, layer)
+        assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < 1e-2  # what bf16 activations cost
     else:
         want = ref.moe_reference(x, ids, w, layer)
         assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.skipif(not amx_usable(), reason="needs AMX (amx-tile, amx-bf16) and the kernel's permission to use it")
+@pytest.mark.parametrize("tokens,top_k", [(5, 8), (30, 3), (24, 2)])
+def test_bf16_experts_with_many_slots_run_on_amx_tiles(layers, tokens, top_k):
+    """A call with experts of many slots (AMX) and of few (AVX-512 tiles), with AMX and without: the same
+    results but for the order of sums, both as the reference with bf16 activations says."""
+    rng = np.random.default_rng(tokens)
+    layer = layers["bf16"]
+    ids, w = routing(rng, tokens, top_k, E, "skewed")
+    x = rng.standard_normal((tokens, H), dtype=np.float32)
+    counts = np.bincount(ids.reshape(-1), minlength=E)
+    assert counts.max() >= AMX_MIN_SLOTS > counts.min()  # both paths in one call
+    outs = {}
+    for amx in (True, False):
+        out = np.full((tokens, H), np.nan, np.float32)
+        MoeKernel(H, I, 64, top_k, num_threads=3, amx=amx).run(x, ids, w, layer, out)
+        outs[amx] = out
+    want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
+    for out in outs.values():  # an element of h whose float32 and float64 values round apart: one bf16 ulp
+        assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-4
+    assert np.abs(outs[True] - outs[False]).max() <= 1e-4 * np.abs(want).max()
+    assert not np.array_equal(outs[True], outs[False])  # the AMX path ran (its sums go in another order)
 
 
 def test_padded_dims_and_thread_counts(fmt):
@@ -65,11 +103,12 @@ def test_padded_dims_and_thread_counts(fmt):
     rng = np.random.default_rng(0)
     ids, w = routing(rng, 5, 4, 5, "uniform")
     x = rng.standard_normal((5, hidden), dtype=np.float32)
-    want = ref.moe_reference(x, ids, w, layer, int8_activations=fmt.kind == "int4")
+    want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)  # bf16: 20 slots over 5 experts, AMX
+    tolerance = 2e-3 if fmt.kind == "int4" else 1e-4 if fmt.kind == "bf16" else 1e-6
     for threads in (1, 2, 5):
         out = np.full((5, hidden), np.nan, np.float32)
         MoeKernel(hidden, inter, 8, 4, num_threads=threads).run(x, ids, w, layer, out)
-        assert np.linalg.norm(out - want) / np.linalg.norm(want) < (2e-3 if fmt.kind == "int4" else 1e-6)
+        assert np.linalg.norm(out - want) / np.linalg.norm(want) < tolerance
 
 
 def test_route_groups_slots_by_expert():
@@ -130,7 +169,7 @@ def test_int4_activations_quantized_in_pieces(group):
     assert quant_chunk(hidden, 1, 2) == QUANT_MIN_COLS  # two items: 1024 + 256 inputs
     out = np.full((1, hidden), np.nan, np.float32)
     MoeKernel(hidden, inter, 1, 1, num_threads=2).run(x, ids, w, layer, out)
-    want = ref.moe_reference(x, ids, w, layer, int8_activations=True)
+    want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
     assert np.linalg.norm(out - want) / np.linalg.norm(want) < 2e-3
 
 

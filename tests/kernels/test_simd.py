@@ -16,6 +16,9 @@ from hmoe.kernels.simd import (
     load_u8x64,
     nibbles_hi,
     nibbles_lo,
+    store_bf16_interleaved,
+    store_bf16_pairs,
+    transpose16,
     vcvt,
     vload,
     vsplit_parity,
@@ -133,6 +136,44 @@ print(json.dumps({f.__name__: "\n".join(f.inspect_asm().values()) for f in
 
 
 @pytest.mark.skipif(not AVX512, reason="CPU without AVX-512")
+@njit
+def _transpose_at(a, at):
+    transpose16(a, at)
+
+
+@njit
+def _pairs(dst, at, stride, v):
+    store_bf16_pairs(dst, at, stride, vload(v, 0), vload(v, 16))
+
+
+@njit
+def _interleaved(dst, at, v):
+    store_bf16_interleaved(dst, at, vload(v, 0), vload(v, 16))
+
+
+def test_the_amx_packing_helpers_transpose_and_round_to_bf16_exactly():
+    """What the AMX path builds its tiles with: a 16 x 16 transpose in place, and float32 -> bf16 (round to
+    nearest even, as reference.quantize_bf16) stored as column pairs or as interleaved lanes."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(600).astype(np.float32)
+    b = a.copy()
+    _transpose_at(b, 256)
+    assert np.array_equal(b[256:512].reshape(16, 16), a[256:512].reshape(16, 16).T)
+    assert np.array_equal(b[:256], a[:256]) and np.array_equal(b[512:], a[512:])
+    v = (rng.standard_normal(32) * 10.0 ** rng.integers(-30, 30, 32)).astype(np.float32)
+    v[:4] = [1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -0.0, np.float32(3.0e38)]  # ties to even, a sign, near the top
+    want = ref.quantize_bf16(v)
+    dst = np.zeros(600, np.uint16)
+    _pairs(dst, 5, 32, v)
+    for p in range(16):  # pair p (columns 2p, 2p+1) at 5 + 32p
+        assert dst[5 + 32 * p] == want[2 * p] and dst[6 + 32 * p] == want[2 * p + 1]
+    assert np.count_nonzero(dst) == np.count_nonzero(want)  # nothing written elsewhere
+    dst = np.zeros(40, np.uint16)
+    _interleaved(dst, 3, v)
+    assert np.array_equal(dst[3:35:2], want[:16]) and np.array_equal(dst[4:36:2], want[16:])
+    assert not dst[:3].any() and not dst[35:].any()
+
+
 def test_hot_loops_use_512_bit_vectors(tmp_path):
     """The tile kernels (explicit vectors) and the auto-vectorized glue both emit zmm code.
 

@@ -168,7 +168,10 @@ def test_greedy_tokens_and_kv_with_the_cache_equal_those_without(pair):
             cached[name].append(msg.cached_tokens)
             if name == "on" and i == 0:  # the reused KV is what the engine without a cache computes there
                 reused = msg.cached_tokens
-                torch.testing.assert_close(kv[:, :reused], reference[:, :reused], rtol=1e-4, atol=1e-4)
+                # Up to how the chunks grouped the tokens: the order of float32 sums, and where such a difference
+                # moves a bf16 expert activation by one rounding step (BF16 kernels read bf16 activations).
+                wrong = (kv[:, :reused] - reference[:, :reused]).norm() / reference[:, :reused].norm()
+                assert wrong < 1e-3, wrong
     assert tokens["on"] == tokens["off"]
     assert cached["off"] == [0] * 6
     assert cached["on"] == [0, 28, 28, 28, 0, 28]  # 29 then 30, 31 tokens: 7 full blocks; 31 again: 7 (30 // 4)

@@ -29,27 +29,33 @@ CASES = [("bf16", "bf16"), ("fp8", "fp8"), ("fp8", "fp32"), ("int4-g32", "bf16")
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 
-class Int8ActivationTorchExperts(TorchExperts):
-    """Torch reference doing what the INT4 kernel does to activations: int8 per group of G inputs."""
+class KernelActivationTorchExperts(TorchExperts):
+    """Torch reference reading activations as the format's kernel does: int8 per group of G inputs for
+    INT4, bf16 for BF16 (reference.moe_reference's kernel_activations)."""
 
-    def __init__(self, layers, group: int):
+    def __init__(self, layers, fmt: ExpertFormat):
         super().__init__(layers)
-        self.group = group
+        self.fmt = fmt
+
+    def _round(self, v: torch.Tensor) -> torch.Tensor:
+        if self.fmt.kind == "bf16":
+            return v.bfloat16().to(v.dtype)
+        return torch.from_numpy(quantize_int8_groups(v.double().numpy(), self.fmt.group_size)).to(v.dtype)
 
     def __call__(self, layer_id, hidden, topk_ids, topk_weights):
         gate, up, down = self.layers[layer_id]
-        q = lambda v: torch.from_numpy(quantize_int8_groups(v.double().numpy(), self.group)).to(v.dtype)  # noqa: E731
-        x = q(hidden)
+        x = self._round(hidden)
         out = torch.zeros_like(hidden)
         for e in torch.unique(topk_ids).tolist():
             t, k = torch.where(topk_ids == e)
             h = torch.nn.functional.silu(x[t] @ gate[e].T) * (x[t] @ up[e].T) * topk_weights[t, k, None]
-            out.index_add_(0, t, q(h) @ down[e].T)
+            out.index_add_(0, t, self._round(h) @ down[e].T)
         return out
 
 
-def decoded_torch_experts(cpu: CpuExperts, int8_activations: bool = False) -> TorchExperts:
-    """The torch reference over the very weights the CPU kernels use (and, for INT4, their int8 activations)."""
+def decoded_torch_experts(cpu: CpuExperts, kernel_activations: bool = False) -> TorchExperts:
+    """The torch reference over the very weights the CPU kernels use (and, with kernel_activations, their
+    int8 or bf16 activations)."""
     layers = {}
     for layer_id, lay in cpu.layers.items():
         stacks = [
@@ -62,11 +68,9 @@ def decoded_torch_experts(cpu: CpuExperts, int8_activations: bool = False) -> To
         ]
         layers[layer_id] = tuple(stacks)
     fmt = next(iter(cpu.layers.values())).fmt
-    return (
-        Int8ActivationTorchExperts(layers, fmt.group_size)
-        if int8_activations and fmt.kind == "int4"
-        else TorchExperts(layers)
-    )
+    if kernel_activations and fmt.kind != "fp8":
+        return KernelActivationTorchExperts(layers, fmt)
+    return TorchExperts(layers)
 
 
 def greedy(checkpoint, experts, n: int = 12) -> list[int]:
@@ -82,14 +86,15 @@ def test_greedy_tokens_match_torch_backend(tiny_models, arch, fmt_name, ckpt_dty
     checkpoint = Checkpoint.open(tiny_models(arch, ckpt_dtype))
     cpu = CpuExperts.from_checkpoint(checkpoint, ExpertFormat.parse(fmt_name), num_threads=2)
     try:
-        assert greedy(checkpoint, cpu) == greedy(checkpoint, decoded_torch_experts(cpu, int8_activations=True))
+        assert greedy(checkpoint, cpu) == greedy(checkpoint, decoded_torch_experts(cpu, kernel_activations=True))
     finally:
         cpu.close()
 
 
-@pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g128"])
-def test_int8_activations_cost_little(tiny_models, fmt_name):
-    """What the INT4 kernel's int8 activations cost against float activations on the same weights: logits stay close."""
+@pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g128", "bf16"])
+def test_kernel_activations_cost_little(tiny_models, fmt_name):
+    """What the kernels' activations (int8 for INT4, bf16 for BF16) cost against float32 ones on the same
+    weights: logits stay close."""
     checkpoint = Checkpoint.open(tiny_models("deepseek_v3", "bf16"))
     cpu = CpuExperts.from_checkpoint(checkpoint, ExpertFormat.parse(fmt_name), num_threads=2)
     logits = []
@@ -100,7 +105,7 @@ def test_int8_activations_cost_little(tiny_models, fmt_name):
         logits.append(model.forward(ForwardBatch.build(kv, [("s", PROMPT, 0)]), kv, all_logits=True))
     cpu.close()
     rel = ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
-    print(f"{fmt_name}: int8 activations move the logits by {rel:.2e} (relative L2)")
+    print(f"{fmt_name}: the kernel's activations move the logits by {rel:.2e} (relative L2)")
     assert rel < 0.02
 
 
@@ -108,7 +113,7 @@ def test_layer_outputs_match_and_submit_overlaps(tiny_models):
     """Per call: CPU kernels vs torch on the same decoded weights; two calls in flight at once."""
     checkpoint = Checkpoint.open(tiny_models("qwen3_moe", "bf16"))
     cpu = CpuExperts.from_checkpoint(checkpoint, ExpertFormat("bf16"), num_threads=2)
-    ref = decoded_torch_experts(cpu)
+    ref = decoded_torch_experts(cpu, kernel_activations=True)
     c = checkpoint.config
     layer_id = c.moe_layer_ids[0]
     g = torch.Generator().manual_seed(0)
@@ -152,7 +157,7 @@ def test_backend_is_chosen_per_forward(tiny_models):
     """One model, built once: each forward runs its routed experts on the backend it is handed."""
     checkpoint = Checkpoint.open(tiny_models("deepseek_v3", "bf16"))
     cpu = CpuExperts.from_checkpoint(checkpoint, ExpertFormat("bf16"), num_threads=2)
-    model = load_model(checkpoint, "cpu", "fp32", experts=decoded_torch_experts(cpu))
+    model = load_model(checkpoint, "cpu", "fp32", experts=decoded_torch_experts(cpu, kernel_activations=True))
     kv = KVPool.from_budget(model.config, 1 << 24, 16, model.dtype, model.device)
     silent = TorchExperts({k: tuple(torch.zeros_like(w) for w in ws) for k, ws in model.experts.layers.items()})
     logits = {}
