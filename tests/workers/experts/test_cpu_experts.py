@@ -126,7 +126,8 @@ def test_layer_outputs_match_and_submit_overlaps(tiny_models):
     for x, ids, w, handle in calls:
         got, want = cpu.wait(handle), ref(layer_id, x, ids, w)
         assert got.dtype == x.dtype and got.shape == x.shape
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        # bf16 activations: an element of h whose float32 and float64 values round apart moves by one bf16 step
+        assert ((got - want).norm() / want.norm()).item() < 1e-4
     bf = cpu(layer_id, calls[1][0].bfloat16(), calls[1][1], calls[1][2])
     assert bf.dtype == torch.bfloat16
     cpu.close()
