@@ -170,13 +170,16 @@ def store_gate(res, n, slots, h, ip, r):
 
 
 @jit
+def silu(g):
+    return vdiv(g, vadd(vsplat(1.0), vexp(vmul(g, vsplat(-1.0)))))
+
+
+@jit
 def finish_up(res, n, slots, weights, h, ip, r):
     """h[slot, r:r+16] = weight * silu(h) * up x (res[16 * i + row]) for the n slots of a group."""
     for i in range(n):
         at = slots[i] * ip + r
-        g = vload(h, at)
-        silu = vdiv(g, vadd(vsplat(1.0), vexp(vmul(g, vsplat(-1.0)))))
-        vstore(h, at, vmul(vmul(silu, vload(res, 16 * i)), vsplat(weights[slots[i]])))
+        vstore(h, at, vmul(vmul(silu(vload(h, at)), vload(res, 16 * i)), vsplat(weights[slots[i]])))
 
 
 @jit
@@ -544,11 +547,10 @@ def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, gexp, active_start, slot_of,
             row = (e * ip + r) * hp
             amx_pair(gate, row, up, row, hp, bx, 16 * hp * g, res)  # res[16 * row + token]: gate, then up
             at = 16 * ip * g + 16 * r  # bh: the column step of rows r..r+15 (r is a multiple of 16), its pair
-            for q in range(8):
-                m = 2 * q
-                ge, go = vload(res, 16 * m), vload(res, 16 * m + 16)
-                he = vmul(vmul(vdiv(ge, vadd(vsplat(1.0), vexp(vmul(ge, vsplat(-1.0))))), vload(res, 256 + 16 * m)), w)
-                ho = vmul(vmul(vdiv(go, vadd(vsplat(1.0), vexp(vmul(go, vsplat(-1.0))))), vload(res, 272 + 16 * m)), w)
+            for q in range(8):  # rows 2q, 2q+1: one B row of bh, 16 tokens x the pair
+                m = 32 * q
+                he = vmul(vmul(silu(vload(res, m)), vload(res, 256 + m)), w)
+                ho = vmul(vmul(silu(vload(res, m + 16)), vload(res, 272 + m)), w)
                 store_bf16_interleaved(bh, at + 32 * q, he, ho)
 
 
