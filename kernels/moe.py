@@ -509,25 +509,30 @@ def amx_groups(n_active, active_start, amx, gfirst, gexp):
         c = active_start[a + 1] - active_start[a]
         gfirst[a] = ng if amx and c >= AMX_MIN_SLOTS else -1
         if gfirst[a] >= 0:
-            for _ in range(-(-c // 16)):
-                gexp[ng] = a
-                ng += 1
+            for g in _amx_groups_of(a, gfirst, active_start):
+                gexp[g] = a
+                ng = g + 1
     return ng
 
 
 @jit
-def _amx_slots(g, gfirst, gexp, active_start):
-    """(first slot index into slot_of, number of slots) of AMX group g."""
-    a = gexp[g]
+def _amx_group_slots(a, g, gfirst, active_start):
+    """(first slot index into slot_of, number of slots) of AMX group g of active expert a."""
     first = active_start[a] + 16 * (g - gfirst[a])
     return first, min(16, active_start[a + 1] - first)
+
+
+@jit
+def _amx_groups_of(a, gfirst, active_start):
+    """The AMX groups of active expert a (gfirst[a] >= 0): 16 of its slots each."""
+    return range(gfirst[a], gfirst[a] + -(-(active_start[a + 1] - active_start[a]) // 16))
 
 
 @jit
 def _amx_pack_x(g, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
     """Group g's tokens as the AMX B tiles of gate and up: bx[16 * hp * g:], one 512-value block per
     32 columns (lanes of missing tokens keep stale values: they only feed output columns nobody reads)."""
-    first, n = _amx_slots(g, gfirst, gexp, active_start)
+    first, n = _amx_group_slots(gexp[g], g, gfirst, active_start)
     for i in range(n):
         t = slot_of[first + i] // top_k
         for j in range(0, hp, 32):
@@ -535,11 +540,11 @@ def _amx_pack_x(g, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
 
 
 @jit
-def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, gexp, active_start, slot_of, weights, gate, up, bx, bh, res):
+def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, active_start, slot_of, weights, gate, up, bx, bh, res):
     """Rows [r0, r1) of expert e's gate and up for all its slots on AMX tiles; h = w * silu(gate x) * up x
     goes, rounded to bf16, straight into bh as the B tiles of the down projection."""
-    for g in range(gfirst[a], gfirst[a] + -(-(active_start[a + 1] - active_start[a]) // 16)):
-        first, n = _amx_slots(g, gfirst, gexp, active_start)
+    for g in _amx_groups_of(a, gfirst, active_start):
+        first, n = _amx_group_slots(a, g, gfirst, active_start)
         for i in range(16):
             res[512 + i] = weights[slot_of[first + i]] if i < n else 0.0
         w = vload(res, 512)
@@ -555,10 +560,10 @@ def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, gexp, active_start, slot_of,
 
 
 @jit
-def _bf16_down_amx(a, e, r0, r1, hp, ip, hidden, top_k, gfirst, gexp, active_start, slot_of, down, bh, out, res, slots):
+def _bf16_down_amx(a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, slot_of, down, bh, out, res, slots):
     """out[t, r0:r1] += expert e's down rows [r0, r1) . h for all its slots, on AMX tiles, two tile-rows a pass."""
-    for g in range(gfirst[a], gfirst[a] + -(-(active_start[a + 1] - active_start[a]) // 16)):
-        first, n = _amx_slots(g, gfirst, gexp, active_start)
+    for g in _amx_groups_of(a, gfirst, active_start):
+        first, n = _amx_group_slots(a, g, gfirst, active_start)
         for i in range(n):
             slots[i] = slot_of[first + i]
         for r in range(r0, r1, 2 * TILE_ROWS):
@@ -617,7 +622,6 @@ def _bf16_down(
     offs,
     pf,
     gfirst,
-    gexp,
     bh,
 ):
     """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
@@ -628,7 +632,7 @@ def _bf16_down(
             prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf // 2, 32)
         if gfirst[a] >= 0:
             _bf16_down_amx(
-                a, e, r0, r1, hp, ip, hidden, top_k, gfirst, gexp, active_start, slot_of, down, bh, out, res, slots
+                a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, slot_of, down, bh, out, res, slots
             )
             continue
         end = (e * hp + r1) * ip
@@ -719,7 +723,6 @@ def moe_bf16(
                     hp,
                     ip,
                     gfirst,
-                    gexp,
                     active_start,
                     slot_of,
                     weights,
@@ -729,31 +732,28 @@ def moe_bf16(
                     bh,
                     t_res,
                 )
-                item_done(sync, 1)
-                i = take_item(sync, 1)
-                _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
-                continue
-            _bf16_gate_up(
-                active_id[a],
-                active_start[a],
-                active_start[a + 1],
-                c * rows1,
-                min(ip, (c + 1) * rows1),
-                hp,
-                ip,
-                top_k,
-                gate,
-                up,
-                slot_of,
-                weights,
-                act,
-                act_zero,
-                h,
-                t_res,
-                t_slots,
-                t_offs,
-                pf,
-            )
+            else:
+                _bf16_gate_up(
+                    active_id[a],
+                    active_start[a],
+                    active_start[a + 1],
+                    c * rows1,
+                    min(ip, (c + 1) * rows1),
+                    hp,
+                    ip,
+                    top_k,
+                    gate,
+                    up,
+                    slot_of,
+                    weights,
+                    act,
+                    act_zero,
+                    h,
+                    t_res,
+                    t_slots,
+                    t_offs,
+                    pf,
+                )
             item_done(sync, 1)
             i = take_item(sync, 1)
             _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
@@ -782,7 +782,6 @@ def moe_bf16(
                 t_offs,
                 pf,
                 gfirst,
-                gexp,
                 bh,
             )
             i = take_item(sync, 2)

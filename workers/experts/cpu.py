@@ -52,6 +52,11 @@ class _Slot:
     def __post_init__(self) -> None:
         self.x_np, self.ids_np, self.w_np, self.out_np = (t.numpy() for t in (self.x, self.ids, self.weights, self.out))
 
+    def wait_for_device(self) -> None:
+        """Until the input copies from the GPU have landed and the last output was copied out of the slot."""
+        self.ready.synchronize()
+        self.consumed.synchronize()
+
 
 @dataclass(eq=False)
 class _Call:
@@ -176,8 +181,7 @@ class CpuExperts:
         if s.busy:
             raise RuntimeError(f"expert slot {slot} is in use by a submitted call")
         if s.ready is not None:
-            s.ready.synchronize()  # the input copies have landed
-            s.consumed.synchronize()  # the previous output was copied out of this slot
+            s.wait_for_device()
         self._run_chunks(self.layers[layer_id], s.x_np[:n], s.ids_np[:n], s.w_np[:n], s.out_np[:n])
         into.copy_(s.out[: into.shape[0]], non_blocking=True)
         if s.consumed is not None:
@@ -273,8 +277,7 @@ class CpuExperts:
                 continue
             try:
                 if s.sync:
-                    s.ready.synchronize()  # the input copies from the GPU have landed
-                    s.consumed.synchronize()  # the previous output was copied out of this slot
+                    s.wait_for_device()
                 self._run_chunks(*s.job)
             except BaseException as exc:  # handed to the caller of collect/wait
                 s.error = exc
