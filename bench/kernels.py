@@ -582,15 +582,15 @@ def main(argv=None) -> None:
             shared = routings(rng, num_calls, 8, num_experts, top_k, shared=True) if 8 in tokens_list else None
             if shared is not None:
                 results.append(timed_case(layer, shape, shape_name, fmt_name, 8, shared, "shared", threads, bw))
-            if fmt_name == "bf16" and amx_usable():  # the same calls with AMX and without: what it buys
+            if fmt_name in ("bf16", "fp8") and amx_usable():  # the same calls with AMX and without: what it buys
                 for tokens, routing in ((8, "shared"), (16, "random"), (128, "random")):
                     calls = routings(rng, 5, tokens, num_experts, top_k, shared=routing == "shared")
                     on, off = (bench_hmoe(layer, shape, tokens, calls, threads, evict, amx=a) for a in (True, False))
-                    row = dict(shape=shape_name, tokens=tokens, routing=routing, threads=threads)
+                    row = dict(shape=shape_name, format=fmt_name, tokens=tokens, routing=routing, threads=threads)
                     row.update(amx_s=on["seconds"], avx512_s=off["seconds"], speedup=off["seconds"] / on["seconds"])
-                    notes.setdefault("bf16_amx_ab", []).append(row)
+                    notes.setdefault("amx_ab", []).append(row)
                     print(
-                        f"{shape_name:14s} bf16      T={tokens:3d} {routing:6s} AMX {on['seconds'] * 1e3:8.2f} ms, "
+                        f"{shape_name:14s} {fmt_name:9s} T={tokens:3d} {routing:6s} AMX {on['seconds'] * 1e3:8.2f} ms, "
                         f"AVX-512 {off['seconds'] * 1e3:8.2f} ms: x{row['speedup']:.2f}",
                         flush=True,
                     )
@@ -694,7 +694,7 @@ def main(argv=None) -> None:
         "read_bw_worker": {"spread": bw_worker.spread(), "readings": bw_worker.readings} if bw_worker else None,
         "threads": threads,
         "worker_threads": w_threads,
-        "amx": amx_usable(),  # bf16 experts with AMX_MIN_SLOTS or more slots run on AMX tiles (bf16_amx_ab: A/B)
+        "amx": amx_usable(),  # bf16/fp8 experts with AMX_MIN_SLOTS or more slots run on AMX tiles (amx_ab: A/B)
         "quick": args.quick,
         "calls": num_calls,
         "results": results,

@@ -60,7 +60,7 @@ jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 
 
 @jit
-def _prefetch_ahead(w, at, pf, lines, line_elems, end):
+def prefetch_ahead(w, at, pf, lines, line_elems, end):
     """Prefetch `lines` cache lines from element at + |pf| of w if that is before `end` (the stream's end:
     what lies past it is another task's): into L1 for pf > 0, into L2 for pf < 0."""
     if pf > 0 and at + pf < end:
@@ -105,7 +105,7 @@ def fp8_tile(w, row, cols, a, a0, res, pf, end):
     for j in range(0, cols, 32):
         x0, x1 = vload(a, a0 + j), vload(a, a0 + j + 16)
         b = row + 16 * j
-        _prefetch_ahead(w, b, pf, 8, 64, end)
+        prefetch_ahead(w, b, pf, 8, 64, end)
         s0, s1 = _fp8(w, b, x0, x1, s0, s1)
         s2, s3 = _fp8(w, b + 64, x0, x1, s2, s3)
         s4, s5 = _fp8(w, b + 128, x0, x1, s4, s5)
@@ -129,7 +129,7 @@ def fp8_tile_tokens4(w, row, cols, a, offs, res, pf, end):
         for j in range(0, cols, 32):
             b = row + 16 * j + 32 * sub
             if sub == 0:  # the first pass brings the tile-row in; the other three find it in cache
-                _prefetch_ahead(w, b, pf, 8, 64, end)
+                prefetch_ahead(w, b, pf, 8, 64, end)
             x0, x1, y0, y1 = vload(a, a0 + j), vload(a, a0 + j + 16), vload(a, a1 + j), vload(a, a1 + j + 16)
             z0, z1, t0, t1 = vload(a, a2 + j), vload(a, a2 + j + 16), vload(a, a3 + j), vload(a, a3 + j + 16)
             e0, o0, e1, o1 = load_fp8x64(w, b)
@@ -186,7 +186,7 @@ def bf16_tile(w, row, cols, a, a0, res, pf, end):
     for j in range(0, cols, 32):
         x0, x1 = vload(a, a0 + j), vload(a, a0 + j + 16)
         b = row + 16 * j
-        _prefetch_ahead(w, b, pf // 2, 16, 32, end)
+        prefetch_ahead(w, b, pf // 2, 16, 32, end)
         s0, s1, s2, s3 = (
             _bf16(w, b, x0, x1, s0),
             _bf16(w, b + 32, x0, x1, s1),
@@ -226,7 +226,7 @@ def bf16_tile_tokens4(w, row, cols, a, offs, res, pf, end):
         for j in range(0, cols, 32):
             b = row + 16 * j + 32 * sub
             if sub == 0:
-                _prefetch_ahead(w, row + 16 * j, pf // 2, 16, 32, end)
+                prefetch_ahead(w, row + 16 * j, pf // 2, 16, 32, end)
             x0, x1, y0, y1 = vload(a, a0 + j), vload(a, a0 + j + 16), vload(a, a1 + j), vload(a, a1 + j + 16)
             z0, z1, t0, t1 = vload(a, a2 + j), vload(a, a2 + j + 16), vload(a, a3 + j), vload(a, a3 + j + 16)
             lo, hi = load_bf16x16(w, b), load_bf16x16(w, b + 16)
@@ -293,8 +293,8 @@ def int4_tile(w, row, cols, ws, srow, group, q, q0, corr, ascale, l0, res, pf, e
         clo, chi = load_i32x16(corr, l0 + 32 * c), load_i32x16(corr, l0 + 32 * c + 16)
         slo, shi = vload(ascale, l0 + 32 * c), vload(ascale, l0 + 32 * c + 16)
         b, sb = row + 1024 * c, srow + 16 * gs * c
-        _prefetch_ahead(w, b, pf, 16, 64, end)
-        _prefetch_ahead(
+        prefetch_ahead(w, b, pf, 16, 64, end)
+        prefetch_ahead(
             ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group
         )  # scales: 32 * gs bytes per 1 KiB of codes
         s0 = _int4_row(w, b, ws, sb, group, alo, ahi, clo, chi, slo, shi, s0)
@@ -358,8 +358,8 @@ def int4_tile_tokens4(w, row, cols, ws, srow, group, q, qa, corr, ascale, la, re
         for c in range(cols // 128):
             b, sb = row + 1024 * c + 64 * sub, srow + 16 * gs * c + gs * sub
             if sub == 0:
-                _prefetch_ahead(w, b, pf, 16, 64, end)
-                _prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group)
+                prefetch_ahead(w, b, pf, 16, 64, end)
+                prefetch_ahead(ws, sb, pf * gs // 64, max(1, gs // 2), 32, end * 2 // group)
             p0, p1, p2, p3 = _int4_row_tokens4(w, b, ws, sb, group, q, qa, corr, ascale, la, c, p0, p1, p2, p3)
             q0, q1, q2, q3 = _int4_row_tokens4(
                 w, b + 64, ws, sb + gs, group, q, qa, corr, ascale, la, c, q0, q1, q2, q3

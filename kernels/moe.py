@@ -20,11 +20,12 @@ Within an item, all groups of 4 slots of an expert run over the same rows, so an
 than 4 tokens rereads its rows from L2, not DRAM. INT4 quantizes its activations to int8 in two
 short phases of their own (x before phase 1, h before phase 2).
 
-BF16 reads its activations (x and h) rounded to bf16, as a bf16 model holds them. On CPUs with AMX
-(jit.amx_usable) an expert holding AMX_MIN_SLOTS or more of the call's slots runs on AMX tiles, 16 slots
-a pass (the pack layout of bf16 weights is already the A tile; the tokens are packed as B tiles in a
-short phase 0, and phase 1 writes h packed for phase 2); fewer slots, and other CPUs, on the AVX-512
-tiles, with the same products (bf16 x bf16 is exact in float32): only the order of the sums differs.
+BF16 and FP8 read their activations (x and h) rounded to bf16, as a bf16 model holds them. On CPUs
+with AMX (jit.amx_usable) an expert holding AMX_MIN_SLOTS or more of the call's slots runs on AMX tiles,
+16 slots a pass (the pack layout of bf16 weights is already the A tile; FP8 weights are decoded to it
+exactly, a 128-column block at a time, amx.py; the tokens are packed as B tiles in a short phase 0, and
+phase 1 writes h packed for phase 2); fewer slots, and other CPUs, on the AVX-512 tiles, with the same
+products (bf16 x bf16 and E4M3 x bf16 are exact in float32): only the order of the sums differs.
 
 Every weight stream is prefetched PREFETCH_BYTES ahead into L2 up to its end, and the next stream's
 head is prefetched before it starts (dots.py): a core streams at its share of the bandwidth only
@@ -48,7 +49,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .amx import AMX_CONFIG, amx_pair
+from .amx import AMX_CONFIG, FP8_AMX_GROUPS, amx_pair, fp8_amx_pairs
 from .dots import (
     FASTMATH,
     TILE_ROWS,
@@ -94,7 +95,7 @@ SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a w
 SYNC_STRIDE = (
     16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 )
-AMX_MIN_SLOTS = 4  # bf16: an expert with this many of a call's slots runs on AMX tiles (where usable), 16 a pass
+AMX_MIN_SLOTS = 4  # bf16, fp8: an expert with this many of a call's slots runs on AMX tiles (where usable), 16 a pass
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
 
@@ -270,6 +271,70 @@ def _head2(down, i, items, rows, hp, ip, active_id, pf, line_elems):
         prefetch_head(down, (e * hp + i * rows) * ip, (e * hp + min(hp, (i + 1) * rows)) * ip, pf, line_elems)
 
 
+# ---------------------------------------------------------------- AMX groups (bf16, fp8)
+
+
+@jit
+def amx_groups(n_active, active_start, amx, gfirst, gexp):
+    """Number the AMX passes (groups of up to 16 slots of one expert): gfirst[a] = active expert a's first
+    group, -1 where it runs on the AVX-512 tiles (fewer than AMX_MIN_SLOTS slots, or no AMX); gexp[g] =
+    group g's active expert. Returns the number of groups."""
+    ng = 0
+    for a in range(n_active):
+        c = active_start[a + 1] - active_start[a]
+        gfirst[a] = ng if amx and c >= AMX_MIN_SLOTS else -1
+        if gfirst[a] >= 0:
+            for g in _amx_groups_of(a, gfirst, active_start):
+                gexp[g] = a
+                ng = g + 1
+    return ng
+
+
+@jit
+def _amx_group_slots(a, g, gfirst, active_start):
+    """(first slot index into slot_of, number of slots) of AMX group g of active expert a."""
+    first = active_start[a] + 16 * (g - gfirst[a])
+    return first, min(16, active_start[a + 1] - first)
+
+
+@jit
+def _amx_groups_of(a, gfirst, active_start):
+    """The AMX groups of active expert a (gfirst[a] >= 0): 16 of its slots each."""
+    return range(gfirst[a], gfirst[a] + -(-(active_start[a + 1] - active_start[a]) // 16))
+
+
+@jit
+def _amx_pack_x(g, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
+    """Group g's tokens as the AMX B tiles of gate and up: bx[16 * hp * g:], one 512-value block per
+    32 columns (lanes of missing tokens keep stale values: they only feed output columns nobody reads)."""
+    first, n = _amx_group_slots(gexp[g], g, gfirst, active_start)
+    for i in range(n):
+        t = slot_of[first + i] // top_k
+        for j in range(0, hp, 32):
+            store_bf16_pairs(bx, 16 * hp * g + 16 * j + 2 * i, 32, vload(act, t * hp + j), vload(act, t * hp + j + 16))
+
+
+@jit
+def _amx_group_weights(a, g, gfirst, active_start, slot_of, weights, res):
+    """AMX group g's slot weights as a vector (0 past its slots), by way of res[512:528]."""
+    first, n = _amx_group_slots(a, g, gfirst, active_start)
+    for i in range(16):
+        res[512 + i] = weights[slot_of[first + i]] if i < n else 0.0
+    return vload(res, 512)
+
+
+@jit
+def _amx_store_h(gu, g0, w, bh, at):
+    """h = w * silu(gate) * up for 16 rows x 16 tokens (gu[g0 + 16 * row + token]: gate; up 256 further),
+    rounded to bf16 into bh[at:]: the down projection's B tile rows for these 16 inputs (r0 = at's rows, a
+    multiple of 16: the column step of r0, its pairs from (r0 % 32) / 2 on)."""
+    for q in range(8):  # rows 2q, 2q+1: one B row of bh, 16 tokens x the pair
+        m = g0 + 32 * q
+        he = vmul(vmul(silu(vload(gu, m)), vload(gu, 256 + m)), w)
+        ho = vmul(vmul(silu(vload(gu, m + 16)), vload(gu, 272 + m)), w)
+        store_bf16_interleaved(bh, at + 32 * q, he, ho)
+
+
 # ---------------------------------------------------------------- fp8
 
 
@@ -330,6 +395,73 @@ def _fp8_gate_up(
                     store_gate(res, n, slots, h, ip, r)
                 else:
                     finish_up(res, n, slots, weights, h, ip, r)
+                    for i in range(n):
+                        round_bf16(h[slots[i] * ip + r :], TILE_ROWS)
+
+
+@jit
+def _fp8_gate_up_amx(
+    a, e, r0, r1, hp, ip, gfirst, active_start, slot_of, weights, gate, gate_s, up, up_s, bx, bh, res, acc, dec, pf
+):
+    """Rows [r0, r1) (inside one 128-row block) of expert e's gate and up for all its slots on AMX tiles;
+    h = w * silu(gate x) * up x goes, rounded to bf16, into bh as the B tiles of the down projection."""
+    s0 = (e * (ip // 128) + r0 // 128) * (hp // 128)  # the row block's scales
+    end = (e * ip + r1) * hp
+    prefetch_head(up, (e * ip + r0) * hp, end, pf, 64)  # gate's head is the caller's (_head1)
+    g_lo, g_hi = gfirst[a], gfirst[a] + len(_amx_groups_of(a, gfirst, active_start))
+    for g0 in range(g_lo, g_hi, FP8_AMX_GROUPS):  # each decoded block serves up to FP8_AMX_GROUPS groups
+        ng = min(FP8_AMX_GROUPS, g_hi - g0)
+        for r in range(r0, r1, TILE_ROWS):
+            row = (e * ip + r) * hp
+            fp8_amx_pairs(
+                gate, row, gate_s, s0, up, row, up_s, s0, hp, bx, 16 * hp * g0, ng, dec, res, acc, pf, row + 16 * hp
+            )
+            for g in range(ng):
+                w = _amx_group_weights(a, g0 + g, gfirst, active_start, slot_of, weights, res)
+                _amx_store_h(acc, 512 * g, w, bh, 16 * ip * (g0 + g) + 16 * r)
+
+
+@jit
+def _fp8_down_amx(
+    a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, slot_of, down, down_s, bh, out, res, acc, dec, slots, pf
+):
+    """out[t, r0:r1] += expert e's down rows [r0, r1) (inside one 128-row block) . h for all its slots, on
+    AMX tiles, two tile-rows a pass."""
+    s0 = (e * (hp // 128) + r0 // 128) * (ip // 128)
+    end = (e * hp + r1) * ip
+    g_lo, g_hi = gfirst[a], gfirst[a] + len(_amx_groups_of(a, gfirst, active_start))
+    for g0 in range(g_lo, g_hi, FP8_AMX_GROUPS):
+        ng = min(FP8_AMX_GROUPS, g_hi - g0)
+        for r in range(r0, r1, 2 * TILE_ROWS):
+            rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
+            fp8_amx_pairs(
+                down,
+                (e * hp + r) * ip,
+                down_s,
+                s0,
+                down,
+                (e * hp + rb) * ip,
+                down_s,
+                s0,
+                ip,
+                bh,
+                16 * ip * g0,
+                ng,
+                dec,
+                res,
+                acc,
+                pf,
+                end,
+            )
+            for g in range(ng):
+                first, n = _amx_group_slots(a, g0 + g, gfirst, active_start)
+                for i in range(n):
+                    slots[i] = slot_of[first + i]
+                transpose16(acc, 512 * g)  # -> [16 * token + row], as accumulate_out reads
+                accumulate_out(acc[512 * g :], n, slots, top_k, out, hidden, r)
+                if rb != r:
+                    transpose16(acc, 512 * g + 256)
+                    accumulate_out(acc[512 * g + 256 :], n, slots, top_k, out, hidden, rb)
 
 
 @jit
@@ -356,6 +488,10 @@ def _fp8_down(
     slots,
     offs,
     pf,
+    gfirst,
+    bh,
+    acc,
+    dec,
 ):
     """Rows [r0, r1) (inside one 128-row block) of out: every active expert's down, summed in expert order."""
     zero_out_rows(out, num_tokens, hidden, r0, r1)
@@ -365,6 +501,30 @@ def _fp8_down(
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
         if a + 1 < n_active:  # the next expert's rows follow this one's
             prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf, 64)
+        if gfirst[a] >= 0:
+            _fp8_down_amx(
+                a,
+                e,
+                r0,
+                r1,
+                hp,
+                ip,
+                hidden,
+                top_k,
+                gfirst,
+                active_start,
+                slot_of,
+                down,
+                down_s,
+                bh,
+                out,
+                res,
+                acc,
+                dec,
+                slots,
+                pf,
+            )
+            continue
         end = (e * hp + r1) * ip
         for g0 in range(s0, s1, 4):
             n = group_offsets(slot_of, g0, s1, slots, offs, x0, xs_row, zero)
@@ -404,8 +564,19 @@ def moe_fp8(
     slots,
     offsets,
     sync,
+    amx,
+    bx,
+    bh,
+    gfirst,
+    gexp,
+    cfg,
+    acc,
+    dec,
 ):
-    """FP8 layer. x f32[T, H], ids int64[T, K], weights f32[S], out f32[T*H]; the rest flat."""
+    """FP8 layer. x f32[T, H], ids int64[T, K], weights f32[S], out f32[T*H]; the rest flat. x and h are
+    read rounded to bf16 on every path, as in moe_bf16; where `amx`, experts with at least AMX_MIN_SLOTS
+    of the call's slots run on AMX tiles (their weights decoded to bf16 a block at a time), the others on
+    the AVX-512 tiles."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -414,6 +585,8 @@ def moe_fp8(
     if n_active < 0:
         return -1
     load_activations(x, act, hp)
+    round_bf16(act, num_tokens * hp)
+    ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     xs_row = max(hp, ip)
     rows1, rows2 = item_rows(ip, n_active, num_threads, hp), item_rows(hp, 1, num_threads, ip)
     per_expert = -(-ip // rows1)
@@ -422,45 +595,81 @@ def moe_fp8(
     for task in prange(num_threads):
         x_task, t_res, t_slots, t_offs = (
             task * 9 * xs_row,
-            res[task * 128 : (task + 1) * 128],
-            slots[task * 16 : task * 16 + 4],
+            res[task * 1024 : (task + 1) * 1024],
+            slots[task * 16 : (task + 1) * 16],
             offsets[task * 16 : (task + 1) * 16],
         )
+        t_acc, t_dec = (
+            acc[task * 512 * FP8_AMX_GROUPS : (task + 1) * 512 * FP8_AMX_GROUPS],
+            dec[task * 4096 : (task + 1) * 4096],
+        )
+        if ng:
+            tile_config(cfg)
         i = take_item(sync, 0)
-        _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
-        while i < items1:
-            a, c = i // per_expert, i % per_expert
-            _fp8_gate_up(
-                active_id[a],
-                active_start[a],
-                active_start[a + 1],
-                c * rows1,
-                min(ip, (c + 1) * rows1),
-                hp,
-                ip,
-                top_k,
-                gate,
-                gate_s,
-                up,
-                up_s,
-                slot_of,
-                weights,
-                act,
-                h,
-                xs,
-                x_task,
-                xs_row,
-                t_res,
-                t_slots,
-                t_offs,
-                pf,
-            )
+        while i < ng:
+            _amx_pack_x(i, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
             item_done(sync, 0)
             i = take_item(sync, 0)
-            _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
         i = take_item(sync, 1)
+        _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
+        wait_phase(sync, 0, ng)
+        while i < items1:
+            a, c = i // per_expert, i % per_expert
+            if gfirst[a] >= 0:
+                _fp8_gate_up_amx(
+                    a,
+                    active_id[a],
+                    c * rows1,
+                    min(ip, (c + 1) * rows1),
+                    hp,
+                    ip,
+                    gfirst,
+                    active_start,
+                    slot_of,
+                    weights,
+                    gate,
+                    gate_s,
+                    up,
+                    up_s,
+                    bx,
+                    bh,
+                    t_res,
+                    t_acc,
+                    t_dec,
+                    pf,
+                )
+            else:
+                _fp8_gate_up(
+                    active_id[a],
+                    active_start[a],
+                    active_start[a + 1],
+                    c * rows1,
+                    min(ip, (c + 1) * rows1),
+                    hp,
+                    ip,
+                    top_k,
+                    gate,
+                    gate_s,
+                    up,
+                    up_s,
+                    slot_of,
+                    weights,
+                    act,
+                    h,
+                    xs,
+                    x_task,
+                    xs_row,
+                    t_res,
+                    t_slots,
+                    t_offs,
+                    pf,
+                )
+            item_done(sync, 1)
+            i = take_item(sync, 1)
+            _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
+        i = take_item(sync, 2)
         _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)  # streams in while the last items of phase 1 end
-        wait_phase(sync, 0, items1)
+        wait_phase(sync, 1, items1)
         while i < items2:
             _fp8_down(
                 i * rows2,
@@ -485,9 +694,15 @@ def moe_fp8(
                 t_slots,
                 t_offs,
                 pf,
+                gfirst,
+                bh,
+                t_acc,
+                t_dec,
             )
-            i = take_item(sync, 1)
+            i = take_item(sync, 2)
             _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)
+        if ng:
+            tile_release()
     return n_active
 
 
@@ -500,63 +715,15 @@ def padded_in(n):
 
 
 @jit
-def amx_groups(n_active, active_start, amx, gfirst, gexp):
-    """Number the AMX passes (groups of up to 16 slots of one expert): gfirst[a] = active expert a's first
-    group, -1 where it runs on the AVX-512 tiles (fewer than AMX_MIN_SLOTS slots, or no AMX); gexp[g] =
-    group g's active expert. Returns the number of groups."""
-    ng = 0
-    for a in range(n_active):
-        c = active_start[a + 1] - active_start[a]
-        gfirst[a] = ng if amx and c >= AMX_MIN_SLOTS else -1
-        if gfirst[a] >= 0:
-            for g in _amx_groups_of(a, gfirst, active_start):
-                gexp[g] = a
-                ng = g + 1
-    return ng
-
-
-@jit
-def _amx_group_slots(a, g, gfirst, active_start):
-    """(first slot index into slot_of, number of slots) of AMX group g of active expert a."""
-    first = active_start[a] + 16 * (g - gfirst[a])
-    return first, min(16, active_start[a + 1] - first)
-
-
-@jit
-def _amx_groups_of(a, gfirst, active_start):
-    """The AMX groups of active expert a (gfirst[a] >= 0): 16 of its slots each."""
-    return range(gfirst[a], gfirst[a] + -(-(active_start[a + 1] - active_start[a]) // 16))
-
-
-@jit
-def _amx_pack_x(g, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
-    """Group g's tokens as the AMX B tiles of gate and up: bx[16 * hp * g:], one 512-value block per
-    32 columns (lanes of missing tokens keep stale values: they only feed output columns nobody reads)."""
-    first, n = _amx_group_slots(gexp[g], g, gfirst, active_start)
-    for i in range(n):
-        t = slot_of[first + i] // top_k
-        for j in range(0, hp, 32):
-            store_bf16_pairs(bx, 16 * hp * g + 16 * j + 2 * i, 32, vload(act, t * hp + j), vload(act, t * hp + j + 16))
-
-
-@jit
 def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, active_start, slot_of, weights, gate, up, bx, bh, res):
     """Rows [r0, r1) of expert e's gate and up for all its slots on AMX tiles; h = w * silu(gate x) * up x
     goes, rounded to bf16, straight into bh as the B tiles of the down projection."""
     for g in _amx_groups_of(a, gfirst, active_start):
-        first, n = _amx_group_slots(a, g, gfirst, active_start)
-        for i in range(16):
-            res[512 + i] = weights[slot_of[first + i]] if i < n else 0.0
-        w = vload(res, 512)
+        w = _amx_group_weights(a, g, gfirst, active_start, slot_of, weights, res)
         for r in range(r0, r1, TILE_ROWS):
             row = (e * ip + r) * hp
             amx_pair(gate, row, up, row, hp, bx, 16 * hp * g, res)  # res[16 * row + token]: gate, then up
-            at = 16 * ip * g + 16 * r  # bh: the column step of rows r..r+15 (r is a multiple of 16), its pair
-            for q in range(8):  # rows 2q, 2q+1: one B row of bh, 16 tokens x the pair
-                m = 32 * q
-                he = vmul(vmul(silu(vload(res, m)), vload(res, 256 + m)), w)
-                ho = vmul(vmul(silu(vload(res, m + 16)), vload(res, 272 + m)), w)
-                store_bf16_interleaved(bh, at + 32 * q, he, ho)
+            _amx_store_h(res, 0, w, bh, 16 * ip * g + 16 * r)
 
 
 @jit
@@ -1077,7 +1244,7 @@ class MoeKernel:
     """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released).
 
     prefetch_bytes: how far ahead the tile loops prefetch (> 0 into L1, < 0 into L2, 0 off); see dots.py.
-    amx: let bf16 layers use AMX tiles for experts with AMX_MIN_SLOTS or more slots (None: wherever the
+    amx: let bf16 and fp8 layers use AMX tiles for experts with AMX_MIN_SLOTS or more slots (None: wherever the
     CPU and the kernel allow it, jit.amx_usable).
     """
 
@@ -1114,12 +1281,14 @@ class MoeKernel:
         self.slots = np.zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
         self.offsets = np.zeros(nt * 16, np.int64)
         self.sync = np.zeros(8 * SYNC_STRIDE, np.int64)  # per phase: next item, items done
-        # bf16 on AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
+        # AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
         groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
         self.gfirst = np.zeros(n_slots, np.int64)
         self.gexp = np.zeros(groups, np.int64)
         self.bx = np.zeros(groups * 16 * hp if self.amx else 32, np.uint16)  # packed x per group (pages touched lazily)
         self.bh = np.zeros(groups * 16 * ip if self.amx else 32, np.uint16)  # packed h per group
+        self.acc = np.zeros(nt * 512 * FP8_AMX_GROUPS if self.amx else 1, np.float32)  # fp8: per task, block sums
+        self.dec = np.zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8: per task, two decoded blocks
         self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
         self._threads_set = threading.local()
 
@@ -1186,14 +1355,14 @@ class MoeKernel:
         a, fmt = layer.arrays, layer.fmt
         routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots, self.offsets, self.sync)
         run = (self.num_threads, self.prefetch_bytes)
+        amx = (self.amx, self.bx, self.bh, self.gfirst, self.gexp, AMX_CONFIG)
         if fmt.kind == "fp8":
             args = (
                 moe_fp8,
                 _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
-                (*run, self.act, self.h, self.xs, self.res, *routing),
+                (*run, self.act, self.h, self.xs, self.res, *routing, *amx, self.acc, self.dec),
             )
         elif fmt.kind == "bf16":
-            amx = (self.amx, self.bx, self.bh, self.gfirst, self.gexp, AMX_CONFIG)
             args = (moe_bf16, _flat(a, "gate", "up", "down"), (*run, self.act, self.h, self.res, *routing, *amx))
         else:
             weights = [

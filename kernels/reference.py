@@ -127,13 +127,14 @@ def moe_reference(
     """y[t] = sum_k weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]), e = ids[t, k]; float64 [T, H].
 
     kernel_activations: round x and the intermediate (weight included) as the format's kernel reads them:
-    int8 per group of G inputs for INT4, bf16 for BF16 (FP8 reads float32: unchanged).
+    int8 per group of G inputs for INT4, bf16 for BF16 and FP8 (AMX takes bf16 inputs; the other paths
+    round alike, so that a token's result does not depend on which path its experts took).
     """
     hidden, inter = layer.hidden, layer.inter
     kind = layer.fmt.kind if kernel_activations else None
     if kind == "int4":
         act = lambda v: quantize_int8_groups(_pad_last(v), layer.fmt.group_size)[..., : v.shape[-1]]  # noqa: E731
-    elif kind == "bf16":
+    elif kind in ("bf16", "fp8"):
         act = lambda v: dequantize_bf16(quantize_bf16(v))  # noqa: E731
     else:
         act = lambda v: v  # noqa: E731

@@ -262,6 +262,39 @@ def load_fp8x64(typingctx, arr, idx):
 
 
 @intrinsic
+def decode_fp8_bf16(typingctx, src, idx, dst, d0):
+    """Decode 64 E4M3 bytes src[idx : idx+64] → dst[d0 : d0+64] as bf16 bit patterns (uint16) of value * 2**-8,
+    exactly and in the same order: an fp8 pack column step's rows become a bf16 one's (an AMX A tile).
+
+    As load_fp8x64: each code becomes the half value * 2**-8 (subnormal codes land on half subnormals),
+    vcvtph2ps widens it exactly, and the high half of the float32 is its bf16 (an E4M3 value has 4
+    significant bits, so nothing is rounded). The smallest code, 2**-9, becomes 2**-17: a normal bf16,
+    which AMX does not flush as it does subnormal inputs.
+    """
+
+    def codegen(context, builder, sig, args):
+        v32h = ir.VectorType(I16, 32)
+        w = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v32h), align=1)
+        mask = _consts(I16, [0xBF80] * 32)
+        even = builder.and_(builder.ashr(builder.shl(w, _consts(I16, [8] * 32)), _consts(I16, [1] * 32)), mask)
+        odd = builder.and_(builder.ashr(w, _consts(I16, [1] * 32)), mask)
+        words = [
+            builder.bitcast(
+                builder.fpext(builder.bitcast(h, ir.VectorType(HALF, 32)), ir.VectorType(F32, 32)),
+                ir.VectorType(I16, 64),
+            )
+            for h in (even, odd)
+        ]  # lane 2i + 1: the high half (the bf16) of code 2i (even) or 2i + 1 (odd)
+        order = [c + 1 if c % 2 == 0 else 64 + c for c in range(64)]
+        out = builder.shuffle_vector(words[0], words[1], _consts(I32, order))
+        ptr = _ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], ir.VectorType(I16, 64))
+        builder.store(out, ptr, align=2)
+        return context.get_dummy_value()
+
+    return types.void(src, idx, dst, d0), codegen
+
+
+@intrinsic
 def vsplit_parity(typingctx, lo, hi):
     """(even lanes, odd lanes) of the 32 values lo ++ hi: the column order load_fp8x64 decodes into."""
 

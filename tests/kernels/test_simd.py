@@ -9,6 +9,7 @@ from numba import njit
 from hmoe.kernels import jit as kjit
 from hmoe.kernels import reference as ref
 from hmoe.kernels.simd import (
+    decode_fp8_bf16,
     dpbusd,
     load_bf16x16,
     load_f16_pair,
@@ -62,6 +63,25 @@ def test_all_256_e4m3_codes_decode_exactly():
     x, even, odd = np.arange(32, dtype=np.float32), np.empty(16, np.float32), np.empty(16, np.float32)
     _split(x, even, odd)
     assert even.tolist() == list(range(0, 32, 2)) and odd.tolist() == list(range(1, 32, 2))
+
+
+@njit
+def _fp8_to_bf16(codes, out):
+    for i in range(0, codes.size, 64):
+        decode_fp8_bf16(codes, i, out, i)
+
+
+def test_e4m3_codes_become_bf16_exactly_in_place():
+    """What the FP8 AMX path feeds its tiles: every finite code, in both bytes of a word and in either row,
+    as the bf16 of value * 2**-8, at its own position; the smallest code stays a normal bf16 (AMX flushes
+    subnormal inputs)."""
+    codes = np.random.default_rng(1).permutation(np.r_[np.arange(256), np.arange(256)]).astype(np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x3C  # NaN codes are never stored (the encoder rejects them)
+    out = np.empty(codes.size, np.uint16)
+    _fp8_to_bf16(codes, out)
+    assert np.array_equal(ref.dequantize_bf16(out), ref.FP8_VALUES[codes] * 2.0**-8)
+    smallest = out[codes == 0x01]
+    assert ((smallest >> 7) & 0xFF).min() > 0  # exponent field: normal, 2**-17
 
 
 @njit

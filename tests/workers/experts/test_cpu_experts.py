@@ -31,14 +31,14 @@ PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
 class KernelActivationTorchExperts(TorchExperts):
     """Torch reference reading activations as the format's kernel does: int8 per group of G inputs for
-    INT4, bf16 for BF16 (reference.moe_reference's kernel_activations)."""
+    INT4, bf16 for BF16 and FP8 (reference.moe_reference's kernel_activations)."""
 
     def __init__(self, layers, fmt: ExpertFormat):
         super().__init__(layers)
         self.fmt = fmt
 
     def _round(self, v: torch.Tensor) -> torch.Tensor:
-        if self.fmt.kind == "bf16":
+        if self.fmt.kind in ("bf16", "fp8"):
             return v.bfloat16().to(v.dtype)
         return torch.from_numpy(quantize_int8_groups(v.double().numpy(), self.fmt.group_size)).to(v.dtype)
 
@@ -68,7 +68,7 @@ def decoded_torch_experts(cpu: CpuExperts, kernel_activations: bool = False) -> 
         ]
         layers[layer_id] = tuple(stacks)
     fmt = next(iter(cpu.layers.values())).fmt
-    if kernel_activations and fmt.kind != "fp8":
+    if kernel_activations:
         return KernelActivationTorchExperts(layers, fmt)
     return TorchExperts(layers)
 
@@ -91,10 +91,10 @@ def test_greedy_tokens_match_torch_backend(tiny_models, arch, fmt_name, ckpt_dty
         cpu.close()
 
 
-@pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g128", "bf16"])
+@pytest.mark.parametrize("fmt_name", ["int4-g32", "int4-g128", "bf16", "fp8"])
 def test_kernel_activations_cost_little(tiny_models, fmt_name):
-    """What the kernels' activations (int8 for INT4, bf16 for BF16) cost against float32 ones on the same
-    weights: logits stay close."""
+    """What the kernels' activations (int8 for INT4, bf16 for BF16 and FP8) cost against float32 ones on the
+    same weights: logits stay close."""
     checkpoint = Checkpoint.open(tiny_models("deepseek_v3", "bf16"))
     cpu = CpuExperts.from_checkpoint(checkpoint, ExpertFormat.parse(fmt_name), num_threads=2)
     logits = []
