@@ -34,12 +34,15 @@ FP8_AMX_GROUPS = 8  # groups of 16 tokens that one decoded block serves (acc: 51
 
 
 @jit
-def amx_pair(wa, rowa, wb, rowb, cols, b, b0, res):
+def amx_pair(wa, rowa, wb, rowb, cols, b, b0, res, pf, end):
     """Two 16-row tile-rows (wa at rowa, wb at rowb; bf16 pack layout) · 16 tokens packed at b[b0:] →
-    res[16 * r + token] for the first, res[256 + 16 * r + token] for the second."""
+    res[16 * r + token] for the first, res[256 + 16 * r + token] for the second. Both weight streams are
+    prefetched |pf| bytes ahead up to element `end`, as the AVX-512 tiles do (dots.py)."""
     tile_zero(0)
     tile_zero(1)
     for j in range(0, cols, 32):
+        prefetch_ahead(wa, rowa + 16 * j, pf // 2, 16, 32, end)
+        prefetch_ahead(wb, rowb + 16 * j, pf // 2, 16, 32, end)
         tile_load(4, b, b0 + 16 * j, 64)
         tile_load(2, wa, rowa + 16 * j, 64)
         tile_load(3, wb, rowb + 16 * j, 64)

@@ -715,27 +715,30 @@ def padded_in(n):
 
 
 @jit
-def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, active_start, slot_of, weights, gate, up, bx, bh, res):
+def _bf16_gate_up_amx(a, e, r0, r1, hp, ip, gfirst, active_start, slot_of, weights, gate, up, bx, bh, res, pf):
     """Rows [r0, r1) of expert e's gate and up for all its slots on AMX tiles; h = w * silu(gate x) * up x
     goes, rounded to bf16, straight into bh as the B tiles of the down projection."""
+    end = (e * ip + r1) * hp
+    prefetch_head(up, (e * ip + r0) * hp, end, pf // 2, 32)  # gate's head is the caller's (_head1)
     for g in _amx_groups_of(a, gfirst, active_start):
         w = _amx_group_weights(a, g, gfirst, active_start, slot_of, weights, res)
         for r in range(r0, r1, TILE_ROWS):
             row = (e * ip + r) * hp
-            amx_pair(gate, row, up, row, hp, bx, 16 * hp * g, res)  # res[16 * row + token]: gate, then up
+            amx_pair(gate, row, up, row, hp, bx, 16 * hp * g, res, pf, end)  # res[16 * row + token]: gate, then up
             _amx_store_h(res, 0, w, bh, 16 * ip * g + 16 * r)
 
 
 @jit
-def _bf16_down_amx(a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, slot_of, down, bh, out, res, slots):
+def _bf16_down_amx(a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, slot_of, down, bh, out, res, slots, pf):
     """out[t, r0:r1] += expert e's down rows [r0, r1) . h for all its slots, on AMX tiles, two tile-rows a pass."""
+    end = (e * hp + r1) * ip
     for g in _amx_groups_of(a, gfirst, active_start):
         first, n = _amx_group_slots(a, g, gfirst, active_start)
         for i in range(n):
             slots[i] = slot_of[first + i]
         for r in range(r0, r1, 2 * TILE_ROWS):
             rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
-            amx_pair(down, (e * hp + r) * ip, down, (e * hp + rb) * ip, ip, bh, 16 * ip * g, res)
+            amx_pair(down, (e * hp + r) * ip, down, (e * hp + rb) * ip, ip, bh, 16 * ip * g, res, pf, end)
             transpose16(res, 0)  # -> res[16 * token + row], as accumulate_out reads
             accumulate_out(res, n, slots, top_k, out, hidden, r)
             if rb != r:
@@ -799,7 +802,7 @@ def _bf16_down(
             prefetch_head(down, (active_id[a + 1] * hp + r0) * ip, (active_id[a + 1] * hp + r1) * ip, pf // 2, 32)
         if gfirst[a] >= 0:
             _bf16_down_amx(
-                a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, slot_of, down, bh, out, res, slots
+                a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, slot_of, down, bh, out, res, slots, pf
             )
             continue
         end = (e * hp + r1) * ip
@@ -898,6 +901,7 @@ def moe_bf16(
                     bx,
                     bh,
                     t_res,
+                    pf,
                 )
             else:
                 _bf16_gate_up(
