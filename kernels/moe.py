@@ -413,9 +413,7 @@ def _fp8_gate_up_amx(
         ng = min(FP8_AMX_GROUPS, g_hi - g0)
         for r in range(r0, r1, TILE_ROWS):
             row = (e * ip + r) * hp
-            fp8_amx_pairs(
-                gate, row, gate_s, s0, up, row, up_s, s0, hp, bx, 16 * hp * g0, ng, dec, res, acc, pf, row + 16 * hp
-            )
+            fp8_amx_pairs(gate, row, gate_s, s0, up, row, up_s, s0, hp, bx, 16 * hp * g0, ng, dec, res, acc, pf, end)
             for g in range(ng):
                 w = _amx_group_weights(a, g0 + g, gfirst, active_start, slot_of, weights, res)
                 _amx_store_h(acc, 512 * g, w, bh, 16 * ip * (g0 + g) + 16 * r)
