@@ -21,7 +21,7 @@ the prefix cache is off on such a worker.
 
 Groups (`_Groups`, made alike on every rank right after joining): the experts' all-reduce (NCCL on
 GPUs, gloo on CPUs) and the commands (gloo, CPU tensors: a lost rank fails a command at once, and a
-follower never syncs its GPU to read one) time out after max(20 s, [router] stuck_after_s); a
+follower never syncs its GPU to read one) time out after max(4 s, [router] stuck_after_s); a
 start group with a long timeout carries one barrier, once every rank has loaded, so a slow start-up
 (kernel compiles, pinning a big pack) times nothing out.
 
@@ -54,7 +54,7 @@ from hmoe.workers.experts.parallel import ExpertShare, expert_shares, rank_lost_
 log = logging.getLogger(__name__)
 
 OPEN, LAYER, CLOSE, FREE, PING, STOP = range(6)
-PING_EVERY_S = 5.0
+PING_EVERY_S = 1.0  # an idle group's command cadence: a lost rank is found within it; the timeout floor is 4x it
 START_TIMEOUT = timedelta(minutes=30)  # joining, loading and the start barrier
 
 
