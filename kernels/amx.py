@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 from .dots import FASTMATH, prefetch_ahead
-from .simd import decode_fp8_bf16, tile_dp_bf16, tile_load, tile_store, tile_zero, vfma, vload, vsplat, vstore
+from .simd import decode_fp8_bf16, tile_dp_bf16, tile_load, tile_store, tile_zero, vfma, vload, vsplat, vstore, vzero
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
 AMX_CONFIG = np.zeros(64, np.uint8)  # ldtilecfg: palette 1, tiles 0-4 of 16 rows x 64 bytes
@@ -59,7 +59,8 @@ def fp8_amx_pairs(wa, rowa, sa, sa0, wb, rowb, sb, sb0, cols, b, b0, ng, dec, tm
     b[b0 + 16 * cols * g:] → acc[512 g + 16 r + token] for the first, acc[512 g + 256 + 16 r + token] for
     the second. dec: 4096 uint16 (two decoded blocks); tmp: 512 float32. Prefetches both streams |pf|
     ahead up to `end` (an element index past which neither stream is this caller's)."""
-    acc[: 512 * ng] = 0.0
+    for m in range(0, 512 * ng, 16):
+        vstore(acc, m, vzero())
     for c in range(0, cols, 128):
         for j in range(0, 128, 32):  # decode the block's 4 column steps, each 16 rows x 32 codes
             at_a, at_b = rowa + 16 * (c + j), rowb + 16 * (c + j)

@@ -176,23 +176,25 @@ def silu(g):
 
 
 @jit
-def finish_up(res, n, slots, weights, h, ip, r):
-    """h[slot, r:r+16] = weight * silu(h) * up x (res[16 * i + row]) for the n slots of a group."""
+def finish_up(res, n, slots, weights, h, ip, r, to_bf16):
+    """h[slot, r:r+16] = weight * silu(h) * up x (res[16 * i + row]) for the n slots of a group, rounded
+    to bf16 where to_bf16 (BF16, FP8: their down projection reads h so)."""
     for i in range(n):
         at = slots[i] * ip + r
-        vstore(h, at, vmul(vmul(silu(vload(h, at)), vload(res, 16 * i)), vsplat(weights[slots[i]])))
+        v = vmul(vmul(silu(vload(h, at)), vload(res, 16 * i)), vsplat(weights[slots[i]]))
+        vstore(h, at, vround_bf16(v) if to_bf16 else v)
 
 
 @jit
-def accumulate_out(res, n, slots, top_k, out, hidden, r):
-    """out[t, r:r+16] += res for the n slots of a group (rows past H are padding)."""
+def accumulate_out(res, res0, n, slots, top_k, out, hidden, r):
+    """out[t, r:r+16] += res[res0 + 16 * i:] for the n slots of a group (rows past H are padding)."""
     for i in range(n):
         at = (slots[i] // top_k) * hidden + r
         if r + TILE_ROWS <= hidden:
-            vstore(out, at, vadd(vload(out, at), vload(res, 16 * i)))
+            vstore(out, at, vadd(vload(out, at), vload(res, res0 + 16 * i)))
         else:
             for rr in range(hidden - r):
-                out[at + rr] += res[16 * i + rr]
+                out[at + rr] += res[res0 + 16 * i + rr]
 
 
 @jit
@@ -394,9 +396,7 @@ def _fp8_gate_up(
                 if x0 == xg:
                     store_gate(res, n, slots, h, ip, r)
                 else:
-                    finish_up(res, n, slots, weights, h, ip, r)
-                    for i in range(n):
-                        round_bf16(h[slots[i] * ip + r :], TILE_ROWS)
+                    finish_up(res, n, slots, weights, h, ip, r, True)
 
 
 @jit
@@ -456,10 +456,10 @@ def _fp8_down_amx(
                 for i in range(n):
                     slots[i] = slot_of[first + i]
                 transpose16(acc, 512 * g)  # -> [16 * token + row], as accumulate_out reads
-                accumulate_out(acc[512 * g :], n, slots, top_k, out, hidden, r)
+                accumulate_out(acc, 512 * g, n, slots, top_k, out, hidden, r)
                 if rb != r:
                     transpose16(acc, 512 * g + 256)
-                    accumulate_out(acc[512 * g + 256 :], n, slots, top_k, out, hidden, rb)
+                    accumulate_out(acc, 512 * g + 256, n, slots, top_k, out, hidden, rb)
 
 
 @jit
@@ -533,7 +533,7 @@ def _fp8_down(
                     fp8_tile(down, (e * hp + r) * ip, ip, xs, x0, res, pf, end)
                 else:
                     fp8_tile_tokens4(down, (e * hp + r) * ip, ip, xs, offs, res, pf, end)
-                accumulate_out(res, n, slots, top_k, out, hidden, r)
+                accumulate_out(res, 0, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
@@ -738,10 +738,10 @@ def _bf16_down_amx(a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, sl
             rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
             amx_pair(down, (e * hp + r) * ip, down, (e * hp + rb) * ip, ip, bh, 16 * ip * g, res, pf, end)
             transpose16(res, 0)  # -> res[16 * token + row], as accumulate_out reads
-            accumulate_out(res, n, slots, top_k, out, hidden, r)
+            accumulate_out(res, 0, n, slots, top_k, out, hidden, r)
             if rb != r:
                 transpose16(res, 256)
-                accumulate_out(res[256:], n, slots, top_k, out, hidden, rb)
+                accumulate_out(res, 256, n, slots, top_k, out, hidden, rb)
 
 
 @jit
@@ -763,9 +763,7 @@ def _bf16_gate_up(e, s0, s1, r0, r1, hp, ip, top_k, gate, up, slot_of, weights, 
                 if p == 0:
                     store_gate(res, n, slots, h, ip, r)
                 else:
-                    finish_up(res, n, slots, weights, h, ip, r)
-                    for i in range(n):
-                        round_bf16(h[slots[i] * ip + r :], TILE_ROWS)
+                    finish_up(res, n, slots, weights, h, ip, r, True)
 
 
 @jit
@@ -813,7 +811,7 @@ def _bf16_down(
                     bf16_tile(down, (e * hp + r) * ip, ip, h, offs[0], res, pf, end)
                 else:
                     bf16_tile_tokens4(down, (e * hp + r) * ip, ip, h, offs, res, pf, end)
-                accumulate_out(res, n, slots, top_k, out, hidden, r)
+                accumulate_out(res, 0, n, slots, top_k, out, hidden, r)
 
 
 @parallel_jit
@@ -1011,7 +1009,7 @@ def _int4_gate_up(
                 if p == 0:
                     store_gate(res, n, slots, h, ip, r)
                 else:
-                    finish_up(res, n, slots, weights, h, ip, r)
+                    finish_up(res, n, slots, weights, h, ip, r, False)
 
 
 @jit
@@ -1059,7 +1057,7 @@ def _int4_down(
                     int4_tile(down, row, ip, down_s, srow, group, q, qa[0], corr, ascale, la[0], res, pf, end)
                 else:
                     int4_tile_tokens4(down, row, ip, down_s, srow, group, q, qa, corr, ascale, la, res, pf, end)
-                accumulate_out(res, n, slots, top_k, out, hidden, r)
+                accumulate_out(res, 0, n, slots, top_k, out, hidden, r)
 
 
 @jit
