@@ -37,7 +37,7 @@ FP8_AMX_GROUPS = 8  # groups of 16 tokens that one decoded block serves (acc: 51
 def amx_pair(wa, rowa, wb, rowb, cols, b, b0, res, pf, end):
     """Two 16-row tile-rows (wa at rowa, wb at rowb; bf16 pack layout) · 16 tokens packed at b[b0:] →
     res[16 * r + token] for the first, res[256 + 16 * r + token] for the second. Both weight streams are
-    prefetched |pf| bytes ahead up to element `end`, as the AVX-512 tiles do (dots.py)."""
+    prefetched |pf| bytes ahead up to element `end` (pf 0: not at all), as the AVX-512 tiles do (dots.py)."""
     tile_zero(0)
     tile_zero(1)
     for j in range(0, cols, 32):
@@ -71,16 +71,7 @@ def fp8_amx_pairs(wa, rowa, sa, sa0, wb, rowb, sb, sb0, cols, b, b0, ng, dec, tm
                 decode_fp8_bf16(wb, at_b + k, dec, 2048 + 16 * j + k)
         fa, fb = vsplat(sa[sa0 + c // 128] * 256.0), vsplat(sb[sb0 + c // 128] * 256.0)  # 256: the decoder's 2**-8
         for g in range(ng):
-            tile_zero(0)
-            tile_zero(1)
-            for j in range(0, 128, 32):
-                tile_load(4, b, b0 + 16 * cols * g + 16 * (c + j), 64)
-                tile_load(2, dec, 16 * j, 64)
-                tile_load(3, dec, 2048 + 16 * j, 64)
-                tile_dp_bf16(0, 2, 4)
-                tile_dp_bf16(1, 3, 4)
-            tile_store(0, tmp, 0, 64)
-            tile_store(1, tmp, 256, 64)
+            amx_pair(dec, 0, dec, 2048, 128, b, b0 + 16 * cols * g + 16 * c, tmp, 0, 0)  # the block, in L1
             for m in range(0, 256, 16):
                 at = 512 * g + m
                 vstore(acc, at, vfma(vload(tmp, m), fa, vload(acc, at)))

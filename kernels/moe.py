@@ -337,6 +337,30 @@ def _amx_store_h(gu, g0, w, bh, at):
         store_bf16_interleaved(bh, at + 32 * q, he, ho)
 
 
+@jit
+def _amx_accumulate_pair(res, r0, n, slots, top_k, out, hidden, r, rb):
+    """out += an AMX pass's two tile-rows (res[r0:] for rows r.., res[r0 + 256:] for rows rb..; rb == r:
+    one tile-row), each transposed in place to [16 * token + row] first, as accumulate_out reads."""
+    transpose16(res, r0)
+    accumulate_out(res, r0, n, slots, top_k, out, hidden, r)
+    if rb != r:
+        transpose16(res, r0 + 256)
+        accumulate_out(res, r0 + 256, n, slots, top_k, out, hidden, rb)
+
+
+@jit
+def _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
+    """A task's part of phase 0: its thread's tile configuration (where the call has AMX groups), then
+    the groups' tokens packed as B tiles, claimed one at a time."""
+    if ng:
+        tile_config(cfg)
+    i = take_item(sync, 0)
+    while i < ng:
+        _amx_pack_x(i, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+        item_done(sync, 0)
+        i = take_item(sync, 0)
+
+
 # ---------------------------------------------------------------- fp8
 
 
@@ -455,11 +479,7 @@ def _fp8_down_amx(
                 first, n = _amx_group_slots(a, g0 + g, gfirst, active_start)
                 for i in range(n):
                     slots[i] = slot_of[first + i]
-                transpose16(acc, 512 * g)  # -> [16 * token + row], as accumulate_out reads
-                accumulate_out(acc, 512 * g, n, slots, top_k, out, hidden, r)
-                if rb != r:
-                    transpose16(acc, 512 * g + 256)
-                    accumulate_out(acc, 512 * g + 256, n, slots, top_k, out, hidden, rb)
+                _amx_accumulate_pair(acc, 512 * g, n, slots, top_k, out, hidden, r, rb)
 
 
 @jit
@@ -601,13 +621,7 @@ def moe_fp8(
             acc[task * 512 * FP8_AMX_GROUPS : (task + 1) * 512 * FP8_AMX_GROUPS],
             dec[task * 4096 : (task + 1) * 4096],
         )
-        if ng:
-            tile_config(cfg)
-        i = take_item(sync, 0)
-        while i < ng:
-            _amx_pack_x(i, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
-            item_done(sync, 0)
-            i = take_item(sync, 0)
+        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
         wait_phase(sync, 0, ng)
@@ -737,11 +751,7 @@ def _bf16_down_amx(a, e, r0, r1, hp, ip, hidden, top_k, gfirst, active_start, sl
         for r in range(r0, r1, 2 * TILE_ROWS):
             rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
             amx_pair(down, (e * hp + r) * ip, down, (e * hp + rb) * ip, ip, bh, 16 * ip * g, res, pf, end)
-            transpose16(res, 0)  # -> res[16 * token + row], as accumulate_out reads
-            accumulate_out(res, 0, n, slots, top_k, out, hidden, r)
-            if rb != r:
-                transpose16(res, 256)
-                accumulate_out(res, 256, n, slots, top_k, out, hidden, rb)
+            _amx_accumulate_pair(res, 0, n, slots, top_k, out, hidden, r, rb)
 
 
 @jit
@@ -868,13 +878,7 @@ def moe_bf16(
             slots[task * 16 : (task + 1) * 16],
             offsets[task * 16 : (task + 1) * 16],
         )
-        if ng:
-            tile_config(cfg)
-        i = take_item(sync, 0)
-        while i < ng:
-            _amx_pack_x(i, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
-            item_done(sync, 0)
-            i = take_item(sync, 0)
+        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
         wait_phase(sync, 0, ng)

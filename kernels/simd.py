@@ -247,11 +247,7 @@ def load_fp8x64(typingctx, arr, idx):
     def codegen(context, builder, sig, args):
         v32h = ir.VectorType(I16, 32)
         ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v32h)
-        w = builder.load(ptr, align=1)
-        even = builder.and_(
-            builder.ashr(builder.shl(w, _consts(I16, [8] * 32)), _consts(I16, [1] * 32)), _consts(I16, [0xBF80] * 32)
-        )
-        odd = builder.and_(builder.ashr(w, _consts(I16, [1] * 32)), _consts(I16, [0xBF80] * 32))
+        even, odd = _e4m3_halves(builder, builder.load(ptr, align=1))
         out = []
         for row in (range(16), range(16, 32)):
             for h in (even, odd):
@@ -263,11 +259,20 @@ def load_fp8x64(typingctx, arr, idx):
 
 
 def _e4m3_bf16_bytes() -> tuple[list[int], list[int]]:
-    """(high bytes, low bytes) of bf16(value * 2**-8) for the magnitude codes 0..127 (0x7F, NaN: 480)."""
-    e, m = np.arange(128) >> 3, np.arange(128) & 7
-    value = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7.0)) * 2.0**-8
+    """(high bytes, low bytes) of bf16(value * 2**-8) for the magnitude codes 0..127 (0x7F, NaN: 0; never stored)."""
+    from .reference import FP8_VALUES
+
+    value = np.nan_to_num(FP8_VALUES[:128]) * 2.0**-8
     bits = (value.astype(np.float32).view(np.uint32) >> 16).astype(int)  # exact: 4 significant bits
     return (bits >> 8).tolist(), (bits & 0xFF).tolist()
+
+
+def _e4m3_halves(builder, w):
+    """32 little-endian words of E4M3 byte pairs → (even bytes, odd bytes) as the half bit patterns of
+    value * 2**-8 (load_fp8x64 says how)."""
+    mask = _consts(I16, [0xBF80] * 32)
+    even = builder.and_(builder.ashr(builder.shl(w, _consts(I16, [8] * 32)), _consts(I16, [1] * 32)), mask)
+    return even, builder.and_(builder.ashr(w, _consts(I16, [1] * 32)), mask)
 
 
 _E4M3_HI, _E4M3_LO = _e4m3_bf16_bytes()
@@ -301,9 +306,7 @@ def decode_fp8_bf16(typingctx, src, idx, dst, d0):
         else:
             v32h = ir.VectorType(I16, 32)
             w = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v32h), align=1)
-            mask = _consts(I16, [0xBF80] * 32)
-            even = builder.and_(builder.ashr(builder.shl(w, _consts(I16, [8] * 32)), _consts(I16, [1] * 32)), mask)
-            odd = builder.and_(builder.ashr(w, _consts(I16, [1] * 32)), mask)
+            even, odd = _e4m3_halves(builder, w)
             words = [
                 builder.bitcast(
                     builder.fpext(builder.bitcast(h, ir.VectorType(HALF, 32)), ir.VectorType(F32, 32)),
