@@ -101,10 +101,12 @@ def machine_name() -> str:
 
 
 def machine() -> dict:
-    """CPU model, cores, caches, memory, SIMD features, load, torch and numba versions, GPU if any (every
-    bench's header)."""
+    """CPU model, cores, caches, memory, SIMD features, the pages packs get here, load, torch and numba
+    versions, GPU if any (every bench's header)."""
     from hmoe.kernels import jit
     from hmoe.kernels.moe import physical_cores
+    from hmoe.shm import ShmConfig
+    from hmoe.shm.segment import huge_page_policy
 
     flags = cpu_flags()
     info = {
@@ -114,6 +116,7 @@ def machine() -> dict:
         "physical_cores": physical_cores(),
         "l3_mib": l3_bytes() >> 20,
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "pack_pages": huge_page_policy(ShmConfig()),
         "load_average": os.getloadavg(),
         "simd": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "f16c", "fma")),
         "llvm_cpu": __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_name(),

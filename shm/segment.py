@@ -2,7 +2,9 @@
 
 The segment is a POSIX shared-memory object (posix_ipc), or a file on a hugetlbfs mount when one is
 configured; either way an fd that is sized, space-reserved (fallocate, so a full /dev/shm is an
-error now rather than a SIGBUS later) and mapped MAP_SHARED. Mapping does not touch the data.
+error now rather than a SIGBUS later) and mapped MAP_SHARED. Where /dev/shm gives transparent huge
+pages, a new segment's pages are first faulted in through its MADV_HUGEPAGE mapping, the one way
+tmpfs makes them 2 MiB pages; attaching does not touch the data.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from hmoe.shm.errors import ShmError
 from hmoe.shm.layout import HUGE_PAGE_BYTES
 
 log = logging.getLogger(__name__)
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Python's mmap names it from 3.13 on
 
 
 def _open_fd(name: str, config: ShmConfig, *, create: bool = False, writable: bool = False) -> int:
@@ -84,6 +88,22 @@ def unlink_segment(name: str, config: ShmConfig) -> None:
         ) from None
 
 
+def _populate_huge(mapping: mmap.mmap) -> None:
+    """Allocate a new segment's pages through its MADV_HUGEPAGE mapping, so they are 2 MiB pages.
+
+    tmpfs mounted huge=advise gives huge pages only to faults through a mapping that asked for them:
+    pages fallocate or write() allocate have no mapping and come as 4 KiB pages, which the kernels then
+    stream at about half their speed (the hardware prefetchers stop at every 4 KiB page and each page
+    costs a TLB walk). MADV_POPULATE_WRITE (Linux 5.14) faults the whole range in at once; where it is
+    missing or the mount is full, the fallocate that follows reserves (or reports) the space as before.
+    """
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+        mapping.madvise(MADV_POPULATE_WRITE)
+    except OSError as exc:
+        log.debug("populating huge pages failed (%s): fallocate reserves 4 KiB pages instead", exc)
+
+
 def _tmpfs_huge_option(directory: Path) -> str:
     """The `huge=` option of the tmpfs mounted at `directory` ("never" when absent)."""
     huge = "never"
@@ -144,14 +164,19 @@ class Segment:
                 "remove packs (hmoe shm gc), or enlarge it (mount -o remount,size=... /dev/shm)",
             )
         fd = _open_fd(name, config, create=True)
+        mapping = None
         try:
             os.fchmod(fd, config.mode)  # shm_open applied the umask
             if gid is not None:
                 os.fchown(fd, -1, gid)
             os.ftruncate(fd, nbytes)
-            os.posix_fallocate(fd, 0, nbytes)
             mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            if uses_huge_pages(config) and not config.hugetlbfs:
+                _populate_huge(mapping)
+            os.posix_fallocate(fd, 0, nbytes)
         except OSError as exc:
+            if mapping is not None:
+                mapping.close()
             os.close(fd)
             unlink_segment(name, config)
             if exc.errno == errno.ENOSPC:

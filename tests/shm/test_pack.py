@@ -6,6 +6,9 @@ import grp
 import hashlib
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import posix_ipc
@@ -225,3 +228,51 @@ def test_hugetlbfs_holds_packs_as_files_sized_in_huge_pages(tmp_path):
         assert built and config.pack_names() == ["p"]
         assert pack.segment.nbytes % HUGE_PAGE_BYTES == 0
         np.testing.assert_array_equal(pack.array("experts.1.w"), expected(pack.entry("experts.1.w")))
+
+
+_HUGE_PACK = """
+import numpy as np
+from helpers.shm_pack import expected, fill_pattern, small_manifest
+from hmoe.shm import Pack, ShmConfig, build_pack
+from hmoe.shm.segment import uses_huge_pages
+
+def pmd_mapped_kib(address):
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        start, _, end = line.split()[0].partition("-")
+        if "-" in line.split()[0] and int(start, 16) <= address < int(end, 16):
+            for field in lines[i + 1 :]:
+                if field.startswith("ShmemPmdMapped:"):
+                    return int(field.split()[1])
+    raise LookupError(hex(address))
+
+config = ShmConfig(prefix="hmoe.test-thp.", lock_dir="/dev/shm")
+assert uses_huge_pages(config)
+pack, _ = build_pack(small_manifest(expert_bytes=8 << 20), fill_pattern, config)
+with pack, Pack.attach("p", config) as reader:
+    entry = reader.entry("experts.1.w")
+    np.testing.assert_array_equal(reader.array("experts.1.w"), expected(entry))  # faults the reader's view in
+    print(pmd_mapped_kib(reader.segment.address))
+"""
+
+
+def test_packs_get_huge_pages_where_dev_shm_is_mounted_huge_advise(tmp_path):
+    # The README's set-up: tmpfs gives huge pages only to faults through a mapping that asked for them,
+    # so a segment whose pages fallocate or write() allocated stays in 4 KiB pages (the kernels stream
+    # those at about half speed). Run as root in a private mount namespace with its own /dev/shm.
+    script = tmp_path / "huge_pack.py"
+    script.write_text(_HUGE_PACK)
+    mount = "mount -t tmpfs -o size=256m,huge=advise tmpfs /dev/shm"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mount} && exec "$0" "$1"']
+        + [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    if done.returncode and ("unshare" in done.stderr or "mount" in done.stderr) and "Traceback" not in done.stderr:
+        pytest.skip(f"needs root for a private /dev/shm: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 8 << 10, done.stdout  # the experts' 8 MiB at least, in 2 MiB mappings
