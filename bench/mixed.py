@@ -6,7 +6,7 @@
 
 For each setting (--settings; overlap: dual-batch attention/expert overlap on, [worker] micro_batches
 2 with the engine's timed choice; no-overlap: micro_batches 1; colocated: one worker that prefills a
-layer between decode steps, the peers' way, the baseline; overlap-halves: overlap with the cores split
+chunk between decode steps, the peers' way, the baseline; overlap-halves: overlap with the cores split
 half and half, not by policy.cpu_threads), through a real `hmoe serve` and the SDK:
     alone   --streams generations of --output-tokens each run back to back for --seconds; their
             inter-token gaps (TPOT) p50/p99 and the decode tokens/s;

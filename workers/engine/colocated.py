@@ -1,8 +1,13 @@
 """ColocatedEngine: one process that prefills and decodes, the way KTransformers and SGLang run a model
-on one machine: each step is one decode step of the running requests, then one layer of the prompt
-being prefilled (chunked, layer by layer). The baseline the disaggregated layout is measured against
-(bench/mixed.py), and the lighter layout for a small machine (one model, one KV pool, one set of
-threads instead of two competing).
+on one machine (chunked prefill): the running requests' decode steps alternate with the prompt's
+chunks, one chunk through every layer between two decode steps. The worker runs it with passes of one
+chunk (prefill_chunk_tokens), so a long prompt's experts cross to the GPU once per chunk, as the peers'
+do, and each chunk holds back the running streams' next token. The baseline the disaggregated layout
+is measured against (bench/mixed.py), and the lighter layout for a small machine (one model, one KV
+pool, one set of threads instead of two competing).
+
+A step is still one layer at most of prefill, so cancels, heartbeats and the watchdog are served
+between layers; the decode step simply waits for the chunk's last layer.
 
 The two engines are the disaggregated ones over one model and one KV pool: a prompt's KV still goes
 through a hand-off slot of this process's own pool, so the router's protocol (Prefill -> Prefilled ->
@@ -50,8 +55,8 @@ class ColocatedEngine:
         self.prefill.release_unadopted()
 
     def step(self) -> list:
-        """One decode step, then one layer of prefill: a long prompt delays each token by one layer."""
-        out = self.decode.step() if self.decode.busy else []
+        """One decode step between two prefill passes (chunks), else the running pass's next layer."""
+        out = self.decode.step() if self.decode.busy and not self.prefill.mid_pass else []
         if self.prefill.busy:
             out += self.prefill.step()
         return out

@@ -99,6 +99,11 @@ class PrefillEngine:
         return self.current is not None or self.suspended is not None or bool(self.queue) or bool(self.urgent)
 
     @property
+    def mid_pass(self) -> bool:
+        """The running prompt is between two layers of a pass (the next step() runs its next layer)."""
+        return self.current is not None and self.current.steps is not None
+
+    @property
     def awaiting_slot(self) -> bool:
         """The running prompt is done and waits for a free hand-off slot (every one awaits adoption): the
         worker loop sleeps between tries instead of spinning."""

@@ -143,7 +143,7 @@ class WorkerProcess:
                 w.handoff_timeout_s,
                 self.streaming,
                 stream_min_tokens,
-                max_pass_tokens,
+                w.prefill_chunk_tokens if self.role == "colocated" else max_pass_tokens,  # chunks between decode steps
                 # colocated: decode needs every block; ranks: a cached prefix would be on this one alone
                 self._prefix_cache() if self.role == "prefill" and self.ranks is None else None,
                 ranks=self.ranks,

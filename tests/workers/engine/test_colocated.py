@@ -1,6 +1,7 @@
 """ColocatedEngine: one process's prefill and decode engines over one model and one KV pool. A prompt
 prefilled there is adopted there (through its own hand-off slot) and decodes what the fake model says;
-while a long prompt prefills, every step still decodes one token of each running request."""
+while a long prompt prefills, its chunks (one pass each) alternate with decode steps, as in the peers'
+chunked prefill: one token of each running request between two chunks, none inside one."""
 
 from __future__ import annotations
 
@@ -45,13 +46,14 @@ def test_a_request_prefills_and_decodes_in_one_process_while_a_long_prompt_prefi
         engine.add(prefill_msg("long", long, max_tokens=4))
         tokens, steps, prefilled = [], 0, False
         while not prefilled:
+            mid_pass = engine.prefill.mid_pass
             out = engine.step()
             steps += 1
             items = [i for m in out if isinstance(m, protocol.Tokens) for i in m.items if i.request_id == "a"]
-            assert len(items) == 1  # a token of the running request in every step of the long prefill
-            tokens.append(items[0].token)
+            assert len(items) == (0 if mid_pass else 1)  # a token between two chunks, none inside one
+            tokens += [i.token for i in items]
             prefilled = any(isinstance(m, protocol.Prefilled) for m in out)
-        assert steps >= 6 * 2
+        assert steps >= 6 * 2 and len(tokens) == 6  # six chunks of two layers each: a token before each
         got = engine.decode.running["a"].output
         assert got == continuation(short, len(got))  # what the fake model decodes after that context
         assert tokens == got[-len(tokens) :]
