@@ -295,28 +295,39 @@ def _tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _stored_tensors(name: str, shape: tuple[int, ...], dtype: str, seed: int, index: int) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor `index` as stored ({name: weight} plus its scale_inv in FP8), drawn from its own
-    generator (seeded by the model's seed and the index: the same checkpoint on any number of threads)."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]))
+def _stored_tensors(name: str, shape: tuple[int, ...], dtype: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A checkpoint tensor drawn from `gen`, as stored ({name: weight} plus its scale_inv in FP8)."""
     w = torch.randn(shape, generator=gen)
     if name.endswith("e_score_correction_bias"):
         return {name: w.mul_(0.05)}
     if len(shape) == 1:  # norm weights
         w.mul_(0.1).add_(1.0)
     elif not name.endswith("embed_tokens.weight"):
-        w.mul_(1.0 / math.sqrt(shape[1]))
+        w.div_(math.sqrt(shape[1]))
     if dtype == "fp8" and _is_fp8_target(name, shape):
         q, scale_inv = quantize_fp8_blocks(w)
         return {name: q, name + "_scale_inv": scale_inv}
     return {name: w.to(torch.float32 if dtype == "fp32" else torch.bfloat16)}
 
 
+ONE_STREAM_MAX_VALUES = 1 << 28  # models up to this many values (the tiny and small presets) draw from one stream
+
+
 def _checkpoint_tensors(shapes: dict[str, tuple[int, ...]], dtype: str, seed: int):
-    """_stored_tensors of every tensor, in order, made ahead on one thread per core while the caller
-    writes shards (drawing and quantizing on one thread took 19 s per 1.8 GB on a dev core, 60% of
-    it in torch.randn, which is single-threaded); at most two per thread wait, so memory stays bounded.
-    Each thread's torch ops run single-threaded (torch's thread count is the process's: restored after)."""
+    """_stored_tensors of every tensor, in order.
+
+    A model of up to ONE_STREAM_MAX_VALUES values draws every tensor in turn from one generator seeded
+    with `seed`: the checkpoints tests and demos have always had. A larger one would take minutes on one
+    core (torch.randn is single-threaded: 94 M values/s on a dev core, 60% of making a model), so each
+    tensor gets its own generator, seeded by (seed, its index), and tensors are drawn and quantized
+    ahead on one thread per core while the caller writes shards: the same checkpoint on any number of
+    threads. At most two per thread wait, so memory stays bounded; each thread's torch ops run
+    single-threaded (torch's thread count is the process's: restored after)."""
+    if sum(math.prod(shape) for shape in shapes.values()) <= ONE_STREAM_MAX_VALUES:
+        gen = torch.Generator().manual_seed(seed)
+        for name, shape in shapes.items():
+            yield _stored_tensors(name, shape, dtype, gen)
+        return
     workers = max(1, min(16, len(os.sched_getaffinity(0))))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -324,7 +335,9 @@ def _checkpoint_tensors(shapes: dict[str, tuple[int, ...]], dtype: str, seed: in
         with ThreadPoolExecutor(workers, thread_name_prefix="make-model") as pool:
             ahead: deque = deque()
             for index, (name, shape) in enumerate(shapes.items()):
-                ahead.append(pool.submit(_stored_tensors, name, shape, dtype, seed, index))
+                state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+                gen = torch.Generator().manual_seed(int(state))
+                ahead.append(pool.submit(_stored_tensors, name, shape, dtype, gen))
                 if len(ahead) >= 2 * workers:
                     yield ahead.popleft().result()
             for tensors in ahead:

@@ -12,6 +12,7 @@ from hmoe.runtime.tokenizer import load_tokenizer
 from hmoe.workers.model.batch import ForwardBatch
 from hmoe.workers.model.causal_lm import load_model
 from hmoe.workers.model.kv_cache import KVPool
+from hmoe.workers.weights import make_model as make_model_module
 from hmoe.workers.weights.checkpoint import Checkpoint
 from hmoe.workers.weights.make_model import make_model
 
@@ -27,7 +28,15 @@ def _digest(path) -> str:
     ).hexdigest()
 
 
-def test_deterministic_per_seed_on_any_number_of_threads(tmp_path, monkeypatch):
+def test_deterministic_per_seed(tmp_path):
+    a = make_model(tmp_path / "a", "deepseek_v3", "tiny", "fp8", seed=7)
+    b = make_model(tmp_path / "b", "deepseek_v3", "tiny", "fp8", seed=7)
+    c = make_model(tmp_path / "c", "deepseek_v3", "tiny", "fp8", seed=8)
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_a_large_model_is_drawn_on_every_core_the_same_on_any_number_of_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(make_model_module, "ONE_STREAM_MAX_VALUES", 0)  # the tiny model takes the large path
     threads = torch.get_num_threads()
     a = make_model(tmp_path / "a", "deepseek_v3", "tiny", "fp8", seed=7)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one drawing thread instead of one per core
