@@ -136,9 +136,8 @@ def pair(tiny_models, shm_config, request):
 
 
 def prefill(engine: PrefillEngine, request_id: str, prompt: list[int]) -> tuple[protocol.Prefilled, torch.Tensor]:
-    """(Prefilled with the first token's top-2 logprobs, the prompt's handed-off KV as [entries * L, n, W]);
-    the slot freed again."""
-    engine.add(protocol.Prefill(request_id, prompt, SamplingParams(max_tokens=4, temperature=0.0, logprobs=2)))
+    """(Prefilled, the prompt's handed-off KV as [entries * L, n, W]); the slot freed again."""
+    engine.add(protocol.Prefill(request_id, prompt, SamplingParams(max_tokens=4, temperature=0.0)))
     msg = prefilled(engine)
     receiver = KVPool.from_budget(engine.model.config, 1 << 22, BLOCK_SIZE, engine.model.dtype, engine.model.device)
     receiver.reserve(request_id, len(prompt))
@@ -147,29 +146,25 @@ def prefill(engine: PrefillEngine, request_id: str, prompt: list[int]) -> tuple[
     return msg, torch.cat([entry[:, positions] for entry in receiver.data.values()])
 
 
-TIE = 0.01  # logprob: two candidates closer than this may swap with the sums' order (seen: 0.0016 apart)
-
-
 @pytest.mark.parametrize("pair", CASES, indirect=True, ids=["-".join(map(str, c)) for c in CASES])
 def test_greedy_tokens_and_kv_with_the_cache_equal_those_without(pair):
     off, on, model = pair
     vocab = model.config.vocab_size
     conversation = [(7 * i + 3) % vocab for i in range(29)]
     other = [(5 * i + 1) % vocab for i in range(21)]
-    cached, first = {"off": [], "on": []}, {"off": [], "on": []}
-    context = list(conversation)
-    for turn in range(3):  # a growing conversation: each prompt extends the last by the greedy token without cache
-        for name, engine in (("off", off), ("on", on)):
+    cached, tokens = {"off": [], "on": []}, {"off": [], "on": []}
+    for name, engine in (("off", off), ("on", on)):
+        context = list(conversation)
+        for turn in range(3):  # a growing conversation: each prompt extends the last by its greedy token
             msg, kv = prefill(engine, f"{name}-{turn}", context)
             if name == "off":
                 reference = kv
-            first[name].append(msg)
+            tokens[name].append(msg.first_token)
             cached[name].append(msg.cached_tokens)
-        context.append(first["off"][-1].first_token)
-    for i, prompt in enumerate((context, other, conversation)):  # the same again, none shared, a prefix
-        for name, engine in (("off", off), ("on", on)):
+            context.append(msg.first_token)
+        for i, prompt in enumerate((context, other, conversation)):  # the same again, none shared, a prefix
             msg, kv = prefill(engine, f"{name}-again-{i}", prompt)
-            first[name].append(msg)
+            tokens[name].append(msg.first_token)
             cached[name].append(msg.cached_tokens)
             if name == "on" and i == 0:  # the reused KV is what the engine without a cache computes there
                 reused = msg.cached_tokens
@@ -177,8 +172,6 @@ def test_greedy_tokens_and_kv_with_the_cache_equal_those_without(pair):
                 # moves a bf16 expert activation by one rounding step (BF16 kernels read bf16 activations).
                 wrong = (kv[:, :reused] - reference[:, :reused]).norm() / reference[:, :reused].norm()
                 assert wrong < 1e-3, wrong
-    for want, got in zip(first["off"], first["on"]):  # the same greedy token, or one tied with it
-        top = dict(want.logprobs[1])
-        assert got.first_token == want.first_token or abs(top.get(got.first_token, -1e9) - want.logprobs[0]) < TIE
+    assert tokens["on"] == tokens["off"]
     assert cached["off"] == [0] * 6
     assert cached["on"] == [0, 28, 28, 28, 0, 28]  # 29 then 30, 31 tokens: 7 full blocks; 31 again: 7 (30 // 4)
