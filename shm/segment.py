@@ -91,6 +91,11 @@ def unlink_segment(name: str, config: ShmConfig) -> None:
         ) from None
 
 
+def _address(mapping: mmap.mmap) -> int:
+    """Virtual address of a mapping's first byte."""
+    return np.frombuffer(mapping, np.uint8, count=1).ctypes.data
+
+
 def _populate_huge(mapping: mmap.mmap) -> None:
     """Allocate a new segment's pages through its MADV_HUGEPAGE mapping, so they are 2 MiB pages.
 
@@ -106,7 +111,7 @@ def _populate_huge(mapping: mmap.mmap) -> None:
     except OSError as exc:  # EINVAL where THP is compiled out
         log.debug("MADV_HUGEPAGE failed (%s): fallocate reserves 4 KiB pages instead", exc)
         return
-    base, nbytes = np.frombuffer(mapping, np.uint8, count=1).ctypes.data, len(mapping)
+    base, nbytes = _address(mapping), len(mapping)
     step = -(-nbytes // POPULATE_THREADS // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -241,7 +246,7 @@ class Segment:
     def address(self) -> int:
         """Virtual address of the mapping's first byte (for cudaHostRegister)."""
         assert self._mmap is not None, "segment is closed"
-        return np.frombuffer(self._mmap, np.uint8, count=1).ctypes.data
+        return _address(self._mmap)
 
     def copy_from_file(self, offset: int, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy file bytes into the segment inside the kernel (sendfile: no copy through user space and
