@@ -77,13 +77,22 @@ def prepare_model(args, tmp: str | os.PathLike) -> str:
     """With --make, make that model under tmp and point args.model_dir at it; the model's name for results."""
     if not args.make:
         return args.model_dir or "demo"
+    args.model_dir = str(made_model(args.make, tmp))
+    return args.make
+
+
+def made_model(make: str, work_dir: str | os.PathLike) -> Path:
+    """The model ARCH:PRESET:DTYPE[:LAYERS] (hmoe make-model, seed 0) in work_dir/ARCH-PRESET-DTYPE[-LAYERS],
+    made there unless an earlier run left it."""
     from hmoe.workers.weights.make_model import make_model
 
-    arch, preset, dtype, layers = args.make.split(":")
-    started = time.perf_counter()
-    args.model_dir = str(make_model(Path(tmp) / "model", arch, preset, dtype, seed=0, num_layers=int(layers)))
-    print(f"made {args.make} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return args.make
+    arch, preset, dtype, *layers = make.split(":")
+    model_dir = Path(work_dir) / "-".join([arch, preset, dtype, *layers])
+    if not (model_dir / "config.json").exists():
+        started = time.perf_counter()
+        make_model(model_dir, arch, preset, dtype, seed=0, num_layers=int(layers[0]) if layers else None)
+        print(f"made {make} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return model_dir
 
 
 def machine_name() -> str:

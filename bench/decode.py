@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     decode_worker_threads,
     machine_name,
+    made_model,
     read_bandwidth_elsewhere,
     run_variants,
     write_results,
@@ -54,7 +55,6 @@ from hmoe.workers.model.causal_lm import load_model  # noqa: E402
 from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
 from hmoe.workers.model.layers import MoE  # noqa: E402
 from hmoe.workers.model.sampler import sample  # noqa: E402
-from hmoe.workers.weights.make_model import make_model  # noqa: E402
 from hmoe.workers.weights.pack_loader import load_pack  # noqa: E402
 from hmoe.workers.weights.pack_source import PackSource  # noqa: E402
 
@@ -172,14 +172,7 @@ def _kernel_alone(experts: CpuExperts, recorder: TimedKernel, batch: int, cfg) -
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    model_dir = Path(args.model) if args.model else None
-    if model_dir is None:
-        arch, preset, dtype, *layers = args.make.split(":")
-        model_dir = Path(args.work_dir) / f"{arch}-{preset}-{dtype}{'-' + layers[0] if layers else ''}"
-        if not (model_dir / "config.json").exists():
-            start = time.perf_counter()
-            make_model(model_dir, arch, preset, dtype, seed=0, num_layers=int(layers[0]) if layers else None)
-            print(f"made {model_dir} in {time.perf_counter() - start:.0f} s", flush=True)
+    model_dir = Path(args.model) if args.model else made_model(args.make, args.work_dir)
     shm = ShmConfig()
     start = time.perf_counter()
     pack, built = load_pack(model_dir, args.pack, experts=args.experts, config=shm, stream=sys.stderr)

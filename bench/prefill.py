@@ -1,6 +1,6 @@
 """Prefill speed: today's CPU-kernel path, stream-loading prefill and the resident-experts floor, one run.
 
-    python bench/prefill.py --make ARCH:PRESET:DTYPE:LAYERS [--device cuda] [--lengths 1024,4096,...]
+    python bench/prefill.py [--model DIR | --make ARCH:PRESET:DTYPE[:LAYERS]] [--device cuda] [--lengths 1024,...]
                             [--cpu-max 8192] [--chunk 2048] [--ring 2] [--json PATH] [--profile DIR]
 
 Per prompt length, in-process, the worker's code paths:
@@ -38,7 +38,7 @@ import hmoe.workers  # noqa: F401  (before torch: the workers' OpenMP wait polic
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_name, write_results  # noqa: E402
+from common import machine_name, made_model, write_results  # noqa: E402
 
 from hmoe.runtime.config import load_config  # noqa: E402
 from hmoe.shm import ShmConfig, ShmError  # noqa: E402
@@ -49,7 +49,6 @@ from hmoe.workers.experts.streaming import StreamingExperts, measure_copy_s, mea
 from hmoe.workers.model.batch import ForwardBatch  # noqa: E402
 from hmoe.workers.model.causal_lm import load_model  # noqa: E402
 from hmoe.workers.model.kv_cache import KVPool  # noqa: E402
-from hmoe.workers.weights.make_model import make_model  # noqa: E402
 from hmoe.workers.weights.pack_loader import load_pack  # noqa: E402
 from hmoe.workers.weights.pack_source import PackSource  # noqa: E402
 
@@ -124,12 +123,7 @@ class Resident:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    arch, preset, dtype, layers = args.make.split(":")
-    model_dir = Path(args.work_dir) / f"{arch}-{preset}-{dtype}-{layers}"
-    start = time.perf_counter()
-    if not (model_dir / "config.json").exists():
-        make_model(model_dir, arch, preset, dtype, seed=0, num_layers=int(layers))
-    print(f"model {model_dir} ready in {time.perf_counter() - start:.0f} s", flush=True)
+    model_dir = Path(args.model) if args.model else made_model(args.make, args.work_dir)
     shm = ShmConfig()
     start = time.perf_counter()
     pack, _ = load_pack(model_dir, args.pack, config=shm, stream=sys.stderr)
@@ -225,7 +219,7 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "model": {
             "arch": cfg.architecture,
-            "preset": preset,
+            "dir": str(model_dir),
             "layers": cfg.num_layers,
             "moe_layers": moe_layers,
             "experts": cfg.num_experts,
@@ -301,9 +295,7 @@ def plot(payload: dict, path) -> None:
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("prefill tok/s")
     m = payload["model"]
-    ax.set_title(
-        f"hmoe prefill, {payload['device']}, {m['arch']} {m['preset']} {m['expert_format']} {m['layers']} layers"
-    )
+    ax.set_title(f"hmoe prefill, {payload['device']}, {m['arch']} {m['expert_format']} {m['layers']} layers")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -311,7 +303,10 @@ def plot(payload: dict, path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--make", default="qwen3_moe:30b-a3b:fp8:8", help="ARCH:PRESET:DTYPE:LAYERS for hmoe make-model")
+    p.add_argument("--model", help="a Hugging Face model folder (default: the --make model)")
+    p.add_argument(
+        "--make", default="qwen3_moe:30b-a3b:fp8:8", help="ARCH:PRESET:DTYPE[:LAYERS] made with hmoe make-model"
+    )
     p.add_argument("--work-dir", default="/tmp/hmoe-bench")
     p.add_argument("--pack", default="bench-prefill")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
