@@ -165,14 +165,16 @@ class Ranks:
             self._send(PING)
 
     def stop(self) -> None:
-        """STOP the followers (when the group still works), then make sure they are gone."""
+        """STOP the followers (when the group still works), then make sure they are gone. After a failed
+        collective no STOP can reach them: a live follower is hung or waits out its own collective, so it
+        is killed at once rather than after a wait that the worker's restart would spend."""
         if not self.broken:
             try:
                 self._send(STOP)
             except HmoeError:
                 pass
         for process in self.processes:
-            process.join(timeout=10)
+            process.join(timeout=0 if self.broken else 10)
             if process.is_alive():
                 process.kill()
                 process.join()
