@@ -1,7 +1,8 @@
 """Prefill speed: today's CPU-kernel path, stream-loading prefill and the resident-experts floor, one run.
 
     python bench/prefill.py [--model DIR | --make ARCH:PRESET:DTYPE[:LAYERS]] [--device cuda] [--lengths 1024,...]
-                            [--cpu-max 8192] [--chunk 2048] [--ring 2] [--json PATH] [--profile DIR]
+                            [--cpu-max 8192] [--chunk 2048] [--ring 2] [--scratch-experts N] [--json PATH]
+                            [--profile DIR]
 
 Per prompt length, in-process, the worker's code paths:
     cpu        chunk-major, routed experts on the CPU kernels over the pack (today's path; stops at --cpu-max)
@@ -140,7 +141,7 @@ def run(args) -> dict:
     model = load_model(source, device, "auto", experts=cpu)
     cfg = model.config
     kv = KVPool.from_budget(cfg, int(args.kv_gib * 2**30), 16, model.dtype, device)
-    streaming = StreamingExperts.from_source(source, device, model.dtype, args.ring)
+    streaming = StreamingExperts.from_source(source, device, model.dtype, args.ring, None, args.scratch_experts)
     grouped_gemm, stream_device_bytes = streaming.grouped_gemm, streaming.device_bytes
     copy_s = measure_copy_s(streaming)
     h2d_gbs = streaming.layer_bytes / copy_s / 1e9
@@ -161,7 +162,8 @@ def run(args) -> dict:
             if not args.devices:
                 continue
             ranks = Ranks(_follower_config(args), args.devices)  # rank 0: this process, on args.device
-            ranked = StreamingExperts.from_source(source, device, model.dtype, args.ring, ranks.share(cfg.num_experts))
+            share = ranks.share(cfg.num_experts)
+            ranked = StreamingExperts.from_source(source, device, model.dtype, args.ring, share, args.scratch_experts)
             ranks.least_free_bytes(device_free_bytes(device))  # the start-up steps every follower takes, as the
             ranks.started()  # worker does: without them the first command waits on followers still starting
             run_once = partial(_ranked_prefill, model, kv, ranked, ranks, args.chunk)
@@ -169,7 +171,7 @@ def run(args) -> dict:
             del streaming, modes["slp"]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            resident = StreamingExperts.from_source(source, device, model.dtype, moe_layers)
+            resident = StreamingExperts.from_source(source, device, model.dtype, moe_layers, None, args.scratch_experts)
             resident.open_pass()(cfg.moe_layer_ids[0], *_one_token(cfg, device, model.dtype))  # copies every layer
             _sync(device)
             modes["resident"] = (Resident(resident), True)
@@ -233,6 +235,7 @@ def run(args) -> dict:
         "dslp_gain": dslp_gain,
         "chunk_tokens": args.chunk,
         "ring_layers": args.ring,
+        "scratch_experts": args.scratch_experts,
         "layer_bytes": layer_bytes,
         "h2d_gbs": h2d_gbs,
         "pack_pinned": pinned,
@@ -314,6 +317,9 @@ def main() -> None:
     p.add_argument("--cpu-max", type=int, default=8192, help="longest prompt the cpu mode runs (it is slow)")
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--ring", type=int, default=2)
+    p.add_argument(
+        "--scratch-experts", type=int, default=0, help="experts dequantized at a time (0: the whole layer, the default)"
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU kernel threads (0: all physical cores)")
     p.add_argument("--kv-gib", type=float, default=8.0)
     p.add_argument("--tag", default=None, help="results name: prefill-TAG.json (default: this machine's name)")

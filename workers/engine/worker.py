@@ -210,11 +210,14 @@ class WorkerProcess:
             return None, 0, 1 << 30
         c = self.model.config
         per_token = slp.pass_bytes_per_token(c, self.model.dtype)
+        scratch = 0  # the whole layer dequantized at once, unless the GPU has no room for it
         if device.type == "cuda":
             layer = self.source.layer_experts(c.moe_layer_ids[0])
             try:
-                slp.check_device_memory(
-                    layer, c, self.model.dtype, w.stream_ring_layers, torch.cuda.mem_get_info(device)[0]
+                free = torch.cuda.mem_get_info(device)[0]
+                pass_tokens = self.config.router.max_prompt_tokens  # the longest prompt, one pass if it can
+                _, scratch = slp.check_device_memory(
+                    layer, c, self.model.dtype, w.stream_ring_layers, free, pass_tokens
                 )
             except HmoeError as exc:
                 if w.prefill_experts == "stream" or self.ranks is not None:  # forced: refuse to start
@@ -231,22 +234,26 @@ class WorkerProcess:
             except ShmError as exc:
                 log.warning("streaming prefill from pageable memory: %s", exc.message)
         share = self.ranks.share(c.num_experts) if self.ranks is not None else None
-        streaming = slp.StreamingExperts.from_source(self.source, device, self.model.dtype, w.stream_ring_layers, share)
+        streaming = slp.StreamingExperts.from_source(
+            self.source, device, self.model.dtype, w.stream_ring_layers, share, scratch
+        )
         free = device_free_bytes(device)
         if self.ranks is not None:  # every rank runs the same passes: the least free memory bounds them
             free = self.ranks.least_free_bytes(free)
         # activations of a pass stay on the GPU
-        max_pass_tokens = int(free * 0.8) // per_token if device.type == "cuda" else 1 << 30
+        max_pass_tokens = int(free * slp.PASS_FRACTION) // per_token if device.type == "cuda" else 1 << 30
         copy_s, cpu_s_per_token = slp.measure_copy_s(streaming), slp.measure_cpu_s_per_token(self.experts, c)
         measured = max(1, int(copy_s / cpu_s_per_token))  # shorter passes finish on the CPU before one layer copies
         min_tokens = w.stream_min_tokens or measured
         log.info(
-            "streaming prefill: %.2f GiB of GPU memory (%d ring layers of %.3f GiB + one dequantized layer); "
+            "streaming prefill: %.2f GiB of GPU memory (%d ring layers of %.3f GiB + %d of %d experts dequantized); "
             "a layer copies in %.2f ms (%.1f GB/s), the CPU kernels take %.3f ms per token and layer: "
             "passes of >= %d tokens stream (measured %d), up to %d tokens per pass",
             streaming.device_bytes / 2**30,
             streaming.ring_layers,
             streaming.layer_bytes / 2**30,
+            streaming.scratch_experts,
+            streaming.num_experts,
             copy_s * 1e3,
             streaming.layer_bytes / copy_s / 1e9,
             cpu_s_per_token * 1e3,

@@ -10,6 +10,9 @@ copied while layer L computes, ordered by events (copy -> compute: `ready`; comp
 the slot: `slot_free`), never by a host synchronization. On the compute stream a layer is untiled and
 dequantized to the compute dtype (bf16 on a GPU) in one pass over the slot, then every token of the
 pass meets its experts in two grouped GEMMs (tokens sorted by expert: gate+up [TK, 2Ip], down [TK, Hp]).
+Where the GPU has no room for a whole dequantized layer (DeepSeek-V3: 22.5 GiB in bf16 beside an 11 GiB
+slot), the scratch holds `scratch_experts` experts and a layer computes in groups of that many, each
+dequantized and multiplied in turn (check_device_memory picks the size).
 
 The pass is layer-major (CausalLM.forward_layer_major): every chunk submits layer L before any waits
 on it, so the first wait() of a layer computes all the chunks' tokens at once, and the layer's bytes
@@ -54,8 +57,10 @@ class StreamingExperts:
         dtype: torch.dtype,
         ring_layers: int = 2,
         share: ExpertShare | None = None,
+        scratch_experts: int = 0,
     ):
-        """layers: {layer_id: LayerExperts} of every MoE layer; share: this rank's part of each (None: all)."""
+        """layers: {layer_id: LayerExperts} of every MoE layer; share: this rank's part of each (None: all);
+        scratch_experts: experts dequantized at a time (0: the whole layer)."""
         self.share = share
         if share is not None:
             layers = {layer_id: lay.share(share.first, share.end) for layer_id, lay in layers.items()}
@@ -84,7 +89,8 @@ class StreamingExperts:
             )
             for _ in range(self.ring_layers)
         ]
-        hp, ip, e = padded(self.hidden), padded(self.inter), self.num_experts
+        hp, ip = padded(self.hidden), padded(self.inter)
+        e = self.scratch_experts = min(scratch_experts or self.num_experts, self.num_experts)
         self.gate_up = torch.empty(e, 2 * ip, hp, dtype=dtype, device=self.device)  # [E, 2Ip, Hp]: gate rows, then up
         self.down = torch.empty(e, hp, ip, dtype=dtype, device=self.device)  # [E, Hp, Ip]
         self.copy_stream = torch.cuda.Stream(self.device) if on_gpu else None
@@ -92,12 +98,18 @@ class StreamingExperts:
 
     @classmethod
     def from_source(
-        cls, source, device, dtype: torch.dtype, ring_layers: int = 2, share: ExpertShare | None = None
+        cls,
+        source,
+        device,
+        dtype: torch.dtype,
+        ring_layers: int = 2,
+        share: ExpertShare | None = None,
+        scratch_experts: int = 0,
     ) -> StreamingExperts:
         """Every MoE layer of a PackSource; pin the source first for DMA speed (pageable copies crawl)."""
         c = source.config
         layers = {layer_id: source.layer_experts(layer_id) for layer_id in c.moe_layer_ids}
-        return cls(layers, c.num_experts_per_tok, device, dtype, ring_layers, share)
+        return cls(layers, c.num_experts_per_tok, device, dtype, ring_layers, share, scratch_experts)
 
     @property
     def layer_bytes(self) -> int:
@@ -106,7 +118,7 @@ class StreamingExperts:
 
     @property
     def device_bytes(self) -> int:
-        """Device memory this object holds: the ring plus the dequantized layer."""
+        """Device memory this object holds: the ring plus the dequantized scratch."""
         return self.ring_layers * self.layer_bytes + self.gate_up.nbytes + self.down.nbytes
 
     def open_pass(self, resident: bool = False) -> StreamPass:
@@ -135,12 +147,15 @@ class StreamingExperts:
             ready.record(self.copy_stream)
         return ready
 
-    def dequantize(self, slot: _Slot) -> None:
-        """Slot (the pack's tiles) -> gate_up [E, 2Ip, Hp] and down [E, Hp, Ip] in the compute dtype."""
-        ip = padded(self.inter)
-        for proj, dst in (("gate", self.gate_up[:, :ip]), ("up", self.gate_up[:, ip:]), ("down", self.down)):
-            codes = slot.arrays[proj]
+    def dequantize(self, slot: _Slot, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's experts [first, first + scratch_experts) (the pack's tiles) -> (gate_up [n, 2Ip, Hp],
+        down [n, Hp, Ip]) in the compute dtype, views of the scratch."""
+        ip, n = padded(self.inter), min(self.scratch_experts, self.num_experts - first)
+        gate_up, down = self.gate_up[:n], self.down[:n]
+        for proj, dst in (("gate", gate_up[:, :ip]), ("up", gate_up[:, ip:]), ("down", down)):
+            codes = slot.arrays[proj][first : first + n]
             scale = slot.arrays.get(f"{proj}_scale")
+            scale = scale[first : first + n] if scale is not None else None
             e, rows, cols = dst.shape
             if self.fmt.kind == "int4":
                 # [E, R/16, C/128, 16, 64] bytes: low nibble input j, high nibble input 64 + j of each 128.
@@ -158,6 +173,7 @@ class StreamingExperts:
             if scale is not None:  # fp8: w = e4m3 * scale per 128x128 block, one rounding (float32 product)
                 blocks = dst.view(e, rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
                 blocks.mul_(scale[:, :, None, :, None])
+        return gate_up, down
 
 
 class StreamPass:
@@ -201,6 +217,13 @@ class StreamPass:
         self.outputs.clear()
         self.ready.clear()
 
+    def _free(self, slot: _Slot) -> None:
+        """The slot's layer is dequantized: the ring's next layer copies into it while this one computes."""
+        if self.copy and self.owner.copy_stream is not None:
+            slot.free = torch.cuda.Event()
+            slot.free.record()
+        self._copy_next()
+
     def _copy_next(self) -> None:
         owner = self.owner
         if self.next_copy >= len(owner.layer_ids):
@@ -216,11 +239,6 @@ class StreamPass:
         slot, ready = self.ready.pop(layer_id)
         if ready is not None:
             torch.cuda.current_stream(owner.device).wait_event(ready)
-        owner.dequantize(slot)
-        if ready is not None:
-            slot.free = torch.cuda.Event()
-            slot.free.record()
-        self._copy_next()  # into the slot just freed: layer L + R copies while L computes
         self.computed.add(layer_id)
         chunks = self.inputs.pop(layer_id)
         hidden = torch.cat([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
@@ -229,8 +247,17 @@ class StreamPass:
         if owner.share is not None:
             ids, weights = ids.contiguous(), weights.contiguous()
             owner.share.agree(ids, weights)
-        first = owner.share.first if owner.share is not None else None
-        out = grouped_experts(hidden, ids, weights, owner.gate_up, owner.down, owner.grouped_gemm, first)
+        base = owner.share.first if owner.share is not None else 0
+        out = None
+        for first in range(0, owner.num_experts, owner.scratch_experts):
+            gate_up, down = owner.dequantize(slot, first)
+            if first + owner.scratch_experts >= owner.num_experts:  # the slot's last reader
+                self._free(slot)
+            whole = owner.share is None and gate_up.shape[0] == owner.num_experts  # no expert to leave out
+            part = grouped_experts(
+                hidden, ids, weights, gate_up, down, owner.grouped_gemm, None if whole else base + first
+            )
+            out = part if out is None else out.add_(part)
         if owner.share is not None:
             owner.share.reduce(out)
         self.outputs[layer_id] = list(out.to(hidden.dtype).split([c[0].shape[0] for c in chunks]))
@@ -339,26 +366,42 @@ def measure_cpu_s_per_token(cpu_experts, config, tokens: int = 64) -> float:
     return (time.perf_counter() - start) / tokens
 
 
-def planned_device_bytes(layer: LayerExperts, dtype: torch.dtype, ring_layers: int) -> int:
-    """What StreamingExperts will hold on the device: `ring_layers` layers as stored + one dequantized."""
-    dequantized = 3 * layer.num_experts * padded(layer.hidden) * padded(layer.inter) * dtype.itemsize
+def planned_device_bytes(layer: LayerExperts, dtype: torch.dtype, ring_layers: int, scratch_experts: int = 0) -> int:
+    """What StreamingExperts will hold on the device: `ring_layers` layers as stored + `scratch_experts`
+    experts dequantized (0: all of them)."""
+    scratch = min(scratch_experts or layer.num_experts, layer.num_experts)
+    dequantized = 3 * scratch * padded(layer.hidden) * padded(layer.inter) * dtype.itemsize
     stored = sum(a.nbytes for a in layer.arrays.values())
     return ring_layers * stored + dequantized
 
 
-def check_device_memory(layer: LayerExperts, config, dtype: torch.dtype, ring_layers: int, free_bytes: int) -> int:
-    """The device bytes streaming needs (the ring and one dequantized layer); config_invalid, with what to
-    change, when they and a pass of 256 tokens do not fit in `free_bytes`."""
-    need = planned_device_bytes(layer, dtype, ring_layers)
-    if need + 256 * pass_bytes_per_token(config, dtype) > free_bytes:
-        raise HmoeError(
-            "config_invalid",
-            f"streaming prefill needs {need / 2**30:.2f} GiB of GPU memory ({ring_layers} ring layers of "
-            f"{sum(a.nbytes for a in layer.arrays.values()) / 2**30:.2f} GiB and one dequantized layer), "
-            f"{free_bytes / 2**30:.2f} GiB is free after the model and the KV cache: lower [worker] "
-            'stream_ring_layers or kv_cache_gib, or set [worker] prefill_experts = "cpu"',
-        )
-    return need
+MIN_SCRATCH_EXPERTS = 8  # fewer experts per group would cost a pass more in launches than it saves
+PASS_FRACTION = 0.8  # of the device memory left beside the ring and the scratch, what a pass's activations may take
+
+
+def check_device_memory(
+    layer: LayerExperts, config, dtype: torch.dtype, ring_layers: int, free_bytes: int, pass_tokens: int = 256
+) -> tuple[int, int]:
+    """(device bytes, scratch experts) of the streaming this GPU has room for: the whole layer dequantized
+    at once (scratch experts 0) where it fits beside a pass of `pass_tokens` (the longest prompt, so that it
+    streams every layer once), else the most experts at a time that fit beside it; where not even
+    MIN_SCRATCH_EXPERTS do, the same beside a pass of 256 tokens (long prompts then take several passes);
+    config_invalid, with what to change, when not even that fits."""
+    stored = sum(a.nbytes for a in layer.arrays.values())
+    per_expert, least = planned_device_bytes(layer, dtype, 0, 1), min(MIN_SCRATCH_EXPERTS, layer.num_experts)
+    for tokens in dict.fromkeys((pass_tokens, 256)):
+        room = free_bytes - tokens * pass_bytes_per_token(config, dtype) / PASS_FRACTION - ring_layers * stored
+        scratch = min(layer.num_experts, int(room // per_expert))
+        if scratch >= least:
+            scratch = 0 if scratch == layer.num_experts else scratch
+            return planned_device_bytes(layer, dtype, ring_layers, scratch), scratch
+    raise HmoeError(
+        "config_invalid",
+        f"streaming prefill needs {planned_device_bytes(layer, dtype, ring_layers, least) / 2**30:.2f} GiB "
+        f"of GPU memory at least ({ring_layers} ring layers of {stored / 2**30:.2f} GiB and {least} experts "
+        f"dequantized at a time), {free_bytes / 2**30:.2f} GiB is free after the model and the KV cache: "
+        'lower [worker] stream_ring_layers or kv_cache_gib, or set [worker] prefill_experts = "cpu"',
+    )
 
 
 def pass_bytes_per_token(config, dtype: torch.dtype) -> int:

@@ -56,6 +56,24 @@ def test_layers_match_the_reference_in_every_format(fmt_name):
     stream_pass.close()
 
 
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_a_layer_computed_a_few_experts_at_a_time_equals_it_whole(fmt_name):
+    """A scratch of 3 of 8 experts (groups 3, 3, 2), alone and in an expert-parallel share of experts
+    2..7: the same outputs as the whole layer dequantized at once."""
+    g = torch.Generator().manual_seed(5)
+    fmt, experts, hidden, inter, top_k = ExpertFormat.parse(fmt_name), 8, 192, 160, 3
+    layers = {layer_id: random_layer(fmt, g, experts, hidden, inter) for layer_id in (0, 2)}
+    for share in (None, ExpertShare(2, 8)):
+        whole = StreamingExperts(layers, top_k, "cpu", torch.float32, 2, share).open_pass()
+        grouped = StreamingExperts(layers, top_k, "cpu", torch.float32, 1, share, scratch_experts=3)
+        assert grouped.gate_up.shape[0] == 3
+        grouped_pass = grouped.open_pass()
+        for layer_id in layers:
+            x, ids, w = random_inputs(g, 13, hidden, experts, top_k)
+            torch.testing.assert_close(grouped_pass(layer_id, x, ids, w), whole(layer_id, x, ids, w))
+        assert grouped_pass.bytes_copied == len(layers) * grouped.layer_bytes  # each layer crossed once
+
+
 def test_a_layer_submitted_after_it_computed_is_refused():
     g = torch.Generator().manual_seed(1)
     layer = random_layer(ExpertFormat("bf16"), g, 4, 128, 128)
@@ -79,7 +97,12 @@ def test_bf16_compute_stays_close_to_the_reference():
 
 def test_the_rings_device_memory_is_counted_and_refused_with_a_hint(tiny_models):
     from hmoe.runtime.errors import HmoeError
-    from hmoe.workers.experts.streaming import check_device_memory, planned_device_bytes
+    from hmoe.workers.experts.streaming import (
+        MIN_SCRATCH_EXPERTS,
+        check_device_memory,
+        pass_bytes_per_token,
+        planned_device_bytes,
+    )
     from hmoe.workers.weights.checkpoint import Checkpoint
 
     c = Checkpoint.open(tiny_models("qwen3_moe", "bf16")).config
@@ -88,10 +111,20 @@ def test_the_rings_device_memory_is_counted_and_refused_with_a_hint(tiny_models)
     )
     need = planned_device_bytes(layer, torch.bfloat16, 2)
     stored = sum(a.nbytes for a in layer.arrays.values())
-    assert need == 2 * stored + 3 * c.num_experts * c.hidden_size * c.moe_intermediate_size * 2
-    assert check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=1 << 40) == need
-    with pytest.raises(HmoeError) as refused:
-        check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=need)  # no room left for a pass
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size * 2
+    assert need == 2 * stored + c.num_experts * per_expert
+    assert check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=1 << 40) == (need, 0)  # the whole layer
+
+    # Short of room for the whole dequantized layer beside a pass of the longest prompt (4096 tokens here):
+    # as many experts at a time as fit beside it; short of room for 8 of them, beside a pass of 256 tokens.
+    def beside(tokens: int, experts: int) -> int:
+        return 2 * stored + experts * per_expert + int(tokens * pass_bytes_per_token(c, torch.bfloat16) / 0.8) + 1
+
+    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(4096, c.num_experts), 4096) == (need, 0)
+    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(4096, 9), 4096) == (need - 7 * per_expert, 9)
+    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(256, 12), 4096) == (need - 4 * per_expert, 12)
+    with pytest.raises(HmoeError) as refused:  # fewer than MIN_SCRATCH_EXPERTS fit beside 256 tokens
+        check_device_memory(layer, c, torch.bfloat16, 2, beside(256, MIN_SCRATCH_EXPERTS) - 2, 4096)
     assert refused.value.code == "config_invalid" and "stream_ring_layers" in refused.value.message
 
 

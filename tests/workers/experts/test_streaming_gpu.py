@@ -19,12 +19,14 @@ def relative_error(got: torch.Tensor, want: np.ndarray) -> float:
     return float(np.linalg.norm(got.double().cpu().numpy() - want) / np.linalg.norm(want))
 
 
+@pytest.mark.parametrize("scratch_experts", [0, 3], ids=["whole-layer", "3-experts-at-a-time"])
 @pytest.mark.parametrize("fmt_name", FORMATS)
-def test_gpu_layers_match_the_reference_in_every_format(fmt_name):
+def test_gpu_layers_match_the_reference_in_every_format(fmt_name, scratch_experts):
     g = torch.Generator().manual_seed(0)
     fmt, experts, hidden, inter, top_k = ExpertFormat.parse(fmt_name), 8, 256, 128, 3
     layers = {layer_id: random_layer(fmt, g, experts, hidden, inter) for layer_id in (1, 2, 4)}
-    stream_pass = StreamingExperts(layers, top_k, "cuda", torch.bfloat16, ring_layers=2).open_pass()
+    streaming = StreamingExperts(layers, top_k, "cuda", torch.bfloat16, 2, scratch_experts=scratch_experts)
+    stream_pass = streaming.open_pass()
     for layer_id, layer in layers.items():
         chunks = [random_inputs(g, tokens, hidden, experts, top_k) for tokens in (40, 300)]
         handles = [stream_pass.submit(layer_id, x.cuda().bfloat16(), i.cuda(), w.cuda()) for x, i, w in chunks]
