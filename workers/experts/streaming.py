@@ -20,6 +20,9 @@ cross PCIe once per pass. On the CPU the same code runs with a plain copy into t
 
 With an ExpertShare (parallel.py) the object streams and computes only experts [first, end) of every
 layer, and each layer's partial output is summed over the ranks before the chunks take theirs.
+
+Past 400 lines because the ring, its passes, the grouped GEMMs and the device-memory plan that sizes the
+ring and the scratch change together; split, each would reach into the others' shapes.
 """
 
 from __future__ import annotations
