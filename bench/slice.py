@@ -67,7 +67,8 @@ def paired(runs: dict[int, dict], layers: int, key: tuple[str, ...]):
     """(row of the `layers` run, the same row of the run with one layer fewer), matched on `key`."""
     fewer = {tuple(r[k] for k in key): r for r in runs[layers - 1]["results"]}
     for row in runs[layers]["results"]:
-        yield row, fewer[tuple(row[k] for k in key)]
+        if tuple(row[k] for k in key) in fewer:  # a run cut short lacks its last rows
+            yield row, fewer[tuple(row[k] for k in key)]
 
 
 def extrapolated(row: dict, fewer: dict, field: str, tokens: int, layers: int, full_layers: int) -> dict:
@@ -83,20 +84,33 @@ def run(args) -> dict:
     shape = PRESETS[arch][preset]
     dense, full_layers = shape.get("first_k_dense_replace", 0), shape["num_hidden_layers"]
     layers = dense + args.moe_layers
+    stem = Path(args.json).with_suffix("") if args.json else RESULTS_DIR / f"slice-{machine_name()}"
+    paths = {
+        (kind, n): Path(f"{stem}-{kind}-{n}layers.json") for kind in ("prefill", "decode") for n in (layers, layers - 1)
+    }
+    runs = {"prefill": {}, "decode": {}}
+    if args.reuse:
+        missing = [str(path) for path in paths.values() if not path.exists()]
+        if missing:
+            raise SystemExit(f"--reuse: no run at {', '.join(missing)}")
+        for (kind, n), path in paths.items():
+            runs[kind][n] = json.loads(path.read_text())
+        return summary(args, runs, layers, dense, full_layers)
     model_dir = made_model(f"{args.make}:{layers}", args.work_dir)
     dirs = {layers: model_dir, layers - 1: fewer_layers(model_dir, layers - 1)}
-    stem = Path(args.json).with_suffix("") if args.json else RESULTS_DIR / f"slice-{machine_name()}"
-    runs = {"prefill": {}, "decode": {}}
     prefill_options = ["--lengths", args.lengths, "--cpu-max", str(args.cpu_max), "--pack", "bench-slice"]
     for n in sorted(dirs, reverse=True):
-        path = Path(f"{stem}-prefill-{n}layers.json")
-        runs["prefill"][n] = bench("prefill.py", dirs[n], path, *prefill_options)
+        runs["prefill"][n] = bench("prefill.py", dirs[n], paths["prefill", n], *prefill_options)
     for n in sorted(dirs, reverse=True):
-        path = Path(f"{stem}-decode-{n}layers.json")
         options = ["--batches", args.batches, "--steps", str(args.steps), "--modes", args.decode_mode]
-        runs["decode"][n] = bench("decode.py", dirs[n], path, *options, "--pack", "bench-slice")
+        runs["decode"][n] = bench("decode.py", dirs[n], paths["decode", n], *options, "--pack", "bench-slice")
         remove_pack("bench-slice", ShmConfig(), force=True)  # decode.py leaves its pack for the next run
+    return summary(args, runs, layers, dense, full_layers)
 
+
+def summary(args, runs: dict, layers: int, dense: int, full_layers: int) -> dict:
+    """The extrapolated rows of the two runs of each bench (rows only one of them has are left out)."""
+    arch, preset, dtype = args.make.split(":")
     stream_floor_s = (full_layers - dense) * runs["prefill"][layers]["layer_bytes"]
     stream_floor_s /= runs["prefill"][layers]["h2d_gbs"] * 1e9
     prefill = []
@@ -125,11 +139,13 @@ def run(args) -> dict:
             flush=True,
         )
     return {
+        "machine": runs["prefill"][layers]["machine"],  # where the runs ran (also when --reuse reads them here)
         "device": runs["prefill"][layers]["device"],
         "model": {"arch": arch, "preset": preset, "dtype": dtype, "dense_layers": dense, "full_layers": full_layers}
         | {"slice_layers": [layers - 1, layers]},
         "h2d_gbs": runs["prefill"][layers]["h2d_gbs"],
         "read_bw_gbs": runs["decode"][layers]["read_bw_gbs"],
+        "cut_short": sorted(f"{kind} {n} layers" for kind in runs for n in runs[kind] if runs[kind][n].get("partial")),
         "prefill": prefill,
         "decode": decode,
     }
@@ -181,6 +197,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--decode-mode", default="graphs:auto")
     p.add_argument("--json", default=None, help="default: bench/results/slice-MACHINE.json")
+    p.add_argument(
+        "--reuse", action="store_true", help="extrapolate from the four runs' files already beside --json, run nothing"
+    )
     args = p.parse_args()
     if args.moe_layers < 2:
         p.error("--moe-layers must be at least 2: the slice less one layer needs a MoE layer too")
