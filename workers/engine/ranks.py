@@ -205,7 +205,7 @@ class _StreamedOnly:
 def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> None:
     """A follower process: join the group first (rank 0 waits for it), then load, then follow."""
     from hmoe.runtime.log import configure_logging
-    from hmoe.workers.experts.streaming import StreamingExperts
+    from hmoe.workers.experts.streaming import StreamingExperts, scratch_for
     from hmoe.workers.model.causal_lm import load_model
     from hmoe.workers.model.kv_cache import KVPool, kv_budget_bytes
     from hmoe.workers.weights.pack_source import PackSource
@@ -227,11 +227,13 @@ def _follower_main(config: Config, devices: list[str], rank: int, port: int) -> 
         model = load_model(source, device, w.dtype, experts=_StreamedOnly())
         c = model.config
         share = ExpertShare(*expert_shares(c.num_experts, len(devices))[rank], groups.experts)
-        streaming = StreamingExperts.from_source(source, device, model.dtype, w.stream_ring_layers, share)
         budget = kv_budget_bytes(
             w.kv_cache_gib, config.router.max_prompt_tokens, config.http.default_max_tokens, c, model.dtype
         )
-        kv = KVPool.from_budget(c, budget, w.kv_block_size, model.dtype, device)
+        kv = KVPool.from_budget(c, budget, w.kv_block_size, model.dtype, device)  # first, as rank 0 does
+        ring, pass_tokens = w.stream_ring_layers, config.router.max_prompt_tokens
+        scratch = scratch_for(source, device, model.dtype, ring, pass_tokens, share)  # what this GPU has room for
+        streaming = StreamingExperts.from_source(source, device, model.dtype, ring, share, scratch)
         log.info("prefill rank %d of %d on %s: experts %d..%d", rank, len(devices), device, share.first, share.end)
         groups.least_free_bytes(device_free_bytes(device))
         groups.started()

@@ -210,14 +210,13 @@ class WorkerProcess:
             return None, 0, 1 << 30
         c = self.model.config
         per_token = slp.pass_bytes_per_token(c, self.model.dtype)
+        share = self.ranks.share(c.num_experts) if self.ranks is not None else None
         scratch = 0  # the whole layer dequantized at once, unless the GPU has no room for it
         if device.type == "cuda":
-            layer = self.source.layer_experts(c.moe_layer_ids[0])
-            try:
-                free = torch.cuda.mem_get_info(device)[0]
-                pass_tokens = self.config.router.max_prompt_tokens  # the longest prompt, one pass if it can
-                _, scratch = slp.check_device_memory(
-                    layer, c, self.model.dtype, w.stream_ring_layers, free, pass_tokens
+            try:  # the longest prompt in one pass if it can
+                pass_tokens = self.config.router.max_prompt_tokens
+                scratch = slp.scratch_for(
+                    self.source, device, self.model.dtype, w.stream_ring_layers, pass_tokens, share
                 )
             except HmoeError as exc:
                 if w.prefill_experts == "stream" or self.ranks is not None:  # forced: refuse to start
@@ -233,7 +232,6 @@ class WorkerProcess:
                 self.source.pin()
             except ShmError as exc:
                 log.warning("streaming prefill from pageable memory: %s", exc.message)
-        share = self.ranks.share(c.num_experts) if self.ranks is not None else None
         streaming = slp.StreamingExperts.from_source(
             self.source, device, self.model.dtype, w.stream_ring_layers, share, scratch
         )

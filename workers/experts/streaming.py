@@ -407,6 +407,19 @@ def check_device_memory(
     )
 
 
+def scratch_for(source, device, dtype: torch.dtype, ring_layers: int, pass_tokens: int, share=None) -> int:
+    """The scratch experts a StreamingExperts of `source` (this rank's `share`) gets on `device`: on a GPU, what
+    check_device_memory finds room for in its free memory now (config_invalid when not even the least fits);
+    elsewhere 0, the whole layer."""
+    if torch.device(device).type != "cuda":
+        return 0
+    layer = source.layer_experts(source.config.moe_layer_ids[0])
+    if share is not None:
+        layer = layer.share(share.first, share.end)
+    free = torch.cuda.mem_get_info(device)[0]
+    return check_device_memory(layer, source.config, dtype, ring_layers, free, pass_tokens)[1]
+
+
 def pass_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Device bytes a streamed pass needs per prompt token, at most: the residual stream and the layer's
     live activations (about a dozen [H] rows) plus the MoE's per-(token, expert) rows (x, gate+up, h, y twice)."""

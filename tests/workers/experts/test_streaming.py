@@ -128,6 +128,28 @@ def test_the_rings_device_memory_is_counted_and_refused_with_a_hint(tiny_models)
     assert refused.value.code == "config_invalid" and "stream_ring_layers" in refused.value.message
 
 
+def test_each_rank_sizes_its_scratch_for_its_own_share_and_free_memory(tiny_models, monkeypatch):
+    """scratch_for on a GPU (its free memory faked): the share's experts are what must fit; off a GPU, 0."""
+    from types import SimpleNamespace
+
+    from hmoe.workers.experts.streaming import pass_bytes_per_token, planned_device_bytes, scratch_for
+    from hmoe.workers.weights.checkpoint import Checkpoint
+
+    c = Checkpoint.open(tiny_models("qwen3_moe", "bf16")).config
+    layer = random_layer(
+        ExpertFormat("fp8"), torch.Generator().manual_seed(6), c.num_experts, c.hidden_size, c.moe_intermediate_size
+    )
+    source = SimpleNamespace(config=c, layer_experts=lambda layer_id: layer)
+    per_expert = planned_device_bytes(layer, torch.bfloat16, 0, 1)
+    free = planned_device_bytes(layer, torch.bfloat16, 2, 10)  # the ring of whole layers and 10 of 16 experts
+    free += int(256 * pass_bytes_per_token(c, torch.bfloat16) / 0.8) + per_expert // 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 1 << 40))
+    assert c.num_experts == 16 and scratch_for(source, "cuda", torch.bfloat16, 2, 256) == 10
+    half = ExpertShare(0, c.num_experts // 2)  # its ring is half as large: its 8 experts fit at once
+    assert scratch_for(source, "cuda", torch.bfloat16, 2, 256, half) == 0
+    assert scratch_for(source, "cpu", torch.bfloat16, 2, 256) == 0
+
+
 @pytest.mark.parametrize("fmt_name", FORMATS)
 def test_expert_shares_add_up_to_the_whole_layer(fmt_name):
     """Expert parallelism's arithmetic: three ranks' shares of 8 experts (2, 3, 3), each computing only
