@@ -71,35 +71,32 @@ def test_run_from_a_pack_alone_and_on_the_cpu_kernels(tiny_models, tmp_path):
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_models("qwen3_moe", "bf16"), model_dir)
-    env = dict(os.environ, HMOE_SHM_PREFIX=f"hmoe-test-{uuid.uuid4().hex[:8]}.")
-
-    def hmoe(*args):
-        return subprocess.run([*HMOE, *args], capture_output=True, text=True, timeout=300, env=env)
-
-    assert hmoe("shm", "load", str(model_dir), "--name", "cli").returncode == 0
+    env = {"HMOE_SHM_PREFIX": f"hmoe-test-{uuid.uuid4().hex[:8]}."}
+    run = ["run", "--pack", "cli", "--prompt", "Hello", "--max-tokens", "10", "--json", "--experts"]
+    # The load, the torch run and the rm in this process (the CLI's own code); the CPU-kernel run in its own,
+    # attaching the pack another process built.
+    assert _invoke("shm", "load", model_dir, "--name", "cli", env=env).exit_code == 0
     try:
         shutil.rmtree(model_dir)
-        runs = {
-            experts: hmoe(
-                "run", "--pack", "cli", "--prompt", "Hello", "--max-tokens", "10", "--experts", experts, "--json"
-            )
-            for experts in ("torch", "cpu")
-        }
-        for proc in runs.values():
-            assert proc.returncode == 0, proc.stderr
-        torch_run, cpu_run = (json.loads(runs[e].stdout) for e in ("torch", "cpu"))
-        assert cpu_run["token_ids"] == torch_run["token_ids"] and cpu_run["experts"] == "cpu"
-        assert torch_run["prompt_token_ids"][0] == 0  # tokenized with the pack's own tokenizer.json (BOS first)
+        torch_run = _invoke(*run, "torch", env=env)
+        assert torch_run.exit_code == 0, torch_run.output
+        cpu_run = subprocess.run(
+            [*HMOE, *run, "cpu"], capture_output=True, text=True, timeout=300, env=os.environ | env
+        )
+        assert cpu_run.returncode == 0, cpu_run.stderr
+        torch_out, cpu_out = json.loads(torch_run.stdout), json.loads(cpu_run.stdout)
+        assert cpu_out["token_ids"] == torch_out["token_ids"] and cpu_out["experts"] == "cpu"
+        assert torch_out["prompt_token_ids"][0] == 0  # tokenized with the pack's own tokenizer.json (BOS first)
     finally:
-        assert hmoe("shm", "rm", "cli").returncode == 0
+        assert _invoke("shm", "rm", "cli", env=env).exit_code == 0
 
 
-def _invoke(*args, input=None):
+def _invoke(*args, input=None, env=None):
     from click.testing import CliRunner
 
     from hmoe.runtime.cli import main
 
-    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+    return CliRunner().invoke(main, [str(a) for a in args], input=input, env=env)
 
 
 def _one_line(result, code: str) -> None:
