@@ -67,8 +67,9 @@ def paired(runs: dict[int, dict], layers: int, key: tuple[str, ...]):
     """(row of the `layers` run, the same row of the run with one layer fewer), matched on `key`."""
     fewer = {tuple(r[k] for k in key): r for r in runs[layers - 1]["results"]}
     for row in runs[layers]["results"]:
-        if tuple(row[k] for k in key) in fewer:  # a run cut short lacks its last rows
-            yield row, fewer[tuple(row[k] for k in key)]
+        match = fewer.get(tuple(row[k] for k in key))
+        if match is not None:  # a run cut short lacks its last rows
+            yield row, match
 
 
 def extrapolated(row: dict, fewer: dict, field: str, tokens: int, layers: int, full_layers: int) -> dict:

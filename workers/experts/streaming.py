@@ -384,8 +384,8 @@ PASS_FRACTION = 0.8  # of the device memory left beside the ring and the scratch
 
 def check_device_memory(
     layer: LayerExperts, config, dtype: torch.dtype, ring_layers: int, free_bytes: int, pass_tokens: int = 256
-) -> tuple[int, int]:
-    """(device bytes, scratch experts) of the streaming this GPU has room for: the whole layer dequantized
+) -> int:
+    """The scratch experts of the streaming this GPU has room for: the whole layer dequantized
     at once (scratch experts 0) where it fits beside a pass of `pass_tokens` (the longest prompt, so that it
     streams every layer once), else the most experts at a time that fit beside it; where not even
     MIN_SCRATCH_EXPERTS do, the same beside a pass of 256 tokens (long prompts then take several passes);
@@ -396,8 +396,7 @@ def check_device_memory(
         room = free_bytes - tokens * pass_bytes_per_token(config, dtype) / PASS_FRACTION - ring_layers * stored
         scratch = min(layer.num_experts, int(room // per_expert))
         if scratch >= least:
-            scratch = 0 if scratch == layer.num_experts else scratch
-            return planned_device_bytes(layer, dtype, ring_layers, scratch), scratch
+            return 0 if scratch == layer.num_experts else scratch
     raise HmoeError(
         "config_invalid",
         f"streaming prefill needs {planned_device_bytes(layer, dtype, ring_layers, least) / 2**30:.2f} GiB "
@@ -417,7 +416,7 @@ def scratch_for(source, device, dtype: torch.dtype, ring_layers: int, pass_token
     if share is not None:
         layer = layer.share(share.first, share.end)
     free = torch.cuda.mem_get_info(device)[0]
-    return check_device_memory(layer, source.config, dtype, ring_layers, free, pass_tokens)[1]
+    return check_device_memory(layer, source.config, dtype, ring_layers, free, pass_tokens)
 
 
 def pass_bytes_per_token(config, dtype: torch.dtype) -> int:

@@ -113,16 +113,18 @@ def test_the_rings_device_memory_is_counted_and_refused_with_a_hint(tiny_models)
     stored = sum(a.nbytes for a in layer.arrays.values())
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size * 2
     assert need == 2 * stored + c.num_experts * per_expert
-    assert check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=1 << 40) == (need, 0)  # the whole layer
+    assert check_device_memory(layer, c, torch.bfloat16, 2, free_bytes=1 << 40) == 0  # the whole layer
 
     # Short of room for the whole dequantized layer beside a pass of the longest prompt (4096 tokens here):
     # as many experts at a time as fit beside it; short of room for 8 of them, beside a pass of 256 tokens.
     def beside(tokens: int, experts: int) -> int:
         return 2 * stored + experts * per_expert + int(tokens * pass_bytes_per_token(c, torch.bfloat16) / 0.8) + 1
 
-    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(4096, c.num_experts), 4096) == (need, 0)
-    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(4096, 9), 4096) == (need - 7 * per_expert, 9)
-    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(256, 12), 4096) == (need - 4 * per_expert, 12)
+    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(4096, c.num_experts), 4096) == 0
+    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(4096, 9), 4096) == 9
+    assert planned_device_bytes(layer, torch.bfloat16, 2, 9) == need - 7 * per_expert
+    assert check_device_memory(layer, c, torch.bfloat16, 2, beside(256, 12), 4096) == 12
+    assert planned_device_bytes(layer, torch.bfloat16, 2, 12) == need - 4 * per_expert
     with pytest.raises(HmoeError) as refused:  # fewer than MIN_SCRATCH_EXPERTS fit beside 256 tokens
         check_device_memory(layer, c, torch.bfloat16, 2, beside(256, MIN_SCRATCH_EXPERTS) - 2, 4096)
     assert refused.value.code == "config_invalid" and "stream_ring_layers" in refused.value.message
