@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hmoe.kernels.formats import FP8_BLOCK, TILE_ROWS, LayerExperts, layer_arrays, padded
+from hmoe.kernels.formats import LayerExperts, layer_arrays, padded
 from hmoe.runtime.errors import HmoeError
+from hmoe.workers.experts.dequant import dequantize_into
 from hmoe.workers.experts.parallel import ExpertShare
 
 # Pack dtype -> the torch dtype its bytes travel as: bf16 bit patterns as int16 (copies of uint16 are not
@@ -156,26 +157,10 @@ class StreamingExperts:
         ip, n = padded(self.inter), min(self.scratch_experts, self.num_experts - first)
         gate_up, down = self.gate_up[:n], self.down[:n]
         for proj, dst in (("gate", gate_up[:, :ip]), ("up", gate_up[:, ip:]), ("down", down)):
-            codes = slot.arrays[proj][first : first + n]
             scale = slot.arrays.get(f"{proj}_scale")
-            scale = scale[first : first + n] if scale is not None else None
-            e, rows, cols = dst.shape
-            if self.fmt.kind == "int4":
-                # [E, R/16, C/128, 16, 64] bytes: low nibble input j, high nibble input 64 + j of each 128.
-                tiles = codes.permute(0, 1, 3, 2, 4)  # [E, R/16, 16, C/128, 64]
-                out = dst.view(e, rows // TILE_ROWS, TILE_ROWS, cols // 128, 2, 64)
-                out[..., 0, :].copy_(tiles & 0xF)
-                out[..., 1, :].copy_(tiles >> 4)
-                out.sub_(8)
-                group = self.fmt.group_size
-                per_group = scale.permute(0, 1, 3, 2, 4).reshape(e, rows, cols // group)  # [E, R, C/G] float16
-                dst.view(e, rows, cols // group, group).mul_(per_group[..., None])
-                continue
-            src = codes.view(torch.bfloat16 if self.fmt.kind == "bf16" else torch.float8_e4m3fn)
-            dst.view(e, rows // TILE_ROWS, TILE_ROWS, cols // 32, 32).copy_(src.permute(0, 1, 3, 2, 4))
-            if scale is not None:  # fp8: w = e4m3 * scale per 128x128 block, one rounding (float32 product)
-                blocks = dst.view(e, rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
-                blocks.mul_(scale[:, :, None, :, None])
+            dequantize_into(
+                dst, slot.arrays[proj][first : first + n], None if scale is None else scale[first : first + n], self.fmt
+            )
         return gate_up, down
 
 

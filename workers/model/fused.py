@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hmoe.workers.model.paged_attention import tl, triton, use_kernels
+from hmoe.workers.gpu_kernels import tl, triton, use_kernels
 
 MAX_ROW = 16384  # the widest row a kernel holds in registers at once (hidden sizes, expert counts)
 

@@ -20,15 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # CUDA builds of torch ship Triton; CPU-only installs run the reference
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU-only machines
-    triton = tl = None
-
-
-def use_kernels(t: torch.Tensor) -> bool:
-    return triton is not None and t.device.type == "cuda"
+from hmoe.workers.gpu_kernels import tl, triton, use_kernels
 
 
 def _context(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_streaming import FORMATS, random_inputs, random_layer
 
-from hmoe.kernels.formats import ExpertFormat
+from hmoe.kernels.formats import ExpertFormat, padded
 from hmoe.kernels.reference import moe_reference
+from hmoe.workers.experts.dequant import dequantize_eager
 from hmoe.workers.experts.streaming import StreamingExperts
 
 pytestmark = pytest.mark.gpu
@@ -35,6 +36,32 @@ def test_gpu_layers_match_the_reference_in_every_format(fmt_name, scratch_expert
             assert got.device.type == "cuda" and got.dtype == torch.bfloat16
             want = moe_reference(x.bfloat16().double().numpy(), ids.numpy(), w.numpy(), layer)
             assert relative_error(got, want) < 1e-2, (fmt_name, layer_id)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("fmt_name", FORMATS)
+def test_the_dequantization_kernel_equals_the_eager_form_bit_for_bit(fmt_name, dtype):
+    """Every group of a layer dequantized 3 of 8 experts at a time (views into the scratch, gate and up
+    halves of one tensor), by the Triton kernel, against the eager form on the same slot."""
+    g = torch.Generator().manual_seed(3)
+    fmt, inter = ExpertFormat.parse(fmt_name), 200  # pads to 256
+    streaming = StreamingExperts({0: random_layer(fmt, g, 8, 384, inter)}, 2, "cuda", dtype, 1, scratch_experts=3)
+    slot = streaming.ring[0]
+    streaming.copy_layer(0, slot)
+    torch.cuda.synchronize()
+    ip = padded(inter)
+    for first in (0, 3, 6):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            gate_up, down = (t.clone() for t in streaming.dequantize(slot, first))
+        assert any("_dequant_kernel" in e.key for e in prof.key_averages()), "the eager form ran"
+        n = gate_up.shape[0]
+        want_gate_up, want_down = torch.full_like(gate_up, float("nan")), torch.full_like(down, float("nan"))
+        for proj, dst in (("gate", want_gate_up[:, :ip]), ("up", want_gate_up[:, ip:]), ("down", want_down)):
+            scale = slot.arrays.get(f"{proj}_scale")
+            scale = None if scale is None else scale[first : first + n]
+            dequantize_eager(dst, slot.arrays[proj][first : first + n], scale, fmt)
+        assert not gate_up.isnan().any()
+        assert torch.equal(gate_up, want_gate_up) and torch.equal(down, want_down), (fmt_name, first)
 
 
 def test_a_pinned_pack_streams_what_the_cpu_computes(tiny_models, shm_config):
