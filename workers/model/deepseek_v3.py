@@ -41,6 +41,7 @@ class MLAttention:
         self.config, self.layer_id, self.absorb = config, layer_id, absorb
         self.num_heads = h = c.num_heads
         qk_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        assert c.v_head_dim <= qk_dim, f"v_head_dim {c.v_head_dim} > the keys' {qk_dim}: _plain pads values to keys"
         if c.q_lora_rank is None:
             self.q_proj = load("q_proj.weight", (h * qk_dim, c.hidden_size))
         else:
@@ -50,7 +51,6 @@ class MLAttention:
         self.kv_a_proj = load("kv_a_proj_with_mqa.weight", (c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size))
         self.kv_a_norm = RMSNorm(load("kv_a_layernorm.weight", (c.kv_lora_rank,)), 1e-6)
         kv_b = load("kv_b_proj.weight", (h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank))
-        self.kv_b_proj = kv_b
         kv_b = kv_b.view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         self.w_uk = kv_b[:, : c.qk_nope_head_dim]  # [h, dn, r]
         self.w_uv = kv_b[:, c.qk_nope_head_dim :]  # [h, dv, r]
@@ -106,15 +106,26 @@ class MLAttention:
         return F.linear(out.reshape(n, -1), self.o_proj)
 
     def _plain(self, q_nope, q_rope, ctx):
+        """Keys and values of every head from the cache rows [c | k_rope] in one GEMM, both dn + dr wide:
+        keys through w_uk plus an identity that copies k_rope into each head, values through w_uv padded
+        with zero rows (exact: products by 1 and sums of zeros). Equal widths let SDPA take its flash
+        kernel, which needs one head dim: with values 128 wide against keys 192 it fell to the
+        memory-efficient kernel, and a 32K DeepSeek-V3 prompt's attention took 0.32 s a layer on the
+        H200 box against 0.18 s padded. cuDNN's kernel takes the two widths (0.12 s) but builds a plan
+        for every new (chunk, context) shape: 70 ms each, and up to 1.7 s where it compiles a kernel for
+        an unaligned one, which every prompt length would pay. Building the keys in the GEMM also drops
+        the concatenation that copied them (10% of the GPU time of such a prompt)."""
         c = self.config
-        s = ctx.shape[0]
-        latent, k_rope = ctx.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        kv = F.linear(latent, self.kv_b_proj).view(s, self.num_heads, -1)  # [S, h, dn + dv]
-        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope[:, None, :].expand(s, self.num_heads, -1)], dim=-1)
+        s, h, r, width = ctx.shape[0], self.num_heads, c.kv_lora_rank, c.qk_nope_head_dim + c.qk_rope_head_dim
+        w = ctx.new_zeros(2, h, width, ctx.shape[1])  # [keys | values, h, dn + dr, r + dr]
+        w[0, :, : c.qk_nope_head_dim, :r] = self.w_uk
+        w[0, :, c.qk_nope_head_dim :, r:] = torch.eye(c.qk_rope_head_dim, dtype=ctx.dtype, device=ctx.device)
+        w[1, :, : c.v_head_dim, :r] = self.w_uv
+        kv = F.linear(ctx, w.view(-1, ctx.shape[1])).view(s, 2, h, width)
+        k, v = kv[:, 0], kv[:, 1]  # [S, h, dn + dr]; v's last dr - (dv - dn) columns are zeros
         q = torch.cat([q_nope, q_rope], dim=-1)
-        o = causal_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.scale)  # [h, T, dv]
-        return o.transpose(0, 1)
+        o = causal_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self.scale)  # [h, T, dn + dr]
+        return o[..., : c.v_head_dim].transpose(0, 1)
 
     def _absorbed(self, q_nope, q_rope, ctx):
         q_latent = torch.einsum("thd,hdr->htr", q_nope, self.w_uk)  # [h, T, r]
