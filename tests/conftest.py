@@ -4,9 +4,19 @@ test's tmp dir; every segment unlinked afterwards)."""
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
+
+# `python -m pytest` (the README's command) puts the working directory, the checkout, first on sys.path,
+# where our top-level kernels/ folder (hmoe.kernels, mapped by the editable install) would shadow the
+# Hugging Face `kernels` package that transformers >= 5.25 depends on and imports. Nothing imports the
+# checkout's folders by their bare names, so the tests run without it.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 from helpers.shm_pack import fill_pattern, small_manifest
 
 from hmoe.shm import ShmConfig, build_pack
