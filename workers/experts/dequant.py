@@ -9,7 +9,7 @@ Shapes: n experts, R rows and C columns of one projection (padded: multiples of 
 The eager form is three kernels over the layer (the untiling copy, a subtraction for int4, the scale
 multiplied in place), each a strided, broadcast elementwise pass that torch runs unvectorized: on the H200
 box DeepSeek-V3's FP8 layer (11.3 GB of codes, 22.5 GB in bf16) took ~110 ms, a third of a 32K prompt's
-MoE layer. The kernel reads each code and scale once and writes each weight once, computing as the eager
+MoE layer. The kernel reads the codes and scales from memory once and writes each weight once, computing as the eager
 form does: w = code (int4: code - 8) times the scale in float32, rounded once to the output dtype.
 """
 
@@ -25,8 +25,9 @@ BLOCK_ROWS, BLOCK_COLS = 64, 128  # one program's output block (R and C are mult
 
 
 def dequantize_into(dst: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None, fmt: ExpertFormat) -> None:
-    """dst [n, R, C] (a view with unit column stride) = the n experts' weights of one projection."""
-    if use_kernels(dst):
+    """dst [n, R, C] (a view with unit column stride) = the n experts' weights of one projection. FP8 takes
+    the eager form on GPUs before sm_89 (Ampere), where Triton has no E4M3 type."""
+    if use_kernels(dst) and (fmt.kind != "fp8" or torch.cuda.get_device_capability(dst.device) >= (8, 9)):
         _dequantize_kernel(dst, codes, scale, fmt)
     else:
         dequantize_eager(dst, codes, scale, fmt)

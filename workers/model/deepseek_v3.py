@@ -5,7 +5,7 @@ r kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
 
 The KV cache holds the compressed latent per token: [c (r, normalized) | k_rope (dr, rotated)].
 Attention runs in one of two equal forms:
-  plain:    k_nope, v = kv_b_proj(c) per head; scores = q_nope.k_nope + q_rope.k_rope
+  plain:    k_nope, v = kv_b_proj(c) per head (one GEMM, see _plain); scores = q_nope.k_nope + q_rope.k_rope
   absorbed: q_nope is folded through kv_b_proj's key half into latent space, so scores and the
             weighted sum run over the r-wide latent directly and nothing is expanded per head —
             far fewer bytes per decode step on long contexts.
@@ -25,13 +25,14 @@ from hmoe.workers.weights.model_config import ModelConfig
 
 def absorbed_is_cheaper(c: ModelConfig, q_len: int) -> bool:
     """Whether q_len queries attend their context in fewer FLOPs in the absorbed form (over the latents,
-    r + dr wide) than in the plain one (the context expanded to per-head keys and values first). Per
-    key and head: absorbed 2 q (2r + dr), plain 2 (r (dn + dv) + q (dn + dr + dv)), so the context's
-    length cancels out: DeepSeek-V3 (r 512, dn = dv = 128) crosses at q = 170. A long chunk in the
-    absorbed form also takes SDPA's math kernel (heads r + dr = 576 wide are too wide for the fused
-    ones): float32 scores [128 heads, 2048, S] would be 34 GB for the last 2K chunk of a 32K prompt."""
-    r, width = c.kv_lora_rank, c.qk_nope_head_dim + c.v_head_dim
-    return q_len * (2 * r - width) < r * width
+    r + dr wide) than in the plain one (_plain: the context expanded to per-head keys and values, both
+    w = dn + dr wide, first). Per key and head: absorbed 2 q (2r + dr); plain 4 (r + dr) w for the expansion
+    plus 4 q w, so the context's length cancels out: DeepSeek-V3 (r 512, dr 64, dn 128) crosses at q = 314.
+    A long chunk in the absorbed form also takes SDPA's math kernel (heads r + dr = 576 wide are too wide
+    for the fused ones): float32 scores [128 heads, 2048, S] would be 34 GB for the last 2K chunk of a 32K
+    prompt."""
+    r, dr, width = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim + c.qk_rope_head_dim
+    return q_len * (2 * (2 * r + dr) - 4 * width) < 4 * (r + dr) * width
 
 
 class MLAttention:
@@ -110,8 +111,8 @@ class MLAttention:
         keys through w_uk plus an identity that copies k_rope into each head, values through w_uv padded
         with zero rows (exact: products by 1 and sums of zeros). Equal widths let SDPA take its flash
         kernel, which needs one head dim: with values 128 wide against keys 192 it fell to the
-        memory-efficient kernel, and a 32K DeepSeek-V3 prompt's attention took 0.32 s a layer on the
-        H200 box against 0.18 s padded. cuDNN's kernel takes the two widths (0.12 s) but builds a plan
+        memory-efficient kernel, and a 32K DeepSeek-V3 prompt's attention took 0.35 s a layer on the
+        H200 box against 0.19 s now. cuDNN's kernel takes the two widths (0.12 s) but builds a plan
         for every new (chunk, context) shape: 70 ms each, and up to 1.7 s where it compiles a kernel for
         an unaligned one, which every prompt length would pay. Building the keys in the GEMM also drops
         the concatenation that copied them (10% of the GPU time of such a prompt)."""

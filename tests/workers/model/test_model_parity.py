@@ -269,8 +269,8 @@ def test_cuda_matches_transformers(hf_pair):
 
 
 def test_mla_attends_in_the_absorbed_form_only_where_it_costs_fewer_flops():
-    """DeepSeek-V3's widths cross at 170 queries, whatever the context: a long prompt's 2K chunks attend
-    in the plain form (which SDPA's fused kernels take), decode and short chunks in the absorbed one."""
-    v3 = SimpleNamespace(kv_lora_rank=512, qk_nope_head_dim=128, v_head_dim=128)
-    assert absorbed_is_cheaper(v3, 1) and absorbed_is_cheaper(v3, 170)
-    assert not absorbed_is_cheaper(v3, 171) and not absorbed_is_cheaper(v3, 2048)
+    """DeepSeek-V3's widths cross at 314 queries, whatever the context: a long prompt's 2K chunks attend
+    in the plain form (which SDPA's flash kernel takes), decode and short chunks in the absorbed one."""
+    v3 = SimpleNamespace(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    assert absorbed_is_cheaper(v3, 1) and absorbed_is_cheaper(v3, 314)
+    assert not absorbed_is_cheaper(v3, 315) and not absorbed_is_cheaper(v3, 2048)
