@@ -141,8 +141,13 @@ port = {http_port}
         "HMOE_PACK_ARGS": "",
         "RUNTIME_DIRECTORY": str(tmp / "run"),
     }  # what install.sh writes to hmoe.env, and what systemd sets
+    stand_in = tmp / "bin"  # hmoectl drain runs `systemctl stop hmoe.target` on a systemd host: not ours
+    stand_in.mkdir()
+    (stand_in / "systemctl").write_text("#!/bin/sh\nexit 0\n")
+    (stand_in / "systemctl").chmod(0o755)
     ctl_env = {
         **env,
+        "PATH": f"{stand_in}:{env['PATH']}",
         "HMOE_VENV": str(VENV_BIN.parent),
         "HMOE_CONFIG": str(config),
         "HMOE_ENV_FILE": str(tmp / "none"),
