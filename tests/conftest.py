@@ -10,10 +10,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers.shm_pack import fill_pattern, small_manifest
-
-from hmoe.shm import ShmConfig, build_pack
-from hmoe.shm.segment import unlink_segment
 
 # `python -m pytest` (the README's command) puts the working directory, the checkout, first on sys.path,
 # where our top-level kernels/ folder (hmoe.kernels, mapped by the editable install) would shadow the
@@ -21,21 +17,10 @@ from hmoe.shm.segment import unlink_segment
 # checkout's folders by their bare names, so the tests run without it.
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+from helpers.shm_pack import fill_pattern, small_manifest
 
-# The suite runs in two processes (pyproject.toml: -n 2), a test file at a time in each. The files that start
-# whole services (router and workers as processes) are one unit, so two of them never run at once on the
-# 2 cores: they assert heartbeats, watchdog pings and 3 s SLOs.
-SERVICE_FILES = {
-    f"tests/{name}.py"
-    for name in (
-        "deploy/test_live",
-        "workers/cli/test_chaos",
-        "workers/cli/test_http_serve",
-        "workers/cli/test_serve",
-        "workers/cli/test_serve_colocated",
-        "workers/engine/test_worker_processes",
-    )
-}
+from hmoe.shm import ShmConfig, build_pack
+from hmoe.shm.segment import unlink_segment
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +56,7 @@ def ready_pack(shm_config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: they run on the H200 box and are skipped elsewhere."""
+    """Tests marked `gpu` need CUDA: they run on the H100 box and are skipped elsewhere."""
     import torch
 
     if torch.cuda.is_available():
@@ -80,17 +65,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's file-at-a-time scheduling, the service files one unit. (Not xdist_group marks: with
-    pytest 9.2, xdist 3.8's loadgroup no longer renames the tests it groups.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ByFile(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::")[0]
-            return "services" if path in SERVICE_FILES else path
-
-    return ByFile(config, log)
