@@ -10,6 +10,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers.shm_pack import fill_pattern, small_manifest
+
+from hmoe.shm import ShmConfig, build_pack
+from hmoe.shm.segment import unlink_segment
 
 # `python -m pytest` (the README's command) puts the working directory, the checkout, first on sys.path,
 # where our top-level kernels/ folder (hmoe.kernels, mapped by the editable install) would shadow the
@@ -17,10 +21,6 @@ import pytest
 # checkout's folders by their bare names, so the tests run without it.
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
-from helpers.shm_pack import fill_pattern, small_manifest
-
-from hmoe.shm import ShmConfig, build_pack
-from hmoe.shm.segment import unlink_segment
 
 
 @pytest.fixture(scope="session")
