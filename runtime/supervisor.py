@@ -118,9 +118,16 @@ class Supervisor:
         )
 
     def run(self, on_tick: Callable[[], None] | None = None, tick_s: float = 0.2) -> int:
-        """Watch the children until a signal (stop them: 0) or one that cannot be restarted (stop: 1)."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._on_signal)
+        """Watch the children until a signal (stop them: 0) or one that cannot be restarted (stop: 1). The
+        caller's SIGINT and SIGTERM handlers are back when it returns."""
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._watch(on_tick, tick_s)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _watch(self, on_tick: Callable[[], None] | None, tick_s: float) -> int:
         while not self.signals:
             now = time.monotonic()
             for spec in self.specs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -132,7 +133,9 @@ def test_supervisor_kills_and_restarts_a_child_that_stops_making_progress(tmp_pa
         )
         sup.start()
         first = sup.pids()["worker"]
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         sup.run(on_tick=lambda: sup.signals or (sup.pids()["worker"] != first and sup._on_signal(2, None)))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # not left to the next test
     assert any("made no progress" in line and "watchdog" in line for line in said), said
     assert any("worker exited with status -9; restarting it" in line for line in said), said
 
