@@ -24,10 +24,15 @@ _FMT = {"bf16": 0, "fp8": 1, "int4": 2}
 BLOCK_ROWS, BLOCK_COLS = 64, 128  # one program's output block (R and C are multiples of both)
 
 
+def kernel_takes(dst: torch.Tensor, fmt: ExpertFormat) -> bool:
+    """Whether dequantize_into runs the Triton kernel for dst: on CUDA, except FP8 on GPUs before sm_89
+    (Ampere), where Triton has no E4M3 type."""
+    return use_kernels(dst) and (fmt.kind != "fp8" or torch.cuda.get_device_capability(dst.device) >= (8, 9))
+
+
 def dequantize_into(dst: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None, fmt: ExpertFormat) -> None:
-    """dst [n, R, C] (a view with unit column stride) = the n experts' weights of one projection. FP8 takes
-    the eager form on GPUs before sm_89 (Ampere), where Triton has no E4M3 type."""
-    if use_kernels(dst) and (fmt.kind != "fp8" or torch.cuda.get_device_capability(dst.device) >= (8, 9)):
+    """dst [n, R, C] (a view with unit column stride) = the n experts' weights of one projection."""
+    if kernel_takes(dst, fmt):
         _dequantize_kernel(dst, codes, scale, fmt)
     else:
         dequantize_eager(dst, codes, scale, fmt)
