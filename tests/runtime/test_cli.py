@@ -18,6 +18,7 @@ import click
 import pytest
 from click.testing import CliRunner
 from helpers.net import free_port, start_router
+from helpers.signals import foreground
 
 from hmoe.runtime import AsyncClient
 from hmoe.runtime.cli import WORKER_COMMANDS, main
@@ -178,6 +179,7 @@ def _generate_times_out_then_ctrl_c(router) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=foreground,
     )
     from hmoe.runtime.client import status_once
 
@@ -243,6 +245,7 @@ def test_ctrl_c_while_waiting_for_serve_says_cancelled_once(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HMOE_ROUTER_RUNTIME_DIR": str(tmp_path)},
+        preexec_fn=foreground,
     )
     said = waiting.stderr.readline()  # its first progress line: it is waiting
     assert said.startswith("waiting for tcp://127.0.0.1:"), said

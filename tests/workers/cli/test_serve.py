@@ -16,6 +16,7 @@ import pytest
 import zmq
 from helpers.net import GARBAGE, free_port
 from helpers.serve import Served, serve
+from helpers.signals import foreground
 
 from hmoe.runtime import AsyncClient, Client, RequestFailed, RequestRefused, WorkerLost
 from hmoe.runtime.client import status_once
@@ -256,8 +257,7 @@ def test_hmoe_generate_streams_and_ctrl_c_cancels_upstream_and_status_reports(se
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # A shell's background job ignores SIGINT, and children inherit that: give it a terminal's Ctrl-C.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=foreground,
     )
     deadline = time.monotonic() + 30
     while status_once(served.endpoint)["running"] == 0:
