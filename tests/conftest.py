@@ -22,6 +22,21 @@ from hmoe.shm.segment import unlink_segment
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
 
+# The suite runs in two processes (pyproject.toml: -n 2), a test file at a time in each. The files that start
+# whole services (router and workers as processes) are one unit, so two of them never run at once on the
+# 2 cores: they assert heartbeats, watchdog pings and 3 s SLOs.
+SERVICE_FILES = {
+    f"tests/{name}.py"
+    for name in (
+        "deploy/test_live",
+        "workers/cli/test_chaos",
+        "workers/cli/test_http_serve",
+        "workers/cli/test_serve",
+        "workers/cli/test_serve_colocated",
+        "workers/engine/test_worker_processes",
+    )
+}
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
@@ -56,7 +71,7 @@ def ready_pack(shm_config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: they run on the H100 box and are skipped elsewhere."""
+    """Tests marked `gpu` need CUDA: they run on the H200 box and are skipped elsewhere."""
     import torch
 
     if torch.cuda.is_available():
@@ -65,3 +80,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's file-at-a-time scheduling, the service files one unit. (Not xdist_group marks: with
+    pytest 9.2, xdist 3.8's loadgroup no longer renames the tests it groups.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return "services" if path in SERVICE_FILES else path
+
+    return ByFile(config, log)

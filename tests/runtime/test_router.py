@@ -105,7 +105,9 @@ def test_huge_text_prompts_are_tokenized_off_the_loop_while_heartbeats_are_answe
         slowest_s = max(slowest_s, time.monotonic() - sent_s)
         time.sleep(0.1)
     assert answers == {"big0": "kv_capacity", "big1": "kv_capacity"}  # tokenized: ~150K tokens > the 1000 of KV
-    assert slowest_s < 0.5, slowest_s  # the heartbeat interval; tokenizing on the loop took seconds here
+    # Half the 2 s a silent peer has before it is lost (4 heartbeats of 0.5 s); tokenizing on the loop took
+    # seconds here. Not the 0.5 s interval itself: another test file runs beside this one on the 2 cores.
+    assert slowest_s < 1.0, slowest_s
     assert '"worker_lost"' not in r.log()
     for sock in (client, *workers.values()):
         sock.close(linger=0)
