@@ -582,7 +582,7 @@ def main(argv=None) -> None:
             shared = routings(rng, num_calls, 8, num_experts, top_k, shared=True) if 8 in tokens_list else None
             if shared is not None:
                 results.append(timed_case(layer, shape, shape_name, fmt_name, 8, shared, "shared", threads, bw))
-            if fmt_name in ("bf16", "fp8") and amx_usable():  # the same calls with AMX and without: what it buys
+            if amx_usable():  # the same calls with AMX and without: what it buys
                 for tokens, routing in ((8, "shared"), (16, "random"), (128, "random")):
                     calls = routings(rng, 5, tokens, num_experts, top_k, shared=routing == "shared")
                     on, off = (bench_hmoe(layer, shape, tokens, calls, threads, evict, amx=a) for a in (True, False))
@@ -694,7 +694,7 @@ def main(argv=None) -> None:
         "read_bw_worker": {"spread": bw_worker.spread(), "readings": bw_worker.readings} if bw_worker else None,
         "threads": threads,
         "worker_threads": w_threads,
-        "amx": amx_usable(),  # bf16/fp8 experts with AMX_MIN_SLOTS or more slots run on AMX tiles (amx_ab: A/B)
+        "amx": amx_usable(),  # experts with AMX_MIN_SLOTS or more slots run on AMX tiles (amx_ab: A/B)
         "quick": args.quick,
         "calls": num_calls,
         "results": results,
@@ -711,6 +711,8 @@ def main(argv=None) -> None:
         "of a parallel sum over a buffer far larger than L3, as STREAM measures",
     }
     path = write_results(name, payload, plot=plot, json_path=args.json)
+    if args.json:
+        Path(args.json + ".partial").unlink(missing_ok=True)  # the whole run is in the file now
     for t in payload["targets"]:
         print(
             f"target {t['name']:60s} {t['value']:6.3f} (goal {t['op']} {t['goal']}): {'met' if t['met'] else 'NOT met'}"

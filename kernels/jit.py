@@ -41,12 +41,12 @@ _AMX: bool | None = None
 
 
 def amx_usable() -> bool:
-    """True if the kernels may use AMX tiles (bf16): the code generator targets amx-tile and amx-bf16, and
+    """True if the kernels may use AMX tiles (bf16, int8): the code generator targets amx-tile, -bf16 and -int8, and
     Linux granted this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once)."""
     global _AMX
     if _AMX is None:
         _AMX = False
-        if has_cpu_feature("amx-tile") and has_cpu_feature("amx-bf16"):
+        if all(has_cpu_feature(f) for f in ("amx-tile", "amx-bf16", "amx-int8")):
             import ctypes
 
             sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18

@@ -26,6 +26,11 @@ with AMX (jit.amx_usable) an expert holding AMX_MIN_SLOTS or more of the call's 
 exactly, a 128-column block at a time, amx.py; the tokens are packed as B tiles in a short phase 0, and
 phase 1 writes h packed for phase 2); fewer slots, and other CPUs, on the AVX-512 tiles, with the same
 products (bf16 x bf16 and E4M3 x bf16 are exact in float32): only the order of the sums differs.
+INT4 with 128-input groups takes AMX's int8 tiles (tdpbusd) for experts with INT4_AMX_MIN_SLOTS or more
+slots: the codes are unpacked to bytes a block at a time, the int8 activations packed as B tiles in a
+phase after each quantization, and each block's exact int32 sums corrected and scaled in float32 as
+the AVX-512 tile does. With 32-input groups that fold comes every 32 columns and ate the gain (dev,
+Qwen3-30B-A3B shape: AMX 0.65-1.0x the AVX-512 tiles), so those stay on AVX-512.
 
 Every weight stream is prefetched PREFETCH_BYTES ahead into L2 up to its end, and the next stream's
 head is prefetched before it starts (dots.py): a core streams at its share of the bandwidth only
@@ -49,7 +54,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .amx import AMX_CONFIG, FP8_AMX_GROUPS, amx_pair, fp8_amx_pairs
+from .amx import AMX_CONFIG, FP8_AMX_GROUPS, amx_pair, fp8_amx_pairs, int4_amx_pair
 from .dots import (
     FASTMATH,
     TILE_ROWS,
@@ -96,6 +101,7 @@ SYNC_STRIDE = (
     16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 )
 AMX_MIN_SLOTS = 4  # bf16, fp8: an expert with this many of a call's slots runs on AMX tiles (where usable), 16 a pass
+INT4_AMX_MIN_SLOTS = 8  # int4 (group 128): its AMX pass folds every 128 columns in float32, so it pays later
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
 
 
@@ -277,14 +283,14 @@ def _head2(down, i, items, rows, hp, ip, active_id, pf, line_elems):
 
 
 @jit
-def amx_groups(n_active, active_start, amx, gfirst, gexp):
+def amx_groups(n_active, active_start, amx, gfirst, gexp, min_slots=AMX_MIN_SLOTS):
     """Number the AMX passes (groups of up to 16 slots of one expert): gfirst[a] = active expert a's first
-    group, -1 where it runs on the AVX-512 tiles (fewer than AMX_MIN_SLOTS slots, or no AMX); gexp[g] =
+    group, -1 where it runs on the AVX-512 tiles (fewer than min_slots slots, or no AMX); gexp[g] =
     group g's active expert. Returns the number of groups."""
     ng = 0
     for a in range(n_active):
         c = active_start[a + 1] - active_start[a]
-        gfirst[a] = ng if amx and c >= AMX_MIN_SLOTS else -1
+        gfirst[a] = ng if amx and c >= min_slots else -1
         if gfirst[a] >= 0:
             for g in _amx_groups_of(a, gfirst, active_start):
                 gexp[g] = a
@@ -1042,6 +1048,14 @@ def _int4_down(
     qa,
     la,
     pf,
+    gfirst,
+    bh8,
+    bc,
+    bs,
+    acc,
+    dec,
+    tmp,
+    slots16,
 ):
     """Rows [r0, r1) of out: every active expert's down, summed in expert order."""
     zero_out_rows(out, num_tokens, hidden, r0, r1)
@@ -1049,6 +1063,33 @@ def _int4_down(
         e, s0, s1 = active_id[a], active_start[a], active_start[a + 1]
         if a + 1 < n_active:
             _int4_head(down, down_s, active_id[a + 1], hp, r0, r1, ip, group, pf)
+        if gfirst[a] >= 0:
+            _int4_down_amx(
+                a,
+                e,
+                r0,
+                r1,
+                hp,
+                ip,
+                group,
+                hidden,
+                top_k,
+                gfirst,
+                active_start,
+                slot_of,
+                down,
+                down_s,
+                bh8,
+                bc,
+                bs,
+                out,
+                acc,
+                dec,
+                tmp,
+                slots16,
+                pf,
+            )
+            continue
         end = (e * hp + r1) * (ip // 2)
         for g0 in range(s0, s1, 4):
             n = group_offsets(slot_of, g0, s1, slots, qa, 0, 0, zero)
@@ -1077,6 +1118,145 @@ def _int4_head1(gate, gate_s, i, items, per_expert, rows, ip, hp, group, active_
     if i < items:
         c = i % per_expert
         _int4_head(gate, gate_s, active_id[i // per_expert], ip, c * rows, min(ip, (c + 1) * rows), hp, group, pf)
+
+
+@jit
+def _int4_amx_pack(g, first, n, slot_of, div, q32, cols, corr, ascale, b32, bc, bs):
+    """AMX group g's n slots (codes row slot_of[first + i] // div of q: a token of x, or a slot of h; cols
+    each) as the B tiles of int4_amx_pair: b32[4 * cols * g:], 4 codes an int32, per 128-column block 32
+    rows of 16 tokens; and bc, bs[16 * (cols // 128) * g:], per block, the 16 slots' corrections (-8 x the
+    sum of their codes: quantize_int8's lanes 0-15, the high half folded in) and scales, 0 past n (B's
+    lanes there are stale: they only feed sums nobody reads)."""
+    v0 = 16 * (cols // 128) * g
+    for i in range(16):
+        row = slot_of[first + i] // div if i < n else 0
+        if i < n:
+            for j4 in range(cols // 4):
+                b32[4 * cols * g + 512 * (j4 // 32) + 16 * (j4 % 32) + i] = q32[row * (cols // 4) + j4]
+        for c in range(cols // 128):
+            lanes = row * (cols // 4) + 32 * c
+            total = 0
+            for lane in range(lanes, lanes + 16):
+                total += corr[lane]
+            bc[v0 + 16 * c + i] = np.float32(total) if i < n else 0.0
+            bs[v0 + 16 * c + i] = ascale[lanes] if i < n else 0.0
+
+
+@jit
+def _int4_amx_pack_phase(
+    sync, phase, ng, gfirst, gexp, active_start, slot_of, div, q32, cols, corr, ascale, b32, bc, bs
+):
+    """A task's part of a pack phase: AMX groups claimed one at a time, then the wait for all of them."""
+    i = take_item(sync, phase)
+    while i < ng:
+        first, n = _amx_group_slots(gexp[i], i, gfirst, active_start)
+        _int4_amx_pack(i, first, n, slot_of, div, q32, cols, corr, ascale, b32, bc, bs)
+        item_done(sync, phase)
+        i = take_item(sync, phase)
+    wait_phase(sync, phase, ng)
+
+
+@jit
+def _int4_gate_up_amx(
+    a,
+    e,
+    r0,
+    r1,
+    hp,
+    ip,
+    group,
+    gfirst,
+    active_start,
+    slot_of,
+    weights,
+    gate,
+    gate_s,
+    up,
+    up_s,
+    bx8,
+    bc,
+    bs,
+    h,
+    acc,
+    dec,
+    tmp,
+    pf,
+):
+    """Rows [r0, r1) of expert e's gate and up for all its slots on AMX tiles → h = w * silu(gate x) * up x."""
+    end = (e * ip + r1) * (hp // 2)
+    prefetch_head(up, (e * ip + r0) * (hp // 2), end, pf, 64)  # gate's head is the caller's (_int4_head1)
+    for g in _amx_groups_of(a, gfirst, active_start):
+        first, n = _amx_group_slots(a, g, gfirst, active_start)
+        for r in range(r0, r1, TILE_ROWS):
+            row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
+            v0 = 16 * (hp // 128) * g
+            int4_amx_pair(
+                gate, row, gate_s, srow, up, row, up_s, srow, hp, bx8, 16 * hp * g, bc, bs, v0, dec, tmp, acc, pf, end
+            )
+            transpose16(acc, 0)
+            transpose16(acc, 256)
+            for i in range(n):
+                sl = slot_of[first + i]
+                v = vmul(vmul(silu(vload(acc, 16 * i)), vload(acc, 256 + 16 * i)), vsplat(weights[sl]))
+                vstore(h, sl * ip + r, v)
+
+
+@jit
+def _int4_down_amx(
+    a,
+    e,
+    r0,
+    r1,
+    hp,
+    ip,
+    group,
+    hidden,
+    top_k,
+    gfirst,
+    active_start,
+    slot_of,
+    down,
+    down_s,
+    bh8,
+    bc,
+    bs,
+    out,
+    acc,
+    dec,
+    tmp,
+    slots,
+    pf,
+):
+    """out[t, r0:r1] += expert e's down rows [r0, r1) . h for all its slots, on AMX tiles, two tile-rows a pass."""
+    end = (e * hp + r1) * (ip // 2)
+    for g in _amx_groups_of(a, gfirst, active_start):
+        first, n = _amx_group_slots(a, g, gfirst, active_start)
+        for i in range(n):
+            slots[i] = slot_of[first + i]
+        for r in range(r0, r1, 2 * TILE_ROWS):
+            rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
+            int4_amx_pair(
+                down,
+                (e * hp + r) * (ip // 2),
+                down_s,
+                (e * hp + r) * (ip // group),
+                down,
+                (e * hp + rb) * (ip // 2),
+                down_s,
+                (e * hp + rb) * (ip // group),
+                ip,
+                bh8,
+                16 * ip * g,
+                bc,
+                bs,
+                16 * (ip // 128) * g,
+                dec,
+                tmp,
+                acc,
+                pf,
+                end,
+            )
+            _amx_accumulate_pair(acc, 0, n, slots, top_k, out, hidden, r, rb)
 
 
 @jit
@@ -1116,11 +1296,27 @@ def moe_int4(
     slots,
     offsets,
     sync,
+    amx,
+    bx8,
+    bx32,
+    bh8,
+    bh32,
+    bc,
+    bs,
+    gfirst,
+    gexp,
+    cfg,
+    acc,
+    dec,
+    itmp,
+    q32,
 ):
-    """INT4 layer (int8 activations, VNNI). Same contract as moe_fp8; scales as uint16 (float16 bits).
+    """INT4 layer (int8 activations: VNNI, and AMX tiles where `amx` for experts with AMX_MIN_SLOTS or more
+    of the call's slots). Same contract as moe_fp8; scales as uint16 (float16 bits).
 
-    Four phases in the one region: quantize x (items of `cx` inputs of a token), gate/up, quantize h
-    (items of `ch` inputs of a slot, and one that zeroes the padding row), down.
+    The phases of the one region: quantize x (items of `cx` inputs of a token), pack the AMX groups' x
+    as B tiles, gate/up, quantize h (items of `ch` inputs of a slot, and one that zeroes the padding
+    row), pack the AMX groups' h, down. The pack phases have no items where no expert runs on AMX.
     """
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
@@ -1139,10 +1335,18 @@ def moe_int4(
     nx, nh = -(-hp // cx), -(-ip // ch)  # items per token, per slot
     per_expert = -(-ip // rows1)
     items1, items2 = n_active * per_expert, -(-hp // rows2)
+    ng = amx_groups(n_active, active_start, amx and group == 128, gfirst, gexp, INT4_AMX_MIN_SLOTS)
     sync[:] = 0
     for task in prange(num_threads):
         t_res, t_slots = res[task * 128 : (task + 1) * 128], slots[task * 16 : task * 16 + 4]
         t_qa, t_la = offsets[task * 16 : task * 16 + 4], offsets[task * 16 + 4 : task * 16 + 8]
+        t_acc, t_dec, t_tmp = (
+            acc[task * 512 : (task + 1) * 512],
+            dec[task * 4096 : (task + 1) * 4096],
+            itmp[task * 512 : (task + 1) * 512],
+        )
+        if ng:
+            tile_config(cfg)
         i = take_item(sync, 0)
         while i < num_tokens * nx:
             t, c0 = i // nx, i % nx * cx
@@ -1150,10 +1354,43 @@ def moe_int4(
             item_done(sync, 0)
             i = take_item(sync, 0)
         wait_phase(sync, 0, num_tokens * nx)
+        _int4_amx_pack_phase(
+            sync, 4, ng, gfirst, gexp, active_start, slot_of, top_k, q32, hp, corr, ascale, bx32, bc, bs
+        )
         i = take_item(sync, 1)
         _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
         while i < items1:
             a, c = i // per_expert, i % per_expert
+            if gfirst[a] >= 0:
+                _int4_gate_up_amx(
+                    a,
+                    active_id[a],
+                    c * rows1,
+                    min(ip, (c + 1) * rows1),
+                    hp,
+                    ip,
+                    group,
+                    gfirst,
+                    active_start,
+                    slot_of,
+                    weights,
+                    gate,
+                    gate_s,
+                    up,
+                    up_s,
+                    bx8,
+                    bc,
+                    bs,
+                    h,
+                    t_acc,
+                    t_dec,
+                    t_tmp,
+                    pf,
+                )
+                item_done(sync, 1)
+                i = take_item(sync, 1)
+                _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
+                continue
             _int4_gate_up(
                 active_id[a],
                 active_start[a],
@@ -1197,6 +1434,7 @@ def moe_int4(
             item_done(sync, 2)
             i = take_item(sync, 2)
         wait_phase(sync, 2, n_slots * nh + 1)
+        _int4_amx_pack_phase(sync, 5, ng, gfirst, gexp, active_start, slot_of, 1, q32, ip, corr, ascale, bh32, bc, bs)
         i = take_item(sync, 3)
         while i < items2:
             _int4_head(down, down_s, active_id[0], hp, i * rows2, min(hp, (i + 1) * rows2), ip, group, pf)
@@ -1225,8 +1463,18 @@ def moe_int4(
                 t_qa,
                 t_la,
                 pf,
+                gfirst,
+                bh8,
+                bc,
+                bs,
+                t_acc,
+                t_dec,
+                t_tmp,
+                slots[task * 16 : (task + 1) * 16],
             )
             i = take_item(sync, 3)
+        if ng:
+            tile_release()
     return n_active
 
 
@@ -1248,7 +1496,7 @@ class MoeKernel:
     """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released).
 
     prefetch_bytes: how far ahead the tile loops prefetch (> 0 into L1, < 0 into L2, 0 off); see dots.py.
-    amx: let bf16 and fp8 layers use AMX tiles for experts with AMX_MIN_SLOTS or more slots (None: wherever the
+    amx: let layers use AMX tiles for experts with AMX_MIN_SLOTS or more slots (None: wherever the
     CPU and the kernel allow it, jit.amx_usable).
     """
 
@@ -1284,7 +1532,7 @@ class MoeKernel:
         self.active_start = np.zeros(n_slots + 1, np.int64)
         self.slots = np.zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
         self.offsets = np.zeros(nt * 16, np.int64)
-        self.sync = np.zeros(8 * SYNC_STRIDE, np.int64)  # per phase: next item, items done
+        self.sync = np.zeros(12 * SYNC_STRIDE, np.int64)  # per phase (6 at most: int4): next item, items done
         # AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
         groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
         self.gfirst = np.zeros(n_slots, np.int64)
@@ -1292,7 +1540,11 @@ class MoeKernel:
         self.bx = np.zeros(groups * 16 * hp if self.amx else 32, np.uint16)  # packed x per group (pages touched lazily)
         self.bh = np.zeros(groups * 16 * ip if self.amx else 32, np.uint16)  # packed h per group
         self.acc = np.zeros(nt * 512 * FP8_AMX_GROUPS if self.amx else 1, np.float32)  # fp8: per task, block sums
-        self.dec = np.zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8: per task, two decoded blocks
+        self.dec = np.zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8, int4: per task, two decoded blocks
+        # int4: per AMX group and 128 inputs, 16 slots' corrections and scales; per task one pass's int32 sums
+        self.bc = np.zeros(groups * (cols // 128) * 16 if self.amx else 16, np.float32)
+        self.bs = np.zeros_like(self.bc)
+        self.itmp = np.zeros(nt * 512 if self.amx else 16, np.int32)
         self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
         self._threads_set = threading.local()
 
@@ -1373,10 +1625,26 @@ class MoeKernel:
                 v.view(np.uint16) if v.dtype == np.float16 else v
                 for v in _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")
             ]
+            int4_amx = (
+                self.amx,
+                self.bx.view(np.int8),
+                self.bx.view(np.int32),
+                self.bh.view(np.int8),
+                self.bh.view(np.int32),
+                self.bc,
+                self.bs,
+                self.gfirst,
+                self.gexp,
+                AMX_CONFIG,
+                self.acc,
+                self.dec.view(np.uint8),
+                self.itmp,
+                self.q.view(np.int32),
+            )
             args = (
                 moe_int4,
                 (fmt.group_size, *weights),
-                (*run, self.act, self.h, self.q, self.corr, self.ascale, self.res, *routing),
+                (*run, self.act, self.h, self.q, self.corr, self.ascale, self.res, *routing, *int4_amx),
             )
         self._bound[id(layer)] = (layer, args)
         return args

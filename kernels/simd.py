@@ -386,6 +386,17 @@ def load_u8x64(typingctx, arr, idx):
 
 
 @intrinsic
+def store_u8x64(typingctx, arr, idx, vec):
+    """arr[idx : idx+64] = the 64 bytes of vec (any 1-byte dtype)."""
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], V64B), align=1)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, vec), codegen
+
+
+@intrinsic
 def nibbles_lo(typingctx, vec):
     """The low nibble of each byte (0..15)."""
 
@@ -526,7 +537,7 @@ _I8P, _VOID = I8.as_pointer(), ir.VoidType()
 
 
 def _amx() -> bool:
-    return has_cpu_feature("amx-tile") and has_cpu_feature("amx-bf16")
+    return has_cpu_feature("amx-tile") and has_cpu_feature("amx-bf16") and has_cpu_feature("amx-int8")
 
 
 def _tile_number(t) -> int | None:
@@ -604,6 +615,22 @@ def tile_dp_bf16(typingctx, c, a, b):
     def codegen(context, builder, sig, args):
         if _amx():
             fn = _llvm_fn(builder, "llvm.x86.tdpbf16ps", _VOID, [I8, I8, I8])
+            builder.call(fn, [ir.Constant(I8, t) for t in tiles])
+        return context.get_dummy_value()
+
+    return types.void(c, a, b), codegen
+
+
+@intrinsic
+def tile_dp_u8s8(typingctx, c, a, b):
+    """C += A . B over 4-byte groups (tdpbusd): A rows of unsigned bytes, B rows of 16 x 4 signed bytes, C int32."""
+    tiles = [_tile_number(v) for v in (c, a, b)]
+    if None in tiles:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if _amx():
+            fn = _llvm_fn(builder, "llvm.x86.tdpbusd", _VOID, [I8, I8, I8])
             builder.call(fn, [ir.Constant(I8, t) for t in tiles])
         return context.get_dummy_value()
 

@@ -14,6 +14,7 @@ from hmoe.kernels.formats import ExpertFormat
 from hmoe.kernels.jit import amx_usable
 from hmoe.kernels.moe import (
     AMX_MIN_SLOTS,
+    INT4_AMX_MIN_SLOTS,
     ITEMS_PER_TASK,
     MIN_STREAM_BYTES,
     QUANT_MIN_COLS,
@@ -72,20 +73,23 @@ def test_layer_matches_reference(layers, fmt, tokens, kind):
         assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < 1e-2  # what bf16 activations cost
 
 
-@pytest.mark.skipif(not amx_usable(), reason="needs AMX (amx-tile, amx-bf16) and the kernel's permission to use it")
+@pytest.mark.skipif(not amx_usable(), reason="needs AMX (tile, bf16, int8) and the kernel's permission to use it")
 @pytest.mark.parametrize("tokens,top_k", [(5, 8), (30, 3), (24, 2), (150, 8)])
-@pytest.mark.parametrize("fmt_name", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt_name", ["bf16", "fp8", "int4-g128"])
 def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_k):
     """A call with experts of many slots (AMX) and of few (AVX-512 tiles), with AMX and without: the same
-    results but for the order of sums, both as the reference with bf16 activations says. 150 tokens x 8:
-    an expert with more than FP8_AMX_GROUPS groups of 16 (fp8 decodes a block once per that many)."""
+    results but for the order of sums, both as the reference with the kernels' activations (bf16; int8 for
+    int4) says. 150 tokens x 8: an expert with more than FP8_AMX_GROUPS groups of 16 (fp8 decodes a block
+    once per that many). INT4 quantizes h per slot: where AMX and AVX-512 sum h an ulp apart, a code may
+    round the other way, an int8 step of that h (tolerance as in test_layer_matches_reference)."""
     rng = np.random.default_rng(tokens)
     layer = layers[fmt_name]
     ids, w = routing(rng, tokens, top_k, E, "skewed")
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     counts = np.bincount(ids.reshape(-1), minlength=E)
+    min_slots = INT4_AMX_MIN_SLOTS if fmt_name.startswith("int4") else AMX_MIN_SLOTS
     if tokens < 100:
-        assert counts.max() >= AMX_MIN_SLOTS > counts.min()  # both paths in one call
+        assert counts.max() >= AMX_MIN_SLOTS > counts.min()  # both paths in one call (int4: but at 5 tokens)
     else:
         assert counts.max() > 16 * FP8_AMX_GROUPS
     outs = {}
@@ -94,10 +98,12 @@ def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_
         MoeKernel(H, I, 256, top_k, num_threads=3, amx=amx).run(x, ids, w, layer, out)
         outs[amx] = out
     want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
+    tolerance, apart = (2e-3, 5e-3) if fmt_name.startswith("int4") else (1e-4, 1e-4)
     for out in outs.values():  # an element of h whose float32 and float64 values round apart: one bf16 ulp
-        assert np.linalg.norm(out - want) / np.linalg.norm(want) < 1e-4
-    assert np.abs(outs[True] - outs[False]).max() <= 1e-4 * np.abs(want).max()
-    assert not np.array_equal(outs[True], outs[False])  # the AMX path ran (its sums go in another order)
+        assert np.linalg.norm(out - want) / np.linalg.norm(want) < tolerance
+    assert np.abs(outs[True] - outs[False]).max() <= apart * np.abs(want).max()
+    # The AMX path ran (its sums go in another order), where an expert had enough slots for it.
+    assert np.array_equal(outs[True], outs[False]) == (counts.max() < min_slots)
 
 
 def test_padded_dims_and_thread_counts(fmt):
