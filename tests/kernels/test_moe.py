@@ -110,13 +110,14 @@ def test_padded_dims_and_thread_counts(fmt):
     hidden, inter = 200, 72
     layer = random_layer(fmt, 5, hidden, inter, seed=7)
     rng = np.random.default_rng(0)
-    ids, w = routing(rng, 5, 4, 5, "uniform")
-    x = rng.standard_normal((5, hidden), dtype=np.float32)
-    want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)  # 20 slots over 5 experts: AMX for bf16, fp8
+    ids, w = routing(rng, 12, 4, 5, "uniform")
+    assert np.bincount(ids.reshape(-1)).max() >= INT4_AMX_MIN_SLOTS  # where the CPU has AMX, every format takes it
+    x = rng.standard_normal((12, hidden), dtype=np.float32)
+    want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
     tolerance = 2e-3 if fmt.kind == "int4" else 1e-4
     for threads in (1, 2, 5):
-        out = np.full((5, hidden), np.nan, np.float32)
-        MoeKernel(hidden, inter, 8, 4, num_threads=threads).run(x, ids, w, layer, out)
+        out = np.full((12, hidden), np.nan, np.float32)
+        MoeKernel(hidden, inter, 16, 4, num_threads=threads).run(x, ids, w, layer, out)
         assert np.linalg.norm(out - want) / np.linalg.norm(want) < tolerance
 
 
