@@ -1311,8 +1311,8 @@ def moe_int4(
     itmp,
     q32,
 ):
-    """INT4 layer (int8 activations: VNNI, and AMX tiles where `amx` for experts with AMX_MIN_SLOTS or more
-    of the call's slots). Same contract as moe_fp8; scales as uint16 (float16 bits).
+    """INT4 layer (int8 activations: VNNI, and AMX tiles where `amx` and the groups are 128 inputs, for experts
+    with INT4_AMX_MIN_SLOTS or more of the call's slots). Same contract as moe_fp8; scales as uint16 (float16 bits).
 
     The phases of the one region: quantize x (items of `cx` inputs of a token), pack the AMX groups' x
     as B tiles, gate/up, quantize h (items of `ch` inputs of a slot, and one that zeroes the padding
@@ -1496,8 +1496,8 @@ class MoeKernel:
     """Scratch for one layer call of up to `max_tokens` tokens, and the call itself (GIL released).
 
     prefetch_bytes: how far ahead the tile loops prefetch (> 0 into L1, < 0 into L2, 0 off); see dots.py.
-    amx: let layers use AMX tiles for experts with AMX_MIN_SLOTS or more slots (None: wherever the
-    CPU and the kernel allow it, jit.amx_usable).
+    amx: let layers use AMX tiles for experts with AMX_MIN_SLOTS (int4-g128: INT4_AMX_MIN_SLOTS) or more slots,
+    int4-g32 never (None: wherever the CPU and the kernel allow it, jit.amx_usable).
     """
 
     def __init__(

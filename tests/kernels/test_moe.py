@@ -88,8 +88,10 @@ def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     counts = np.bincount(ids.reshape(-1), minlength=E)
     min_slots = INT4_AMX_MIN_SLOTS if fmt_name.startswith("int4") else AMX_MIN_SLOTS
-    if tokens < 100:
-        assert counts.max() >= AMX_MIN_SLOTS > counts.min()  # both paths in one call (int4: but at 5 tokens)
+    if tokens < 100 and counts.max() >= min_slots:
+        assert min_slots > counts[counts > 0].min()  # both paths in one call
+    elif tokens < 100:
+        assert fmt_name.startswith("int4") and tokens == 5  # int4's threshold is higher: AVX-512 only here
     else:
         assert counts.max() > 16 * FP8_AMX_GROUPS
     outs = {}
@@ -98,7 +100,7 @@ def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_
         MoeKernel(H, I, 256, top_k, num_threads=3, amx=amx).run(x, ids, w, layer, out)
         outs[amx] = out
     want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
-    tolerance, apart = (2e-3, 5e-3) if fmt_name.startswith("int4") else (1e-4, 1e-4)
+    tolerance, apart = (5e-4, 2e-3) if fmt_name.startswith("int4") else (1e-4, 1e-4)
     for out in outs.values():  # an element of h whose float32 and float64 values round apart: one bf16 ulp
         assert np.linalg.norm(out - want) / np.linalg.norm(want) < tolerance
     assert np.abs(outs[True] - outs[False]).max() <= apart * np.abs(want).max()
@@ -111,7 +113,8 @@ def test_padded_dims_and_thread_counts(fmt):
     layer = random_layer(fmt, 5, hidden, inter, seed=7)
     rng = np.random.default_rng(0)
     ids, w = routing(rng, 12, 4, 5, "uniform")
-    assert np.bincount(ids.reshape(-1)).max() >= INT4_AMX_MIN_SLOTS  # where the CPU has AMX, every format takes it
+    # Where the CPU has AMX, bf16, fp8 and int4-g128 take it here (int4-g32 stays on AVX-512).
+    assert np.bincount(ids.reshape(-1)).max() >= INT4_AMX_MIN_SLOTS
     x = rng.standard_normal((12, hidden), dtype=np.float32)
     want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
     tolerance = 2e-3 if fmt.kind == "int4" else 1e-4
@@ -119,6 +122,10 @@ def test_padded_dims_and_thread_counts(fmt):
         out = np.full((12, hidden), np.nan, np.float32)
         MoeKernel(hidden, inter, 16, 4, num_threads=threads).run(x, ids, w, layer, out)
         assert np.linalg.norm(out - want) / np.linalg.norm(want) < tolerance
+        if amx_usable() and fmt.name != "int4-g32":  # the AMX pass ran: its sums go in another order
+            avx = np.full((12, hidden), np.nan, np.float32)
+            MoeKernel(hidden, inter, 16, 4, num_threads=threads, amx=False).run(x, ids, w, layer, avx)
+            assert not np.array_equal(out, avx)
 
 
 def test_route_groups_slots_by_expert():
