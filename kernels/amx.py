@@ -15,7 +15,7 @@ scaled and added outside AMX: the products stay exact, as on the AVX-512 path.
 INT4 (128-input groups) uses the int8 tiles: a block's codes are unpacked to unsigned bytes (the low
 nibbles are columns 0-63, the high ones 64-127: two A tiles per tile-row), the tokens' int8 codes are
 the B tiles, and tdpbusd sums codes x activations exactly in int32; the codes' -8 offset and the
-token's and row's scales are applied per block in float32 (int4_amx_pair).
+token's and row's scales are applied per block in float32 (int4_amx_pairs).
 
 Measured (one core of the 2-core dev machine, Sapphire-Rapids class, weights in L2): 16 tokens x 16
 rows x 2048 columns at 281 GMAC/s, against 37 for the AVX-512 FMA tile (dots.bf16_tile_tokens4, four
@@ -56,7 +56,9 @@ AMX_CONFIG = np.zeros(64, np.uint8)  # ldtilecfg: palette 1, tiles 0-4 of 16 row
 AMX_CONFIG[0] = 1
 AMX_CONFIG[16:26:2] = 64
 AMX_CONFIG[48:53] = 16
-FP8_AMX_GROUPS = 8  # groups of 16 tokens that one decoded block serves (acc: 512 floats each)
+AMX_BLOCK_GROUPS = (
+    8  # groups of 16 tokens that one decoded (fp8) or unpacked (int4) block serves (acc: 512 floats each)
+)
 
 
 @jit
@@ -81,7 +83,7 @@ def amx_pair(wa, rowa, wb, rowb, cols, b, b0, res, pf, end):
 @jit
 def fp8_amx_pairs(wa, rowa, sa, sa0, wb, rowb, sb, sb0, cols, b, b0, ng, dec, tmp, acc, pf, end):
     """Two fp8 tile-rows (wa at rowa, wb at rowb: E4M3 codes in the pack layout; 128-column block scales
-    sa[sa0 + c // 128], sb[sb0 + c // 128]) · ng (<= FP8_AMX_GROUPS) groups of 16 tokens packed at
+    sa[sa0 + c // 128], sb[sb0 + c // 128]) · ng (<= AMX_BLOCK_GROUPS) groups of 16 tokens packed at
     b[b0 + 16 * cols * g:] → acc[512 g + 16 r + token] for the first, acc[512 g + 256 + 16 r + token] for
     the second. dec: 4096 uint16 (two decoded blocks); tmp: 512 float32. Prefetches both streams |pf|
     ahead up to `end` (an element index past which neither stream is this caller's)."""
@@ -124,18 +126,20 @@ def _int4_fold(tmp, t0, ws, s_at, fc, av, acc, a0):
 
 
 @jit
-def int4_amx_pair(wa, rowa, sa, sra, wb, rowb, sb, srb, cols, b, b0, bc, bs, v0, dec, tmp, acc, pf, end):
+def int4_amx_pairs(wa, rowa, sa, sra, wb, rowb, sb, srb, cols, b, b0, bc, bs, v0, ng, dec, tmp, acc, pf, end):
     """Two int4-g128 tile-rows (wa at rowa, wb at rowb: codes in the pack layout; their float16 scales, one
-    per row and 128 columns, at sra, srb as formats.py lays them) · 16 int8 tokens → acc[16 r + token] for
-    the first, acc[256 + 16 r + token] for the second (float32).
+    per row and 128 columns, at sra, srb as formats.py lays them) · ng (<= AMX_BLOCK_GROUPS) groups of 16
+    int8 tokens → acc[512 g + 16 r + token] for the first, acc[512 g + 256 + 16 r + token] for the second
+    (float32).
 
-    b[b0:]: the tokens as B tiles, per 128-column block 32 rows (4 inputs each) of 16 tokens x 4 bytes;
-    bc[v0:], bs[v0:]: per block, the 16 tokens' -8 x (sum of their codes) and their scales. AMX sums codes
-    (0..15) x int8 over the block exactly in int32; the correction makes the codes' -8 offset, then the
-    token's and the row's scales scale it: the AVX-512 tile's arithmetic (dots.int4_tile), in another
-    order of sums. dec: 4096 bytes (the unpacked codes); tmp: 512 int32. Prefetches both streams and
-    their scales |pf| ahead up to `end` (an element index of the codes)."""
-    for m in range(0, 512, 16):
+    b[b0 + 16 * cols * g:]: group g's tokens as B tiles, per 128-column block 32 rows (4 inputs each) of 16
+    tokens x 4 bytes; bc, bs[v0 + 16 * (cols // 128) * g:]: per block, its 16 tokens' -8 x (sum of their
+    codes) and their scales. AMX sums codes (0..15) x int8 over the block exactly in int32; the correction
+    makes the codes' -8 offset, then the token's and the row's scales scale it: the AVX-512 tile's
+    arithmetic (dots.int4_tile), in another order of sums. Each block is unpacked once for all ng groups.
+    dec: 4096 bytes (the unpacked codes); tmp: 512 int32. Prefetches both streams and their scales |pf|
+    ahead up to `end` (an element index of the codes)."""
+    for m in range(0, 512 * ng, 16):
         vstore(acc, m, vzero())
     for c in range(cols // 128):
         at_a, at_b, s_a, s_b = rowa + 1024 * c, rowb + 1024 * c, sra + 16 * c, srb + 16 * c
@@ -145,16 +149,18 @@ def int4_amx_pair(wa, rowa, sa, sra, wb, rowb, sb, srb, cols, b, b0, bc, bs, v0,
         prefetch_ahead(sb, s_b, pf // 64, 1, 32, end // 64)
         _unpack_int4(wa, at_a, dec, 0)
         _unpack_int4(wb, at_b, dec, 2048)
-        tile_zero(0)
-        tile_zero(1)
-        for half in range(2):  # columns 0-63 (the low nibbles), then 64-127
-            tile_load(4, b, b0 + 2048 * c + 1024 * half, 64)
-            tile_load(2, dec, 1024 * half, 64)
-            tile_load(3, dec, 2048 + 1024 * half, 64)
-            tile_dp_u8s8(0, 2, 4)
-            tile_dp_u8s8(1, 3, 4)
-        tile_store(0, tmp, 0, 64)
-        tile_store(1, tmp, 256, 64)
-        fc, av = vload(bc, v0 + 16 * c), vload(bs, v0 + 16 * c)
-        _int4_fold(tmp, 0, sa, s_a, fc, av, acc, 0)
-        _int4_fold(tmp, 256, sb, s_b, fc, av, acc, 256)
+        for g in range(ng):
+            tile_zero(0)
+            tile_zero(1)
+            for half in range(2):  # columns 0-63 (the low nibbles), then 64-127
+                tile_load(4, b, b0 + 16 * cols * g + 2048 * c + 1024 * half, 64)
+                tile_load(2, dec, 1024 * half, 64)
+                tile_load(3, dec, 2048 + 1024 * half, 64)
+                tile_dp_u8s8(0, 2, 4)
+                tile_dp_u8s8(1, 3, 4)
+            tile_store(0, tmp, 0, 64)
+            tile_store(1, tmp, 256, 64)
+            at = v0 + 16 * (cols // 128) * g + 16 * c
+            fc, av = vload(bc, at), vload(bs, at)
+            _int4_fold(tmp, 0, sa, s_a, fc, av, acc, 512 * g)
+            _int4_fold(tmp, 256, sb, s_b, fc, av, acc, 512 * g + 256)

@@ -54,7 +54,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .amx import AMX_CONFIG, FP8_AMX_GROUPS, amx_pair, fp8_amx_pairs, int4_amx_pair
+from .amx import AMX_BLOCK_GROUPS, AMX_CONFIG, amx_pair, fp8_amx_pairs, int4_amx_pairs
 from .dots import (
     FASTMATH,
     TILE_ROWS,
@@ -439,8 +439,8 @@ def _fp8_gate_up_amx(
     end = (e * ip + r1) * hp
     prefetch_head(up, (e * ip + r0) * hp, end, pf, 64)  # gate's head is the caller's (_head1)
     g_lo, g_hi = gfirst[a], gfirst[a] + len(_amx_groups_of(a, gfirst, active_start))
-    for g0 in range(g_lo, g_hi, FP8_AMX_GROUPS):  # each decoded block serves up to FP8_AMX_GROUPS groups
-        ng = min(FP8_AMX_GROUPS, g_hi - g0)
+    for g0 in range(g_lo, g_hi, AMX_BLOCK_GROUPS):  # each decoded block serves up to AMX_BLOCK_GROUPS groups
+        ng = min(AMX_BLOCK_GROUPS, g_hi - g0)
         for r in range(r0, r1, TILE_ROWS):
             row = (e * ip + r) * hp
             fp8_amx_pairs(gate, row, gate_s, s0, up, row, up_s, s0, hp, bx, 16 * hp * g0, ng, dec, res, acc, pf, end)
@@ -458,8 +458,8 @@ def _fp8_down_amx(
     s0 = (e * (hp // 128) + r0 // 128) * (ip // 128)
     end = (e * hp + r1) * ip
     g_lo, g_hi = gfirst[a], gfirst[a] + len(_amx_groups_of(a, gfirst, active_start))
-    for g0 in range(g_lo, g_hi, FP8_AMX_GROUPS):
-        ng = min(FP8_AMX_GROUPS, g_hi - g0)
+    for g0 in range(g_lo, g_hi, AMX_BLOCK_GROUPS):
+        ng = min(AMX_BLOCK_GROUPS, g_hi - g0)
         for r in range(r0, r1, 2 * TILE_ROWS):
             rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
             fp8_amx_pairs(
@@ -624,7 +624,7 @@ def moe_fp8(
             offsets[task * 16 : (task + 1) * 16],
         )
         t_acc, t_dec = (
-            acc[task * 512 * FP8_AMX_GROUPS : (task + 1) * 512 * FP8_AMX_GROUPS],
+            acc[task * 512 * AMX_BLOCK_GROUPS : (task + 1) * 512 * AMX_BLOCK_GROUPS],
             dec[task * 4096 : (task + 1) * 4096],
         )
         _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
@@ -1123,7 +1123,7 @@ def _int4_head1(gate, gate_s, i, items, per_expert, rows, ip, hp, group, active_
 @jit
 def _int4_amx_pack(g, first, n, slot_of, div, q32, cols, corr, ascale, b32, bc, bs):
     """AMX group g's n slots (codes row slot_of[first + i] // div of q: a token of x, or a slot of h; cols
-    each) as the B tiles of int4_amx_pair: b32[4 * cols * g:], 4 codes an int32, per 128-column block 32
+    each) as the B tiles of int4_amx_pairs: b32[4 * cols * g:], 4 codes an int32, per 128-column block 32
     rows of 16 tokens; and bc, bs[16 * (cols // 128) * g:], per block, the 16 slots' corrections (-8 x the
     sum of their codes: quantize_int8's lanes 0-15, the high half folded in) and scales, 0 past n (B's
     lanes there are stale: they only feed sums nobody reads)."""
@@ -1185,20 +1185,43 @@ def _int4_gate_up_amx(
     """Rows [r0, r1) of expert e's gate and up for all its slots on AMX tiles → h = w * silu(gate x) * up x."""
     end = (e * ip + r1) * (hp // 2)
     prefetch_head(up, (e * ip + r0) * (hp // 2), end, pf, 64)  # gate's head is the caller's (_int4_head1)
-    for g in _amx_groups_of(a, gfirst, active_start):
-        first, n = _amx_group_slots(a, g, gfirst, active_start)
+    g_lo, g_hi = gfirst[a], gfirst[a] + len(_amx_groups_of(a, gfirst, active_start))
+    for g0 in range(g_lo, g_hi, AMX_BLOCK_GROUPS):  # each unpacked block serves up to AMX_BLOCK_GROUPS groups
+        ng = min(AMX_BLOCK_GROUPS, g_hi - g0)
         for r in range(r0, r1, TILE_ROWS):
             row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
-            v0 = 16 * (hp // 128) * g
-            int4_amx_pair(
-                gate, row, gate_s, srow, up, row, up_s, srow, hp, bx8, 16 * hp * g, bc, bs, v0, dec, tmp, acc, pf, end
+            v0 = 16 * (hp // 128) * g0
+            int4_amx_pairs(
+                gate,
+                row,
+                gate_s,
+                srow,
+                up,
+                row,
+                up_s,
+                srow,
+                hp,
+                bx8,
+                16 * hp * g0,
+                bc,
+                bs,
+                v0,
+                ng,
+                dec,
+                tmp,
+                acc,
+                pf,
+                end,
             )
-            transpose16(acc, 0)
-            transpose16(acc, 256)
-            for i in range(n):
-                sl = slot_of[first + i]
-                v = vmul(vmul(silu(vload(acc, 16 * i)), vload(acc, 256 + 16 * i)), vsplat(weights[sl]))
-                vstore(h, sl * ip + r, v)
+            for g in range(ng):
+                first, n = _amx_group_slots(a, g0 + g, gfirst, active_start)
+                transpose16(acc, 512 * g)
+                transpose16(acc, 512 * g + 256)
+                for i in range(n):
+                    sl = slot_of[first + i]
+                    gu = 512 * g + 16 * i
+                    v = vmul(vmul(silu(vload(acc, gu)), vload(acc, 256 + gu)), vsplat(weights[sl]))
+                    vstore(h, sl * ip + r, v)
 
 
 @jit
@@ -1229,13 +1252,12 @@ def _int4_down_amx(
 ):
     """out[t, r0:r1] += expert e's down rows [r0, r1) . h for all its slots, on AMX tiles, two tile-rows a pass."""
     end = (e * hp + r1) * (ip // 2)
-    for g in _amx_groups_of(a, gfirst, active_start):
-        first, n = _amx_group_slots(a, g, gfirst, active_start)
-        for i in range(n):
-            slots[i] = slot_of[first + i]
+    g_lo, g_hi = gfirst[a], gfirst[a] + len(_amx_groups_of(a, gfirst, active_start))
+    for g0 in range(g_lo, g_hi, AMX_BLOCK_GROUPS):
+        ng = min(AMX_BLOCK_GROUPS, g_hi - g0)
         for r in range(r0, r1, 2 * TILE_ROWS):
             rb = r + TILE_ROWS if r + TILE_ROWS < r1 else r
-            int4_amx_pair(
+            int4_amx_pairs(
                 down,
                 (e * hp + r) * (ip // 2),
                 down_s,
@@ -1246,17 +1268,22 @@ def _int4_down_amx(
                 (e * hp + rb) * (ip // group),
                 ip,
                 bh8,
-                16 * ip * g,
+                16 * ip * g0,
                 bc,
                 bs,
-                16 * (ip // 128) * g,
+                16 * (ip // 128) * g0,
+                ng,
                 dec,
                 tmp,
                 acc,
                 pf,
                 end,
             )
-            _amx_accumulate_pair(acc, 0, n, slots, top_k, out, hidden, r, rb)
+            for g in range(ng):
+                first, n = _amx_group_slots(a, g0 + g, gfirst, active_start)
+                for i in range(n):
+                    slots[i] = slot_of[first + i]
+                _amx_accumulate_pair(acc, 512 * g, n, slots, top_k, out, hidden, r, rb)
 
 
 @jit
@@ -1341,7 +1368,7 @@ def moe_int4(
         t_res, t_slots = res[task * 128 : (task + 1) * 128], slots[task * 16 : task * 16 + 4]
         t_qa, t_la = offsets[task * 16 : task * 16 + 4], offsets[task * 16 + 4 : task * 16 + 8]
         t_acc, t_dec, t_tmp = (
-            acc[task * 512 : (task + 1) * 512],
+            acc[task * 512 * AMX_BLOCK_GROUPS : (task + 1) * 512 * AMX_BLOCK_GROUPS],
             dec[task * 4096 : (task + 1) * 4096],
             itmp[task * 512 : (task + 1) * 512],
         )
@@ -1539,7 +1566,7 @@ class MoeKernel:
         self.gexp = np.zeros(groups, np.int64)
         self.bx = np.zeros(groups * 16 * hp if self.amx else 32, np.uint16)  # packed x per group (pages touched lazily)
         self.bh = np.zeros(groups * 16 * ip if self.amx else 32, np.uint16)  # packed h per group
-        self.acc = np.zeros(nt * 512 * FP8_AMX_GROUPS if self.amx else 1, np.float32)  # fp8: per task, block sums
+        self.acc = np.zeros(nt * 512 * AMX_BLOCK_GROUPS if self.amx else 1, np.float32)  # fp8, int4: block sums
         self.dec = np.zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8, int4: per task, two decoded blocks
         # int4: per AMX group and 128 inputs, 16 slots' corrections and scales; per task one pass's int32 sums
         self.bc = np.zeros(groups * (cols // 128) * 16 if self.amx else 16, np.float32)

@@ -9,7 +9,7 @@ import pytest
 from helpers.kernel_layers import random_layer
 
 from hmoe.kernels import reference as ref
-from hmoe.kernels.amx import FP8_AMX_GROUPS
+from hmoe.kernels.amx import AMX_BLOCK_GROUPS
 from hmoe.kernels.formats import ExpertFormat
 from hmoe.kernels.jit import amx_usable
 from hmoe.kernels.moe import (
@@ -79,9 +79,10 @@ def test_layer_matches_reference(layers, fmt, tokens, kind):
 def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_k):
     """A call with experts of many slots (AMX) and of few (AVX-512 tiles), with AMX and without: the same
     results but for the order of sums, both as the reference with the kernels' activations (bf16; int8 for
-    int4) says. 150 tokens x 8: an expert with more than FP8_AMX_GROUPS groups of 16 (fp8 decodes a block
-    once per that many). INT4 quantizes h per slot: where AMX and AVX-512 sum h an ulp apart, a code may
-    round the other way, an int8 step of that h (tolerance as in test_layer_matches_reference)."""
+    int4) says. 150 tokens x 8: an expert with more than AMX_BLOCK_GROUPS groups of 16 (fp8 decodes, int4
+    unpacks, a block once per that many). INT4 quantizes h per slot: where AMX and AVX-512 sum h an ulp
+    apart, a code may round the other way, an int8 step of that h (tolerance as in
+    test_layer_matches_reference)."""
     rng = np.random.default_rng(tokens)
     layer = layers[fmt_name]
     ids, w = routing(rng, tokens, top_k, E, "skewed")
@@ -93,7 +94,7 @@ def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_
     elif tokens < 100:
         assert fmt_name.startswith("int4") and tokens == 5  # int4's threshold is higher: AVX-512 only here
     else:
-        assert counts.max() > 16 * FP8_AMX_GROUPS
+        assert counts.max() > 16 * AMX_BLOCK_GROUPS
     outs = {}
     for amx in (True, False):
         out = np.full((tokens, H), np.nan, np.float32)
