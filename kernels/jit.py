@@ -37,6 +37,11 @@ def has_cpu_feature(name: str) -> bool:
     return f"+{name}" in features.split(",")
 
 
+def amx_targeted() -> bool:
+    """True if the code generator targets AMX with the tile types the kernels use (amx-tile, -bf16, -int8)."""
+    return all(has_cpu_feature(f) for f in ("amx-tile", "amx-bf16", "amx-int8"))
+
+
 _AMX: bool | None = None
 
 
@@ -46,7 +51,7 @@ def amx_usable() -> bool:
     global _AMX
     if _AMX is None:
         _AMX = False
-        if all(has_cpu_feature(f) for f in ("amx-tile", "amx-bf16", "amx-int8")):
+        if amx_targeted():
             import ctypes
 
             sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18

@@ -1071,7 +1071,6 @@ def _int4_down(
                 r1,
                 hp,
                 ip,
-                group,
                 hidden,
                 top_k,
                 gfirst,
@@ -1164,7 +1163,6 @@ def _int4_gate_up_amx(
     r1,
     hp,
     ip,
-    group,
     gfirst,
     active_start,
     slot_of,
@@ -1189,7 +1187,7 @@ def _int4_gate_up_amx(
     for g0 in range(g_lo, g_hi, AMX_BLOCK_GROUPS):  # each unpacked block serves up to AMX_BLOCK_GROUPS groups
         ng = min(AMX_BLOCK_GROUPS, g_hi - g0)
         for r in range(r0, r1, TILE_ROWS):
-            row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // group)
+            row, srow = (e * ip + r) * (hp // 2), (e * ip + r) * (hp // 128)
             v0 = 16 * (hp // 128) * g0
             int4_amx_pairs(
                 gate,
@@ -1232,7 +1230,6 @@ def _int4_down_amx(
     r1,
     hp,
     ip,
-    group,
     hidden,
     top_k,
     gfirst,
@@ -1261,11 +1258,11 @@ def _int4_down_amx(
                 down,
                 (e * hp + r) * (ip // 2),
                 down_s,
-                (e * hp + r) * (ip // group),
+                (e * hp + r) * (ip // 128),
                 down,
                 (e * hp + rb) * (ip // 2),
                 down_s,
-                (e * hp + rb) * (ip // group),
+                (e * hp + rb) * (ip // 128),
                 ip,
                 bh8,
                 16 * ip * g0,
@@ -1396,7 +1393,6 @@ def moe_int4(
                     min(ip, (c + 1) * rows1),
                     hp,
                     ip,
-                    group,
                     gfirst,
                     active_start,
                     slot_of,
@@ -1414,37 +1410,34 @@ def moe_int4(
                     t_tmp,
                     pf,
                 )
-                item_done(sync, 1)
-                i = take_item(sync, 1)
-                _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
-                continue
-            _int4_gate_up(
-                active_id[a],
-                active_start[a],
-                active_start[a + 1],
-                c * rows1,
-                min(ip, (c + 1) * rows1),
-                hp,
-                ip,
-                group,
-                top_k,
-                gate,
-                gate_s,
-                up,
-                up_s,
-                slot_of,
-                weights,
-                q,
-                corr,
-                ascale,
-                zero,
-                h,
-                t_res,
-                t_slots,
-                t_qa,
-                t_la,
-                pf,
-            )
+            else:
+                _int4_gate_up(
+                    active_id[a],
+                    active_start[a],
+                    active_start[a + 1],
+                    c * rows1,
+                    min(ip, (c + 1) * rows1),
+                    hp,
+                    ip,
+                    group,
+                    top_k,
+                    gate,
+                    gate_s,
+                    up,
+                    up_s,
+                    slot_of,
+                    weights,
+                    q,
+                    corr,
+                    ascale,
+                    zero,
+                    h,
+                    t_res,
+                    t_slots,
+                    t_qa,
+                    t_la,
+                    pf,
+                )
             item_done(sync, 1)
             i = take_item(sync, 1)
             _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)

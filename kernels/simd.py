@@ -25,7 +25,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-from .jit import has_cpu_feature
+from .jit import amx_targeted, has_cpu_feature
 
 F32 = ir.FloatType()
 HALF = ir.HalfType()
@@ -530,14 +530,10 @@ def vdiv(typingctx, a, b):
 
 
 # ---------------------------------------------------------------- AMX tiles
-# Tile registers are named by literal ints. On a code generator without amx-tile / amx-bf16 every tile
+# Tile registers are named by literal ints. On a code generator without AMX (jit.amx_targeted) every tile
 # operation compiles to nothing: callers reach them only where jit.amx_usable() said yes.
 
 _I8P, _VOID = I8.as_pointer(), ir.VoidType()
-
-
-def _amx() -> bool:
-    return has_cpu_feature("amx-tile") and has_cpu_feature("amx-bf16") and has_cpu_feature("amx-int8")
 
 
 def _tile_number(t) -> int | None:
@@ -549,7 +545,7 @@ def tile_config(typingctx, cfg):
     """ldtilecfg from the 64-byte configuration cfg (uint8 array); per thread, before its first tile op."""
 
     def codegen(context, builder, sig, args):
-        if _amx():
+        if amx_targeted():
             at = _ptr(context, builder, sig.args[0], args[0], context.get_constant(types.intp, 0), types.intp, I8)
             builder.call(_llvm_fn(builder, "llvm.x86.ldtilecfg", _VOID, [_I8P]), [at])
         return context.get_dummy_value()
@@ -560,7 +556,7 @@ def tile_config(typingctx, cfg):
 @intrinsic
 def tile_release(typingctx):
     def codegen(context, builder, sig, args):
-        if _amx():
+        if amx_targeted():
             builder.call(_llvm_fn(builder, "llvm.x86.tilerelease", _VOID, []), [])
         return context.get_dummy_value()
 
@@ -574,7 +570,7 @@ def tile_zero(typingctx, tile):
         return None
 
     def codegen(context, builder, sig, args):
-        if _amx():
+        if amx_targeted():
             builder.call(_llvm_fn(builder, "llvm.x86.tilezero", _VOID, [I8]), [ir.Constant(I8, t)])
         return context.get_dummy_value()
 
@@ -588,7 +584,7 @@ def _tile_memory(name: str):
             return None
 
         def codegen(context, builder, sig, args):
-            if _amx():
+            if amx_targeted():
                 at = _ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2], I8)
                 stride = context.cast(builder, args[3], sig.args[3], types.int64)
                 builder.call(_llvm_fn(builder, name, _VOID, [I8, _I8P, I64]), [ir.Constant(I8, t), at, stride])
@@ -605,36 +601,28 @@ tile_store = intrinsic(_tile_memory("llvm.x86.tilestored64"))
 tile_store.__doc__ = "tilestored: the tile's rows to arr[idx:], `stride_bytes` apart."
 
 
-@intrinsic
-def tile_dp_bf16(typingctx, c, a, b):
-    """C += A . B over bf16 pairs (tdpbf16ps): A rows of 32 bf16, B rows of 16 pairs, C float32."""
-    tiles = [_tile_number(v) for v in (c, a, b)]
-    if None in tiles:
-        return None
+def _tile_dp(name: str):
+    def typer(typingctx, c, a, b):
+        tiles = [_tile_number(v) for v in (c, a, b)]
+        if None in tiles:
+            return None
 
-    def codegen(context, builder, sig, args):
-        if _amx():
-            fn = _llvm_fn(builder, "llvm.x86.tdpbf16ps", _VOID, [I8, I8, I8])
-            builder.call(fn, [ir.Constant(I8, t) for t in tiles])
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            if amx_targeted():
+                builder.call(_llvm_fn(builder, name, _VOID, [I8, I8, I8]), [ir.Constant(I8, t) for t in tiles])
+            return context.get_dummy_value()
 
-    return types.void(c, a, b), codegen
+        return types.void(c, a, b), codegen
+
+    return typer
 
 
-@intrinsic
-def tile_dp_u8s8(typingctx, c, a, b):
-    """C += A . B over 4-byte groups (tdpbusd): A rows of unsigned bytes, B rows of 16 x 4 signed bytes, C int32."""
-    tiles = [_tile_number(v) for v in (c, a, b)]
-    if None in tiles:
-        return None
-
-    def codegen(context, builder, sig, args):
-        if _amx():
-            fn = _llvm_fn(builder, "llvm.x86.tdpbusd", _VOID, [I8, I8, I8])
-            builder.call(fn, [ir.Constant(I8, t) for t in tiles])
-        return context.get_dummy_value()
-
-    return types.void(c, a, b), codegen
+tile_dp_bf16 = intrinsic(_tile_dp("llvm.x86.tdpbf16ps"))
+tile_dp_bf16.__doc__ = "C += A . B over bf16 pairs (tdpbf16ps): A rows of 32 bf16, B rows of 16 pairs, C float32."
+tile_dp_u8s8 = intrinsic(_tile_dp("llvm.x86.tdpbusd"))
+tile_dp_u8s8.__doc__ = (
+    "C += A . B over 4-byte groups (tdpbusd): A rows of unsigned bytes, B rows of 16 x 4 signed bytes, C int32."
+)
 
 
 def _bf16_round(builder, v):
