@@ -23,7 +23,7 @@ short phases of their own (x before phase 1, h before phase 2).
 BF16 and FP8 read their activations (x and h) rounded to bf16, as a bf16 model holds them. On CPUs
 with AMX (jit.amx_usable) an expert holding AMX_MIN_SLOTS or more of the call's slots runs on AMX tiles,
 16 slots a pass (the pack layout of bf16 weights is already the A tile; FP8 weights are decoded to it
-exactly, a 128-column block at a time, amx.py; the tokens are packed as B tiles in a short phase 0, and
+exactly as they stream in, amx.py; the tokens are packed as B tiles in a short phase 0, and
 phase 1 writes h packed for phase 2); fewer slots, and other CPUs, on the AVX-512 tiles, with the same
 products (bf16 x bf16 and E4M3 x bf16 are exact in float32): only the order of the sums differs.
 INT4 with 128-input groups takes AMX's int8 tiles (tdpbusd) for experts with INT4_AMX_MIN_SLOTS or more
