@@ -10,9 +10,9 @@ FP8 weights are decoded to bf16 first (simd.decode_fp8_bf16, exact: an E4M3 valu
 bits), 128 columns of the two tile-rows at a time into an 8 KiB scratch that stays in L1 (a tile-row
 decoded whole to L2 halved the decode rate: 6.7 against 11.3 G codes/s on one dev core). Each 128x128
 block has its own scale, so the tiles accumulate one block's columns, and the block's float32 sums are
-scaled and added outside AMX: the products stay exact, as on the AVX-512 path. With one group of
-tokens each 32-column step is multiplied as soon as it is decoded, so that the core decodes the next
-step while the tiles work (decoding, then multiplying, a whole block ran the two in sequence).
+scaled and added outside AMX: the products stay exact, as on the AVX-512 path. The first group of
+tokens multiplies each 32-column step as soon as it is decoded, so that the core decodes the next step
+while the tiles work (decoding, then multiplying, a whole block ran the two in sequence).
 
 INT4 (128-input groups) uses the int8 tiles: a block's codes are unpacked to unsigned bytes (the low
 nibbles are columns 0-63, the high ones 64-127: two A tiles per tile-row), the tokens' int8 codes are
@@ -116,27 +116,23 @@ def fp8_amx_pairs(wa, rowa, sa, sa0, wb, rowb, sb, sb0, cols, b, b0, ng, dec, tm
     the second. dec: 4096 uint16 (two decoded blocks); tmp: 512 float32. Prefetches both streams |pf|
     ahead up to `end` (an element index past which neither stream is this caller's).
 
-    One group (up to 16 tokens: decode and small batches) multiplies each column step as soon as it is
-    decoded: decoding the whole block first left decode and tiles in sequence (one core, weights in L2:
-    dev 13.8 -> 16.7, H200 box 12.6 -> 14.4 G codes/s; dev, from DRAM, 7.8 -> 9.9 GB/s). More groups
-    decode the block once for all of them."""
+    The first group multiplies each column step as soon as it is decoded, so that the core decodes the
+    next step while the tiles work (decoding the whole block first ran the two in sequence; one core,
+    weights in L2: dev 13.8 -> 16.7, H200 box 12.6 -> 14.4 G codes/s; dev, from DRAM, 7.8 -> 9.9 GB/s);
+    the other groups then multiply the decoded block from L1."""
     for m in range(0, 512 * ng, 16):
         vstore(acc, m, vzero())
     for c in range(0, cols, 128):
         fa, fb = vsplat(sa[sa0 + c // 128] * 256.0), vsplat(sb[sb0 + c // 128] * 256.0)  # 256: the decoder's 2**-8
-        if ng == 1:
-            tile_zero(0)
-            tile_zero(1)
-            for j in range(0, 128, 32):
-                _fp8_decode_step(wa, rowa + 16 * (c + j), wb, rowb + 16 * (c + j), dec, 16 * j, pf, end)
-                _amx_step(dec, 16 * j, dec, 2048 + 16 * j, b, b0 + 16 * (c + j))
-            tile_store(0, tmp, 0, 64)
-            tile_store(1, tmp, 256, 64)
-            _fold_block(tmp, fa, fb, acc, 0)
-            continue
-        for j in range(0, 128, 32):  # the block's 4 column steps, then every group over it (in L1)
+        tile_zero(0)
+        tile_zero(1)
+        for j in range(0, 128, 32):
             _fp8_decode_step(wa, rowa + 16 * (c + j), wb, rowb + 16 * (c + j), dec, 16 * j, pf, end)
-        for g in range(ng):
+            _amx_step(dec, 16 * j, dec, 2048 + 16 * j, b, b0 + 16 * (c + j))
+        tile_store(0, tmp, 0, 64)
+        tile_store(1, tmp, 256, 64)
+        _fold_block(tmp, fa, fb, acc, 0)
+        for g in range(1, ng):
             amx_pair(dec, 0, dec, 2048, 128, b, b0 + 16 * cols * g + 16 * c, tmp, 0, 0)
             _fold_block(tmp, fa, fb, acc, 512 * g)
 
