@@ -4,6 +4,9 @@
     python -m bench.kernels ...   (the same)
     python bench/kernels.py --calls 10 --memory-gib 4 --kt-formats fp8 --kt-max-experts 16 --no-start-times
         (a shorter run for a short device lease: fewer calls, smaller layers, kt-kernel FP8 only)
+    python bench/kernels.py --against ../old-checkout ...
+        (an A/B: every hmoe case also runs that checkout's kernels on the same calls, the two alternating call
+        by call, so that a machine whose bandwidth drifts between runs still compares them fairly)
 
 In one run: the read bandwidth as STREAM measures it (the best of several passes of a parallel Numba
 sum over a buffer far larger than L3, all threads; kept with its spread, at the start, between shapes
@@ -120,41 +123,81 @@ def routings(rng, num_calls: int, tokens: int, num_experts: int, top_k: int, sha
     return calls
 
 
-def time_calls(fn, calls, bytes_of, evict) -> dict:
-    """Best and median over calls; gbs from the best call's bytes actually read.
+def time_calls(fns, calls, bytes_of, evict) -> list[dict]:
+    """Per function of `fns`: best and median over the calls; gbs from the best call's bytes actually read.
+    With several functions each call runs them one after another, the first of them going last on the
+    next call: an A/B on the same calls under the same conditions, however the machine drifts (--against;
+    the one that runs second reads experts the first has just read, and the eviction does not clear all of
+    them from a large L3: on the dev machine the same kernel measured 0.86x itself when always first).
 
     `evict()` runs before each call: in a model, a layer's experts meet the caches again only after
     every other layer passed through them, so no call may find weights left in L3 by an earlier one.
     """
-    times, nbytes = [], []
-    fn(*calls[0])  # warm
-    for c in calls:
-        evict()
-        start = time.perf_counter()
-        n = fn(*c)
-        times.append(time.perf_counter() - start)
-        nbytes.append(bytes_of(n))
-    best = int(np.argmin(times))
-    return {
-        "seconds": times[best],
-        "seconds_median": float(np.median(times)),
-        "bytes": nbytes[best],
-        "gbs": nbytes[best] / times[best] / 1e9,
-    }
+    times, nbytes = [[] for _ in fns], [[] for _ in fns]
+    for fn in fns:
+        fn(*calls[0])  # warm
+    for j, c in enumerate(calls):
+        for i in range(len(fns)) if j % 2 == 0 else reversed(range(len(fns))):  # each goes first every other call
+            evict()
+            start = time.perf_counter()
+            n = fns[i](*c)
+            times[i].append(time.perf_counter() - start)
+            nbytes[i].append(bytes_of(n))
+    rows = []
+    for t, b in zip(times, nbytes):
+        best = int(np.argmin(t))
+        gbs = b[best] / t[best] / 1e9
+        rows.append({"seconds": t[best], "seconds_median": float(np.median(t)), "bytes": b[best], "gbs": gbs})
+    return rows
+
+
+def load_kernels(path: str | os.PathLike):
+    """The `moe` module of another checkout's kernels (`path`: that checkout, or its kernels/ folder),
+    imported as a package of its own, so that both versions run in this process on the same layers (their
+    pack formats must agree)."""
+    import importlib
+    import importlib.util
+
+    root = Path(path).resolve()
+    folder = root / "kernels" if (root / "kernels" / "moe.py").is_file() else root
+    if not (folder / "moe.py").is_file():
+        raise SystemExit(f"--against {path}: no kernels/moe.py there")
+    name = "hmoe_against_kernels"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{name}.moe")
 
 
 # ---------------------------------------------------------------- engines
 
 
-def bench_hmoe(layer, shape: dict, tokens: int, calls, threads: int, evict, amx: bool | None = None) -> dict:
+def bench_hmoe(
+    layer, shape: dict, tokens: int, calls, threads: int, evict, amx: bool | None = None, against=None
+) -> dict:
+    """hmoe's layer on the calls; with `against` (load_kernels' module) that version on the same calls,
+    alternating call by call: row["against"] holds its times, row["against_speedup"] its median time over
+    this one's (above 1: this checkout is faster)."""
     from hmoe.kernels.moe import MoeKernel
 
-    kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx)
+    kernels = [MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx)]
+    if against is not None:
+        kernels.append(against.MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx))
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
-    return time_calls(
-        lambda ids, w: kernel.run(x, ids, w, layer, out), calls, lambda n: n * layer.nbytes_per_expert, evict
+    rows = time_calls(
+        [lambda ids, w, k=k: k.run(x, ids, w, layer, out) for k in kernels],
+        calls,
+        lambda n: n * layer.nbytes_per_expert,
+        evict,
     )
+    if against is not None:
+        rows[0].update(against=rows[1], against_speedup=rows[1]["seconds_median"] / rows[0]["seconds_median"])
+    return rows[0]
 
 
 def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
@@ -190,7 +233,7 @@ def bench_torch(weights, tokens: int, calls, threads: int, evict) -> dict:
                 out.index_add_(0, tok, F.linear(h, down[e]) * w_t[tok, slot, None].to(h.dtype))
         return len(np.unique(ids))
 
-    return time_calls(call, calls, lambda n: n * per_expert, evict)
+    return time_calls([call], calls, lambda n: n * per_expert, evict)[0]
 
 
 KT_CHILD = r"""
@@ -508,6 +551,11 @@ def main(argv=None) -> None:
         "--no-start-times", action="store_true", help="skip the cold/warm start measurement (two fresh compiles)"
     )
     parser.add_argument("--diagnose", action="store_true", help="also: thread scaling and OMP wait policies")
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="also time another checkout's kernels (DIR, or its kernels/ folder) on every hmoe case, call by call",
+    )
     args = parser.parse_args(argv)
 
     import numba
@@ -542,13 +590,17 @@ def main(argv=None) -> None:
     kt_reason = "--no-kt" if args.no_kt else kt_available()
     print(f"kt-kernel: {'available' if kt_reason is None else 'not run: ' + kt_reason}", flush=True)
     MoeKernel(2048, 768, 16, 8, threads).warm_up()
+    against = load_kernels(args.against) if args.against else None
+    if against is not None:
+        against.MoeKernel(2048, 768, 16, 8, threads).warm_up()
+        print(f"against: {against.__file__}", flush=True)
 
     results, torch_rows, kt_rows, notes = [], [], [], {}
     rng = np.random.default_rng(0)
 
     def timed_case(layer, shape, shape_name, fmt_name, tokens, calls, routing, n_threads, meter):
         t0 = meter.now_s()
-        row = bench_hmoe(layer, shape, tokens, calls, n_threads, evict)
+        row = bench_hmoe(layer, shape, tokens, calls, n_threads, evict, against=against)
         row.update(
             shape=shape_name,
             format=fmt_name,
@@ -559,9 +611,10 @@ def main(argv=None) -> None:
             t_s=round((t0 + meter.now_s()) / 2, 3),
         )
         reading = meter.read(3, f"after {shape_name} {fmt_name} T={tokens} {routing} {n_threads}t")
+        ab = f"; against {row['against']['seconds'] * 1e3:8.3f} ms: x{row['against_speedup']:.2f}" if against else ""
         print(
             f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:6s} {n_threads:2d}t {row['seconds'] * 1e3:8.3f} ms "
-            f"{row['gbs']:6.1f} GB/s (read bw now {reading['best_gbs']:5.1f})",
+            f"{row['gbs']:6.1f} GB/s (read bw now {reading['best_gbs']:5.1f}){ab}",
             flush=True,
         )
         return row
@@ -701,6 +754,11 @@ def main(argv=None) -> None:
         "torch": torch_rows,
         "kt_kernel": kt_rows if kt_reason is None else {"not_run": kt_reason},
         "kt_threads": kt_threads,
+        **(
+            {"against": {"path": str(Path(args.against).resolve()), "commit": _commit(args.against)}}
+            if args.against
+            else {}
+        ),
         **notes,
         **extra,
         "targets": targets(results, kt_rows, threads, name),
@@ -727,6 +785,12 @@ def main(argv=None) -> None:
         )
     )
     print(f"wrote {path}")
+
+
+def _commit(path: str) -> str | None:
+    """The git commit checked out at `path` (None outside a git checkout)."""
+    r = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
 
 
 def targets(results: list[dict], kt_rows: list[dict], threads: int, name: str) -> list[dict]:

@@ -1,0 +1,56 @@
+"""bench/kernels.py's A/B (--against): another checkout's kernels load as a package of their own beside
+ours, and time_calls lets each function go first every other call (the second one finds the first one's
+experts partly still in L3)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import hmoe.kernels.moe as ours
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from bench.kernels import load_kernels, time_calls  # noqa: E402
+
+
+@pytest.fixture
+def fresh_against():
+    """load_kernels keeps what it imported in sys.modules: start and end each test without it."""
+    drop = lambda: [sys.modules.pop(n) for n in list(sys.modules) if n.startswith("hmoe_against_kernels")]  # noqa: E731
+    drop()
+    yield
+    drop()
+
+
+def test_another_checkouts_kernels_load_beside_ours(tmp_path, fresh_against):
+    other = tmp_path / "checkout" / "kernels"
+    shutil.copytree(Path(ours.__file__).parent, other, ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "moe.py").write_text((other / "moe.py").read_text() + "\nMARKER = 'the other checkout'\n")
+
+    moe = load_kernels(tmp_path / "checkout")  # the checkout, or its kernels/ folder: both name it
+
+    assert moe.MARKER == "the other checkout"
+    assert Path(moe.__file__).resolve() == (other / "moe.py").resolve()
+    assert moe.MoeKernel is not ours.MoeKernel
+    assert not hasattr(ours, "MARKER")
+
+
+def test_a_folder_without_kernels_is_refused_by_name(tmp_path, fresh_against):
+    with pytest.raises(SystemExit, match="no kernels/moe.py"):
+        load_kernels(tmp_path)
+
+
+def test_time_calls_lets_each_function_go_first_every_other_call():
+    order = []
+    fns = [lambda i: order.append(("a", i)) or 2, lambda i: order.append(("b", i)) or 3]
+
+    rows = time_calls(fns, [(0,), (1,), (2,)], lambda n: n * 10**9, lambda: None)
+
+    assert order[2:] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]  # after one warm call each
+    assert [r["bytes"] for r in rows] == [2 * 10**9, 3 * 10**9]
+    assert all(r["seconds"] <= r["seconds_median"] for r in rows)
