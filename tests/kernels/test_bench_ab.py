@@ -12,10 +12,14 @@ import pytest
 
 import hmoe.kernels.moe as ours
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from bench.kernels import load_kernels, time_calls  # noqa: E402
+# bench/ is imported from the checkout's root, which must not stay on sys.path: its kernels/ folder would
+# then shadow the `kernels` package that transformers looks for (test_model_parity, in the same process).
+ROOT = str(Path(__file__).resolve().parents[2])
+sys.path.insert(0, ROOT)
+try:
+    from bench.kernels import load_kernels, time_calls
+finally:
+    sys.path.remove(ROOT)
 
 
 @pytest.fixture
