@@ -163,13 +163,14 @@ def load_kernels(path: str | os.PathLike):
     if not (folder / "moe.py").is_file():
         raise SystemExit(f"--against {path}: no kernels/moe.py there")
     name = "hmoe_against_kernels"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[name] = package
-        spec.loader.exec_module(package)
+    for loaded in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
+        del sys.modules[loaded]  # an earlier call's checkout: never hand back another folder's kernels
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
     return importlib.import_module(f"{name}.moe")
 
 
@@ -182,11 +183,13 @@ def bench_hmoe(
     """hmoe's layer on the calls; with `against` (load_kernels' module) that version on the same calls,
     alternating call by call: row["against"] holds its times, row["against_speedup"] its median time over
     this one's (above 1: this checkout is faster)."""
-    from hmoe.kernels.moe import MoeKernel
+    import hmoe.kernels.moe as ours
 
-    kernels = [MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx)]
-    if against is not None:
-        kernels.append(against.MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx))
+    kernels = [
+        v.MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx)
+        for v in (ours, against)
+        if v is not None
+    ]
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
     rows = time_calls(

@@ -24,17 +24,22 @@ finally:
 
 @pytest.fixture
 def fresh_against():
-    """load_kernels keeps what it imported in sys.modules: start and end each test without it."""
-    drop = lambda: [sys.modules.pop(n) for n in list(sys.modules) if n.startswith("hmoe_against_kernels")]  # noqa: E731
-    drop()
+    """load_kernels leaves what it imported in sys.modules: take it out after each test."""
     yield
-    drop()
+    for n in [n for n in sys.modules if n.startswith("hmoe_against_kernels")]:
+        del sys.modules[n]
+
+
+def _checkout(root: Path, marker: str) -> Path:
+    """A copy of our kernels under root/kernels, its moe.py tagged with `marker`."""
+    other = root / "kernels"
+    shutil.copytree(Path(ours.__file__).parent, other, ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "moe.py").write_text((other / "moe.py").read_text() + f"\nMARKER = {marker!r}\n")
+    return other
 
 
 def test_another_checkouts_kernels_load_beside_ours(tmp_path, fresh_against):
-    other = tmp_path / "checkout" / "kernels"
-    shutil.copytree(Path(ours.__file__).parent, other, ignore=shutil.ignore_patterns("__pycache__"))
-    (other / "moe.py").write_text((other / "moe.py").read_text() + "\nMARKER = 'the other checkout'\n")
+    other = _checkout(tmp_path / "checkout", "the other checkout")
 
     moe = load_kernels(tmp_path / "checkout")  # the checkout, or its kernels/ folder: both name it
 
@@ -42,6 +47,16 @@ def test_another_checkouts_kernels_load_beside_ours(tmp_path, fresh_against):
     assert Path(moe.__file__).resolve() == (other / "moe.py").resolve()
     assert moe.MoeKernel is not ours.MoeKernel
     assert not hasattr(ours, "MARKER")
+
+
+def test_a_second_checkout_replaces_the_first(tmp_path, fresh_against):
+    _checkout(tmp_path / "one", "one")
+    second = _checkout(tmp_path / "two", "two")
+
+    assert load_kernels(tmp_path / "one").MARKER == "one"
+    moe = load_kernels(second)  # its kernels/ folder this time
+
+    assert moe.MARKER == "two"
 
 
 def test_a_folder_without_kernels_is_refused_by_name(tmp_path, fresh_against):
