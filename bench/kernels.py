@@ -20,7 +20,8 @@ layer holds fewer experts than the model but reads the same bytes per token (`ex
 Every row carries `roofline_frac` (its GB/s over the run's best reading at its thread count) and
 `roofline_frac_nearest` (over the reading taken nearest it in time). T=1 also runs with the thread
 count the decode worker uses (policy.cpu_threads), against its own readings.
-Also: per parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1, and the
+Also: where a T=1 call's time goes (`call_timeline`: Python and dispatch, set-up, each phase, from the
+kernel's time stamps), per parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1, and the
 issue's targets checked (`targets`). Writes bench/results/kernels-<machine>.json (machine: the GPU's
 model, e.g. h200, or "dev" without one; or --json) and a PNG beside it.
 
@@ -201,6 +202,45 @@ def bench_hmoe(
     if against is not None:
         rows[0].update(against=rows[1], against_speedup=rows[1]["seconds_median"] / rows[0]["seconds_median"])
     return rows[0]
+
+
+def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
+    """Where one call's time goes (T=1 calls, as timed_case runs them): medians over the calls of µs since
+    run() began, from the kernel's time stamps (MoeKernel.timeline): the jitted kernel entered (Python and
+    Numba's dispatch before it), its region began (routing and set-up), the last task started; per phase,
+    the first and the last task done with its own items, and the phase done; the tasks' ends; run() back."""
+    from numba import njit
+
+    from hmoe.kernels.moe import PHASES, TASK_END, TASK_START, MoeKernel
+    from hmoe.kernels.simd import cycles
+
+    now = njit(lambda: cycles())
+    now()
+    t0, c0 = time.perf_counter(), now()
+    time.sleep(0.05)
+    per_us = (now() - c0) / (time.perf_counter() - t0) / 1e6
+    kernel = MoeKernel(layer.hidden, layer.inter, 16, shape["top_k"], threads)
+    x = np.random.default_rng(1).standard_normal((1, layer.hidden), dtype=np.float32)
+    out = np.empty_like(x)
+    points = []
+    for ids, w in [calls[0], *calls]:
+        evict()
+        start = now()
+        kernel.run(x, ids, w, layer, out)
+        back = now()
+        entered, region, tasks = kernel.timeline()
+        point = {"entered": entered, "region": region, "tasks started": tasks[:, TASK_START].max()}
+        for name, p in PHASES[layer.fmt.kind]:
+            point[f"{name}: first task done"], point[f"{name}: last task done"] = (
+                tasks[:, 2 * p].min(),
+                tasks[:, 2 * p].max(),
+            )
+            point[f"{name}: phase done"] = tasks[:, 2 * p + 1].max()
+        point.update(
+            {"down: first task done": tasks[:, TASK_END].min(), "down: last task done": tasks[:, TASK_END].max()}
+        )
+        points.append({k: (v - start) / per_us for k, v in point.items()} | {"returned": (back - start) / per_us})
+    return {k: float(np.median([p[k] for p in points[1:]])) for k in points[0]}
 
 
 def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
@@ -650,6 +690,16 @@ def main(argv=None) -> None:
                         f"AVX-512 {off['seconds'] * 1e3:8.2f} ms: x{row['speedup']:.2f}",
                         flush=True,
                     )
+            if 1 in per_tokens:
+                line = call_timeline(layer, shape, per_tokens[1][:10], threads, evict)
+                notes.setdefault("call_timeline", []).append(
+                    {"shape": shape_name, "format": fmt_name, "tokens": 1, "threads": threads, "us": line}
+                )
+                names = dict.fromkeys(k.split(":")[0] for k in line if ": " in k)
+                steps = [f"{k} {line[k]:.0f}" for k in ("entered", "region", "tasks started")] + [
+                    f"{n} {line[n + ': first task done']:.0f}-{line[n + ': last task done']:.0f}" for n in names
+                ]
+                print(f"{shape_name:14s} {fmt_name:9s} T= 1 µs: {', '.join(steps)}, returned {line['returned']:.0f}")
             if w_threads and 1 in per_tokens:
                 results.append(
                     timed_case(layer, shape, shape_name, fmt_name, 1, per_tokens[1], "random", w_threads, bw_worker)

@@ -72,6 +72,7 @@ from .jit import amx_usable
 from .simd import (
     atomic_add,
     atomic_read,
+    cycles,
     os_yield,
     spin_pause,
     store_bf16_interleaved,
@@ -100,6 +101,18 @@ SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a w
 SYNC_STRIDE = (
     16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 )
+# A call's timeline (MoeKernel.timeline), in sync past the counters, time-stamp counter ticks: the kernel
+# entered, its region started; then per task SYNC_STRIDE slots: 2p its own items of phase p done (the wait
+# begins), 2p + 1 phase p done (the wait ends), TASK_START, TASK_END.
+CALL_STAMPS = 12 * SYNC_STRIDE
+TASK_STAMPS = CALL_STAMPS + SYNC_STRIDE
+TASK_START, TASK_END = SYNC_STRIDE - 2, SYNC_STRIDE - 1
+# Each kernel's phases with a wait, in the order they run (the last, down, ends at TASK_END).
+PHASES = {
+    "bf16": (("pack x", 0), ("gate/up", 1)),
+    "fp8": (("pack x", 0), ("gate/up", 1)),
+    "int4": (("quantize x", 0), ("pack x", 4), ("gate/up", 1), ("quantize h", 2), ("pack h", 5)),
+}
 AMX_MIN_SLOTS = 4  # bf16, fp8: an expert with this many of a call's slots runs on AMX tiles (where usable), 16 a pass
 INT4_AMX_MIN_SLOTS = 8  # int4 (group 128): its AMX pass folds every 128 columns in float32, so it pays later
 PREFETCH_BYTES = -4096  # the tile loops prefetch their weight stream 4 KiB ahead into L2 (dots.py: < 0 means L2)
@@ -250,10 +263,12 @@ def item_done(sync, phase):
 
 
 @jit
-def wait_phase(sync, phase, num_items):
+def wait_phase(sync, phase, num_items, task):
     """Wait until every item of the phase is done (their writes are then visible to this task): spin a
     while, then yield the core at each check, as the task still working may need it (more threads than
-    free cores: other processes, or a second worker on the same cores)."""
+    free cores: other processes, or a second worker on the same cores). Stamps the wait's start and end."""
+    stamps = TASK_STAMPS + SYNC_STRIDE * task + 2 * phase
+    sync[stamps] = cycles()
     spins = 0
     while atomic_read(sync, SYNC_STRIDE * (2 * phase + 1)) < num_items:
         if spins < SPINS_BEFORE_YIELD:
@@ -261,6 +276,12 @@ def wait_phase(sync, phase, num_items):
             spin_pause()
         else:
             os_yield()
+    sync[stamps + 1] = cycles()
+
+
+@jit
+def stamp(sync, task, slot):
+    sync[TASK_STAMPS + SYNC_STRIDE * task + slot] = cycles()
 
 
 @jit
@@ -355,7 +376,7 @@ def _amx_accumulate_pair(res, r0, n, slots, top_k, out, hidden, r, rb):
 
 
 @jit
-def _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
+def _amx_pack_phase(sync, task, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
     """A task's part of phase 0: its thread's tile configuration (where the call has AMX groups), then
     the groups' tokens packed as B tiles, claimed one at a time."""
     if ng:
@@ -601,6 +622,7 @@ def moe_fp8(
     read rounded to bf16 on every path, as in moe_bf16; where `amx`, experts with at least AMX_MIN_SLOTS
     of the call's slots run on AMX tiles (their weights decoded to bf16 a block at a time), the others on
     the AVX-512 tiles."""
+    entered = cycles()
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -616,6 +638,7 @@ def moe_fp8(
     per_expert = -(-ip // rows1)
     items1, items2 = n_active * per_expert, -(-hp // rows2)
     sync[:] = 0
+    sync[CALL_STAMPS], sync[CALL_STAMPS + 1] = entered, cycles()
     for task in prange(num_threads):
         x_task, t_res, t_slots, t_offs = (
             task * 9 * xs_row,
@@ -627,10 +650,11 @@ def moe_fp8(
             acc[task * 512 * AMX_BLOCK_GROUPS : (task + 1) * 512 * AMX_BLOCK_GROUPS],
             dec[task * 4096 : (task + 1) * 4096],
         )
-        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+        stamp(sync, task, TASK_START)
+        _amx_pack_phase(sync, task, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
-        wait_phase(sync, 0, ng)
+        wait_phase(sync, 0, ng, task)
         while i < items1:
             a, c = i // per_expert, i % per_expert
             if gfirst[a] >= 0:
@@ -687,7 +711,7 @@ def moe_fp8(
             _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
         i = take_item(sync, 2)
         _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)  # streams in while the last items of phase 1 end
-        wait_phase(sync, 1, items1)
+        wait_phase(sync, 1, items1, task)
         while i < items2:
             _fp8_down(
                 i * rows2,
@@ -721,6 +745,7 @@ def moe_fp8(
             _head2(down, i, items2, rows2, hp, ip, active_id, pf, 64)
         if ng:
             tile_release()
+        stamp(sync, task, TASK_END)
     return n_active
 
 
@@ -863,6 +888,7 @@ def moe_bf16(
     products everywhere; a path changes only the order of sums). Where `amx`, experts with at least AMX_MIN_SLOTS of the
     call's slots run on AMX tiles (phase 0 packs x for them, phase 1 writes their h packed for phase 2);
     the others on the AVX-512 tiles."""
+    entered = cycles()
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -878,16 +904,18 @@ def moe_bf16(
     per_expert = -(-ip // rows1)
     items1, items2 = n_active * per_expert, -(-hp // rows2)
     sync[:] = 0
+    sync[CALL_STAMPS], sync[CALL_STAMPS + 1] = entered, cycles()
     for task in prange(num_threads):
         t_res, t_slots, t_offs = (
             res[task * 1024 : (task + 1) * 1024],
             slots[task * 16 : (task + 1) * 16],
             offsets[task * 16 : (task + 1) * 16],
         )
-        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+        stamp(sync, task, TASK_START)
+        _amx_pack_phase(sync, task, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
-        wait_phase(sync, 0, ng)
+        wait_phase(sync, 0, ng, task)
         while i < items1:
             a, c = i // per_expert, i % per_expert
             if gfirst[a] >= 0:
@@ -936,7 +964,7 @@ def moe_bf16(
             _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
         i = take_item(sync, 2)
         _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)  # streams in while the last items of phase 1 end
-        wait_phase(sync, 1, items1)
+        wait_phase(sync, 1, items1, task)
         while i < items2:
             _bf16_down(
                 i * rows2,
@@ -965,6 +993,7 @@ def moe_bf16(
             _head2(down, i, items2, rows2, hp, ip, active_id, pf // 2, 32)
         if ng:
             tile_release()
+        stamp(sync, task, TASK_END)
     return n_active
 
 
@@ -1143,7 +1172,7 @@ def _int4_amx_pack(g, first, n, slot_of, div, q32, cols, corr, ascale, b32, bc, 
 
 @jit
 def _int4_amx_pack_phase(
-    sync, phase, ng, gfirst, gexp, active_start, slot_of, div, q32, cols, corr, ascale, b32, bc, bs
+    sync, task, phase, ng, gfirst, gexp, active_start, slot_of, div, q32, cols, corr, ascale, b32, bc, bs
 ):
     """A task's part of a pack phase: AMX groups claimed one at a time, then the wait for all of them."""
     i = take_item(sync, phase)
@@ -1152,7 +1181,7 @@ def _int4_amx_pack_phase(
         _int4_amx_pack(i, first, n, slot_of, div, q32, cols, corr, ascale, b32, bc, bs)
         item_done(sync, phase)
         i = take_item(sync, phase)
-    wait_phase(sync, phase, ng)
+    wait_phase(sync, phase, ng, task)
 
 
 @jit
@@ -1342,6 +1371,7 @@ def moe_int4(
     as B tiles, gate/up, quantize h (items of `ch` inputs of a slot, and one that zeroes the padding
     row), pack the AMX groups' h, down. The pack phases have no items where no expert runs on AMX.
     """
+    entered = cycles()
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     n_slots = num_tokens * top_k
@@ -1361,6 +1391,7 @@ def moe_int4(
     items1, items2 = n_active * per_expert, -(-hp // rows2)
     ng = amx_groups(n_active, active_start, amx and group == 128, gfirst, gexp, INT4_AMX_MIN_SLOTS)
     sync[:] = 0
+    sync[CALL_STAMPS], sync[CALL_STAMPS + 1] = entered, cycles()
     for task in prange(num_threads):
         t_res, t_slots = res[task * 128 : (task + 1) * 128], slots[task * 16 : task * 16 + 4]
         t_qa, t_la = offsets[task * 16 : task * 16 + 4], offsets[task * 16 + 4 : task * 16 + 8]
@@ -1369,6 +1400,7 @@ def moe_int4(
             dec[task * 4096 : (task + 1) * 4096],
             itmp[task * 512 : (task + 1) * 512],
         )
+        stamp(sync, task, TASK_START)
         if ng:
             tile_config(cfg)
         i = take_item(sync, 0)
@@ -1377,9 +1409,9 @@ def moe_int4(
             quantize_int8(act, t * hp + c0, min(cx, hp - c0), group, q, t * hp + c0, corr, ascale, (t * hp + c0) // 4)
             item_done(sync, 0)
             i = take_item(sync, 0)
-        wait_phase(sync, 0, num_tokens * nx)
+        wait_phase(sync, 0, num_tokens * nx, task)
         _int4_amx_pack_phase(
-            sync, 4, ng, gfirst, gexp, active_start, slot_of, top_k, q32, hp, corr, ascale, bx32, bc, bs
+            sync, task, 4, ng, gfirst, gexp, active_start, slot_of, top_k, q32, hp, corr, ascale, bx32, bc, bs
         )
         i = take_item(sync, 1)
         _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
@@ -1441,7 +1473,7 @@ def moe_int4(
             item_done(sync, 1)
             i = take_item(sync, 1)
             _int4_head1(gate, gate_s, i, items1, per_expert, rows1, ip, hp, group, active_id, pf)
-        wait_phase(sync, 1, items1)
+        wait_phase(sync, 1, items1, task)
         i = take_item(sync, 2)
         while i <= n_slots * nh:
             if i == n_slots * nh:
@@ -1453,8 +1485,10 @@ def moe_int4(
                 )
             item_done(sync, 2)
             i = take_item(sync, 2)
-        wait_phase(sync, 2, n_slots * nh + 1)
-        _int4_amx_pack_phase(sync, 5, ng, gfirst, gexp, active_start, slot_of, 1, q32, ip, corr, ascale, bh32, bc, bs)
+        wait_phase(sync, 2, n_slots * nh + 1, task)
+        _int4_amx_pack_phase(
+            sync, task, 5, ng, gfirst, gexp, active_start, slot_of, 1, q32, ip, corr, ascale, bh32, bc, bs
+        )
         i = take_item(sync, 3)
         while i < items2:
             _int4_head(down, down_s, active_id[0], hp, i * rows2, min(hp, (i + 1) * rows2), ip, group, pf)
@@ -1495,6 +1529,7 @@ def moe_int4(
             i = take_item(sync, 3)
         if ng:
             tile_release()
+        stamp(sync, task, TASK_END)
     return n_active
 
 
@@ -1552,7 +1587,8 @@ class MoeKernel:
         self.active_start = np.zeros(n_slots + 1, np.int64)
         self.slots = np.zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
         self.offsets = np.zeros(nt * 16, np.int64)
-        self.sync = np.zeros(12 * SYNC_STRIDE, np.int64)  # per phase (6 at most: int4): next item, items done
+        # per phase (6 at most: int4): next item, items done; then the call's timeline
+        self.sync = np.zeros(TASK_STAMPS + SYNC_STRIDE * nt, np.int64)
         # AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
         groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
         self.gfirst = np.zeros(n_slots, np.int64)
@@ -1622,6 +1658,12 @@ class MoeKernel:
         if n_active < 0:
             raise ValueError(f"topk_ids holds an expert id outside [0, {layer.num_experts})")
         return n_active
+
+    def timeline(self) -> tuple[int, int, np.ndarray]:
+        """The last call's time stamps, in simd.cycles ticks: the kernel entered, its region started, and per
+        task SYNC_STRIDE slots (2p, 2p + 1: its wait for phase p began, ended; TASK_START, TASK_END)."""
+        s = self.sync
+        return int(s[CALL_STAMPS]), int(s[CALL_STAMPS + 1]), s[TASK_STAMPS:].reshape(-1, SYNC_STRIDE).copy()
 
     def _bind(self, layer: LayerExperts) -> tuple:
         """(kernel, the layer's flat weight arrays, this kernel's scratch), made once per layer."""

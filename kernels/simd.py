@@ -216,6 +216,16 @@ def spin_pause(typingctx):
 
 
 @intrinsic
+def cycles(typingctx):
+    """The core's time-stamp counter (rdtsc): constant-rate ticks, comparable across the cores of one machine."""
+
+    def codegen(context, builder, sig, args):
+        return builder.call(_llvm_fn(builder, "llvm.readcyclecounter", I64, []), [])
+
+    return types.int64(), codegen
+
+
+@intrinsic
 def os_yield(typingctx):
     """sched_yield(): give the core to another runnable thread (a waiting task whose peer is not running)."""
 
