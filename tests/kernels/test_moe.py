@@ -17,6 +17,7 @@ from hmoe.kernels.moe import (
     INT4_AMX_MIN_SLOTS,
     ITEMS_PER_TASK,
     MIN_STREAM_BYTES,
+    PACK_COLS,
     PHASES,
     QUANT_MIN_COLS,
     TASK_END,
@@ -110,6 +111,28 @@ def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_
     assert np.abs(outs[True] - outs[False]).max() <= apart * np.abs(want).max()
     # The AMX path ran (its sums go in another order), where an expert had enough slots for it.
     assert np.array_equal(outs[True], outs[False]) == (counts.max() < min_slots)
+
+
+@pytest.mark.skipif(not amx_usable(), reason="needs AMX (tile, bf16, int8) and the kernel's permission to use it")
+@pytest.mark.parametrize("fmt_name", ["bf16", "fp8", "int4-g128"])
+def test_amx_packs_rows_longer_than_a_pack_item(fmt_name):
+    """x (and int4's h) packed as B tiles in items of PACK_COLS columns, the last one shorter: with AMX
+    and without, the same results as the reference but for the order of sums."""
+    dim = PACK_COLS + 128
+    layer = random_layer(ExpertFormat.parse(fmt_name), 4, dim, dim, seed=13)
+    rng = np.random.default_rng(13)
+    ids, w = routing(rng, 16, 4, 4, "uniform")  # every expert's 16 slots: one AMX group each
+    x = rng.standard_normal((16, dim), dtype=np.float32)
+    outs = {}
+    for amx in (True, False):
+        outs[amx] = np.full((16, dim), np.nan, np.float32)
+        MoeKernel(dim, dim, 16, 4, num_threads=3, amx=amx).run(x, ids, w, layer, outs[amx])
+    want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
+    tolerance, apart = (2e-3, 2e-3) if fmt_name.startswith("int4") else (1e-4, 1e-4)  # as in the tests above
+    for out in outs.values():
+        assert np.linalg.norm(out - want) / np.linalg.norm(want) < tolerance
+    assert np.abs(outs[True] - outs[False]).max() <= apart * np.abs(want).max()
+    assert not np.array_equal(outs[True], outs[False])  # the AMX pass ran
 
 
 def test_padded_dims_and_thread_counts(fmt):
