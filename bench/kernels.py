@@ -205,7 +205,7 @@ def bench_hmoe(
 
 
 def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
-    """Where one call's time goes (T=1 calls, as timed_case runs them): medians over the calls of µs since
+    """Where a call's time goes (calls as timed_case runs them, T from their ids): medians over the calls of µs since
     run() began, from the kernel's time stamps (MoeKernel.timeline): the jitted kernel entered (Python and
     Numba's dispatch before it), its region began (routing and set-up), the last task started; per phase,
     the first and the last task done with its own items, and the phase done; the tasks' ends; run() back."""
@@ -219,8 +219,9 @@ def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
     t0, c0 = time.perf_counter(), now()
     time.sleep(0.05)
     per_us = (now() - c0) / (time.perf_counter() - t0) / 1e6
-    kernel = MoeKernel(layer.hidden, layer.inter, 16, shape["top_k"], threads)
-    x = np.random.default_rng(1).standard_normal((1, layer.hidden), dtype=np.float32)
+    tokens = calls[0][0].shape[0]
+    kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads)
+    x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
     points = []
     for ids, w in [calls[0], *calls]:
@@ -690,16 +691,22 @@ def main(argv=None) -> None:
                         f"AVX-512 {off['seconds'] * 1e3:8.2f} ms: x{row['speedup']:.2f}",
                         flush=True,
                     )
-            if 1 in per_tokens:
-                line = call_timeline(layer, shape, per_tokens[1][:10], threads, evict)
+            for tokens, routing, calls in ((1, "random", per_tokens.get(1)), (8, "shared", shared)):
+                if calls is None:
+                    continue
+                line = call_timeline(layer, shape, calls[:10], threads, evict)
                 notes.setdefault("call_timeline", []).append(
-                    {"shape": shape_name, "format": fmt_name, "tokens": 1, "threads": threads, "us": line}
+                    dict(shape=shape_name, format=fmt_name, tokens=tokens, routing=routing, threads=threads, us=line)
                 )
                 names = dict.fromkeys(k.split(":")[0] for k in line if ": " in k)
                 steps = [f"{k} {line[k]:.0f}" for k in ("entered", "region", "tasks started")] + [
                     f"{n} {line[n + ': first task done']:.0f}-{line[n + ': last task done']:.0f}" for n in names
                 ]
-                print(f"{shape_name:14s} {fmt_name:9s} T= 1 µs: {', '.join(steps)}, returned {line['returned']:.0f}")
+                print(
+                    f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:6s} µs: {', '.join(steps)}, "
+                    f"returned {line['returned']:.0f}",
+                    flush=True,
+                )
             if w_threads and 1 in per_tokens:
                 results.append(
                     timed_case(layer, shape, shape_name, fmt_name, 1, per_tokens[1], "random", w_threads, bw_worker)
