@@ -848,9 +848,12 @@ def main(argv=None) -> None:
 
 
 def _commit(path: str) -> str | None:
-    """The git commit checked out at `path` (None outside a git checkout)."""
-    r = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or None
+    """The git commit checked out at `path`, a checkout's root (None for any other folder: kernels exported
+    into a folder inside this checkout would otherwise report this checkout's commit)."""
+    git = ["git", "-C", str(path), "rev-parse", "--show-toplevel", "HEAD"]
+    r = subprocess.run(git, capture_output=True, text=True)
+    top, _, head = r.stdout.strip().partition("\n")
+    return head if r.returncode == 0 and Path(top).resolve() == Path(path).resolve() else None
 
 
 def targets(results: list[dict], kt_rows: list[dict], threads: int, name: str) -> list[dict]:

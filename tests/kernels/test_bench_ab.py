@@ -17,7 +17,7 @@ import hmoe.kernels.moe as ours
 ROOT = str(Path(__file__).resolve().parents[2])
 sys.path.insert(0, ROOT)
 try:
-    from bench.kernels import load_kernels, time_calls
+    from bench.kernels import _commit, load_kernels, time_calls
 finally:
     sys.path.remove(ROOT)
 
@@ -73,3 +73,15 @@ def test_time_calls_lets_each_function_go_first_every_other_call():
     assert order[2:] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]  # after one warm call each
     assert [r["bytes"] for r in rows] == [2 * 10**9, 3 * 10**9]
     assert all(r["seconds"] <= r["seconds_median"] for r in rows)
+
+
+def test_the_against_commit_is_named_only_for_a_checkouts_root(tmp_path):
+    """--against DIR records DIR's commit; kernels exported into a folder of this checkout have none (they
+    reported this checkout's commit)."""
+    import subprocess
+
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    assert _commit(ROOT) == (head or None)
+    assert _commit(Path(ROOT) / "kernels") is None
+    assert _commit(tmp_path) is None
