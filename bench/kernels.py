@@ -20,10 +20,11 @@ layer holds fewer experts than the model but reads the same bytes per token (`ex
 Every row carries `roofline_frac` (its GB/s over the run's best reading at its thread count) and
 `roofline_frac_nearest` (over the reading taken nearest it in time). T=1 also runs with the thread
 count the decode worker uses (policy.cpu_threads), against its own readings.
-Also: where a T=1 call's time goes (`call_timeline`: Python and dispatch, set-up, each phase, from the
-kernel's time stamps), per parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1, and the
-issue's targets checked (`targets`). Writes bench/results/kernels-<machine>.json (machine: the GPU's
-model, e.g. h200, or "dev" without one; or --json) and a PNG beside it.
+Also: where a call's time goes (`call_timeline`, T=1 and 8 tokens on the same experts: Python and
+dispatch, set-up, each phase, from the kernel's time stamps), per parallel-region cost, cold vs warm
+start, per-core FP8 decode rate, T=8 vs T=1, and the issue's targets checked (`targets`). Writes
+bench/results/kernels-<machine>.json (machine: the GPU's model, e.g. h200, or "dev" without one; or
+--json) and a PNG beside it.
 
 NOTE: past 400 lines: the three engines (hmoe, torch, a kt-kernel child) and the side measurements
 live in one file so that one command reproduces every figure of the kernels' report.
@@ -208,7 +209,8 @@ def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
     """Where a call's time goes (calls as timed_case runs them, T from their ids): medians over the calls of µs since
     run() began, from the kernel's time stamps (MoeKernel.timeline): the jitted kernel entered (Python and
     Numba's dispatch before it), its region began (routing and set-up), the last task started; per phase,
-    the first and the last task done with its own items, and the phase done; the tasks' ends; run() back."""
+    the first and the last task done with its own items, and the phase done; the tasks' ends; run() back.
+    (bf16, fp8: a task claims its first gate/up item and prefetches its head before its pack wait begins.)"""
     from numba import njit
 
     from hmoe.kernels.moe import PHASES, TASK_END, TASK_START, MoeKernel
@@ -848,12 +850,15 @@ def main(argv=None) -> None:
 
 
 def _commit(path: str) -> str | None:
-    """The git commit checked out at `path`, a checkout's root (None for any other folder: kernels exported
-    into a folder inside this checkout would otherwise report this checkout's commit)."""
-    git = ["git", "-C", str(path), "rev-parse", "--show-toplevel", "HEAD"]
+    """The git commit checked out at `path`, a checkout or its kernels/ folder as --against takes them;
+    None for any other folder (kernels exported into a folder inside this checkout reported its commit)."""
+    root = Path(path).resolve()
+    if not (root / "kernels" / "moe.py").is_file() and (root / "moe.py").is_file():
+        root = root.parent  # the checkout's kernels/ folder
+    git = ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"]
     r = subprocess.run(git, capture_output=True, text=True)
     top, _, head = r.stdout.strip().partition("\n")
-    return head if r.returncode == 0 and Path(top).resolve() == Path(path).resolve() else None
+    return head if r.returncode == 0 and Path(top).resolve() == root else None
 
 
 def targets(results: list[dict], kt_rows: list[dict], threads: int, name: str) -> list[dict]:

@@ -392,7 +392,7 @@ def _amx_accumulate_pair(res, r0, n, slots, top_k, out, hidden, r, rb):
 
 
 @jit
-def _amx_pack_phase(sync, task, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
+def _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
     """A task's part of phase 0: its thread's tile configuration (where the call has AMX groups), then
     the groups' tokens packed as B tiles, PACK_COLS columns of a group an item, claimed one at a time."""
     if ng:
@@ -669,7 +669,7 @@ def moe_fp8(
             dec[task * 4096 : (task + 1) * 4096],
         )
         stamp(sync, task, TASK_START)
-        _amx_pack_phase(sync, task, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
         wait_phase(sync, 0, ng * pack_chunks(hp), task)
@@ -930,7 +930,7 @@ def moe_bf16(
             offsets[task * 16 : (task + 1) * 16],
         )
         stamp(sync, task, TASK_START)
-        _amx_pack_phase(sync, task, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
         wait_phase(sync, 0, ng * pack_chunks(hp), task)

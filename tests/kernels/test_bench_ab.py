@@ -76,12 +76,13 @@ def test_time_calls_lets_each_function_go_first_every_other_call():
 
 
 def test_the_against_commit_is_named_only_for_a_checkouts_root(tmp_path):
-    """--against DIR records DIR's commit; kernels exported into a folder of this checkout have none (they
-    reported this checkout's commit)."""
+    """--against DIR records the commit of DIR (a checkout, or its kernels/ folder); kernels exported into
+    a folder of this checkout have none (they reported this checkout's commit)."""
     import subprocess
 
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
     assert _commit(ROOT) == (head or None)
-    assert _commit(Path(ROOT) / "kernels") is None
+    assert _commit(Path(ROOT) / "kernels") == (head or None)
+    assert _commit(Path(ROOT) / "tests") is None  # a folder inside the checkout, as .dev/old-kernels is
     assert _commit(tmp_path) is None

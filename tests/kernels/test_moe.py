@@ -116,17 +116,17 @@ def test_experts_with_many_slots_run_on_amx_tiles(layers, fmt_name, tokens, top_
 @pytest.mark.skipif(not amx_usable(), reason="needs AMX (tile, bf16, int8) and the kernel's permission to use it")
 @pytest.mark.parametrize("fmt_name", ["bf16", "fp8", "int4-g128"])
 def test_amx_packs_rows_longer_than_a_pack_item(fmt_name):
-    """x (and int4's h) packed as B tiles in items of PACK_COLS columns, the last one shorter: with AMX
-    and without, the same results as the reference but for the order of sums."""
-    dim = PACK_COLS + 128
-    layer = random_layer(ExpertFormat.parse(fmt_name), 4, dim, dim, seed=13)
+    """x (and int4's h) packed as B tiles in items of PACK_COLS columns, the last one shorter (x in 2 items,
+    h in 3): with AMX and without, the same results as the reference but for the order of sums."""
+    hidden, inter = PACK_COLS + 128, 2 * PACK_COLS + 128
+    layer = random_layer(ExpertFormat.parse(fmt_name), 4, hidden, inter, seed=13)
     rng = np.random.default_rng(13)
     ids, w = routing(rng, 16, 4, 4, "uniform")  # every expert's 16 slots: one AMX group each
-    x = rng.standard_normal((16, dim), dtype=np.float32)
+    x = rng.standard_normal((16, hidden), dtype=np.float32)
     outs = {}
     for amx in (True, False):
-        outs[amx] = np.full((16, dim), np.nan, np.float32)
-        MoeKernel(dim, dim, 16, 4, num_threads=3, amx=amx).run(x, ids, w, layer, outs[amx])
+        outs[amx] = np.full((16, hidden), np.nan, np.float32)
+        MoeKernel(hidden, inter, 16, 4, num_threads=3, amx=amx).run(x, ids, w, layer, outs[amx])
     want = ref.moe_reference(x, ids, w, layer, kernel_activations=True)
     tolerance, apart = (2e-3, 2e-3) if fmt_name.startswith("int4") else (1e-4, 1e-4)  # as in the tests above
     for out in outs.values():
