@@ -348,6 +348,14 @@ def pack_chunks(cols):
 
 
 @jit
+def pack_item(i, cols):
+    """Pack item i of a row of `cols` columns: (its AMX group, its columns [c0, c1))."""
+    chunks = pack_chunks(cols)
+    c0 = i % chunks * PACK_COLS
+    return i // chunks, c0, min(cols, c0 + PACK_COLS)
+
+
+@jit
 def _amx_pack_x(g, c0, c1, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
     """Columns [c0, c1) of group g's tokens as the AMX B tiles of gate and up: bx[16 * hp * g:], one
     512-value block per 32 columns (lanes of missing tokens keep stale values: they only feed output
@@ -394,16 +402,18 @@ def _amx_accumulate_pair(res, r0, n, slots, top_k, out, hidden, r, rb):
 @jit
 def _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx):
     """A task's part of phase 0: its thread's tile configuration (where the call has AMX groups), then
-    the groups' tokens packed as B tiles, PACK_COLS columns of a group an item, claimed one at a time."""
+    the groups' tokens packed as B tiles, PACK_COLS columns of a group an item, claimed one at a time.
+    Returns the phase's number of items (the caller waits for them later)."""
     if ng:
         tile_config(cfg)
-    chunks = pack_chunks(hp)
+    items = ng * pack_chunks(hp)
     i = take_item(sync, 0)
-    while i < ng * chunks:
-        c0 = i % chunks * PACK_COLS
-        _amx_pack_x(i // chunks, c0, min(hp, c0 + PACK_COLS), gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+    while i < items:
+        g, c0, c1 = pack_item(i, hp)
+        _amx_pack_x(g, c0, c1, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         item_done(sync, 0)
         i = take_item(sync, 0)
+    return items
 
 
 # ---------------------------------------------------------------- fp8
@@ -669,10 +679,10 @@ def moe_fp8(
             dec[task * 4096 : (task + 1) * 4096],
         )
         stamp(sync, task, TASK_START)
-        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+        items0 = _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
-        wait_phase(sync, 0, ng * pack_chunks(hp), task)
+        wait_phase(sync, 0, items0, task)
         while i < items1:
             a, c = i // per_expert, i % per_expert
             if gfirst[a] >= 0:
@@ -930,10 +940,10 @@ def moe_bf16(
             offsets[task * 16 : (task + 1) * 16],
         )
         stamp(sync, task, TASK_START)
-        _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
+        items0 = _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
-        wait_phase(sync, 0, ng * pack_chunks(hp), task)
+        wait_phase(sync, 0, items0, task)
         while i < items1:
             a, c = i // per_expert, i % per_expert
             if gfirst[a] >= 0:
@@ -1194,15 +1204,15 @@ def _int4_amx_pack_phase(
 ):
     """A task's part of a pack phase: PACK_COLS columns of an AMX group an item, claimed one at a time, then
     the wait for all of them."""
-    chunks = pack_chunks(cols)
+    items = ng * pack_chunks(cols)
     i = take_item(sync, phase)
-    while i < ng * chunks:
-        g, c0 = i // chunks, i % chunks * PACK_COLS
+    while i < items:
+        g, c0, c1 = pack_item(i, cols)
         first, n = _amx_group_slots(gexp[g], g, gfirst, active_start)
-        _int4_amx_pack(g, first, n, slot_of, div, q32, cols, c0, min(cols, c0 + PACK_COLS), corr, ascale, b32, bc, bs)
+        _int4_amx_pack(g, first, n, slot_of, div, q32, cols, c0, c1, corr, ascale, b32, bc, bs)
         item_done(sync, phase)
         i = take_item(sync, phase)
-    wait_phase(sync, phase, ng * chunks, task)
+    wait_phase(sync, phase, items, task)
 
 
 @jit
