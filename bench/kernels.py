@@ -33,6 +33,7 @@ live in one file so that one command reproduces every figure of the kernels' rep
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -153,6 +154,13 @@ def time_calls(fns, calls, bytes_of, evict) -> list[dict]:
     return rows
 
 
+def _kernels_folder(path: str | os.PathLike) -> Path | None:
+    """The kernels folder --against names: `path` itself, or its kernels/ (None: neither holds moe.py)."""
+    root = Path(path).resolve()
+    folder = root / "kernels" if (root / "kernels" / "moe.py").is_file() else root
+    return folder if (folder / "moe.py").is_file() else None
+
+
 def load_kernels(path: str | os.PathLike):
     """The `moe` module of another checkout's kernels (`path`: that checkout, or its kernels/ folder),
     imported as a package of its own, so that both versions run in this process on the same layers (their
@@ -160,9 +168,8 @@ def load_kernels(path: str | os.PathLike):
     import importlib
     import importlib.util
 
-    root = Path(path).resolve()
-    folder = root / "kernels" if (root / "kernels" / "moe.py").is_file() else root
-    if not (folder / "moe.py").is_file():
+    folder = _kernels_folder(path)
+    if folder is None:
         raise SystemExit(f"--against {path}: no kernels/moe.py there")
     name = "hmoe_against_kernels"
     for loaded in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
@@ -211,16 +218,9 @@ def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
     Numba's dispatch before it), its region began (routing and set-up), the last task started; per phase,
     the first and the last task done with its own items, and the phase done; the tasks' ends; run() back.
     (bf16, fp8: a task claims its first gate/up item and prefetches its head before its pack wait begins.)"""
-    from numba import njit
-
     from hmoe.kernels.moe import PHASES, TASK_END, TASK_START, MoeKernel
-    from hmoe.kernels.simd import cycles
 
-    now = njit(lambda: cycles())
-    now()
-    t0, c0 = time.perf_counter(), now()
-    time.sleep(0.05)
-    per_us = (now() - c0) / (time.perf_counter() - t0) / 1e6
+    now, per_us = _tsc_clock()
     tokens = calls[0][0].shape[0]
     kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads)
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
@@ -244,6 +244,20 @@ def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
         )
         points.append({k: (v - start) / per_us for k, v in point.items()} | {"returned": (back - start) / per_us})
     return {k: float(np.median([p[k] for p in points[1:]])) for k in points[0]}
+
+
+@functools.cache
+def _tsc_clock():
+    """(a jitted read of simd.cycles, its ticks per µs), compiled and calibrated once per process."""
+    from numba import njit
+
+    from hmoe.kernels.simd import cycles
+
+    now = njit(lambda: cycles())
+    now()
+    t0, c0 = time.perf_counter(), now()
+    time.sleep(0.05)
+    return now, (now() - c0) / (time.perf_counter() - t0) / 1e6
 
 
 def torch_layer(num_experts: int, hidden: int, inter: int, seed: int):
@@ -852,9 +866,8 @@ def main(argv=None) -> None:
 def _commit(path: str) -> str | None:
     """The git commit checked out at `path`, a checkout or its kernels/ folder as --against takes them;
     None for any other folder (kernels exported into a folder inside this checkout reported its commit)."""
-    root = Path(path).resolve()
-    if not (root / "kernels" / "moe.py").is_file() and (root / "moe.py").is_file():
-        root = root.parent  # the checkout's kernels/ folder
+    folder = _kernels_folder(path)
+    root = folder.parent if folder is not None else Path(path).resolve()
     git = ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"]
     r = subprocess.run(git, capture_output=True, text=True)
     top, _, head = r.stdout.strip().partition("\n")
