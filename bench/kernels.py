@@ -19,7 +19,10 @@ weights come from DRAM; `gbs` counts the bytes of the experts actually read. Whe
 layer holds fewer experts than the model but reads the same bytes per token (`experts_in_memory`).
 Every row carries `roofline_frac` (its GB/s over the run's best reading at its thread count) and
 `roofline_frac_nearest` (over the reading taken nearest it in time). T=1 also runs with the thread
-count the decode worker uses (policy.cpu_threads), against its own readings.
+count the decode worker uses (policy.cpu_threads), against its own readings. The caches are emptied
+before every call (time_calls), the code and scratch too; T=1 also runs in decode order (routing
+"decode order", bench_decode_order): back to back over enough layers that the experts still come from
+DRAM, while the code and the scratch stay as warm as a decode step leaves them.
 Also: where a call's time goes (`call_timeline`, T=1 and 8 tokens on the same experts: Python and
 dispatch, set-up, each phase, from the kernel's time stamps), per parallel-region cost, cold vs warm
 start, per-core FP8 decode rate, T=8 vs T=1, and the issue's targets checked (`targets`). Writes
@@ -126,7 +129,7 @@ def routings(rng, num_calls: int, tokens: int, num_experts: int, top_k: int, sha
     return calls
 
 
-def time_calls(fns, calls, bytes_of, evict) -> list[dict]:
+def time_calls(fns, calls, bytes_of, evict, warm: bool = True) -> list[dict]:
     """Per function of `fns`: best and median over the calls; gbs from the best call's bytes actually read.
     With several functions each call runs them one after another, the first of them going last on the
     next call: an A/B on the same calls under the same conditions, however the machine drifts (--against;
@@ -135,10 +138,11 @@ def time_calls(fns, calls, bytes_of, evict) -> list[dict]:
 
     `evict()` runs before each call: in a model, a layer's experts meet the caches again only after
     every other layer passed through them, so no call may find weights left in L3 by an earlier one.
+    `warm`: one untimed call of each function on the first call's arguments first.
     """
     times, nbytes = [[] for _ in fns], [[] for _ in fns]
-    for fn in fns:
-        fn(*calls[0])  # warm
+    for fn in fns if warm else ():
+        fn(*calls[0])
     for j, c in enumerate(calls):
         for i in range(len(fns)) if j % 2 == 0 else reversed(range(len(fns))):  # each goes first every other call
             evict()
@@ -207,6 +211,52 @@ def bench_hmoe(
         lambda n: n * layer.nbytes_per_expert,
         evict,
     )
+    if against is not None:
+        rows[0].update(against=rows[1], against_speedup=rows[1]["seconds_median"] / rows[0]["seconds_median"])
+    return rows[0]
+
+
+def decode_order_layers(fmt_name: str, shape: dict, seed: int) -> list:
+    """Layers of exactly one T=1 call's experts (top_k each), enough of them that a call back to back after
+    the others reads its layer EVICT_BYTES after that layer's last call (see bench_decode_order; 2 more than
+    that takes, as the A/B's alternating order brings a layer back one call early)."""
+    from hmoe.kernels.formats import ExpertFormat, expert_nbytes
+
+    per_call = shape["top_k"] * expert_nbytes(ExpertFormat.parse(fmt_name), shape["hidden"], shape["inter"])
+    count = -(-EVICT_BYTES // per_call) + 2
+    return [random_layer(fmt_name, shape["top_k"], shape["hidden"], shape["inter"], seed + i) for i in range(count)]
+
+
+def bench_decode_order(fmt_name: str, shape: dict, num_calls: int, threads: int, rng, against=None) -> dict:
+    """T=1 as a decode step calls the layers: back to back, nothing emptied between calls. Each call takes
+    the next of decode_order_layers and routes its token to all top_k experts (in a random order), so its
+    experts come from DRAM (the other layers read EVICT_BYTES since that layer's last call), while the code,
+    the kernel's scratch and Python's objects are as warm as the call before left them, as in a step.
+
+    The bench's other rows empty every cache before each call, the code and the scratch too, which a
+    small-expert call pays for in fixed costs: Qwen3-30B-A3B INT4-g128 on the H200 box, 16 threads, the
+    same process, the last task started 72 µs into a call after the eviction, 36 back to back (the call
+    341 against 297 µs, medians). With `against` (load_kernels' module) that version runs too, as in
+    bench_hmoe: call by call, each on the next layer, so neither finds the other's experts in L3."""
+    import hmoe.kernels.moe as ours
+
+    layers = decode_order_layers(fmt_name, shape, seed=17)
+    top_k = shape["top_k"]
+    kernels = [v.MoeKernel(shape["hidden"], shape["inter"], 16, top_k, threads) for v in (ours, against) if v]
+    x = np.random.default_rng(1).standard_normal((1, shape["hidden"]), dtype=np.float32)
+    out = np.empty_like(x)
+    n, m = len(layers), len(kernels)
+    calls = [
+        (j, rng.permutation(top_k).reshape(1, top_k).astype(np.int64), rng.random((1, top_k), dtype=np.float32))
+        for j in range(n + num_calls)
+    ]
+    fns = [lambda j, ids, w, i=i: kernels[i].run(x, ids, w, layers[(m * j + i) % n], out) for i in range(m)]
+    for call in calls[:n]:  # untimed: every layer read once, the code and the scratch warm
+        for fn in fns:
+            fn(*call)
+    rows = time_calls(fns, calls[n:], lambda k: k * layers[0].nbytes_per_expert, lambda: None, warm=False)
+    for row in rows:
+        row["layers"] = n
     if against is not None:
         rows[0].update(against=rows[1], against_speedup=rows[1]["seconds_median"] / rows[0]["seconds_median"])
     return rows[0]
@@ -659,22 +709,27 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
 
     def timed_case(layer, shape, shape_name, fmt_name, tokens, calls, routing, n_threads, meter):
+        """One row: `calls` on `layer`, caches emptied before each; routing "decode order": bench_decode_order
+        (layer and calls unused)."""
         t0 = meter.now_s()
-        row = bench_hmoe(layer, shape, tokens, calls, n_threads, evict, against=against)
+        if routing == "decode order":
+            row = bench_decode_order(fmt_name, shape, num_calls, n_threads, rng, against=against)
+        else:
+            row = bench_hmoe(layer, shape, tokens, calls, n_threads, evict, against=against)
         row.update(
             shape=shape_name,
             format=fmt_name,
             tokens=tokens,
             routing=routing,
             threads=n_threads,
-            experts_in_memory=layer.num_experts,
+            experts_in_memory=shape["top_k"] if routing == "decode order" else layer.num_experts,
             t_s=round((t0 + meter.now_s()) / 2, 3),
         )
         reading = meter.read(3, f"after {shape_name} {fmt_name} T={tokens} {routing} {n_threads}t")
         ab = f"; against {row['against']['seconds'] * 1e3:8.3f} ms: x{row['against_speedup']:.2f}" if against else ""
         print(
-            f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:6s} {n_threads:2d}t {row['seconds'] * 1e3:8.3f} ms "
-            f"{row['gbs']:6.1f} GB/s (read bw now {reading['best_gbs']:5.1f}){ab}",
+            f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:12s} {n_threads:2d}t "
+            f"{row['seconds'] * 1e3:8.3f} ms {row['gbs']:6.1f} GB/s (read bw now {reading['best_gbs']:5.1f}){ab}",
             flush=True,
         )
         return row
@@ -695,6 +750,8 @@ def main(argv=None) -> None:
             shared = routings(rng, num_calls, 8, num_experts, top_k, shared=True) if 8 in tokens_list else None
             if shared is not None:
                 results.append(timed_case(layer, shape, shape_name, fmt_name, 8, shared, "shared", threads, bw))
+            if 1 in tokens_list:
+                results.append(timed_case(None, shape, shape_name, fmt_name, 1, None, "decode order", threads, bw))
             if amx_usable() and fmt_name != "int4-g32":  # the same calls with AMX and without: what it buys
                 for tokens, routing in ((8, "shared"), (16, "random"), (128, "random")):
                     calls = routings(rng, 5, tokens, num_experts, top_k, shared=routing == "shared")
@@ -892,14 +949,15 @@ def targets(results: list[dict], kt_rows: list[dict], threads: int, name: str) -
 
     rows = {(r["shape"], r["format"], r["tokens"], r["routing"]): r for r in results if r["threads"] == threads}
     for (shape, fmt, tokens, routing), r in rows.items():
-        if tokens == 1 and routing == "random":
+        if tokens == 1 and routing in ("random", "decode order"):
             goal = (
                 {"deepseek-v3": 0.85, "qwen3-30b-a3b": 0.75}[shape]
                 if name != "kernels-dev"
                 else (0.65 if fmt == "fp8" else None)
             )
+            order = " in decode order" if routing == "decode order" else ""
             if goal:
-                check(f"{shape} {fmt} T=1 roofline_frac_nearest", r.get("roofline_frac_nearest"), ">=", goal)
+                check(f"{shape} {fmt} T=1{order} roofline_frac_nearest", r.get("roofline_frac_nearest"), ">=", goal)
         elif routing == "random" and (shape, fmt, 1, "random") in rows:
             check(
                 f"{shape} {fmt} T={tokens} random GB/s over T=1's",
@@ -940,8 +998,19 @@ def plot(payload: dict, path: Path) -> None:
                 and "roofline_frac" in r
                 and r["threads"] == payload["threads"]
             )
+            order = [
+                r["roofline_frac"]
+                for r in payload["results"]
+                if r["shape"] == shape
+                and r["format"] == fmt
+                and r["routing"] == "decode order"
+                and "roofline_frac" in r
+                and r["threads"] == payload["threads"]
+            ]
             if rows:
-                ax.plot(*zip(*rows), marker="o", label=f"hmoe {fmt}")
+                (line,) = ax.plot(*zip(*rows), marker="o", label=f"hmoe {fmt}")
+                if order:  # T=1 back to back over layers, as a decode step calls them (bench_decode_order)
+                    ax.plot([1] * len(order), order, marker="*", markersize=11, linestyle="", color=line.get_color())
         rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["torch"] if r["shape"] == shape)
         if rows:
             ax.plot(*zip(*rows), marker="x", linestyle="--", color="gray", label="torch bf16")
@@ -956,7 +1025,7 @@ def plot(payload: dict, path: Path) -> None:
                     ax.plot(*zip(*rows), marker="s", linestyle=":", label=f"kt-kernel {fmt}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens per call (top-8, random routing)")
+        ax.set_xlabel("tokens per call (top-8, random routing; *: T=1 in decode order)")
         spread = payload["read_bw"]["spread"]
         ax.set_ylabel(
             f"expert bytes read / s  ÷  {spread['best_gbs']:.0f} GB/s "

@@ -1,6 +1,7 @@
 """bench/kernels.py's A/B (--against): another checkout's kernels load as a package of their own beside
 ours, and time_calls lets each function go first every other call (the second one finds the first one's
-experts partly still in L3)."""
+experts partly still in L3). And its decode-order T=1 row: calls back to back that still read their
+experts from DRAM."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hmoe.kernels.moe as ours
@@ -17,7 +19,8 @@ import hmoe.kernels.moe as ours
 ROOT = str(Path(__file__).resolve().parents[2])
 sys.path.insert(0, ROOT)
 try:
-    from bench.kernels import _commit, load_kernels, time_calls
+    import bench.kernels as bench_kernels
+    from bench.kernels import _commit, bench_decode_order, load_kernels, time_calls
 finally:
     sys.path.remove(ROOT)
 
@@ -86,3 +89,32 @@ def test_the_against_commit_is_named_only_for_a_checkouts_root(tmp_path):
     assert _commit(Path(ROOT) / "kernels") == (head or None)
     assert _commit(Path(ROOT) / "tests") is None  # a folder inside the checkout, as .dev/old-kernels is
     assert _commit(tmp_path) is None
+
+
+def test_decode_order_reads_a_layer_again_only_after_every_other(monkeypatch):
+    """Calls back to back, both versions alternating: each reads all top_k experts of the next layer, and
+    between two calls on one layer every other layer is read, EVICT_BYTES at least (so its experts are in
+    DRAM again, as in a decode step)."""
+    shape = dict(hidden=256, inter=128, experts=4, top_k=2)
+    monkeypatch.setattr(bench_kernels, "EVICT_BYTES", 1 << 20)
+    reads = []
+    run = ours.MoeKernel.run
+
+    def spy(self, x, ids, weights, layer, out):
+        reads.append((layer, sorted(ids.ravel().tolist())))
+        return run(self, x, ids, weights, layer, out)
+
+    monkeypatch.setattr(ours.MoeKernel, "run", spy)
+
+    row = bench_decode_order("int4-g128", shape, 6, 2, np.random.default_rng(0), against=ours)
+
+    n, per_call = row["layers"], shape["top_k"] * reads[0][0].nbytes_per_expert
+    assert len({id(layer) for layer, _ in reads}) == n
+    assert all(ids == [0, 1] for _, ids in reads)  # every expert of the layer, each call
+    first_timed = len(reads) - 12  # 6 calls, two versions
+    for i in range(first_timed, len(reads)):
+        last = max(j for j in range(i) if reads[j][0] is reads[i][0])
+        between = {id(reads[j][0]) for j in range(last + 1, i)}
+        assert len(between) >= n - 2 and (n - 2) * per_call >= 1 << 20
+    assert row["bytes"] == shape["top_k"] * reads[0][0].nbytes_per_expert
+    assert row["against"]["bytes"] == row["bytes"] and row["against_speedup"] > 0
