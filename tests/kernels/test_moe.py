@@ -23,6 +23,8 @@ from hmoe.kernels.moe import (
     TASK_END,
     TASK_START,
     MoeKernel,
+    down_item,
+    down_items,
     item_rows,
     quant_chunk,
     route,
@@ -188,6 +190,20 @@ def test_item_rows_split_finely_but_keep_streams_long(rows, units, tasks, row_by
     enough = units * -(-rows // r) >= ITEMS_PER_TASK * tasks
     assert enough or r == 16 or (r // 2) * row_bytes < MIN_STREAM_BYTES  # finer only where it would still stream
     assert r == 128 or units * -(-rows // (2 * r)) < ITEMS_PER_TASK * tasks  # the largest that is fine enough
+
+
+@pytest.mark.parametrize("hp,tasks", [(2048, 16), (7168, 16), (7168, 13), (256, 2), (128, 3), (1280, 2), (2048, 1)])
+def test_down_items_cover_the_rows_once_and_end_in_small_ones(hp, tasks):
+    """Every output row in exactly one item, in order, none across a 128-row FP8 scale block; the last ones
+    (at most `tasks`, at most half the rows) a quarter of the others, for the tasks that finish early."""
+    for rows in (16, 32, 64, 128):
+        items = [down_item(i, hp, rows, tasks) for i in range(down_items(hp, rows, tasks))]
+        assert [r for item in items for r in range(*item)] == list(range(hp))
+        assert all(r0 // 128 == (r1 - 1) // 128 for r0, r1 in items)
+        small = [r1 - r0 for r0, r1 in items if r1 - r0 < rows]
+        assert len(small) <= tasks + 1 and sum(small) <= hp // 2 + rows
+        tail = [r1 - r0 for r0, r1 in items[-min(tasks, hp // 2 // max(16, rows // 4)) :]]
+        assert all(size == max(16, rows // 4) for size in tail)
 
 
 @pytest.mark.parametrize(
