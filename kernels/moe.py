@@ -11,10 +11,11 @@ The phases run in one parallel region of `num_threads` tasks. Each phase is cut 
 (phase 1: an expert's rows [r0, r1), gate then up; phase 2: rows [r0, r1) of y, every active expert
 summed in expert order), 16 to 128 rows each (item_rows: at least ITEMS_PER_TASK per task, but each
 expert's part of an item at least MIN_STREAM_BYTES long; phase 2 ends in up to one item a task of a
-quarter of that, down_items), which the tasks claim one at a time from a shared counter; a task that finds none left waits for the
-phase's last item to finish, then claims items of the next phase. So the tasks end each phase
-together even when cores run at different speeds, no two items write the same output (results do
-not depend on who ran what), and one region's start and end (~10 µs on 16 cores) is paid once.
+quarter of that, down_items), which the tasks claim one at a time from a shared counter; a task that
+finds none left waits for the phase's last item to finish, then claims items of the next phase. So
+the tasks end each phase together even when cores run at different speeds, no two items write the
+same output (results do not depend on who ran what), and one region's start and end (~10 µs on 16
+cores) is paid once.
 Claiming never waits for a task that has not started: with fewer threads than tasks it still ends.
 Within an item, all groups of 4 slots of an expert run over the same rows, so an expert with more
 than 4 tokens rereads its rows from L2, not DRAM. INT4 quantizes its activations to int8 in two
