@@ -259,7 +259,7 @@ def item_rows(rows, units, num_tasks, row_bytes):
 
 @jit
 def _down_split(hp, rows, num_tasks):
-    """(rows of the large items, rows of a small one): the last num_tasks small items' rows (at most half)."""
+    """(rows the large items cover, rows of a small item): up to num_tasks small items last, at most half the rows."""
     small = max(TILE_ROWS, rows // 4)
     return hp - min(hp // 2 // small, num_tasks) * small, small
 
@@ -269,7 +269,9 @@ def down_items(hp, rows, num_tasks):
     """Down's work items over the hp output rows (all experts each): items of `rows` first, then up to
     num_tasks of a quarter of that (TILE_ROWS at least), so that the tasks that finish their large items
     early take the small ones and all end together. With one size the same items took 57-95 us on different
-    tasks of one call (Qwen3-30B-A3B INT4-g128, T=1, H200 box: 16 items of 128 rows, one a task)."""
+    tasks of one call (Qwen3-30B-A3B INT4-g128, T=1, H200 box: 16 items of 128 rows, one a task). Against
+    one size, call by call on that box: 8 tokens on the same experts of that shape 1.20x, the other 23 cases
+    (T=1 and 8 shared, both shapes, four formats) 0.95-1.08x."""
     large, small = _down_split(hp, rows, num_tasks)
     return -(-large // rows) + (hp - large) // small
 

@@ -91,10 +91,10 @@ def test_the_against_commit_is_named_only_for_a_checkouts_root(tmp_path):
     assert _commit(tmp_path) is None
 
 
-def test_decode_order_reads_a_layer_again_only_after_every_other(monkeypatch):
+def test_decode_order_reads_a_layer_again_only_after_the_others(monkeypatch):
     """Calls back to back, both versions alternating: each reads all top_k experts of the next layer, and
-    between two calls on one layer every other layer is read, EVICT_BYTES at least (so its experts are in
-    DRAM again, as in a decode step)."""
+    between two calls on one layer the others are read (all but one where the alternating order brings it
+    back a call early), EVICT_BYTES at least: its experts are in DRAM again, as in a decode step."""
     shape = dict(hidden=256, inter=128, experts=4, top_k=2)
     monkeypatch.setattr(bench_kernels, "EVICT_BYTES", 1 << 20)
     reads = []
