@@ -23,9 +23,10 @@ count the decode worker uses (policy.cpu_threads), against its own readings. The
 before every call (time_calls), the code and scratch too; T=1 also runs in decode order (routing
 "decode order", bench_decode_order): back to back over enough layers that the experts still come from
 DRAM, while the code and the scratch stay as warm as a decode step leaves them.
-Also: where a call's time goes (`call_timeline`, T=1 and 8 tokens on the same experts: Python and
-dispatch, set-up, each phase, from the kernel's time stamps), per parallel-region cost, cold vs warm
-start, per-core FP8 decode rate, T=8 vs T=1, and the issue's targets checked (`targets`). Writes
+Also: where a call's time goes (`call_timeline`, T=1 and 8 tokens on the same experts, and T=1 in
+decode order: Python and dispatch, set-up, each phase, from the kernel's time stamps), per
+parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1, and the issue's
+targets checked (`targets`). Writes
 bench/results/kernels-<machine>.json (machine: the GPU's model, e.g. h200, or "dev" without one; or
 --json) and a PNG beside it.
 
@@ -227,9 +228,17 @@ def decode_order_layers(fmt_name: str, shape: dict, seed: int) -> list:
     return [random_layer(fmt_name, shape["top_k"], shape["hidden"], shape["inter"], seed + i) for i in range(count)]
 
 
-def bench_decode_order(fmt_name: str, shape: dict, num_calls: int, threads: int, rng, against=None) -> dict:
+def decode_order_calls(rng, num_calls: int, top_k: int) -> list:
+    """Per call: ids [1, top_k] (every expert of a decode_order_layers layer, in a random order), weights."""
+    return [
+        (rng.permutation(top_k).reshape(1, top_k).astype(np.int64), rng.random((1, top_k), dtype=np.float32))
+        for _ in range(num_calls)
+    ]
+
+
+def bench_decode_order(layers: list, shape: dict, num_calls: int, threads: int, rng, against=None) -> dict:
     """T=1 as a decode step calls the layers: back to back, nothing emptied between calls. Each call takes
-    the next of decode_order_layers and routes its token to all top_k experts (in a random order), so its
+    the next of `layers` (decode_order_layers) and routes its token to all top_k experts, so its
     experts come from DRAM (the other layers read EVICT_BYTES since that layer's last call), while the code,
     the kernel's scratch and Python's objects are as warm as the call before left them, as in a step.
 
@@ -240,16 +249,12 @@ def bench_decode_order(fmt_name: str, shape: dict, num_calls: int, threads: int,
     bench_hmoe: call by call, each on the next layer, so neither finds the other's experts in L3."""
     import hmoe.kernels.moe as ours
 
-    layers = decode_order_layers(fmt_name, shape, seed=17)
     top_k = shape["top_k"]
     kernels = [v.MoeKernel(shape["hidden"], shape["inter"], 16, top_k, threads) for v in (ours, against) if v]
     x = np.random.default_rng(1).standard_normal((1, shape["hidden"]), dtype=np.float32)
     out = np.empty_like(x)
     n, m = len(layers), len(kernels)
-    calls = [
-        (j, rng.permutation(top_k).reshape(1, top_k).astype(np.int64), rng.random((1, top_k), dtype=np.float32))
-        for j in range(n + num_calls)
-    ]
+    calls = [(j, *call) for j, call in enumerate(decode_order_calls(rng, n + num_calls, top_k))]
     fns = [lambda j, ids, w, i=i: kernels[i].run(x, ids, w, layers[(m * j + i) % n], out) for i in range(m)]
     for call in calls[:n]:  # untimed: every layer read once, the code and the scratch warm
         for fn in fns:
@@ -262,24 +267,26 @@ def bench_decode_order(fmt_name: str, shape: dict, num_calls: int, threads: int,
     return rows[0]
 
 
-def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
-    """Where a call's time goes (calls as timed_case runs them, T from their ids): medians over the calls of µs since
-    run() began, from the kernel's time stamps (MoeKernel.timeline): the jitted kernel entered (Python and
-    Numba's dispatch before it), its region began (routing and set-up), the last task started; per phase,
-    the first and the last task done with its own items, and the phase done; the tasks' ends; run() back.
-    (bf16, fp8: a task claims its first gate/up item and prefetches its head before its pack wait begins.)"""
+def call_timeline(layers: list, shape: dict, calls, threads: int, evict, untimed: int = 1) -> dict:
+    """Where a call's time goes (calls as timed_case runs them, T from their ids; call j on layers[j % len],
+    evict() before each, the first `untimed` not counted: a warm-up, or the first round of the layers in
+    decode order): medians over the calls of µs since run() began, from the kernel's time stamps
+    (MoeKernel.timeline): the jitted kernel entered (Python and Numba's dispatch before it), its region began
+    (routing and set-up), the last task started; per phase, the first and the last task done with its own
+    items, and the phase done; the tasks' ends; run() back. (bf16, fp8: a task claims its first gate/up item
+    and prefetches its head before its pack wait begins.)"""
     from hmoe.kernels.moe import PHASES, TASK_END, TASK_START, MoeKernel
 
     now, per_us = _tsc_clock()
-    tokens = calls[0][0].shape[0]
+    tokens, layer = calls[0][0].shape[0], layers[0]
     kernel = MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads)
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
     points = []
-    for ids, w in [calls[0], *calls]:
+    for j, (ids, w) in enumerate(calls):
         evict()
         start = now()
-        kernel.run(x, ids, w, layer, out)
+        kernel.run(x, ids, w, layers[j % len(layers)], out)
         back = now()
         entered, region, tasks = kernel.timeline()
         point = {"entered": entered, "region": region, "tasks started": tasks[:, TASK_START].max()}
@@ -293,7 +300,7 @@ def call_timeline(layer, shape: dict, calls, threads: int, evict) -> dict:
             {"down: first task done": tasks[:, TASK_END].min(), "down: last task done": tasks[:, TASK_END].max()}
         )
         points.append({k: (v - start) / per_us for k, v in point.items()} | {"returned": (back - start) / per_us})
-    return {k: float(np.median([p[k] for p in points[1:]])) for k in points[0]}
+    return {k: float(np.median([p[k] for p in points[untimed:]])) for k in points[0]}
 
 
 @functools.cache
@@ -710,10 +717,10 @@ def main(argv=None) -> None:
 
     def timed_case(layer, shape, shape_name, fmt_name, tokens, calls, routing, n_threads, meter):
         """One row: `calls` on `layer`, caches emptied before each; routing "decode order": bench_decode_order
-        (layer and calls unused)."""
+        (`layer` the list of decode_order_layers, `calls` unused)."""
         t0 = meter.now_s()
         if routing == "decode order":
-            row = bench_decode_order(fmt_name, shape, num_calls, n_threads, rng, against=against)
+            row = bench_decode_order(layer, shape, num_calls, n_threads, rng, against=against)
         else:
             row = bench_hmoe(layer, shape, tokens, calls, n_threads, evict, against=against)
         row.update(
@@ -750,8 +757,11 @@ def main(argv=None) -> None:
             shared = routings(rng, num_calls, 8, num_experts, top_k, shared=True) if 8 in tokens_list else None
             if shared is not None:
                 results.append(timed_case(layer, shape, shape_name, fmt_name, 8, shared, "shared", threads, bw))
-            if 1 in tokens_list:
-                results.append(timed_case(None, shape, shape_name, fmt_name, 1, None, "decode order", threads, bw))
+            decode_layers = decode_order_layers(fmt_name, shape, seed=17) if 1 in tokens_list else None
+            if decode_layers:
+                results.append(
+                    timed_case(decode_layers, shape, shape_name, fmt_name, 1, None, "decode order", threads, bw)
+                )
             if amx_usable() and fmt_name != "int4-g32":  # the same calls with AMX and without: what it buys
                 for tokens, routing in ((8, "shared"), (16, "random"), (128, "random")):
                     calls = routings(rng, 5, tokens, num_experts, top_k, shared=routing == "shared")
@@ -764,10 +774,17 @@ def main(argv=None) -> None:
                         f"AVX-512 {off['seconds'] * 1e3:8.2f} ms: x{row['speedup']:.2f}",
                         flush=True,
                     )
+            timelines = []
             for tokens, routing, calls in ((1, "random", per_tokens.get(1)), (8, "shared", shared)):
-                if calls is None:
-                    continue
-                line = call_timeline(layer, shape, calls[:10], threads, evict)
+                if calls is not None:
+                    line = call_timeline([layer], shape, [calls[0], *calls[:10]], threads, evict)
+                    timelines.append((tokens, routing, line))
+            if decode_layers:
+                calls = decode_order_calls(rng, len(decode_layers) + 10, top_k)
+                line = call_timeline(decode_layers, shape, calls, threads, lambda: None, untimed=len(decode_layers))
+                timelines.append((1, "decode order", line))
+            del decode_layers
+            for tokens, routing, line in timelines:
                 notes.setdefault("call_timeline", []).append(
                     dict(shape=shape_name, format=fmt_name, tokens=tokens, routing=routing, threads=threads, us=line)
                 )
@@ -776,7 +793,7 @@ def main(argv=None) -> None:
                     f"{n} {line[n + ': first task done']:.0f}-{line[n + ': last task done']:.0f}" for n in names
                 ]
                 print(
-                    f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:6s} µs: {', '.join(steps)}, "
+                    f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:12s} µs: {', '.join(steps)}, "
                     f"returned {line['returned']:.0f}",
                     flush=True,
                 )

@@ -20,7 +20,15 @@ ROOT = str(Path(__file__).resolve().parents[2])
 sys.path.insert(0, ROOT)
 try:
     import bench.kernels as bench_kernels
-    from bench.kernels import _commit, bench_decode_order, load_kernels, time_calls
+    from bench.kernels import (
+        _commit,
+        bench_decode_order,
+        call_timeline,
+        decode_order_calls,
+        decode_order_layers,
+        load_kernels,
+        time_calls,
+    )
 finally:
     sys.path.remove(ROOT)
 
@@ -106,10 +114,11 @@ def test_decode_order_reads_a_layer_again_only_after_the_others(monkeypatch):
 
     monkeypatch.setattr(ours.MoeKernel, "run", spy)
 
-    row = bench_decode_order("int4-g128", shape, 6, 2, np.random.default_rng(0), against=ours)
+    layers = decode_order_layers("int4-g128", shape, seed=0)
+    row = bench_decode_order(layers, shape, 6, 2, np.random.default_rng(0), against=ours)
 
     n, per_call = row["layers"], shape["top_k"] * reads[0][0].nbytes_per_expert
-    assert len({id(layer) for layer, _ in reads}) == n
+    assert n == len(layers) and {id(layer) for layer, _ in reads} == {id(layer) for layer in layers}
     assert all(ids == [0, 1] for _, ids in reads)  # every expert of the layer, each call
     first_timed = len(reads) - 12  # 6 calls, two versions
     for i in range(first_timed, len(reads)):
@@ -118,3 +127,29 @@ def test_decode_order_reads_a_layer_again_only_after_the_others(monkeypatch):
         assert len(between) >= n - 2 and (n - 2) * per_call >= 1 << 20
     assert row["bytes"] == shape["top_k"] * reads[0][0].nbytes_per_expert
     assert row["against"]["bytes"] == row["bytes"] and row["against_speedup"] > 0
+
+
+def test_call_timeline_in_decode_order_walks_the_layers_in_turn(monkeypatch):
+    """call_timeline over decode_order_layers: call j on layer j mod n, the caller's evict before each (decode
+    order passes a no-op); what it returns is a timeline in the order a call runs (entered, region, tasks,
+    phases, back)."""
+    shape = dict(hidden=256, inter=128, experts=4, top_k=2)
+    monkeypatch.setattr(bench_kernels, "EVICT_BYTES", 1 << 20)
+    layers = decode_order_layers("fp8", shape, seed=0)
+    reads, evictions = [], []
+    run = ours.MoeKernel.run
+
+    def spy(self, x, ids, weights, layer, out):
+        reads.append(layer)
+        return run(self, x, ids, weights, layer, out)
+
+    monkeypatch.setattr(ours.MoeKernel, "run", spy)
+    calls = decode_order_calls(np.random.default_rng(0), len(layers) + 4, shape["top_k"])
+
+    line = call_timeline(layers, shape, calls, 2, lambda: evictions.append(1), untimed=len(layers))
+
+    assert reads == [layers[j % len(layers)] for j in range(len(calls))]
+    assert len(evictions) == len(calls)
+    order = ["entered", "region", "tasks started", "pack x: phase done", "gate/up: phase done"]
+    assert all(line[a] <= line[b] for a, b in zip(order, order[1:]))
+    assert line["gate/up: phase done"] <= line["down: last task done"] <= line["returned"]
