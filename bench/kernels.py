@@ -197,12 +197,9 @@ def bench_hmoe(
     """hmoe's layer on the calls; with `against` (load_kernels' module) that version on the same calls,
     alternating call by call: row["against"] holds its times, row["against_speedup"] its median time over
     this one's (above 1: this checkout is faster)."""
-    import hmoe.kernels.moe as ours
-
     kernels = [
         v.MoeKernel(layer.hidden, layer.inter, max(tokens, 16), shape["top_k"], threads, amx=amx)
-        for v in (ours, against)
-        if v is not None
+        for v in _versions(against)
     ]
     x = np.random.default_rng(1).standard_normal((tokens, layer.hidden), dtype=np.float32)
     out = np.empty_like(x)
@@ -212,7 +209,20 @@ def bench_hmoe(
         lambda n: n * layer.nbytes_per_expert,
         evict,
     )
-    if against is not None:
+    return _ab_row(rows)
+
+
+def _versions(against) -> list:
+    """The kernels' modules an A/B times: this checkout's moe, then `against` (load_kernels') if given."""
+    import hmoe.kernels.moe as ours
+
+    return [ours] if against is None else [ours, against]
+
+
+def _ab_row(rows: list[dict]) -> dict:
+    """This checkout's row of time_calls' rows; with a second version, its times under "against" and its
+    median time over this one's under "against_speedup" (above 1: this checkout is faster)."""
+    if len(rows) > 1:
         rows[0].update(against=rows[1], against_speedup=rows[1]["seconds_median"] / rows[0]["seconds_median"])
     return rows[0]
 
@@ -247,10 +257,8 @@ def bench_decode_order(layers: list, shape: dict, num_calls: int, threads: int, 
     same process, the last task started 72 µs into a call after the eviction, 36 back to back (the call
     341 against 297 µs, medians). With `against` (load_kernels' module) that version runs too, as in
     bench_hmoe: call by call, each on the next layer, so neither finds the other's experts in L3."""
-    import hmoe.kernels.moe as ours
-
     top_k = shape["top_k"]
-    kernels = [v.MoeKernel(shape["hidden"], shape["inter"], 16, top_k, threads) for v in (ours, against) if v]
+    kernels = [v.MoeKernel(shape["hidden"], shape["inter"], 16, top_k, threads) for v in _versions(against)]
     x = np.random.default_rng(1).standard_normal((1, shape["hidden"]), dtype=np.float32)
     out = np.empty_like(x)
     n, m = len(layers), len(kernels)
@@ -262,9 +270,7 @@ def bench_decode_order(layers: list, shape: dict, num_calls: int, threads: int, 
     rows = time_calls(fns, calls[n:], lambda k: k * layers[0].nbytes_per_expert, lambda: None, warm=False)
     for row in rows:
         row["layers"] = n
-    if against is not None:
-        rows[0].update(against=rows[1], against_speedup=rows[1]["seconds_median"] / rows[0]["seconds_median"])
-    return rows[0]
+    return _ab_row(rows)
 
 
 def call_timeline(layers: list, shape: dict, calls, threads: int, evict, untimed: int = 1) -> dict:
@@ -1006,28 +1012,23 @@ def plot(payload: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         for fmt in FORMATS:
-            rows = sorted(
-                (r["tokens"], r["roofline_frac"])
-                for r in payload["results"]
-                if r["shape"] == shape
-                and r["format"] == fmt
-                and r["routing"] == "random"
-                and "roofline_frac" in r
-                and r["threads"] == payload["threads"]
-            )
-            order = [
-                r["roofline_frac"]
-                for r in payload["results"]
-                if r["shape"] == shape
-                and r["format"] == fmt
-                and r["routing"] == "decode order"
-                and "roofline_frac" in r
-                and r["threads"] == payload["threads"]
-            ]
+
+            def fracs(routing, fmt=fmt, shape=shape):
+                return sorted(
+                    (r["tokens"], r["roofline_frac"])
+                    for r in payload["results"]
+                    if r["shape"] == shape
+                    and r["format"] == fmt
+                    and r["routing"] == routing
+                    and "roofline_frac" in r
+                    and r["threads"] == payload["threads"]
+                )
+
+            rows, order = fracs("random"), fracs("decode order")
             if rows:
                 (line,) = ax.plot(*zip(*rows), marker="o", label=f"hmoe {fmt}")
                 if order:  # T=1 back to back over layers, as a decode step calls them (bench_decode_order)
-                    ax.plot([1] * len(order), order, marker="*", markersize=11, linestyle="", color=line.get_color())
+                    ax.plot(*zip(*order), marker="*", markersize=11, linestyle="", color=line.get_color())
         rows = sorted((r["tokens"], r["roofline_frac"]) for r in payload["torch"] if r["shape"] == shape)
         if rows:
             ax.plot(*zip(*rows), marker="x", linestyle="--", color="gray", label="torch bf16")
