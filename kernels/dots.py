@@ -43,9 +43,13 @@ from .simd import (
     nibbles_lo,
     prefetch,
     prefetch_l2,
+    store_corrections,
+    store_rint_s8,
     vcvt,
     vfma,
     vload,
+    vmax_abs,
+    vmax_lanes,
     vmul,
     vsplat,
     vstore,
@@ -379,19 +383,20 @@ def quantize_int8(v, v0, cols, group, q, q0, corr, ascale, l0):
 
     Per 4-input lane (layout above): corr = -8 * sum(codes), ascale = s of the lane's group. For
     G = 128 the high half's corrections are folded into the low half's (one accumulator per step).
+    cols: whole 128s.
     """
     for g0 in range(0, cols, group):
-        amax = np.float32(0.0)
-        for j in range(g0, g0 + group):
-            amax = max(amax, abs(v[v0 + j]))
-        s = amax / np.float32(127.0)
-        inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
-        for j in range(g0, g0 + group):
-            q[q0 + j] = np.int8(np.rint(v[v0 + j] * inv))
+        m = vzero()
+        for j in range(g0, g0 + group, 16):
+            m = vmax_abs(m, vload(v, v0 + j))
+        s = vmax_lanes(m) / np.float32(127.0)
+        inv = vsplat(np.float32(1.0) / s if s > 0 else np.float32(0.0))
+        for j in range(g0, g0 + group, 16):
+            store_rint_s8(q, q0 + j, vmul(vload(v, v0 + j), inv))
         for j in range(g0, g0 + group, 4):
-            lane = l0 + (j // 128) * 32 + (j % 64) // 4 + (16 if j % 128 >= 64 else 0)
-            ascale[lane] = s
-            corr[lane] = -8 * (np.int32(q[q0 + j]) + q[q0 + j + 1] + q[q0 + j + 2] + q[q0 + j + 3])
+            ascale[l0 + (j // 128) * 32 + (j % 64) // 4 + (16 if j % 128 >= 64 else 0)] = s
+    for j in range(0, cols, 64):
+        store_corrections(corr, l0 + (j // 128) * 32 + (16 if j % 128 >= 64 else 0), load_u8x64(q, q0 + j))
     if group == 128:
         for c in range(cols // 128):
             for lane in range(l0 + c * 32, l0 + c * 32 + 16):

@@ -140,6 +140,52 @@ def vmul(typingctx, a, b):
 
 
 @intrinsic
+def vmax_abs(typingctx, m, vec):
+    """max(m, |vec|) per lane."""
+
+    def codegen(context, builder, sig, args):
+        fabs = _llvm_fn(builder, "llvm.fabs.v16f32", V16F, [V16F])
+        maxnum = _llvm_fn(builder, "llvm.maxnum.v16f32", V16F, [V16F, V16F])
+        return builder.call(maxnum, [args[0], builder.call(fabs, [args[1]])])
+
+    return f32x16(m, vec), codegen
+
+
+@intrinsic
+def vmax_lanes(typingctx, vec):
+    """The largest of the 16 lanes (a shuffle tree, as vsum)."""
+
+    def codegen(context, builder, sig, args):
+        v, width = args[0], 16
+        while width > 1:
+            width //= 2
+            maxnum = _llvm_fn(
+                builder, f"llvm.maxnum.v{width}f32", ir.VectorType(F32, width), [ir.VectorType(F32, width)] * 2
+            )
+            lo = builder.shuffle_vector(v, v, _consts(I32, range(width)))
+            hi = builder.shuffle_vector(v, v, _consts(I32, range(width, 2 * width)))
+            v = builder.call(maxnum, [lo, hi])
+        return builder.extract_element(v, ir.Constant(I32, 0))
+
+    return types.float32(vec), codegen
+
+
+@intrinsic
+def store_rint_s8(typingctx, arr, idx, vec):
+    """arr[idx : idx+16] = the lanes rounded to the nearest integer, ties to even (as np.rint), as int8
+    (arr any 1-byte dtype; the lanes must lie in -128..127)."""
+
+    def codegen(context, builder, sig, args):
+        rint = _llvm_fn(builder, "llvm.rint.v16f32", V16F, [V16F])
+        codes = builder.fptosi(builder.call(rint, [args[2]]), ir.VectorType(I8, 16))
+        ptr = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], ir.VectorType(I8, 16))
+        builder.store(codes, ptr, align=1)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, vec), codegen
+
+
+@intrinsic
 def vsum(typingctx, vec):
     """Sum of the 16 lanes as float32 (a shuffle tree: 4 halvings)."""
 
@@ -436,28 +482,43 @@ def load_i32x16(typingctx, arr, idx):
     return i32x16(arr, idx), codegen
 
 
+def _dpbusd(builder, acc, u, s):
+    """acc + sums of 4 u8 x s8 products per i32 lane: one vpdpbusd on AVX512-VNNI; vpmaddubsw + vpmaddwd +
+    vpaddd otherwise (exact for our operands: u ≤ 15 times int8, or 1 times int8, never saturate the int16
+    pair sums)."""
+    if has_cpu_feature("avx512vnni"):
+        # Declared over dwords, its signature up to LLVM 21; newer LLVMs auto-upgrade it to bytes.
+        fn = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.512", V16I, [V16I, V16I, V16I])
+        return builder.call(fn, [acc, builder.bitcast(u, V16I), builder.bitcast(s, V16I)])
+    v32h = ir.VectorType(I16, 32)
+    maddubs = _llvm_fn(builder, "llvm.x86.avx512.pmaddubs.w.512", v32h, [V64B, V64B])
+    maddwd = _llvm_fn(builder, "llvm.x86.avx512.pmaddw.d.512", V16I, [v32h, v32h])
+    pairs = builder.call(maddubs, [u, s])
+    return builder.add(acc, builder.call(maddwd, [pairs, _consts(I16, [1] * 32)]))
+
+
 @intrinsic
 def dpbusd(typingctx, acc, unsigned_bytes, signed_bytes):
-    """acc[l] + sum_{j<4} u8(unsigned_bytes[4l+j]) * s8(signed_bytes[4l+j]) for the 16 lanes l.
-
-    One vpdpbusd on AVX512-VNNI; vpmaddubsw + vpmaddwd + vpaddd otherwise (exact for our operands:
-    nibbles ≤ 15 times int8 never saturate the int16 pair sums).
-    """
+    """acc[l] + sum_{j<4} u8(unsigned_bytes[4l+j]) * s8(signed_bytes[4l+j]) for the 16 lanes l."""
 
     def codegen(context, builder, sig, args):
-        acc_v, u, s = args
-        if has_cpu_feature("avx512vnni"):
-            # Declared over dwords, its signature up to LLVM 21; newer LLVMs auto-upgrade it to bytes.
-            fn = _llvm_fn(builder, "llvm.x86.avx512.vpdpbusd.512", V16I, [V16I, V16I, V16I])
-            return builder.call(fn, [acc_v, builder.bitcast(u, V16I), builder.bitcast(s, V16I)])
-        v32h = ir.VectorType(I16, 32)
-        maddubs = _llvm_fn(builder, "llvm.x86.avx512.pmaddubs.w.512", v32h, [V64B, V64B])
-        maddwd = _llvm_fn(builder, "llvm.x86.avx512.pmaddw.d.512", V16I, [v32h, v32h])
-        pairs = builder.call(maddubs, [u, s])
-        quads = builder.call(maddwd, [pairs, _consts(I16, [1] * 32)])
-        return builder.add(acc_v, quads)
+        return _dpbusd(builder, *args)
 
     return i32x16(acc, unsigned_bytes, signed_bytes), codegen
+
+
+@intrinsic
+def store_corrections(typingctx, arr, idx, codes):
+    """arr[idx + l] = -8 x (the sum of the int8 codes 4l..4l+3) for the 16 lanes l (arr int32): what the
+    codes' -8 offset of a nibble costs their dot product (dots.int4_tile)."""
+
+    def codegen(context, builder, sig, args):
+        sums = _dpbusd(builder, ir.Constant(V16I, None), _consts(I8, [1] * 64), args[2])
+        corr = builder.mul(sums, _consts(I32, [-8] * 16))
+        builder.store(corr, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], V16I), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, codes), codegen
 
 
 @intrinsic

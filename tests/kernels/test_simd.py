@@ -8,6 +8,7 @@ from numba import njit
 
 from hmoe.kernels import jit as kjit
 from hmoe.kernels import reference as ref
+from hmoe.kernels.dots import quantize_int8
 from hmoe.kernels.simd import (
     decode_fp8_bf16,
     dpbusd,
@@ -138,6 +139,45 @@ def test_dpbusd_on_nibbles_is_exact():
     assert np.array_equal(out, np.r_[want_lo, want_hi].astype(np.float32))
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_quantize_int8_codes_scales_and_corrections(group):
+    """quantize_int8's contract, in float32 as it computes: per group s = absmax / 127 and code =
+    rint(v * (1 / s)), ties to even; per 4-input lane (64 inputs: 16 lanes, the low half of a 128-input
+    step at 32c, the high at 32c + 16) the group's s and -8 x the lane's codes' sum, the high half's sums
+    folded into the low half's for G = 128. Random values, exact ties, an all-zero group, and offsets; nothing
+    written outside the three ranges."""
+    rng = np.random.default_rng(group)
+    cols, v0, q0, l0 = 640, 48, 64, 96
+    v = (rng.standard_normal(v0 + cols) * 4).astype(np.float32)
+    v[v0 : v0 + group] = 0  # s = 0: codes 0
+    ties = v0 + group + np.arange(0, group, 3)
+    v[ties] = rng.integers(-40, 40, ties.size) + np.float32(0.5)
+    v[v0 + group] = 127  # that group's s is 1: its ties stay ties
+    q = np.full(q0 + cols + 64, 99, np.int8)
+    corr = np.full(l0 + cols // 4 + 16, 7, np.int32)
+    ascale = np.full_like(corr, np.nan, dtype=np.float32)
+    quantize_int8(v, v0, cols, group, q, q0, corr, ascale, l0)
+
+    g = v[v0 : v0 + cols].reshape(-1, group)
+    lanes = l0 + np.array([(j // 128) * 32 + (j % 64) // 4 + (16 if j % 128 >= 64 else 0) for j in range(0, cols, 4)])
+    s = ascale[lanes][:: group // 4]  # its scales (absmax x 1/127 under fastmath: an ulp from absmax / 127)
+    assert np.allclose(s, np.abs(g).max(axis=1) / np.float32(127), rtol=2**-22, atol=0)
+    assert np.array_equal(ascale[lanes], np.repeat(s, group // 4))
+    inv = np.where(s > 0, np.float32(1) / np.where(s > 0, s, 1), 0).astype(np.float32)
+    codes = np.rint(g * inv[:, None]).astype(np.int8).reshape(-1)
+    assert np.array_equal(q[q0 : q0 + cols], codes)
+    assert (q[:q0] == 99).all() and (q[q0 + cols :] == 99).all()
+    assert np.array_equal(codes[(ties - v0)[1:]] % 2, np.zeros(ties.size - 1, np.int8))  # ties went to even
+    sums = -8 * codes.astype(np.int32).reshape(-1, 4).sum(axis=1)  # per lane, in input order
+    want = sums.copy()
+    if group == 128:
+        low = (np.arange(cols // 4) % 32) < 16
+        want[low] += sums[~low]
+    assert np.array_equal(corr[lanes], want)
+    assert (corr[:l0] == 7).all() and (corr[l0 + cols // 4 :] == 7).all()
+    assert np.isnan(ascale[:l0]).all() and np.isnan(ascale[l0 + cols // 4 :]).all()
+
+
 ASM_PROBE = r"""
 import json, sys
 import numpy as np
@@ -150,12 +190,13 @@ dots.fp8_tile_tokens4(w8, 0, cols, a, offs, res, 4096, w8.size)
 dots.bf16_tile(w16, 0, cols, a, 0, res, 4096, w16.size)
 dots.int4_tile(w8, 0, cols, ws, 0, 32, q, 0, corr, a, 0, res, 4096, w8.size)
 moe._fp8_scale_acts(a, 0, cols, a, 0, a, cols)
+dots.quantize_int8(a, 0, cols, 128, q, 0, corr, a, 0)
 print(json.dumps({f.__name__: "\n".join(f.inspect_asm().values()) for f in
-                  (dots.fp8_tile, dots.fp8_tile_tokens4, dots.bf16_tile, dots.int4_tile, moe._fp8_scale_acts)}))
+                  (dots.fp8_tile, dots.fp8_tile_tokens4, dots.bf16_tile, dots.int4_tile, moe._fp8_scale_acts,
+                   dots.quantize_int8)}))
 """
 
 
-@pytest.mark.skipif(not AVX512, reason="CPU without AVX-512")
 @njit
 def _transpose_at(a, at):
     transpose16(a, at)
@@ -194,6 +235,7 @@ def test_the_amx_packing_helpers_transpose_and_round_to_bf16_exactly():
     assert not dst[:3].any() and not dst[35:].any()
 
 
+@pytest.mark.skipif(not AVX512, reason="CPU without AVX-512")
 def test_hot_loops_use_512_bit_vectors(tmp_path):
     """The tile kernels (explicit vectors) and the auto-vectorized glue both emit zmm code.
 
@@ -214,6 +256,7 @@ def test_hot_loops_use_512_bit_vectors(tmp_path):
         "bf16_tile": ("vfmadd",),
         "int4_tile": ("vpdpbusd", "vpmaddubsw"),
         "_fp8_scale_acts": ("vmulps",),
+        "quantize_int8": ("vcvtps2dq",),
     }
     for name, mnemonics in wanted.items():
         zmm_lines = [ln for ln in asm[name].splitlines() if "zmm" in ln]
