@@ -78,6 +78,7 @@ from .simd import (
     atomic_add,
     atomic_read,
     cycles,
+    load_i32x16,
     os_yield,
     spin_pause,
     store_bf16_interleaved,
@@ -86,6 +87,7 @@ from .simd import (
     tile_release,
     transpose16,
     vadd,
+    vcvt,
     vdiv,
     vexp,
     vload,
@@ -94,6 +96,7 @@ from .simd import (
     vsplat,
     vsplit_parity,
     vstore,
+    vsum,
 )
 
 jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
@@ -1216,20 +1219,24 @@ def _int4_amx_pack(g, first, n, slot_of, div, q32, cols, c0, c1, corr, ascale, b
     token of x, or a slot of h; cols each) as the B tiles of int4_amx_pairs: b32[4 * cols * g:], 4 codes an
     int32, per 128-column block 32 rows of 16 tokens; and bc, bs[16 * (cols // 128) * g:], per block, the 16
     slots' corrections (-8 x the sum of their codes: quantize_int8's lanes 0-15, the high half folded in)
-    and scales, 0 past n (B's lanes there are stale: they only feed sums nobody reads)."""
+    and scales, 0 past n (B's lanes there are stale: they only feed sums nobody reads). Each half block is
+    its n slots' 16 int32s laid down as rows, then transposed in place."""
     v0 = 16 * (cols // 128) * g
-    for i in range(16):
-        row = slot_of[first + i] // div if i < n else 0
-        if i < n:
-            for j4 in range(c0 // 4, c1 // 4):
-                b32[4 * cols * g + 512 * (j4 // 32) + 16 * (j4 % 32) + i] = q32[row * (cols // 4) + j4]
-        for c in range(c0 // 128, c1 // 128):
-            lanes = row * (cols // 4) + 32 * c
-            total = 0
-            for lane in range(lanes, lanes + 16):
-                total += corr[lane]
-            bc[v0 + 16 * c + i] = np.float32(total) if i < n else 0.0
-            bs[v0 + 16 * c + i] = ascale[lanes] if i < n else 0.0
+    for c in range(c0 // 128, c1 // 128):
+        for half in range(2):
+            at = 4 * cols * g + 512 * c + 256 * half
+            for i in range(n):
+                row = slot_of[first + i] // div
+                vstore(b32, at + 16 * i, vload(q32, row * (cols // 4) + 32 * c + 16 * half))
+            transpose16(b32, at)
+        for i in range(16):
+            if i < n:
+                lanes = slot_of[first + i] // div * (cols // 4) + 32 * c
+                bc[v0 + 16 * c + i] = vsum(vcvt(load_i32x16(corr, lanes)))  # exact: |sum| < 2^24
+                bs[v0 + 16 * c + i] = ascale[lanes]
+            else:
+                bc[v0 + 16 * c + i] = 0.0
+                bs[v0 + 16 * c + i] = 0.0
 
 
 @jit
