@@ -117,8 +117,8 @@ TASK_STAMPS = CALL_STAMPS + SYNC_STRIDE
 TASK_START, TASK_END = SYNC_STRIDE - 2, SYNC_STRIDE - 1
 # Each kernel's phases with a wait, in the order they run (the last, down, ends at TASK_END).
 PHASES = {
-    "bf16": (("pack x", 0), ("gate/up", 1)),
-    "fp8": (("pack x", 0), ("gate/up", 1)),
+    "bf16": (("load x", 3), ("pack x", 0), ("gate/up", 1)),
+    "fp8": (("load x", 3), ("pack x", 0), ("gate/up", 1)),
     "int4": (("quantize x", 0), ("pack x", 4), ("gate/up", 1), ("quantize h", 2), ("pack h", 5)),
 }
 AMX_MIN_SLOTS = 4  # bf16, fp8: an expert with this many of a call's slots runs on AMX tiles (where usable), 16 a pass
@@ -176,12 +176,33 @@ def route(ids, num_experts, keys, slot_of, active_id, active_start):
 @jit
 def load_activations(x, act, hp):
     """act[t, :H] = x[t], zero padding; act has T+1 rows of Hp (the last stays zero)."""
-    num_tokens, hidden = x.shape
-    for t in range(num_tokens):
-        for j in range(hidden):
-            act[t * hp + j] = x[t, j]
-        for j in range(hidden, hp):
-            act[t * hp + j] = 0.0
+    for t in range(x.shape[0]):
+        load_x(x, act, hp, t, 0, hp)
+
+
+@jit
+def load_x(x, act, hp, t, c0, c1):
+    """act[t, c0:c1] = x[t, c0:c1], zero past H."""
+    hidden = x.shape[1]
+    for j in range(c0, min(c1, hidden)):
+        act[t * hp + j] = x[t, j]
+    for j in range(max(c0, hidden), c1):
+        act[t * hp + j] = 0.0
+
+
+@jit
+def load_x_phase(sync, task, x, act, hp, items, cx, nx):
+    """bf16, fp8: a task's part of the phase (3) that copies x into act rounded to bf16, items of cx inputs
+    of a token (nx a token) claimed one at a time, then the wait for all of them."""
+    i = take_item(sync, 3)
+    while i < items:
+        t, c0 = i // nx, i % nx * cx
+        c1 = min(hp, c0 + cx)
+        load_x(x, act, hp, t, c0, c1)
+        round_bf16(act[t * hp + c0 : t * hp + c1], c1 - c0)
+        item_done(sync, 3)
+        i = take_item(sync, 3)
+    wait_phase(sync, 3, items, task)
 
 
 @jit
@@ -693,8 +714,12 @@ def moe_fp8(
     n_active = route(ids, num_experts, keys, slot_of, active_id, active_start)
     if n_active < 0:
         return -1
-    load_activations(x, act, hp)
-    round_bf16(act, num_tokens * hp)
+    cx = quant_chunk(hp, num_tokens, num_threads)
+    nx = -(-hp // cx)
+    items3 = num_tokens * nx if num_tokens > 1 else 0  # x copied by the tasks (phase 3), or here: one row
+    if items3 == 0:  # costs less than the phase's wait
+        load_activations(x, act, hp)
+        round_bf16(act, num_tokens * hp)
     ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     xs_row = max(hp, ip)
     rows1, rows2 = item_rows(ip, n_active, num_threads, hp), item_rows(hp, 1, num_threads, ip)
@@ -714,6 +739,7 @@ def moe_fp8(
             dec[task * 4096 : (task + 1) * 4096],
         )
         stamp(sync, task, TASK_START)
+        load_x_phase(sync, task, x, act, hp, items3, cx, nx)
         items0 = _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
@@ -960,8 +986,12 @@ def moe_bf16(
     n_active = route(ids, num_experts, keys, slot_of, active_id, active_start)
     if n_active < 0:
         return -1
-    load_activations(x, act, hp)
-    round_bf16(act, num_tokens * hp)
+    cx = quant_chunk(hp, num_tokens, num_threads)
+    nx = -(-hp // cx)
+    items3 = num_tokens * nx if num_tokens > 1 else 0  # x copied by the tasks (phase 3), or here: one row
+    if items3 == 0:  # costs less than the phase's wait
+        load_activations(x, act, hp)
+        round_bf16(act, num_tokens * hp)
     ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     act_zero, h_zero = (act.size // hp - 1) * hp, (h.size // ip - 1) * ip  # last rows stay zero
     rows1, rows2 = item_rows(ip, n_active, num_threads, 2 * hp), item_rows(hp, 1, num_threads, 2 * ip)
@@ -976,6 +1006,7 @@ def moe_bf16(
             offsets[task * 16 : (task + 1) * 16],
         )
         stamp(sync, task, TASK_START)
+        load_x_phase(sync, task, x, act, hp, items3, cx, nx)
         items0 = _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
@@ -1386,8 +1417,9 @@ def _int4_down_amx(
 
 @jit
 def quant_chunk(cols, rows, num_tasks):
-    """Inputs per int8-quantization item: a share of rows x cols for each task in whole 128s, at least
-    QUANT_MIN_COLS (an item must outweigh its two contended counter updates), at most one row."""
+    """Inputs per item of a phase over `rows` rows of `cols` (INT4's int8 quantization of x and h; BF16's and
+    FP8's copy of x): a share of rows x cols for each task in whole 128s, at least QUANT_MIN_COLS (an item
+    must outweigh its two contended counter updates), at most one row."""
     units = cols // 128
     return 128 * min(units, max(QUANT_MIN_COLS // 128, -(-(rows * units) // num_tasks)))
 
@@ -1439,7 +1471,8 @@ def moe_int4(
     """INT4 layer (int8 activations: VNNI, and AMX tiles where `amx` and the groups are 128 inputs, for experts
     with INT4_AMX_MIN_SLOTS or more of the call's slots). Same contract as moe_fp8; scales as uint16 (float16 bits).
 
-    The phases of the one region: quantize x (items of `cx` inputs of a token), pack the AMX groups' x
+    The phases of the one region: quantize x (items of `cx` inputs of a token, each copied into act
+    first: no copy of x before the region, where one thread did it alone), pack the AMX groups' x
     as B tiles, gate/up, quantize h (items of `ch` inputs of a slot, and one that zeroes the padding
     row), pack the AMX groups' h, down. The pack phases have no items where no expert runs on AMX.
     """
@@ -1452,7 +1485,6 @@ def moe_int4(
     n_active = route(ids, num_experts, keys, slot_of, active_id, active_start)
     if n_active < 0:
         return -1
-    load_activations(x, act, hp)
     q_rows = q.size // max(hp, ip)
     zero = q_rows - 1
     _zero_row(q, corr, ascale, zero, hp)  # phase 1's padding row lies past every token's codes
@@ -1478,7 +1510,9 @@ def moe_int4(
         i = take_item(sync, 0)
         while i < num_tokens * nx:
             t, c0 = i // nx, i % nx * cx
-            quantize_int8(act, t * hp + c0, min(cx, hp - c0), group, q, t * hp + c0, corr, ascale, (t * hp + c0) // 4)
+            c1 = min(hp, c0 + cx)
+            load_x(x, act, hp, t, c0, c1)  # here rather than before the region: the copy spreads over the tasks
+            quantize_int8(act, t * hp + c0, c1 - c0, group, q, t * hp + c0, corr, ascale, (t * hp + c0) // 4)
             item_done(sync, 0)
             i = take_item(sync, 0)
         wait_phase(sync, 0, num_tokens * nx, task)
