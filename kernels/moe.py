@@ -191,6 +191,20 @@ def load_x(x, act, hp, t, c0, c1):
 
 
 @jit
+def load_x_items(x, act, hp, num_threads):
+    """bf16, fp8: (items, cx, nx) of the phase that copies x into act (load_x_phase): num_tokens x nx items
+    of cx inputs; none for one token, whose row is copied here, rounded to bf16 (less than the phase's wait)."""
+    num_tokens = x.shape[0]
+    cx = quant_chunk(hp, num_tokens, num_threads)
+    nx = -(-hp // cx)
+    if num_tokens > 1:
+        return num_tokens * nx, cx, nx
+    load_activations(x, act, hp)
+    round_bf16(act, hp)
+    return 0, cx, nx
+
+
+@jit
 def load_x_phase(sync, task, x, act, hp, items, cx, nx):
     """bf16, fp8: a task's part of the phase (3) that copies x into act rounded to bf16, items of cx inputs
     of a token (nx a token) claimed one at a time, then the wait for all of them."""
@@ -714,12 +728,7 @@ def moe_fp8(
     n_active = route(ids, num_experts, keys, slot_of, active_id, active_start)
     if n_active < 0:
         return -1
-    cx = quant_chunk(hp, num_tokens, num_threads)
-    nx = -(-hp // cx)
-    items3 = num_tokens * nx if num_tokens > 1 else 0  # x copied by the tasks (phase 3), or here: one row
-    if items3 == 0:  # costs less than the phase's wait
-        load_activations(x, act, hp)
-        round_bf16(act, num_tokens * hp)
+    items3, cx, nx = load_x_items(x, act, hp, num_threads)
     ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     xs_row = max(hp, ip)
     rows1, rows2 = item_rows(ip, n_active, num_threads, hp), item_rows(hp, 1, num_threads, ip)
@@ -986,12 +995,7 @@ def moe_bf16(
     n_active = route(ids, num_experts, keys, slot_of, active_id, active_start)
     if n_active < 0:
         return -1
-    cx = quant_chunk(hp, num_tokens, num_threads)
-    nx = -(-hp // cx)
-    items3 = num_tokens * nx if num_tokens > 1 else 0  # x copied by the tasks (phase 3), or here: one row
-    if items3 == 0:  # costs less than the phase's wait
-        load_activations(x, act, hp)
-        round_bf16(act, num_tokens * hp)
+    items3, cx, nx = load_x_items(x, act, hp, num_threads)
     ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     act_zero, h_zero = (act.size // hp - 1) * hp, (h.size // ip - 1) * ip  # last rows stay zero
     rows1, rows2 = item_rows(ip, n_active, num_threads, 2 * hp), item_rows(hp, 1, num_threads, 2 * ip)
