@@ -117,8 +117,8 @@ TASK_STAMPS = CALL_STAMPS + SYNC_STRIDE
 TASK_START, TASK_END = SYNC_STRIDE - 2, SYNC_STRIDE - 1
 # Each kernel's phases with a wait, in the order they run (the last, down, ends at TASK_END).
 PHASES = {
-    "bf16": (("load x", 3), ("pack x", 0), ("gate/up", 1)),
-    "fp8": (("load x", 3), ("pack x", 0), ("gate/up", 1)),
+    "bf16": (("pack x", 0), ("gate/up", 1)),
+    "fp8": (("pack x", 0), ("gate/up", 1)),
     "int4": (("quantize x", 0), ("pack x", 4), ("gate/up", 1), ("quantize h", 2), ("pack h", 5)),
 }
 AMX_MIN_SLOTS = 4  # bf16, fp8: an expert with this many of a call's slots runs on AMX tiles (where usable), 16 a pass
@@ -188,35 +188,6 @@ def load_x(x, act, hp, t, c0, c1):
         act[t * hp + j] = x[t, j]
     for j in range(max(c0, hidden), c1):
         act[t * hp + j] = 0.0
-
-
-@jit
-def load_x_items(x, act, hp, num_threads):
-    """bf16, fp8: (items, cx, nx) of the phase that copies x into act (load_x_phase): num_tokens x nx items
-    of cx inputs; none for one token, whose row is copied here, rounded to bf16 (less than the phase's wait)."""
-    num_tokens = x.shape[0]
-    cx = quant_chunk(hp, num_tokens, num_threads)
-    nx = -(-hp // cx)
-    if num_tokens > 1:
-        return num_tokens * nx, cx, nx
-    load_activations(x, act, hp)
-    round_bf16(act, hp)
-    return 0, cx, nx
-
-
-@jit
-def load_x_phase(sync, task, x, act, hp, items, cx, nx):
-    """bf16, fp8: a task's part of the phase (3) that copies x into act rounded to bf16, items of cx inputs
-    of a token (nx a token) claimed one at a time, then the wait for all of them."""
-    i = take_item(sync, 3)
-    while i < items:
-        t, c0 = i // nx, i % nx * cx
-        c1 = min(hp, c0 + cx)
-        load_x(x, act, hp, t, c0, c1)
-        round_bf16(act[t * hp + c0 : t * hp + c1], c1 - c0)
-        item_done(sync, 3)
-        i = take_item(sync, 3)
-    wait_phase(sync, 3, items, task)
 
 
 @jit
@@ -728,7 +699,8 @@ def moe_fp8(
     n_active = route(ids, num_experts, keys, slot_of, active_id, active_start)
     if n_active < 0:
         return -1
-    items3, cx, nx = load_x_items(x, act, hp, num_threads)
+    load_activations(x, act, hp)
+    round_bf16(act, num_tokens * hp)
     ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     xs_row = max(hp, ip)
     rows1, rows2 = item_rows(ip, n_active, num_threads, hp), item_rows(hp, 1, num_threads, ip)
@@ -748,7 +720,6 @@ def moe_fp8(
             dec[task * 4096 : (task + 1) * 4096],
         )
         stamp(sync, task, TASK_START)
-        load_x_phase(sync, task, x, act, hp, items3, cx, nx)
         items0 = _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf, 64)
@@ -995,7 +966,8 @@ def moe_bf16(
     n_active = route(ids, num_experts, keys, slot_of, active_id, active_start)
     if n_active < 0:
         return -1
-    items3, cx, nx = load_x_items(x, act, hp, num_threads)
+    load_activations(x, act, hp)
+    round_bf16(act, num_tokens * hp)
     ng = amx_groups(n_active, active_start, amx, gfirst, gexp)
     act_zero, h_zero = (act.size // hp - 1) * hp, (h.size // ip - 1) * ip  # last rows stay zero
     rows1, rows2 = item_rows(ip, n_active, num_threads, 2 * hp), item_rows(hp, 1, num_threads, 2 * ip)
@@ -1010,7 +982,6 @@ def moe_bf16(
             offsets[task * 16 : (task + 1) * 16],
         )
         stamp(sync, task, TASK_START)
-        load_x_phase(sync, task, x, act, hp, items3, cx, nx)
         items0 = _amx_pack_phase(sync, ng, cfg, gfirst, gexp, active_start, slot_of, top_k, act, hp, bx)
         i = take_item(sync, 1)
         _head1(gate, i, items1, per_expert, rows1, ip, hp, active_id, pf // 2, 32)
@@ -1421,9 +1392,8 @@ def _int4_down_amx(
 
 @jit
 def quant_chunk(cols, rows, num_tasks):
-    """Inputs per item of a phase over `rows` rows of `cols` (INT4's int8 quantization of x and h; BF16's and
-    FP8's copy of x): a share of rows x cols for each task in whole 128s, at least QUANT_MIN_COLS (an item
-    must outweigh its two contended counter updates), at most one row."""
+    """Inputs per int8-quantization item: a share of rows x cols for each task in whole 128s, at least
+    QUANT_MIN_COLS (an item must outweigh its two contended counter updates), at most one row."""
     units = cols // 128
     return 128 * min(units, max(QUANT_MIN_COLS // 128, -(-(rows * units) // num_tasks)))
 
