@@ -379,12 +379,9 @@ def int4_tile_tokens4(w, row, cols, ws, srow, group, q, qa, corr, ascale, la, re
 
 @jit
 def quantize_int8(v, v0, cols, group, q, q0, corr, ascale, l0):
-    """Activation v[v0 : v0+cols] → int8 codes q[q0:], per group s = absmax / 127, code = rint(v / s).
-
-    Per 4-input lane (layout above): corr = -8 * sum(codes), ascale = s of the lane's group. For
-    G = 128 the high half's corrections are folded into the low half's (one accumulator per step).
-    cols: whole 128s.
-    """
+    """Activation v[v0 : v0+cols] (whole 128s) → int8 codes q[q0:], per group s = absmax / 127, code =
+    rint(v / s); per 4-input lane (layout above) corr = -8 * sum(codes), ascale = s of the lane's group.
+    For G = 128 the high half's corrections are folded into the low half's (one accumulator per step)."""
     for g0 in range(0, cols, group):
         m = vzero()
         for j in range(g0, g0 + group, 16):
@@ -397,7 +394,6 @@ def quantize_int8(v, v0, cols, group, q, q0, corr, ascale, l0):
             ascale[l0 + (j // 128) * 32 + (j % 64) // 4 + (16 if j % 128 >= 64 else 0)] = s
     for j in range(0, cols, 64):
         store_corrections(corr, l0 + (j // 128) * 32 + (16 if j % 128 >= 64 else 0), load_u8x64(q, q0 + j))
-    if group == 128:
-        for c in range(cols // 128):
-            for lane in range(l0 + c * 32, l0 + c * 32 + 16):
-                corr[lane] += corr[lane + 16]
+    for c in range(cols // 128 if group == 128 else 0):
+        for lane in range(l0 + c * 32, l0 + c * 32 + 16):
+            corr[lane] += corr[lane + 16]
