@@ -102,14 +102,14 @@ def _fill_kernel():
 
 def random_layer(fmt_name: str, num_experts: int, hidden: int, inter: int, seed: int):
     """A LayerExperts of random valid weights (no NaN codes), filled in parallel at memory speed."""
-    from hmoe.kernels.formats import ExpertFormat, LayerExperts, layer_arrays
+    from hmoe.kernels.formats import ExpertFormat, LayerExperts, aligned_zeros, layer_arrays
 
     fmt = ExpertFormat.parse(fmt_name)
     fill = _fill_kernel()
     rng = np.random.default_rng(seed)
     arrays = {}
     for name, (dtype, shape) in layer_arrays(fmt, num_experts, hidden, inter).items():
-        a = np.empty(shape, dtype)
+        a = aligned_zeros(shape, dtype)  # as the pack aligns them
         if name.endswith("_scale"):
             a[...] = (rng.random(shape, dtype=np.float32) * 2e-3 + 1e-3).astype(dtype)
         else:

@@ -72,7 +72,7 @@ from .dots import (
     prefetch_head,
     quantize_int8,
 )
-from .formats import PAD, ExpertFormat, LayerExperts, padded
+from .formats import PAD, ExpertFormat, LayerExperts, aligned_zeros, padded
 from .jit import amx_usable
 from .simd import (
     atomic_add,
@@ -1654,34 +1654,36 @@ class MoeKernel:
         cols = max(hp, ip)
         n_slots = max_tokens * top_k
         nt = self.num_threads
-        self.act = np.zeros((max_tokens + 1) * hp, np.float32)  # x padded, + a zero row
-        self.h = np.zeros((n_slots + 1) * ip, np.float32)  # intermediate per slot, + a zero row
-        self.xs = np.zeros(nt * 9 * cols, np.float32)  # fp8: per task 4 gate + 4 up scaled rows + a zero row
+        self.act = aligned_zeros((max_tokens + 1) * hp, np.float32)  # x padded, + a zero row
+        self.h = aligned_zeros((n_slots + 1) * ip, np.float32)  # intermediate per slot, + a zero row
+        self.xs = aligned_zeros(nt * 9 * cols, np.float32)  # fp8: per task 4 gate + 4 up scaled rows + a zero row
         rows_q = max(max_tokens, n_slots) + 1
-        self.q = np.zeros(rows_q * cols, np.int8)  # int4: int8 activations (x, then h)
-        self.corr = np.zeros(rows_q * cols // 4, np.int32)
-        self.ascale = np.zeros(rows_q * cols // 4, np.float32)
-        self.res = np.zeros(nt * 1024, np.float32)  # per task: 2 AMX tiles' results (512) and the group's weights
-        self.keys = np.zeros(n_slots, np.int64)
-        self.slot_of = np.zeros(n_slots, np.int64)
-        self.active_id = np.zeros(n_slots, np.int64)
-        self.active_start = np.zeros(n_slots + 1, np.int64)
-        self.slots = np.zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
-        self.offsets = np.zeros(nt * 16, np.int64)
+        self.q = aligned_zeros(rows_q * cols, np.int8)  # int4: int8 activations (x, then h)
+        self.corr = aligned_zeros(rows_q * cols // 4, np.int32)
+        self.ascale = aligned_zeros(rows_q * cols // 4, np.float32)
+        self.res = aligned_zeros(nt * 1024, np.float32)  # per task: 2 AMX tiles' results (512) and the group's weights
+        self.keys = aligned_zeros(n_slots, np.int64)
+        self.slot_of = aligned_zeros(n_slots, np.int64)
+        self.active_id = aligned_zeros(n_slots, np.int64)
+        self.active_start = aligned_zeros(n_slots + 1, np.int64)
+        self.slots = aligned_zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
+        self.offsets = aligned_zeros(nt * 16, np.int64)
         # per phase (6 at most: int4): next item, items done; then the call's timeline
-        self.sync = np.zeros(TASK_STAMPS + SYNC_STRIDE * nt, np.int64)
+        self.sync = aligned_zeros(TASK_STAMPS + SYNC_STRIDE * nt, np.int64)
         # AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
         groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
-        self.gfirst = np.zeros(n_slots, np.int64)
-        self.gexp = np.zeros(groups, np.int64)
-        self.bx = np.zeros(groups * 16 * hp if self.amx else 32, np.uint16)  # packed x per group (pages touched lazily)
-        self.bh = np.zeros(groups * 16 * ip if self.amx else 32, np.uint16)  # packed h per group
-        self.acc = np.zeros(nt * 512 * AMX_BLOCK_GROUPS if self.amx else 1, np.float32)  # fp8, int4: block sums
-        self.dec = np.zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8, int4: per task, two decoded blocks
+        self.gfirst = aligned_zeros(n_slots, np.int64)
+        self.gexp = aligned_zeros(groups, np.int64)
+        self.bx = aligned_zeros(
+            groups * 16 * hp if self.amx else 32, np.uint16
+        )  # packed x per group (pages touched lazily)
+        self.bh = aligned_zeros(groups * 16 * ip if self.amx else 32, np.uint16)  # packed h per group
+        self.acc = aligned_zeros(nt * 512 * AMX_BLOCK_GROUPS if self.amx else 1, np.float32)  # fp8, int4: block sums
+        self.dec = aligned_zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8, int4: per task, two decoded blocks
         # int4: per AMX group and 128 inputs, 16 slots' corrections and scales; per task one pass's int32 sums
-        self.bc = np.zeros(groups * (cols // 128) * 16 if self.amx else 16, np.float32)
-        self.bs = np.zeros_like(self.bc)
-        self.itmp = np.zeros(nt * 512 if self.amx else 16, np.int32)
+        self.bc = aligned_zeros(groups * (cols // 128) * 16 if self.amx else 16, np.float32)
+        self.bs = aligned_zeros(self.bc.shape, self.bc.dtype)
+        self.itmp = aligned_zeros(nt * 512 if self.amx else 16, np.int32)
         self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
         self._threads_set = threading.local()
 
