@@ -26,9 +26,8 @@ DRAM, while the code and the scratch stay as warm as a decode step leaves them.
 Also: where a call's time goes (`call_timeline`, T=1 and 8 tokens on the same experts, and T=1 in
 decode order: Python and dispatch, set-up, each phase, from the kernel's time stamps), per
 parallel-region cost, cold vs warm start, per-core FP8 decode rate, T=8 vs T=1, and the issue's
-targets checked (`targets`). Writes
-bench/results/kernels-<machine>.json (machine: the GPU's model, e.g. h200, or "dev" without one; or
---json) and a PNG beside it.
+targets checked (`targets`). Writes bench/results/kernels-<machine>.json (machine: the GPU's model,
+e.g. h200, or "dev" without one; or --json) and a PNG beside it.
 
 NOTE: past 400 lines: the three engines (hmoe, torch, a kt-kernel child) and the side measurements
 live in one file so that one command reproduces every figure of the kernels' report.

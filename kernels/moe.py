@@ -1235,14 +1235,12 @@ def _int4_amx_pack(g, first, n, slot_of, div, q32, cols, c0, c1, corr, ascale, b
                 row = slot_of[first + i] // div
                 vstore(b32, at + 16 * i, vload(q32, row * (cols // 4) + 32 * c + 16 * half))
             transpose16(b32, at)
-        for i in range(16):
-            if i < n:
-                lanes = slot_of[first + i] // div * (cols // 4) + 32 * c
-                bc[v0 + 16 * c + i] = vsum(vcvt(load_i32x16(corr, lanes)))  # exact: |sum| < 2^24
-                bs[v0 + 16 * c + i] = ascale[lanes]
-            else:
-                bc[v0 + 16 * c + i] = 0.0
-                bs[v0 + 16 * c + i] = 0.0
+        for i in range(n):
+            lanes = slot_of[first + i] // div * (cols // 4) + 32 * c
+            bc[v0 + 16 * c + i] = vsum(vcvt(load_i32x16(corr, lanes)))  # exact: |sum| < 2^24
+            bs[v0 + 16 * c + i] = ascale[lanes]
+        bc[v0 + 16 * c + n : v0 + 16 * c + 16] = 0.0
+        bs[v0 + 16 * c + n : v0 + 16 * c + 16] = 0.0
 
 
 @jit
@@ -1674,10 +1672,9 @@ class MoeKernel:
         groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
         self.gfirst = aligned_zeros(n_slots, np.int64)
         self.gexp = aligned_zeros(groups, np.int64)
-        self.bx = aligned_zeros(
-            groups * 16 * hp if self.amx else 32, np.uint16
-        )  # packed x per group (pages touched lazily)
-        self.bh = aligned_zeros(groups * 16 * ip if self.amx else 32, np.uint16)  # packed h per group
+        # packed x, h per group (pages touched lazily)
+        self.bx = aligned_zeros(groups * 16 * hp if self.amx else 32, np.uint16)
+        self.bh = aligned_zeros(groups * 16 * ip if self.amx else 32, np.uint16)
         self.acc = aligned_zeros(nt * 512 * AMX_BLOCK_GROUPS if self.amx else 1, np.float32)  # fp8, int4: block sums
         self.dec = aligned_zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8, int4: per task, two decoded blocks
         # int4: per AMX group and 128 inputs, 16 slots' corrections and scales; per task one pass's int32 sums
