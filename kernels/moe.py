@@ -33,6 +33,11 @@ phase after each quantization, and each block's exact int32 sums corrected and s
 the AVX-512 tile does. With 32-input groups that fold comes every 32 columns and ate the gain (dev,
 Qwen3-30B-A3B shape: AMX 0.65-1.0x the AVX-512 tiles), so those stay on AVX-512.
 
+A call passes the kernel its scratch as one buffer, which the kernel cuts into its ~20 arrays
+(SCRATCH): each array argument costs Numba's dispatch a type check and an unboxing, a few hundred
+nanoseconds apiece and more on caches the weights just swept (dev machine, T=1 after the caches were
+emptied: the kernel entered 85-95 -> 55-67 µs after run() began, with run()'s checks made cheaper).
+
 Each call leaves its timeline in `sync` (MoeKernel.timeline: when the kernel was entered, its region
 began, each task started, began and ended each phase's wait, and ended), which bench/kernels.py turns
 into where a call's time goes.
@@ -72,7 +77,7 @@ from .dots import (
     prefetch_head,
     quantize_int8,
 )
-from .formats import PAD, ExpertFormat, LayerExperts, aligned_zeros, padded
+from .formats import CACHE_LINE, PAD, ExpertFormat, LayerExperts, aligned_zeros, padded
 from .jit import amx_usable
 from .simd import (
     atomic_add,
@@ -294,6 +299,68 @@ def down_item(i, hp, rows, num_tasks):
         return i * rows, min((i + 1) * rows, large)
     r0 = large + (i - first_small) * small
     return r0, r0 + small
+
+
+# MoeKernel's scratch: one buffer cut into these parts, each on a cache line. A kernel takes the buffer
+# and `lay` (each part's byte offset and length): two arguments rather than 23, each of which costs
+# Numba's dispatch a type check and an unboxing on the way in and a release on the way out.
+SCRATCH = (
+    "act h res keys slot_of active_id active_start slots offsets sync gfirst gexp bx bh acc dec"  # scratch_parts
+    " xs q corr ascale bc bs itmp"  # fp8's xs; int4_scratch_parts
+).split()
+XS = SCRATCH.index("xs")
+
+
+@jit
+def part(s, lay, i):
+    """Part i of MoeKernel's scratch (SCRATCH's order) as bytes."""
+    return s[lay[2 * i] : lay[2 * i] + lay[2 * i + 1]]
+
+
+@jit
+def scratch_parts(s, lay):
+    """The parts every kernel takes, as SCRATCH names them: act, h, res float32; keys .. gexp int64; bx, bh
+    uint16; acc float32; dec uint16."""
+    return (
+        part(s, lay, 0).view(np.float32),
+        part(s, lay, 1).view(np.float32),
+        part(s, lay, 2).view(np.float32),
+        part(s, lay, 3).view(np.int64),
+        part(s, lay, 4).view(np.int64),
+        part(s, lay, 5).view(np.int64),
+        part(s, lay, 6).view(np.int64),
+        part(s, lay, 7).view(np.int64),
+        part(s, lay, 8).view(np.int64),
+        part(s, lay, 9).view(np.int64),
+        part(s, lay, 10).view(np.int64),
+        part(s, lay, 11).view(np.int64),
+        part(s, lay, 12).view(np.uint16),
+        part(s, lay, 13).view(np.uint16),
+        part(s, lay, 14).view(np.float32),
+        part(s, lay, 15).view(np.uint16),
+    )
+
+
+@jit
+def int4_scratch_parts(s, lay):
+    """INT4's parts: q int8, corr int32, ascale, bc, bs float32, itmp int32."""
+    return (
+        part(s, lay, 17).view(np.int8),
+        part(s, lay, 18).view(np.int32),
+        part(s, lay, 19).view(np.float32),
+        part(s, lay, 20).view(np.float32),
+        part(s, lay, 21).view(np.float32),
+        part(s, lay, 22).view(np.int32),
+    )
+
+
+@jit
+def start_call(sync, entered):
+    """Zero the phase counters and the timeline; stamp the kernel's entry and the region's start. A call of
+    its own: written inside a parallel kernel, `sync[:] = 0` is a parallel region of its own (a fork and a
+    join of every thread, ~20 µs after the caches were emptied, before the kernel's one region)."""
+    sync[:] = 0
+    sync[CALL_STAMPS], sync[CALL_STAMPS + 1] = entered, cycles()
 
 
 @jit
@@ -654,44 +721,19 @@ def _fp8_down(
 
 @parallel_jit
 def moe_fp8(
-    x,
-    ids,
-    weights,
-    num_experts,
-    gate,
-    gate_s,
-    up,
-    up_s,
-    down,
-    down_s,
-    out,
-    num_threads,
-    pf,
-    act,
-    h,
-    xs,
-    res,
-    keys,
-    slot_of,
-    active_id,
-    active_start,
-    slots,
-    offsets,
-    sync,
-    amx,
-    bx,
-    bh,
-    gfirst,
-    gexp,
-    cfg,
-    acc,
-    dec,
+    x, ids, topk_weights, y, num_experts, gate, gate_s, up, up_s, down, down_s, num_threads, pf, amx, cfg, s, lay
 ):
-    """FP8 layer. x f32[T, H], ids int64[T, K], weights f32[S], out f32[T*H]; the rest flat. x and h are
-    read rounded to bf16 on every path, as in moe_bf16; where `amx`, experts with at least AMX_MIN_SLOTS
-    of the call's slots run on AMX tiles (their weights decoded to bf16 a block at a time), the others on
+    """FP8 layer: y f32[T, H] = the experts of ids int64[T, K] applied to x f32[T, H], weighted by
+    topk_weights f32[T, K]; the weights flat; s, lay MoeKernel's scratch (SCRATCH). x and h are read
+    rounded to bf16 on every path, as in moe_bf16; where `amx`, experts with at least AMX_MIN_SLOTS of
+    the call's slots run on AMX tiles (their weights decoded to bf16 a block at a time), the others on
     the AVX-512 tiles."""
     entered = cycles()
+    weights, out = topk_weights.reshape(-1), y.reshape(-1)
+    act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync, gfirst, gexp, bx, bh, acc, dec = (
+        scratch_parts(s, lay)
+    )
+    xs = part(s, lay, XS).view(np.float32)
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -706,8 +748,7 @@ def moe_fp8(
     rows1, rows2 = item_rows(ip, n_active, num_threads, hp), item_rows(hp, 1, num_threads, ip)
     per_expert = -(-ip // rows1)
     items1, items2 = n_active * per_expert, down_items(hp, rows2, num_threads)
-    sync[:] = 0
-    sync[CALL_STAMPS], sync[CALL_STAMPS + 1] = entered, cycles()
+    start_call(sync, entered)
     for task in prange(num_threads):
         x_task, t_res, t_slots, t_offs = (
             task * 9 * xs_row,
@@ -926,39 +967,16 @@ def _bf16_down(
 
 
 @parallel_jit
-def moe_bf16(
-    x,
-    ids,
-    weights,
-    num_experts,
-    gate,
-    up,
-    down,
-    out,
-    num_threads,
-    pf,
-    act,
-    h,
-    res,
-    keys,
-    slot_of,
-    active_id,
-    active_start,
-    slots,
-    offsets,
-    sync,
-    amx,
-    bx,
-    bh,
-    gfirst,
-    gexp,
-    cfg,
-):
+def moe_bf16(x, ids, topk_weights, y, num_experts, gate, up, down, num_threads, pf, amx, cfg, s, lay):
     """BF16 layer. Same contract as moe_fp8, but x and h are read rounded to bf16 on every path (the same
     products everywhere; a path changes only the order of sums). Where `amx`, experts with at least AMX_MIN_SLOTS of the
     call's slots run on AMX tiles (phase 0 packs x for them, phase 1 writes their h packed for phase 2);
     the others on the AVX-512 tiles."""
     entered = cycles()
+    weights, out = topk_weights.reshape(-1), y.reshape(-1)
+    act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync, gfirst, gexp, bx, bh, acc, dec = (
+        scratch_parts(s, lay)
+    )
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -973,8 +991,7 @@ def moe_bf16(
     rows1, rows2 = item_rows(ip, n_active, num_threads, 2 * hp), item_rows(hp, 1, num_threads, 2 * ip)
     per_expert = -(-ip // rows1)
     items1, items2 = n_active * per_expert, down_items(hp, rows2, num_threads)
-    sync[:] = 0
-    sync[CALL_STAMPS], sync[CALL_STAMPS + 1] = entered, cycles()
+    start_call(sync, entered)
     for task in prange(num_threads):
         t_res, t_slots, t_offs = (
             res[task * 1024 : (task + 1) * 1024],
@@ -1398,47 +1415,7 @@ def quant_chunk(cols, rows, num_tasks):
 
 @parallel_jit
 def moe_int4(
-    x,
-    ids,
-    weights,
-    num_experts,
-    group,
-    gate,
-    gate_s,
-    up,
-    up_s,
-    down,
-    down_s,
-    out,
-    num_threads,
-    pf,
-    act,
-    h,
-    q,
-    corr,
-    ascale,
-    res,
-    keys,
-    slot_of,
-    active_id,
-    active_start,
-    slots,
-    offsets,
-    sync,
-    amx,
-    bx8,
-    bx32,
-    bh8,
-    bh32,
-    bc,
-    bs,
-    gfirst,
-    gexp,
-    cfg,
-    acc,
-    dec,
-    itmp,
-    q32,
+    x, ids, topk_weights, y, num_experts, group, gate, gate_s, up, up_s, down, down_s, num_threads, pf, amx, cfg, s, lay
 ):
     """INT4 layer (int8 activations: VNNI, and AMX tiles where `amx` and the groups are 128 inputs, for experts
     with INT4_AMX_MIN_SLOTS or more of the call's slots). Same contract as moe_fp8; scales as uint16 (float16 bits).
@@ -1449,6 +1426,18 @@ def moe_int4(
     row), pack the AMX groups' h, down. The pack phases have no items where no expert runs on AMX.
     """
     entered = cycles()
+    weights, out = topk_weights.reshape(-1), y.reshape(-1)
+    act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync, gfirst, gexp, bx, bh, acc, dec = (
+        scratch_parts(s, lay)
+    )
+    q, corr, ascale, bc, bs, itmp = int4_scratch_parts(s, lay)
+    bx8, bx32, bh8, bh32, q32 = (
+        bx.view(np.int8),
+        bx.view(np.int32),
+        bh.view(np.int8),
+        bh.view(np.int32),
+        q.view(np.int32),
+    )
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     n_slots = num_tokens * top_k
@@ -1466,14 +1455,13 @@ def moe_int4(
     per_expert = -(-ip // rows1)
     items1, items2 = n_active * per_expert, down_items(hp, rows2, num_threads)
     ng = amx_groups(n_active, active_start, amx and group == 128, gfirst, gexp, INT4_AMX_MIN_SLOTS)
-    sync[:] = 0
-    sync[CALL_STAMPS], sync[CALL_STAMPS + 1] = entered, cycles()
+    start_call(sync, entered)
     for task in prange(num_threads):
         t_res, t_slots = res[task * 128 : (task + 1) * 128], slots[task * 16 : task * 16 + 4]
         t_qa, t_la = offsets[task * 16 : task * 16 + 4], offsets[task * 16 + 4 : task * 16 + 8]
         t_acc, t_dec, t_tmp = (
             acc[task * 512 * AMX_BLOCK_GROUPS : (task + 1) * 512 * AMX_BLOCK_GROUPS],
-            dec[task * 4096 : (task + 1) * 4096],
+            dec.view(np.uint8)[task * 4096 : (task + 1) * 4096],
             itmp[task * 512 : (task + 1) * 512],
         )
         stamp(sync, task, TASK_START)
@@ -1645,6 +1633,7 @@ class MoeKernel:
         amx: bool | None = None,
     ):
         self.hidden, self.inter, self.max_tokens, self.top_k = hidden, inter, max_tokens, top_k
+        self._row = (hidden,)
         self.num_threads = min(num_threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
         self.prefetch_bytes = prefetch_bytes
         self.amx = amx_usable() if amx is None else amx and amx_usable()
@@ -1652,36 +1641,52 @@ class MoeKernel:
         cols = max(hp, ip)
         n_slots = max_tokens * top_k
         nt = self.num_threads
-        self.act = aligned_zeros((max_tokens + 1) * hp, np.float32)  # x padded, + a zero row
-        self.h = aligned_zeros((n_slots + 1) * ip, np.float32)  # intermediate per slot, + a zero row
-        self.xs = aligned_zeros(nt * 9 * cols, np.float32)  # fp8: per task 4 gate + 4 up scaled rows + a zero row
         rows_q = max(max_tokens, n_slots) + 1
-        self.q = aligned_zeros(rows_q * cols, np.int8)  # int4: int8 activations (x, then h)
-        self.corr = aligned_zeros(rows_q * cols // 4, np.int32)
-        self.ascale = aligned_zeros(rows_q * cols // 4, np.float32)
-        self.res = aligned_zeros(nt * 1024, np.float32)  # per task: 2 AMX tiles' results (512) and the group's weights
-        self.keys = aligned_zeros(n_slots, np.int64)
-        self.slot_of = aligned_zeros(n_slots, np.int64)
-        self.active_id = aligned_zeros(n_slots, np.int64)
-        self.active_start = aligned_zeros(n_slots + 1, np.int64)
-        self.slots = aligned_zeros(nt * 16, np.int64)  # 4 per task, a cache line apart (no false sharing)
-        self.offsets = aligned_zeros(nt * 16, np.int64)
-        # per phase (6 at most: int4): next item, items done; then the call's timeline
-        self.sync = aligned_zeros(TASK_STAMPS + SYNC_STRIDE * nt, np.int64)
         # AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
         groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
-        self.gfirst = aligned_zeros(n_slots, np.int64)
-        self.gexp = aligned_zeros(groups, np.int64)
-        # packed x, h per group (pages touched lazily)
-        self.bx = aligned_zeros(groups * 16 * hp if self.amx else 32, np.uint16)
-        self.bh = aligned_zeros(groups * 16 * ip if self.amx else 32, np.uint16)
-        self.acc = aligned_zeros(nt * 512 * AMX_BLOCK_GROUPS if self.amx else 1, np.float32)  # fp8, int4: block sums
-        self.dec = aligned_zeros(nt * 4096 if self.amx else 1, np.uint16)  # fp8, int4: per task, two decoded blocks
-        # int4: per AMX group and 128 inputs, 16 slots' corrections and scales; per task one pass's int32 sums
-        self.bc = aligned_zeros(groups * (cols // 128) * 16 if self.amx else 16, np.float32)
-        self.bs = aligned_zeros(self.bc.shape, self.bc.dtype)
-        self.itmp = aligned_zeros(nt * 512 if self.amx else 16, np.int32)
-        self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, (kernel, weights, scratch))
+        sizes = {  # SCRATCH's parts: (elements, dtype)
+            "act": ((max_tokens + 1) * hp, np.float32),  # x padded, + a zero row
+            "h": ((n_slots + 1) * ip, np.float32),  # intermediate per slot, + a zero row
+            "res": (nt * 1024, np.float32),  # per task: 2 AMX tiles' results (512) and the group's weights
+            "keys": (n_slots, np.int64),
+            "slot_of": (n_slots, np.int64),
+            "active_id": (n_slots, np.int64),
+            "active_start": (n_slots + 1, np.int64),
+            "slots": (nt * 16, np.int64),  # 4 per task, a cache line apart (no false sharing)
+            "offsets": (nt * 16, np.int64),
+            # per phase (6 at most: int4): next item, items done; then the call's timeline
+            "sync": (TASK_STAMPS + SYNC_STRIDE * nt, np.int64),
+            "gfirst": (n_slots, np.int64),
+            "gexp": (groups, np.int64),
+            # packed x, h per group (pages touched lazily)
+            "bx": (groups * 16 * hp if self.amx else 32, np.uint16),
+            "bh": (groups * 16 * ip if self.amx else 32, np.uint16),
+            "acc": (nt * 512 * AMX_BLOCK_GROUPS if self.amx else 1, np.float32),  # fp8, int4: block sums
+            "dec": (nt * 4096 if self.amx else 1, np.uint16),  # fp8, int4: per task, two decoded blocks
+            "xs": (nt * 9 * cols, np.float32),  # fp8: per task 4 gate + 4 up scaled rows + a zero row
+            "q": (rows_q * cols, np.int8),  # int4: int8 activations (x, then h)
+            "corr": (rows_q * cols // 4, np.int32),
+            "ascale": (rows_q * cols // 4, np.float32),
+            # int4: per AMX group and 128 inputs, 16 slots' corrections and scales; per task one pass's int32 sums
+            "bc": (groups * (cols // 128) * 16 if self.amx else 16, np.float32),
+            "bs": (groups * (cols // 128) * 16 if self.amx else 16, np.float32),
+            "itmp": (nt * 512 if self.amx else 16, np.int32),
+        }
+        assert tuple(sizes) == tuple(SCRATCH)
+        self.layout = aligned_zeros(2 * len(SCRATCH), np.int64)
+        at = 0
+        for k, (n, dtype) in enumerate(sizes.values()):
+            nbytes = n * np.dtype(dtype).itemsize
+            self.layout[2 * k : 2 * k + 2] = at, nbytes
+            at += -(-nbytes // CACHE_LINE) * CACHE_LINE
+        self.scratch = aligned_zeros(at, np.uint8)
+        # Each part as its array (the kernel cuts the same ones): for the timeline and tests.
+        self.parts = {
+            name: self.scratch[o : o + nbytes].view(dtype)
+            for name, (o, nbytes), (_, dtype) in zip(SCRATCH, self.layout.reshape(-1, 2), sizes.values())
+        }
+        self.sync = self.parts["sync"]
+        self._bound: dict[int, tuple] = {}  # id(layer) -> (layer, kernel, the arguments after x, ids, weights, out)
         self._threads_set = threading.local()
 
     def run(
@@ -1691,35 +1696,27 @@ class MoeKernel:
 
         x, out float32 [T, H] C-contiguous; topk_ids int64 [T, K]; topk_weights float32 [T, K].
         """
-        num_tokens = x.shape[0]
-        if (
-            x.dtype != np.float32
-            or out.dtype != np.float32
-            or topk_weights.dtype != np.float32
-            or topk_ids.dtype != np.int64
-        ):
+        # Every step here runs once per layer and token step, as often on caches the weights just swept:
+        # each costs a few µs there (the dtypes compared as one tuple: identical objects compare at once).
+        bound = self._bound.get(id(layer))
+        if bound is None or bound[0] is not layer:
+            bound = self._bind(layer)
+        if (x.dtype, topk_ids.dtype, topk_weights.dtype, out.dtype) != _DTYPES:
             raise TypeError(
                 f"dtypes x {x.dtype}, ids {topk_ids.dtype}, weights {topk_weights.dtype}, out {out.dtype}: "
                 "want f32, i64, f32, f32"
             )
+        shape = x.shape
         if (
-            x.shape != (num_tokens, self.hidden)
-            or out.shape != x.shape
-            or layer.hidden != self.hidden
-            or layer.inter != self.inter
-        ):
-            raise ValueError(
-                f"x {x.shape}, out {out.shape}, layer H={layer.hidden} I={layer.inter}: "
-                f"kernel made for H={self.hidden} I={self.inter}"
-            )
-        if (
-            topk_ids.shape != (num_tokens, self.top_k)
+            shape[1:] != self._row
+            or out.shape != shape
+            or topk_ids.shape != (shape[0], self.top_k)
             or topk_weights.shape != topk_ids.shape
-            or num_tokens > self.max_tokens
+            or shape[0] > self.max_tokens
         ):
             raise ValueError(
-                f"ids {topk_ids.shape}, weights {topk_weights.shape}: "
-                f"kernel made for at most {self.max_tokens} tokens, top-{self.top_k}"
+                f"x {x.shape}, out {out.shape}, ids {topk_ids.shape}, weights {topk_weights.shape}: kernel made for "
+                f"H={self.hidden}, at most {self.max_tokens} tokens, top-{self.top_k}"
             )
         if not (
             x.flags.c_contiguous
@@ -1733,8 +1730,7 @@ class MoeKernel:
             # set_num_threads() on this thread later only changes how the tasks spread, never the result.
             numba.set_num_threads(self.num_threads)
             self._threads_set.n = self.num_threads
-        fn, weights, scratch = self._bind(layer)
-        n_active = fn(x, topk_ids, topk_weights.reshape(-1), layer.num_experts, *weights, out.reshape(-1), *scratch)
+        n_active = bound[1](x, topk_ids, topk_weights, out, *bound[2])
         if n_active < 0:
             raise ValueError(f"topk_ids holds an expert id outside [0, {layer.num_experts})")
         return n_active
@@ -1746,50 +1742,20 @@ class MoeKernel:
         return int(s[CALL_STAMPS]), int(s[CALL_STAMPS + 1]), s[TASK_STAMPS:].reshape(-1, SYNC_STRIDE).copy()
 
     def _bind(self, layer: LayerExperts) -> tuple:
-        """(kernel, the layer's flat weight arrays, this kernel's scratch), made once per layer."""
-        bound = self._bound.get(id(layer))
-        if bound is not None and bound[0] is layer:
-            return bound[1]
+        """(layer, its kernel, the kernel's arguments after x, ids, weights and out), made once per layer."""
+        if layer.hidden != self.hidden or layer.inter != self.inter:
+            raise ValueError(f"layer H={layer.hidden} I={layer.inter}: kernel made for H={self.hidden} I={self.inter}")
         a, fmt = layer.arrays, layer.fmt
-        routing = (self.keys, self.slot_of, self.active_id, self.active_start, self.slots, self.offsets, self.sync)
-        run = (self.num_threads, self.prefetch_bytes)
-        amx = (self.amx, self.bx, self.bh, self.gfirst, self.gexp, AMX_CONFIG)
+        run = (self.num_threads, self.prefetch_bytes, self.amx, AMX_CONFIG, self.scratch, self.layout)
         if fmt.kind == "fp8":
-            args = (
-                moe_fp8,
-                _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale"),
-                (*run, self.act, self.h, self.xs, self.res, *routing, *amx, self.acc, self.dec),
-            )
+            fn, args = moe_fp8, _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")
         elif fmt.kind == "bf16":
-            args = (moe_bf16, _flat(a, "gate", "up", "down"), (*run, self.act, self.h, self.res, *routing, *amx))
+            fn, args = moe_bf16, _flat(a, "gate", "up", "down")
         else:
-            weights = [
-                v.view(np.uint16) if v.dtype == np.float16 else v
-                for v in _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")
-            ]
-            int4_amx = (
-                self.amx,
-                self.bx.view(np.int8),
-                self.bx.view(np.int32),
-                self.bh.view(np.int8),
-                self.bh.view(np.int32),
-                self.bc,
-                self.bs,
-                self.gfirst,
-                self.gexp,
-                AMX_CONFIG,
-                self.acc,
-                self.dec.view(np.uint8),
-                self.itmp,
-                self.q.view(np.int32),
-            )
-            args = (
-                moe_int4,
-                (fmt.group_size, *weights),
-                (*run, self.act, self.h, self.q, self.corr, self.ascale, self.res, *routing, *int4_amx),
-            )
-        self._bound[id(layer)] = (layer, args)
-        return args
+            weights = _flat(a, "gate", "gate_scale", "up", "up_scale", "down", "down_scale")
+            fn, args = moe_int4, (fmt.group_size, *(v.view(np.uint16) if v.dtype == np.float16 else v for v in weights))
+        bound = self._bound[id(layer)] = (layer, fn, (layer.num_experts, *args, *run))
+        return bound
 
     def warm_up(self, formats=WARM_UP_FORMATS) -> None:
         """Compile (or load from the cache) every kernel signature, so that no request pays for JIT."""
@@ -1802,6 +1768,9 @@ class MoeKernel:
                 ids[:, 0] = 1
                 w = np.ones((t, self.top_k), np.float32)
                 self.run(x, ids, w, layer, np.empty_like(x))
+
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.float32))
 
 
 def _flat(arrays: dict[str, np.ndarray], *names: str) -> tuple[np.ndarray, ...]:

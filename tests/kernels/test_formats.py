@@ -164,11 +164,27 @@ def test_kernel_scratch_and_allocated_layers_start_on_a_cache_line(fmt):
     otherwise each 64-byte load or AMX tile row of it straddles two lines (NumPy puts its own 16 bytes in),
     and where that fell differed from one process to the next (dev machine, 8 tokens on the same
     DeepSeek-V3-shape experts, INT4-g128: 11.7-18.2 ms over five processes, 10.6-11.4 aligned)."""
-    from hmoe.kernels.moe import MoeKernel
+    from hmoe.kernels.moe import SCRATCH, MoeKernel
 
     layer = LayerExperts.allocate(fmt, 3, 256, 384)
     kernel = MoeKernel(256, 384, 16, 4, num_threads=3)
-    scratch = {n: a for n, a in vars(kernel).items() if isinstance(a, np.ndarray)}
-    assert len(scratch) >= 20
-    for name, a in {**layer.arrays, **scratch}.items():
+    assert tuple(kernel.parts) == tuple(SCRATCH)
+    for name, a in {**layer.arrays, **kernel.parts}.items():
         assert a.ctypes.data % CACHE_LINE == 0, name
+
+
+def test_the_kernels_cut_the_scratch_parts_moe_kernel_sized():
+    """The kernels take MoeKernel's scratch as one buffer and cut its parts by index (scratch_parts,
+    int4_scratch_parts, XS): each cut is the part MoeKernel sized, same start, length and type, and no two
+    parts overlap."""
+    from hmoe.kernels.moe import SCRATCH, XS, MoeKernel, int4_scratch_parts, part, scratch_parts
+
+    kernel = MoeKernel(256, 384, 16, 4, num_threads=3, amx=True)
+    cut = [*scratch_parts(kernel.scratch, kernel.layout), part(kernel.scratch, kernel.layout, XS).view(np.float32)]
+    cut += int4_scratch_parts(kernel.scratch, kernel.layout)
+    assert len(cut) == len(SCRATCH)
+    for name, a in zip(SCRATCH, cut, strict=True):
+        want = kernel.parts[name]
+        assert (a.ctypes.data, a.size, a.dtype) == (want.ctypes.data, want.size, want.dtype), name
+    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in kernel.parts.values())
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))

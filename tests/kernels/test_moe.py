@@ -10,7 +10,7 @@ from helpers.kernel_layers import random_layer
 
 from hmoe.kernels import reference as ref
 from hmoe.kernels.amx import AMX_BLOCK_GROUPS
-from hmoe.kernels.formats import ExpertFormat
+from hmoe.kernels.formats import ExpertFormat, LayerExperts
 from hmoe.kernels.jit import amx_usable
 from hmoe.kernels.moe import (
     AMX_MIN_SLOTS,
@@ -273,22 +273,47 @@ def test_timeline_stamps_every_phase_in_the_order_it_runs(layers, fmt, tokens):
 
 
 def test_bad_inputs_fail_loudly(layers):
+    """Every input the kernel cannot take is refused before it runs, with the reason, and the next good
+    call gives the same output as one before the refusals (the scratch is left as it was)."""
     layer = layers["fp8"]
     kernel = MoeKernel(H, I, 4, 2, num_threads=2)
-    x, out = np.ones((1, H), np.float32), np.empty((1, H), np.float32)
-    w = np.ones((1, 2), np.float32)
-    with pytest.raises(ValueError, match="outside"):
-        kernel.run(x, np.array([[0, E]], np.int64), w, layer, out)
-    with pytest.raises(TypeError):
-        kernel.run(x, np.array([[0, 1]], np.int32), w, layer, out)
-    with pytest.raises(ValueError, match="at most 4 tokens"):
-        kernel.run(
-            np.ones((5, H), np.float32),
-            np.zeros((5, 2), np.int64),
-            np.ones((5, 2), np.float32),
-            layer,
-            np.empty((5, H), np.float32),
-        )
+    rng = np.random.default_rng(3)
+    x, out = rng.standard_normal((1, H), dtype=np.float32), np.empty((1, H), np.float32)
+    ids, w = np.array([[0, 1]], np.int64), np.array([[0.25, 0.75]], np.float32)
+    kernel.run(x, ids, w, layer, out)
+    want = out.copy()
+    wide = np.ones((1, 2 * H), np.float32)
+    bad = [
+        (ValueError, "outside", (x, np.array([[0, E]], np.int64), w, layer, out)),
+        (ValueError, "outside", (x, np.array([[-1, 0]], np.int64), w, layer, out)),
+        (TypeError, "ids int32", (x, ids.astype(np.int32), w, layer, out)),
+        (TypeError, "x float64", (x.astype(np.float64), ids, w, layer, out)),
+        (TypeError, "out float64", (x, ids, w, layer, out.astype(np.float64))),
+        (
+            ValueError,
+            "at most 4 tokens",
+            (
+                np.ones((5, H), np.float32),
+                np.zeros((5, 2), np.int64),
+                np.ones((5, 2), np.float32),
+                layer,
+                np.empty((5, H), np.float32),
+            ),
+        ),
+        (ValueError, "H=", (wide, ids, w, layer, np.empty_like(wide))),
+        (ValueError, "H=", (x[0], ids, w, layer, out[0])),
+        (ValueError, "out", (x, ids, w, layer, np.empty((2, H), np.float32))),
+        (ValueError, "top-2", (x, np.zeros((1, 3), np.int64), np.ones((1, 3), np.float32), layer, out)),
+        (ValueError, "weights", (x, ids, np.ones((2, 1), np.float32), layer, out)),
+        (ValueError, "C-contiguous", (wide[:, ::2], ids, w, layer, out)),
+        (ValueError, "C-contiguous", (x, ids, w, layer, np.empty((1, 2 * H), np.float32)[:, ::2])),
+        (ValueError, "I=", (x, ids, w, LayerExperts.allocate(layer.fmt, E, H, 2 * I), out)),
+    ]
+    for error, reason, args in bad:
+        with pytest.raises(error, match=reason):
+            kernel.run(*args)
+    kernel.run(x, ids, w, layer, out)
+    np.testing.assert_array_equal(out, want)
 
 
 def test_call_releases_the_gil():
