@@ -278,8 +278,8 @@ def call_timeline(layers: list, shape: dict, calls, threads: int, evict, untimed
     decode order): medians over the calls of µs since run() began, from the kernel's time stamps
     (MoeKernel.timeline): the jitted kernel entered (Python and Numba's dispatch before it), its region began
     (routing and set-up), the last task started; per phase, the first and the last task done with its own
-    items, and the phase done; the tasks' ends; run() back. (bf16, fp8: a task claims its first gate/up item
-    and prefetches its head before its pack wait begins.)"""
+    items, and the phase done; the tasks' ends; the region ended (every task joined); run() back. (bf16,
+    fp8: a task claims its first gate/up item and prefetches its head before its pack wait begins.)"""
     from hmoe.kernels.moe import PHASES, TASK_END, TASK_START, MoeKernel
 
     now, per_us = _tsc_clock()
@@ -293,7 +293,7 @@ def call_timeline(layers: list, shape: dict, calls, threads: int, evict, untimed
         start = now()
         kernel.run(x, ids, w, layers[j % len(layers)], out)
         back = now()
-        entered, region, tasks = kernel.timeline()
+        entered, region, ended, tasks = kernel.timeline()
         point = {"entered": entered, "region": region, "tasks started": tasks[:, TASK_START].max()}
         for name, p in PHASES[layer.fmt.kind]:
             point[f"{name}: first task done"], point[f"{name}: last task done"] = (
@@ -302,7 +302,11 @@ def call_timeline(layers: list, shape: dict, calls, threads: int, evict, untimed
             )
             point[f"{name}: phase done"] = tasks[:, 2 * p + 1].max()
         point.update(
-            {"down: first task done": tasks[:, TASK_END].min(), "down: last task done": tasks[:, TASK_END].max()}
+            {
+                "down: first task done": tasks[:, TASK_END].min(),
+                "down: last task done": tasks[:, TASK_END].max(),
+                "region ended": ended,
+            }
         )
         points.append({k: (v - start) / per_us for k, v in point.items()} | {"returned": (back - start) / per_us})
     return {k: float(np.median([p[k] for p in points[untimed:]])) for k in points[0]}
@@ -799,7 +803,7 @@ def main(argv=None) -> None:
                 ]
                 print(
                     f"{shape_name:14s} {fmt_name:9s} T={tokens:2d} {routing:12s} µs: {', '.join(steps)}, "
-                    f"returned {line['returned']:.0f}",
+                    f"region ended {line['region ended']:.0f}, returned {line['returned']:.0f}",
                     flush=True,
                 )
             if w_threads and 1 in per_tokens:

@@ -33,14 +33,15 @@ phase after each quantization, and each block's exact int32 sums corrected and s
 the AVX-512 tile does. With 32-input groups that fold comes every 32 columns and ate the gain (dev,
 Qwen3-30B-A3B shape: AMX 0.65-1.0x the AVX-512 tiles), so those stay on AVX-512.
 
-A call passes the kernel its scratch as one buffer, which the kernel cuts into its ~20 arrays
-(SCRATCH): each array argument costs Numba's dispatch a type check and an unboxing, a few hundred
-nanoseconds apiece and more on caches the weights just swept (dev machine, T=1 after the caches were
-emptied: the kernel entered 85-95 -> 55-67 µs after run() began, with run()'s checks made cheaper).
+A call passes its scratch as one buffer, which the kernel's entry cuts into its 23 parts (SCRATCH)
+for the layer's parallel body: each array argument costs Numba's dispatch a type check and an unboxing,
+a few hundred nanoseconds apiece and more on caches the weights just swept (dev machine, Qwen3-30B-A3B
+T=1 after the caches were emptied: the kernel entered 93 -> 59-61 µs after run() began, with run()'s
+checks made cheaper; the call's fixed cost 154-161 -> 129-130 µs).
 
 Each call leaves its timeline in `sync` (MoeKernel.timeline: when the kernel was entered, its region
-began, each task started, began and ended each phase's wait, and ended), which bench/kernels.py turns
-into where a call's time goes.
+began and ended, each task started, began and ended each phase's wait, and ended), which
+bench/kernels.py turns into where a call's time goes.
 
 Every weight stream is prefetched PREFETCH_BYTES ahead into L2 up to its end, and the next stream's
 head is prefetched before it starts (dots.py): a core streams at its share of the bandwidth only
@@ -115,8 +116,8 @@ SYNC_STRIDE = (
     16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
 )
 # A call's timeline (MoeKernel.timeline), in sync past the counters, time-stamp counter ticks: the kernel
-# entered, its region started; then per task SYNC_STRIDE slots: 2p its own items of phase p done (the wait
-# begins), 2p + 1 phase p done (the wait ends), TASK_START, TASK_END.
+# entered, its region started, its region ended; then per task SYNC_STRIDE slots: 2p its own items of
+# phase p done (the wait begins), 2p + 1 phase p done (the wait ends), TASK_START, TASK_END.
 CALL_STAMPS = 12 * SYNC_STRIDE
 TASK_STAMPS = CALL_STAMPS + SYNC_STRIDE
 TASK_START, TASK_END = SYNC_STRIDE - 2, SYNC_STRIDE - 1
@@ -301,14 +302,17 @@ def down_item(i, hp, rows, num_tasks):
     return r0, r0 + small
 
 
-# MoeKernel's scratch: one buffer cut into these parts, each on a cache line. A kernel takes the buffer
-# and `lay` (each part's byte offset and length): two arguments rather than 23, each of which costs
-# Numba's dispatch a type check and an unboxing on the way in and a release on the way out.
+# MoeKernel's scratch: one buffer cut into these parts, each on a cache line. A kernel's entry (moe_fp8,
+# moe_bf16, moe_int4) takes the buffer and `lay` (each part's byte offset and length), two arguments
+# rather than 23, each of which costs Numba's dispatch a type check and an unboxing on the way in and a
+# release on the way out; it cuts the parts (scratch_parts) and hands them to the layer's parallel body
+# as arguments. As arguments, not as locals of the body: Numba's dead-code pass drops a store into an
+# array it cannot tie to an argument once nothing reads that array again (it does not follow .view()),
+# which dropped the timeline's stamps when the body cut the parts itself.
 SCRATCH = (
-    "act h res keys slot_of active_id active_start slots offsets sync gfirst gexp bx bh acc dec"  # scratch_parts
-    " xs q corr ascale bc bs itmp"  # fp8's xs; int4_scratch_parts
+    "act h res keys slot_of active_id active_start slots offsets sync gfirst gexp bx bh acc dec xs q corr ascale"
+    " bc bs itmp"
 ).split()
-XS = SCRATCH.index("xs")
 
 
 @jit
@@ -319,38 +323,45 @@ def part(s, lay, i):
 
 @jit
 def scratch_parts(s, lay):
-    """The parts every kernel takes, as SCRATCH names them: act, h, res float32; keys .. gexp int64; bx, bh
-    uint16; acc float32; dec uint16."""
+    """Every part of MoeKernel's scratch, in SCRATCH's order, as its array."""
     return (
-        part(s, lay, 0).view(np.float32),
-        part(s, lay, 1).view(np.float32),
-        part(s, lay, 2).view(np.float32),
-        part(s, lay, 3).view(np.int64),
-        part(s, lay, 4).view(np.int64),
-        part(s, lay, 5).view(np.int64),
-        part(s, lay, 6).view(np.int64),
-        part(s, lay, 7).view(np.int64),
-        part(s, lay, 8).view(np.int64),
-        part(s, lay, 9).view(np.int64),
-        part(s, lay, 10).view(np.int64),
-        part(s, lay, 11).view(np.int64),
-        part(s, lay, 12).view(np.uint16),
-        part(s, lay, 13).view(np.uint16),
-        part(s, lay, 14).view(np.float32),
-        part(s, lay, 15).view(np.uint16),
+        part(s, lay, 0).view(np.float32),  # act
+        part(s, lay, 1).view(np.float32),  # h
+        part(s, lay, 2).view(np.float32),  # res
+        part(s, lay, 3).view(np.int64),  # keys
+        part(s, lay, 4).view(np.int64),  # slot_of
+        part(s, lay, 5).view(np.int64),  # active_id
+        part(s, lay, 6).view(np.int64),  # active_start
+        part(s, lay, 7).view(np.int64),  # slots
+        part(s, lay, 8).view(np.int64),  # offsets
+        part(s, lay, 9).view(np.int64),  # sync
+        part(s, lay, 10).view(np.int64),  # gfirst
+        part(s, lay, 11).view(np.int64),  # gexp
+        part(s, lay, 12).view(np.uint16),  # bx
+        part(s, lay, 13).view(np.uint16),  # bh
+        part(s, lay, 14).view(np.float32),  # acc
+        part(s, lay, 15).view(np.uint16),  # dec
+        part(s, lay, 16).view(np.float32),  # xs
+        part(s, lay, 17).view(np.int8),  # q
+        part(s, lay, 18).view(np.int32),  # corr
+        part(s, lay, 19).view(np.float32),  # ascale
+        part(s, lay, 20).view(np.float32),  # bc
+        part(s, lay, 21).view(np.float32),  # bs
+        part(s, lay, 22).view(np.int32),  # itmp
     )
 
 
 @jit
-def int4_scratch_parts(s, lay):
-    """INT4's parts: q int8, corr int32, ascale, bc, bs float32, itmp int32."""
+def int4_views(parts):
+    """INT4's views of scratch_parts' bx, bh (int8 and int32: the packed B tiles), q (int32) and dec (bytes)."""
+    bx, bh, dec, q = parts[12], parts[13], parts[15], parts[17]
     return (
-        part(s, lay, 17).view(np.int8),
-        part(s, lay, 18).view(np.int32),
-        part(s, lay, 19).view(np.float32),
-        part(s, lay, 20).view(np.float32),
-        part(s, lay, 21).view(np.float32),
-        part(s, lay, 22).view(np.int32),
+        bx.view(np.int8),
+        bx.view(np.int32),
+        bh.view(np.int8),
+        bh.view(np.int32),
+        q.view(np.int32),
+        dec.view(np.uint8),
     )
 
 
@@ -720,20 +731,51 @@ def _fp8_down(
 
 
 @parallel_jit
-def moe_fp8(
-    x, ids, topk_weights, y, num_experts, gate, gate_s, up, up_s, down, down_s, num_threads, pf, amx, cfg, s, lay
+def _fp8_layer(
+    x,
+    ids,
+    weights,
+    out,
+    num_experts,
+    gate,
+    gate_s,
+    up,
+    up_s,
+    down,
+    down_s,
+    num_threads,
+    pf,
+    amx,
+    cfg,
+    entered,
+    act,
+    h,
+    res,
+    keys,
+    slot_of,
+    active_id,
+    active_start,
+    slots,
+    offsets,
+    sync,
+    gfirst,
+    gexp,
+    bx,
+    bh,
+    acc,
+    dec,
+    xs,
+    q,
+    corr,
+    ascale,
+    bc,
+    bs,
+    itmp,
 ):
-    """FP8 layer: y f32[T, H] = the experts of ids int64[T, K] applied to x f32[T, H], weighted by
-    topk_weights f32[T, K]; the weights flat; s, lay MoeKernel's scratch (SCRATCH). x and h are read
-    rounded to bf16 on every path, as in moe_bf16; where `amx`, experts with at least AMX_MIN_SLOTS of
-    the call's slots run on AMX tiles (their weights decoded to bf16 a block at a time), the others on
-    the AVX-512 tiles."""
-    entered = cycles()
-    weights, out = topk_weights.reshape(-1), y.reshape(-1)
-    act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync, gfirst, gexp, bx, bh, acc, dec = (
-        scratch_parts(s, lay)
-    )
-    xs = part(s, lay, XS).view(np.float32)
+    """moe_fp8's body: weights f32[S] and out f32[T*H] flat, the scratch's parts as SCRATCH names them.
+    x and h are read rounded to bf16 on every path, as in moe_bf16; where `amx`, experts with at least
+    AMX_MIN_SLOTS of the call's slots run on AMX tiles (their weights decoded to bf16 a block at a time),
+    the others on the AVX-512 tiles."""
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -857,7 +899,20 @@ def moe_fp8(
         if ng:
             tile_release()
         stamp(sync, task, TASK_END)
+    sync[CALL_STAMPS + 2] = cycles()  # the region's end: every task joined
     return n_active
+
+
+@jit
+def moe_fp8(
+    x, ids, topk_weights, y, num_experts, gate, gate_s, up, up_s, down, down_s, num_threads, pf, amx, cfg, s, lay
+):
+    """FP8 layer: y f32[T, H] = the experts of ids int64[T, K] applied to x f32[T, H], weighted by
+    topk_weights f32[T, K]; the weights flat; s, lay MoeKernel's scratch, cut into its parts here."""
+    entered = cycles()
+    w, out = topk_weights.reshape(-1), y.reshape(-1)
+    run = (num_threads, pf, amx, cfg, entered)
+    return _fp8_layer(x, ids, w, out, num_experts, gate, gate_s, up, up_s, down, down_s, *run, *scratch_parts(s, lay))
 
 
 @jit
@@ -967,16 +1022,48 @@ def _bf16_down(
 
 
 @parallel_jit
-def moe_bf16(x, ids, topk_weights, y, num_experts, gate, up, down, num_threads, pf, amx, cfg, s, lay):
-    """BF16 layer. Same contract as moe_fp8, but x and h are read rounded to bf16 on every path (the same
-    products everywhere; a path changes only the order of sums). Where `amx`, experts with at least AMX_MIN_SLOTS of the
-    call's slots run on AMX tiles (phase 0 packs x for them, phase 1 writes their h packed for phase 2);
+def _bf16_layer(
+    x,
+    ids,
+    weights,
+    out,
+    num_experts,
+    gate,
+    up,
+    down,
+    num_threads,
+    pf,
+    amx,
+    cfg,
+    entered,
+    act,
+    h,
+    res,
+    keys,
+    slot_of,
+    active_id,
+    active_start,
+    slots,
+    offsets,
+    sync,
+    gfirst,
+    gexp,
+    bx,
+    bh,
+    acc,
+    dec,
+    xs,
+    q,
+    corr,
+    ascale,
+    bc,
+    bs,
+    itmp,
+):
+    """moe_bf16's body, as _fp8_layer's. x and h are read rounded to bf16 on every path (the same products
+    everywhere; a path changes only the order of sums). Where `amx`, experts with at least AMX_MIN_SLOTS of
+    the call's slots run on AMX tiles (phase 0 packs x for them, phase 1 writes their h packed for phase 2);
     the others on the AVX-512 tiles."""
-    entered = cycles()
-    weights, out = topk_weights.reshape(-1), y.reshape(-1)
-    act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync, gfirst, gexp, bx, bh, acc, dec = (
-        scratch_parts(s, lay)
-    )
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     hp = padded_in(hidden)
@@ -1082,10 +1169,20 @@ def moe_bf16(x, ids, topk_weights, y, num_experts, gate, up, down, num_threads, 
         if ng:
             tile_release()
         stamp(sync, task, TASK_END)
+    sync[CALL_STAMPS + 2] = cycles()  # the region's end: every task joined
     return n_active
 
 
 # ---------------------------------------------------------------- int4
+
+
+@jit
+def moe_bf16(x, ids, topk_weights, y, num_experts, gate, up, down, num_threads, pf, amx, cfg, s, lay):
+    """BF16 layer: moe_fp8's contract."""
+    entered = cycles()
+    w, out = topk_weights.reshape(-1), y.reshape(-1)
+    run = (num_threads, pf, amx, cfg, entered)
+    return _bf16_layer(x, ids, w, out, num_experts, gate, up, down, *run, *scratch_parts(s, lay))
 
 
 @jit
@@ -1414,30 +1511,62 @@ def quant_chunk(cols, rows, num_tasks):
 
 
 @parallel_jit
-def moe_int4(
-    x, ids, topk_weights, y, num_experts, group, gate, gate_s, up, up_s, down, down_s, num_threads, pf, amx, cfg, s, lay
+def _int4_layer(
+    x,
+    ids,
+    weights,
+    out,
+    num_experts,
+    group,
+    gate,
+    gate_s,
+    up,
+    up_s,
+    down,
+    down_s,
+    num_threads,
+    pf,
+    amx,
+    cfg,
+    entered,
+    act,
+    h,
+    res,
+    keys,
+    slot_of,
+    active_id,
+    active_start,
+    slots,
+    offsets,
+    sync,
+    gfirst,
+    gexp,
+    bx,
+    bh,
+    acc,
+    dec,
+    xs,
+    q,
+    corr,
+    ascale,
+    bc,
+    bs,
+    itmp,
+    bx8,
+    bx32,
+    bh8,
+    bh32,
+    q32,
+    dec8,
 ):
-    """INT4 layer (int8 activations: VNNI, and AMX tiles where `amx` and the groups are 128 inputs, for experts
-    with INT4_AMX_MIN_SLOTS or more of the call's slots). Same contract as moe_fp8; scales as uint16 (float16 bits).
+    """moe_int4's body, as _fp8_layer's, with int4_views' views last: int8 activations (VNNI, and AMX tiles
+    where `amx` and the groups are 128 inputs, for experts with INT4_AMX_MIN_SLOTS or more of the call's slots).
 
     The phases of the one region: quantize x (items of `cx` inputs of a token, each copied into act
     first: no copy of x before the region, where one thread did it alone), pack the AMX groups' x
     as B tiles, gate/up, quantize h (items of `ch` inputs of a slot, and one that zeroes the padding
     row), pack the AMX groups' h, down. The pack phases have no items where no expert runs on AMX.
     """
-    entered = cycles()
-    weights, out = topk_weights.reshape(-1), y.reshape(-1)
-    act, h, res, keys, slot_of, active_id, active_start, slots, offsets, sync, gfirst, gexp, bx, bh, acc, dec = (
-        scratch_parts(s, lay)
-    )
-    q, corr, ascale, bc, bs, itmp = int4_scratch_parts(s, lay)
-    bx8, bx32, bh8, bh32, q32 = (
-        bx.view(np.int8),
-        bx.view(np.int32),
-        bh.view(np.int8),
-        bh.view(np.int32),
-        q.view(np.int32),
-    )
     num_tokens, hidden = x.shape
     top_k = ids.shape[1]
     n_slots = num_tokens * top_k
@@ -1461,7 +1590,7 @@ def moe_int4(
         t_qa, t_la = offsets[task * 16 : task * 16 + 4], offsets[task * 16 + 4 : task * 16 + 8]
         t_acc, t_dec, t_tmp = (
             acc[task * 512 * AMX_BLOCK_GROUPS : (task + 1) * 512 * AMX_BLOCK_GROUPS],
-            dec.view(np.uint8)[task * 4096 : (task + 1) * 4096],
+            dec8[task * 4096 : (task + 1) * 4096],
             itmp[task * 512 : (task + 1) * 512],
         )
         stamp(sync, task, TASK_START)
@@ -1597,7 +1726,20 @@ def moe_int4(
         if ng:
             tile_release()
         stamp(sync, task, TASK_END)
+    sync[CALL_STAMPS + 2] = cycles()  # the region's end: every task joined
     return n_active
+
+
+@jit
+def moe_int4(
+    x, ids, topk_weights, y, num_experts, group, gate, gate_s, up, up_s, down, down_s, num_threads, pf, amx, cfg, s, lay
+):
+    """INT4 layer: moe_fp8's contract; `group` inputs per scale, the scales as uint16 (float16 bits)."""
+    entered = cycles()
+    w, out = topk_weights.reshape(-1), y.reshape(-1)
+    run, parts = (num_threads, pf, amx, cfg, entered), scratch_parts(s, lay)
+    weights = (gate, gate_s, up, up_s, down, down_s)
+    return _int4_layer(x, ids, w, out, num_experts, group, *weights, *run, *parts, *int4_views(parts))
 
 
 @jit
@@ -1735,11 +1877,13 @@ class MoeKernel:
             raise ValueError(f"topk_ids holds an expert id outside [0, {layer.num_experts})")
         return n_active
 
-    def timeline(self) -> tuple[int, int, np.ndarray]:
-        """The last call's time stamps, in simd.cycles ticks: the kernel entered, its region started, and per
-        task SYNC_STRIDE slots (2p, 2p + 1: its wait for phase p began, ended; TASK_START, TASK_END)."""
+    def timeline(self) -> tuple[int, int, int, np.ndarray]:
+        """The last call's time stamps, in simd.cycles ticks: the kernel entered, its region started, its
+        region ended (every task joined), and per task SYNC_STRIDE slots (2p, 2p + 1: its wait for phase p
+        began, ended; TASK_START, TASK_END)."""
         s = self.sync
-        return int(s[CALL_STAMPS]), int(s[CALL_STAMPS + 1]), s[TASK_STAMPS:].reshape(-1, SYNC_STRIDE).copy()
+        entered, region, ended = (int(v) for v in s[CALL_STAMPS : CALL_STAMPS + 3])
+        return entered, region, ended, s[TASK_STAMPS:].reshape(-1, SYNC_STRIDE).copy()
 
     def _bind(self, layer: LayerExperts) -> tuple:
         """(layer, its kernel, the kernel's arguments after x, ids, weights and out), made once per layer."""

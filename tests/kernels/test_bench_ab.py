@@ -132,7 +132,7 @@ def test_decode_order_reads_a_layer_again_only_after_the_others(monkeypatch):
 def test_call_timeline_in_decode_order_walks_the_layers_in_turn(monkeypatch):
     """call_timeline over decode_order_layers: call j on layer j mod n, the caller's evict before each (decode
     order passes a no-op); what it returns is a timeline in the order a call runs (entered, region, tasks,
-    phases, back)."""
+    phases, the region's end, back)."""
     shape = dict(hidden=256, inter=128, experts=4, top_k=2)
     monkeypatch.setattr(bench_kernels, "EVICT_BYTES", 1 << 20)
     layers = decode_order_layers("fp8", shape, seed=0)
@@ -152,4 +152,4 @@ def test_call_timeline_in_decode_order_walks_the_layers_in_turn(monkeypatch):
     assert len(evictions) == len(calls)
     order = ["entered", "region", "tasks started", "pack x: phase done", "gate/up: phase done"]
     assert all(line[a] <= line[b] for a, b in zip(order, order[1:]))
-    assert line["gate/up: phase done"] <= line["down: last task done"] <= line["returned"]
+    assert line["gate/up: phase done"] <= line["down: last task done"] <= line["region ended"] <= line["returned"]

@@ -174,14 +174,12 @@ def test_kernel_scratch_and_allocated_layers_start_on_a_cache_line(fmt):
 
 
 def test_the_kernels_cut_the_scratch_parts_moe_kernel_sized():
-    """The kernels take MoeKernel's scratch as one buffer and cut its parts by index (scratch_parts,
-    int4_scratch_parts, XS): each cut is the part MoeKernel sized, same start, length and type, and no two
-    parts overlap."""
-    from hmoe.kernels.moe import SCRATCH, XS, MoeKernel, int4_scratch_parts, part, scratch_parts
+    """The kernels take MoeKernel's scratch as one buffer and cut its parts by index (scratch_parts): each
+    cut is the part MoeKernel sized, same start, length and type, and no two parts overlap."""
+    from hmoe.kernels.moe import SCRATCH, MoeKernel, scratch_parts
 
     kernel = MoeKernel(256, 384, 16, 4, num_threads=3, amx=True)
-    cut = [*scratch_parts(kernel.scratch, kernel.layout), part(kernel.scratch, kernel.layout, XS).view(np.float32)]
-    cut += int4_scratch_parts(kernel.scratch, kernel.layout)
+    cut = scratch_parts(kernel.scratch, kernel.layout)
     assert len(cut) == len(SCRATCH)
     for name, a in zip(SCRATCH, cut, strict=True):
         want = kernel.parts[name]

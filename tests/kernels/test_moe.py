@@ -255,20 +255,21 @@ def test_fewer_threads_than_tasks_still_ends_and_agrees(layers, fmt):
 @pytest.mark.parametrize("tokens", [1, 16])
 def test_timeline_stamps_every_phase_in_the_order_it_runs(layers, fmt, tokens):
     """Each task stamps its start, the start and end of its wait for each phase, and its end, in the order it
-    runs them, after the kernel entered and its region began (16 tokens: some experts on AMX where usable)."""
+    runs them, after the kernel entered and its region began, and before the region ended (16 tokens: some
+    experts on AMX where usable)."""
     rng = np.random.default_rng(6)
     ids, w = routing(rng, tokens, 4, E, "skewed")
     x = rng.standard_normal((tokens, H), dtype=np.float32)
     kernel = MoeKernel(H, I, 16, 4, num_threads=2)
     kernel.run(x, ids, w, layers[fmt.name], np.empty_like(x))
 
-    entered, region, tasks = kernel.timeline()
+    entered, region, ended, tasks = kernel.timeline()
 
     order = [TASK_START] + [s for _, p in PHASES[fmt.kind] for s in (2 * p, 2 * p + 1)] + [TASK_END]
     assert 0 < entered <= region
     assert len(tasks) == 2
     for stamps in tasks[:, order]:
-        assert region <= stamps[0]
+        assert region <= stamps[0] and stamps[-1] <= ended
         assert np.all(np.diff(stamps) >= 0), stamps - stamps[0]
 
 
