@@ -83,16 +83,16 @@ def proj_shape(proj: str, hidden: int, inter: int) -> tuple[int, int]:
     return (hidden, inter) if proj == "down" else (inter, hidden)
 
 
-def aligned_zeros(shape, dtype) -> np.ndarray:
-    """np.zeros(shape, dtype) starting on a cache line, as the pack places every array. NumPy's own arrays
-    start wherever malloc puts them, 16 bytes into a line as often as not, and then every 64-byte load or
-    AMX tile row of theirs straddles two lines: the kernel's scratch placed so made 8 tokens on the same
-    DeepSeek-V3-shape experts (INT4-g128, dev machine, caches emptied) take 11.7-18.2 ms over five
-    processes, 10.6-11.4 aligned."""
+def aligned_zeros(shape, dtype, align: int = CACHE_LINE) -> np.ndarray:
+    """np.zeros(shape, dtype) starting on a cache line (or on `align` bytes), as the pack places every
+    array. NumPy's own arrays start wherever malloc puts them, 16 bytes into a line as often as not, and
+    then every 64-byte load or AMX tile row of theirs straddles two lines: the kernel's scratch placed so
+    made 8 tokens on the same DeepSeek-V3-shape experts (INT4-g128, dev machine, caches emptied) take
+    11.7-18.2 ms over five processes, 10.6-11.4 aligned."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * dtype.itemsize
-    raw = np.zeros(nbytes + CACHE_LINE, np.uint8)
-    start = -raw.ctypes.data % CACHE_LINE
+    raw = np.zeros(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 

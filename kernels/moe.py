@@ -112,9 +112,8 @@ ITEMS_PER_TASK = 12  # work items per task and phase at least (item_rows), so th
 MIN_STREAM_BYTES = 32 << 10  # ... unless that makes an expert's rows in an item shorter than this
 QUANT_MIN_COLS = 1024  # INT4: activations quantized to int8 in items of at least this many inputs (see quant_chunk)
 SPINS_BEFORE_YIELD = 4000  # pause instructions (~40-140 cycles each) before a waiting task yields its core
-SYNC_STRIDE = (
-    16  # int64s between two shared counters: each on a cache line (128 B, the adjacent-line prefetch pair) of its own
-)
+LINE_PAIR = 2 * CACHE_LINE  # the adjacent-line prefetcher fetches lines in aligned pairs
+SYNC_STRIDE = LINE_PAIR // 8  # int64s between two shared counters: each on a line pair of its own
 # A call's timeline (MoeKernel.timeline), in sync past the counters, time-stamp counter ticks: the kernel
 # entered, its region started, its region ended; then per task SYNC_STRIDE slots: 2p its own items of
 # phase p done (the wait begins), 2p + 1 phase p done (the wait ends), TASK_START, TASK_END.
@@ -1829,13 +1828,15 @@ class MoeKernel:
             "itmp": (nt * 512 if self.amx else 16, np.int32),
         }
         assert tuple(sizes) == tuple(SCRATCH)
+        # Each part starts on a pair of lines (the adjacent-line prefetcher's unit): sync's counters, a
+        # SYNC_STRIDE apart, and the tasks' slices of the per-task parts then never share one.
         self.layout = aligned_zeros(2 * len(SCRATCH), np.int64)
         at = 0
         for k, (n, dtype) in enumerate(sizes.values()):
             nbytes = n * np.dtype(dtype).itemsize
             self.layout[2 * k : 2 * k + 2] = at, nbytes
-            at += -(-nbytes // CACHE_LINE) * CACHE_LINE
-        self.scratch = aligned_zeros(at, np.uint8)
+            at += -(-nbytes // LINE_PAIR) * LINE_PAIR
+        self.scratch = aligned_zeros(at, np.uint8, LINE_PAIR)
         # Each part as its array (the kernel cuts the same ones): for the timeline and tests.
         self.parts = {
             name: self.scratch[o : o + nbytes].view(dtype)

@@ -153,10 +153,11 @@ def test_padding_is_128():
 @pytest.mark.parametrize(
     "shape,dtype", [(1, np.float32), ((3, 5), np.int64), ((2, 4, 16, 64), np.uint8), (4097, np.uint16)]
 )
-def test_aligned_zeros_are_zeros_starting_on_a_cache_line(shape, dtype):
-    a = aligned_zeros(shape, dtype)
+@pytest.mark.parametrize("align", [CACHE_LINE, 4096])
+def test_aligned_zeros_are_zeros_starting_on_a_cache_line(shape, dtype, align):
+    a = aligned_zeros(shape, dtype) if align == CACHE_LINE else aligned_zeros(shape, dtype, align)
     assert a.shape == (shape if isinstance(shape, tuple) else (shape,)) and a.dtype == dtype
-    assert a.ctypes.data % CACHE_LINE == 0 and a.flags.c_contiguous and a.flags.writeable and not a.any()
+    assert a.ctypes.data % align == 0 and a.flags.c_contiguous and a.flags.writeable and not a.any()
 
 
 def test_kernel_scratch_and_allocated_layers_start_on_a_cache_line(fmt):
@@ -164,13 +165,15 @@ def test_kernel_scratch_and_allocated_layers_start_on_a_cache_line(fmt):
     otherwise each 64-byte load or AMX tile row of it straddles two lines (NumPy puts its own 16 bytes in),
     and where that fell differed from one process to the next (dev machine, 8 tokens on the same
     DeepSeek-V3-shape experts, INT4-g128: 11.7-18.2 ms over five processes, 10.6-11.4 aligned)."""
-    from hmoe.kernels.moe import SCRATCH, MoeKernel
+    from hmoe.kernels.moe import LINE_PAIR, SCRATCH, MoeKernel
 
     layer = LayerExperts.allocate(fmt, 3, 256, 384)
     kernel = MoeKernel(256, 384, 16, 4, num_threads=3)
     assert tuple(kernel.parts) == tuple(SCRATCH)
     for name, a in {**layer.arrays, **kernel.parts}.items():
         assert a.ctypes.data % CACHE_LINE == 0, name
+    for name, a in kernel.parts.items():  # and on a line pair: sync's counters and the tasks' slices apart
+        assert a.ctypes.data % LINE_PAIR == 0, name
 
 
 def test_the_kernels_cut_the_scratch_parts_moe_kernel_sized():
