@@ -302,7 +302,7 @@ def down_item(i, hp, rows, num_tasks):
     return r0, r0 + small
 
 
-# MoeKernel's scratch: one buffer cut into these parts, each on a cache line. A kernel's entry (moe_fp8,
+# MoeKernel's scratch: one buffer cut into these parts, each on a line pair. A kernel's entry (moe_fp8,
 # moe_bf16, moe_int4) takes the buffer and `lay` (each part's byte offset and length), two arguments
 # rather than 23, each of which costs Numba's dispatch a type check and an unboxing on the way in and a
 # release on the way out; it cuts the parts (scratch_parts) and hands them to the layer's parallel body
@@ -1799,6 +1799,7 @@ class MoeKernel:
         rows_q = max(max_tokens, n_slots) + 1
         # AMX: an expert with c >= AMX_MIN_SLOTS slots takes ceil(c / 16) <= c / AMX_MIN_SLOTS groups.
         groups = n_slots // AMX_MIN_SLOTS + 1 if self.amx else 1
+        block_lanes = groups * (cols // 128) * 16 if self.amx else 16  # bc, bs
         sizes = {  # SCRATCH's parts: (elements, dtype)
             "act": ((max_tokens + 1) * hp, np.float32),  # x padded, + a zero row
             "h": ((n_slots + 1) * ip, np.float32),  # intermediate per slot, + a zero row
@@ -1807,7 +1808,7 @@ class MoeKernel:
             "slot_of": (n_slots, np.int64),
             "active_id": (n_slots, np.int64),
             "active_start": (n_slots + 1, np.int64),
-            "slots": (nt * 16, np.int64),  # 4 per task, a cache line apart (no false sharing)
+            "slots": (nt * 16, np.int64),  # 4 per task, a line pair apart (no false sharing)
             "offsets": (nt * 16, np.int64),
             # per phase (6 at most: int4): next item, items done; then the call's timeline
             "sync": (TASK_STAMPS + SYNC_STRIDE * nt, np.int64),
@@ -1823,8 +1824,8 @@ class MoeKernel:
             "corr": (rows_q * cols // 4, np.int32),
             "ascale": (rows_q * cols // 4, np.float32),
             # int4: per AMX group and 128 inputs, 16 slots' corrections and scales; per task one pass's int32 sums
-            "bc": (groups * (cols // 128) * 16 if self.amx else 16, np.float32),
-            "bs": (groups * (cols // 128) * 16 if self.amx else 16, np.float32),
+            "bc": (block_lanes, np.float32),
+            "bs": (block_lanes, np.float32),
             "itmp": (nt * 512 if self.amx else 16, np.int32),
         }
         assert tuple(sizes) == tuple(SCRATCH)
